@@ -1,0 +1,188 @@
+"""Per-model block maps: which layers of a diffusion model can be cached, and how.
+
+A block map lists the cacheable *layers* of a model in execution order. Layers,
+not UNet blocks, are the unit: ComfyUI's UNet calls each child of a block
+directly (``forward_timestep_embed``), so only a layer's own ``forward`` can be
+replaced through an object patch (see comfyui-host-api.md, the verified note).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+
+class LayerKind(str, Enum):
+    ATTENTION = "attention"
+    RESBLOCK = "resblock"
+    DOWNSAMPLE = "downsample"
+    UPSAMPLE = "upsample"
+
+
+class ReuseMode(str, Enum):
+    """How a cached layer stands in for its computation."""
+
+    RESIDUAL = "residual"  # current input + cached residual branch (Block Caching)
+    OUTPUT = "output"  # the cached output as it was (Faster Diffusion's encoder propagation)
+
+
+class ResidualForm(str, Enum):
+    """What a layer's residual branch is measured against: ``output = base(input) + branch``."""
+
+    IDENTITY = "identity"  # base(x) = x
+    SKIP_CONNECTION = "skip_connection"  # base(x) = layer.skip_connection(x), a 1x1 conv
+    NONE = "none"  # no residual form: the layer changes the shape (down/upsampling)
+
+
+# Which layer kinds each "cache_kinds" choice of the schedule builder allows.
+CACHE_KIND_CHOICES: dict[str, frozenset[LayerKind]] = {
+    "attention": frozenset({LayerKind.ATTENTION}),
+    "attention+resblock": frozenset({LayerKind.ATTENTION, LayerKind.RESBLOCK}),
+    "all": frozenset(LayerKind),
+}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cacheable layer. ``name`` is its path below ``diffusion_model``."""
+
+    name: str
+    kind: LayerKind
+    stage: str  # "input", "middle" or "output": the UNet's encoder, bottleneck and decoder
+    residual: ResidualForm
+
+    @property
+    def patch_key(self) -> str:
+        """The ModelPatcher object-patch key of this layer's ``forward``."""
+        return f"diffusion_model.{self.name}.forward"
+
+    @property
+    def reuse_modes(self) -> tuple[ReuseMode, ...]:
+        if self.residual is ResidualForm.NONE:
+            return (ReuseMode.OUTPUT,)
+        return (ReuseMode.RESIDUAL, ReuseMode.OUTPUT)
+
+    def residual_base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The part of the output that is not the residual branch, for input ``x``."""
+        if self.residual is ResidualForm.IDENTITY:
+            return x
+        if self.residual is ResidualForm.SKIP_CONNECTION:
+            return module.skip_connection(x)
+        raise ValueError(f"layer {self.name} ({self.kind.value}) has no residual form; use reuse mode 'output'")
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    family: str  # e.g. "unet"
+    model_type: str  # ComfyUI's model config class, e.g. "SD15", "SDXL"
+    model_class: str  # the diffusion model class, e.g. "UNetModel"
+    layers: tuple[LayerSpec, ...]
+    fingerprint: str  # structural: layer names, classes and parameter shapes; never weights
+
+    def index(self) -> dict[str, int]:
+        return {layer.name: i for i, layer in enumerate(self.layers)}
+
+
+SUPPORTED_FAMILIES = ("unet (SD1.x, SD2.x, SDXL base and refiner, and other SD-layout UNets)",)
+
+
+def _unet_layer_kind(module: nn.Module) -> tuple[LayerKind, ResidualForm] | None:
+    from comfy.ldm.modules.attention import SpatialTransformer, SpatialVideoTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample, VideoResBlock
+
+    if isinstance(module, (VideoResBlock, SpatialVideoTransformer)):
+        return None  # SVD's temporal layers take extra arguments and mix frames: not mapped yet
+    if isinstance(module, SpatialTransformer):
+        return LayerKind.ATTENTION, ResidualForm.IDENTITY
+    if isinstance(module, ResBlock):
+        if module.updown:
+            return LayerKind.RESBLOCK, ResidualForm.NONE
+        if isinstance(module.skip_connection, nn.Identity):
+            return LayerKind.RESBLOCK, ResidualForm.IDENTITY
+        return LayerKind.RESBLOCK, ResidualForm.SKIP_CONNECTION
+    if isinstance(module, Downsample):
+        return LayerKind.DOWNSAMPLE, ResidualForm.NONE
+    if isinstance(module, Upsample):
+        return LayerKind.UPSAMPLE, ResidualForm.NONE
+    return None
+
+
+def _unet_layers(diffusion_model: nn.Module) -> tuple[list[LayerSpec], list[str]]:
+    layers: list[LayerSpec] = []
+    skipped: list[str] = []
+    stages: list[tuple[str, str, list[nn.Module]]] = [
+        ("input", "input_blocks", list(diffusion_model.input_blocks)),
+        ("middle", "middle_block", [diffusion_model.middle_block] if diffusion_model.middle_block is not None else []),
+        ("output", "output_blocks", list(diffusion_model.output_blocks)),
+    ]
+    for stage, attr, blocks in stages:
+        for block_index, block in enumerate(blocks):
+            for layer_index, layer in enumerate(block):
+                name = f"{attr}.{layer_index}" if stage == "middle" else f"{attr}.{block_index}.{layer_index}"
+                kind = _unet_layer_kind(layer)
+                if kind is None:
+                    if name != "input_blocks.0.0":  # conv_in: a single cheap conv, not a candidate
+                        skipped.append(f"{name} ({type(layer).__name__})")
+                    continue
+                layers.append(LayerSpec(name=name, kind=kind[0], stage=stage, residual=kind[1]))
+    return layers, skipped
+
+
+def structural_fingerprint(diffusion_model: nn.Module, layers: list[LayerSpec]) -> str:
+    """A hash of the layer names, classes and parameter shapes (not the weights)."""
+    digest = hashlib.sha256()
+    for spec in layers:
+        module = diffusion_model.get_submodule(spec.name)
+        digest.update(f"{spec.name}|{type(module).__name__}".encode())
+        for pname, param in module.named_parameters():
+            digest.update(f"|{pname}:{tuple(param.shape)}".encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def build_block_map(diffusion_model: nn.Module, model_type: str = "unknown") -> BlockMap:
+    """Find the cacheable layers of ``diffusion_model``.
+
+    Raises UnsupportedModelError, naming the model class and the supported families,
+    when none are found.
+    """
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    model_class = type(diffusion_model).__name__
+    if isinstance(diffusion_model, UNetModel):
+        layers, skipped = _unet_layers(diffusion_model)
+        family = "unet"
+    else:
+        layers, skipped = [], []
+        family = "unknown"
+    if skipped:
+        logger.info("Block Cache: %d layers of %s are not cacheable and always run: %s",
+                    len(skipped), model_class, ", ".join(skipped))
+    if not layers:
+        raise UnsupportedModelError(
+            f"Block Cache found no cacheable layers in {model_class} (model type {model_type}). "
+            f"Supported families: {'; '.join(SUPPORTED_FAMILIES)}."
+        )
+    return BlockMap(
+        family=family,
+        model_type=model_type,
+        model_class=model_class,
+        layers=tuple(layers),
+        fingerprint=structural_fingerprint(diffusion_model, layers),
+    )
+
+
+def block_map_for_patcher(model_patcher) -> BlockMap:
+    """The block map of a ComfyUI ModelPatcher's diffusion model."""
+    base_model = model_patcher.model
+    model_type = type(getattr(base_model, "model_config", None)).__name__
+    return build_block_map(model_patcher.get_model_object("diffusion_model"), model_type)

@@ -1,0 +1,132 @@
+"""Installing the runtime on a ComfyUI ModelPatcher: object patches and keyed wrappers only.
+
+Both functions return a *clone*; the model passed in is never changed. Everything is
+checked before the clone is touched, so a bad schedule leaves nothing half-patched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from comfy.patcher_extension import WrappersMP
+
+from .block_map import BlockMap, block_map_for_patcher
+from .errors import ScheduleMismatchError
+from .profile import BlockProfile, ProfileRecorder
+from .runtime import (
+    WRAPPER_KEY,
+    BlockCacheHolder,
+    CachedLayerForward,
+    LayerPlan,
+    apply_model_wrapper,
+    bind,
+    outer_sample_wrapper,
+    predict_noise_wrapper,
+)
+from .schedule import CacheSchedule
+
+logger = logging.getLogger(__name__)
+
+_WRAPPERS = (
+    (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+    (WrappersMP.PREDICT_NOISE, predict_noise_wrapper),
+    (WrappersMP.APPLY_MODEL, apply_model_wrapper),
+)
+
+
+def _scheduled_block_map(schedule: CacheSchedule, model_map: BlockMap) -> BlockMap:
+    """The model's layers that the schedule names, in schedule order; raises on any misfit."""
+    by_name = {spec.name: spec for spec in model_map.layers}
+    missing = [layer.name for layer in schedule.layers if layer.name not in by_name]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ScheduleMismatchError(
+            f"This schedule was made for a {schedule.block_map.model_type} {schedule.block_map.model_class} and names "
+            f"{len(missing)} layers this {model_map.model_type} {model_map.model_class} does not have ({shown}). "
+            "Profile this model and build a schedule for it, or load a schedule made for it."
+        )
+    specs = []
+    for layer in schedule.layers:
+        spec = by_name[layer.name]
+        if layer.kind is not spec.kind:
+            raise ScheduleMismatchError(
+                f"Layer {layer.name} is a {layer.kind.value} in the schedule but a {spec.kind.value} in this model. "
+                "The schedule was made for another model: profile this one."
+            )
+        if layer.reuse not in spec.reuse_modes:
+            raise ScheduleMismatchError(
+                f"Layer {layer.name} ({spec.kind.value}) cannot be reused in '{layer.reuse.value}' mode; "
+                f"it allows {', '.join(m.value for m in spec.reuse_modes)}. Rebuild the schedule."
+            )
+        specs.append(spec)
+    unscheduled = len(model_map.layers) - len(specs)
+    if unscheduled:
+        logger.info("Block Cache: %d layers of the model are not in the schedule and always run.", unscheduled)
+    if schedule.block_map.fingerprint != model_map.fingerprint:
+        logger.warning(
+            "Block Cache: the schedule was profiled on a %s with another structure (fingerprint %s, this model %s); "
+            "layer names match, so it is applied, but a profile of this model will fit better.",
+            schedule.block_map.model_type, schedule.block_map.fingerprint, model_map.fingerprint)
+    return dataclasses.replace(model_map, layers=tuple(specs))
+
+
+def _install(model: Any, block_map: BlockMap, holder: BlockCacheHolder) -> Any:
+    patched = model.clone()
+    # A second Apply on an already patched model replaces the first instead of stacking on it.
+    for wrapper_type, _ in _WRAPPERS:
+        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    diffusion_model = patched.get_model_object("diffusion_model")
+    for index, spec in enumerate(block_map.layers):
+        original = patched.get_model_object(spec.patch_key)
+        while isinstance(original, CachedLayerForward):
+            original = original.original
+        module = diffusion_model.get_submodule(spec.name)
+        patched.add_object_patch(spec.patch_key, CachedLayerForward(holder, index, spec, module, original))
+    for wrapper_type, wrapper in _WRAPPERS:
+        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, bind(wrapper, holder))
+    return patched
+
+
+def apply_block_cache(model: Any, schedule: CacheSchedule) -> tuple[Any, BlockCacheHolder]:
+    """A clone of ``model`` that samples with ``schedule``, and the holder of its run state."""
+    block_map = _scheduled_block_map(schedule, block_map_for_patcher(model))
+    by_name = {layer.name: layer for layer in schedule.layers}
+    ordered = dataclasses.replace(schedule, layers=tuple(by_name[spec.name] for spec in block_map.layers))
+    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(ordered))
+    return _install(model, block_map, holder), holder
+
+
+def attach_profiler(model: Any) -> tuple[Any, BlockCacheHolder]:
+    """A clone of ``model`` that computes every layer and records their change per step."""
+    block_map = block_map_for_patcher(model)
+    holder = BlockCacheHolder(block_map, recorder=ProfileRecorder(block_map), name="Block Cache profiler")
+    return _install(model, block_map, holder), holder
+
+
+def has_block_cache(model: Any) -> bool:
+    """Whether a ModelPatcher carries this pack's wrappers."""
+    return any(model.get_wrappers(t, WRAPPER_KEY) for t, _ in _WRAPPERS)
+
+
+
+def collect_profile(holder: BlockCacheHolder, model: Any, *, sampler: str, scheduler: str, cfg: float,
+                    denoise: float, latent_shape: tuple[int, ...], **extra: Any) -> BlockProfile:
+    """The profile a profiling holder recorded in its last sampling run."""
+    from .schema import provenance
+    from .time_grid import StepGrid, normalized_times
+
+    sigmas = holder.last_sample_sigmas
+    if holder.recorder is None or sigmas is None or holder.last_run is None:
+        raise RuntimeError("no profiling run was recorded; the sampler did not run the profiled model")
+    grid = StepGrid(
+        sigmas=tuple(float(s) for s in sigmas),
+        taus=tuple(normalized_times(model.get_model_object("model_sampling"), sigmas[:-1])),
+        sampler=sampler,
+        scheduler=scheduler,
+        cfg=float(cfg),
+        denoise=float(denoise),
+        latent_shape=tuple(int(v) for v in latent_shape),
+    )
+    return holder.recorder.finish(grid, provenance(evaluations=holder.last_run.evaluations, **extra))

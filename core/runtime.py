@@ -1,0 +1,378 @@
+"""The sampling-time runtime: per-layer forward patches and the wrappers that drive them.
+
+One ``BlockCacheHolder`` belongs to one Apply (or Profile) node execution. Its
+layer patches (``CachedLayerForward``, installed as ModelPatcher object patches on
+each layer's ``forward``) and its keyed wrappers all point at it:
+
+* OUTER_SAMPLE starts a fresh ``RunState`` for every sampling run and frees it at
+  the end, logging what was computed and skipped;
+* PREDICT_NOISE marks each solver evaluation: it maps the evaluation's sigma onto
+  the schedule's grid and decides, per layer, compute or reuse;
+* APPLY_MODEL records which cond chunks (uuids) the current model call carries,
+  so caches are per chunk and batched or split CFG behave the same.
+
+Outside a run the layer patches call the original forward untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .block_map import BlockMap, LayerSpec, ReuseMode
+from .profile import ProfileRecorder
+from .schedule import CacheSchedule, computed_flop_fraction
+from .time_grid import StepGrid, normalized_times
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEY = "block_cache"
+
+
+@dataclass
+class LayerPlan:
+    """What the runtime needs of a schedule, as arrays."""
+
+    grid: StepGrid
+    reuse: tuple[ReuseMode, ...]
+    layer_flops: tuple[float, ...]
+    total_flops: float
+    cumulative_computes: np.ndarray  # [layers, steps]: computes at or before each step
+    reuses_ever: np.ndarray  # [layers]: the layer is reused somewhere, so its cache is worth keeping
+
+    @classmethod
+    def from_schedule(cls, schedule: CacheSchedule) -> "LayerPlan":
+        mask = schedule.compute_mask()
+        return cls(
+            grid=schedule.grid,
+            reuse=tuple(layer.reuse for layer in schedule.layers),
+            layer_flops=schedule.layer_flops,
+            total_flops=schedule.total_flops,
+            cumulative_computes=np.cumsum(mask, axis=1),
+            reuses_ever=~mask.all(axis=1),
+        )
+
+    def decisions(self, previous_step: int | None, step: int) -> np.ndarray:
+        """Per layer: compute now? A layer computes when the schedule has a compute point
+        in the steps since the previous evaluation, ``(previous_step, step]``."""
+        layers = self.cumulative_computes.shape[0]
+        if previous_step is None or step < previous_step:
+            return np.ones(layers, dtype=bool)  # first evaluation, or time ran backwards (restart samplers)
+        if step == previous_step:
+            return np.zeros(layers, dtype=bool)
+        return self.cumulative_computes[:, step] > self.cumulative_computes[:, previous_step]
+
+
+@dataclass
+class RunStats:
+    """What one sampling run computed; kept on the holder after the run for display and tests."""
+
+    layer_names: tuple[str, ...]
+    computed: np.ndarray  # [layers] real layer computations
+    reused: np.ndarray  # [layers] calls served from the cache
+    evaluations: int = 0
+    steps: int = 0
+    retimed: bool = False
+    cache_resets: int = 0
+
+    @property
+    def total(self) -> int:
+        return int(self.computed.sum() + self.reused.sum())
+
+
+@dataclass
+class _CacheEntry:
+    tensor: torch.Tensor  # residual branch or output, for one cond chunk
+    input_shape: torch.Size
+
+
+@dataclass
+class RunState:
+    """Everything that lives for one sampling run, and nothing longer."""
+
+    model_sampling: Any
+    run_taus: list[float]
+    stats: RunStats
+    evaluation_step: int | None = None
+    previous_step: int | None = None
+    first_of_step: bool = False
+    compute_now: np.ndarray | None = None
+    in_evaluation: bool = False
+    chunk_keys: list[Any] = field(default_factory=lambda: [None])
+    latent_signature: tuple | None = None
+    cache: dict[tuple[int, Any], _CacheEntry] = field(default_factory=dict)
+    measure_flops: bool = False
+
+
+class BlockCacheHolder:
+    """State holder shared by one node's layer patches and wrappers.
+
+    With a ``plan`` it caches; with a ``recorder`` it computes everything and profiles.
+    """
+
+    def __init__(self, block_map: BlockMap, plan: LayerPlan | None = None,
+                 recorder: ProfileRecorder | None = None, name: str = "Block Cache") -> None:
+        if (plan is None) == (recorder is None):
+            raise ValueError("a holder either caches (plan) or profiles (recorder)")
+        self.block_map = block_map
+        self.plan = plan
+        self.recorder = recorder
+        self.name = name
+        self.run: RunState | None = None
+        self.last_run: RunStats | None = None
+        self.last_sample_sigmas: torch.Tensor | None = None
+        self._retime_logged = False
+
+    def clone(self) -> "BlockCacheHolder":
+        return BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name)
+
+    def reset(self) -> None:
+        """Drop the run state and every cached tensor."""
+        if self.run is not None:
+            self.run.cache.clear()
+        self.run = None
+
+    # -- run and evaluation boundaries --------------------------------------------------------
+    def start_run(self, model_sampling: Any, sample_sigmas: torch.Tensor) -> None:
+        self.reset()
+        names = tuple(layer.name for layer in self.block_map.layers)
+        layers = len(names)
+        step_taus = normalized_times(model_sampling, sample_sigmas[:-1]) if sample_sigmas.numel() > 1 else []
+        stats = RunStats(names, np.zeros(layers, dtype=np.int64), np.zeros(layers, dtype=np.int64), steps=len(step_taus))
+        self.run = RunState(model_sampling=model_sampling, run_taus=step_taus, stats=stats,
+                            measure_flops=self.recorder is not None)
+        self.last_sample_sigmas = sample_sigmas.detach().cpu()
+        if self.plan is not None and not self.plan.grid.same_as(step_taus):
+            stats.retimed = True
+            if not self._retime_logged:
+                logger.info(
+                    "%s: schedule made for %d steps (%s/%s) re-timed onto this run's %d steps by normalized time.",
+                    self.name, self.plan.grid.steps, self.plan.grid.sampler or "?", self.plan.grid.scheduler or "?",
+                    len(step_taus))
+                self._retime_logged = True
+
+    def finish_run(self) -> RunStats | None:
+        run = self.run
+        self.reset()
+        if run is None:
+            return None
+        self.last_run = run.stats
+        return run.stats
+
+    def begin_evaluation(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        run = self.run
+        if run is None:
+            return
+        signature = (tuple(x.shape), x.dtype, x.device)
+        if run.latent_signature is not None and signature != run.latent_signature:
+            # A new batch size, resolution, dtype or device: the cache cannot be reused.
+            logger.info("%s: latent changed from %s to %s; cache reset.", self.name, run.latent_signature, signature)
+            run.cache.clear()
+            run.previous_step = None
+            run.stats.cache_resets += 1
+        run.latent_signature = signature
+        tau = normalized_times(run.model_sampling, sigma.reshape(-1)[:1])[0]
+        grid = self.plan.grid if self.plan is not None else None
+        if grid is not None:
+            step = grid.step_of(tau)
+            run.compute_now = self.plan.decisions(run.previous_step, step)
+        else:
+            step = _run_step_of(run.run_taus, tau)
+            run.compute_now = None
+        run.first_of_step = run.previous_step is None or step != run.previous_step
+        run.evaluation_step = step
+        run.in_evaluation = True
+        run.stats.evaluations += 1
+
+    def end_evaluation(self) -> None:
+        run = self.run
+        if run is None:
+            return
+        run.previous_step = run.evaluation_step
+        run.in_evaluation = False
+        run.measure_flops = False
+
+    # -- layer calls ---------------------------------------------------------------------------
+    def call_layer(self, patch: "CachedLayerForward", x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        run = self.run
+        if run is None or not run.in_evaluation:
+            return patch.original(x, *args, **kwargs)
+        index = patch.layer_index
+        if self.recorder is not None:
+            return self._profile_layer(run, patch, x, args, kwargs)
+        keys = run.chunk_keys
+        if not run.compute_now[index]:
+            reused = self._reuse(run, patch, x, keys)
+            if reused is not None:
+                run.stats.reused[index] += 1
+                return reused
+        out = patch.original(x, *args, **kwargs)
+        run.stats.computed[index] += 1
+        if self.plan.reuses_ever[index] and isinstance(out, torch.Tensor):
+            self._store(run, patch, x, out, keys)
+        return out
+
+    def _reuse(self, run: RunState, patch: "CachedLayerForward", x: torch.Tensor, keys: list[Any]) -> torch.Tensor | None:
+        per_chunk = x.shape[0] // len(keys)
+        entries = []
+        for key in keys:
+            entry = run.cache.get((patch.layer_index, key))
+            if entry is None or entry.input_shape != (per_chunk, *x.shape[1:]) or entry.tensor.dtype != x.dtype:
+                return None  # this chunk has nothing usable cached: compute instead
+            entries.append(entry.tensor)
+        cached = entries[0] if len(entries) == 1 else torch.cat(entries)
+        if cached.device != x.device:
+            cached = cached.to(x.device)
+        if self.plan.reuse[patch.layer_index] is ReuseMode.OUTPUT:
+            return cached.clone()  # callers may change it in place; the cache must stay intact
+        return patch.spec.residual_base(patch.module, x) + cached
+
+    def _store(self, run: RunState, patch: "CachedLayerForward", x: torch.Tensor, out: torch.Tensor,
+               keys: list[Any]) -> None:
+        if self.plan.reuse[patch.layer_index] is ReuseMode.OUTPUT:
+            value = out.detach().clone()
+        else:
+            value = (out - patch.spec.residual_base(patch.module, x)).detach()
+        per_chunk = x.shape[0] // len(keys)
+        for chunk, key in enumerate(keys):
+            part = value[chunk * per_chunk:(chunk + 1) * per_chunk]
+            run.cache[(patch.layer_index, key)] = _CacheEntry(part, torch.Size((per_chunk, *x.shape[1:])))
+
+    def _profile_layer(self, run: RunState, patch: "CachedLayerForward", x: torch.Tensor, args: tuple,
+                       kwargs: dict) -> Any:
+        index = patch.layer_index
+        if run.measure_flops:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                out = patch.original(x, *args, **kwargs)
+            self.recorder.layer_flops[index] = float(counter.get_total_flops())
+        else:
+            out = patch.original(x, *args, **kwargs)
+        run.stats.computed[index] += 1
+        if run.first_of_step and isinstance(out, torch.Tensor):
+            self.recorder.observe(index, patch.spec, patch.module, run.evaluation_step, run.chunk_keys, x, out)
+        return out
+
+
+def _run_step_of(run_taus: list[float], tau: float) -> int:
+    if not run_taus:
+        return 0
+    return StepGrid(sigmas=(), taus=tuple(run_taus)).step_of(tau)
+
+
+class CachedLayerForward:
+    """The object patch that replaces one layer's ``forward``.
+
+    It keeps the forward it replaced (the layer's own, or another pack's patch) and calls it
+    whenever the layer must compute, so patches chain rather than overwrite.
+    """
+
+    def __init__(self, holder: BlockCacheHolder, layer_index: int, spec: LayerSpec,
+                 module: torch.nn.Module, original: Callable[..., Any]) -> None:
+        self.holder = holder
+        self.layer_index = layer_index
+        self.spec = spec
+        self.module = module
+        self.original = original
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.holder.call_layer(self, x, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Block Cache forward of {self.spec.name}>"
+
+
+# -- wrappers (registered with WRAPPER_KEY through ModelPatcher.add_wrapper_with_key) ---------------
+
+def outer_sample_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Starts a fresh run state for every sampling run, and frees it whatever happens."""
+    guider = executor.class_obj
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    holder.start_run(model_sampling, sigmas)
+    completed = False
+    try:
+        result = executor(*args, **kwargs)
+        completed = True
+        return result
+    finally:
+        stats = holder.finish_run()
+        if stats is not None and completed:
+            log_run_summary(holder, stats)
+
+
+def predict_noise_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs once per solver evaluation, for all conds together."""
+    x = args[0] if args else kwargs["x"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    holder.begin_evaluation(x, timestep)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        holder.end_evaluation()
+
+
+def apply_model_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Records which cond chunks the current model call carries (one cache per chunk)."""
+    run = holder.run
+    if run is None:
+        return executor(*args, **kwargs)
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None and len(args) > 5:
+        transformer_options = args[5]
+    transformer_options = transformer_options or {}
+    keys = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or [None]
+    x = args[0] if args else kwargs["x"]
+    if x.shape[0] % len(keys) != 0:
+        keys = [None]
+    previous = run.chunk_keys
+    run.chunk_keys = list(keys)
+    measure_total = run.measure_flops and holder.recorder is not None
+    try:
+        if measure_total:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                out = executor(*args, **kwargs)
+            holder.recorder.total_flops = float(counter.get_total_flops())
+            return out
+        return executor(*args, **kwargs)
+    finally:
+        run.chunk_keys = previous
+
+
+def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
+    total = stats.total
+    if holder.recorder is not None:
+        logger.info("%s: profiled %d layers over %d steps (%d model evaluations).",
+                    holder.name, len(stats.layer_names), stats.steps, stats.evaluations)
+        return
+    skipped = int(stats.reused.sum())
+    estimate = run_speedup_estimate(holder, stats)
+    logger.info(
+        "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
+        "estimated speed-up %.2fx (FLOP-weighted).",
+        holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
+        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate)
+
+
+def run_speedup_estimate(holder: BlockCacheHolder, stats: RunStats) -> float:
+    """FLOP-weighted speed-up of a finished run, from what it really computed."""
+    plan = holder.plan
+    calls = stats.computed + stats.reused
+    if plan is None or plan.total_flops <= 0 or calls.max(initial=0) == 0:
+        return 1.0
+    # One column holding each layer's computed share of its calls.
+    compute_rate = (stats.computed / np.maximum(calls, 1))[:, None]
+    fraction = computed_flop_fraction(compute_rate, plan.layer_flops, plan.total_flops)
+    return 1.0 / fraction if fraction > 0 else 1.0
+
+
+def bind(wrapper: Callable[..., Any], holder: BlockCacheHolder) -> Callable[..., Any]:
+    """A wrapper with its holder bound, in the ``wrapper(executor, *args, **kwargs)`` form."""
+    return functools.partial(wrapper, holder)

@@ -1,0 +1,163 @@
+"""Cache schedules: which layer is computed at which step, and how a reused layer stands in.
+
+``build_schedule`` implements Block Caching's automatic schedule (Eq. 7): per layer,
+the change since the last computation is summed step by step, and the layer is
+recomputed at the first step where the sum exceeds the threshold delta.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .block_map import CACHE_KIND_CHOICES, BlockMap, LayerKind, ReuseMode
+from .profile import BlockProfile
+from .time_grid import StepGrid
+
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    threshold: float = DEFAULT_THRESHOLD
+    cache_kinds: str = "attention"  # a key of CACHE_KIND_CHOICES
+    always_compute_first: int = 1  # steps at the start that always compute (at least 1)
+    always_compute_last: int = 0  # steps at the end that always compute
+    max_consecutive_reuse: int = 0  # 0: no limit
+
+    def validate(self) -> None:
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold!r}")
+        if self.cache_kinds not in CACHE_KIND_CHOICES:
+            raise ValueError(f"cache_kinds must be one of {sorted(CACHE_KIND_CHOICES)}, got {self.cache_kinds!r}")
+        for name in ("always_compute_first", "always_compute_last", "max_consecutive_reuse"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "block_caching",
+            "threshold": self.threshold,
+            "cache_kinds": self.cache_kinds,
+            "always_compute_first": self.always_compute_first,
+            "always_compute_last": self.always_compute_last,
+            "max_consecutive_reuse": self.max_consecutive_reuse,
+        }
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    name: str
+    kind: LayerKind
+    reuse: ReuseMode
+    compute: tuple[bool, ...]  # one entry per grid step
+
+
+@dataclass(frozen=True)
+class CacheSchedule:
+    block_map: BlockMap
+    grid: StepGrid
+    layers: tuple[LayerSchedule, ...]  # the block map's layers, in the same order
+    layer_flops: tuple[float, ...]
+    total_flops: float
+    builder: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def compute_mask(self) -> np.ndarray:
+        """[layers, steps] boolean array: True where the layer is computed."""
+        return np.array([layer.compute for layer in self.layers], dtype=bool).reshape(len(self.layers), self.grid.steps)
+
+    @property
+    def flop_fraction(self) -> float:
+        return computed_flop_fraction(self.compute_mask(), self.layer_flops, self.total_flops)
+
+    @property
+    def estimated_speedup(self) -> float:
+        fraction = self.flop_fraction
+        return 1.0 / fraction if fraction > 0 else 1.0
+
+    def summary(self) -> str:
+        mask = self.compute_mask()
+        return (
+            f"{int(mask.sum())}/{mask.size} layer evaluations computed over {self.grid.steps} steps; "
+            f"{self.flop_fraction:.1%} of the FLOPs, estimated speed-up {self.estimated_speedup:.2f}x"
+        )
+
+
+def computed_flop_fraction(mask: np.ndarray, layer_flops: tuple[float, ...] | list[float], total_flops: float) -> float:
+    """Share of the uncached model FLOPs a compute mask runs, one model evaluation per step.
+
+    Layers outside the block map (conv_in, the time embedding, the output head) always run.
+    """
+    flops = np.asarray(layer_flops, dtype=np.float64)
+    steps = mask.shape[1] if mask.ndim == 2 else 0
+    if steps == 0 or total_flops <= 0:
+        return 1.0
+    fixed = max(0.0, total_flops - float(flops.sum()))
+    computed = float((mask * flops[:, None]).sum())
+    return (fixed * steps + computed) / (total_flops * steps)
+
+
+def _layer_mask(change: tuple[float, ...], options: BuildOptions, steps: int) -> list[bool]:
+    compute = [False] * steps
+    accumulated = 0.0
+    reuse_run = 0
+    first = max(1, options.always_compute_first)
+    for step in range(steps):
+        forced = step < first or step >= steps - options.always_compute_last
+        if options.max_consecutive_reuse and reuse_run >= options.max_consecutive_reuse:
+            forced = True
+        value = change[step]
+        # An unmeasured step counts as a large change: never reuse on missing data.
+        accumulated += value if not math.isnan(value) else math.inf
+        if forced or accumulated > options.threshold:
+            compute[step] = True
+            accumulated = 0.0
+            reuse_run = 0
+        else:
+            reuse_run += 1
+    return compute
+
+
+def build_schedule(profile: BlockProfile, options: BuildOptions, reuse_mode: ReuseMode = ReuseMode.RESIDUAL) -> CacheSchedule:
+    options.validate()
+    allowed = CACHE_KIND_CHOICES[options.cache_kinds]
+    steps = profile.grid.steps
+    layers = []
+    for spec, change in zip(profile.block_map.layers, profile.change):
+        if spec.kind in allowed:
+            compute = _layer_mask(change, options, steps)
+        else:
+            compute = [True] * steps
+        reuse = reuse_mode if reuse_mode in spec.reuse_modes else ReuseMode.OUTPUT
+        layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(compute)))
+    return CacheSchedule(
+        block_map=profile.block_map,
+        grid=profile.grid,
+        layers=tuple(layers),
+        layer_flops=profile.layer_flops,
+        total_flops=profile.total_flops,
+        builder=options.to_dict(),
+        provenance={**profile.provenance, "profile_samples": profile.sample_count},
+    )
+
+
+def all_compute_schedule(block_map: BlockMap, grid: StepGrid, layer_flops: tuple[float, ...] | None = None,
+                         total_flops: float = 0.0) -> CacheSchedule:
+    """A schedule that computes every layer at every step: output must equal no cache, bit for bit."""
+    layers = tuple(
+        LayerSchedule(name=s.name, kind=s.kind, reuse=s.reuse_modes[0], compute=(True,) * grid.steps)
+        for s in block_map.layers
+    )
+    return CacheSchedule(
+        block_map=block_map,
+        grid=grid,
+        layers=layers,
+        layer_flops=layer_flops or (0.0,) * len(layers),
+        total_flops=total_flops,
+        builder={"method": "all_compute"},
+    )

@@ -1,0 +1,80 @@
+"""Schedule files: ``<ComfyUI user directory>/block_cache/*.json``, never inside the pack.
+
+File names are checked before any disk access: nothing is read or written outside
+the folder, whatever name arrives from a workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .errors import ScheduleFileError
+from .schedule import CacheSchedule
+from .schema import MAX_DOCUMENT_BYTES, schedule_from_json, schedule_to_json
+
+logger = logging.getLogger(__name__)
+
+FOLDER_NAME = "block_cache"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,119}$")
+
+
+def schedule_directory() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_user_directory()) / FOLDER_NAME
+
+
+def list_schedules(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.suffix == ".json" and p.is_file() and _SAFE_NAME.match(p.name))
+
+
+def resolve(directory: Path, file_name: str) -> Path:
+    """The path of ``file_name`` in ``directory``; raises on anything that is not a plain name."""
+    if not isinstance(file_name, str):
+        raise ScheduleFileError(f"schedule file name must be text, got {type(file_name).__name__}")
+    name = file_name.strip()
+    if not name.endswith(".json"):
+        name += ".json"
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise ScheduleFileError(
+            f"unsafe schedule file name {file_name!r}: use letters, digits, spaces, '_', '-' and '.', "
+            "at most 120 characters, with no folders")
+    root = directory.resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise ScheduleFileError(f"schedule file name {file_name!r} points outside {root}")
+    return path
+
+
+def save_schedule(directory: Path, file_name: str, schedule: CacheSchedule, overwrite: bool = False) -> Path:
+    path = resolve(directory, file_name)
+    if path.exists() and not overwrite:
+        raise ScheduleFileError(f"{path.name} already exists in {directory}; pick another name or allow overwrite")
+    text = schedule_to_json(schedule)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so an interrupted save never leaves a truncated schedule behind.
+    handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".saving-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    logger.info("Block Cache: saved schedule to %s", path)
+    return path
+
+
+def load_schedule(directory: Path, file_name: str) -> CacheSchedule:
+    path = resolve(directory, file_name)
+    if not path.is_file():
+        raise ScheduleFileError(f"no schedule named {path.name} in {directory}; save one with Save Cache Schedule")
+    if path.stat().st_size > MAX_DOCUMENT_BYTES:
+        raise ScheduleFileError(f"{path.name} is larger than a schedule can be ({MAX_DOCUMENT_BYTES} bytes)")
+    return schedule_from_json(path.read_bytes())

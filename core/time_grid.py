@@ -1,0 +1,74 @@
+"""The normalized time grid that profiles and schedules are built on.
+
+Normalized time ``tau`` is the model's own timestep divided by its timestep at
+``sigma_max``: 1 is pure noise and 0 is clean, for discrete (SD), flow (SD3,
+Flux) and other model samplings alike. A schedule made on one grid (say 20
+euler steps) drives a run on another (30 steps, or heun) by mapping each model
+evaluation's tau onto the schedule's steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+# Two normalized times closer than this are the same grid point.
+TAU_TOLERANCE = 1e-4
+
+
+def normalized_times(model_sampling: Any, sigmas: torch.Tensor) -> list[float]:
+    """Normalized time of each sigma under ``model_sampling`` (a ComfyUI model_sampling object)."""
+    sigmas = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+    sigma_max = torch.as_tensor(model_sampling.sigma_max, dtype=torch.float32).reshape(1)
+    t = model_sampling.timestep(sigmas).float()
+    t_max = model_sampling.timestep(sigma_max).float()
+    return [float(v) for v in (t / t_max).clamp(0.0, 1.0)]
+
+
+@dataclass(frozen=True)
+class StepGrid:
+    """The sampling steps a profile was measured on, and so a schedule was built on."""
+
+    sigmas: tuple[float, ...]  # steps + 1 values, as the sampler got them (the last is usually 0)
+    taus: tuple[float, ...]  # normalized time at the start of each step
+    sampler: str = ""
+    scheduler: str = ""
+    cfg: float = 0.0
+    denoise: float = 1.0
+    latent_shape: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def steps(self) -> int:
+        return len(self.taus)
+
+    def step_of(self, tau: float) -> int:
+        """The schedule step that is active at normalized time ``tau``.
+
+        That is the last step starting at or before ``tau`` (times run from 1 down to 0);
+        times before the first step map to step 0.
+        """
+        descending = np.asarray(self.taus, dtype=np.float64)
+        # count of steps whose start time is >= tau: the last such step is active
+        count = int(np.searchsorted(-descending, -(tau - TAU_TOLERANCE), side="right"))
+        return max(0, count - 1)
+
+    def same_as(self, taus: list[float]) -> bool:
+        return len(taus) == len(self.taus) and all(
+            math.isclose(a, b, abs_tol=TAU_TOLERANCE) for a, b in zip(taus, self.taus)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "sigmas": list(self.sigmas),
+            "normalized_timesteps": list(self.taus),
+            "sampler": self.sampler,
+            "scheduler": self.scheduler,
+            "cfg": self.cfg,
+            "denoise": self.denoise,
+            "latent_shape": list(self.latent_shape),
+        }

@@ -1,0 +1,28 @@
+"""The pack's nodes (V3 schema). Logic lives in ``core``; these classes only adapt it."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes_apply import ApplyBlockCache
+from .nodes_demo import LoadDemoModel
+from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
+from .nodes_profile import MergeBlockProfiles, ProfileBlockChanges
+from .nodes_schedule import BuildCacheSchedule
+
+NODES: list[type[io.ComfyNode]] = [
+    ProfileBlockChanges,
+    BuildCacheSchedule,
+    ApplyBlockCache,
+    SaveCacheSchedule,
+    LoadCacheSchedule,
+    MergeBlockProfiles,
+    LoadDemoModel,
+]
+
+
+class BlockCacheExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> BlockCacheExtension:
+    return BlockCacheExtension()

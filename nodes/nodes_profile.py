@@ -1,0 +1,86 @@
+"""Profile Block Changes and Merge Block Profiles."""
+
+from __future__ import annotations
+
+import comfy.samplers
+import nodes as comfy_nodes
+import torch
+from comfy_api.latest import io, ui
+
+from ..core.heatmap import render_profile
+from ..core.patching import attach_profiler, collect_profile
+from ..core.profile import merge_profiles
+from .types import CATEGORY, BlockProfileSocket
+
+
+class ProfileBlockChanges(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BlockCacheProfile",
+            display_name="Profile Block Changes",
+            category=CATEGORY,
+            description="Samples exactly like KSampler and also measures how much each layer's output changes "
+                        "from step to step (Block Caching's relative L1 metric). Use it in place of a KSampler, "
+                        "then feed its profile to Build Cache Schedule.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with and profile."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="Sampling steps. A schedule is built on this step grid and re-timed to others."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as in KSampler."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampling algorithm, as in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="The noise schedule, as in KSampler."),
+                io.Conditioning.Input("positive", tooltip="The conditioning describing what to include."),
+                io.Conditioning.Input("negative", tooltip="The conditioning describing what to exclude."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise. A batch of several images gives a "
+                                                        "profile averaged over all of them (the paper averages many)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent to denoise, as in KSampler."),
+            ],
+            outputs=[
+                io.Latent.Output(tooltip="The denoised latent: identical to KSampler's for the same inputs."),
+                BlockProfileSocket.Output(display_name="profile",
+                                          tooltip="Per-layer, per-step change measurements for Build Cache Schedule."),
+                io.Image.Output(display_name="heatmap", tooltip="The change per layer (rows) and step (columns)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                denoise) -> io.NodeOutput:
+        profiled_model, holder = attach_profiler(model)
+        (latent,) = comfy_nodes.common_ksampler(profiled_model, seed, steps, cfg, sampler_name, scheduler,
+                                                positive, negative, latent_image, denoise=denoise)
+        profile = collect_profile(holder, model, sampler=sampler_name, scheduler=scheduler, cfg=cfg,
+                                  denoise=denoise, latent_shape=tuple(latent_image["samples"].shape), seed=seed)
+        heatmap = torch.from_numpy(render_profile(profile))[None]
+        summary = (f"{len(profile.block_map.layers)} layers x {profile.grid.steps} steps, "
+                   f"{profile.sample_count} samples ({profile.block_map.model_type})")
+        return io.NodeOutput(latent, profile, heatmap,
+                             ui={**ui.PreviewImage(heatmap, cls=cls).as_dict(), "text": [summary]})
+
+
+class MergeBlockProfiles(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BlockCacheMergeProfiles",
+            display_name="Merge Block Profiles",
+            category=CATEGORY,
+            description="Averages profiles from several prompts or seeds (same model, same step grid), "
+                        "weighted by how many samples each holds.",
+            inputs=[
+                BlockProfileSocket.Input("profile_a", tooltip="A profile from Profile Block Changes."),
+                BlockProfileSocket.Input("profile_b", tooltip="Another profile of the same model and step grid."),
+            ],
+            outputs=[BlockProfileSocket.Output(display_name="profile", tooltip="The averaged profile.")],
+        )
+
+    @classmethod
+    def execute(cls, profile_a, profile_b) -> io.NodeOutput:
+        return io.NodeOutput(merge_profiles([profile_a, profile_b]))
