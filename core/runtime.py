@@ -139,7 +139,7 @@ class BlockCacheHolder:
         self.run = None
 
     # -- run and evaluation boundaries --------------------------------------------------------
-    def start_run(self, model_sampling: Any, sample_sigmas: torch.Tensor) -> None:
+    def start_run(self, model_sampling: Any, sample_sigmas: torch.Tensor, sampler_name: str = "") -> None:
         self.reset()
         names = tuple(layer.name for layer in self.block_map.layers)
         layers = len(names)
@@ -148,13 +148,16 @@ class BlockCacheHolder:
         self.run = RunState(model_sampling=model_sampling, run_taus=step_taus, stats=stats,
                             measure_flops=self.recorder is not None)
         self.last_sample_sigmas = sample_sigmas.detach().cpu()
-        if self.plan is not None and not self.plan.grid.same_as(step_taus):
+        grid = self.plan.grid if self.plan is not None else None
+        other_sampler = bool(grid and grid.sampler and sampler_name and
+                             _sampler_key(grid.sampler) != _sampler_key(sampler_name))
+        if grid is not None and (other_sampler or not grid.same_as(step_taus)):
             stats.retimed = True
             if not self._retime_logged:
                 logger.info(
-                    "%s: schedule made for %d steps (%s/%s) re-timed onto this run's %d steps by normalized time.",
-                    self.name, self.plan.grid.steps, self.plan.grid.sampler or "?", self.plan.grid.scheduler or "?",
-                    len(step_taus))
+                    "%s: schedule made for %d steps of %s/%s re-timed onto this run's %d steps of %s by "
+                    "normalized time.", self.name, grid.steps, grid.sampler or "?", grid.scheduler or "?",
+                    len(step_taus), sampler_name or "?")
                 self._retime_logged = True
 
     def finish_run(self) -> RunStats | None:
@@ -260,6 +263,18 @@ class BlockCacheHolder:
         return out
 
 
+def _sampler_key(name: str) -> str:
+    """Comparable sampler names: KSampler's 'ddim' runs sample_euler; 'uni_pc' runs sample_unipc."""
+    key = name.removeprefix("sample_").replace("_", "")
+    return "euler" if key == "ddim" else key
+
+
+def sampler_name_of(sampler: Any) -> str:
+    """The k-diffusion name of a ComfyUI sampler object, e.g. 'heun' (empty when unknown)."""
+    function = getattr(sampler, "sampler_function", None)
+    return getattr(function, "__name__", "").removeprefix("sample_")
+
+
 def _run_step_of(run_taus: list[float], tau: float) -> int:
     if not run_taus:
         return 0
@@ -295,7 +310,8 @@ def outer_sample_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **
     guider = executor.class_obj
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
-    holder.start_run(model_sampling, sigmas)
+    sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+    holder.start_run(model_sampling, sigmas, sampler_name_of(sampler))
     completed = False
     try:
         result = executor(*args, **kwargs)

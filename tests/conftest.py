@@ -1,0 +1,42 @@
+"""Shared fixtures: the real ComfyUI on CPU, this pack, and tiny seeded SD-layout UNets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from comfy_bootstrap import load_pack  # noqa: E402
+
+PACK = load_pack()
+
+import comfy.utils  # noqa: E402
+import torch  # noqa: E402
+
+comfy.utils.PROGRESS_BAR_ENABLED = False
+
+from helpers import sample  # noqa: E402,F401  (re-exported for tests)
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return PACK
+
+
+@pytest.fixture
+def tiny_model():
+    return PACK.core.builtin_models.build_unet_patcher("tiny", seed=0)
+
+
+@pytest.fixture
+def conds():
+    prompt = PACK.core.builtin_models.prompt_conditioning
+    return prompt("a red square", 32), prompt("blurry", 32)
+
+
+@pytest.fixture
+def latent():
+    return {"samples": torch.zeros(1, 4, 16, 16)}

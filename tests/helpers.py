@@ -1,0 +1,70 @@
+"""Test helpers: sampling through ComfyUI's KSampler path, and counting real layer computations."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import comfy.patcher_extension
+import nodes as comfy_nodes
+import torch
+
+
+def sample(model: Any, positive: Any, negative: Any, latent: dict, *, seed: int = 7, steps: int = 8,
+           cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", denoise: float = 1.0,
+           **advanced: Any) -> torch.Tensor:
+    """KSampler's own implementation (nodes.common_ksampler)."""
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                         denoise=denoise, **advanced)
+    return out["samples"]
+
+
+def _probe_child(layer: torch.nn.Module) -> torch.nn.Module:
+    """A child module that runs only when the layer really computes."""
+    for child in layer.children():
+        if any(True for _ in child.parameters()) or isinstance(child, torch.nn.Sequential):
+            return child
+    raise AssertionError(f"no child module to count on {type(layer).__name__}")
+
+
+@contextmanager
+def count_layer_computations(diffusion_model: torch.nn.Module, names: list[str]) -> Iterator[dict[str, int]]:
+    """Counts, per layer, how often its own submodules ran: real computations, not cache hits."""
+    counts = {name: 0 for name in names}
+    handles = []
+    for name in names:
+        child = _probe_child(diffusion_model.get_submodule(name))
+
+        def hook(_module, _args, name=name):
+            counts[name] += 1
+
+        handles.append(child.register_forward_pre_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def record_evaluation_sigmas(model: Any) -> list[float]:
+    """Adds a PREDICT_NOISE wrapper to ``model`` that records each solver evaluation's sigma."""
+    sigmas: list[float] = []
+
+    def wrapper(executor, *args, **kwargs):
+        sigmas.append(float(args[1].reshape(-1)[0]))
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_recorder", wrapper)
+    return sigmas
+
+
+def split_cond_calls(model: Any) -> None:
+    """Forces cond and uncond into separate model calls, as ComfyUI does when memory is short."""
+
+    def wrapper(executor, model_, conds, x_in, timestep, model_options):
+        outputs = []
+        for cond in conds:
+            outputs.extend(executor(model_, [cond], x_in, timestep, model_options))
+        return outputs
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_split", wrapper)
