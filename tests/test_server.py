@@ -1,0 +1,151 @@
+"""A real ComfyUI server (main.py --cpu) with this pack in custom_nodes, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from comfy_bootstrap import PACK_ROOT, comfyui_path
+
+NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildSchedule", "BlockCacheApply", "BlockCacheSaveSchedule",
+            "BlockCacheLoadSchedule"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"/prompt refused the graph: {error.read().decode()[:2000]}") from None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "user").mkdir()
+    (base / "custom_nodes" / "block_cache").symlink_to(PACK_ROOT, target_is_directory=True)
+    port = _free_port()
+    log_path = base / "server.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--disable-auto-launch"],
+        cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                _get(f"{url}/system_stats")
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start:\n{log_path.read_text()[-4000:]}") from None
+                time.sleep(0.5)
+        yield url, base, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def _wait_for(url: str, prompt_id: str, log_path: Path) -> dict:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        history = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in history:
+            entry = history[prompt_id]
+            assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+            return entry["outputs"]
+        time.sleep(0.5)
+    raise AssertionError(f"prompt did not finish:\n{log_path.read_text()[-4000:]}")
+
+
+def test_object_info_lists_the_nodes_with_tooltips(server):
+    url, _, _ = server
+    info = _get(f"{url}/object_info")
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} not registered"
+    profile_inputs = info["BlockCacheProfile"]["input"]["required"]
+    assert list(profile_inputs) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                                    "negative", "latent_image", "denoise"]
+    assert info["BlockCacheProfile"]["output"] == ["LATENT", "BLOCK_PROFILE", "IMAGE"]
+    assert info["BlockCacheBuildSchedule"]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING"]
+    assert info["BlockCacheBuildSchedule"]["input"]["required"]["threshold"][1]["display"] == "slider"
+    assert info["BlockCacheApply"]["output"] == ["MODEL"]
+    assert info["BlockCacheSaveSchedule"]["output_node"] is True
+    for node_id in NODE_IDS:
+        for name, spec in info[node_id]["input"]["required"].items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert all(info[node_id].get("output_tooltips") or [True])
+
+
+def _graph(steps: int, schedule_source: dict) -> dict:
+    graph = {
+        "model": {"class_type": "BlockCacheDemoModel",
+                  "inputs": {"size": "tiny", "weight_seed": 0, "positive_prompt": "a circle", "negative_prompt": ""}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "apply": {"class_type": "BlockCacheApply", "inputs": {"model": ["model", 0], "schedule": ["schedule", 0]}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["apply", 0], "seed": 1, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["model", 1], "negative": ["model", 2], "latent_image": ["latent", 0],
+            "denoise": 1.0}},
+        "save_latent": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0],
+                                                               "filename_prefix": "block_cache_test"}},
+    }
+    graph.update(schedule_source)
+    return graph
+
+
+def test_profile_build_apply_sample_then_load(server):
+    url, base, log_path = server
+    source = {
+        "profile": {"class_type": "BlockCacheProfile", "inputs": {
+            "model": ["model", 0], "seed": 1, "steps": 10, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["model", 1], "negative": ["model", 2], "latent_image": ["latent", 0],
+            "denoise": 1.0}},
+        "schedule": {"class_type": "BlockCacheBuildSchedule", "inputs": {
+            "profile": ["profile", 1], "threshold": 0.5, "cache_kinds": "all", "always_compute_first": 1,
+            "always_compute_last": 0, "max_consecutive_reuse": 0}},
+        "save": {"class_type": "BlockCacheSaveSchedule", "inputs": {"schedule": ["schedule", 0],
+                                                                  "file_name": "server test", "overwrite": True}},
+    }
+    queued = _post(f"{url}/prompt", {"prompt": _graph(10, source)})
+    outputs = _wait_for(url, queued["prompt_id"], log_path)
+    assert outputs["schedule"]["images"] and "estimated speed-up" in outputs["schedule"]["text"][0]
+    assert outputs["profile"]["images"]
+    assert "saved server test.json" in outputs["save"]["text"][0]
+    assert outputs["save_latent"]["latents"]
+    saved = base / "user" / "block_cache" / "server test.json"
+    assert json.loads(saved.read_text())["format"] == "block-cache-schedule"
+    log = log_path.read_text()
+    assert "Block Cache: computed" in log and "skipped" in log
+
+    # A later graph needs no profiling: the saved file is offered by Load Cache Schedule.
+    options = _get(f"{url}/object_info/BlockCacheLoadSchedule")["BlockCacheLoadSchedule"]["input"]["required"]
+    assert "server test.json" in options["schedule_file"][1]["options"]
+    load = {"schedule": {"class_type": "BlockCacheLoadSchedule", "inputs": {"schedule_file": "server test.json"}}}
+    queued = _post(f"{url}/prompt", {"prompt": _graph(15, load)})
+    outputs = _wait_for(url, queued["prompt_id"], log_path)
+    assert outputs["save_latent"]["latents"] and "estimated speed-up" in outputs["schedule"]["text"][0]
+    assert "re-timed onto this run's 15 steps" in log_path.read_text()
