@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ class LayerPlan:
     reuses_ever: np.ndarray  # [layers]: the layer is reused somewhere, so its cache is worth keeping
 
     @classmethod
-    def from_schedule(cls, schedule: CacheSchedule) -> "LayerPlan":
+    def from_schedule(cls, schedule: CacheSchedule) -> LayerPlan:
         mask = schedule.compute_mask()
         return cls(
             grid=schedule.grid,
@@ -129,7 +130,7 @@ class BlockCacheHolder:
         self.last_sample_sigmas: torch.Tensor | None = None
         self._retime_logged = False
 
-    def clone(self) -> "BlockCacheHolder":
+    def clone(self) -> BlockCacheHolder:
         return BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name)
 
     def reset(self) -> None:
@@ -202,7 +203,7 @@ class BlockCacheHolder:
         run.measure_flops = False
 
     # -- layer calls ---------------------------------------------------------------------------
-    def call_layer(self, patch: "CachedLayerForward", x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def call_layer(self, patch: CachedLayerForward, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         run = self.run
         if run is None or not run.in_evaluation:
             return patch.original(x, *args, **kwargs)
@@ -221,7 +222,7 @@ class BlockCacheHolder:
             self._store(run, patch, x, out, keys)
         return out
 
-    def _reuse(self, run: RunState, patch: "CachedLayerForward", x: torch.Tensor, keys: list[Any]) -> torch.Tensor | None:
+    def _reuse(self, run: RunState, patch: CachedLayerForward, x: torch.Tensor, keys: list[Any]) -> torch.Tensor | None:
         per_chunk = x.shape[0] // len(keys)
         entries = []
         for key in keys:
@@ -236,7 +237,7 @@ class BlockCacheHolder:
             return cached.clone()  # callers may change it in place; the cache must stay intact
         return patch.spec.residual_base(patch.module, x) + cached
 
-    def _store(self, run: RunState, patch: "CachedLayerForward", x: torch.Tensor, out: torch.Tensor,
+    def _store(self, run: RunState, patch: CachedLayerForward, x: torch.Tensor, out: torch.Tensor,
                keys: list[Any]) -> None:
         if self.plan.reuse[patch.layer_index] is ReuseMode.OUTPUT:
             value = out.detach().clone()
@@ -247,7 +248,7 @@ class BlockCacheHolder:
             part = value[chunk * per_chunk:(chunk + 1) * per_chunk]
             run.cache[(patch.layer_index, key)] = _CacheEntry(part, torch.Size((per_chunk, *x.shape[1:])))
 
-    def _profile_layer(self, run: RunState, patch: "CachedLayerForward", x: torch.Tensor, args: tuple,
+    def _profile_layer(self, run: RunState, patch: CachedLayerForward, x: torch.Tensor, args: tuple,
                        kwargs: dict) -> Any:
         index = patch.layer_index
         if run.measure_flops:

@@ -128,7 +128,7 @@ def build_schedule(profile: BlockProfile, options: BuildOptions, reuse_mode: Reu
     allowed = CACHE_KIND_CHOICES[options.cache_kinds]
     steps = profile.grid.steps
     layers = []
-    for spec, change in zip(profile.block_map.layers, profile.change):
+    for spec, change in zip(profile.block_map.layers, profile.change, strict=True):
         if spec.kind in allowed:
             compute = _layer_mask(change, options, steps)
         else:

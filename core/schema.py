@@ -73,7 +73,7 @@ def schedule_to_dict(schedule: CacheSchedule) -> dict[str, Any]:
                 "flops": flops,
                 "compute": "".join("1" if c else "0" for c in layer.compute),
             }
-            for layer, flops in zip(schedule.layers, schedule.layer_flops)
+            for layer, flops in zip(schedule.layers, schedule.layer_flops, strict=True)
         ],
         "total_flops": schedule.total_flops,
         "builder": schedule.builder,
@@ -100,7 +100,7 @@ def profile_to_dict(profile: BlockProfile) -> dict[str, Any]:
         "layers": [
             {"name": spec.name, "kind": spec.kind.value, "stage": spec.stage, "residual": spec.residual.value,
              "flops": flops, "change": [None if math.isnan(v) else v for v in change]}
-            for spec, flops, change in zip(profile.block_map.layers, profile.layer_flops, profile.change)
+            for spec, flops, change in zip(profile.block_map.layers, profile.layer_flops, profile.change, strict=True)
         ],
         "total_flops": profile.total_flops,
         "sample_count": profile.sample_count,
@@ -201,7 +201,7 @@ class _Reader:
             raise self.fail("grid.normalized_timesteps", f"has {len(taus)} entries for {steps} steps")
         if len(sigmas) != steps + 1:
             raise self.fail("grid.sigmas", f"has {len(sigmas)} entries; {steps} steps need {steps + 1}")
-        if any(b > a + 1e-9 for a, b in zip(taus, taus[1:])):
+        if any(b > a + 1e-9 for a, b in zip(taus, taus[1:], strict=False)):
             raise self.fail("grid.normalized_timesteps", "must not increase from step to step")
         shape = [self.integer(v, f"grid.latent_shape[{i}]", 0, 1 << 20)
                  for i, v in enumerate(self.array(grid.get("latent_shape", []), "grid.latent_shape", 8))]

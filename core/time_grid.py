@@ -58,7 +58,7 @@ class StepGrid:
 
     def same_as(self, taus: list[float]) -> bool:
         return len(taus) == len(self.taus) and all(
-            math.isclose(a, b, abs_tol=TAU_TOLERANCE) for a, b in zip(taus, self.taus)
+            math.isclose(a, b, abs_tol=TAU_TOLERANCE) for a, b in zip(taus, self.taus, strict=True)
         )
 
     def to_dict(self) -> dict[str, Any]:
