@@ -91,10 +91,8 @@ def _install(model: Any, block_map: BlockMap, holder: BlockCacheHolder) -> Any:
 
 def apply_block_cache(model: Any, schedule: CacheSchedule) -> tuple[Any, BlockCacheHolder]:
     """A clone of ``model`` that samples with ``schedule``, and the holder of its run state."""
-    block_map = _scheduled_block_map(schedule, block_map_for_patcher(model))
-    by_name = {layer.name: layer for layer in schedule.layers}
-    ordered = dataclasses.replace(schedule, layers=tuple(by_name[spec.name] for spec in block_map.layers))
-    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(ordered))
+    block_map = _scheduled_block_map(schedule, block_map_for_patcher(model))  # in schedule order
+    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule))
     return _install(model, block_map, holder), holder
 
 
