@@ -98,7 +98,7 @@ class RunState:
     """Everything that lives for one sampling run, and nothing longer."""
 
     model_sampling: Any
-    run_taus: list[float]
+    run_grid: StepGrid  # this run's own steps; profiles are recorded on it
     stats: RunStats
     evaluation_step: int | None = None
     previous_step: int | None = None
@@ -146,7 +146,8 @@ class BlockCacheHolder:
         layers = len(names)
         step_taus = normalized_times(model_sampling, sample_sigmas[:-1]) if sample_sigmas.numel() > 1 else []
         stats = RunStats(names, np.zeros(layers, dtype=np.int64), np.zeros(layers, dtype=np.int64), steps=len(step_taus))
-        self.run = RunState(model_sampling=model_sampling, run_taus=step_taus, stats=stats,
+        self.run = RunState(model_sampling=model_sampling, run_grid=StepGrid(sigmas=(), taus=tuple(step_taus)),
+                            stats=stats,
                             measure_flops=self.recorder is not None)
         self.last_sample_sigmas = sample_sigmas.detach().cpu()
         grid = self.plan.grid if self.plan is not None else None
@@ -187,7 +188,7 @@ class BlockCacheHolder:
             step = grid.step_of(tau)
             run.compute_now = self.plan.decisions(run.previous_step, step)
         else:
-            step = _run_step_of(run.run_taus, tau)
+            step = run.run_grid.step_of(tau)
             run.compute_now = None
         run.first_of_step = run.previous_step is None or step != run.previous_step
         run.evaluation_step = step
@@ -266,7 +267,7 @@ class BlockCacheHolder:
 
 def _sampler_key(name: str) -> str:
     """Comparable sampler names: KSampler's 'ddim' runs sample_euler; 'uni_pc' runs sample_unipc."""
-    key = name.removeprefix("sample_").replace("_", "")
+    key = name.replace("_", "")
     return "euler" if key == "ddim" else key
 
 
@@ -274,12 +275,6 @@ def sampler_name_of(sampler: Any) -> str:
     """The k-diffusion name of a ComfyUI sampler object, e.g. 'heun' (empty when unknown)."""
     function = getattr(sampler, "sampler_function", None)
     return getattr(function, "__name__", "").removeprefix("sample_")
-
-
-def _run_step_of(run_taus: list[float], tau: float) -> int:
-    if not run_taus:
-        return 0
-    return StepGrid(sigmas=(), taus=tuple(run_taus)).step_of(tau)
 
 
 class CachedLayerForward:
