@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,7 @@ class RunStats:
     steps: int = 0
     retimed: bool = False
     cache_resets: int = 0
+    seconds: float = 0.0  # wall time of the sampling run
 
     @property
     def total(self) -> int:
@@ -128,10 +130,14 @@ class BlockCacheHolder:
         self.run: RunState | None = None
         self.last_run: RunStats | None = None
         self.last_sample_sigmas: torch.Tensor | None = None
+        # Called with (holder, stats) after every completed run, e.g. to show a summary in the UI.
+        self.run_listeners: list[Callable[[BlockCacheHolder, RunStats], None]] = []
         self._retime_logged = False
 
     def clone(self) -> BlockCacheHolder:
-        return BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name)
+        twin = BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name)
+        twin.run_listeners = list(self.run_listeners)
+        return twin
 
     def reset(self) -> None:
         """Drop the run state and every cached tensor."""
@@ -308,6 +314,7 @@ def outer_sample_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
     holder.start_run(model_sampling, sigmas, sampler_name_of(sampler))
+    started = time.perf_counter()
     completed = False
     try:
         result = executor(*args, **kwargs)
@@ -316,7 +323,13 @@ def outer_sample_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **
     finally:
         stats = holder.finish_run()
         if stats is not None and completed:
+            stats.seconds = time.perf_counter() - started
             log_run_summary(holder, stats)
+            for listener in holder.run_listeners:
+                try:
+                    listener(holder, stats)
+                except Exception:  # a display hook must never fail a finished run
+                    logger.exception("%s: a run listener failed", holder.name)
 
 
 def predict_noise_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
