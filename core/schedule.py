@@ -93,13 +93,19 @@ def computed_flop_fraction(mask: np.ndarray, layer_flops: tuple[float, ...] | li
 
     Layers outside the block map (conv_in, the time embedding, the output head) always run.
     """
-    flops = np.asarray(layer_flops, dtype=np.float64)
     steps = mask.shape[1] if mask.ndim == 2 else 0
     if steps == 0 or total_flops <= 0:
         return 1.0
-    fixed = max(0.0, total_flops - float(flops.sum()))
-    computed = float((mask * flops[:, None]).sum())
-    return (fixed * steps + computed) / (total_flops * steps)
+    # Plain left-to-right sums (not numpy's pairwise ones): the frontend's JavaScript port
+    # (js/schedule_builder.js) repeats them in the same order and gets the same bits.
+    flop_sum = 0.0
+    for value in layer_flops:
+        flop_sum += float(value)
+    fixed = max(0.0, float(total_flops) - flop_sum)
+    computed = 0.0
+    for value, row_count in zip(layer_flops, np.asarray(mask, dtype=np.float64).sum(axis=1).tolist(), strict=True):
+        computed += float(value) * row_count
+    return (fixed * steps + computed) / (float(total_flops) * steps)
 
 
 def _layer_mask(change: tuple[float, ...], options: BuildOptions, steps: int) -> list[bool]:

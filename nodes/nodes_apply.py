@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.patching import apply_block_cache
+from .frontend import send_run_summaries
 from .types import CATEGORY, CacheScheduleSocket
 
 
@@ -25,9 +26,11 @@ class ApplyBlockCache(io.ComfyNode):
                                                               "made for this model."),
             ],
             outputs=[io.Model.Output(tooltip="The model with Block Cache; use it in any KSampler.")],
+            hidden=[io.Hidden.unique_id],  # to show each run's summary on this node in the browser
         )
 
     @classmethod
     def execute(cls, model, schedule) -> io.NodeOutput:
-        patched, _ = apply_block_cache(model, schedule)
+        patched, holder = apply_block_cache(model, schedule)
+        send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
         return io.NodeOutput(patched)

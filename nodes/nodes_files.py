@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..core.errors import ScheduleFileError
 from ..core.storage import list_schedules, load_schedule, resolve, save_schedule, schedule_directory
+from .frontend import schedule_payload
 from .types import CATEGORY, CacheScheduleSocket
 
 
@@ -65,4 +66,5 @@ class LoadCacheSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, schedule_file) -> io.NodeOutput:
         schedule = load_schedule(schedule_directory(), schedule_file)
-        return io.NodeOutput(schedule, ui=ui.PreviewText(schedule.summary()))
+        return io.NodeOutput(schedule, ui={"text": [schedule.summary()],
+                                           "block_cache_schedule": [schedule_payload(schedule)]})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import comfy.samplers
 import nodes as comfy_nodes
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..core.heatmap import render_profile
 from ..core.patching import attach_profiler, collect_profile
 from ..core.profile import merge_profiles
+from .frontend import profile_payload
 from .types import CATEGORY, BlockProfileSocket
 
 
@@ -61,8 +62,9 @@ class ProfileBlockChanges(io.ComfyNode):
         heatmap = torch.from_numpy(render_profile(profile))[None]
         summary = (f"{len(profile.block_map.layers)} layers x {profile.grid.steps} steps, "
                    f"{profile.sample_count} samples ({profile.block_map.model_type})")
+        # The node draws the heatmap itself from the payload (js/block_cache.js); no preview PNG.
         return io.NodeOutput(latent, profile, heatmap,
-                             ui={**ui.PreviewImage(heatmap, cls=cls).as_dict(), "text": [summary]})
+                             ui={"text": [summary], "block_cache_profile": [profile_payload(profile)]})
 
 
 class MergeBlockProfiles(io.ComfyNode):

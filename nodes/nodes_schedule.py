@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..core.block_map import CACHE_KIND_CHOICES
 from ..core.heatmap import render_schedule
 from ..core.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
 from ..core.schema import schedule_to_json
+from .frontend import profile_payload, schedule_payload
 from .types import CATEGORY, BlockProfileSocket, CacheScheduleSocket
 
 
@@ -57,5 +58,8 @@ class BuildCacheSchedule(io.ComfyNode):
                                max_consecutive_reuse=max_consecutive_reuse)
         schedule = build_schedule(profile, options)
         picture = torch.from_numpy(render_schedule(schedule))[None]
+        # The profile goes to the browser too: the node rebuilds the schedule there, live, as the
+        # threshold or an option moves (js/schedule_builder.js), and draws it instead of a preview PNG.
         return io.NodeOutput(schedule, picture, schedule_to_json(schedule),
-                             ui={**ui.PreviewImage(picture, cls=cls).as_dict(), "text": [schedule.summary()]})
+                             ui={"text": [schedule.summary()], "block_cache_profile": [profile_payload(profile)],
+                                 "block_cache_schedule": [schedule_payload(schedule)]})

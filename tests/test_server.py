@@ -132,8 +132,9 @@ def test_profile_build_apply_sample_then_load(server):
     }
     queued = _post(f"{url}/prompt", {"prompt": _graph(10, source)})
     outputs = _wait_for(url, queued["prompt_id"], log_path)
-    assert outputs["schedule"]["images"] and "estimated speed-up" in outputs["schedule"]["text"][0]
-    assert outputs["profile"]["images"]
+    # The nodes draw their pictures in the browser from these payloads (js/block_cache.js).
+    assert outputs["schedule"]["block_cache_schedule"] and "estimated speed-up" in outputs["schedule"]["text"][0]
+    assert outputs["schedule"]["block_cache_profile"] and outputs["profile"]["block_cache_profile"]
     assert "saved server test.json" in outputs["save"]["text"][0]
     assert outputs["save_latent"]["latents"]
     saved = base / "user" / "block_cache" / "server test.json"

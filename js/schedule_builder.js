@@ -1,0 +1,106 @@
+// JavaScript port of the Python schedule builder (core/schedule.py: build_schedule,
+// computed_flop_fraction). The Build Cache Schedule node uses it to redraw the schedule the
+// moment the threshold or an option changes, without queueing. tests/test_frontend_builder.py
+// runs it with node against the Python builder and requires identical masks and estimates,
+// so every arithmetic step here mirrors the Python code in the same order.
+// No imports and no side effects: ComfyUI loads every .js file under js/ as an extension.
+
+export const CACHE_KIND_CHOICES = {
+  attention: ["attention"],
+  "attention+resblock": ["attention", "resblock"],
+  all: ["attention", "resblock", "downsample", "upsample"],
+};
+
+export const DEFAULT_OPTIONS = {
+  threshold: 0.5,
+  cache_kinds: "attention",
+  always_compute_first: 1,
+  always_compute_last: 0,
+  max_consecutive_reuse: 0,
+};
+
+/** Throws like BuildOptions.validate() does. */
+export function validateOptions(options) {
+  const t = options.threshold;
+  if (typeof t !== "number" || !Number.isFinite(t) || t < 0) {
+    throw new Error(`threshold must be a finite number >= 0, got ${t}`);
+  }
+  if (!Object.hasOwn(CACHE_KIND_CHOICES, options.cache_kinds)) {
+    throw new Error(`cache_kinds must be one of ${Object.keys(CACHE_KIND_CHOICES)}, got ${options.cache_kinds}`);
+  }
+  for (const name of ["always_compute_first", "always_compute_last", "max_consecutive_reuse"]) {
+    const value = options[name];
+    if (!Number.isInteger(value) || value < 0) throw new Error(`${name} must be an integer >= 0, got ${value}`);
+  }
+}
+
+/** Eq. 7 for one layer: core/schedule.py _layer_mask. `change[step]` null/NaN = unmeasured. */
+export function layerMask(change, options, steps) {
+  const compute = new Array(steps).fill(false);
+  let accumulated = 0.0;
+  let reuseRun = 0;
+  const first = Math.max(1, options.always_compute_first);
+  for (let step = 0; step < steps; step++) {
+    let forced = step < first || step >= steps - options.always_compute_last;
+    if (options.max_consecutive_reuse && reuseRun >= options.max_consecutive_reuse) forced = true;
+    const value = change[step];
+    // An unmeasured step counts as a large change: never reuse on missing data.
+    accumulated += value === null || value === undefined || Number.isNaN(value) ? Infinity : value;
+    if (forced || accumulated > options.threshold) {
+      compute[step] = true;
+      accumulated = 0.0;
+      reuseRun = 0;
+    } else {
+      reuseRun += 1;
+    }
+  }
+  return compute;
+}
+
+/** core/schedule.py computed_flop_fraction, for a boolean mask [layers][steps]. */
+export function computedFlopFraction(mask, layerFlops, totalFlops, steps) {
+  if (steps === 0 || totalFlops <= 0) return 1.0;
+  let flopSum = 0.0;
+  for (const value of layerFlops) flopSum += value;
+  const fixed = Math.max(0.0, totalFlops - flopSum);
+  let computed = 0.0;
+  for (let i = 0; i < layerFlops.length; i++) {
+    let count = 0;
+    for (const on of mask[i]) if (on) count += 1;
+    computed += layerFlops[i] * count;
+  }
+  return (fixed * steps + computed) / (totalFlops * steps);
+}
+
+/**
+ * The schedule for a profile payload (nodes/frontend.py profile_payload):
+ * {steps, layers: [{name, kind}], change: [[number|null]], layer_flops, total_flops}.
+ */
+export function buildSchedule(profile, options) {
+  const merged = { ...DEFAULT_OPTIONS, ...options };
+  validateOptions(merged);
+  const allowed = new Set(CACHE_KIND_CHOICES[merged.cache_kinds]);
+  const steps = profile.steps;
+  const mask = profile.layers.map((layer, i) =>
+    allowed.has(layer.kind) ? layerMask(profile.change[i], merged, steps) : new Array(steps).fill(true),
+  );
+  let computed = 0;
+  for (const row of mask) for (const on of row) if (on) computed += 1;
+  const flopFraction = computedFlopFraction(mask, profile.layer_flops, profile.total_flops, steps);
+  return {
+    mask,
+    computed,
+    total: mask.length * steps,
+    flopFraction,
+    speedup: flopFraction > 0 ? 1.0 / flopFraction : 1.0,
+    options: merged,
+  };
+}
+
+/** Same words as CacheSchedule.summary() (rounding of the last digit may differ on exact ties). */
+export function summaryText(result, steps) {
+  return (
+    `${result.computed}/${result.total} layer evaluations computed over ${steps} steps; ` +
+    `${(result.flopFraction * 100).toFixed(1)}% of the FLOPs, estimated speed-up ${result.speedup.toFixed(2)}x`
+  );
+}

@@ -1,0 +1,98 @@
+"""What the frontend extension (js/) needs from the nodes: JSON-safe payloads and run events.
+
+The payloads travel in a node's ``ui`` dict (the websocket ``executed`` message) and are kept
+in the node's properties by the frontend, so the drawings survive saving and reloading a
+workflow. Only this node layer talks to the server; ``core`` stays free of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from ..core.profile import BlockProfile
+from ..core.runtime import BlockCacheHolder, RunStats
+from ..core.schedule import CacheSchedule
+
+logger = logging.getLogger(__name__)
+
+PAYLOAD_VERSION = 1
+RUN_EVENT = "block_cache.run"
+# Profiles past this many cells are sent without the change matrix (a 10,000-step profile
+# would put megabytes into every saved workflow); the node then shows the server's picture.
+MAX_PAYLOAD_CELLS = 200_000
+
+
+def _finite_or_none(value: float) -> float | None:
+    # The browser's JSON.parse rejects the NaN that Python's json writes; null means "unmeasured".
+    return float(value) if math.isfinite(value) else None
+
+
+def profile_payload(profile: BlockProfile) -> dict[str, Any]:
+    """The profile as the JavaScript builder (js/schedule_builder.js) reads it."""
+    steps = profile.grid.steps
+    layers = profile.block_map.layers
+    too_big = len(layers) * steps > MAX_PAYLOAD_CELLS
+    return {
+        "version": PAYLOAD_VERSION,
+        "model_type": profile.block_map.model_type,
+        "fingerprint": profile.block_map.fingerprint,
+        "steps": steps,
+        "sampler": profile.grid.sampler,
+        "scheduler": profile.grid.scheduler,
+        "sample_count": profile.sample_count,
+        "layers": [{"name": spec.name, "kind": spec.kind.value} for spec in layers],
+        "change": None if too_big else [[_finite_or_none(v) for v in row] for row in profile.change],
+        "layer_flops": [float(v) for v in profile.layer_flops],
+        "total_flops": float(profile.total_flops),
+    }
+
+
+def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
+    """A built or loaded schedule: the masks as 0/1 strings, and the estimate."""
+    mask = schedule.compute_mask()
+    return {
+        "version": PAYLOAD_VERSION,
+        "model_type": schedule.block_map.model_type,
+        "steps": schedule.grid.steps,
+        "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
+        "compute": ["".join("1" if c else "0" for c in layer.compute) for layer in schedule.layers],
+        "computed": int(mask.sum()),
+        "total": int(mask.size),
+        "flop_fraction": schedule.flop_fraction,
+        "speedup": schedule.estimated_speedup,
+        "builder": dict(schedule.builder),
+    }
+
+
+def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict[str, Any]:
+    from ..core.runtime import run_speedup_estimate
+
+    return {
+        "node": node_id,
+        "computed": int(stats.computed.sum()),
+        "total": stats.total,
+        "steps": stats.steps,
+        "evaluations": stats.evaluations,
+        "seconds": stats.seconds,
+        "retimed": stats.retimed,
+        "estimated_speedup": run_speedup_estimate(holder, stats),
+    }
+
+
+def send_run_summaries(holder: BlockCacheHolder, node_id: str | None) -> None:
+    """After every sampling run with this holder, tell the browser what was computed and how long it took."""
+    if not node_id:
+        return
+
+    def listener(finished: BlockCacheHolder, stats: RunStats) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:  # used outside a server (scripts, tests): nobody to tell
+            return
+        instance = getattr(PromptServer, "instance", None)
+        if instance is not None:
+            instance.send_sync(RUN_EVENT, run_payload(node_id, finished, stats))
+
+    holder.run_listeners.append(listener)

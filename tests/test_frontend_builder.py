@@ -1,0 +1,153 @@
+"""The browser's schedule builder (js/schedule_builder.js) against the Python one (core/schedule.py).
+
+Both run on the same fixture profiles (random, plus edge cases: unmeasured steps, zeros, ties
+with the threshold, huge and subnormal values, odd FLOP counts) under every option
+combination; every mask, count, FLOP fraction and speed-up must be identical, bit for bit.
+The JavaScript side runs under node, on the payload the nodes send to the browser.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import shutil
+import subprocess
+import time
+
+import pytest
+from comfy_bootstrap import PACK_ROOT
+
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed (.ci/run installs it)")
+
+THRESHOLDS = [0.0, 1e-300, 0.01, 0.1, 0.25, 0.5, 1.0, 5.0, 1e308]
+KINDS = ["attention", "attention+resblock", "all"]
+LAYER_KINDS = ["attention", "resblock", "downsample", "upsample"]
+
+RUNNER = """
+import { readFileSync, writeFileSync } from "node:fs";
+import { buildSchedule } from "./schedule_builder.mjs";
+const { profiles, cases } = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const out = cases.map(([index, options]) => {
+  try {
+    const r = buildSchedule(profiles[index], options);
+    return { mask: r.mask.map((row) => row.map((c) => (c ? "1" : "0")).join("")).join("|"),
+             computed: r.computed, total: r.total, fraction: r.flopFraction, speedup: r.speedup };
+  } catch (error) {
+    return { error: String(error.message) };
+  }
+});
+writeFileSync(process.argv[3], JSON.stringify(out));
+"""
+
+
+def _value(rng: random.Random, style: str) -> float:
+    if rng.random() < 0.04:
+        return math.nan  # unmeasured
+    if style == "uniform":
+        return rng.random()
+    if style == "ties":  # sums that land exactly on thresholds such as 0.5 and 1.0
+        return rng.choice([0.0, 0.125, 0.25, 0.5, 0.1, 0.05])
+    if style == "wild":
+        return rng.choice([0.0, 5e-324, 1e-300, 1e-12, 0.3, 2.0, 1e300, 1.7e308, rng.expovariate(3.0)])
+    return rng.expovariate(rng.choice([1.0, 5.0, 30.0]))  # smooth, mostly small, like real profiles
+
+
+def _profile(core, rng: random.Random, layers: int, steps: int):
+    bm = core.block_map
+    style = rng.choice(["uniform", "ties", "wild", "expo", "expo"])
+    kinds = [bm.LayerKind(rng.choice(LAYER_KINDS)) for _ in range(layers)]
+    specs = tuple(bm.LayerSpec(f"input_blocks.{i + 1}.1", kind, "input", bm.ResidualForm.IDENTITY)
+                  for i, kind in enumerate(kinds))
+    change = tuple((math.nan,) + tuple(_value(rng, style) for _ in range(steps - 1)) for _ in range(layers))
+    flops = tuple(rng.choice([0.0, 1.0, rng.uniform(1e6, 1e10), rng.uniform(0, 1) * 10 ** rng.randint(0, 12)])
+                  for _ in range(layers))
+    total = rng.choice([sum(flops) * rng.uniform(1.0, 3.0), sum(flops) * 0.5, 0.0, sum(flops) + 0.1,
+                        rng.uniform(1e9, 1e12)])
+    grid = core.time_grid.StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
+                                   taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
+                                   scheduler="normal")
+    block_map = bm.BlockMap("unet", "SD15", "UNetModel", specs, "0123456789abcdef")
+    return core.profile.BlockProfile(block_map, grid, change, flops, total, 1)
+
+
+def _option_grid(steps: int) -> list[dict]:
+    combos = itertools.product(THRESHOLDS, KINDS, sorted({0, 1, 2, 7, steps, steps + 3}),
+                               sorted({0, 1, 3, steps}), [0, 1, 2, 5])
+    return [{"threshold": t, "cache_kinds": k, "always_compute_first": f, "always_compute_last": last,
+             "max_consecutive_reuse": m} for t, k, f, last, m in combos]
+
+
+def _random_options(rng: random.Random, steps: int) -> dict:
+    return {"threshold": rng.choice([rng.uniform(0, 5), round(rng.uniform(0, 2), 2), rng.choice(THRESHOLDS)]),
+            "cache_kinds": rng.choice(KINDS), "always_compute_first": rng.randint(0, steps + 1),
+            "always_compute_last": rng.choice([0, 0, rng.randint(0, steps + 1)]),
+            "max_consecutive_reuse": rng.choice([0, 0, rng.randint(1, 6)])}
+
+
+def test_javascript_builder_matches_python_exactly(pack, tmp_path):
+    core = pack.core
+    payload = pack.nodes.frontend.profile_payload
+    rng = random.Random(20240617)
+    profiles = []
+    cases: list[tuple[int, dict]] = []
+    # Every option combination on a few profiles, including the degenerate shapes.
+    for layers, steps in [(1, 1), (1, 2), (0, 5), (3, 4), (12, 20), (25, 50), (8, 10), (40, 30)]:
+        profiles.append(_profile(core, rng, layers, steps))
+        cases += [(len(profiles) - 1, options) for options in _option_grid(steps)]
+    # Many random profiles, each under a few random option sets.
+    for _ in range(1000):
+        profiles.append(_profile(core, rng, rng.randint(1, 30), rng.randint(1, 60)))
+        cases += [(len(profiles) - 1, _random_options(rng, profiles[-1].grid.steps)) for _ in range(4)]
+
+    started = time.perf_counter()
+    expected = []
+    for index, options in cases:
+        schedule = core.schedule.build_schedule(profiles[index], core.schedule.BuildOptions(**options))
+        mask = schedule.compute_mask()
+        expected.append({"mask": "|".join("".join("1" if c else "0" for c in row) for row in mask),
+                         "computed": int(mask.sum()), "total": int(mask.size),
+                         "fraction": schedule.flop_fraction, "speedup": schedule.estimated_speedup})
+    python_seconds = time.perf_counter() - started
+
+    shutil.copy(PACK_ROOT / "js" / "schedule_builder.js", tmp_path / "schedule_builder.mjs")
+    (tmp_path / "runner.mjs").write_text(RUNNER)
+    fixtures = tmp_path / "fixtures.json"
+    # allow_nan=False: the payload must be what a browser can parse (NaN travels as null).
+    fixtures.write_text(json.dumps({"profiles": [payload(p) for p in profiles], "cases": cases}, allow_nan=False))
+    started = time.perf_counter()
+    subprocess.run([NODE, str(tmp_path / "runner.mjs"), str(fixtures), str(tmp_path / "out.json")], check=True,
+                   timeout=300)
+    node_seconds = time.perf_counter() - started
+    actual = json.loads((tmp_path / "out.json").read_text())
+
+    assert len(actual) == len(expected)
+    for (index, options), want, got in zip(cases, expected, actual, strict=True):
+        assert "error" not in got, (index, options, got)
+        for key in ("mask", "computed", "total", "fraction", "speedup"):
+            assert got[key] == want[key], f"profile {index} options {options}: {key} {got[key]!r} != {want[key]!r}"
+    logging.getLogger(__name__).info("%d profiles, %d schedules compared; python %.1fs, node %.1fs",
+                                     len(profiles), len(cases), python_seconds, node_seconds)
+
+
+@pytest.mark.parametrize("options", [
+    {"threshold": -0.1}, {"threshold": float("inf")}, {"cache_kinds": "nope"}, {"always_compute_first": -1},
+    {"always_compute_last": 1.5}, {"max_consecutive_reuse": -2},
+])
+def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options):
+    core = pack.core
+    profile = _profile(core, random.Random(1), 3, 5)
+    with pytest.raises(ValueError):
+        core.schedule.build_schedule(profile, core.schedule.BuildOptions(**options))
+    shutil.copy(PACK_ROOT / "js" / "schedule_builder.js", tmp_path / "schedule_builder.mjs")
+    (tmp_path / "runner.mjs").write_text(RUNNER)
+    # JSON has no Infinity: send a threshold the runner turns back into it.
+    sent = {**options, "threshold": "Infinity"} if options.get("threshold") == float("inf") else options
+    (tmp_path / "f.json").write_text(json.dumps({"profiles": [pack.nodes.frontend.profile_payload(profile)],
+                                                 "cases": [[0, sent]]}))
+    subprocess.run([NODE, str(tmp_path / "runner.mjs"), str(tmp_path / "f.json"), str(tmp_path / "o.json")],
+                   check=True, timeout=60)
+    assert "error" in json.loads((tmp_path / "o.json").read_text())[0]
