@@ -4,6 +4,8 @@ A block map lists the cacheable *layers* of a model in execution order. Layers,
 not UNet blocks, are the unit: ComfyUI's UNet calls each child of a block
 directly (``forward_timestep_embed``), so only a layer's own ``forward`` can be
 replaced through an object patch (see comfyui-host-api.md, the verified note).
+In transformer (DiT) models the unit is a transformer block; ``dit_families``
+maps them, and a layer may carry several streams (e.g. Flux's img and txt).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class LayerKind(str, Enum):
-    ATTENTION = "attention"
+    ATTENTION = "attention"  # a UNet SpatialTransformer
+    TRANSFORMER = "transformer"  # a DiT block (attention + MLP, one or more streams)
     RESBLOCK = "resblock"
     DOWNSAMPLE = "downsample"
     UPSAMPLE = "upsample"
@@ -38,17 +42,53 @@ class ReuseMode(str, Enum):
 class ResidualForm(str, Enum):
     """What a layer's residual branch is measured against: ``output = base(input) + branch``."""
 
-    IDENTITY = "identity"  # base(x) = x
+    IDENTITY = "identity"  # base(x) = x; per stream, for streams whose shape the layer keeps
     SKIP_CONNECTION = "skip_connection"  # base(x) = layer.skip_connection(x), a 1x1 conv
     NONE = "none"  # no residual form: the layer changes the shape (down/upsampling)
 
 
-# Which layer kinds each "cache_kinds" choice of the schedule builder allows.
+# Which layer kinds each "cache_kinds" choice of the schedule builder allows. A DiT is all
+# transformer blocks, so "attention" caches them just as it caches a UNet's SpatialTransformers.
 CACHE_KIND_CHOICES: dict[str, frozenset[LayerKind]] = {
-    "attention": frozenset({LayerKind.ATTENTION}),
-    "attention+resblock": frozenset({LayerKind.ATTENTION, LayerKind.RESBLOCK}),
+    "attention": frozenset({LayerKind.ATTENTION, LayerKind.TRANSFORMER}),
+    "attention+resblock": frozenset({LayerKind.ATTENTION, LayerKind.TRANSFORMER, LayerKind.RESBLOCK}),
     "all": frozenset(LayerKind),
 }
+
+
+class OutputForm(str, Enum):
+    """What a layer's forward returns."""
+
+    TENSOR = "tensor"
+    TUPLE = "tuple"  # e.g. Flux double blocks: (img, txt)
+    DICT = "dict"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One element of a layer's output, and the input it is a residual update of.
+
+    ``key`` is the element's index (tuple) or key (dict), None for a tensor output.
+    ``parameter``/``position`` name the forward argument holding the stream's input
+    (found by keyword first, then by position); a stream with no input
+    (``parameter`` None, e.g. VACE's c_skip) is always cached as an output.
+    """
+
+    key: int | str | None
+    parameter: str | None
+    position: int | None
+
+    def input_of(self, args: tuple, kwargs: dict) -> Any:
+        if self.parameter is None:
+            return None
+        if self.parameter in kwargs:
+            return kwargs[self.parameter]
+        if self.position is not None and self.position < len(args):
+            return args[self.position]
+        return None
+
+
+SINGLE_STREAM = (Stream(key=None, parameter="x", position=0),)
 
 
 @dataclass(frozen=True)
@@ -57,8 +97,13 @@ class LayerSpec:
 
     name: str
     kind: LayerKind
-    stage: str  # "input", "middle" or "output": the UNet's encoder, bottleneck and decoder
+    stage: str  # UNet: "input", "middle", "output"; DiT: the block list, e.g. "double_blocks"
     residual: ResidualForm
+    output_form: OutputForm = OutputForm.TENSOR
+    streams: tuple[Stream, ...] = SINGLE_STREAM
+    # DiT blocks update their inputs in place (Flux: img += ...): inputs must be copied before
+    # the call wherever a residual is measured. UNet layers never do, and skip the copy.
+    mutates_inputs: bool = False
 
     @property
     def patch_key(self) -> str:
@@ -70,6 +115,20 @@ class LayerSpec:
         if self.residual is ResidualForm.NONE:
             return (ReuseMode.OUTPUT,)
         return (ReuseMode.RESIDUAL, ReuseMode.OUTPUT)
+
+    def split_output(self, out: Any) -> list[Any]:
+        """The output's stream elements, in ``streams`` order."""
+        if self.output_form is OutputForm.TENSOR:
+            return [out]
+        return [out[stream.key] for stream in self.streams]
+
+    def join_output(self, elements: list[Any]) -> Any:
+        """The inverse of ``split_output``."""
+        if self.output_form is OutputForm.TENSOR:
+            return elements[0]
+        if self.output_form is OutputForm.TUPLE:
+            return tuple(elements)
+        return {stream.key: element for stream, element in zip(self.streams, elements, strict=True)}
 
     def residual_base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The part of the output that is not the residual branch, for input ``x``."""
@@ -92,7 +151,12 @@ class BlockMap:
         return {layer.name: i for i, layer in enumerate(self.layers)}
 
 
-SUPPORTED_FAMILIES = ("unet (SD1.x, SD2.x, SDXL base and refiner, and other SD-layout UNets)",)
+def supported_families() -> tuple[str, ...]:
+    """Human-readable names of every mapped family, for errors and the README."""
+    from .dit_families import DIT_FAMILIES
+
+    return ("UNet (SD1.x, SD2.x, SDXL base and refiner, and other SD-layout UNets)",
+            *(family.name for family in DIT_FAMILIES))
 
 
 def _unet_layer_kind(module: nn.Module) -> tuple[LayerKind, ResidualForm] | None:
@@ -157,20 +221,24 @@ def build_block_map(diffusion_model: nn.Module, model_type: str = "unknown") -> 
     """
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+    from .dit_families import dit_layers
+
     model_class = type(diffusion_model).__name__
     if isinstance(diffusion_model, UNetModel):
         layers, skipped = _unet_layers(diffusion_model)
         family = "unet"
+        if skipped:
+            logger.info("Block Cache: %d layers of %s are not cacheable and always run: %s",
+                        len(skipped), model_class, ", ".join(skipped))
     else:
-        layers, skipped = [], []
-        family = "unknown"
-    if skipped:
-        logger.info("Block Cache: %d layers of %s are not cacheable and always run: %s",
-                    len(skipped), model_class, ", ".join(skipped))
+        family, layers, notes = dit_layers(diffusion_model)
+        for note in notes:
+            logger.info("Block Cache: %s: %s", model_class, note)
     if not layers:
         raise UnsupportedModelError(
             f"Block Cache found no cacheable layers in {model_class} (model type {model_type}). "
-            f"Supported families: {'; '.join(SUPPORTED_FAMILIES)}."
+            f"Supported families: {'; '.join(supported_families())}. Other models are searched for lists of "
+            "like transformer blocks; this one has none."
         )
     return BlockMap(
         family=family,

@@ -3,7 +3,9 @@
 The metric is the paper's Eq. 6, the relative L1 change of a layer's residual
 branch between consecutive steps, ``|C(t) - C(t-1)|_1 / |C(t)|_1``, averaged over
 batch items and cond/uncond chunks. For a layer with no residual form
-(down/upsampling) the change of its output is measured instead.
+(down/upsampling) the change of its output is measured instead. A layer with
+several streams (a DiT block's img and txt) is measured over all of them pooled:
+``sum_s |dC_s|_1 / sum_s |C_s|_1``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .block_map import BlockMap, LayerSpec, ResidualForm
+from .block_map import BlockMap
 from .time_grid import StepGrid
 
 # Keeps the metric finite where a residual branch is all zeros.
@@ -81,7 +83,7 @@ class ProfileRecorder:
     def __init__(self, block_map: BlockMap) -> None:
         self.block_map = block_map
         self.steps = 0
-        self._previous: dict[tuple[int, Any], tuple[int, torch.Tensor]] = {}
+        self._previous: dict[tuple[int, Any, int], tuple[int, list[torch.Tensor]]] = {}
         self._sums: dict[tuple[int, int], torch.Tensor] = {}
         self._counts: dict[tuple[int, int], int] = {}
         self.layer_flops: list[float] = [0.0] * len(block_map.layers)
@@ -89,24 +91,29 @@ class ProfileRecorder:
         self.samples_per_chunk = 0
         self.chunks_seen: set[Any] = set()
 
-    def observe(self, layer_index: int, spec: LayerSpec, module: torch.nn.Module, step: int,
-                chunk_keys: list[Any], x: torch.Tensor, out: torch.Tensor) -> None:
-        branch = (out - spec.residual_base(module, x)) if spec.residual is not ResidualForm.NONE else out
-        branch = branch.detach().float()
-        per_chunk = branch.shape[0] // max(1, len(chunk_keys))
+    def observe(self, layer_index: int, step: int, chunk_keys: list[Any], occurrence: int,
+                branches: list[torch.Tensor | None]) -> None:
+        """Record one layer call: ``branches`` holds each stream's residual branch (or output),
+        for all chunks of the call; ``occurrence`` tells apart calls of one layer in one model call."""
+        present = [b.detach().float() for b in branches if b is not None]
+        if not present:
+            return
+        per_chunk = present[0].shape[0] // max(1, len(chunk_keys))
         self.samples_per_chunk = max(self.samples_per_chunk, per_chunk)
         for chunk, key in enumerate(chunk_keys):
             self.chunks_seen.add(key)
-            current = branch[chunk * per_chunk:(chunk + 1) * per_chunk]
-            previous = self._previous.get((layer_index, key))
-            if previous is not None and previous[0] < step and previous[1].shape == current.shape:
-                diff = (current - previous[1]).abs().flatten(1).sum(1)
-                norm = current.abs().flatten(1).sum(1).clamp_min(_NORM_EPSILON)
+            current = [b[chunk * per_chunk:(chunk + 1) * per_chunk] for b in present]
+            slot_key = (layer_index, key, occurrence)
+            previous = self._previous.get(slot_key)
+            if previous is not None and previous[0] < step and [p.shape for p in previous[1]] == [
+                    c.shape for c in current]:
+                diff = sum((c - p).abs().flatten(1).sum(1) for c, p in zip(current, previous[1], strict=True))
+                norm = sum(c.abs().flatten(1).sum(1) for c in current).clamp_min(_NORM_EPSILON)
                 rel = (diff / norm).sum()
                 slot = (layer_index, step)
                 self._sums[slot] = self._sums[slot] + rel if slot in self._sums else rel
-                self._counts[slot] = self._counts.get(slot, 0) + current.shape[0]
-            self._previous[(layer_index, key)] = (step, current.clone())
+                self._counts[slot] = self._counts.get(slot, 0) + per_chunk
+            self._previous[slot_key] = (step, [c.clone() for c in current])
 
     def finish(self, grid: StepGrid, provenance: dict[str, Any]) -> BlockProfile:
         layers = len(self.block_map.layers)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .block_map import BlockMap, LayerSpec, ReuseMode
+from .block_map import BlockMap, LayerSpec, ResidualForm, ReuseMode
 from .profile import ProfileRecorder
 from .schedule import CacheSchedule, computed_flop_fraction
 from .time_grid import StepGrid, normalized_times
@@ -91,8 +91,11 @@ class RunStats:
 
 @dataclass
 class _CacheEntry:
-    tensor: torch.Tensor  # residual branch or output, for one cond chunk
-    input_shape: torch.Size
+    """One layer call's cached streams, for one cond chunk."""
+
+    tensors: list[torch.Tensor | None]  # per stream: the residual branch or the output (None: output was None)
+    residual: list[bool]  # per stream: whether ``tensors`` holds a residual branch
+    input_shapes: list[tuple[int, ...] | None]  # per stream: the input's shape for this chunk (must match)
 
 
 @dataclass
@@ -108,8 +111,11 @@ class RunState:
     compute_now: np.ndarray | None = None
     in_evaluation: bool = False
     chunk_keys: list[Any] = field(default_factory=lambda: [None])
+    # Calls of each layer within the current model call: a block list may run a block more than
+    # once per call (OmniGen2's refiners, Wan VACE per control video), each with its own cache.
+    occurrences: dict[int, int] = field(default_factory=dict)
     latent_signature: tuple | None = None
-    cache: dict[tuple[int, Any], _CacheEntry] = field(default_factory=dict)
+    cache: dict[tuple[int, Any, int], _CacheEntry] = field(default_factory=dict)
     measure_flops: bool = False
 
 
@@ -210,65 +216,127 @@ class BlockCacheHolder:
         run.measure_flops = False
 
     # -- layer calls ---------------------------------------------------------------------------
-    def call_layer(self, patch: CachedLayerForward, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def call_layer(self, patch: CachedLayerForward, args: tuple, kwargs: dict) -> Any:
         run = self.run
         if run is None or not run.in_evaluation:
-            return patch.original(x, *args, **kwargs)
+            return patch.original(*args, **kwargs)
         index = patch.layer_index
-        if self.recorder is not None:
-            return self._profile_layer(run, patch, x, args, kwargs)
+        occurrence = run.occurrences.get(index, 0)
+        run.occurrences[index] = occurrence + 1
         keys = run.chunk_keys
-        if not run.compute_now[index]:
-            reused = self._reuse(run, patch, x, keys)
+        profiling = self.recorder is not None
+        if not profiling and not run.compute_now[index]:
+            reused = self._reuse(run, patch, args, kwargs, keys, occurrence)
             if reused is not None:
                 run.stats.reused[index] += 1
                 return reused
-        out = patch.original(x, *args, **kwargs)
-        run.stats.computed[index] += 1
-        if self.plan.reuses_ever[index] and isinstance(out, torch.Tensor):
-            self._store(run, patch, x, out, keys)
-        return out
-
-    def _reuse(self, run: RunState, patch: CachedLayerForward, x: torch.Tensor, keys: list[Any]) -> torch.Tensor | None:
-        per_chunk = x.shape[0] // len(keys)
-        entries = []
-        for key in keys:
-            entry = run.cache.get((patch.layer_index, key))
-            if entry is None or entry.input_shape != (per_chunk, *x.shape[1:]) or entry.tensor.dtype != x.dtype:
-                return None  # this chunk has nothing usable cached: compute instead
-            entries.append(entry.tensor)
-        cached = entries[0] if len(entries) == 1 else torch.cat(entries)
-        if cached.device != x.device:
-            cached = cached.to(x.device)
-        if self.plan.reuse[patch.layer_index] is ReuseMode.OUTPUT:
-            return cached.clone()  # callers may change it in place; the cache must stay intact
-        return patch.spec.residual_base(patch.module, x) + cached
-
-    def _store(self, run: RunState, patch: CachedLayerForward, x: torch.Tensor, out: torch.Tensor,
-               keys: list[Any]) -> None:
-        if self.plan.reuse[patch.layer_index] is ReuseMode.OUTPUT:
-            value = out.detach().clone()
-        else:
-            value = (out - patch.spec.residual_base(patch.module, x)).detach()
-        per_chunk = x.shape[0] // len(keys)
-        for chunk, key in enumerate(keys):
-            part = value[chunk * per_chunk:(chunk + 1) * per_chunk]
-            run.cache[(patch.layer_index, key)] = _CacheEntry(part, torch.Size((per_chunk, *x.shape[1:])))
-
-    def _profile_layer(self, run: RunState, patch: CachedLayerForward, x: torch.Tensor, args: tuple,
-                       kwargs: dict) -> Any:
-        index = patch.layer_index
-        if run.measure_flops:
+        keep = (run.first_of_step if profiling else bool(self.plan.reuses_ever[index]))
+        inputs = _stream_inputs(patch.spec, args, kwargs, copy=keep and patch.spec.mutates_inputs) if keep else None
+        if profiling and run.measure_flops:
             counter = FlopCounterMode(display=False)
             with counter:
-                out = patch.original(x, *args, **kwargs)
+                out = patch.original(*args, **kwargs)
             self.recorder.layer_flops[index] = float(counter.get_total_flops())
         else:
-            out = patch.original(x, *args, **kwargs)
+            out = patch.original(*args, **kwargs)
         run.stats.computed[index] += 1
-        if run.first_of_step and isinstance(out, torch.Tensor):
-            self.recorder.observe(index, patch.spec, patch.module, run.evaluation_step, run.chunk_keys, x, out)
+        if inputs is not None:
+            residual_wanted = profiling or self.plan.reuse[index] is ReuseMode.RESIDUAL
+            branches = _branches(patch, inputs, out, residual_wanted, len(keys))
+            if branches is not None:
+                if profiling:
+                    self.recorder.observe(index, run.evaluation_step, keys, occurrence, [b for b, _ in branches])
+                else:
+                    self._store(run, index, occurrence, inputs, branches, keys)
         return out
+
+    def _reuse(self, run: RunState, patch: CachedLayerForward, args: tuple, kwargs: dict, keys: list[Any],
+               occurrence: int) -> Any:
+        """The layer's output rebuilt from the cache, or None when a chunk has nothing usable."""
+        inputs = _stream_inputs(patch.spec, args, kwargs, copy=False)
+        entries = []
+        for key in keys:
+            entry = run.cache.get((patch.layer_index, key, occurrence))
+            if entry is None:
+                return None
+            entries.append(entry)
+        chunks = len(keys)
+        elements: list[Any] = []
+        for stream_index, current in enumerate(inputs):
+            expected = entries[0].input_shapes[stream_index]
+            if expected is not None:
+                if not isinstance(current, torch.Tensor) or current.shape[0] % chunks != 0 or \
+                        (current.shape[0] // chunks, *current.shape[1:]) != expected:
+                    return None  # another resolution or batch than when cached: compute instead
+            parts = [entry.tensors[stream_index] for entry in entries]
+            if parts[0] is None:
+                elements.append(None)
+                continue
+            cached = parts[0] if chunks == 1 else torch.cat(parts)
+            reference = current if isinstance(current, torch.Tensor) else None
+            if reference is not None and (cached.device != reference.device or cached.dtype != reference.dtype):
+                cached = cached.to(device=reference.device, dtype=reference.dtype)
+            if entries[0].residual[stream_index]:
+                elements.append(patch.spec.residual_base(patch.module, current) + cached)
+            else:
+                elements.append(cached.clone())  # callers may change it in place; the cache must stay intact
+        return patch.spec.join_output(elements)
+
+    def _store(self, run: RunState, index: int, occurrence: int, inputs: list[Any],
+               branches: list[tuple[torch.Tensor | None, bool]], keys: list[Any]) -> None:
+        chunks = len(keys)
+        for chunk, key in enumerate(keys):
+            tensors: list[torch.Tensor | None] = []
+            shapes: list[tuple[int, ...] | None] = []
+            for current, (branch, _) in zip(inputs, branches, strict=True):
+                if isinstance(current, torch.Tensor):
+                    per_chunk = current.shape[0] // chunks
+                    shapes.append((per_chunk, *current.shape[1:]))
+                else:
+                    shapes.append(None)
+                if branch is None:
+                    tensors.append(None)
+                    continue
+                per_chunk = branch.shape[0] // chunks
+                part = branch[chunk * per_chunk:(chunk + 1) * per_chunk]
+                tensors.append(part if chunks == 1 else part.clone())  # a slice would pin the whole batch
+            run.cache[(index, key, occurrence)] = _CacheEntry(tensors, [r for _, r in branches], shapes)
+
+
+def _stream_inputs(spec: LayerSpec, args: tuple, kwargs: dict, copy: bool) -> list[Any]:
+    values = [stream.input_of(args, kwargs) for stream in spec.streams]
+    if copy:
+        values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
+    return values
+
+
+def _branches(patch: CachedLayerForward, inputs: list[Any], out: Any, residual_wanted: bool,
+              chunks: int) -> list[tuple[torch.Tensor | None, bool]] | None:
+    """Per stream: (residual branch or output copy, is residual); None if the call cannot be cached.
+
+    A stream is cached as a residual where the layer has a residual form and, for an identity
+    residual, keeps the stream's shape; otherwise as its output.
+    """
+    spec = patch.spec
+    try:
+        outputs = spec.split_output(out)
+    except (KeyError, IndexError, TypeError):
+        return None  # the block returned something its signature does not describe
+    result: list[tuple[torch.Tensor | None, bool]] = []
+    for current, output in zip(inputs, outputs, strict=True):
+        if output is None:
+            result.append((None, False))
+            continue
+        if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] % chunks != 0:
+            return None  # not a batch of the call's cond chunks: nothing per chunk to cache
+        residual = residual_wanted and isinstance(current, torch.Tensor) and (
+            spec.residual is ResidualForm.SKIP_CONNECTION or
+            (spec.residual is ResidualForm.IDENTITY and current.shape == output.shape))
+        if residual:
+            result.append(((output - spec.residual_base(patch.module, current)).detach(), True))
+        else:
+            result.append((output.detach().clone(), False))
+    return result
 
 
 def _sampler_key(name: str) -> str:
@@ -298,8 +366,8 @@ class CachedLayerForward:
         self.module = module
         self.original = original
 
-    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.holder.call_layer(self, x, args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.holder.call_layer(self, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<Block Cache forward of {self.spec.name}>"
@@ -356,8 +424,8 @@ def apply_model_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **k
     x = args[0] if args else kwargs["x"]
     if x.shape[0] % len(keys) != 0:
         keys = [None]
-    previous = run.chunk_keys
-    run.chunk_keys = list(keys)
+    previous = run.chunk_keys, run.occurrences
+    run.chunk_keys, run.occurrences = list(keys), {}
     measure_total = run.measure_flops and holder.recorder is not None
     try:
         if measure_total:
@@ -368,7 +436,7 @@ def apply_model_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **k
             return out
         return executor(*args, **kwargs)
     finally:
-        run.chunk_keys = previous
+        run.chunk_keys, run.occurrences = previous
 
 
 def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:

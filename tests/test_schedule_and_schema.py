@@ -191,5 +191,5 @@ def test_full_size_block_maps_find_every_layer(core, name, attention, resblocks,
 
 
 def test_unsupported_model_error_names_class_and_families(core):
-    with pytest.raises(core.errors.UnsupportedModelError, match="Linear.*Supported families: unet"):
+    with pytest.raises(core.errors.UnsupportedModelError, match="Linear.*Supported families: UNet.*Flux.*Wan"):
         core.block_map.build_block_map(torch.nn.Linear(2, 2), "Mystery")

@@ -1,0 +1,235 @@
+"""Block maps of transformer (DiT) diffusion models.
+
+Every DiT in ComfyUI keeps its transformer blocks in ModuleLists and calls each block
+through ``nn.Module.__call__``, so an object patch on ``<blocks>.<i>.forward`` replaces
+its computation whether or not the model honours ``patches_replace['dit']``.
+
+Two tables drive it:
+
+* ``DIT_FAMILIES``: per diffusion-model class, the block lists to cache, in execution order;
+* ``BLOCK_SIGNATURES``: per block class, what ``forward`` returns and which input each output
+  element is a residual update of (``("img", "txt")`` for Flux double blocks, and so on).
+
+A model in neither table is searched generically: top-level ModuleLists (or ModuleDicts) of
+two or more blocks of one class. Block classes not in the table get a signature inferred
+from ``forward``'s parameters (single tensor output: its first parameter).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from .block_map import LayerKind, LayerSpec, OutputForm, ResidualForm, Stream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DitFamily:
+    name: str  # shown in logs, errors and the support matrix
+    model_classes: tuple[str, ...]  # "module.Class" of the diffusion models it covers
+    block_lists: tuple[str, ...]  # attribute paths below diffusion_model, in execution order
+
+
+_LDM = "comfy.ldm."
+
+DIT_FAMILIES: tuple[DitFamily, ...] = (
+    DitFamily("Flux (dev, schnell, Kontext, Flux.2)", (_LDM + "flux.model.Flux",), ("double_blocks", "single_blocks")),
+    DitFamily("Chroma", (_LDM + "chroma.model.Chroma",), ("double_blocks", "single_blocks")),
+    # The NeRF head's blocks run per pixel patch and are cheap: they always run.
+    DitFamily("Chroma Radiance", (_LDM + "chroma_radiance.model.ChromaRadiance",),
+              ("double_blocks", "single_blocks")),
+    DitFamily("SD3 / SD3.5 (MMDiT)", (_LDM + "modules.diffusionmodules.mmdit.MMDiT",), ("joint_blocks",)),
+    DitFamily("AuraFlow", (_LDM + "aura.mmdit.MMDiT",), ("double_layers", "single_layers")),
+    DitFamily("Wan 2.1 / 2.2 VACE", (_LDM + "wan.model.VaceWanModel",), ("blocks", "vace_blocks")),
+    DitFamily("Wan 2.1 / 2.2", (_LDM + "wan.model.WanModel",), ("blocks",)),
+    DitFamily("HunyuanVideo / 1.5", (_LDM + "hunyuan_video.model.HunyuanVideo",), ("double_blocks", "single_blocks")),
+    DitFamily("LTXV", (_LDM + "lightricks.model.LTXVModel",), ("transformer_blocks",)),
+    DitFamily("Qwen-Image", (_LDM + "qwen_image.model.QwenImageTransformer2DModel",), ("transformer_blocks",)),
+    DitFamily("Lumina2 / Z-Image", (_LDM + "lumina.model.NextDiT",), ("noise_refiner", "context_refiner", "layers")),
+    DitFamily("HiDream", (_LDM + "hidream.model.HiDreamImageTransformer2DModel",),
+              ("double_stream_blocks", "single_stream_blocks")),
+    DitFamily("Cosmos-Predict2", (_LDM + "cosmos.predict2.MiniTrainDIT",), ("blocks",)),
+    DitFamily("Cosmos", (_LDM + "cosmos.model.GeneralDIT",), ("blocks",)),
+    DitFamily("PixArt", (_LDM + "pixart.pixartms.PixArtMS",), ("blocks",)),
+    DitFamily("HunyuanDiT", (_LDM + "hydit.models.HunYuanDiT",), ("blocks",)),
+    DitFamily("Mochi", (_LDM + "genmo.joint_model.asymm_models_joint.AsymmDiTJoint",), ("blocks",)),
+    DitFamily("Stable Audio", (_LDM + "audio.dit.AudioDiffusionTransformer",), ("transformer.layers",)),
+    DitFamily("Hunyuan3D 2.0", (_LDM + "hunyuan3d.model.Hunyuan3Dv2",), ("double_blocks", "single_blocks")),
+    DitFamily("Hunyuan3D 2.1", (_LDM + "hunyuan3dv2_1.hunyuandit.HunYuanDiTPlain",), ("blocks",)),
+    DitFamily("ACE-Step", (_LDM + "ace.model.ACEStepTransformer2DModel",), ("transformer_blocks",)),
+    DitFamily("OmniGen2", (_LDM + "omnigen.omnigen2.OmniGen2Transformer2DModel",),
+              ("noise_refiner", "ref_image_refiner", "context_refiner", "layers")),
+)
+
+
+@dataclass(frozen=True)
+class BlockSignature:
+    """What a block's forward returns: ``outputs[i]`` names the parameter that output element i
+    updates (None: an element with no input, cached as an output)."""
+
+    form: OutputForm
+    outputs: tuple[str | None, ...]
+    positions: tuple[int | None, ...] | None = None  # for forward(*args, **kwargs): explicit positions
+
+
+def _double(img: str = "img", txt: str = "txt") -> BlockSignature:
+    return BlockSignature(OutputForm.TUPLE, (img, txt))
+
+
+def _single(name: str) -> BlockSignature:
+    return BlockSignature(OutputForm.TENSOR, (name,))
+
+
+BLOCK_SIGNATURES: dict[str, BlockSignature] = {
+    _LDM + "flux.layers.DoubleStreamBlock": _double(),
+    _LDM + "flux.layers.SingleStreamBlock": _single("x"),
+    # forward(*args, **kwargs); called as block(context, x, c=...) and returns (context, x).
+    # The last block of SD3 returns context None ("pre_only").
+    _LDM + "modules.diffusionmodules.mmdit.JointBlock": BlockSignature(OutputForm.TUPLE, ("context", "x"), (0, 1)),
+    _LDM + "aura.mmdit.MMDiTBlock": _double("c", "x"),
+    _LDM + "aura.mmdit.DiTBlock": _single("cx"),
+    _LDM + "wan.model.WanAttentionBlock": _single("x"),
+    # Returns (c_skip, c): c_skip is a projection added to the main stream, not an update.
+    _LDM + "wan.model.VaceWanAttentionBlock": BlockSignature(OutputForm.TUPLE, (None, "c")),
+    _LDM + "lightricks.model.BasicTransformerBlock": _single("x"),
+    # Called with hidden_states=img, encoder_hidden_states=txt; returns (txt, img).
+    _LDM + "qwen_image.model.QwenImageTransformerBlock": _double("encoder_hidden_states", "hidden_states"),
+    _LDM + "lumina.model.JointTransformerBlock": _single("x"),
+    # HiDreamImageBlock wraps one of these (see _DELEGATES) and passes its arguments on unchanged.
+    _LDM + "hidream.model.HiDreamImageTransformerBlock": BlockSignature(OutputForm.TUPLE,
+                                                                        ("image_tokens", "text_tokens")),
+    _LDM + "hidream.model.HiDreamImageSingleTransformerBlock": _single("image_tokens"),
+    _LDM + "cosmos.predict2.Block": _single("x_B_T_H_W_D"),
+    _LDM + "cosmos.blocks.GeneralDITTransformerBlock": _single("x"),
+    _LDM + "pixart.pixartms.PixArtMSBlock": _single("x"),
+    _LDM + "hydit.models.HunYuanDiTBlock": _single("x"),
+    _LDM + "genmo.joint_model.asymm_models_joint.AsymmetricJointBlock": _double("x", "y"),
+    _LDM + "audio.dit.TransformerBlock": _single("x"),
+    _LDM + "hunyuan3dv2_1.hunyuandit.HunYuanDiTBlock": _single("hidden_states"),
+    _LDM + "ace.attention.LinearTransformerBlock": _single("hidden_states"),
+    _LDM + "omnigen.omnigen2.OmniGen2TransformerBlock": _single("hidden_states"),
+}
+
+# Wrapper blocks whose output form is that of an inner block: class -> attribute of the inner block.
+_DELEGATES = {_LDM + "hidream.model.HiDreamImageBlock": "block"}
+
+# Families whose model classes subclass a mapped one but add nothing to cache. Listed so the
+# support matrix names them.
+SUBCLASS_NOTES = {
+    "Wan 2.1 / 2.2": "also Wan Camera, HuMo, S2V and Animate (WanModel subclasses): their main blocks",
+}
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def family_of(diffusion_model: nn.Module) -> DitFamily | None:
+    """The mapped family of a diffusion model; subclasses match their closest mapped base."""
+    by_class = {name: family for family in DIT_FAMILIES for name in family.model_classes}
+    for cls in type(diffusion_model).__mro__:
+        family = by_class.get(_qualified(cls))
+        if family is not None:
+            return family
+    return None
+
+
+def signature_of(block: nn.Module) -> tuple[BlockSignature, bool]:
+    """The block's signature and whether it came from the table (False: inferred)."""
+    inner = _DELEGATES.get(_qualified(type(block)))
+    if inner is not None:
+        block = getattr(block, inner)
+    for cls in type(block).__mro__:
+        known = BLOCK_SIGNATURES.get(_qualified(cls))
+        if known is not None:
+            return known, True
+    parameters = _forward_parameters(block)
+    first = parameters[0] if parameters else None
+    return BlockSignature(OutputForm.TENSOR, (first,)), False
+
+
+def _forward_parameters(block: nn.Module) -> list[str]:
+    """forward's positional-or-keyword parameter names, in order (no self, no *args/**kwargs)."""
+    try:
+        parameters = inspect.signature(block.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in parameters if p.kind in kinds]
+
+
+def streams_of(block: nn.Module, signature: BlockSignature) -> tuple[Stream, ...]:
+    parameters = _forward_parameters(block)
+    streams = []
+    for index, name in enumerate(signature.outputs):
+        if signature.positions is not None:
+            position = signature.positions[index]
+        else:
+            position = parameters.index(name) if name in parameters else None
+        key: int | str | None = None if signature.form is OutputForm.TENSOR else index
+        streams.append(Stream(key=key, parameter=name, position=position))
+    return tuple(streams)
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    """A ModuleList/ModuleDict of two or more like blocks, each a container of layers."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or len(module) < 2:
+        return False
+    children = list(module.children())
+    first = type(children[0])
+    return (all(type(child) is first for child in children)
+            and not isinstance(children[0], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding,
+                                             nn.LayerNorm, nn.GroupNorm))
+            and len(list(children[0].children())) >= 2)
+
+
+def generic_block_lists(diffusion_model: nn.Module) -> tuple[str, ...]:
+    """The generic fallback: top-level lists of like blocks, in registration order."""
+    return tuple(name for name, child in diffusion_model.named_children() if _is_block_list(child))
+
+
+def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[str]]:
+    """(family name, layer specs, notes) of a transformer diffusion model; no layers if none found."""
+    family = family_of(diffusion_model)
+    notes: list[str] = []
+    if family is not None:
+        family_name = family.name
+        lists = tuple(path for path in family.block_lists if _has_submodule(diffusion_model, path))
+    else:
+        lists = generic_block_lists(diffusion_model)
+        family_name = f"generic ({type(diffusion_model).__name__})"
+        if lists:
+            notes.append(f"not a mapped family; found block lists {', '.join(lists)} by structure")
+    layers: list[LayerSpec] = []
+    inferred: set[str] = set()
+    for path in lists:
+        block_list = diffusion_model.get_submodule(path)
+        for key, block in block_list.named_children():
+            signature, known = signature_of(block)
+            if not known:
+                inferred.add(type(block).__name__)
+            layers.append(LayerSpec(
+                name=f"{path}.{key}",
+                kind=LayerKind.TRANSFORMER,
+                stage=path,
+                residual=ResidualForm.IDENTITY,
+                output_form=signature.form,
+                streams=streams_of(block, signature),
+                mutates_inputs=True,
+            ))
+    if inferred:
+        notes.append(f"block signature inferred for {', '.join(sorted(inferred))} (single tensor output)")
+    return family_name, layers, notes
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

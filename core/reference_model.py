@@ -1,0 +1,147 @@
+"""The reference model: a small trained text-to-image UNet made of ComfyUI's own classes.
+
+The diffusion model is ComfyUI's ``UNetModel`` in the SD1.5 layout (ResBlocks and
+SpatialTransformers with cross-attention), inside an SD15 ``BaseModel`` with SD1.5's
+discrete eps ``model_sampling``, so KSampler and every ComfyUI node use it as they use a
+checkpoint. It works in pixel space (3 channels, 32x32, values in [-1, 1]); its VAE is
+ComfyUI's pixel-space conversion VAE, so core VAEDecode turns its LATENT into an IMAGE.
+The text encoder is a small learned token encoder over the caption vocabulary of
+``reference_data``. ``scripts/train_reference_model.py`` trains both; the weights ship
+in ``models/reference/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import reference_data
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_PATH = Path(__file__).resolve().parents[1] / "models" / "reference" / "reference_unet.safetensors"
+RESOLUTION = reference_data.SIZE
+CONTEXT_DIM = 64
+MAX_TOKENS = 16
+
+UNET_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False, "image_size": RESOLUTION, "in_channels": 3, "out_channels": 3,
+    "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
+    "use_temporal_resblock": False, "adm_in_channels": None,
+    "model_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": [2, 2, 2],
+    # Attention at 32x32 and 16x16 (SD1.5 has it at its high resolutions), ResBlocks only at 8x8.
+    "transformer_depth": [1, 1, 1, 1, 0, 0], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
+    "num_heads": 4, "num_head_channels": -1,
+}
+
+# Caption vocabulary: id 0 pads, id 1 begins every caption, id 2 is any unknown word.
+VOCABULARY: tuple[str, ...] = ("<pad>", "<bos>", "<unk>", "a", "at", "on", "background", *reference_data.SIZES,
+                               *reference_data.COLOURS, *reference_data.SHAPES, *reference_data.BACKGROUNDS[1:],
+                               "top", "bottom", "left", "right", "center")
+_WORD_ID = {word: index for index, word in enumerate(VOCABULARY)}
+
+
+def tokenize(prompts: list[str]) -> torch.Tensor:
+    """Token ids (B x MAX_TOKENS): <bos>, the words (unknown ones as <unk>), then padding."""
+    ids = torch.zeros(len(prompts), MAX_TOKENS, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        words = re.findall(r"[a-z]+", prompt.lower())
+        unknown = sorted({w for w in words if w not in _WORD_ID})
+        if unknown:
+            logger.info("Reference model: words not in its vocabulary are ignored as <unk>: %s", ", ".join(unknown))
+        tokens = [1] + [_WORD_ID.get(w, 2) for w in words]
+        if len(tokens) > MAX_TOKENS:
+            logger.warning("Reference model: prompt cut to %d words: %r", MAX_TOKENS - 1, prompt)
+        tokens = tokens[:MAX_TOKENS]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+class TokenEncoder(torch.nn.Module):
+    """Word and position embeddings and a two-layer transformer: the cross-attention context."""
+
+    def __init__(self, dim: int = CONTEXT_DIM, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(len(VOCABULARY), dim)
+        self.position = torch.nn.Parameter(torch.zeros(1, MAX_TOKENS, dim))
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.encoder(self.embed(ids) + self.position))
+
+
+def build_base_model(dtype: torch.dtype = torch.float32) -> Any:
+    """The SD15 ``BaseModel`` with the reference UNet and pixel-space latent format (no weights loaded)."""
+    import comfy.latent_formats
+    import comfy.supported_models
+
+    unet_config = dict(UNET_CONFIG)
+    model_config = comfy.supported_models.SD15(unet_config)
+    # SD15 fills in its own head count; keep ours. Pixel space: 3 channels, no scaling.
+    model_config.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
+    model_config.latent_format = comfy.latent_formats.ChromaRadiance()
+    model_config.set_inference_dtype(dtype, None)
+    return model_config.get_model({}, "")
+
+
+def load_state(path: Path | str = WEIGHTS_PATH) -> dict[str, torch.Tensor]:
+    import comfy.utils
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No reference weights at {path}: train them with scripts/train_reference_model.py")
+    return comfy.utils.load_torch_file(str(path), safe_load=True)
+
+
+class ReferenceModel:
+    """The loaded reference model: MODEL, text encoder and VAE, as a checkpoint loader gives them."""
+
+    def __init__(self, path: Path | str = WEIGHTS_PATH, dtype: torch.dtype = torch.float32) -> None:
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.sd
+
+        state = load_state(path)
+        model = build_base_model(dtype)
+        unet = {k.removeprefix("diffusion_model."): v for k, v in state.items() if k.startswith("diffusion_model.")}
+        model.diffusion_model.load_state_dict(unet, strict=True)
+        model.diffusion_model.to(dtype)
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            model, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+        self.text_encoder = TokenEncoder()
+        self.text_encoder.load_state_dict(
+            {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}, strict=True)
+        self.text_encoder.eval()
+        self.vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(tokenize(prompts))
+
+    def conditioning(self, prompt: str) -> list:
+        """ComfyUI CONDITIONING for ``prompt``: [[context (1 x tokens x dim), {}]]."""
+        return [[self.encode([prompt]), {}]]
+
+
+_CACHE: dict[tuple[str, torch.dtype], ReferenceModel] = {}
+
+
+def load_reference_model(path: Path | str = WEIGHTS_PATH, dtype: torch.dtype = torch.float32) -> ReferenceModel:
+    """The reference model; loaded once per path (callers clone the patcher before patching it)."""
+    key = (str(Path(path).resolve()), dtype)
+    if key not in _CACHE:
+        _CACHE[key] = ReferenceModel(path, dtype)
+    return _CACHE[key]
+
+
+def empty_latent(batch_size: int = 1, resolution: int = RESOLUTION) -> dict[str, torch.Tensor]:
+    """An empty LATENT for the pixel-space model (3 channels at full resolution)."""
+    return {"samples": torch.zeros(batch_size, 3, resolution, resolution)}
