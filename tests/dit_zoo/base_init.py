@@ -1,0 +1,5 @@
+"""Seeded weights for the zoo: the pack's own initializer, so all tests share one."""
+
+from comfy_bootstrap import load_pack
+
+seeded_init_ = load_pack().core.builtin_models.seeded_init_
