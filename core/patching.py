@@ -16,6 +16,7 @@ from .block_map import BlockMap, block_map_for_patcher
 from .errors import ScheduleMismatchError
 from .profile import BlockProfile, ProfileRecorder
 from .runtime import (
+    CACHE_ON_MODEL_DEVICE,
     WRAPPER_KEY,
     BlockCacheHolder,
     CachedLayerForward,
@@ -89,10 +90,11 @@ def _install(model: Any, block_map: BlockMap, holder: BlockCacheHolder) -> Any:
     return patched
 
 
-def apply_block_cache(model: Any, schedule: CacheSchedule) -> tuple[Any, BlockCacheHolder]:
+def apply_block_cache(model: Any, schedule: CacheSchedule,
+                      cache_device: str = CACHE_ON_MODEL_DEVICE) -> tuple[Any, BlockCacheHolder]:
     """A clone of ``model`` that samples with ``schedule``, and the holder of its run state."""
     block_map = _scheduled_block_map(schedule, block_map_for_patcher(model))  # in schedule order
-    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule))
+    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule), cache_device=cache_device)
     return _install(model, block_map, holder), holder
 
 

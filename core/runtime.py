@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "block_cache"
 
+# Where cached tensors live. On the model's device reuse costs nothing extra; in CPU memory a video
+# model's cache (hundreds of MB per block) leaves the GPU free, at one copy each way per use.
+CACHE_ON_MODEL_DEVICE = "model device"
+CACHE_ON_CPU = "cpu"
+CACHE_DEVICES = (CACHE_ON_MODEL_DEVICE, CACHE_ON_CPU)
+
 
 @dataclass
 class LayerPlan:
@@ -126,10 +132,14 @@ class BlockCacheHolder:
     """
 
     def __init__(self, block_map: BlockMap, plan: LayerPlan | None = None,
-                 recorder: ProfileRecorder | None = None, name: str = "Block Cache") -> None:
+                 recorder: ProfileRecorder | None = None, name: str = "Block Cache",
+                 cache_device: str = CACHE_ON_MODEL_DEVICE) -> None:
         if (plan is None) == (recorder is None):
             raise ValueError("a holder either caches (plan) or profiles (recorder)")
+        if cache_device not in CACHE_DEVICES:
+            raise ValueError(f"cache_device must be one of {', '.join(CACHE_DEVICES)}, got {cache_device!r}")
         self.block_map = block_map
+        self.cache_device = cache_device
         self.plan = plan
         self.recorder = recorder
         self.name = name
@@ -141,7 +151,7 @@ class BlockCacheHolder:
         self._retime_logged = False
 
     def clone(self) -> BlockCacheHolder:
-        twin = BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name)
+        twin = BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name, self.cache_device)
         twin.run_listeners = list(self.run_listeners)
         return twin
 
@@ -204,6 +214,7 @@ class BlockCacheHolder:
             run.compute_now = None
         run.first_of_step = run.previous_step is None or step != run.previous_step
         run.evaluation_step = step
+        run.occurrences = {}
         run.in_evaluation = True
         run.stats.evaluations += 1
 
@@ -299,7 +310,11 @@ class BlockCacheHolder:
                     continue
                 per_chunk = branch.shape[0] // chunks
                 part = branch[chunk * per_chunk:(chunk + 1) * per_chunk]
-                tensors.append(part if chunks == 1 else part.clone())  # a slice would pin the whole batch
+                if self.cache_device == CACHE_ON_CPU and part.device.type != "cpu":
+                    part = part.to("cpu")
+                elif chunks > 1:
+                    part = part.clone()  # a slice would pin the whole batch
+                tensors.append(part)
             run.cache[(index, key, occurrence)] = _CacheEntry(tensors, [r for _, r in branches], shapes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.patching import apply_block_cache
+from ..core.runtime import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
 from .frontend import send_run_summaries
 from .types import CATEGORY, CacheScheduleSocket
 
@@ -24,13 +25,19 @@ class ApplyBlockCache(io.ComfyNode):
                                                 "returned."),
                 CacheScheduleSocket.Input("schedule", tooltip="From Build Cache Schedule or Load Cache Schedule, "
                                                               "made for this model."),
+                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default=CACHE_ON_MODEL_DEVICE,
+                               optional=True,
+                               tooltip="Where cached block outputs are kept. 'model device' is fastest. 'cpu' "
+                                       "keeps them in system RAM: use it for video models (Wan, HunyuanVideo, "
+                                       "LTXV), where one cached block can take hundreds of MB of VRAM, at the "
+                                       "cost of a copy each time a block is cached or reused."),
             ],
             outputs=[io.Model.Output(tooltip="The model with Block Cache; use it in any KSampler.")],
             hidden=[io.Hidden.unique_id],  # to show each run's summary on this node in the browser
         )
 
     @classmethod
-    def execute(cls, model, schedule) -> io.NodeOutput:
-        patched, holder = apply_block_cache(model, schedule)
+    def execute(cls, model, schedule, cache_device=CACHE_ON_MODEL_DEVICE) -> io.NodeOutput:
+        patched, holder = apply_block_cache(model, schedule, cache_device=cache_device)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
         return io.NodeOutput(patched)

@@ -1,0 +1,122 @@
+"""Runtime details on a real Flux double block: in-place inputs, repeated calls, cache device."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import comfy.samplers
+import pytest
+import torch
+from dit_zoo import ZOO
+from helpers import sample
+
+FLUX = next(e for e in ZOO if e.id == "flux-dev")
+LAYER = "double_blocks.0"
+
+
+@pytest.fixture(scope="module")
+def flux(pack):
+    """The tiny Flux model and the real arguments its first double block got at the first step."""
+    model = FLUX.build(seed=0)
+    block = model.model.diffusion_model.get_submodule(LAYER)
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        if not captured:
+            captured.append((args, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        sample(model, *FLUX.conds(), FLUX.latent(), steps=2, cfg=1.0)
+    finally:
+        handle.remove()
+    return model, block, captured[0]
+
+
+def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "model device"):
+    core = pack.core
+    block_map = core.block_map.block_map_for_patcher(model)
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 2).cpu()
+    grid = core.time_grid.StepGrid(sigmas=tuple(float(s) for s in sigmas),
+                                   taus=tuple(core.time_grid.normalized_times(model_sampling, sigmas[:-1])))
+    schedule = core.schedule.all_compute_schedule(block_map, grid)
+    layers = tuple(dataclasses.replace(layer, compute=(True, compute_at_second_step)) for layer in schedule.layers)
+    schedule = dataclasses.replace(schedule, layers=layers)
+    holder = core.runtime.BlockCacheHolder(block_map, plan=core.runtime.LayerPlan.from_schedule(schedule),
+                                           cache_device=cache_device)
+    holder.start_run(model_sampling, sigmas)
+    index = block_map.index()[LAYER]
+    return holder, sigmas, index
+
+
+def _patch(pack, holder, block, index):
+    spec = holder.block_map.layers[index]
+    return pack.core.runtime.CachedLayerForward(holder, index, spec, block, block.forward)
+
+
+def _fresh(kwargs: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _step(holder, sigmas, step: int) -> None:
+    holder.end_evaluation()
+    holder.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[step:step + 1])
+
+
+def test_reused_double_block_rebuilds_its_output_despite_in_place_updates(pack, flux):
+    model, block, (args, kwargs) = flux
+    assert not args and "img" in kwargs and "txt" in kwargs  # Flux passes the streams by keyword
+    reference_img, reference_txt = block(**_fresh(kwargs))
+    holder, sigmas, index = _holder(pack, model, compute_at_second_step=False)
+    patch = _patch(pack, holder, block, index)
+    holder.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[:1])
+    computed = _fresh(kwargs)
+    img, txt = patch(**computed)
+    assert img is computed["img"]  # the block really updated its input in place
+    _step(holder, sigmas, 1)
+    reused_inputs = _fresh(kwargs)
+    img, txt = patch(**reused_inputs)
+    assert holder.run.stats.reused[index] == 1 and holder.run.stats.computed[index] == 1
+    # Same inputs at the reused step: input + cached residual must give the computed output back.
+    # Had the residual been taken against the updated input, it would be zero and img == the input.
+    torch.testing.assert_close(img, reference_img, rtol=0, atol=1e-5)
+    torch.testing.assert_close(txt, reference_txt, rtol=0, atol=1e-5)
+    assert torch.equal(reused_inputs["img"], kwargs["img"]), "a reused block must not touch its inputs"
+    holder.finish_run()
+
+
+def test_each_call_of_a_block_within_one_model_call_has_its_own_cache(pack, flux):
+    model, block, (_, kwargs) = flux
+    other = _fresh(kwargs)
+    other["img"] = other["img"] * 0.5 + 0.1
+    expected = [block(**_fresh(kwargs))[0], block(**_fresh(other))[0]]
+    holder, sigmas, index = _holder(pack, model, compute_at_second_step=False)
+    patch = _patch(pack, holder, block, index)
+    holder.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[:1])
+    patch(**_fresh(kwargs))
+    patch(**_fresh(other))
+    _step(holder, sigmas, 1)
+    reused = [patch(**_fresh(kwargs))[0], patch(**_fresh(other))[0]]
+    assert holder.run.stats.reused[index] == 2
+    for got, want in zip(reused, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    holder.finish_run()
+
+
+def test_cpu_cache_device_gives_the_same_output(pack):
+    model = FLUX.build(seed=0)
+    conds, latent = FLUX.conds(), FLUX.latent()
+    profiling, holder = pack.core.patching.attach_profiler(model)
+    sample(profiling, *conds, latent, steps=4, cfg=FLUX.cfg)
+    profile = pack.core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=FLUX.cfg,
+                                                 denoise=1.0, latent_shape=tuple(latent["samples"].shape))
+    schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=10.0))
+    outputs = []
+    for device in pack.core.runtime.CACHE_DEVICES:
+        patched, holder = pack.core.patching.apply_block_cache(model, schedule, cache_device=device)
+        outputs.append(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg))
+        assert holder.last_run.reused.sum() > 0
+    assert torch.equal(outputs[0], outputs[1])
+    with pytest.raises(ValueError, match="cache_device must be one of"):
+        pack.core.patching.apply_block_cache(model, schedule, cache_device="gpu0")
