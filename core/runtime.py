@@ -89,6 +89,7 @@ class RunStats:
     retimed: bool = False
     cache_resets: int = 0
     seconds: float = 0.0  # wall time of the sampling run
+    peak_cache_bytes: int = 0  # the most memory the cached tensors held at once
 
     @property
     def total(self) -> int:
@@ -102,6 +103,10 @@ class _CacheEntry:
     tensors: list[torch.Tensor | None]  # per stream: the residual branch or the output (None: output was None)
     residual: list[bool]  # per stream: whether ``tensors`` holds a residual branch
     input_shapes: list[tuple[int, ...] | None]  # per stream: the input's shape for this chunk (must match)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
 
 
 @dataclass
@@ -122,6 +127,7 @@ class RunState:
     occurrences: dict[int, int] = field(default_factory=dict)
     latent_signature: tuple | None = None
     cache: dict[tuple[int, Any, int], _CacheEntry] = field(default_factory=dict)
+    cache_bytes: int = 0
     measure_flops: bool = False
 
 
@@ -201,6 +207,7 @@ class BlockCacheHolder:
             # A new batch size, resolution, dtype or device: the cache cannot be reused.
             logger.info("%s: latent changed from %s to %s; cache reset.", self.name, run.latent_signature, signature)
             run.cache.clear()
+            run.cache_bytes = 0
             run.previous_step = None
             run.stats.cache_resets += 1
         run.latent_signature = signature
@@ -315,7 +322,11 @@ class BlockCacheHolder:
                 elif chunks > 1:
                     part = part.clone()  # a slice would pin the whole batch
                 tensors.append(part)
-            run.cache[(index, key, occurrence)] = _CacheEntry(tensors, [r for _, r in branches], shapes)
+            entry = _CacheEntry(tensors, [r for _, r in branches], shapes)
+            replaced = run.cache.get((index, key, occurrence))
+            run.cache_bytes += entry.nbytes - (replaced.nbytes if replaced is not None else 0)
+            run.cache[(index, key, occurrence)] = entry
+        run.stats.peak_cache_bytes = max(run.stats.peak_cache_bytes, run.cache_bytes)
 
 
 def _stream_inputs(spec: LayerSpec, args: tuple, kwargs: dict, copy: bool) -> list[Any]:
@@ -464,9 +475,10 @@ def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
     estimate = run_speedup_estimate(holder, stats)
     logger.info(
         "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
-        "estimated speed-up %.2fx (FLOP-weighted).",
+        "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s).",
         holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
-        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate)
+        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate,
+        stats.peak_cache_bytes / 2**20, holder.cache_device)
 
 
 def run_speedup_estimate(holder: BlockCacheHolder, stats: RunStats) -> float:
