@@ -24,6 +24,7 @@ _BACKGROUND = (24, 24, 28)
 _TEXT = (230, 230, 230)
 _KIND_COLOURS = {
     LayerKind.ATTENTION: (255, 170, 60),
+    LayerKind.TRANSFORMER: (255, 170, 60),  # a DiT block: attention too
     LayerKind.RESBLOCK: (90, 170, 255),
     LayerKind.DOWNSAMPLE: (150, 220, 120),
     LayerKind.UPSAMPLE: (150, 220, 120),
@@ -102,7 +103,7 @@ def render_schedule(schedule: CacheSchedule) -> np.ndarray:
             draw.rectangle([x0, y0, x0 + cell_w - 2, y0 + _CELL_H - 2], fill=fill)
     font = ImageFont.load_default()
     legend_x = _LABEL_W + cell_w * schedule.grid.steps + 10
-    for i, (label, fill) in enumerate([("attn", _KIND_COLOURS[LayerKind.ATTENTION]),
+    for i, (label, fill) in enumerate([("attn/DiT", _KIND_COLOURS[LayerKind.ATTENTION]),
                                        ("res", _KIND_COLOURS[LayerKind.RESBLOCK]),
                                        ("up/down", _KIND_COLOURS[LayerKind.UPSAMPLE]), ("reused", _REUSED)]):
         y = _TOP + i * 14

@@ -6,9 +6,9 @@
 // No imports and no side effects: ComfyUI loads every .js file under js/ as an extension.
 
 export const CACHE_KIND_CHOICES = {
-  attention: ["attention"],
-  "attention+resblock": ["attention", "resblock"],
-  all: ["attention", "resblock", "downsample", "upsample"],
+  attention: ["attention", "transformer"],
+  "attention+resblock": ["attention", "transformer", "resblock"],
+  all: ["attention", "transformer", "resblock", "downsample", "upsample"],
 };
 
 export const DEFAULT_OPTIONS = {

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed (.ci
 
 THRESHOLDS = [0.0, 1e-300, 0.01, 0.1, 0.25, 0.5, 1.0, 5.0, 1e308]
 KINDS = ["attention", "attention+resblock", "all"]
-LAYER_KINDS = ["attention", "resblock", "downsample", "upsample"]
+LAYER_KINDS = ["attention", "transformer", "resblock", "downsample", "upsample"]
 
 RUNNER = """
 import { readFileSync, writeFileSync } from "node:fs";
