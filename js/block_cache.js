@@ -1,30 +1,439 @@
-// Shows each Block Cache node's summary text (e.g. the estimated speed-up) on the node after it runs.
-// The live heatmaps and interactive threshold tuning come in a later version.
+// Block Cache frontend: live pictures on the nodes.
+// - Profile Block Changes: the measured change heatmap (layers x steps, colour scale, axes).
+// - Build Cache Schedule: the schedule (computed vs reused) and the estimated speed-up, rebuilt in
+//   the browser by schedule_builder.js the moment the threshold or an option changes.
+// - Load Cache Schedule: the loaded schedule.
+// - Apply Block Cache: after each cached sampling run, computed/total layer evaluations and the
+//   time saved against an uncached sampler of the same model in the same graph.
+// Pictures are <canvas> elements in DOM widgets, so they show in the classic LiteGraph canvas
+// and in the Vue node renderer alike. The data behind them is kept in node.properties, which
+// the workflow saves, so a reloaded workflow shows them again without a run.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { buildSchedule, DEFAULT_OPTIONS } from "./schedule_builder.js";
 
-const NODES_WITH_SUMMARY = new Set([
-  "BlockCacheProfile",
-  "BlockCacheBuildSchedule",
-  "BlockCacheSaveSchedule",
-  "BlockCacheLoadSchedule",
-]);
+const PROFILE_KEY = "block_cache_profile";
+const SCHEDULE_KEY = "block_cache_schedule";
+const RUN_KEY = "block_cache_run";
+const OPTION_NAMES = Object.keys(DEFAULT_OPTIONS);
+const SAMPLER_TYPES = new Set(["KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"]);
+const TEXT_NODES = new Set(["BlockCacheSaveSchedule"]);
+
+const BACKGROUND = "#18181c";
+const TEXT = "#e6e6e6";
+const REUSED = "#37373e";
+const UNMEASURED = "#282828";
+const KIND_COLOURS = { attention: "#ffaa3c", transformer: "#ffaa3c", resblock: "#5aaaff", downsample: "#96dc78", upsample: "#96dc78" };
+// Viridis-like anchors, as core/heatmap.py uses.
+const SCALE = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+
+function colour(value) {
+  const position = Math.min(Math.max(value, 0), 1) * (SCALE.length - 1);
+  const low = Math.floor(position);
+  const high = Math.min(low + 1, SCALE.length - 1);
+  const mix = position - low;
+  const c = SCALE[low].map((v, i) => Math.round(v * (1 - mix) + SCALE[high][i] * mix));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+function percentile(values, q) {
+  const sorted = values.filter((v) => v !== null && Number.isFinite(v)).sort((a, b) => a - b);
+  if (!sorted.length) return 1;
+  const rank = (sorted.length - 1) * q; // numpy's default (linear) percentile
+  const low = Math.floor(rank);
+  const high = Math.min(low + 1, sorted.length - 1);
+  return sorted[low] + (sorted[high] - sorted[low]) * (rank - low);
+}
+
+// --- the widget ------------------------------------------------------------------------------------
+
+/** A DOM widget holding a canvas and a text line; created once per node. */
+function pictureWidget(node) {
+  node.properties ??= {};
+  let widget = node.widgets?.find((w) => w.name === "block_cache_picture");
+  if (widget) return widget;
+  const element = document.createElement("div");
+  element.className = "block-cache-picture";
+  element.style.cssText =
+    "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;min-height:0;box-sizing:border-box;";
+  const canvas = document.createElement("canvas");
+  canvas.className = "block-cache-canvas";
+  canvas.width = 320;
+  canvas.height = 80;
+  canvas.style.cssText = "flex:1 1 auto;min-height:0;width:100%;object-fit:contain;object-position:left top;";
+  const text = document.createElement("div");
+  text.className = "block-cache-text";
+  text.style.cssText = "flex:0 0 auto;font:11px monospace;white-space:pre-wrap;color:var(--input-text,#ddd);" +
+    "opacity:0.9;padding:0 2px;";
+  element.append(canvas, text);
+  widget = node.addDOMWidget("block_cache_picture", "block_cache_picture", element, {
+    serialize: false, // the data lives in node.properties; the picture is redrawn from it
+    hideOnZoom: false,
+    getMinHeight: () => 140,
+  });
+  widget.canvas = canvas;
+  widget.text = text;
+  canvas.style.display = "none"; // until there is something to draw
+  text.textContent = node.comfyClass === "BlockCacheApply" ? "" : "Queue the graph to see the picture here.";
+  return widget;
+}
+
+function grow(node) {
+  // Give a node that just got its picture room for it (once), in either renderer.
+  if (node.block_cache_grown) return;
+  node.block_cache_grown = true;
+  const size = node.computeSize?.();
+  if (size && node.size) node.setSize?.([Math.max(node.size[0], 360), Math.max(node.size[1], size[1] + 160)]);
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
+// --- drawing ---------------------------------------------------------------------------------------
+
+function layout(layers, steps) {
+  const cellW = Math.max(3, Math.min(16, Math.floor(560 / Math.max(1, steps))));
+  const cellH = Math.max(3, Math.min(10, Math.floor(360 / Math.max(1, layers))));
+  const left = 118;
+  const top = 18;
+  const width = left + cellW * steps + 78;
+  const height = top + cellH * layers + 30;
+  return { cellW, cellH, left, top, width, height };
+}
+
+function axes(ctx, g, names, steps, title) {
+  ctx.fillStyle = TEXT;
+  ctx.font = "10px sans-serif";
+  ctx.textBaseline = "top";
+  ctx.fillText(title, 4, 3);
+  ctx.font = "9px monospace";
+  ctx.textBaseline = "middle";
+  const every = Math.max(1, Math.ceil(10 / g.cellH));
+  names.forEach((name, row) => {
+    if (row % every === 0) ctx.fillText(name.slice(-19), 2, g.top + row * g.cellH + g.cellH / 2);
+  });
+  const bottom = g.top + names.length * g.cellH;
+  ctx.textBaseline = "top";
+  const tickEvery = Math.max(1, Math.ceil(steps / 10));
+  for (let step = 0; step < steps; step += tickEvery) ctx.fillText(String(step), g.left + step * g.cellW, bottom + 3);
+  ctx.fillText("step (0 = noise) \u2192", g.left, bottom + 15);
+}
+
+function prepare(canvas, g) {
+  canvas.width = g.width;
+  canvas.height = g.height;
+  canvas.style.display = "";
+  canvas.style.aspectRatio = `${g.width} / ${g.height}`;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = BACKGROUND;
+  ctx.fillRect(0, 0, g.width, g.height);
+  return ctx;
+}
+
+function drawProfile(canvas, profile) {
+  const names = profile.layers.map((l) => l.name);
+  const g = layout(names.length, profile.steps);
+  const ctx = prepare(canvas, g);
+  if (!profile.change) {
+    ctx.fillStyle = TEXT;
+    ctx.fillText("profile too large to draw here", 4, 4);
+    return;
+  }
+  // Clip the colour scale at the 95th percentile, as the server's heatmap does, so a few huge
+  // values do not flatten everything else.
+  let top = percentile(profile.change.flat(), 0.95);
+  if (!(top > 0)) top = 1;
+  profile.change.forEach((row, r) => {
+    row.forEach((value, s) => {
+      ctx.fillStyle = value === null ? UNMEASURED : colour(value / top);
+      ctx.fillRect(g.left + s * g.cellW, g.top + r * g.cellH, g.cellW - 1, g.cellH - 1);
+    });
+  });
+  const barX = g.left + g.cellW * profile.steps + 12;
+  const barH = Math.max(20, names.length * g.cellH);
+  for (let i = 0; i < barH; i++) {
+    ctx.fillStyle = colour(1 - i / barH);
+    ctx.fillRect(barX, g.top + i, 10, 1);
+  }
+  ctx.fillStyle = TEXT;
+  ctx.font = "9px monospace";
+  ctx.textBaseline = "top";
+  ctx.fillText(`\u2265${top.toPrecision(2)}`, barX + 13, g.top);
+  ctx.textBaseline = "bottom";
+  ctx.fillText("0", barX + 13, g.top + barH);
+  axes(ctx, g, names, profile.steps,
+    `relative L1 change per step (${profile.model_type}, ${profile.sample_count} samples)`);
+}
+
+function drawSchedule(canvas, layers, steps, mask, title) {
+  const names = layers.map((l) => l.name);
+  const g = layout(names.length, steps);
+  const ctx = prepare(canvas, g);
+  mask.forEach((row, r) => {
+    for (let s = 0; s < steps; s++) {
+      ctx.fillStyle = row[s] ? KIND_COLOURS[layers[r].kind] ?? "#ccc" : REUSED;
+      ctx.fillRect(g.left + s * g.cellW, g.top + r * g.cellH, g.cellW - 1, g.cellH - 1);
+    }
+  });
+  const legendX = g.left + g.cellW * steps + 8;
+  ctx.font = "9px monospace";
+  ctx.textBaseline = "top";
+  [["attn", KIND_COLOURS.attention], ["res", KIND_COLOURS.resblock], ["up/dn", KIND_COLOURS.upsample],
+    ["reused", REUSED]].forEach(([label, fill], i) => {
+    ctx.fillStyle = fill;
+    ctx.fillRect(legendX, g.top + i * 13, 9, 9);
+    ctx.fillStyle = TEXT;
+    ctx.fillText(label, legendX + 12, g.top + i * 13);
+  });
+  axes(ctx, g, names, steps, title);
+}
+
+// --- per node --------------------------------------------------------------------------------------
+
+function widgetValue(node, name) {
+  return node.widgets?.find((w) => w.name === name)?.value;
+}
+
+function currentOptions(node) {
+  const options = {};
+  for (const name of OPTION_NAMES) {
+    const value = widgetValue(node, name);
+    options[name] = value === undefined ? DEFAULT_OPTIONS[name] : value;
+  }
+  options.threshold = Number(options.threshold);
+  for (const name of ["always_compute_first", "always_compute_last", "max_consecutive_reuse"]) {
+    options[name] = Math.round(Number(options[name]));
+  }
+  return options;
+}
+
+function formatEstimate(r) {
+  const skipped = r.total - r.computed;
+  return `computed ${r.computed}/${r.total} layer evaluations (${r.total ? Math.round((100 * skipped) / r.total) : 0}% ` +
+    `reused)\n${(100 * r.flopFraction).toFixed(1)}% of the FLOPs \u2192 estimated speed-up ${r.speedup.toFixed(2)}x`;
+}
+
+/** Build Cache Schedule: rebuild and redraw when the options or the profile changed. */
+function refreshBuild(node, force = false) {
+  const profile = node.properties?.[PROFILE_KEY];
+  const widget = pictureWidget(node);
+  const options = currentOptions(node);
+  const key = JSON.stringify(options);
+  if (!force && key === node.block_cache_key) return;
+  node.block_cache_key = key;
+  if (profile?.change) {
+    let result;
+    try {
+      result = buildSchedule(profile, options);
+    } catch (error) {
+      widget.text.textContent = `cannot build: ${error.message}`;
+      return;
+    }
+    drawSchedule(widget.canvas, profile.layers, profile.steps, result.mask,
+      `schedule at threshold ${options.threshold} (${options.cache_kinds})`);
+    const ran = node.properties?.[SCHEDULE_KEY]?.builder;
+    const stale = ran && OPTION_NAMES.some((n) => ran[n] !== options[n]);
+    widget.text.textContent = formatEstimate(result) + (stale ? "\n(preview: queue to use these settings)" : "");
+    widget.text.dataset.speedup = result.speedup.toFixed(4);
+    grow(node);
+  } else if (node.properties?.[SCHEDULE_KEY]) {
+    showSchedule(node, node.properties[SCHEDULE_KEY]);
+  }
+}
+
+function showSchedule(node, schedule) {
+  const widget = pictureWidget(node);
+  const mask = schedule.compute.map((row) => Array.from(row, (c) => c === "1"));
+  drawSchedule(widget.canvas, schedule.layers, schedule.steps, mask, `schedule (${schedule.model_type})`);
+  widget.text.textContent = formatEstimate({
+    computed: schedule.computed, total: schedule.total, flopFraction: schedule.flop_fraction,
+    speedup: schedule.speedup,
+  });
+  widget.text.dataset.speedup = Number(schedule.speedup).toFixed(4);
+  grow(node);
+}
+
+function showProfile(node) {
+  const profile = node.properties?.[PROFILE_KEY];
+  if (!profile) return;
+  const widget = pictureWidget(node);
+  drawProfile(widget.canvas, profile);
+  widget.text.textContent = `${profile.layers.length} layers x ${profile.steps} steps, ${profile.sample_count} ` +
+    `sample(s), ${profile.sampler}/${profile.scheduler}`;
+  grow(node);
+}
+
+// --- run summaries on Apply Block Cache ------------------------------------------------------------
+
+const nodeSeconds = new Map(); // node id -> wall seconds of its last execution, timed here
+let running = null; // { id, started }
+
+function linkOrigin(node, inputName) {
+  const input = node.inputs?.find((i) => i.name === inputName);
+  if (input?.link == null) return null;
+  const links = node.graph?.links ?? app.graph.links;
+  const link = links?.get ? links.get(input.link) : links?.[input.link];
+  return link ? `${link.origin_id}:${link.origin_slot}` : null;
+}
+
+/** Sampler nodes fed by this Apply node (cached) and by the same model without it (uncached). */
+function samplersAround(apply) {
+  const graph = apply.graph ?? app.graph;
+  const source = linkOrigin(apply, "model");
+  const cached = [];
+  const uncached = [];
+  for (const node of graph?._nodes ?? graph?.nodes ?? []) {
+    if (!SAMPLER_TYPES.has(node.comfyClass ?? node.type)) continue;
+    const origin = linkOrigin(node, "model");
+    if (origin === `${apply.id}:0`) cached.push(node);
+    else if (source && origin === source) uncached.push(node);
+  }
+  return { cached, uncached };
+}
+
+function showRun(node) {
+  const run = node.properties?.[RUN_KEY];
+  if (!run) return;
+  const widget = pictureWidget(node);
+  widget.canvas.style.display = "none";
+  const skipped = run.total - run.computed;
+  const lines = [
+    `last run: computed ${run.computed}/${run.total} layer evaluations (${Math.round((100 * skipped) / Math.max(1, run.total))}% reused), ` +
+      `${run.steps} steps, sampling ${run.seconds.toFixed(2)} s${run.retimed ? ", re-timed" : ""}`,
+  ];
+  if (run.cached_seconds && run.uncached_seconds) {
+    const saved = run.uncached_seconds - run.cached_seconds;
+    lines.push(`time saved: ${saved.toFixed(2)} s (uncached sampler ${run.uncached_seconds.toFixed(2)} s \u2192 ` +
+      `cached ${run.cached_seconds.toFixed(2)} s, ${(run.uncached_seconds / run.cached_seconds).toFixed(2)}x measured)`);
+  } else {
+    const estimate = run.seconds * (run.estimated_speedup - 1);
+    lines.push(`time saved: about ${estimate.toFixed(2)} s by the FLOP estimate (${run.estimated_speedup.toFixed(2)}x); ` +
+      "add an uncached sampler on the same model to measure it");
+  }
+  widget.text.textContent = lines.join("\n");
+  widget.text.dataset.computed = String(run.computed);
+  app.graph?.setDirtyCanvas?.(true, false);
+}
+
+function measuredTimes(apply) {
+  const { cached, uncached } = samplersAround(apply);
+  const pick = (nodes) => nodes.map((n) => nodeSeconds.get(String(n.id))).find((s) => s !== undefined);
+  return { cached_seconds: pick(cached), uncached_seconds: pick(uncached) };
+}
+
+function onRunEvent(event) {
+  const detail = event.detail;
+  const node = app.graph?.getNodeById?.(Number(detail?.node));
+  if (!node || node.comfyClass !== "BlockCacheApply") return; // e.g. inside a subgraph: the log still has it
+  node.properties[RUN_KEY] = { ...detail, ...measuredTimes(node) };
+  showRun(node);
+}
+
+function onExecuting(event) {
+  const detail = event.detail;
+  const id = detail && typeof detail === "object" ? detail.node ?? null : detail;
+  const now = performance.now();
+  if (running) nodeSeconds.set(running.id, (now - running.started) / 1000);
+  running = id == null ? null : { id: String(id), started: now };
+  if (id == null) {
+    // The prompt finished: now both samplers have their times.
+    for (const node of app.graph?._nodes ?? []) {
+      if (node.comfyClass === "BlockCacheApply" && node.properties?.[RUN_KEY]) {
+        Object.assign(node.properties[RUN_KEY], measuredTimes(node));
+        showRun(node);
+      }
+    }
+  }
+}
+
+// --- registration ----------------------------------------------------------------------------------
+
+function chain(prototype, name, fn) {
+  const original = prototype[name];
+  prototype[name] = function (...args) {
+    const result = original?.apply(this, args);
+    try {
+      fn.apply(this, args);
+    } catch (error) {
+      console.error(`[block_cache] ${name} failed`, error); // never break the graph over a picture
+    }
+    return result;
+  };
+}
 
 app.registerExtension({
-  name: "block_cache.summary",
+  name: "block_cache.pictures",
+  setup() {
+    api.addEventListener("block_cache.run", onRunEvent);
+    api.addEventListener("executing", onExecuting);
+    api.addEventListener("execution_success", () => onExecuting({ detail: null }));
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!NODES_WITH_SUMMARY.has(nodeData.name)) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      const text = message?.text?.join("\n");
-      if (!text) return;
-      let widget = this.widgets?.find((w) => w.name === "block_cache_summary");
-      if (!widget) {
-        const element = document.createElement("div");
-        element.style.cssText = "font: 12px monospace; white-space: pre-wrap; opacity: 0.85; padding: 2px 4px;";
-        widget = this.addDOMWidget("block_cache_summary", "block_cache_summary", element, { serialize: false });
+    const name = nodeData.name;
+    if (name === "BlockCacheProfile") {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        const profile = message?.[PROFILE_KEY]?.[0];
+        if (!profile) return;
+        this.properties[PROFILE_KEY] = profile;
+        showProfile(this);
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        showProfile(this);
+      });
+    } else if (name === "BlockCacheBuildSchedule") {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        const profile = message?.[PROFILE_KEY]?.[0];
+        const schedule = message?.[SCHEDULE_KEY]?.[0];
+        if (profile) this.properties[PROFILE_KEY] = profile;
+        if (schedule) this.properties[SCHEDULE_KEY] = { ...schedule, compute: undefined, layers: undefined };
+        if (schedule && !profile?.change) this.properties[SCHEDULE_KEY] = schedule; // no live preview possible
+        refreshBuild(this, true);
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        refreshBuild(this, true);
+      });
+      chain(nodeType.prototype, "onWidgetChanged", function () {
+        refreshBuild(this);
+      });
+    } else if (name === "BlockCacheLoadSchedule") {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        const schedule = message?.[SCHEDULE_KEY]?.[0];
+        if (!schedule) return;
+        this.properties[SCHEDULE_KEY] = schedule;
+        showSchedule(this, schedule);
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        if (this.properties?.[SCHEDULE_KEY]) showSchedule(this, this.properties[SCHEDULE_KEY]);
+      });
+    } else if (name === "BlockCacheApply") {
+      chain(nodeType.prototype, "onConfigure", function () {
+        showRun(this);
+      });
+    } else if (TEXT_NODES.has(name)) {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        const text = message?.text?.join("\n");
+        if (text) pictureWidget(this).text.textContent = text;
+      });
+    }
+  },
+  nodeCreated(node) {
+    if (node.comfyClass === "BlockCacheBuildSchedule") {
+      pictureWidget(node);
+      // Slider drags and typed values reach us through the widget callbacks; the poll also catches
+      // values set by other code (links, undo) and costs one string compare per tick.
+      for (const widget of node.widgets ?? []) {
+        if (!OPTION_NAMES.includes(widget.name)) continue;
+        const callback = widget.callback;
+        widget.callback = function (...args) {
+          const result = callback?.apply(this, args);
+          refreshBuild(node);
+          return result;
+        };
       }
-      widget.element.textContent = text;
-    };
+      const timer = setInterval(() => {
+        if (node.graph) refreshBuild(node);
+      }, 250);
+      chain(node, "onRemoved", () => clearInterval(timer));
+    } else if (["BlockCacheProfile", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass)) {
+      pictureWidget(node);
+    }
   },
 });

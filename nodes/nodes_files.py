@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from comfy_api.latest import io, ui
 
 from ..core.errors import ScheduleFileError
 from ..core.storage import list_schedules, load_schedule, resolve, save_schedule, schedule_directory
 from .frontend import schedule_payload
 from .types import CATEGORY, CacheScheduleSocket
+
+# Schedules shipped with the pack (read-only; the example workflows use them). Listed after the
+# user's own; a user file of the same name wins.
+BUNDLED_SCHEDULES = Path(__file__).resolve().parents[1] / "schedules"
+
+
+def schedule_choices() -> list[str]:
+    user = list_schedules(schedule_directory())
+    return user + [name for name in list_schedules(BUNDLED_SCHEDULES) if name not in user]
+
+
+def directory_of(schedule_file: str) -> Path:
+    """The user folder, unless only the pack's bundled folder has this file."""
+    user = schedule_directory()
+    if not resolve(user, schedule_file).is_file() and resolve(BUNDLED_SCHEDULES, schedule_file).is_file():
+        return BUNDLED_SCHEDULES
+    return user
 
 
 class SaveCacheSchedule(io.ComfyNode):
@@ -47,9 +66,9 @@ class LoadCacheSchedule(io.ComfyNode):
             category=CATEGORY,
             description="Loads a schedule saved with Save Cache Schedule, so a graph needs no profiling.",
             inputs=[
-                io.Combo.Input("schedule_file", options=list_schedules(schedule_directory()),
-                               tooltip="Schedules in ComfyUI's user folder, block_cache/. Refresh the page after "
-                                       "saving a new one."),
+                io.Combo.Input("schedule_file", options=schedule_choices(),
+                               tooltip="Schedules in ComfyUI's user folder, block_cache/, then those shipped with "
+                                       "the pack (its schedules/ folder). Refresh the page after saving a new one."),
             ],
             outputs=[CacheScheduleSocket.Output(display_name="schedule", tooltip="For Apply Block Cache.")],
         )
@@ -58,13 +77,13 @@ class LoadCacheSchedule(io.ComfyNode):
     def fingerprint_inputs(cls, schedule_file):
         # Re-run when the file changes on disk, not only when another file is picked.
         try:
-            path = resolve(schedule_directory(), schedule_file)
+            path = resolve(directory_of(schedule_file), schedule_file)
         except ScheduleFileError:
             return schedule_file  # execute() reports the bad name
         return path.stat().st_mtime if path.is_file() else schedule_file
 
     @classmethod
     def execute(cls, schedule_file) -> io.NodeOutput:
-        schedule = load_schedule(schedule_directory(), schedule_file)
+        schedule = load_schedule(directory_of(schedule_file), schedule_file)
         return io.NodeOutput(schedule, ui={"text": [schedule.summary()],
                                            "block_cache_schedule": [schedule_payload(schedule)]})

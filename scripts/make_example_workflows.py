@@ -1,0 +1,269 @@
+"""Writes the example workflows (UI format) into example_workflows/, and the bundled schedule.
+
+    .venv/bin/python scripts/make_example_workflows.py             # the workflow JSON files
+    .venv/bin/python scripts/make_example_workflows.py --schedule  # also re-profile the bundled schedule
+
+The graphs are generated rather than hand-edited so that their links, ids and widget orders stay
+consistent; tests/test_workflows.py converts each to API format and validates it against a
+running server's /object_info. Thumbnails (same name, .jpg, as ComfyUI's template browser wants)
+are screenshots taken by tests/test_browser.py (`make thumbnails`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "example_workflows"
+BUNDLED = ROOT / "schedules"
+BUNDLED_SCHEDULE = "demo_small_euler20_attention_t0.5.json"
+APPLY_WIDGETS = ["model device"]  # cache_device
+
+# Socket inputs and outputs of the node types the examples use: (name, type).
+SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "SaveLatent": ([("samples", "LATENT")], []),
+    "MarkdownNote": ([], []),
+    "BlockCacheDemoModel": ([], [("MODEL", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "BlockCacheProfile": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                           ("latent_image", "LATENT")],
+                          [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
+    "BlockCacheBuildSchedule": ([("profile", "BLOCK_PROFILE")],
+                                [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"), ("json", "STRING")]),
+    "BlockCacheApply": ([("model", "MODEL"), ("schedule", "CACHE_SCHEDULE")], [("MODEL", "MODEL")]),
+    "BlockCacheSaveSchedule": ([("schedule", "CACHE_SCHEDULE")], []),
+    "BlockCacheLoadSchedule": ([], [("schedule", "CACHE_SCHEDULE")]),
+}
+
+
+@dataclass
+class Graph:
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    links: list[list[Any]] = field(default_factory=list)
+
+    def add(self, node_type: str, pos: tuple[int, int], widgets: list[Any], size: tuple[int, int] = (320, 130),
+            title: str | None = None, colour: str | None = None) -> int:
+        inputs, outputs = SOCKETS[node_type]
+        node_id = len(self.nodes) + 1
+        node: dict[str, Any] = {
+            "id": node_id, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+            "order": node_id - 1, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": node_type}, "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        if colour:
+            node["color"], node["bgcolor"] = colour, colour
+        self.nodes.append(node)
+        return node_id
+
+    def link(self, source: int, slot: int, target: int, input_name: str) -> None:
+        link_id = len(self.links) + 1
+        src, dst = self.nodes[source - 1], self.nodes[target - 1]
+        port = next(i for i, p in enumerate(dst["inputs"]) if p["name"] == input_name)
+        kind = src["outputs"][slot]["type"]
+        assert dst["inputs"][port]["type"] == kind, (src["type"], dst["type"], input_name)
+        src["outputs"][slot]["links"].append(link_id)
+        dst["inputs"][port]["link"] = link_id
+        self.links.append([link_id, source, slot, target, port, kind])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4}
+
+
+CACHED = "#2a4a2a"  # green-ish: the cached branch
+NOTE_W = 380
+
+
+def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_name: str) -> dict[str, Any]:
+    """Checkpoint -> profile -> build -> apply -> KSampler, beside an uncached KSampler."""
+    g = Graph()
+    ckpt_id = g.add("CheckpointLoaderSimple", (0, 120), [ckpt], (300, 100))
+    pos = g.add("CLIPTextEncode", (0, 280), ["a photograph of a lighthouse on a cliff at sunset, detailed"],
+                (300, 140), title="positive")
+    neg = g.add("CLIPTextEncode", (0, 460), ["blurry, low quality"], (300, 110), title="negative")
+    latent = g.add("EmptyLatentImage", (0, 610), [size, size, 1], (300, 110))
+    note_id = g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 280))
+    del note_id
+    profile = g.add("BlockCacheProfile", (340, 120), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (380, 520))
+    build = g.add("BlockCacheBuildSchedule", (760, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
+    save = g.add("BlockCacheSaveSchedule", (760, 680), [schedule_name, True], (460, 120))
+    apply = g.add("BlockCacheApply", (1260, 120), APPLY_WIDGETS, (440, 230), colour=CACHED)
+    cached = g.add("KSampler", (1260, 360), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
+                   title="KSampler (cached)", colour=CACHED)
+    uncached = g.add("KSampler", (1260, 680), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
+                     title="KSampler (uncached)")
+    dec_c = g.add("VAEDecode", (1600, 360), [], (200, 50))
+    dec_u = g.add("VAEDecode", (1600, 680), [], (200, 50))
+    prev_c = g.add("PreviewImage", (1840, 120), [], (360, 400), title="cached", colour=CACHED)
+    prev_u = g.add("PreviewImage", (2220, 120), [], (360, 400), title="uncached")
+    g.link(ckpt_id, 1, pos, "clip")
+    g.link(ckpt_id, 1, neg, "clip")
+    for sampler in (profile, cached, uncached):
+        g.link(pos, 0, sampler, "positive")
+        g.link(neg, 0, sampler, "negative")
+        g.link(latent, 0, sampler, "latent_image")
+    g.link(ckpt_id, 0, profile, "model")
+    g.link(ckpt_id, 0, apply, "model")
+    g.link(ckpt_id, 0, uncached, "model")
+    g.link(profile, 1, build, "profile")
+    g.link(build, 0, apply, "schedule")
+    g.link(build, 0, save, "schedule")
+    g.link(apply, 0, cached, "model")
+    g.link(cached, 0, dec_c, "samples")
+    g.link(uncached, 0, dec_u, "samples")
+    g.link(ckpt_id, 2, dec_c, "vae")
+    g.link(ckpt_id, 2, dec_u, "vae")
+    g.link(dec_c, 0, prev_c, "images")
+    g.link(dec_u, 0, prev_u, "images")
+    return g.to_json()
+
+
+_TUNE = ("Move **threshold** on *Build Cache Schedule*: the schedule picture and the estimated speed-up "
+         "update at once, without queueing. Queue to sample with it: *Apply Block Cache* then shows how many "
+         "layer evaluations were computed and the time saved against the uncached KSampler.")
+
+
+def sd15() -> dict[str, Any]:
+    note = ("## Block Cache: SD1.5 txt2img\n\n*Profile Block Changes* samples once like KSampler and measures how "
+            "much every layer changes per step; *Build Cache Schedule* turns that into a schedule; *Apply Block "
+            f"Cache* makes the model reuse cached layers.\n\n{_TUNE}\n\nPut an SD1.5 checkpoint in "
+            "`models/checkpoints` and pick it in the loader. The schedule is also saved for later graphs "
+            "(*Load Cache Schedule*), which then need no profiling.")
+    return _txt2img("v1-5-pruned-emaonly-fp16.safetensors", 512, 20, 7.0, note, "sd15_euler20")
+
+
+def sdxl() -> dict[str, Any]:
+    note = ("## Block Cache: SDXL txt2img\n\nThe same chain as the SD1.5 example on an SDXL base checkpoint "
+            f"(1024x1024).\n\n{_TUNE}\n\nPut `sd_xl_base_1.0.safetensors` in `models/checkpoints`.")
+    return _txt2img("sd_xl_base_1.0.safetensors", 1024, 20, 7.0, note, "sdxl_euler20")
+
+
+def _demo_sources(g: Graph, demo_size: str) -> tuple[int, int]:
+    model = g.add("BlockCacheDemoModel", (0, 120), [demo_size, 0, "a red circle on a blue background", ""],
+                  (320, 170))
+    latent = g.add("EmptyLatentImage", (0, 330), [256, 256, 1], (320, 110))
+    return model, latent
+
+
+def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, steps: int) -> None:
+    cached = g.add("KSampler", (x, 120), [1, "fixed", steps, 6.0, "euler", "normal", 1.0], (300, 262),
+                   title="KSampler (cached)", colour=CACHED)
+    uncached = g.add("KSampler", (x, 420), [1, "fixed", steps, 6.0, "euler", "normal", 1.0], (300, 262),
+                     title="KSampler (uncached)")
+    for sampler in (cached, uncached):
+        g.link(model, 1, sampler, "positive")
+        g.link(model, 2, sampler, "negative")
+        g.link(latent, 0, sampler, "latent_image")
+    g.link(apply, 0, cached, "model")
+    g.link(model, 0, uncached, "model")
+    save_c = g.add("SaveLatent", (x + 340, 120), ["block_cache/demo_cached"], (300, 80), title="cached",
+                   colour=CACHED)
+    save_u = g.add("SaveLatent", (x + 340, 420), ["block_cache/demo_uncached"], (300, 80), title="uncached")
+    g.link(cached, 0, save_c, "samples")
+    g.link(uncached, 0, save_u, "samples")
+
+
+def demo() -> dict[str, Any]:
+    """Runs anywhere: the built-in demo model, no checkpoint."""
+    g = Graph()
+    note = ("## Block Cache: demo model, no checkpoint needed\n\nThe built-in demo model (ComfyUI's own UNet "
+            "class in SD1.5's layout, seeded weights) runs on any machine, even on CPU in seconds. Queue it once: "
+            "*Profile Block Changes* shows its change heatmap, *Build Cache Schedule* the schedule.\n\n" + _TUNE)
+    model, latent = _demo_sources(g, "small")
+    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
+    profile = g.add("BlockCacheProfile", (360, 120), [1, "fixed", 20, 6.0, "euler", "normal", 1.0], (380, 520))
+    build = g.add("BlockCacheBuildSchedule", (780, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
+    apply = g.add("BlockCacheApply", (1280, 120), APPLY_WIDGETS, (440, 230), colour=CACHED)
+    g.link(model, 0, profile, "model")
+    g.link(model, 1, profile, "positive")
+    g.link(model, 2, profile, "negative")
+    g.link(latent, 0, profile, "latent_image")
+    g.link(profile, 1, build, "profile")
+    g.link(model, 0, apply, "model")
+    g.link(build, 0, apply, "schedule")
+    _demo_tail(g, model, latent, apply, 1760, 20)
+    return g.to_json()
+
+
+def saved_schedule() -> dict[str, Any]:
+    """Load Cache Schedule -> Apply -> KSampler with the schedule shipped in schedules/."""
+    g = Graph()
+    note = ("## Block Cache: apply a saved schedule\n\nNo profiling: *Load Cache Schedule* reads a schedule "
+            f"file, here `{BUNDLED_SCHEDULE}` that ships with the pack (made for the demo model: 20 euler steps, "
+            "threshold 0.5, attention layers). Your own schedules, saved with *Save Cache Schedule*, are listed "
+            "first. A schedule made for 20 steps also drives other step counts and samplers: it is re-timed.")
+    model, latent = _demo_sources(g, "small")
+    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 230))
+    load = g.add("BlockCacheLoadSchedule", (360, 120), [BUNDLED_SCHEDULE], (440, 440), colour=CACHED)
+    apply = g.add("BlockCacheApply", (840, 120), APPLY_WIDGETS, (440, 230), colour=CACHED)
+    g.link(model, 0, apply, "model")
+    g.link(load, 0, apply, "schedule")
+    _demo_tail(g, model, latent, apply, 1320, 20)
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "block_cache_demo_model_no_checkpoint": demo,
+    "block_cache_sd15_txt2img": sd15,
+    "block_cache_sdxl_txt2img": sdxl,
+    "block_cache_apply_saved_schedule": saved_schedule,
+}
+
+
+def make_bundled_schedule() -> Path:
+    """Profiles the demo model (small, 256x256, euler 20, cfg 6, seed 1) and builds threshold 0.5."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from comfy_bootstrap import load_pack
+
+    pack = load_pack()
+    import comfy.utils
+    import nodes as comfy_nodes
+    import torch
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    core = pack.core
+    model = core.builtin_models.build_unet_patcher("small", 0)
+    dim = core.builtin_models.context_dim_of(model)
+    positive = core.builtin_models.prompt_conditioning("a red circle on a blue background", dim)
+    negative = core.builtin_models.prompt_conditioning("", dim)
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    profiled, holder = core.patching.attach_profiler(model)
+    comfy_nodes.common_ksampler(profiled, 1, 20, 6.0, "euler", "normal", positive, negative, latent)
+    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=6.0, denoise=1.0,
+                                            latent_shape=tuple(latent["samples"].shape), seed=1)
+    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
+    return core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedule", action="store_true", help="also re-profile the bundled schedule")
+    args = parser.parse_args()
+    if args.schedule:
+        print(f"wrote {make_bundled_schedule()}")
+    OUT.mkdir(exist_ok=True)
+    for name, make in WORKFLOWS.items():
+        path = OUT / f"{name}.json"
+        path.write_text(json.dumps(make(), indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

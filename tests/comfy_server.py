@@ -1,0 +1,101 @@
+"""A real ComfyUI server (main.py --cpu) with this pack symlinked into a temporary base directory.
+
+Shared by tests/test_workflows.py and tests/test_browser.py (tests/test_server.py has its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from comfy_bootstrap import PACK_ROOT, comfyui_path
+
+# Empty stand-ins, so the example workflows' checkpoint names are valid choices (they are never loaded).
+PLACEHOLDER_CHECKPOINTS = ("v1-5-pruned-emaonly-fp16.safetensors", "sd_xl_base_1.0.safetensors")
+
+
+@dataclass
+class Server:
+    url: str
+    base: Path
+    log_path: Path
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=60) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"{path} refused: {error.read().decode()[:3000]}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                entry = history[prompt_id]
+                assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+                return entry["outputs"]
+            time.sleep(0.5)
+        raise AssertionError(f"prompt did not finish:\n{self.log()[-4000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def comfy_server(base: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base / "user").mkdir(exist_ok=True)
+    (base / "custom_nodes" / "block_cache").symlink_to(PACK_ROOT, target_is_directory=True)
+    checkpoints = base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    for name in PLACEHOLDER_CHECKPOINTS:
+        (checkpoints / name).touch()
+    port = _free_port()
+    log_path = base / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+             str(base), "--disable-auto-launch", *extra_args],
+            cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        server = Server(f"http://127.0.0.1:{port}", base, log_path)
+        try:
+            deadline = time.time() + 240
+            while True:
+                try:
+                    server.get("/system_stats")
+                    break
+                except OSError:
+                    if process.poll() is not None or time.time() > deadline:
+                        raise AssertionError(f"server did not start:\n{server.log()[-4000:]}") from None
+                    time.sleep(0.5)
+            yield server
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
