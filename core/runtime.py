@@ -68,13 +68,15 @@ class LayerPlan:
 
     def decisions(self, previous_step: int | None, step: int) -> np.ndarray:
         """Per layer: compute now? A layer computes when the schedule has a compute point
-        in the steps since the previous evaluation, ``(previous_step, step]``."""
+        in the steps since the previous evaluation, ``(previous_step, step]``. A layer the
+        schedule computes at every step is never cached, at any evaluation: so an all-compute
+        schedule is the uncached model, also for samplers that evaluate twice per step."""
         layers = self.cumulative_computes.shape[0]
         if previous_step is None or step < previous_step:
             return np.ones(layers, dtype=bool)  # first evaluation, or time ran backwards (restart samplers)
         if step == previous_step:
-            return np.zeros(layers, dtype=bool)
-        return self.cumulative_computes[:, step] > self.cumulative_computes[:, previous_step]
+            return ~self.reuses_ever
+        return (self.cumulative_computes[:, step] > self.cumulative_computes[:, previous_step]) | ~self.reuses_ever
 
 
 @dataclass
@@ -295,9 +297,10 @@ class BlockCacheHolder:
             if reference is not None and (cached.device != reference.device or cached.dtype != reference.dtype):
                 cached = cached.to(device=reference.device, dtype=reference.dtype)
             if entries[0].residual[stream_index]:
-                elements.append(patch.spec.residual_base(patch.module, current) + cached)
+                elements.append(patch.spec.batch_back(patch.spec.residual_base(patch.module, current) + cached))
             else:
-                elements.append(cached.clone())  # callers may change it in place; the cache must stay intact
+                # callers may change it in place; the cache must stay intact
+                elements.append(patch.spec.batch_back(cached.clone()))
         return patch.spec.join_output(elements)
 
     def _store(self, run: RunState, index: int, occurrence: int, inputs: list[Any],
@@ -330,7 +333,7 @@ class BlockCacheHolder:
 
 
 def _stream_inputs(spec: LayerSpec, args: tuple, kwargs: dict, copy: bool) -> list[Any]:
-    values = [stream.input_of(args, kwargs) for stream in spec.streams]
+    values = [spec.batch_first(stream.input_of(args, kwargs)) for stream in spec.streams]
     if copy:
         values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
     return values
@@ -345,7 +348,7 @@ def _branches(patch: CachedLayerForward, inputs: list[Any], out: Any, residual_w
     """
     spec = patch.spec
     try:
-        outputs = spec.split_output(out)
+        outputs = [spec.batch_first(output) for output in spec.split_output(out)]
     except (KeyError, IndexError, TypeError):
         return None  # the block returned something its signature does not describe
     result: list[tuple[torch.Tensor | None, bool]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import comfy.samplers
+import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
@@ -120,3 +121,26 @@ def test_cpu_cache_device_gives_the_same_output(pack):
     assert torch.equal(outputs[0], outputs[1])
     with pytest.raises(ValueError, match="cache_device must be one of"):
         pack.core.patching.apply_block_cache(model, schedule, cache_device="gpu0")
+
+
+@pytest.mark.parametrize("sampler,steps", [("heun", 3), ("euler", 7), ("dpmpp_2m", 5)])
+def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, steps):
+    from helpers import count_layer_computations, record_evaluation_sigmas
+    from test_unet_runtime import expected_computations
+
+    model = FLUX.build(seed=0)
+    conds, latent = FLUX.conds(), FLUX.latent()
+    profiling, holder = pack.core.patching.attach_profiler(model)
+    sample(profiling, *conds, latent, steps=6, cfg=FLUX.cfg)
+    profile = pack.core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=FLUX.cfg,
+                                                 denoise=1.0, latent_shape=tuple(latent["samples"].shape))
+    schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=0.6))
+    assert not schedule.compute_mask().all()
+    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    eval_sigmas = record_evaluation_sigmas(patched)
+    names = [layer.name for layer in schedule.layers]
+    with count_layer_computations(model.model.diffusion_model, names) as counts:
+        sample(patched, *conds, latent, steps=steps, sampler=sampler, cfg=FLUX.cfg)
+    counted = np.array([counts[name] for name in names])
+    np.testing.assert_array_equal(counted, expected_computations(schedule, model, eval_sigmas))
+    assert holder.last_run.retimed

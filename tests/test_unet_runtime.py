@@ -30,7 +30,8 @@ def built(pack, tiny_model, conds, latent):
 
 def expected_computations(schedule, model, eval_sigmas):
     """Independent reading of the re-timing rule: a layer computes at an evaluation when the schedule
-    has a compute point in the steps passed since the previous evaluation (or at the first one)."""
+    has a compute point in the steps passed since the previous evaluation (or at the first one);
+    a layer computed at every step of the schedule computes at every evaluation."""
     from comfy_bootstrap import load_pack
 
     taus = load_pack().core.time_grid.normalized_times(model.get_model_object("model_sampling"),
@@ -46,6 +47,8 @@ def expected_computations(schedule, model, eval_sigmas):
         elif step > previous:
             expected += mask[:, previous + 1:step + 1].any(axis=1)
         previous = step
+    never_cached = mask.all(axis=1)
+    expected[never_cached] = len(taus)
     return expected
 
 
