@@ -32,9 +32,11 @@ UNET_CONFIG: dict[str, Any] = {
     "use_checkpoint": False, "image_size": RESOLUTION, "in_channels": 3, "out_channels": 3,
     "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
     "use_temporal_resblock": False, "adm_in_channels": None,
-    "model_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": [2, 2, 2],
-    # Attention at 32x32 and 16x16 (SD1.5 has it at its high resolutions), ResBlocks only at 8x8.
-    "transformer_depth": [1, 1, 1, 1, 0, 0], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [2, 2, 2],
+    # Attention at 16x16 and 8x8 and in the middle; the 32x32 level has ResBlocks only: self-attention
+    # over 1024 tokens would cost most of the training time on a shared 2-core CPU.
+    # (Lists run from the highest resolution down; UNetModel pops the output list from its end.)
+    "transformer_depth": [0, 0, 1, 1, 1, 1], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
     "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": CONTEXT_DIM,
     "num_heads": 4, "num_head_channels": -1,
 }
@@ -106,7 +108,6 @@ class ReferenceModel:
     def __init__(self, path: Path | str = WEIGHTS_PATH, dtype: torch.dtype = torch.float32) -> None:
         import comfy.model_management
         import comfy.model_patcher
-        import comfy.sd
 
         state = load_state(path)
         model = build_base_model(dtype)
@@ -120,7 +121,7 @@ class ReferenceModel:
         self.text_encoder.load_state_dict(
             {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}, strict=True)
         self.text_encoder.eval()
-        self.vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+        self.vae = pixel_space_vae()
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -129,6 +130,13 @@ class ReferenceModel:
     def conditioning(self, prompt: str) -> list:
         """ComfyUI CONDITIONING for ``prompt``: [[context (1 x tokens x dim), {}]]."""
         return [[self.encode([prompt]), {}]]
+
+
+def pixel_space_vae() -> Any:
+    """ComfyUI's own pixel-space VAE (comfy/pixel_space_convert.py): LATENT in [-1, 1] <-> IMAGE in [0, 1]."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
 
 
 _CACHE: dict[tuple[str, torch.dtype], ReferenceModel] = {}

@@ -5,7 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.builtin_models import SMALL_UNET_CONFIGS, build_unet_patcher, context_dim_of, prompt_conditioning
+from ..core.reference_model import load_reference_model, pixel_space_vae
 from .types import CATEGORY
+
+REFERENCE = "reference"
 
 
 class LoadDemoModel(io.ComfyNode):
@@ -15,25 +18,42 @@ class LoadDemoModel(io.ComfyNode):
             node_id="BlockCacheDemoModel",
             display_name="Load Block Cache Demo Model",
             category=CATEGORY,
-            description="A small SD1.5-layout UNet built from ComfyUI's own classes with seeded weights, and "
-                        "conditioning for it. For trying the pack and for tests; it draws no real pictures.",
+            description="A built-in model made of ComfyUI's own classes, with conditioning for it, so the pack can "
+                        "be tried with no checkpoint. 'reference' is a small trained text-to-image UNet (32x32 "
+                        "pixels: coloured shapes on textured backgrounds); the other sizes have random weights.",
             inputs=[
-                io.Combo.Input("size", options=list(SMALL_UNET_CONFIGS), default="small",
-                               tooltip="'small': SD1.5's layout at a fifth of its width; 'tiny': for quick checks."),
-                io.Int.Input("weight_seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the model weights."),
-                io.String.Input("positive_prompt", default="a red circle on a blue background",
-                                tooltip="Picks a reproducible conditioning (the demo model has no text encoder)."),
-                io.String.Input("negative_prompt", default="", tooltip="Picks the negative conditioning."),
+                io.Combo.Input("size", options=[REFERENCE, *SMALL_UNET_CONFIGS], default=REFERENCE,
+                               tooltip="'reference': the trained 32x32 pixel-space model (use EmptyLatentImage at "
+                                       "256x256 or EmptyChromaRadianceLatentImage at 32x32, and VAE Decode with this "
+                                       "node's VAE). 'small': SD1.5's layout at a fifth of its width, random "
+                                       "weights; 'tiny': for quick checks."),
+                io.Int.Input("weight_seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the random weights of 'small' and 'tiny'; the reference model ignores it."),
+                io.String.Input("positive_prompt", default="a large red circle at center on a blue striped background",
+                                tooltip="Reference model: a caption such as 'a small yellow triangle at top left on a "
+                                        "green checkered background' (colours, shapes, sizes, positions, textures; "
+                                        "other words are ignored). Random-weight sizes: only picks a reproducible "
+                                        "conditioning."),
+                io.String.Input("negative_prompt", default="",
+                                tooltip="Negative prompt; empty is the unconditional prompt the reference model "
+                                        "was trained with for CFG."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The demo model."),
                 io.Conditioning.Output(display_name="positive", tooltip="Conditioning for the positive prompt."),
                 io.Conditioning.Output(display_name="negative", tooltip="Conditioning for the negative prompt."),
+                io.Vae.Output(tooltip="ComfyUI's pixel-space VAE: VAE Decode turns the reference model's LATENT into "
+                                      "an IMAGE. The random-weight sizes have no real VAE (their latent has 4 channels)."),
             ],
         )
 
     @classmethod
     def execute(cls, size, weight_seed, positive_prompt, negative_prompt) -> io.NodeOutput:
+        if size == REFERENCE:
+            reference = load_reference_model()
+            return io.NodeOutput(reference.patcher.clone(), reference.conditioning(positive_prompt),
+                                 reference.conditioning(negative_prompt), reference.vae)
         model = build_unet_patcher(size, weight_seed)
         dim = context_dim_of(model)
-        return io.NodeOutput(model, prompt_conditioning(positive_prompt, dim), prompt_conditioning(negative_prompt, dim))
+        return io.NodeOutput(model, prompt_conditioning(positive_prompt, dim), prompt_conditioning(negative_prompt, dim),
+                             pixel_space_vae())

@@ -1,8 +1,10 @@
 """The main job on the built-in default: profile -> schedule -> apply -> sample, on CPU.
 
-Runs the pack's own node classes as a graph would, on the built-in small SD1.5-layout
-UNet, and times cached against uncached sampling side by side (alternating runs).
-Writes the heatmaps, the schedule JSON and the two results as pictures.
+Runs the pack's own node classes as a graph would, on the trained reference model
+(default; a 32x32 pixel-space text-to-image UNet, see models/reference/MODEL_CARD.md) or
+on a random-weight small SD1.5-layout UNet (--model small), and times cached against
+uncached sampling side by side (alternating runs). Writes the heatmaps, the schedule
+JSON and the two results as pictures.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ def _picture(array: np.ndarray, path: Path) -> None:
     Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
-def _latent_picture(latent) -> np.ndarray:
-    """The first three latent channels, normalised, upscaled 8x: the demo model has no VAE."""
-    x = latent[0, :3].float().numpy()
-    x = (x - x.min()) / max(1e-8, float(x.max() - x.min()))
-    return np.kron(x.transpose(1, 2, 0), np.ones((8, 8, 1)))
+def _latent_picture(latent, vae=None) -> np.ndarray:
+    """The reference model's pictures through its VAE, side by side; else the first three latent
+    channels of the first item, normalised. Upscaled 8x."""
+    if vae is not None:
+        x = np.concatenate(list(vae.decode(latent).numpy()), axis=1)
+    else:
+        x = latent[0, :3].float().numpy()
+        x = ((x - x.min()) / max(1e-8, float(x.max() - x.min()))).transpose(1, 2, 0)
+    return np.kron(x, np.ones((8, 8, 1)))
 
 
 def main() -> None:
@@ -36,6 +42,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=None, help="default: the builder's default")
     parser.add_argument("--cache-kinds", default="attention", choices=["attention", "attention+resblock", "all"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="reference", choices=["reference", "small", "tiny"],
+                        help="the trained reference model, or a random-weight SD1.5-layout UNet")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pack = load_pack()
@@ -47,8 +55,15 @@ def main() -> None:
     nodes = pack.nodes
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model, positive, negative = nodes.nodes_demo.LoadDemoModel.execute("small", 0, "a red circle", "").result
-    latent = {"samples": torch.zeros(1, 4, 32, 32)}  # 256x256 pixels
+    prompt = "a large red circle at center on a blue striped background"
+    model, positive, negative, vae = nodes.nodes_demo.LoadDemoModel.execute(args.model, 0, prompt, "").result
+    if args.model == "reference":
+        latent = {"samples": torch.zeros(4, 3, 32, 32)}  # four 32x32 pictures (pixel space)
+        size_text = "trained reference model, 4 x 32x32 pixels"
+    else:
+        latent = {"samples": torch.zeros(1, 4, 32, 32)}  # 256x256 pixels
+        size_text = f"{args.model} SD1.5-layout UNet (random weights), 256x256"
+        vae = None
     sampler = dict(seed=1, steps=args.steps, cfg=6.0, sampler_name="euler", scheduler="normal")
 
     latent_out, profile, heatmap = nodes.nodes_profile.ProfileBlockChanges.execute(
@@ -72,19 +87,26 @@ def main() -> None:
         t, cached = run(cached_model)
         cached_times.append(t)
     speedup = float(np.median(plain_times) / np.median(cached_times))
-    mse = float(((cached - plain) ** 2).mean())
-    psnr = 10 * np.log10(float(plain.abs().max()) ** 2 / mse) if mse > 0 else float("inf")
+    if vae is not None:  # PSNR of the decoded pictures in [0, 1]
+        mse = float(((vae.decode(cached) - vae.decode(plain)) ** 2).mean())
+        psnr = 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
+    else:
+        mse = float(((cached - plain) ** 2).mean())
+        psnr = 10 * np.log10(float(plain.abs().max()) ** 2 / mse) if mse > 0 else float("inf")
 
     _picture(heatmap[0].numpy(), args.out / "profile_heatmap.png")
     _picture(schedule_image[0].numpy(), args.out / "schedule.png")
-    _picture(np.concatenate([_latent_picture(plain), _latent_picture(cached)], axis=1), args.out / "uncached_vs_cached.png")
+    _picture(np.concatenate([_latent_picture(plain, vae), _latent_picture(cached, vae)], axis=0), args.out / "uncached_vs_cached.png")
     (args.out / "schedule.json").write_text(schedule_json)
-    print(f"\nBlock Cache demo: small SD1.5-layout UNet, 256x256, euler {args.steps} steps, cfg {sampler['cfg']}")
+    print(f"\nBlock Cache demo: {size_text}, euler {args.steps} steps, cfg {sampler['cfg']}")
     print(f"  profile: {len(profile.block_map.layers)} layers x {profile.grid.steps} steps")
     print(f"  schedule: threshold {threshold}, {args.cache_kinds}: {schedule.summary()}")
     print(f"  measured speed-up {speedup:.2f}x (median of {args.repeats} alternating runs: "
           f"{np.median(plain_times):.3f}s uncached, {np.median(cached_times):.3f}s cached)")
-    print(f"  latent PSNR vs uncached: {psnr:.1f} dB (random-weight model: fidelity here says little)")
+    if vae is not None:
+        print(f"  picture PSNR vs uncached: {psnr:.1f} dB")
+    else:
+        print(f"  latent PSNR vs uncached: {psnr:.1f} dB (random-weight model: fidelity here says little)")
     print(f"  wrote {', '.join(sorted(p.name for p in args.out.iterdir()))} to {args.out}")
 
 
