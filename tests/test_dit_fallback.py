@@ -1,0 +1,213 @@
+"""The generic fallback for diffusion models in no family table, on real ComfyUI BaseModels.
+
+A custom model with one list of like transformer blocks is found by structure, cached, and exact
+under an all-compute schedule; a model without such lists (a custom one, Stable Cascade stage B
+and C, whose per-level lists of mixed ResBlock/Attn/Timestep blocks are iterated by the model)
+gets an UnsupportedModelError that names the class and the supported families.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+from dit_zoo import TinyDit
+from helpers import count_layer_computations, sample
+from torch import nn
+
+STEPS = 4
+
+
+class TinyBlock(nn.Module):
+    """A transformer block of no known family: modulated self/cross attention and an MLP."""
+
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.context_kv = nn.Linear(context_dim, 2 * dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(emb).unsqueeze(1).chunk(2, dim=-1)
+        q, k, v = self.qkv(self.norm1(x) * (1 + scale) + shift).chunk(3, dim=-1)
+        context_k, context_v = self.context_kv(context).chunk(2, dim=-1)
+        # In place, as many DiT blocks update their input: the runtime must copy it first.
+        x += F.scaled_dot_product_attention(q, torch.cat([k, context_k], 1), torch.cat([v, context_v], 1))
+        x += self.mlp(self.norm2(x))
+        return x
+
+
+class TinyGenericDit(nn.Module):
+    """A custom diffusion model: tokens from latent pixels, one list of like blocks."""
+
+    def __init__(self, channels: int = 4, dim: int = 32, context_dim: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.dtype = torch.float32
+        self.dim = dim
+        self.proj_in = nn.Linear(channels, dim)
+        self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(TinyBlock(dim, context_dim) for _ in range(depth))
+        self.heads = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim)])  # plain layers: not blocks
+        self.proj_out = nn.Linear(dim, channels)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(x.flatten(2).transpose(1, 2))
+        emb = self.time_embed(timestep_embedding(timesteps, self.dim).to(x.dtype))
+        for block in self.blocks:
+            tokens = block(tokens, context, emb)
+        for head in self.heads:
+            tokens = tokens + head(tokens)
+        return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+class TinyConvNet(nn.Module):
+    """A custom diffusion model with no list of blocks, only a list of plain convolutions."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.dtype = torch.float32
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
+        for conv in self.convs:
+            x = x + conv(x)
+        return x
+
+
+def _base_model_with(diffusion_model_class):
+    """A tiny SD1.5-type BaseModel whose diffusion_model is replaced before the ModelPatcher wraps it."""
+
+    def make(model_config):
+        model = model_config.get_model({}, "")
+        model.diffusion_model = diffusion_model_class()
+        return model
+
+    return make
+
+
+def _tiny_unet_config(pack) -> dict:
+    return dict(pack.core.builtin_models.SMALL_UNET_CONFIGS["tiny"])  # its UNet is replaced
+
+
+@pytest.fixture(scope="module")
+def generic(pack):
+    return TinyDit("generic (TinyGenericDit)", "generic-dit", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8), (6, 32),
+                   make_model=_base_model_with(TinyGenericDit))
+
+
+@pytest.fixture(scope="module")
+def generic_run(pack, generic):
+    """(model, conds, unpatched output, profile) of the generic model."""
+    core = pack.core
+    model = generic.build(seed=0)
+    conds = generic.conds()
+    reference = sample(model, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
+    profiling_model, holder = core.patching.attach_profiler(model)
+    sample(profiling_model, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
+    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=generic.cfg,
+                                            denoise=1.0, latent_shape=generic.latent_shape)
+    return model, conds, reference, profile
+
+
+def test_fallback_finds_the_block_list_by_structure(pack, generic_run, caplog):
+    model, *_ = generic_run  # profiled: the profiler's patches are still on the loaded blocks
+    with caplog.at_level(logging.INFO):
+        block_map = pack.core.block_map.block_map_for_patcher(model)
+    assert block_map.family == "generic (TinyGenericDit)" and block_map.model_class == "TinyGenericDit"
+    # Only the like blocks: not the list of plain Linear heads.
+    assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
+    for layer in block_map.layers:
+        assert layer.kind.value == "transformer" and layer.mutates_inputs
+        # Inferred from the block class's forward (first parameter), not from the patch in its place.
+        assert [(s.parameter, s.position) for s in layer.streams] == [("x", 0)]
+    assert "found block lists blocks by structure" in caplog.text
+    assert "block signature inferred for TinyBlock" in caplog.text
+
+
+def test_fallback_profile_measures_every_block(generic_run):
+    *_, profile = generic_run
+    change = np.array(profile.change, dtype=float)
+    assert change.shape == (3, STEPS) and np.isfinite(change[:, 1:]).all() and (change[:, 1:] > 0).all()
+    assert profile.total_flops > sum(profile.layer_flops) > 0
+
+
+def test_fallback_all_compute_schedule_is_bit_identical(pack, generic, generic_run):
+    model, conds, reference, profile = generic_run
+    schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    out = sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
+    assert torch.equal(out, reference), f"max diff {(out - reference).abs().max():.3g}"
+    assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
+
+
+def test_fallback_caches_the_blocks_and_counts_match(pack, generic, generic_run):
+    model, conds, reference, profile = generic_run
+    options = pack.core.schedule.BuildOptions(threshold=10.0, cache_kinds="attention")
+    schedule = pack.core.schedule.build_schedule(profile, options)
+    mask = schedule.compute_mask()
+    assert mask[:, 0].all() and not mask.all()
+    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    names = [layer.name for layer in schedule.layers]
+    with count_layer_computations(model.model.diffusion_model, names) as counts:
+        out = sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
+    counted = np.array([counts[name] for name in names])
+    calls_per_evaluation = (holder.last_run.computed + holder.last_run.reused) // STEPS
+    np.testing.assert_array_equal(counted, mask.sum(axis=1) * calls_per_evaluation)
+    np.testing.assert_array_equal(counted, holder.last_run.computed)
+    assert holder.last_run.reused.sum() > 0
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    # The original model is untouched afterwards.
+    assert torch.equal(sample(model, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg), reference)
+
+
+def _assert_unsupported(pack, model_patcher, model_class: str, model_type: str) -> None:
+    families = importlib.import_module(f"{pack.__name__}.core.dit_families")
+    with pytest.raises(pack.core.errors.UnsupportedModelError) as error:
+        pack.core.patching.attach_profiler(model_patcher)
+    message = str(error.value)
+    assert f"in {model_class} (model type {model_type})" in message
+    assert all(family.name in message for family in families.DIT_FAMILIES)
+    assert families.generic_block_lists(model_patcher.model.diffusion_model) == ()
+
+
+def test_model_without_block_lists_is_unsupported(pack):
+    entry = TinyDit("generic (TinyConvNet)", "generic-conv", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8), (6, 32),
+                    make_model=_base_model_with(TinyConvNet))
+    _assert_unsupported(pack, entry.build(seed=0), "TinyConvNet", "SD15")
+
+
+# Tiny stage C and B. Their block lists hold one ModuleList per level (mixed ResBlock, TimestepBlock,
+# AttnBlock), which the model iterates itself: no list of like blocks, so nothing to cache.
+_CASCADE = {
+    "Stable_Cascade_C": {"stable_cascade_stage": "c", "c_in": 16, "c_out": 16, "c_r": 16, "c_cond": 32,
+                         "c_hidden": [32, 32], "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+                         "block_repeat": [[1, 1], [1, 1]], "level_config": ["CTA", "CTA"], "c_clip_text": 24,
+                         "c_clip_text_pooled": 24, "c_clip_img": 768, "c_clip_seq": 2},
+    "Stable_Cascade_B": {"stable_cascade_stage": "b", "c_in": 4, "c_out": 4, "c_r": 16, "c_cond": 32,
+                         "c_hidden": [16, 32], "nhead": [-1, 2], "blocks": [[1, 1], [1, 1]],
+                         "block_repeat": [[1, 1], [1, 1]], "level_config": ["CT", "CTA"], "c_clip": 24,
+                         "c_clip_seq": 2},
+}
+
+
+@pytest.mark.parametrize(("config", "model_class"), [("Stable_Cascade_C", "StageC"), ("Stable_Cascade_B", "StageB")])
+def test_stable_cascade_is_unsupported(pack, config, model_class):
+    model_config = getattr(comfy.supported_models, config)(dict(_CASCADE[config]))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    _assert_unsupported(pack, patcher, model_class, config)
