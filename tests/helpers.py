@@ -20,26 +20,38 @@ def sample(model: Any, positive: Any, negative: Any, latent: dict, *, seed: int 
     return out["samples"]
 
 
-def _probe_child(layer: torch.nn.Module) -> torch.nn.Module:
-    """A child module that runs only when the layer really computes."""
-    for child in layer.children():
-        if any(True for _ in child.parameters()) or isinstance(child, torch.nn.Sequential):
-            return child
-    raise AssertionError(f"no child module to count on {type(layer).__name__}")
+def _probes(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """Submodules that run only when the layer really computes, in pre-order: the first is its first
+    child with parameters (or a Sequential); its descendants follow, for blocks that never call that
+    child's forward (SD3's JointBlock calls methods of its context_block and x_block instead)."""
+    modules = [m for m in layer.modules() if m is not layer and (
+        any(True for _ in m.parameters()) or isinstance(m, torch.nn.Sequential))]
+    if not modules:
+        raise AssertionError(f"no child module to count on {type(layer).__name__}")
+    first = modules[0]
+    return [m for m in modules if m is first or any(m is d for d in first.modules())]
+
+
+class _FirstRan(dict):
+    """Per layer: the calls of its first probe that ran at all (the first child, wherever it runs)."""
+
+    def __getitem__(self, name: str) -> int:
+        return next((calls for calls in super().__getitem__(name) if calls), 0)
 
 
 @contextmanager
 def count_layer_computations(diffusion_model: torch.nn.Module, names: list[str]) -> Iterator[dict[str, int]]:
     """Counts, per layer, how often its own submodules ran: real computations, not cache hits."""
-    counts = {name: 0 for name in names}
+    counts = _FirstRan({name: [] for name in names})
     handles = []
     for name in names:
-        child = _probe_child(diffusion_model.get_submodule(name))
+        for index, probe in enumerate(_probes(diffusion_model.get_submodule(name))):
+            dict.__getitem__(counts, name).append(0)
 
-        def hook(_module, _args, name=name):
-            counts[name] += 1
+            def hook(_module, _args, name=name, index=index):
+                dict.__getitem__(counts, name)[index] += 1
 
-        handles.append(child.register_forward_pre_hook(hook))
+            handles.append(probe.register_forward_pre_hook(hook))
     try:
         yield counts
     finally:

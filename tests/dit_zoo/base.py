@@ -30,6 +30,9 @@ class TinyDit:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra get_model arguments
     # Hook for configs whose get_model needs more than ({}, ""): returns the BaseModel.
     make_model: Callable[[Any], Any] | None = None
+    # Block lists that see the same input at every step (text refiners without timestep modulation):
+    # the profile must measure them as exactly unchanged, and every other block as changed.
+    static_blocks: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
