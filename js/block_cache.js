@@ -69,7 +69,7 @@ function pictureWidget(node) {
   widget = node.addDOMWidget("block_cache_picture", "block_cache_picture", element, {
     serialize: false, // the data lives in node.properties; the picture is redrawn from it
     hideOnZoom: false,
-    getMinHeight: () => 140,
+    getMinHeight: () => (node.comfyClass === "BlockCacheApply" ? 70 : 140), // Apply shows text only
   });
   widget.canvas = canvas;
   widget.text = text;
@@ -80,7 +80,7 @@ function pictureWidget(node) {
 
 function grow(node) {
   // Give a node that just got its picture room for it (once), in either renderer.
-  if (node.block_cache_grown) return;
+  if (node.block_cache_grown || node.comfyClass === "BlockCacheApply") return;
   node.block_cache_grown = true;
   const size = node.computeSize?.();
   if (size && node.size) node.setSize?.([Math.max(node.size[0], 360), Math.max(node.size[1], size[1] + 160)]);
@@ -230,7 +230,7 @@ function refreshBuild(node, force = false) {
     drawSchedule(widget.canvas, profile.layers, profile.steps, result.mask,
       `schedule at threshold ${options.threshold} (${options.cache_kinds})`);
     const ran = node.properties?.[SCHEDULE_KEY]?.builder;
-    const stale = ran && OPTION_NAMES.some((n) => ran[n] !== options[n]);
+    const stale = !ran || OPTION_NAMES.some((n) => ran[n] !== options[n]); // not what the last run used
     widget.text.textContent = formatEstimate(result) + (stale ? "\n(preview: queue to use these settings)" : "");
     widget.text.dataset.speedup = result.speedup.toFixed(4);
     grow(node);
@@ -359,7 +359,12 @@ function chain(prototype, name, fn) {
   };
 }
 
-app.registerExtension({
+// ComfyUI serves this folder twice when the pack's folder name differs from its pyproject name
+// (WEB_DIRECTORY and [tool.comfy] web both register it); register once.
+const LOADED = "__block_cache_pictures_loaded__";
+if (!globalThis[LOADED]) {
+  globalThis[LOADED] = true;
+  app.registerExtension({
   name: "block_cache.pictures",
   setup() {
     api.addEventListener("block_cache.run", onRunEvent);
@@ -437,3 +442,4 @@ app.registerExtension({
     }
   },
 });
+}

@@ -23,6 +23,9 @@ OUT = ROOT / "example_workflows"
 BUNDLED = ROOT / "schedules"
 BUNDLED_SCHEDULE = "demo_small_euler20_attention_t0.5.json"
 APPLY_WIDGETS = ["model device"]  # cache_device
+PROFILE_KEY = "block_cache_profile"  # node.properties keys of js/block_cache.js
+SCHEDULE_KEY = "block_cache_schedule"
+DEMO = "block_cache_demo_model_no_checkpoint"
 
 # Socket inputs and outputs of the node types the examples use: (name, type).
 SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
@@ -36,7 +39,8 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "SaveImage": ([("images", "IMAGE")], []),
     "SaveLatent": ([("samples", "LATENT")], []),
     "MarkdownNote": ([], []),
-    "BlockCacheDemoModel": ([], [("MODEL", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "BlockCacheDemoModel": ([], [("MODEL", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("VAE", "VAE")]),
     "BlockCacheProfile": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                            ("latent_image", "LATENT")],
                           [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
@@ -104,13 +108,13 @@ def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_n
     profile = g.add("BlockCacheProfile", (340, 120), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (380, 520))
     build = g.add("BlockCacheBuildSchedule", (760, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
     save = g.add("BlockCacheSaveSchedule", (760, 680), [schedule_name, True], (460, 120))
-    apply = g.add("BlockCacheApply", (1260, 120), APPLY_WIDGETS, (440, 230), colour=CACHED)
-    cached = g.add("KSampler", (1260, 360), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
+    apply = g.add("BlockCacheApply", (1260, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
+    cached = g.add("KSampler", (1260, 340), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
                    title="KSampler (cached)", colour=CACHED)
-    uncached = g.add("KSampler", (1260, 680), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
+    uncached = g.add("KSampler", (1260, 640), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
                      title="KSampler (uncached)")
-    dec_c = g.add("VAEDecode", (1600, 360), [], (200, 50))
-    dec_u = g.add("VAEDecode", (1600, 680), [], (200, 50))
+    dec_c = g.add("VAEDecode", (1600, 340), [], (200, 50))
+    dec_u = g.add("VAEDecode", (1600, 640), [], (200, 50))
     prev_c = g.add("PreviewImage", (1840, 120), [], (360, 400), title="cached", colour=CACHED)
     prev_u = g.add("PreviewImage", (2220, 120), [], (360, 400), title="uncached")
     g.link(ckpt_id, 1, pos, "clip")
@@ -180,25 +184,33 @@ def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, steps: int
     g.link(uncached, 0, save_u, "samples")
 
 
-def demo() -> dict[str, Any]:
-    """Runs anywhere: the built-in demo model, no checkpoint."""
+def demo(profile: dict | None = None) -> dict[str, Any]:
+    """Runs anywhere: the built-in demo model, no checkpoint.
+
+    ``profile`` (the frontend payload of the bundled schedule's profiling run, which is this graph's
+    own setting) is stored in the nodes' properties, so the heatmap and the live schedule show as
+    soon as the workflow opens, before anything is queued.
+    """
     g = Graph()
     note = ("## Block Cache: demo model, no checkpoint needed\n\nThe built-in demo model (ComfyUI's own UNet "
             "class in SD1.5's layout, seeded weights) runs on any machine, even on CPU in seconds. Queue it once: "
             "*Profile Block Changes* shows its change heatmap, *Build Cache Schedule* the schedule.\n\n" + _TUNE)
     model, latent = _demo_sources(g, "small")
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
-    profile = g.add("BlockCacheProfile", (360, 120), [1, "fixed", 20, 6.0, "euler", "normal", 1.0], (380, 520))
+    profile_id = g.add("BlockCacheProfile", (360, 120), [1, "fixed", 20, 6.0, "euler", "normal", 1.0], (380, 520))
     build = g.add("BlockCacheBuildSchedule", (780, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
-    apply = g.add("BlockCacheApply", (1280, 120), APPLY_WIDGETS, (440, 230), colour=CACHED)
-    g.link(model, 0, profile, "model")
-    g.link(model, 1, profile, "positive")
-    g.link(model, 2, profile, "negative")
-    g.link(latent, 0, profile, "latent_image")
-    g.link(profile, 1, build, "profile")
+    apply = g.add("BlockCacheApply", (1280, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
+    g.link(model, 0, profile_id, "model")
+    g.link(model, 1, profile_id, "positive")
+    g.link(model, 2, profile_id, "negative")
+    g.link(latent, 0, profile_id, "latent_image")
+    g.link(profile_id, 1, build, "profile")
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
     _demo_tail(g, model, latent, apply, 1760, 20)
+    if profile:
+        g.nodes[profile_id - 1]["properties"][PROFILE_KEY] = profile
+        g.nodes[build - 1]["properties"][PROFILE_KEY] = profile
     return g.to_json()
 
 
@@ -212,11 +224,22 @@ def saved_schedule() -> dict[str, Any]:
     model, latent = _demo_sources(g, "small")
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 230))
     load = g.add("BlockCacheLoadSchedule", (360, 120), [BUNDLED_SCHEDULE], (440, 440), colour=CACHED)
-    apply = g.add("BlockCacheApply", (840, 120), APPLY_WIDGETS, (440, 230), colour=CACHED)
+    g.nodes[load - 1]["properties"][SCHEDULE_KEY] = schedule_file_payload(BUNDLED / BUNDLED_SCHEDULE)
+    apply = g.add("BlockCacheApply", (840, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
     g.link(model, 0, apply, "model")
     g.link(load, 0, apply, "schedule")
     _demo_tail(g, model, latent, apply, 1320, 20)
     return g.to_json()
+
+
+def schedule_file_payload(path: Path) -> dict[str, Any]:
+    """What nodes/frontend.py schedule_payload sends, read from a saved schedule file."""
+    doc = json.loads(path.read_text())
+    return {"version": 1, "model_type": doc["model"]["model_type"], "steps": doc["grid"]["steps"],
+            "layers": [{"name": layer["name"], "kind": layer["kind"]} for layer in doc["layers"]],
+            "compute": [layer["compute"] for layer in doc["layers"]], "computed": doc["estimate"]["computed"],
+            "total": doc["estimate"]["total"], "flop_fraction": doc["estimate"]["flop_fraction"],
+            "speedup": doc["estimate"]["speedup"], "builder": doc["builder"]}
 
 
 WORKFLOWS = {
@@ -227,7 +250,7 @@ WORKFLOWS = {
 }
 
 
-def make_bundled_schedule() -> Path:
+def make_bundled_schedule() -> dict[str, Any]:
     """Profiles the demo model (small, 256x256, euler 20, cfg 6, seed 1) and builds threshold 0.5."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from comfy_bootstrap import load_pack
@@ -249,19 +272,25 @@ def make_bundled_schedule() -> Path:
     profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=6.0, denoise=1.0,
                                             latent_shape=tuple(latent["samples"].shape), seed=1)
     schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
-    return core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)
+    print(f"wrote {core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
+    return pack.nodes.frontend.profile_payload(profile)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", action="store_true", help="also re-profile the bundled schedule")
     args = parser.parse_args()
+    demo_path = OUT / f"{DEMO}.json"
     if args.schedule:
-        print(f"wrote {make_bundled_schedule()}")
+        profile = make_bundled_schedule()
+    else:  # keep the measured profile the demo workflow already carries
+        old = json.loads(demo_path.read_text()) if demo_path.is_file() else {"nodes": []}
+        profile = next((n["properties"][PROFILE_KEY] for n in old["nodes"] if PROFILE_KEY in n["properties"]), None)
     OUT.mkdir(exist_ok=True)
     for name, make in WORKFLOWS.items():
         path = OUT / f"{name}.json"
-        path.write_text(json.dumps(make(), indent=1) + "\n")
+        graph = make(profile) if name == DEMO else make()
+        path.write_text(json.dumps(graph, indent=1, allow_nan=False) + "\n")
         print(f"wrote {path}")
 
 
