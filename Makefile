@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 export COMFYUI_PATH ?=
 
-.PHONY: setup demo test lint workflows thumbnails browser-test
+.PHONY: setup demo test lint bench train-reference workflows thumbnails browser-test
 
 setup:
 	bash scripts/setup.sh
@@ -16,6 +16,16 @@ test: setup
 
 lint: setup
 	$(PYTHON) -m ruff check .
+
+# Reference model and benchmark (issue 5). `bench` writes table.md, results.json and
+# quality_vs_speedup.png to out/bench (about 20 minutes on a 2-core CPU);
+# `train-reference` retrains models/reference/ (about an hour).
+bench: setup
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1
+
+train-reference: setup
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_model.py --minutes 55 --threads 1
+	$(PYTHON) scripts/make_reference_card.py --log out/train/loss.csv
 
 # Frontend (issue 4). Regenerate the example workflows (--schedule also re-profiles the bundled
 # schedule), run the real-browser test alone, or retake the thumbnails and README screenshots.
