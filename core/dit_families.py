@@ -50,7 +50,7 @@ DIT_FAMILIES: tuple[DitFamily, ...] = (
     DitFamily("HunyuanVideo / 1.5", (_LDM + "hunyuan_video.model.HunyuanVideo",), ("double_blocks", "single_blocks")),
     DitFamily("LTXV", (_LDM + "lightricks.model.LTXVModel",), ("transformer_blocks",)),
     DitFamily("Qwen-Image", (_LDM + "qwen_image.model.QwenImageTransformer2DModel",), ("transformer_blocks",)),
-    DitFamily("Lumina2 / Z-Image", (_LDM + "lumina.model.NextDiT",), ("noise_refiner", "context_refiner", "layers")),
+    DitFamily("Lumina2 / Z-Image", (_LDM + "lumina.model.NextDiT",), ("context_refiner", "noise_refiner", "layers")),
     DitFamily("HiDream", (_LDM + "hidream.model.HiDreamImageTransformer2DModel",),
               ("double_stream_blocks", "single_stream_blocks")),
     DitFamily("Cosmos-Predict2", (_LDM + "cosmos.predict2.MiniTrainDIT",), ("blocks",)),
@@ -63,7 +63,7 @@ DIT_FAMILIES: tuple[DitFamily, ...] = (
     DitFamily("Hunyuan3D 2.1", (_LDM + "hunyuan3dv2_1.hunyuandit.HunYuanDiTPlain",), ("blocks",)),
     DitFamily("ACE-Step", (_LDM + "ace.model.ACEStepTransformer2DModel",), ("transformer_blocks",)),
     DitFamily("OmniGen2", (_LDM + "omnigen.omnigen2.OmniGen2Transformer2DModel",),
-              ("noise_refiner", "ref_image_refiner", "context_refiner", "layers")),
+              ("context_refiner", "noise_refiner", "ref_image_refiner", "layers")),
 )
 
 
@@ -155,8 +155,10 @@ def signature_of(block: nn.Module) -> tuple[BlockSignature, bool]:
 
 def _forward_parameters(block: nn.Module) -> list[str]:
     """forward's positional-or-keyword parameter names, in order (no self, no *args/**kwargs)."""
+    # The class's forward, not the instance's: while a patched clone stays loaded, block.forward is
+    # our CachedLayerForward (*args, **kwargs), and every stream would lose its position.
     try:
-        parameters = inspect.signature(block.forward).parameters.values()
+        parameters = list(inspect.signature(type(block).forward).parameters.values())[1:]
     except (TypeError, ValueError):
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -182,7 +184,10 @@ def _is_block_list(module: nn.Module) -> bool:
         return False
     children = list(module.children())
     first = type(children[0])
+    # A block must have a forward of its own: lists of ModuleLists (Stable Cascade's levels) are
+    # iterated by the model, so a patch on the inner list's forward would never run.
     return (all(type(child) is first for child in children)
+            and first.forward is not nn.Module.forward
             and not isinstance(children[0], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding,
                                              nn.LayerNorm, nn.GroupNorm))
             and len(list(children[0].children())) >= 2)
@@ -221,10 +226,16 @@ def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[s
                 output_form=signature.form,
                 streams=streams_of(block, signature),
                 mutates_inputs=True,
+                batch_dim=_batch_dim(block),
             ))
     if inferred:
         notes.append(f"block signature inferred for {', '.join(sorted(inferred))} (single tensor output)")
     return family_name, layers, notes
+
+
+def _batch_dim(block: nn.Module) -> int:
+    """Where the batch is in the block's stream tensors: Cosmos 1 blocks run on (T, H, W, B, D)."""
+    return 3 if getattr(block, "x_format", None) == "THWBD" else 0
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:

@@ -26,6 +26,11 @@ def normalized_times(model_sampling: Any, sigmas: torch.Tensor) -> list[float]:
     sigma_max = torch.as_tensor(model_sampling.sigma_max, dtype=torch.float32).reshape(1)
     t = model_sampling.timestep(sigmas).float()
     t_max = model_sampling.timestep(sigma_max).float()
+    # EDM's timestep (0.25 ln sigma, Cosmos 1) is negative below sigma 1: measured from 0, every
+    # step there would clamp to time 0 and collide. Measure it from sigma_min instead.
+    t_min = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_min, dtype=torch.float32).reshape(1)).float()
+    if float(t_min) < 0.0:
+        return [float(v) for v in ((t - t_min) / (t_max - t_min)).clamp(0.0, 1.0)]
     return [float(v) for v in (t / t_max).clamp(0.0, 1.0)]
 
 
