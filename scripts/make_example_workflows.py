@@ -21,7 +21,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "example_workflows"
 BUNDLED = ROOT / "schedules"
-BUNDLED_SCHEDULE = "demo_small_euler20_attention_t0.5.json"
+BUNDLED_SCHEDULE = "reference_euler20_attention_t0.5.json"
+# The demo examples run the trained reference model (32x32 pixels) with this setting.
+DEMO_PROMPT = "a large red circle at center on a blue striped background"
+DEMO_STEPS, DEMO_CFG, DEMO_SEED = 20, 5.0, 1
 APPLY_WIDGETS = ["model device"]  # cache_device
 PROFILE_KEY = "block_cache_profile"  # node.properties keys of js/block_cache.js
 SCHEDULE_KEY = "block_cache_schedule"
@@ -36,6 +39,7 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
                   ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
     "PreviewImage": ([("images", "IMAGE")], []),
+    "ImageScale": ([("image", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], []),
     "SaveLatent": ([("samples", "LATENT")], []),
     "MarkdownNote": ([], []),
@@ -159,29 +163,34 @@ def sdxl() -> dict[str, Any]:
     return _txt2img("sd_xl_base_1.0.safetensors", 1024, 20, 7.0, note, "sdxl_euler20")
 
 
-def _demo_sources(g: Graph, demo_size: str) -> tuple[int, int]:
-    model = g.add("BlockCacheDemoModel", (0, 120), [demo_size, 0, "a red circle on a blue background", ""],
-                  (320, 170))
-    latent = g.add("EmptyLatentImage", (0, 330), [256, 256, 1], (320, 110))
+def _demo_sources(g: Graph) -> tuple[int, int]:
+    model = g.add("BlockCacheDemoModel", (0, 120), ["reference", 0, DEMO_PROMPT, ""], (320, 190))
+    # 256x256 gives the reference model's 32x32 pixel latent (ComfyUI's pixel-space latent format).
+    latent = g.add("EmptyLatentImage", (0, 350), [256, 256, 1], (320, 110))
     return model, latent
 
 
-def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, steps: int) -> None:
-    cached = g.add("KSampler", (x, 120), [1, "fixed", steps, 6.0, "euler", "normal", 1.0], (300, 262),
-                   title="KSampler (cached)", colour=CACHED)
-    uncached = g.add("KSampler", (x, 420), [1, "fixed", steps, 6.0, "euler", "normal", 1.0], (300, 262),
-                     title="KSampler (uncached)")
+def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int) -> None:
+    """A cached and an uncached KSampler, decoded side by side."""
+    widgets = [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0]
+    cached = g.add("KSampler", (x, 120), widgets, (300, 262), title="KSampler (cached)", colour=CACHED)
+    uncached = g.add("KSampler", (x, 420), list(widgets), (300, 262), title="KSampler (uncached)")
     for sampler in (cached, uncached):
         g.link(model, 1, sampler, "positive")
         g.link(model, 2, sampler, "negative")
         g.link(latent, 0, sampler, "latent_image")
     g.link(apply, 0, cached, "model")
     g.link(model, 0, uncached, "model")
-    save_c = g.add("SaveLatent", (x + 340, 120), ["block_cache/demo_cached"], (300, 80), title="cached",
-                   colour=CACHED)
-    save_u = g.add("SaveLatent", (x + 340, 420), ["block_cache/demo_uncached"], (300, 80), title="uncached")
-    g.link(cached, 0, save_c, "samples")
-    g.link(uncached, 0, save_u, "samples")
+    for sampler, y, title in ((cached, 120, "cached"), (uncached, 420, "uncached")):
+        decode = g.add("VAEDecode", (x + 330, y), [], (200, 50))
+        # 32x32 pixels: shown 8x larger, nearest-neighbour, so the pixels stay visible.
+        scale = g.add("ImageScale", (x + 330, y + 90), ["nearest-exact", 256, 256, "disabled"], (240, 130))
+        preview = g.add("PreviewImage", (x + 600, y), [], (280, 290), title=title,
+                        colour=CACHED if sampler == cached else None)
+        g.link(sampler, 0, decode, "samples")
+        g.link(model, 3, decode, "vae")
+        g.link(decode, 0, scale, "image")
+        g.link(scale, 0, preview, "images")
 
 
 def demo(profile: dict | None = None) -> dict[str, Any]:
@@ -192,14 +201,16 @@ def demo(profile: dict | None = None) -> dict[str, Any]:
     soon as the workflow opens, before anything is queued.
     """
     g = Graph()
-    note = ("## Block Cache: demo model, no checkpoint needed\n\nThe built-in demo model (ComfyUI's own UNet "
-            "class in SD1.5's layout, seeded weights) runs on any machine, even on CPU in seconds. Queue it once: "
-            "*Profile Block Changes* shows its change heatmap, *Build Cache Schedule* the schedule.\n\n" + _TUNE)
-    model, latent = _demo_sources(g, "small")
+    note = ("## Block Cache: built-in model, no checkpoint needed\n\nThe pack's small trained reference model "
+            "(ComfyUI's own UNet class in SD1.5's layout, 32x32 pixels, coloured shapes on textured backgrounds) "
+            "runs on any machine, on CPU in seconds. The workflow opens with the heatmap and schedule it measured "
+            "with these settings; queue it to measure again.\n\n" + _TUNE)
+    model, latent = _demo_sources(g)
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
-    profile_id = g.add("BlockCacheProfile", (360, 120), [1, "fixed", 20, 6.0, "euler", "normal", 1.0], (380, 520))
-    build = g.add("BlockCacheBuildSchedule", (780, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
-    apply = g.add("BlockCacheApply", (1280, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
+    profile_id = g.add("BlockCacheProfile", (350, 120),
+                       [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0], (360, 520))
+    build = g.add("BlockCacheBuildSchedule", (740, 120), [0.5, "attention", 1, 0, 0], (420, 520), colour=CACHED)
+    apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
     g.link(model, 0, profile_id, "model")
     g.link(model, 1, profile_id, "positive")
     g.link(model, 2, profile_id, "negative")
@@ -207,7 +218,7 @@ def demo(profile: dict | None = None) -> dict[str, Any]:
     g.link(profile_id, 1, build, "profile")
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
-    _demo_tail(g, model, latent, apply, 1760, 20)
+    _demo_tail(g, model, latent, apply, 1600)
     if profile:
         g.nodes[profile_id - 1]["properties"][PROFILE_KEY] = profile
         g.nodes[build - 1]["properties"][PROFILE_KEY] = profile
@@ -218,17 +229,17 @@ def saved_schedule() -> dict[str, Any]:
     """Load Cache Schedule -> Apply -> KSampler with the schedule shipped in schedules/."""
     g = Graph()
     note = ("## Block Cache: apply a saved schedule\n\nNo profiling: *Load Cache Schedule* reads a schedule "
-            f"file, here `{BUNDLED_SCHEDULE}` that ships with the pack (made for the demo model: 20 euler steps, "
-            "threshold 0.5, attention layers). Your own schedules, saved with *Save Cache Schedule*, are listed "
+            f"file, here `{BUNDLED_SCHEDULE}` that ships with the pack (made for the built-in reference model: 20 "
+            "euler steps, threshold 0.5, attention layers). Your own schedules, saved with *Save Cache Schedule*, are listed "
             "first. A schedule made for 20 steps also drives other step counts and samplers: it is re-timed.")
-    model, latent = _demo_sources(g, "small")
+    model, latent = _demo_sources(g)
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 230))
     load = g.add("BlockCacheLoadSchedule", (360, 120), [BUNDLED_SCHEDULE], (440, 440), colour=CACHED)
     g.nodes[load - 1]["properties"][SCHEDULE_KEY] = schedule_file_payload(BUNDLED / BUNDLED_SCHEDULE)
     apply = g.add("BlockCacheApply", (840, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
     g.link(model, 0, apply, "model")
     g.link(load, 0, apply, "schedule")
-    _demo_tail(g, model, latent, apply, 1320, 20)
+    _demo_tail(g, model, latent, apply, 1320)
     return g.to_json()
 
 
@@ -251,26 +262,25 @@ WORKFLOWS = {
 
 
 def make_bundled_schedule() -> dict[str, Any]:
-    """Profiles the demo model (small, 256x256, euler 20, cfg 6, seed 1) and builds threshold 0.5."""
+    """Profiles the reference model as the demo workflow does and builds threshold 0.5, attention only."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from comfy_bootstrap import load_pack
 
     pack = load_pack()
     import comfy.utils
     import nodes as comfy_nodes
-    import torch
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     core = pack.core
-    model = core.builtin_models.build_unet_patcher("small", 0)
-    dim = core.builtin_models.context_dim_of(model)
-    positive = core.builtin_models.prompt_conditioning("a red circle on a blue background", dim)
-    negative = core.builtin_models.prompt_conditioning("", dim)
-    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    reference = core.reference_model.load_reference_model()
+    model = reference.patcher.clone()
+    positive, negative = reference.conditioning(DEMO_PROMPT), reference.conditioning("")
+    latent = core.reference_model.empty_latent(1)  # what EmptyLatentImage 256x256 becomes for this model
     profiled, holder = core.patching.attach_profiler(model)
-    comfy_nodes.common_ksampler(profiled, 1, 20, 6.0, "euler", "normal", positive, negative, latent)
-    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=6.0, denoise=1.0,
-                                            latent_shape=tuple(latent["samples"].shape), seed=1)
+    comfy_nodes.common_ksampler(profiled, DEMO_SEED, DEMO_STEPS, DEMO_CFG, "euler", "normal", positive, negative,
+                                latent)
+    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
+                                            denoise=1.0, latent_shape=tuple(latent["samples"].shape), seed=DEMO_SEED)
     schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
     print(f"wrote {core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
     return pack.nodes.frontend.profile_payload(profile)
