@@ -136,6 +136,12 @@ def _picture(page, node_id: int) -> dict:
     }""", node_id)
 
 
+def _assert_no_alert(page) -> None:
+    """The frontend raises toasts for workflows it finds malformed ("Invalid workflow against zod schema")."""
+    page.wait_for_timeout(300)
+    assert page.get_by_text("Invalid workflow", exact=False).count() == 0, "the frontend rejected the workflow"
+
+
 def _screenshot(page, name: str) -> Path:
     path = ARTIFACTS / name
     page.screenshot(path=str(path))
@@ -152,6 +158,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
         && !window.LiteGraph?.registered_node_types?.[n.type]).map(n => n.type)""")
     assert unknown == []
     assert page.get_by_text("missing", exact=False).filter(visible=True).count() == 0, "a missing-node dialog showed"
+    _assert_no_alert(page)
     profile_id, build_id = _node_id(page, "BlockCacheProfile"), _node_id(page, "BlockCacheBuildSchedule")
     apply_id = _node_id(page, "BlockCacheApply")
     # The workflow carries its measured profile, so the pictures show before any run.
@@ -216,24 +223,27 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     shot_run = _screenshot(page, "03_after_run.png")
 
     # 4. Save (serialize) and reload: the pictures come back from the workflow alone.
-    saved = page.evaluate("async () => (await window.app.graphToPrompt()).workflow")  # what Save writes
+    # The JSON text that Save writes (as text: a Python round trip would turn undefined into null).
+    saved = page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)")
     _open(page, server.url)
-    page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, 'reloaded'); }", saved)
+    page.evaluate("async (w) => { await window.app.loadGraphData(JSON.parse(w), true, true, 'reloaded'); }", saved)
     _fit(page, 0.65)
     page.wait_for_timeout(500)
     for node_id in (profile_id, build_id):
         assert _picture(page, node_id)["drawn"], f"node {node_id} lost its picture on reload"
     assert "last run: computed" in _picture(page, apply_id)["text"]
+    _assert_no_alert(page)
     _screenshot(page, "04_reloaded.png")
 
     # 5. The Vue node renderer draws the same canvases.
     page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
-    page.evaluate("async (w) => { await window.app.loadGraphData(w, true, true, 'vue'); }", saved)
+    page.evaluate("async (w) => { await window.app.loadGraphData(JSON.parse(w), true, true, 'vue'); }", saved)
     page.wait_for_selector("[data-node-id] canvas.block-cache-canvas", state="visible", timeout=60_000)
     _fit(page, 0.65)
     page.wait_for_timeout(1000)
     vue = _picture(page, build_id)
     assert vue["drawn"] and vue["visible"], vue["text"]
+    _assert_no_alert(page)
     # A value change from the node's own widget redraws there too.
     page.evaluate("""(id) => { const w = window.app.graph.getNodeById(id).widgets.find(w => w.name === 'threshold');
         w.value = 0.1; w.callback?.(0.1); }""", build_id)
