@@ -1,0 +1,261 @@
+"""Block Cache beside other patches and in awkward graph shapes, on real ComfyUI code.
+
+Where it is defined, an all-compute schedule must give exactly the output of the same graph
+without Block Cache; a caching schedule must keep the other patch working.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import comfy.model_management
+import comfy.patcher_extension
+import numpy as np
+import pytest
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+from dit_zoo import ZOO
+from helpers import count_layer_computations, sample
+
+FLUX = next(e for e in ZOO if e.id == "flux-dev")
+
+
+def profile_schedules(pack, model, conds, latent, steps=8, cfg=5.0):
+    """(all-compute schedule, caching schedule) built from a real profile of ``model``."""
+    core = pack.core
+    profiling, holder = core.patching.attach_profiler(model)
+    sample(profiling, *conds, latent, steps=steps, cfg=cfg)
+    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=cfg, denoise=1.0,
+                                            latent_shape=tuple(latent["samples"].shape))
+    caching = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
+    assert not caching.compute_mask().all()
+    return core.schedule.all_compute_schedule(profile.block_map, profile.grid), caching
+
+
+@pytest.fixture
+def schedules(pack, tiny_model, conds, latent):
+    return profile_schedules(pack, tiny_model, conds, latent)
+
+
+def _lora_patches(model, seed=3, scale=0.05):
+    """LoRA-style weight differences on every attention projection, through ModelPatcher.add_patches."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = {}
+    for key, weight in model.model.state_dict().items():
+        if key.endswith(("to_q.weight", "to_k.weight", "to_v.weight")):
+            patches[key] = (torch.randn(weight.shape, generator=generator) * scale,)
+    assert patches
+    return patches
+
+
+def with_lora(model):
+    lora = model.clone()
+    lora.add_patches(_lora_patches(model), 1.0)
+    return lora
+
+
+# -- LoRA ---------------------------------------------------------------------------------------
+
+def test_lora_before_and_after_apply_all_compute_is_exact(pack, tiny_model, conds, latent, schedules):
+    all_compute, _ = schedules
+    reference = sample(with_lora(tiny_model), *conds, latent)
+    assert not torch.equal(reference, sample(tiny_model, *conds, latent)), "the LoRA must change the output"
+    before, _ = pack.core.patching.apply_block_cache(with_lora(tiny_model), all_compute)
+    assert torch.equal(sample(before, *conds, latent), reference)
+    after, _ = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    after = with_lora(after)
+    assert torch.equal(sample(after, *conds, latent), reference)
+
+
+def test_lora_with_a_caching_schedule_caches_and_keeps_the_lora(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    plain, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
+    lora_cached, holder = pack.core.patching.apply_block_cache(with_lora(tiny_model), caching)
+    out_plain = sample(plain, *conds, latent)
+    out_lora = sample(lora_cached, *conds, latent)
+    assert holder.last_run.reused.sum() > 0 and not torch.equal(out_plain, out_lora)
+    # Applying the LoRA after Block Cache gives the same as before it.
+    after = with_lora(pack.core.patching.apply_block_cache(tiny_model, caching)[0])
+    assert torch.equal(sample(after, *conds, latent), out_lora)
+
+
+# -- attention patches (IPAdapter-style) ----------------------------------------------------------
+
+def _attention_patches(model, calls):
+    def attn2_patch(q, k, v, extra_options):
+        calls["attn2_patch"] += 1
+        return q, k * 1.1, v
+
+    def attn1_replace(q, k, v, extra_options):
+        calls["attn1_replace"] += 1
+        return optimized_attention(q, k, v * 0.9, extra_options["n_heads"])
+
+    model.set_model_attn2_patch(attn2_patch)
+    model.set_model_attn1_replace(attn1_replace, "input", 1)
+    return model
+
+
+def test_attention_patches_before_and_after_apply_all_compute_is_exact(pack, tiny_model, conds, latent, schedules):
+    all_compute, _ = schedules
+    calls = {"attn2_patch": 0, "attn1_replace": 0}
+    reference = sample(_attention_patches(tiny_model.clone(), calls), *conds, latent)
+    assert calls["attn1_replace"] > 0 and calls["attn2_patch"] > 0
+    assert not torch.equal(reference, sample(tiny_model, *conds, latent))
+    before, _ = pack.core.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), all_compute)
+    assert torch.equal(sample(before, *conds, latent), reference)
+    after, _ = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    assert torch.equal(sample(_attention_patches(after.clone(), calls), *conds, latent), reference)
+
+
+def test_attention_replace_runs_whenever_its_layer_computes(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    calls = {"attn2_patch": 0, "attn1_replace": 0}
+    patched, holder = pack.core.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), caching)
+    sample(patched, *conds, latent)
+    index = holder.block_map.index()["input_blocks.1.1"]
+    # One replace call per real computation of that SpatialTransformer (one transformer block).
+    assert calls["attn1_replace"] == holder.last_run.computed[index] > 0
+
+
+# -- patches_replace['dit'] (Skip-Layer Guidance style) on Flux -----------------------------------------
+
+def test_dit_block_replace_patch_chains_with_block_cache(pack):
+    model = FLUX.build(seed=0)
+    conds, latent = FLUX.conds(), FLUX.latent()
+    calls = []
+
+    def double_block_replace(args, extras):
+        calls.append(1)
+        out = extras["original_block"](args)
+        out["img"] = out["img"] * 0.98
+        return out
+
+    replaced = model.clone()
+    replaced.set_model_patch_replace(double_block_replace, "dit", "double_block", 1)
+    reference = sample(replaced, *conds, latent, steps=4, cfg=FLUX.cfg)
+    assert calls and not torch.equal(reference, sample(model, *conds, latent, steps=4, cfg=FLUX.cfg))
+    all_compute, caching = profile_schedules(pack, model, FLUX.conds(), latent, steps=4, cfg=FLUX.cfg)
+    patched, _ = pack.core.patching.apply_block_cache(replaced, all_compute)
+    assert torch.equal(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg), reference)
+    # Set after our node, on its output: the same.
+    after = pack.core.patching.apply_block_cache(model, all_compute)[0].clone()
+    after.set_model_patch_replace(double_block_replace, "dit", "double_block", 1)
+    assert torch.equal(sample(after, *conds, latent, steps=4, cfg=FLUX.cfg), reference)
+    # Caching: the replace function still wraps the block at every evaluation; the block inside it caches.
+    calls.clear()
+    cached, holder = pack.core.patching.apply_block_cache(replaced, caching)
+    sample(cached, *conds, latent, steps=4, cfg=FLUX.cfg)
+    assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
+
+
+# -- graph shapes -------------------------------------------------------------------------------
+
+def test_one_patched_model_in_two_samplers_gives_the_same_result_twice(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    first = sample(patched, *conds, latent)
+    first_stats = holder.last_run
+    second = sample(patched, *conds, latent)
+    assert torch.equal(first, second)
+    np.testing.assert_array_equal(first_stats.computed, holder.last_run.computed)
+
+
+def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    reference = sample(tiny_model, *conds, latent)
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    sample(patched, *conds, latent)
+    # The next graph has the Apply node bypassed: the loader's model goes straight to the sampler.
+    names = [layer.name for layer in caching.layers]
+    with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
+        assert torch.equal(sample(tiny_model, *conds, latent), reference)
+    assert all(counts[name] == 8 for name in names)
+    assert not pack.core.patching.has_block_cache(tiny_model)
+
+
+def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model, conds, latent, schedules):
+    all_compute, caching = schedules
+    exact, exact_holder = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    cached, cached_holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    reference = sample(tiny_model, *conds, latent)
+    cached_out = sample(cached, *conds, latent)
+    assert torch.equal(sample(exact, *conds, latent), reference)
+    assert torch.equal(sample(cached, *conds, latent), cached_out)
+    assert exact_holder.last_run.reused.sum() == 0 and cached_holder.last_run.reused.sum() > 0
+    assert exact_holder is not cached_holder
+
+
+def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, conds, latent, schedules):
+    all_compute, caching = schedules
+    twice, holder = pack.core.patching.apply_block_cache(
+        pack.core.patching.apply_block_cache(tiny_model, caching)[0], all_compute)
+    assert torch.equal(sample(twice, *conds, latent), sample(tiny_model, *conds, latent))
+    assert holder.last_run.reused.sum() == 0
+
+
+# -- cancellation and memory ----------------------------------------------------------------------
+
+class _Interrupt:
+    """Raises ComfyUI's interrupt at the given solver evaluation, as the Cancel button does."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, 0
+
+    def __call__(self, executor, *args, **kwargs):
+        self.seen += 1
+        if self.seen == self.at:
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        return executor(*args, **kwargs)
+
+
+def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    clean, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
+    expected = sample(clean, *conds, latent)
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    interrupted = patched.clone()
+    interrupt = _Interrupt(4)
+    runs = []
+
+    def keep_run(executor, *args, **kwargs):
+        runs.append(holder.run)
+        return executor(*args, **kwargs)
+
+    interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_interrupt", interrupt)
+    interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_keep_run", keep_run)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample(interrupted, *conds, latent)
+    assert interrupt.seen == 4 and runs[-1] is not None
+    assert holder.run is None, "the run state must be dropped"
+    assert runs[-1].cache == {}, "the interrupted run's cached tensors must be freed"
+    # The next run with the same patched model is clean: exactly a fresh model's result.
+    assert torch.equal(sample(patched, *conds, latent), expected)
+    # And the loader's model is unpatched again.
+    assert torch.equal(sample(tiny_model, *conds, latent), sample(tiny_model.clone(), *conds, latent))
+
+
+def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    sample(patched, *conds, latent)
+
+    def live_tensor_bytes() -> int:
+        gc.collect()
+        total = 0
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor):
+                    total += obj.numel() * obj.element_size()
+            except Exception:  # noqa: S112 - some objects refuse inspection; they are not tensors we made
+                continue
+        return total
+
+    before = live_tensor_bytes()
+    peaks = []
+    for _ in range(20):
+        sample(patched, *conds, latent)
+        peaks.append(holder.last_run.peak_cache_bytes)
+    after = live_tensor_bytes()
+    assert len(set(peaks)) == 1 and peaks[0] > 0, "every run caches the same amount"
+    assert after - before <= 0, f"{after - before} bytes of tensors stayed alive after 20 runs"
