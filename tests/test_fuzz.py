@@ -1,0 +1,166 @@
+"""Hostile input: fuzzed schedule and profile documents, and file names for Save/Load.
+
+Every case must end in a valid object or one of the pack's clear errors (ScheduleFormatError,
+ScheduleFileError), never another exception, and nothing may be written or read outside the
+schedule folder. Case counts are fixed by ``EXAMPLES`` (printed in the README's compatibility table).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+EXAMPLES = 300
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+json_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.sampled_from(["", "1" * 5000, "0", "residual", "output", "attention", "transformer", "nan", "Infinity"]),
+)
+json_values = st.recursive(json_leaves, lambda children: st.one_of(
+    st.lists(children, max_size=5), st.dictionaries(st.text(max_size=12), children, max_size=5)), max_leaves=30)
+
+
+@pytest.fixture(scope="module")
+def valid(pack):
+    """A real schedule and profile document of the tiny UNet (profiled once)."""
+    from helpers import sample
+
+    core = pack.core
+    model = core.builtin_models.build_unet_patcher("tiny", seed=0)
+    conds = (core.builtin_models.prompt_conditioning("a", 32), core.builtin_models.prompt_conditioning("b", 32))
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    profiling, holder = core.patching.attach_profiler(model)
+    sample(profiling, *conds, latent, steps=6)
+    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=5.0, denoise=1.0,
+                                            latent_shape=(1, 4, 16, 16))
+    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5, cache_kinds="all"))
+    return core.schema.schedule_to_dict(schedule), core.schema.profile_to_dict(profile)
+
+
+def _paths(doc, prefix=()):
+    """Every path to a value in a JSON document."""
+    yield prefix
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(doc, list):
+        for index, value in enumerate(doc):
+            yield from _paths(value, (*prefix, index))
+
+
+def _replace(doc, path, value):
+    doc = copy.deepcopy(doc)
+    if not path:
+        return value
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return doc
+
+
+def _parse_or_clear_error(pack, reader, doc):
+    errors = pack.core.errors
+    try:
+        result = reader(doc)
+    except errors.ScheduleFormatError as error:
+        assert str(error).startswith("Invalid Block Cache") or "Block Cache" in str(error)
+        return None
+    return result
+
+
+def _check_schedule(schedule) -> None:
+    """A schedule that parsed must be usable: finite numbers, masks of the grid's length."""
+    mask = schedule.compute_mask()
+    assert mask.shape == (len(schedule.layers), schedule.grid.steps) and mask[:, 0].all()
+    assert all(math.isfinite(f) and f >= 0 for f in schedule.layer_flops) and math.isfinite(schedule.total_flops)
+    assert math.isfinite(schedule.estimated_speedup)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_mutated_schedule_documents(pack, valid, data):
+    schedule_doc, _ = valid
+    paths = list(_paths(schedule_doc))
+    path = data.draw(st.sampled_from(paths))
+    doc = _replace(schedule_doc, path, data.draw(json_values))
+    result = _parse_or_clear_error(pack, pack.core.schema.schedule_from_dict, doc)
+    if result is not None:
+        _check_schedule(result)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_mutated_profile_documents(pack, valid, data):
+    _, profile_doc = valid
+    path = data.draw(st.sampled_from(list(_paths(profile_doc))))
+    doc = _replace(profile_doc, path, data.draw(json_values))
+    result = _parse_or_clear_error(pack, pack.core.schema.profile_from_dict, doc)
+    if result is not None:
+        assert all(len(row) == result.grid.steps for row in result.change)
+
+
+@SETTINGS
+@given(doc=json_values)
+def test_random_documents(pack, doc):
+    assert _parse_or_clear_error(pack, pack.core.schema.schedule_from_dict, doc) is None
+    assert _parse_or_clear_error(pack, pack.core.schema.profile_from_dict, doc) is None
+
+
+@SETTINGS
+@given(cut=st.integers(min_value=0, max_value=10**9), junk=st.binary(max_size=20))
+def test_truncated_and_corrupted_json(pack, valid, cut, junk):
+    text = json.dumps(valid[0]).encode()
+    truncated = text[:cut % len(text)] + junk
+    assert _parse_or_clear_error(pack, pack.core.schema.schedule_from_json, truncated) is None
+
+
+def test_deep_nesting_and_huge_documents(pack, valid):
+    errors = pack.core.errors
+    with pytest.raises(errors.ScheduleFormatError):
+        pack.core.schema.schedule_from_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(errors.ScheduleFormatError):
+        pack.core.schema.schedule_from_json(b" " * (pack.core.schema.MAX_DOCUMENT_BYTES + 1))
+    huge = copy.deepcopy(valid[0])
+    huge["grid"]["steps"] = 10**12
+    with pytest.raises(errors.ScheduleFormatError):
+        pack.core.schema.schedule_from_dict(huge)
+
+
+name_parts = st.sampled_from(["..", ".", "/", "\\", "~", "%2e%2e", "\x00", "x", "a b", "-", "_", ".json", "C:",
+                              "\u202e", "\n", "*", "?", "con", "nul"])
+hostile_names = st.one_of(st.text(max_size=200), st.lists(name_parts, max_size=8).map("".join),
+                          st.sampled_from(["../../x", "../x.json", "/etc/passwd", "..\\..\\x", "a/../../b",
+                                           "./a", "a" * 500, "", " ", ".hidden", "x/y"]))
+
+
+@SETTINGS
+@given(name=hostile_names)
+def test_file_names_never_escape_the_folder(pack, valid, tmp_path_factory, name):
+    core = pack.core
+    root = tmp_path_factory.mktemp("fuzz")
+    folder = root / "user" / "block_cache"
+    outside_before = sorted(p for p in root.rglob("*"))
+    schedule = core.schema.schedule_from_dict(valid[0])
+    try:
+        path = core.storage.save_schedule(folder, name, schedule, overwrite=True)
+    except core.errors.ScheduleFileError:
+        path = None
+    if path is not None:
+        assert path.parent == folder.resolve() and path.is_file()
+        assert core.storage.load_schedule(folder, name).grid.steps == schedule.grid.steps
+    else:
+        with pytest.raises(core.errors.ScheduleFileError):
+            core.storage.load_schedule(folder, name)
+    written = {p for p in root.rglob("*") if p.is_file()} - set(outside_before)
+    assert all(Path(p).resolve().parent == folder.resolve() for p in written), written
