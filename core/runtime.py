@@ -127,6 +127,10 @@ class RunState:
     # Calls of each layer within the current model call: a block list may run a block more than
     # once per call (OmniGen2's refiners, Wan VACE per control video), each with its own cache.
     occurrences: dict[int, int] = field(default_factory=dict)
+    # Model calls per cond chunk in the current evaluation. Post-CFG patches (PAG, Skip-Layer
+    # Guidance) call the model again with the same cond uuid; each such pass keeps its own cache,
+    # or their perturbed outputs would be reused for the real cond.
+    passes: dict[Any, int] = field(default_factory=dict)
     latent_signature: tuple | None = None
     cache: dict[tuple[int, Any, int], _CacheEntry] = field(default_factory=dict)
     cache_bytes: int = 0
@@ -157,6 +161,8 @@ class BlockCacheHolder:
         # Called with (holder, stats) after every completed run, e.g. to show a summary in the UI.
         self.run_listeners: list[Callable[[BlockCacheHolder, RunStats], None]] = []
         self._retime_logged = False
+        # Faster Diffusion's prior noise injection (core.noise_injection), when Apply enables it.
+        self.noise_injector: Any = None
 
     def clone(self) -> BlockCacheHolder:
         twin = BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name, self.cache_device)
@@ -224,6 +230,7 @@ class BlockCacheHolder:
         run.first_of_step = run.previous_step is None or step != run.previous_step
         run.evaluation_step = step
         run.occurrences = {}
+        run.passes = {}
         run.in_evaluation = True
         run.stats.evaluations += 1
 
@@ -454,7 +461,11 @@ def apply_model_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **k
     if x.shape[0] % len(keys) != 0:
         keys = [None]
     previous = run.chunk_keys, run.occurrences
-    run.chunk_keys, run.occurrences = list(keys), {}
+    passes = run.passes
+    pass_index = max(passes.get(key, 0) for key in keys)
+    for key in keys:
+        passes[key] = pass_index + 1
+    run.chunk_keys, run.occurrences = [(key, pass_index) for key in keys], {}
     measure_total = run.measure_flops and holder.recorder is not None
     try:
         if measure_total:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import gc
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.samplers
 import numpy as np
 import pytest
 import torch
@@ -259,3 +261,52 @@ def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, sche
     after = live_tensor_bytes()
     assert len(set(peaks)) == 1 and peaks[0] > 0, "every run caches the same amount"
     assert after - before <= 0, f"{after - before} bytes of tensors stayed alive after 20 runs"
+
+
+# -- post-CFG passes (Perturbed-Attention Guidance, Skip-Layer Guidance) ----------------------------
+
+def _discarded_perturbed_pass(calls):
+    """A post-CFG function that calls the model again with the cond and a broken middle attention,
+    as PAG does, but throws the result away: the sampled image must not change."""
+
+    def zero_attention(q, k, v, extra_options):
+        return torch.zeros_like(q)
+
+    def post_cfg(args):
+        options = comfy.model_patcher.set_model_options_patch_replace(args["model_options"].copy(), zero_attention,
+                                                                      "attn1", "middle", 0)
+        comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"], options)
+        calls.append(1)
+        return args["denoised"]
+
+    return post_cfg
+
+
+def test_extra_post_cfg_passes_keep_their_own_cache(pack, tiny_model, conds, latent, schedules):
+    _, caching = schedules
+    reference_model, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
+    reference = sample(reference_model, *conds, latent)
+    calls = []
+    with_pass = tiny_model.clone()
+    with_pass.set_model_sampler_post_cfg_function(_discarded_perturbed_pass(calls))
+    patched, holder = pack.core.patching.apply_block_cache(with_pass, caching)
+    out = sample(patched, *conds, latent)
+    assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
+    # Had the perturbed pass shared the cond's cache, reused layers would carry its broken attention.
+    assert torch.equal(out, reference)
+
+
+def test_perturbed_attention_guidance_all_compute_is_exact(pack, tiny_model, conds, latent, schedules):
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    all_compute, caching = schedules
+    (pag_model,) = PerturbedAttentionGuidance.execute(tiny_model, 2.0).result
+    reference = sample(pag_model, *conds, latent)
+    assert not torch.equal(reference, sample(tiny_model, *conds, latent))
+    before, _ = pack.core.patching.apply_block_cache(pag_model, all_compute)
+    assert torch.equal(sample(before, *conds, latent), reference)
+    (after,) = PerturbedAttentionGuidance.execute(pack.core.patching.apply_block_cache(tiny_model, all_compute)[0],
+                                                  2.0).result
+    assert torch.equal(sample(after, *conds, latent), reference)
+    cached, holder = pack.core.patching.apply_block_cache(pag_model, caching)
+    assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
