@@ -310,3 +310,57 @@ def test_perturbed_attention_guidance_all_compute_is_exact(pack, tiny_model, con
     assert torch.equal(sample(after, *conds, latent), reference)
     cached, holder = pack.core.patching.apply_block_cache(pag_model, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
+
+
+# -- model-sampling nodes, FreeU --------------------------------------------------------------
+
+def _model_sampling_v_zsnr(model):
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    return ModelSamplingDiscrete().patch(model, "v_prediction", True)[0]
+
+
+def _freeu(model):
+    from comfy_extras.nodes_freelunch import FreeU
+
+    return FreeU().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+
+
+@pytest.mark.parametrize("other", [_model_sampling_v_zsnr, _freeu], ids=["ModelSamplingDiscrete", "FreeU"])
+def test_model_patch_nodes_before_and_after_apply_all_compute_is_exact(pack, tiny_model, conds, latent, other):
+    patched_other = other(tiny_model)
+    reference = sample(patched_other, *conds, latent)
+    assert not torch.equal(reference, sample(tiny_model, *conds, latent))
+    # Profile the model as the graph has it, so the schedule's grid is that model's own.
+    all_compute, caching = profile_schedules(pack, patched_other, conds, latent)
+    before, _ = pack.core.patching.apply_block_cache(patched_other, all_compute)
+    assert torch.equal(sample(before, *conds, latent), reference)
+    after = other(pack.core.patching.apply_block_cache(tiny_model, all_compute)[0])
+    assert torch.equal(sample(after, *conds, latent), reference)
+    cached, holder = pack.core.patching.apply_block_cache(patched_other, caching)
+    assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
+    assert not holder.last_run.retimed, "the schedule's grid must match the patched model's own sigmas"
+
+
+# -- stacking with ComfyUI's own EasyCache / LazyCache ------------------------------------------------
+
+@pytest.mark.parametrize("node_name", ["EasyCacheNode", "LazyCacheNode"])
+def test_stacking_with_core_step_caches(pack, tiny_model, conds, latent, schedules, node_name):
+    """Defined behaviour: EasyCache/LazyCache decide per step whether the model runs at all; when it
+    runs, Block Cache decides per layer. With an all-compute schedule the result is theirs alone."""
+    import comfy_extras.nodes_easycache as easycache
+
+    node = getattr(easycache, node_name)
+    all_compute, caching = schedules
+
+    def theirs(model):
+        return node.execute(model, 0.2, 0.15, 0.95, False).result[0]
+
+    reference = sample(theirs(tiny_model), *conds, latent)
+    ours_then_theirs = theirs(pack.core.patching.apply_block_cache(tiny_model, all_compute)[0])
+    assert torch.equal(sample(ours_then_theirs, *conds, latent), reference)
+    theirs_then_ours, _ = pack.core.patching.apply_block_cache(theirs(tiny_model), all_compute)
+    assert torch.equal(sample(theirs_then_ours, *conds, latent), reference)
+    both, holder = pack.core.patching.apply_block_cache(theirs(tiny_model), caching)
+    out = sample(both, *conds, latent)
+    assert torch.isfinite(out).all() and holder.last_run.computed.sum() > 0
