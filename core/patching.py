@@ -14,6 +14,12 @@ from comfy.patcher_extension import WrappersMP
 
 from .block_map import BlockMap, block_map_for_patcher
 from .errors import ScheduleMismatchError
+from .noise_injection import (
+    NoiseInjection,
+    NoiseInjector,
+    injection_outer_sample_wrapper,
+    injection_predict_noise_wrapper,
+)
 from .profile import BlockProfile, ProfileRecorder
 from .runtime import (
     CACHE_ON_MODEL_DEVICE,
@@ -90,12 +96,26 @@ def _install(model: Any, block_map: BlockMap, holder: BlockCacheHolder) -> Any:
     return patched
 
 
-def apply_block_cache(model: Any, schedule: CacheSchedule,
-                      cache_device: str = CACHE_ON_MODEL_DEVICE) -> tuple[Any, BlockCacheHolder]:
-    """A clone of ``model`` that samples with ``schedule``, and the holder of its run state."""
+def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = CACHE_ON_MODEL_DEVICE,
+                      noise_injection: NoiseInjection | None = None) -> tuple[Any, BlockCacheHolder]:
+    """A clone of ``model`` that samples with ``schedule``, and the holder of its run state.
+
+    ``noise_injection`` (Faster Diffusion's prior noise injection) adds its own keyed wrappers when
+    enabled; with alpha 0 nothing is installed for it.
+    """
+    if noise_injection is not None:
+        noise_injection.validate()
     block_map = _scheduled_block_map(schedule, block_map_for_patcher(model))  # in schedule order
     holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule), cache_device=cache_device)
-    return _install(model, block_map, holder), holder
+    patched = _install(model, block_map, holder)
+    if noise_injection is not None and noise_injection.enabled:
+        # The cache and the injection are independent: the cache's holder knows nothing of it.
+        holder.noise_injector = NoiseInjector(noise_injection, holder.name)
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                     bind(injection_outer_sample_wrapper, holder.noise_injector))
+        patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
+                                     bind(injection_predict_noise_wrapper, holder.noise_injector))
+    return patched, holder
 
 
 def attach_profiler(model: Any) -> tuple[Any, BlockCacheHolder]:

@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_apply import ApplyBlockCache
 from .nodes_demo import LoadDemoModel
+from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
 from .nodes_profile import MergeBlockProfiles, ProfileBlockChanges
 from .nodes_schedule import BuildCacheSchedule
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadCacheSchedule,
     MergeBlockProfiles,
     LoadDemoModel,
+    FasterDiffusionSchedule,
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..core.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
 from ..core.patching import apply_block_cache
 from ..core.runtime import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
 from .frontend import send_run_summaries
@@ -31,13 +32,24 @@ class ApplyBlockCache(io.ComfyNode):
                                        "keeps them in system RAM: use it for video models (Wan, HunyuanVideo, "
                                        "LTXV), where one cached block can take hundreds of MB of VRAM, at the "
                                        "cost of a copy each time a block is cached or reused."),
+                io.Float.Input("noise_injection_alpha", default=0.0, min=0.0, max=0.1, step=0.001, optional=True,
+                               tooltip="Faster Diffusion's prior noise injection: adds alpha x the run's initial "
+                                       "noise to the latent at every step below the cut-off time, which restores "
+                                       "high-frequency detail lost to encoder propagation. 0 turns it off (the "
+                                       "default); the paper uses 0.003 with its key-step schedules."),
+                io.Float.Input("noise_injection_until", default=DEFAULT_TAU_CUTOFF, min=0.0, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="Noise injection applies once normalized time (1 = pure noise, 0 = clean) "
+                                       "falls below this; the paper's 0.5 means the second half of the run."),
             ],
             outputs=[io.Model.Output(tooltip="The model with Block Cache; use it in any KSampler.")],
             hidden=[io.Hidden.unique_id],  # to show each run's summary on this node in the browser
         )
 
     @classmethod
-    def execute(cls, model, schedule, cache_device=CACHE_ON_MODEL_DEVICE) -> io.NodeOutput:
-        patched, holder = apply_block_cache(model, schedule, cache_device=cache_device)
+    def execute(cls, model, schedule, cache_device=CACHE_ON_MODEL_DEVICE, noise_injection_alpha=0.0,
+                noise_injection_until=DEFAULT_TAU_CUTOFF) -> io.NodeOutput:
+        injection = NoiseInjection(alpha=float(noise_injection_alpha), tau_cutoff=float(noise_injection_until))
+        patched, holder = apply_block_cache(model, schedule, cache_device=cache_device, noise_injection=injection)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
         return io.NodeOutput(patched)

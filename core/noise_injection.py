@@ -1,0 +1,129 @@
+"""Faster Diffusion's prior noise injection: ``z_t <- z_t + alpha * z_T`` for late steps (t < 0.5 T).
+
+What z_t and z_T are in ComfyUI. The paper works in DDPM's variance-preserving latent z_t (what the
+UNet is fed), and z_T is the initial noise of the run. ComfyUI's k-diffusion samplers carry
+``x = x0 + sigma * eps`` instead (variance-exploding for SD; for flow models x already is the model
+input). The model input is ``model_sampling.calculate_input(sigma, x)``: ``x / sqrt(sigma^2 + 1)``
+for SD (exactly the paper's z_t), ``x`` for flow models. So here:
+
+* z_T is the model input at the run's first evaluation, ``calculate_input(sigma_0, x_0)``: for a
+  full-denoise run that is the initial noise (scaled by sigma_max / sqrt(sigma_max^2 + 1), about
+  0.998 for SD), as in the paper; for img2img it is the starting noisy latent.
+* The injection is done in model-input space, ``z_t + alpha * z_T``, which in the sampler's x is
+  ``x + alpha * z_T / s(sigma)`` with ``s(sigma) = calculate_input(sigma, 1)`` (any model sampling
+  whose input scaling is linear in x per sigma is covered).
+* "t < 0.5 T" is normalized time (the model's timestep over its timestep at sigma_max) below the
+  cut-off, the same time axis every Block Cache schedule uses.
+
+Where. A PREDICT_NOISE wrapper (keyed like the rest of the pack) adds the term *in place* to the
+tensor the sampler passes, at the first evaluation of each new step. KSampler passes its own state
+tensor there (unless a denoise mask is in use), so the solver continues from the injected latent,
+exactly like the paper's ``latents = latents + alpha * init_latents`` before the UNet call, for the
+one-evaluation-per-step samplers (euler/ddim, euler_ancestral, dpmpp_2m, lcm, uni_pc, ...). No
+sampler code is touched. Caveats: for samplers with extra evaluations (heun, dpm_2, ...) the term
+lands on whichever evaluation first reaches a new step (for Heun: its corrector input), and with a
+denoise mask (inpainting) the sampler passes a blended copy, so the term only shifts that
+evaluation's model input.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .time_grid import normalized_times
+
+logger = logging.getLogger(__name__)
+
+PAPER_ALPHA = 0.003
+DEFAULT_TAU_CUTOFF = 0.5
+
+
+@dataclass(frozen=True)
+class NoiseInjection:
+    alpha: float = 0.0  # 0: off (nothing is installed)
+    tau_cutoff: float = DEFAULT_TAU_CUTOFF  # inject at steps whose normalized time is below this
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha != 0.0
+
+    def validate(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha >= 0.0):
+            raise ValueError(f"noise injection alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not (isinstance(self.tau_cutoff, (int, float)) and 0.0 <= self.tau_cutoff <= 1.0):
+            raise ValueError(f"noise injection cut-off must be in [0, 1], got {self.tau_cutoff!r}")
+
+
+class NoiseInjector:
+    """Run state of the injection: z_T, the run's steps, and which step was last injected."""
+
+    def __init__(self, config: NoiseInjection, name: str = "Block Cache") -> None:
+        config.validate()
+        self.config = config
+        self.name = name
+        self.model_sampling: Any = None
+        self.sample_sigmas: torch.Tensor | None = None
+        self.z_T: torch.Tensor | None = None
+        self.last_step: int | None = None
+        self.injected_steps: list[int] = []  # of the current (or last) run, for logs and tests
+
+    def start_run(self, model_sampling: Any, sample_sigmas: torch.Tensor) -> None:
+        self.model_sampling = model_sampling
+        self.sample_sigmas = sample_sigmas.detach().to("cpu", torch.float64).reshape(-1)
+        self.z_T = None
+        self.last_step = None
+        self.injected_steps = []
+
+    def finish_run(self) -> None:
+        if self.injected_steps:
+            logger.info("%s: prior noise injection (alpha %g) at %d steps, from step %d.", self.name,
+                        self.config.alpha, len(self.injected_steps), self.injected_steps[0])
+        self.z_T = None  # frees the latent-sized copy
+        self.model_sampling = None
+
+    def _step_of(self, sigma: float) -> int:
+        """The last step of the run starting at or above ``sigma`` (sigmas descend)."""
+        starts = self.sample_sigmas[:-1] if self.sample_sigmas.numel() > 1 else self.sample_sigmas
+        return max(0, int((starts >= sigma * (1.0 - 1e-6)).sum()) - 1)
+
+    def before_evaluation(self, x: torch.Tensor, timestep: torch.Tensor) -> None:
+        if self.model_sampling is None or self.sample_sigmas is None:
+            return  # not inside a run this injector started
+        sigma = timestep.reshape(-1)[:1]
+        if self.z_T is None:
+            self.z_T = self.model_sampling.calculate_input(timestep, x).detach().clone()
+        step = self._step_of(float(sigma))
+        new_step = self.last_step is None or step > self.last_step
+        self.last_step = step if self.last_step is None else max(step, self.last_step)
+        if not new_step or self.z_T.shape != x.shape:
+            return
+        tau = normalized_times(self.model_sampling, sigma)[0]
+        if tau >= self.config.tau_cutoff:
+            return
+        scale = self.model_sampling.calculate_input(timestep, torch.ones_like(x))
+        x.add_(self.config.alpha * self.z_T.to(device=x.device, dtype=x.dtype) / scale)
+        self.injected_steps.append(step)
+
+
+# -- wrappers (registered with the pack's key next to the cache's own) ----------------------------
+
+def injection_outer_sample_wrapper(injector: NoiseInjector, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    guider = executor.class_obj
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    injector.start_run(guider.model_patcher.get_model_object("model_sampling"), sigmas)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        injector.finish_run()
+
+
+def injection_predict_noise_wrapper(injector: NoiseInjector, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    x = args[0] if args else kwargs["x"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    injector.before_evaluation(x, timestep)
+    return executor(*args, **kwargs)
