@@ -117,6 +117,13 @@ def cached_samplers(prompt: dict[str, dict]) -> set[str]:
             and prompt[n["inputs"]["model"][0]]["class_type"] == "BlockCacheApply"}
 
 
+def sampler_of(prompt: dict[str, dict], node_id: str) -> str:
+    """The KSampler upstream of a node, following its image/latent links (decode, scale, ...)."""
+    while prompt[node_id]["class_type"] != "KSampler":
+        node_id = next(v[0] for k, v in prompt[node_id]["inputs"].items() if k in ("images", "image", "samples"))
+    return node_id
+
+
 def test_every_workflow_has_a_thumbnail_and_is_ui_format():
     names = {path.stem for path in WORKFLOWS}
     assert {"block_cache_sd15_txt2img", "block_cache_sdxl_txt2img", "block_cache_apply_saved_schedule",
@@ -165,6 +172,6 @@ def test_runnable_workflows_run(path: Path, server, object_info):
     outputs = server.wait_for(queued["prompt_id"])
     # The uncached branch may come from the server's cache (the other workflow ran it): not re-reported.
     cached_preview = next(i for i, n in prompt.items() if n["class_type"] == "PreviewImage"
-                          and prompt[n["inputs"]["images"][0]]["inputs"]["samples"][0] in cached_samplers(prompt))
+                          and sampler_of(prompt, i) in cached_samplers(prompt))
     assert outputs[cached_preview]["images"], outputs
     assert "Block Cache: computed" in server.log()
