@@ -43,6 +43,12 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "SaveImage": ([("images", "IMAGE")], []),
     "SaveLatent": ([("samples", "LATENT")], []),
     "MarkdownNote": ([], []),
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "DualCLIPLoader": ([], [("CLIP", "CLIP")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "ConditioningZeroOut": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
     "BlockCacheDemoModel": ([], [("MODEL", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                  ("VAE", "VAE")]),
     "BlockCacheProfile": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -53,6 +59,9 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "BlockCacheApply": ([("model", "MODEL"), ("schedule", "CACHE_SCHEDULE")], [("MODEL", "MODEL")]),
     "BlockCacheSaveSchedule": ([("schedule", "CACHE_SCHEDULE")], []),
     "BlockCacheLoadSchedule": ([], [("schedule", "CACHE_SCHEDULE")]),
+    "BlockCacheFasterDiffusionSchedule": ([("model", "MODEL"), ("profile", "BLOCK_PROFILE")],
+                                          [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"),
+                                           ("json", "STRING")]),
 }
 
 
@@ -163,6 +172,101 @@ def sdxl() -> dict[str, Any]:
     return _txt2img("sd_xl_base_1.0.safetensors", 1024, 20, 7.0, note, "sdxl_euler20")
 
 
+def _side_by_side(g: Graph, model: int, apply: int, positive: int, negative: int, latent: int, vae: tuple[int, int],
+                  sampler: list[Any], x: int) -> None:
+    """A cached and an uncached KSampler at column ``x``, decoded and previewed side by side."""
+    cached = g.add("KSampler", (x, 340), sampler, (300, 262), title="KSampler (cached)", colour=CACHED)
+    uncached = g.add("KSampler", (x, 640), list(sampler), (300, 262), title="KSampler (uncached)")
+    dec_c = g.add("VAEDecode", (x + 340, 340), [], (200, 50))
+    dec_u = g.add("VAEDecode", (x + 340, 640), [], (200, 50))
+    prev_c = g.add("PreviewImage", (x + 580, 120), [], (360, 400), title="cached", colour=CACHED)
+    prev_u = g.add("PreviewImage", (x + 960, 120), [], (360, 400), title="uncached")
+    for node in (cached, uncached):
+        g.link(positive, 0, node, "positive")
+        g.link(negative, 0, node, "negative")
+        g.link(latent, 0, node, "latent_image")
+    g.link(apply, 0, cached, "model")
+    g.link(model, 0, uncached, "model")
+    for node, decode, preview in ((cached, dec_c, prev_c), (uncached, dec_u, prev_u)):
+        g.link(node, 0, decode, "samples")
+        g.link(*vae, decode, "vae")
+        g.link(decode, 0, preview, "images")
+
+
+FLUX_STEPS = 20
+
+
+def flux() -> dict[str, Any]:
+    """Flux dev from the core loaders: profile -> build -> apply -> KSampler, beside an uncached KSampler."""
+    g = Graph()
+    note = ("## Block Cache: Flux dev txt2img\n\nThe same chain as the SD1.5 example on Flux dev, loaded with "
+            "the core loaders: *Profile Block Changes* measures how much every double and single block changes "
+            "per step, *Build Cache Schedule* turns that into a schedule and *Apply Block Cache* makes the model "
+            f"reuse cached blocks. Flux is guidance-distilled: cfg 1.0, the guidance is on *FluxGuidance*, and "
+            f"the negative is the zeroed positive (ignored at cfg 1.0).\n\n{_TUNE}\n\nPut "
+            "`flux1-dev.safetensors` in `models/diffusion_models`, `clip_l.safetensors` and "
+            "`t5xxl_fp16.safetensors` in `models/text_encoders`, `ae.safetensors` in `models/vae`.")
+    g.add("MarkdownNote", (0, -260), [note], (NOTE_W * 2, 340))
+    unet = g.add("UNETLoader", (0, 120), ["flux1-dev.safetensors", "default"], (300, 90))
+    clip = g.add("DualCLIPLoader", (0, 240), ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"],
+                 (300, 130))
+    vae = g.add("VAELoader", (0, 400), ["ae.safetensors"], (300, 60))
+    text = g.add("CLIPTextEncode", (0, 490), ["a photograph of a lighthouse on a cliff at sunset, detailed"],
+                 (300, 140), title="positive")
+    guidance = g.add("FluxGuidance", (0, 660), [3.5], (300, 60))
+    negative = g.add("ConditioningZeroOut", (0, 750), [], (300, 30), title="negative (zeroed)")
+    latent = g.add("EmptySD3LatentImage", (0, 820), [1024, 1024, 1], (300, 110))
+    sampler = [1, "fixed", FLUX_STEPS, 1.0, "euler", "simple", 1.0]
+    profile = g.add("BlockCacheProfile", (340, 120), list(sampler), (380, 520))
+    build = g.add("BlockCacheBuildSchedule", (760, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
+    save = g.add("BlockCacheSaveSchedule", (760, 680), ["flux_dev_euler20", True], (460, 120))
+    apply = g.add("BlockCacheApply", (1260, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
+    g.link(clip, 0, text, "clip")
+    g.link(text, 0, guidance, "conditioning")
+    g.link(text, 0, negative, "conditioning")
+    g.link(unet, 0, profile, "model")
+    g.link(guidance, 0, profile, "positive")
+    g.link(negative, 0, profile, "negative")
+    g.link(latent, 0, profile, "latent_image")
+    g.link(profile, 1, build, "profile")
+    g.link(build, 0, save, "schedule")
+    g.link(unet, 0, apply, "model")
+    g.link(build, 0, apply, "schedule")
+    _side_by_side(g, unet, apply, guidance, negative, latent, (vae, 0), sampler, 1260)
+    return g.to_json()
+
+
+def faster_diffusion_sd15() -> dict[str, Any]:
+    """SD1.5: Faster Diffusion Schedule (no profiling) -> apply with noise injection -> KSampler."""
+    g = Graph()
+    note = ("## Block Cache: Faster Diffusion on SD1.5\n\n*Faster Diffusion Schedule* (encoder propagation, "
+            "Li et al. 2024) needs no profiling: at its key steps the whole UNet runs, at the others the encoder "
+            "(down and middle blocks) is skipped and the decoder reuses the encoder features of the last key "
+            "step. 'paper (auto)' takes the paper's DPM-Solver 20-step key steps. *Apply Block Cache* adds the "
+            "paper's noise injection (alpha 0.003) and reports the time saved against the uncached KSampler."
+            "\n\nPut an SD1.5 checkpoint in `models/checkpoints` and pick it in the loader. Keep *steps*, "
+            "*sampler_name* and *scheduler* the same as the KSampler's.")
+    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 280))
+    ckpt = g.add("CheckpointLoaderSimple", (0, 120), ["v1-5-pruned-emaonly-fp16.safetensors"], (300, 100))
+    pos = g.add("CLIPTextEncode", (0, 280), ["a photograph of a lighthouse on a cliff at sunset, detailed"],
+                (300, 140), title="positive")
+    neg = g.add("CLIPTextEncode", (0, 460), ["blurry, low quality"], (300, 110), title="negative")
+    latent = g.add("EmptyLatentImage", (0, 610), [512, 512, 1], (300, 110))
+    steps, sampler_name, scheduler = 20, "dpmpp_2m", "karras"
+    schedule = g.add("BlockCacheFasterDiffusionSchedule", (340, 120),
+                     [steps, sampler_name, scheduler, "paper (auto)", 5, "0, 1, 2, 3, 5, 10, 15",
+                      round(18 / 28, 4), 1.0], (440, 520), colour=CACHED)
+    apply = g.add("BlockCacheApply", (820, 120), ["model device", 0.003, 0.5], (400, 200), colour=CACHED)
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    g.link(ckpt, 0, schedule, "model")
+    g.link(ckpt, 0, apply, "model")
+    g.link(schedule, 0, apply, "schedule")
+    _side_by_side(g, ckpt, apply, pos, neg, latent, (ckpt, 2),
+                  [1, "fixed", steps, 7.0, sampler_name, scheduler, 1.0], 1260)
+    return g.to_json()
+
+
 def _demo_sources(g: Graph) -> tuple[int, int]:
     model = g.add("BlockCacheDemoModel", (0, 120), ["reference", 0, DEMO_PROMPT, ""], (320, 190))
     # 256x256 gives the reference model's 32x32 pixel latent (ComfyUI's pixel-space latent format).
@@ -258,6 +362,8 @@ WORKFLOWS = {
     "block_cache_sd15_txt2img": sd15,
     "block_cache_sdxl_txt2img": sdxl,
     "block_cache_apply_saved_schedule": saved_schedule,
+    "block_cache_flux_txt2img": flux,
+    "block_cache_faster_diffusion_sd15": faster_diffusion_sd15,
 }
 
 

@@ -20,8 +20,13 @@ from pathlib import Path
 
 from comfy_bootstrap import PACK_ROOT, comfyui_path
 
-# Empty stand-ins, so the example workflows' checkpoint names are valid choices (they are never loaded).
-PLACEHOLDER_CHECKPOINTS = ("v1-5-pruned-emaonly-fp16.safetensors", "sd_xl_base_1.0.safetensors")
+# Empty stand-ins, so the example workflows' model file names are valid choices (they are never loaded).
+PLACEHOLDER_MODELS = {
+    "checkpoints": ("v1-5-pruned-emaonly-fp16.safetensors", "sd_xl_base_1.0.safetensors"),
+    "diffusion_models": ("flux1-dev.safetensors",),
+    "text_encoders": ("clip_l.safetensors", "t5xxl_fp16.safetensors"),
+    "vae": ("ae.safetensors",),
+}
 
 
 @dataclass
@@ -69,10 +74,10 @@ def comfy_server(base: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Serve
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "user").mkdir(exist_ok=True)
     (base / "custom_nodes" / "block_cache").symlink_to(PACK_ROOT, target_is_directory=True)
-    checkpoints = base / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    for name in PLACEHOLDER_CHECKPOINTS:
-        (checkpoints / name).touch()
+    for folder, names in PLACEHOLDER_MODELS.items():
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (base / "models" / folder / name).touch()
     port = _free_port()
     log_path = base / "server.log"
     with open(log_path, "w") as log:
