@@ -18,7 +18,7 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 # Reference model and benchmark (issue 5). `bench` writes table.md, results.json and
-# quality_vs_speedup.png to out/bench (about 20 minutes on a 2-core CPU);
+# quality_vs_speedup.png to out/bench (about 30 minutes on a 2-core CPU);
 # `train-reference` retrains models/reference/ (about an hour).
 bench: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1
