@@ -193,14 +193,10 @@ def grid_for_model(model: Any, steps: int, sampler: str, scheduler: str, denoise
     """The step grid KSampler would run ``model`` on (same sigmas, denoise handled as KSampler does)."""
     import comfy.samplers
 
-    from .time_grid import normalized_times
-
     model_sampling = model.get_model_object("model_sampling")
     if denoise <= 0.0:
         raise ValueError("denoise must be > 0")
     total = steps if denoise >= 0.9999 else int(steps / denoise)
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, total).cpu()
     sigmas = sigmas[-(steps + 1):]
-    return StepGrid(sigmas=tuple(float(s) for s in sigmas),
-                    taus=tuple(normalized_times(model_sampling, sigmas[:-1])),
-                    sampler=sampler, scheduler=scheduler, denoise=float(denoise))
+    return StepGrid.from_sigmas(model_sampling, sigmas, sampler=sampler, scheduler=scheduler, denoise=float(denoise))

@@ -135,14 +135,14 @@ def collect_profile(holder: BlockCacheHolder, model: Any, *, sampler: str, sched
                     denoise: float, latent_shape: tuple[int, ...], **extra: Any) -> BlockProfile:
     """The profile a profiling holder recorded in its last sampling run."""
     from .schema import provenance
-    from .time_grid import StepGrid, normalized_times
+    from .time_grid import StepGrid
 
     sigmas = holder.last_sample_sigmas
     if holder.recorder is None or sigmas is None or holder.last_run is None:
         raise RuntimeError("no profiling run was recorded; the sampler did not run the profiled model")
-    grid = StepGrid(
-        sigmas=tuple(float(s) for s in sigmas),
-        taus=tuple(normalized_times(model.get_model_object("model_sampling"), sigmas[:-1])),
+    grid = StepGrid.from_sigmas(
+        model.get_model_object("model_sampling"),
+        sigmas,
         sampler=sampler,
         scheduler=scheduler,
         cfg=float(cfg),

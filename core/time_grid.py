@@ -46,6 +46,13 @@ class StepGrid:
     denoise: float = 1.0
     latent_shape: tuple[int, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def from_sigmas(cls, model_sampling: Any, sigmas: torch.Tensor, **fields: Any) -> StepGrid:
+        """The grid of a sampler's ``sigmas`` (steps + 1 values) under ``model_sampling``."""
+        sigmas = sigmas.detach().cpu()
+        return cls(sigmas=tuple(float(s) for s in sigmas), taus=tuple(normalized_times(model_sampling, sigmas[:-1])),
+                   **fields)
+
     @property
     def steps(self) -> int:
         return len(self.taus)

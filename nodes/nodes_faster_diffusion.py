@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import comfy.samplers
-import torch
 from comfy_api.latest import io
 
 from ..core.block_map import block_map_for_patcher
@@ -18,9 +17,8 @@ from ..core.faster_diffusion import (
     grid_for_model,
     parse_key_steps,
 )
-from ..core.heatmap import render_schedule
 from ..core.schema import provenance, schedule_to_json
-from .types import CATEGORY, BlockProfileSocket, CacheScheduleSocket
+from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 
 
 class FasterDiffusionSchedule(io.ComfyNode):
@@ -69,13 +67,7 @@ class FasterDiffusionSchedule(io.ComfyNode):
                                                  "measured FLOPs are used, for the speed-up estimate. Without it "
                                                  "the estimate reads 1.00x (unknown)."),
             ],
-            outputs=[
-                CacheScheduleSocket.Output(display_name="schedule", tooltip="For Apply Block Cache or Save Cache "
-                                                                            "Schedule."),
-                io.Image.Output(display_name="schedule_image",
-                                tooltip="Layers (rows) x steps (columns): coloured where computed, dark where reused."),
-                io.String.Output(display_name="json", tooltip="The schedule as JSON text (the saved file format)."),
-            ],
+            outputs=schedule_outputs(),
         )
 
     @classmethod
@@ -87,7 +79,7 @@ class FasterDiffusionSchedule(io.ComfyNode):
         grid = grid_for_model(model, int(steps), sampler_name, scheduler, float(denoise))
         schedule = build_faster_diffusion_schedule(block_map_for_patcher(model), grid, options, profile=profile,
                                                    provenance=provenance())
-        picture = torch.from_numpy(render_schedule(schedule))[None]
+        picture = schedule_picture(schedule)
         keys = schedule.builder["key_steps"]
         text = f"Faster Diffusion: encoder at {len(keys)} of {grid.steps} steps {keys}. {schedule.summary()}"
         return io.NodeOutput(schedule, picture, schedule_to_json(schedule), ui={"text": [text]})

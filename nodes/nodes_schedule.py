@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..core.block_map import CACHE_KIND_CHOICES
-from ..core.heatmap import render_schedule
 from ..core.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
 from ..core.schema import schedule_to_json
 from .frontend import profile_payload, schedule_payload
-from .types import CATEGORY, BlockProfileSocket, CacheScheduleSocket
+from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 
 
 class BuildCacheSchedule(io.ComfyNode):
@@ -41,13 +39,7 @@ class BuildCacheSchedule(io.ComfyNode):
                              tooltip="The longest run of steps a layer may be reused before it must compute; "
                                      "0 means no limit."),
             ],
-            outputs=[
-                CacheScheduleSocket.Output(display_name="schedule", tooltip="For Apply Block Cache or Save Cache "
-                                                                            "Schedule."),
-                io.Image.Output(display_name="schedule_image",
-                                tooltip="Layers (rows) x steps (columns): coloured where computed, dark where reused."),
-                io.String.Output(display_name="json", tooltip="The schedule as JSON text (the saved file format)."),
-            ],
+            outputs=schedule_outputs(),
         )
 
     @classmethod
@@ -57,7 +49,7 @@ class BuildCacheSchedule(io.ComfyNode):
                                always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                max_consecutive_reuse=max_consecutive_reuse)
         schedule = build_schedule(profile, options)
-        picture = torch.from_numpy(render_schedule(schedule))[None]
+        picture = schedule_picture(schedule)
         # The profile goes to the browser too: the node rebuilds the schedule there, live, as the
         # threshold or an option moves (js/schedule_builder.js), and draws it instead of a preview PNG.
         return io.NodeOutput(schedule, picture, schedule_to_json(schedule),

@@ -64,8 +64,7 @@ def _child(config: str, blocks: int, frames: int, height: int, width: int) -> di
         import comfy.samplers
 
         sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).cpu()
-        grid = core.time_grid.StepGrid(sigmas=tuple(float(s) for s in sigmas),
-                                       taus=tuple(core.time_grid.normalized_times(model_sampling, sigmas[:-1])))
+        grid = core.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
         schedule = core.schedule.all_compute_schedule(block_map, grid)
         if config == "caching schedule":  # every block computed at step 0 and reused at step 1
             layers = tuple(dataclasses.replace(layer, compute=(True, False)) for layer in schedule.layers)

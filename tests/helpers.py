@@ -20,6 +20,17 @@ def sample(model: Any, positive: Any, negative: Any, latent: dict, *, seed: int 
     return out["samples"]
 
 
+def profile_by_sampling(pack: Any, model: Any, conds: tuple, latent: dict, *, steps: int = 8, cfg: float = 5.0,
+                        sampler: str = "euler") -> tuple[Any, torch.Tensor]:
+    """Profile Block Changes' own path: a profiled KSampler run. Returns (profile, its sampled output)."""
+    core = pack.core
+    profiling, holder = core.patching.attach_profiler(model)
+    out = sample(profiling, *conds, latent, steps=steps, cfg=cfg, sampler=sampler)
+    profile = core.patching.collect_profile(holder, model, sampler=sampler, scheduler="normal", cfg=cfg, denoise=1.0,
+                                            latent_shape=tuple(latent["samples"].shape))
+    return profile, out
+
+
 def _probes(layer: torch.nn.Module) -> list[torch.nn.Module]:
     """Submodules that run only when the layer really computes, in pre-order: the first is its first
     child with parameters (or a Sequential); its descendants follow, for blocks that never call that

@@ -17,7 +17,7 @@ import pytest
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 from dit_zoo import ZOO
-from helpers import count_layer_computations, sample
+from helpers import count_layer_computations, profile_by_sampling, sample
 
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
 
@@ -25,10 +25,7 @@ FLUX = next(e for e in ZOO if e.id == "flux-dev")
 def profile_schedules(pack, model, conds, latent, steps=8, cfg=5.0):
     """(all-compute schedule, caching schedule) built from a real profile of ``model``."""
     core = pack.core
-    profiling, holder = core.patching.attach_profiler(model)
-    sample(profiling, *conds, latent, steps=steps, cfg=cfg)
-    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=cfg, denoise=1.0,
-                                            latent_shape=tuple(latent["samples"].shape))
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, cfg=cfg)
     caching = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
     assert not caching.compute_mask().all()
     return core.schedule.all_compute_schedule(profile.block_map, profile.grid), caching

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from dit_zoo import TinyDit
-from helpers import count_layer_computations, sample
+from helpers import count_layer_computations, profile_by_sampling, sample
 from torch import nn
 
 STEPS = 4
@@ -111,14 +111,10 @@ def generic(pack):
 @pytest.fixture(scope="module")
 def generic_run(pack, generic):
     """(model, conds, unpatched output, profile) of the generic model."""
-    core = pack.core
     model = generic.build(seed=0)
     conds = generic.conds()
     reference = sample(model, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
-    profiling_model, holder = core.patching.attach_profiler(model)
-    sample(profiling_model, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
-    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=generic.cfg,
-                                            denoise=1.0, latent_shape=generic.latent_shape)
+    profile, _ = profile_by_sampling(pack, model, conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
     return model, conds, reference, profile
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
-from helpers import count_layer_computations, sample, split_cond_calls
+from helpers import count_layer_computations, profile_by_sampling, sample, split_cond_calls
 
 STEPS = 4
 
@@ -28,16 +28,11 @@ def profiled(pack):
 
     def get(entry):
         if entry.id not in cache:
-            core = pack.core
             model = entry.build(seed=0)
             conds = entry.conds()
             latent = entry.latent()
             reference = sample(model, *conds, latent, steps=STEPS, cfg=entry.cfg)
-            profiling_model, holder = core.patching.attach_profiler(model)
-            profiled_out = sample(profiling_model, *conds, latent, steps=STEPS, cfg=entry.cfg)
-            profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal",
-                                                    cfg=entry.cfg, denoise=1.0,
-                                                    latent_shape=tuple(latent["samples"].shape))
+            profile, profiled_out = profile_by_sampling(pack, model, conds, latent, steps=STEPS, cfg=entry.cfg)
             cache[entry.id] = (model, conds, reference, profile, profiled_out)
         return cache[entry.id]
 

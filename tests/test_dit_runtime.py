@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
-from helpers import sample
+from helpers import profile_by_sampling, sample
 
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
 LAYER = "double_blocks.0"
@@ -39,8 +39,7 @@ def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "mode
     block_map = core.block_map.block_map_for_patcher(model)
     model_sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 2).cpu()
-    grid = core.time_grid.StepGrid(sigmas=tuple(float(s) for s in sigmas),
-                                   taus=tuple(core.time_grid.normalized_times(model_sampling, sigmas[:-1])))
+    grid = core.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
     schedule = core.schedule.all_compute_schedule(block_map, grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, compute_at_second_step)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
@@ -108,10 +107,7 @@ def test_each_call_of_a_block_within_one_model_call_has_its_own_cache(pack, flux
 def test_cpu_cache_device_gives_the_same_output(pack):
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
-    profiling, holder = pack.core.patching.attach_profiler(model)
-    sample(profiling, *conds, latent, steps=4, cfg=FLUX.cfg)
-    profile = pack.core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=FLUX.cfg,
-                                                 denoise=1.0, latent_shape=tuple(latent["samples"].shape))
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=4, cfg=FLUX.cfg)
     schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=10.0))
     outputs = []
     for device in pack.core.runtime.CACHE_DEVICES:
@@ -130,10 +126,7 @@ def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, 
 
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
-    profiling, holder = pack.core.patching.attach_profiler(model)
-    sample(profiling, *conds, latent, steps=6, cfg=FLUX.cfg)
-    profile = pack.core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=FLUX.cfg,
-                                                 denoise=1.0, latent_shape=tuple(latent["samples"].shape))
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=6, cfg=FLUX.cfg)
     schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=0.6))
     assert not schedule.compute_mask().all()
     patched, holder = pack.core.patching.apply_block_cache(model, schedule)

@@ -33,16 +33,13 @@ json_values = st.recursive(json_leaves, lambda children: st.one_of(
 @pytest.fixture(scope="module")
 def valid(pack):
     """A real schedule and profile document of the tiny UNet (profiled once)."""
-    from helpers import sample
+    from helpers import profile_by_sampling
 
     core = pack.core
     model = core.builtin_models.build_unet_patcher("tiny", seed=0)
     conds = (core.builtin_models.prompt_conditioning("a", 32), core.builtin_models.prompt_conditioning("b", 32))
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    profiling, holder = core.patching.attach_profiler(model)
-    sample(profiling, *conds, latent, steps=6)
-    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=5.0, denoise=1.0,
-                                            latent_shape=(1, 4, 16, 16))
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=6)
     schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5, cache_kinds="all"))
     return core.schema.schedule_to_dict(schedule), core.schema.profile_to_dict(profile)
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import count_layer_computations, record_evaluation_sigmas, sample, split_cond_calls
+from helpers import count_layer_computations, profile_by_sampling, record_evaluation_sigmas, sample, split_cond_calls
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2s_ancestral", "dpmpp_sde", "ddim",
             "uni_pc", "lcm"]
@@ -15,10 +15,7 @@ SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2s_a
 
 def profile_and_build(pack, model, conds, latent, *, steps=8, sampler="euler", threshold=0.5, kinds="all"):
     core = pack.core
-    profiled, holder = core.patching.attach_profiler(model)
-    sample(profiled, *conds, latent, steps=steps, sampler=sampler)
-    profile = core.patching.collect_profile(holder, model, sampler=sampler, scheduler="normal", cfg=5.0,
-                                            denoise=1.0, latent_shape=tuple(latent["samples"].shape))
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, sampler=sampler)
     options = core.schedule.BuildOptions(threshold=threshold, cache_kinds=kinds)
     return profile, core.schedule.build_schedule(profile, options)
 
