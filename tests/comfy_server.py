@@ -1,6 +1,6 @@
 """A real ComfyUI server (main.py --cpu) with this pack symlinked into a temporary base directory.
 
-Shared by tests/test_workflows.py and tests/test_browser.py (tests/test_server.py has its own).
+Shared by tests/test_server.py, tests/test_workflows.py and tests/test_browser.py.
 """
 
 from __future__ import annotations

@@ -3,87 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from comfy_bootstrap import PACK_ROOT, comfyui_path
+from comfy_server import comfy_server
 
 NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildSchedule", "BlockCacheApply", "BlockCacheSaveSchedule",
             "BlockCacheLoadSchedule"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        raise AssertionError(f"/prompt refused the graph: {error.read().decode()[:2000]}") from None
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "user").mkdir()
-    (base / "custom_nodes" / "block_cache").symlink_to(PACK_ROOT, target_is_directory=True)
-    port = _free_port()
-    log_path = base / "server.log"
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--disable-auto-launch"],
-        cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                _get(f"{url}/system_stats")
-                break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{log_path.read_text()[-4000:]}") from None
-                time.sleep(0.5)
-        yield url, base, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
-def _wait_for(url: str, prompt_id: str, log_path: Path) -> dict:
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        history = _get(f"{url}/history/{prompt_id}")
-        if prompt_id in history:
-            entry = history[prompt_id]
-            assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-            return entry["outputs"]
-        time.sleep(0.5)
-    raise AssertionError(f"prompt did not finish:\n{log_path.read_text()[-4000:]}")
+    with comfy_server(tmp_path_factory.mktemp("comfy_base")) as running:
+        yield running
 
 
 def test_object_info_lists_the_nodes_with_tooltips(server):
-    url, _, _ = server
-    info = _get(f"{url}/object_info")
+    info = server.get("/object_info")
     for node_id in NODE_IDS:
         assert node_id in info, f"{node_id} not registered"
     profile_inputs = info["BlockCacheProfile"]["input"]["required"]
@@ -118,7 +53,6 @@ def _graph(steps: int, schedule_source: dict) -> dict:
 
 
 def test_profile_build_apply_sample_then_load(server):
-    url, base, log_path = server
     source = {
         "profile": {"class_type": "BlockCacheProfile", "inputs": {
             "model": ["model", 0], "seed": 1, "steps": 10, "cfg": 5.0, "sampler_name": "euler",
@@ -130,23 +64,23 @@ def test_profile_build_apply_sample_then_load(server):
         "save": {"class_type": "BlockCacheSaveSchedule", "inputs": {"schedule": ["schedule", 0],
                                                                   "file_name": "server test", "overwrite": True}},
     }
-    queued = _post(f"{url}/prompt", {"prompt": _graph(10, source)})
-    outputs = _wait_for(url, queued["prompt_id"], log_path)
+    queued = server.post("/prompt", {"prompt": _graph(10, source)})
+    outputs = server.wait_for(queued["prompt_id"], timeout=300)
     # The nodes draw their pictures in the browser from these payloads (js/block_cache.js).
     assert outputs["schedule"]["block_cache_schedule"] and "estimated speed-up" in outputs["schedule"]["text"][0]
     assert outputs["schedule"]["block_cache_profile"] and outputs["profile"]["block_cache_profile"]
     assert "saved server test.json" in outputs["save"]["text"][0]
     assert outputs["save_latent"]["latents"]
-    saved = base / "user" / "block_cache" / "server test.json"
+    saved = server.base / "user" / "block_cache" / "server test.json"
     assert json.loads(saved.read_text())["format"] == "block-cache-schedule"
-    log = log_path.read_text()
+    log = server.log()
     assert "Block Cache: computed" in log and "skipped" in log
 
     # A later graph needs no profiling: the saved file is offered by Load Cache Schedule.
-    options = _get(f"{url}/object_info/BlockCacheLoadSchedule")["BlockCacheLoadSchedule"]["input"]["required"]
+    options = server.get("/object_info/BlockCacheLoadSchedule")["BlockCacheLoadSchedule"]["input"]["required"]
     assert "server test.json" in options["schedule_file"][1]["options"]
     load = {"schedule": {"class_type": "BlockCacheLoadSchedule", "inputs": {"schedule_file": "server test.json"}}}
-    queued = _post(f"{url}/prompt", {"prompt": _graph(15, load)})
-    outputs = _wait_for(url, queued["prompt_id"], log_path)
+    queued = server.post("/prompt", {"prompt": _graph(15, load)})
+    outputs = server.wait_for(queued["prompt_id"], timeout=300)
     assert outputs["save_latent"]["latents"] and "estimated speed-up" in outputs["schedule"]["text"][0]
-    assert "re-timed onto this run's 15 steps" in log_path.read_text()
+    assert "re-timed onto this run's 15 steps" in server.log()
