@@ -112,3 +112,32 @@ def render_schedule(schedule: CacheSchedule) -> np.ndarray:
     _axes(draw, names, schedule.grid.steps, cell_w,
           f"computed {int(mask.sum())}/{mask.size}, est. speed-up {schedule.estimated_speedup:.2f}x")
     return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def render_loss_curve(losses: list[float], title: str) -> np.ndarray:
+    """A line chart of a loss per iteration (Calibrate Block Cache), on a linear axis from 0."""
+    width, height, left, right, top, bottom = 520, 300, 64, 16, 30, 40
+    image = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((8, 8), title, fill=_TEXT, font=font)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+    draw.line([x0, y1, x0, y0, x1, y0], fill=_TEXT)
+    values = [v for v in losses if math.isfinite(v)]
+    peak = max(values) if values else 1.0
+    peak = peak if peak > 0 else 1.0
+    for fraction in (0.0, 0.5, 1.0):
+        y = y0 - fraction * (y0 - y1)
+        draw.text((6, y - 6), f"{peak * fraction:.3g}", fill=_TEXT, font=font)
+        draw.line([x0 - 3, y, x0, y], fill=_TEXT)
+    count = len(losses)
+    draw.text((x0, y0 + 6), "1", fill=_TEXT, font=font)
+    draw.text((x1 - 24, y0 + 6), str(max(count, 1)), fill=_TEXT, font=font)
+    draw.text(((x0 + x1) // 2 - 20, y0 + 20), "iteration", fill=_TEXT, font=font)
+    points = [(x0 + (x1 - x0) * (i / max(1, count - 1)), y0 - (y0 - y1) * (v / peak))
+              for i, v in enumerate(losses) if math.isfinite(v)]
+    if len(points) > 1:
+        draw.line(points, fill=_KIND_COLOURS[LayerKind.ATTENTION], width=2)
+    for x, y in points:
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_KIND_COLOURS[LayerKind.ATTENTION])
+    return np.asarray(image, dtype=np.float32) / 255.0

@@ -105,8 +105,13 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
     """
     if noise_injection is not None:
         noise_injection.validate()
-    block_map = _scheduled_block_map(schedule, block_map_for_patcher(model))  # in schedule order
+    model_map = block_map_for_patcher(model)
+    block_map = _scheduled_block_map(schedule, model_map)  # in schedule order
+    if schedule.scale_shift is not None:
+        schedule.scale_shift.check_matches(schedule.fingerprint, model_map.fingerprint)
     holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule), cache_device=cache_device)
+    if schedule.scale_shift is not None:
+        holder.corrections = schedule.scale_shift.bind(block_map)
     patched = _install(model, block_map, holder)
     if noise_injection is not None and noise_injection.enabled:
         # The cache and the injection are independent: the cache's holder knows nothing of it.

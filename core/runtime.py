@@ -163,10 +163,17 @@ class BlockCacheHolder:
         self._retime_logged = False
         # Faster Diffusion's prior noise injection (core.noise_injection), when Apply enables it.
         self.noise_injector: Any = None
+        # Scale-shift corrections of reused tensors (core.scale_shift), per layer and stream, in
+        # block-map order; None: reused tensors are used as cached.
+        self.corrections: list[list[Any]] | None = None
+        # A Calibrate Block Cache training session (core.calibration), while one runs.
+        self.calibration: Any = None
 
     def clone(self) -> BlockCacheHolder:
         twin = BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name, self.cache_device)
         twin.run_listeners = list(self.run_listeners)
+        twin.noise_injector = self.noise_injector
+        twin.corrections = self.corrections
         return twin
 
     def reset(self) -> None:
@@ -234,6 +241,13 @@ class BlockCacheHolder:
         run.in_evaluation = True
         run.stats.evaluations += 1
 
+    def restart_model_calls(self) -> None:
+        """Forget the current evaluation's model calls, so that it can be run again from its start
+        (calibration runs the teacher, then the student, on one evaluation)."""
+        if self.run is not None:
+            self.run.occurrences = {}
+            self.run.passes = {}
+
     def end_evaluation(self) -> None:
         run = self.run
         if run is None:
@@ -252,8 +266,21 @@ class BlockCacheHolder:
         run.occurrences[index] = occurrence + 1
         keys = run.chunk_keys
         profiling = self.recorder is not None
+        calibration = self.calibration
+        if calibration is not None and calibration.teacher_pass:
+            # The uncached teacher: everything computes; the outputs the student will reuse are targets.
+            out = patch.original(*args, **kwargs)
+            if not run.compute_now[index]:
+                calibration.record_target(index, tuple(keys), occurrence, patch.spec, out)
+            return out
         if not profiling and not run.compute_now[index]:
-            reused = self._reuse(run, patch, args, kwargs, keys, occurrence)
+            if calibration is None:
+                reused = self._reuse(run, patch, args, kwargs, keys, occurrence)
+            else:
+                with calibration.grad_context():
+                    reused = self._reuse(run, patch, args, kwargs, keys, occurrence)
+                if reused is not None:
+                    reused = calibration.observe_reuse(index, tuple(keys), occurrence, patch.spec, reused)
             if reused is not None:
                 run.stats.reused[index] += 1
                 return reused
@@ -289,6 +316,7 @@ class BlockCacheHolder:
             entries.append(entry)
         chunks = len(keys)
         elements: list[Any] = []
+        corrections = self.corrections[patch.layer_index] if self.corrections is not None else None
         for stream_index, current in enumerate(inputs):
             expected = entries[0].input_shapes[stream_index]
             if expected is not None:
@@ -303,6 +331,8 @@ class BlockCacheHolder:
             reference = current if isinstance(current, torch.Tensor) else None
             if reference is not None and (cached.device != reference.device or cached.dtype != reference.dtype):
                 cached = cached.to(device=reference.device, dtype=reference.dtype)
+            if corrections is not None and corrections[stream_index] is not None:
+                cached = corrections[stream_index].apply(cached, run.evaluation_step)
             if entries[0].residual[stream_index]:
                 elements.append(patch.spec.batch_back(patch.spec.residual_base(patch.module, current) + cached))
             else:

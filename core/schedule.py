@@ -7,15 +7,19 @@ recomputed at the first step where the sum exceeds the threshold delta.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .block_map import CACHE_KIND_CHOICES, BlockMap, LayerKind, ReuseMode
 from .profile import BlockProfile
 from .time_grid import StepGrid
+
+if TYPE_CHECKING:
+    from .scale_shift import ScaleShiftTable
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -66,6 +70,17 @@ class CacheSchedule:
     total_flops: float
     builder: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Learned corrections of reused features (Calibrate Block Cache); None: uncorrected.
+    scale_shift: ScaleShiftTable | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what the runtime does with this schedule: model structure, steps, layers, masks."""
+        digest = hashlib.sha256(f"{self.block_map.fingerprint}|{self.grid.steps}".encode())
+        for layer in self.layers:
+            mask = "".join("1" if c else "0" for c in layer.compute)
+            digest.update(f"\n{layer.name}|{layer.reuse.value}|{mask}".encode())
+        return digest.hexdigest()[:16]
 
     def compute_mask(self) -> np.ndarray:
         """[layers, steps] boolean array: True where the layer is computed."""
@@ -85,6 +100,7 @@ class CacheSchedule:
         return (
             f"{int(mask.sum())}/{mask.size} layer evaluations computed over {self.grid.steps} steps; "
             f"{self.flop_fraction:.1%} of the FLOPs, estimated speed-up {self.estimated_speedup:.2f}x"
+            + ("; with scale-shift calibration" if self.scale_shift is not None else "")
         )
 
 

@@ -55,10 +55,11 @@ def _block_map_dict(block_map: BlockMap) -> dict[str, Any]:
             "model_class": block_map.model_class, "fingerprint": block_map.fingerprint}
 
 
-def schedule_to_dict(schedule: CacheSchedule) -> dict[str, Any]:
+def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = None) -> dict[str, Any]:
+    """The schedule document; ``calibration_file`` names the saved scale-shift parameters, if any."""
     mask = schedule.compute_mask()
     specs = {spec.name: spec for spec in schedule.block_map.layers}
-    return {
+    document = {
         "format": SCHEDULE_FORMAT,
         "version": SCHEMA_VERSION,
         "model": _block_map_dict(schedule.block_map),
@@ -85,10 +86,13 @@ def schedule_to_dict(schedule: CacheSchedule) -> dict[str, Any]:
         },
         "provenance": schedule.provenance,
     }
+    if calibration_file is not None:
+        document["calibration"] = {"file": calibration_file, "fingerprint": schedule.fingerprint}
+    return document
 
 
-def schedule_to_json(schedule: CacheSchedule) -> str:
-    return json.dumps(schedule_to_dict(schedule), indent=1)
+def schedule_to_json(schedule: CacheSchedule, calibration_file: str | None = None) -> str:
+    return json.dumps(schedule_to_dict(schedule, calibration_file), indent=1)
 
 
 def profile_to_dict(profile: BlockProfile) -> dict[str, Any]:
@@ -286,8 +290,32 @@ def schedule_from_dict(doc: Any) -> CacheSchedule:
     )
 
 
+def parse_schedule_document(text: str | bytes) -> Any:
+    """The JSON of a schedule file, parsed but not yet checked (``schedule_from_dict`` checks)."""
+    return _parse_json(text, "schedule")
+
+
 def schedule_from_json(text: str | bytes) -> CacheSchedule:
-    return schedule_from_dict(_parse_json(text, "schedule"))
+    return schedule_from_dict(parse_schedule_document(text))
+
+
+_CALIBRATION_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,119}\.scale_shift\.safetensors$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+
+
+def calibration_reference(doc: dict[str, Any]) -> tuple[str, str] | None:
+    """(file name, schedule fingerprint) of a checked schedule document's scale-shift parameters, if any."""
+    if doc.get("calibration") is None:
+        return None
+    r = _Reader("schedule")
+    entry = r.obj(doc["calibration"], "calibration")
+    file_name = r.string(r.field(entry, "file", "calibration"), "calibration.file", 160)
+    if not _CALIBRATION_FILE.match(file_name) or ".." in file_name:
+        raise r.fail("calibration.file", f"{file_name!r} is not a plain '<name>.scale_shift.safetensors' file name")
+    fingerprint = r.string(r.field(entry, "fingerprint", "calibration"), "calibration.fingerprint", 16)
+    if not _FINGERPRINT.match(fingerprint):
+        raise r.fail("calibration.fingerprint", f"{fingerprint!r} is not a 16-digit hex fingerprint")
+    return file_name, fingerprint
 
 
 def profile_from_dict(doc: Any) -> BlockProfile:

@@ -1,11 +1,14 @@
 """Schedule files: ``<ComfyUI user directory>/block_cache/*.json``, never inside the pack.
 
+A calibrated schedule's scale-shift parameters are saved beside it as
+``<name>.scale_shift.safetensors``, and its JSON references them.
 File names are checked before any disk access: nothing is read or written outside
 the folder, whatever name arrives from a workflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -13,8 +16,15 @@ import tempfile
 from pathlib import Path
 
 from .errors import ScheduleFileError
+from .scale_shift import FILE_SUFFIX, ScaleShiftTable
 from .schedule import CacheSchedule
-from .schema import MAX_DOCUMENT_BYTES, schedule_from_json, schedule_to_json
+from .schema import (
+    MAX_DOCUMENT_BYTES,
+    calibration_reference,
+    parse_schedule_document,
+    schedule_from_dict,
+    schedule_to_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +44,13 @@ def list_schedules(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.suffix == ".json" and p.is_file() and _SAFE_NAME.match(p.name))
 
 
-def resolve(directory: Path, file_name: str) -> Path:
+def resolve(directory: Path, file_name: str, suffix: str = ".json") -> Path:
     """The path of ``file_name`` in ``directory``; raises on anything that is not a plain name."""
     if not isinstance(file_name, str):
         raise ScheduleFileError(f"schedule file name must be text, got {type(file_name).__name__}")
     name = file_name.strip()
-    if not name.endswith(".json"):
-        name += ".json"
+    if not name.endswith(suffix):
+        name += suffix
     if not _SAFE_NAME.match(name) or ".." in name:
         raise ScheduleFileError(
             f"unsafe schedule file name {file_name!r}: use letters, digits, spaces, '_', '-' and '.', "
@@ -56,7 +66,11 @@ def save_schedule(directory: Path, file_name: str, schedule: CacheSchedule, over
     path = resolve(directory, file_name)
     if path.exists() and not overwrite:
         raise ScheduleFileError(f"{path.name} already exists in {directory}; pick another name or allow overwrite")
-    text = schedule_to_json(schedule)
+    parameters = None
+    if schedule.scale_shift is not None:
+        parameters = resolve(directory, path.name.removesuffix(".json"), FILE_SUFFIX)
+        schedule.scale_shift.save(parameters)  # first: the JSON never references a file not written
+    text = schedule_to_json(schedule, calibration_file=parameters.name if parameters is not None else None)
     directory.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted save never leaves a truncated schedule behind.
     handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".saving-", suffix=".json")
@@ -67,7 +81,8 @@ def save_schedule(directory: Path, file_name: str, schedule: CacheSchedule, over
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    logger.info("Block Cache: saved schedule to %s", path)
+    logger.info("Block Cache: saved schedule to %s%s", path,
+                f" and its scale-shift parameters to {parameters.name}" if parameters is not None else "")
     return path
 
 
@@ -77,4 +92,16 @@ def load_schedule(directory: Path, file_name: str) -> CacheSchedule:
         raise ScheduleFileError(f"no schedule named {path.name} in {directory}; save one with Save Cache Schedule")
     if path.stat().st_size > MAX_DOCUMENT_BYTES:
         raise ScheduleFileError(f"{path.name} is larger than a schedule can be ({MAX_DOCUMENT_BYTES} bytes)")
-    return schedule_from_json(path.read_bytes())
+    document = parse_schedule_document(path.read_bytes())
+    schedule = schedule_from_dict(document)
+    reference = calibration_reference(document)
+    if reference is None:
+        return schedule
+    file_name, fingerprint = reference
+    if fingerprint != schedule.fingerprint:
+        raise ScheduleFileError(
+            f"{path.name} was changed after it was calibrated (its layers or steps no longer match the scale-shift "
+            f"parameters in {file_name}). Calibrate it again, or remove its 'calibration' entry.")
+    table = ScaleShiftTable.load(resolve(directory, file_name, FILE_SUFFIX))
+    table.check_matches(schedule.fingerprint)
+    return dataclasses.replace(schedule, scale_shift=table)

@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_apply import ApplyBlockCache
+from .nodes_calibrate import CalibrateBlockCache
 from .nodes_demo import LoadDemoModel
 from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     MergeBlockProfiles,
     LoadDemoModel,
     FasterDiffusionSchedule,
+    CalibrateBlockCache,
 ]
 
 
