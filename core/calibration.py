@@ -10,7 +10,7 @@ Per iteration, one sampling run on the schedule's grid (a prompt and a fresh see
 3. the student's evaluation then reuses those layers through the correction, the relative
    squared error to the teacher's output is back-propagated into that step's scale and shift
    rows only (the layer's output is detached before the next layer sees it, so no gradient
-   runs through the model), and Adam updates them.
+   runs through the model), and Adam updates them, with a step size decaying linearly to 0.
 
 Everything runs on a clone made by ``apply_block_cache``; the model passed in is never changed.
 """
@@ -38,7 +38,7 @@ from .schedule import CacheSchedule
 logger = logging.getLogger(__name__)
 
 DEFAULT_ITERATIONS = 24
-DEFAULT_LEARNING_RATE = 0.01
+DEFAULT_LEARNING_RATE = 0.03
 _EPSILON = 1e-12
 
 
@@ -93,6 +93,12 @@ class CalibrationSession:
                 entry.shift = entry.shift.detach().clone().requires_grad_(True)
                 self._optimize(entry.scale, entry.shift)
         holder.corrections = table.bind(holder.block_map)
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
 
     def _optimize(self, *tensors: torch.Tensor) -> None:
         if self.optimizer is None:
@@ -246,6 +252,8 @@ def _unroll(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]],
             seed = options.seed + iteration
             noise = comfy.sample.prepare_noise(latent_image, seed)
             session.iteration_losses = []
+            # Linear decay to zero: large early steps reach the optimum, small late ones settle on it.
+            session.set_learning_rate(options.learning_rate * (1.0 - iteration / options.iterations))
 
             def on_step(step: int, _x0: Any, _x: Any, _total: int, done: int = iteration * steps) -> None:
                 if progress is not None:

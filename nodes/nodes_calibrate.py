@@ -51,8 +51,9 @@ class CalibrateBlockCache(io.ComfyNode):
                                      "small and converges fast. Expect a modest gain (on our reference model "
                                      "+0.4 to +1 dB PSNR at aggressive thresholds), and little at mild ones."),
                 io.Float.Input("learning_rate", default=DEFAULT_LEARNING_RATE, min=0.0001, max=1.0, step=0.0001,
-                               tooltip="Adam's step size for the scale and shift. 0.01 suits most models; lower "
-                                       "it if the loss curve jumps around."),
+                               tooltip="Adam's first step size for the scale and shift; it decays linearly to 0 "
+                                       "over the iterations. 0.03 suits most models; lower it if the loss curve "
+                                       "jumps around."),
                 io.Int.Input("steps", default=0, min=0, max=10000,
                              tooltip="Sampling steps per iteration. 0 uses the schedule's own step count, which "
                                      "is what the corrections are indexed by; other counts are re-timed."),

@@ -38,6 +38,8 @@ from plotting import Series, plot
 THRESHOLDS = (0.25, 0.5, 1.0, 2.0)
 PEER_THRESHOLDS = (0.1, 0.2, 0.4)  # 0.2 is the nodes' default
 INTERVALS = (2, 3)
+# Aggressive schedules that also run with Calibrate Block Cache's scale-shift correction.
+CALIBRATED = (("attention", 2.0), ("all", 0.5), ("all", 1.0))
 
 
 def _module(name: str) -> Any:
@@ -142,6 +144,7 @@ def reference_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     _save_picture(heatmap.render_profile(profile), heatmap_path)
 
     methods = [Method("no cache", "none", "", model)]
+    calibrations = []
     for kinds in ("attention", "all"):
         for threshold in THRESHOLDS:
             schedule = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=threshold,
@@ -149,6 +152,15 @@ def reference_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             patched, bc_holder = patching.apply_block_cache(model, schedule)
             methods.append(Method(f"Block Cache {kinds} δ={threshold:g}", f"block_cache/{kinds}",
                                   f"threshold {threshold:g}", patched, bc_holder))
+            if (kinds, threshold) in CALIBRATED and args.calibration_iterations:
+                result = _calibrate(reference, schedule, negative, args)
+                calibrations.append({"schedule": f"{kinds} δ={threshold:g}", "seconds": result.seconds,
+                                     "loss_first": result.losses[0], "loss_last": result.losses[-1],
+                                     "streams": len(result.schedule.scale_shift.entries)})
+                patched, bc_holder = patching.apply_block_cache(model, result.schedule)
+                methods.append(Method(f"Block Cache {kinds} δ={threshold:g} + scale-shift",
+                                      f"block_cache/{kinds}+scale_shift", f"threshold {threshold:g}", patched,
+                                      bc_holder))
     base = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
     outer = _outer_layer_names(model)
     for interval in INTERVALS:
@@ -205,7 +217,22 @@ def reference_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     _save_grid(reference_pictures, Path(args.out) / "reference_uncached_samples.png")
     return {"rows": rows, "pairs": len(batch), "prompts": prompts, "seeds_per_prompt": args.seeds,
             "sampler": sampler, "rounds": args.rounds, "profile_heatmap": heatmap_path.name,
-            "profile_prompts": profile_prompts}
+            "profile_prompts": profile_prompts, "calibrations": calibrations,
+            "calibration_iterations": args.calibration_iterations}
+
+
+def _calibrate(reference: Any, schedule: Any, negative: Any, args: argparse.Namespace) -> Any:
+    """Calibrate Block Cache's training on prompts and seeds the evaluation never uses."""
+    calibration = _module("calibration")
+    reference_model = _module("reference_model")
+    prompts = _module("reference_data").benchmark_prompts(8, seed=7)
+    latent = torch.zeros(len(prompts), 3, reference_model.RESOLUTION, reference_model.RESOLUTION)
+    options = calibration.CalibrationOptions(iterations=args.calibration_iterations, seed=args.seed + 5000)
+    result = calibration.calibrate(reference.patcher, schedule, [([[reference.encode(prompts), {}]], negative)],
+                                   latent, options)
+    print(f"calibrated {schedule.builder}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
+          f"in {result.seconds:.0f} s", flush=True)
+    return result
 
 
 def _outer_layer_names(model: Any) -> set[str]:
@@ -331,6 +358,12 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {row['method']} | {row['setting'] or '-'} | {row['speedup']:.2f}x | "
                          f"{row['flop_fraction']:.1%} | {row['ideal_speedup']:.2f}x | {psnr_text} | "
                          f"{row['ssim']:.4f} |")
+        if ref.get("calibrations"):
+            lines += ["", f"Scale-shift calibration ({ref['calibration_iterations']} iterations of 8 training prompts "
+                          "x 1 seed each, prompts and seeds disjoint from the evaluation; relative error of the "
+                          "reused layer outputs, first -> last iteration):", ""]
+            lines += [f"- {c['schedule']}: {c['loss_first']:.4f} -> {c['loss_last']:.4f}, {c['streams']} corrected "
+                      f"streams, {c['seconds']:.0f} s" for c in ref["calibrations"]]
     full = results.get("full_size")
     if full:
         lines += [
@@ -354,6 +387,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def quality_plot(ref: dict[str, Any], path: Path) -> None:
     labels = {"block_cache/attention": "Block Cache (attention)", "block_cache/all": "Block Cache (all layers)",
+              "block_cache/attention+scale_shift": "Block Cache (attention) + scale-shift",
+              "block_cache/all+scale_shift": "Block Cache (all layers) + scale-shift",
               "uniform": "uniform interval", "deepcache": "DeepCache-like interval",
               "easycache": "EasyCache (core)", "lazycache": "LazyCache (core)"}
     series = []
@@ -380,6 +415,7 @@ def main() -> None:
     parser.add_argument("--scheduler", default="normal")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calibration-iterations", type=int, default=16, help="0 skips the scale-shift rows")
     parser.add_argument("--full-steps", type=int, default=4)
     parser.add_argument("--full-rounds", type=int, default=5)
     parser.add_argument("--full-resolution", type=int, default=256)
