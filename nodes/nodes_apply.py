@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
+from ..core.parallel_decoding import ParallelDecoding, enable_parallel_decoding
 from ..core.patching import apply_block_cache
 from ..core.runtime import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
 from .frontend import send_run_summaries
@@ -41,6 +42,18 @@ class ApplyBlockCache(io.ComfyNode):
                                optional=True,
                                tooltip="Noise injection applies once normalized time (1 = pure noise, 0 = clean) "
                                        "falls below this; the paper's 0.5 means the second half of the run."),
+                io.Boolean.Input("parallel_decoding", default=False, optional=True,
+                                 tooltip="Faster Diffusion's parallel decoding, for Faster Diffusion Schedule "
+                                         "(encoder propagation) on UNet models only; ignored, with a log line, for "
+                                         "other schedules. The decoder passes of the steps between two key steps "
+                                         "run as one batch, so a GPU is used better (no fewer FLOPs). conv_in is "
+                                         "then reused with the encoder, as in the paper, which changes the output "
+                                         "slightly. Memory: the decoder's activations grow with the number of "
+                                         "steps batched (up to the gap between key steps, x the CFG batch); "
+                                         "limit it below. Off by default."),
+                io.Int.Input("parallel_decoding_max_steps", default=0, min=0, max=1000, optional=True,
+                             tooltip="Parallel decoding: the most steps decoded in one batch (0: every step up to "
+                                     "the next key step). Lower it if the batched pass runs out of memory."),
             ],
             outputs=[io.Model.Output(tooltip="The model with Block Cache; use it in any KSampler.")],
             hidden=[io.Hidden.unique_id],  # to show each run's summary on this node in the browser
@@ -48,8 +61,13 @@ class ApplyBlockCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule, cache_device=CACHE_ON_MODEL_DEVICE, noise_injection_alpha=0.0,
-                noise_injection_until=DEFAULT_TAU_CUTOFF) -> io.NodeOutput:
+                noise_injection_until=DEFAULT_TAU_CUTOFF, parallel_decoding=False,
+                parallel_decoding_max_steps=0) -> io.NodeOutput:
         injection = NoiseInjection(alpha=float(noise_injection_alpha), tau_cutoff=float(noise_injection_until))
+        parallel = ParallelDecoding(enabled=bool(parallel_decoding), max_steps=int(parallel_decoding_max_steps))
+        parallel.validate()
         patched, holder = apply_block_cache(model, schedule, cache_device=cache_device, noise_injection=injection)
+        # Also takes a previous Apply's parallel decoding off when it is not wanted here.
+        patched, _ = enable_parallel_decoding(patched, holder, schedule, parallel)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
         return io.NodeOutput(patched)
