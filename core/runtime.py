@@ -334,7 +334,9 @@ class BlockCacheHolder:
             if corrections is not None and corrections[stream_index] is not None:
                 cached = corrections[stream_index].apply(cached, run.evaluation_step)
             if entries[0].residual[stream_index]:
-                elements.append(patch.spec.batch_back(patch.spec.residual_base(patch.module, current) + cached))
+                with torch.no_grad():  # never part of a calibration's graph (the weights may be inference tensors)
+                    base = patch.spec.residual_base(patch.module, current)
+                elements.append(patch.spec.batch_back(base + cached))
             else:
                 # callers may change it in place; the cache must stay intact
                 elements.append(patch.spec.batch_back(cached.clone()))

@@ -41,7 +41,7 @@ class CalibrateBlockCache(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative prompt used with every prompt."),
                 io.Latent.Input("latent_image", tooltip="Only its size is used (e.g. Empty Latent Image at your "
                                                         "usual resolution); its content is replaced by noise."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The first noise seed; iteration i uses seed + i, so every iteration sees "
                                      "new noise."),
                 io.Int.Input("iterations", default=DEFAULT_ITERATIONS, min=1, max=100000,

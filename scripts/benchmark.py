@@ -168,6 +168,7 @@ def reference_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             patched, bc_holder = patching.apply_block_cache(model, interval_schedule(base, interval, keep))
             label = "uniform every" if family == "uniform" else "DeepCache-like every"
             methods.append(Method(f"{label} {interval}", family, f"interval {interval}", patched, bc_holder))
+    methods += _faster_diffusion_methods(model, profile, args)
     for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
         for threshold in PEER_THRESHOLDS:
             (patched,) = node.execute(model, threshold, 0.15, 0.95, False).result
@@ -221,6 +222,31 @@ def reference_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "calibration_iterations": args.calibration_iterations}
 
 
+def _faster_diffusion_methods(model: Any, profile: Any, args: argparse.Namespace) -> list[Method]:
+    """Faster Diffusion: encoder propagation with the paper's key steps, + noise injection, + parallel decoding."""
+    faster_diffusion = _module("faster_diffusion")
+    noise_injection = _module("noise_injection")
+    parallel_decoding = _module("parallel_decoding")
+    patching = _module("patching")
+    grid = faster_diffusion.grid_for_model(model, args.steps, args.sampler, args.scheduler)
+    schedule = faster_diffusion.build_faster_diffusion_schedule(profile.block_map, grid,
+                                                                faster_diffusion.FasterDiffusionOptions(),
+                                                                profile=profile)
+    keys = ",".join(str(k) for k in schedule.builder["key_steps"])
+    injection = noise_injection.NoiseInjection(alpha=noise_injection.PAPER_ALPHA)
+    methods = []
+    for name, noise, parallel in (("Faster Diffusion", None, False),
+                                  ("Faster Diffusion + noise injection", injection, False),
+                                  ("Faster Diffusion + parallel decoding", None, True),
+                                  ("Faster Diffusion + noise + parallel", injection, True)):
+        patched, holder = patching.apply_block_cache(model, schedule, noise_injection=noise)
+        if parallel:
+            patched, _ = parallel_decoding.enable_parallel_decoding(
+                patched, holder, schedule, parallel_decoding.ParallelDecoding(enabled=True))
+        methods.append(Method(name, "faster_diffusion", f"key steps {keys}", patched, holder))
+    return methods
+
+
 def _calibrate(reference: Any, schedule: Any, negative: Any, args: argparse.Namespace) -> Any:
     """Calibrate Block Cache's training on prompts and seeds the evaluation never uses."""
     calibration = _module("calibration")
@@ -230,7 +256,7 @@ def _calibrate(reference: Any, schedule: Any, negative: Any, args: argparse.Name
     options = calibration.CalibrationOptions(iterations=args.calibration_iterations, seed=args.seed + 5000)
     result = calibration.calibrate(reference.patcher, schedule, [([[reference.encode(prompts), {}]], negative)],
                                    latent, options)
-    print(f"calibrated {schedule.builder}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
+    print(f"calibrated {schedule.builder['cache_kinds']} δ={schedule.builder['threshold']:g}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
           f"in {result.seconds:.0f} s", flush=True)
     return result
 
@@ -359,9 +385,9 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{row['flop_fraction']:.1%} | {row['ideal_speedup']:.2f}x | {psnr_text} | "
                          f"{row['ssim']:.4f} |")
         if ref.get("calibrations"):
-            lines += ["", f"Scale-shift calibration ({ref['calibration_iterations']} iterations of 8 training prompts "
-                          "x 1 seed each, prompts and seeds disjoint from the evaluation; relative error of the "
-                          "reused layer outputs, first -> last iteration):", ""]
+            lines += ["", f"Scale-shift calibration: {ref['calibration_iterations']} iterations, each sampling 8 "
+                          "training prompts with a fresh seed (prompts and seeds disjoint from the evaluation); "
+                          "relative error of the reused layer outputs, first -> last iteration:", ""]
             lines += [f"- {c['schedule']}: {c['loss_first']:.4f} -> {c['loss_last']:.4f}, {c['streams']} corrected "
                       f"streams, {c['seconds']:.0f} s" for c in ref["calibrations"]]
     full = results.get("full_size")
@@ -391,6 +417,7 @@ def quality_plot(ref: dict[str, Any], path: Path) -> None:
               "block_cache/all+scale_shift": "Block Cache (all layers) + scale-shift",
               "uniform": "uniform interval", "deepcache": "DeepCache-like interval",
               "easycache": "EasyCache (core)", "lazycache": "LazyCache (core)"}
+    points = [r for r in ref["rows"] if r["family"] == "faster_diffusion"]
     series = []
     for family, label in labels.items():
         # Connected in threshold / interval order, so a noisy timing shows as a kink, not a reordering.
@@ -398,6 +425,8 @@ def quality_plot(ref: dict[str, Any], path: Path) -> None:
         if rows:
             series.append(Series(label, [r["speedup"] for r in rows], [min(r["psnr"], 60.0) for r in rows],
                                  point_labels=[r["setting"].split()[-1] for r in rows]))
+    for row in points:  # single points: the variants are not a threshold sweep
+        series.append(Series(row["method"], [row["speedup"]], [min(row["psnr"], 60.0)], point_labels=[""]))
     plot(series, str(path), title="Reference model: fidelity to the uncached output vs measured speed-up "
          "(points labelled by threshold / interval)", xlabel="wall-clock speed-up vs no cache",
          ylabel="PSNR dB (capped 60)")

@@ -59,6 +59,9 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "BlockCacheApply": ([("model", "MODEL"), ("schedule", "CACHE_SCHEDULE")], [("MODEL", "MODEL")]),
     "BlockCacheSaveSchedule": ([("schedule", "CACHE_SCHEDULE")], []),
     "BlockCacheLoadSchedule": ([], [("schedule", "CACHE_SCHEDULE")]),
+    "BlockCacheCalibrate": ([("model", "MODEL"), ("schedule", "CACHE_SCHEDULE"), ("positive", "CONDITIONING"),
+                             ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+                            [("schedule", "CACHE_SCHEDULE"), ("loss_curve", "IMAGE")]),
     "BlockCacheFasterDiffusionSchedule": ([("model", "MODEL"), ("profile", "BLOCK_PROFILE")],
                                           [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"),
                                            ("json", "STRING")]),
@@ -329,6 +332,45 @@ def demo(profile: dict | None = None) -> dict[str, Any]:
     return g.to_json()
 
 
+def calibrate_demo() -> dict[str, Any]:
+    """The reference model: profile -> an aggressive schedule -> Calibrate -> save + apply -> KSampler."""
+    g = Graph()
+    note = ("## Block Cache: scale-shift calibration (no checkpoint needed)\n\nAn aggressive schedule (all layers, "
+            "threshold 1.0) skips most of the work but drifts from the uncached picture. *Calibrate Block Cache* "
+            "learns a per-channel scale and shift for every reused layer output (Block Caching, Sec. 3.4): it "
+            "samples with the cached model and, at each step, runs the uncached model on the same latent as the "
+            "teacher. The loss curve shows the error of the reused outputs falling. The speed is unchanged. *Save "
+            "Cache Schedule* writes `reference_calibrated.json` and `reference_calibrated.scale_shift.safetensors` "
+            "beside it; *Load Cache Schedule* loads both.\n\nOn a real model, calibrate on a few varied prompts "
+            "(join them with Conditioning (Combine)) at your usual size, for 20-50 iterations.")
+    model, latent = _demo_sources(g)
+    g.add("MarkdownNote", (0, -220), [note], (NOTE_W * 2, 290))
+    profile_id = g.add("BlockCacheProfile", (350, 120),
+                       [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0], (360, 520))
+    build = g.add("BlockCacheBuildSchedule", (740, 120), [1.0, "all", 1, 0, 0], (420, 520), colour=CACHED)
+    calibrate = g.add("BlockCacheCalibrate", (1190, 120), [100, "fixed", 8, 0.03, 0, 0.0], (380, 330),
+                      colour=CACHED)
+    curve = g.add("PreviewImage", (1190, 490), [], (380, 260), title="calibration loss")
+    save = g.add("BlockCacheSaveSchedule", (740, 680), ["reference_calibrated", True], (420, 120))
+    apply = g.add("BlockCacheApply", (1190, 790), APPLY_WIDGETS, (380, 180), colour=CACHED)
+    g.link(model, 0, profile_id, "model")
+    g.link(model, 1, profile_id, "positive")
+    g.link(model, 2, profile_id, "negative")
+    g.link(latent, 0, profile_id, "latent_image")
+    g.link(profile_id, 1, build, "profile")
+    g.link(model, 0, calibrate, "model")
+    g.link(build, 0, calibrate, "schedule")
+    g.link(model, 1, calibrate, "positive")
+    g.link(model, 2, calibrate, "negative")
+    g.link(latent, 0, calibrate, "latent_image")
+    g.link(calibrate, 1, curve, "images")
+    g.link(calibrate, 0, save, "schedule")
+    g.link(model, 0, apply, "model")
+    g.link(calibrate, 0, apply, "schedule")
+    _demo_tail(g, model, latent, apply, 1600)
+    return g.to_json()
+
+
 def saved_schedule() -> dict[str, Any]:
     """Load Cache Schedule -> Apply -> KSampler with the schedule shipped in schedules/."""
     g = Graph()
@@ -364,6 +406,7 @@ WORKFLOWS = {
     "block_cache_apply_saved_schedule": saved_schedule,
     "block_cache_flux_txt2img": flux,
     "block_cache_faster_diffusion_sd15": faster_diffusion_sd15,
+    "block_cache_calibrate_demo_model": calibrate_demo,
 }
 
 

@@ -201,13 +201,22 @@ def test_calibrate_refuses_a_schedule_that_reuses_nothing(pack, calibration, tin
                               calibration.CalibrationOptions(learning_rate=float("nan")))
 
 
-def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack, tiny_model, conds, latent, aggressive):
+def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack):
     import importlib
 
+    core = pack.core
     node = importlib.import_module(pack.__name__ + ".nodes.nodes_calibrate").CalibrateBlockCache
-    schedule, _ = aggressive
-    positive = conds[0] + conds[0]  # two entries: two prompts, used in turn
-    with torch.inference_mode():  # ComfyUI's execution.py runs every node so
+    # ComfyUI's execution.py runs every node in inference mode: the loader's weights, the conditioning
+    # and the schedule are all made there, and the weights are inference tensors that require grad.
+    with torch.inference_mode():
+        tiny_model = core.builtin_models.build_unet_patcher("tiny", seed=0)
+        prompt = core.builtin_models.prompt_conditioning
+        conds = (prompt("a red square", 32), prompt("blurry", 32))
+        latent = {"samples": torch.zeros(1, 4, 16, 16)}
+        profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
+        schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
+        assert any(layer.reuse.value == "residual" and layer.kind.value == "resblock" for layer in schedule.layers)
+        positive = conds[0] + conds[0]  # two entries: two prompts, used in turn
         output = node.execute(tiny_model, schedule, positive, conds[1], latent, 3, 4, 0.05, 0, 0.0)
     calibrated, curve = output.result
     assert calibrated.scale_shift is not None and not calibrated.scale_shift.is_identity()

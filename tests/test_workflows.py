@@ -21,7 +21,8 @@ from comfy_server import comfy_server
 WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}  # never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-RUNNABLE = {"block_cache_demo_model_no_checkpoint", "block_cache_apply_saved_schedule"}
+RUNNABLE = {"block_cache_demo_model_no_checkpoint", "block_cache_apply_saved_schedule",
+            "block_cache_calibrate_demo_model"}
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +118,14 @@ def cached_samplers(prompt: dict[str, dict]) -> set[str]:
             and prompt[n["inputs"]["model"][0]]["class_type"] == "BlockCacheApply"}
 
 
-def sampler_of(prompt: dict[str, dict], node_id: str) -> str:
-    """The KSampler upstream of a node, following its image/latent links (decode, scale, ...)."""
+def sampler_of(prompt: dict[str, dict], node_id: str) -> str | None:
+    """The KSampler upstream of a node, following its image/latent links (decode, scale, ...); None if
+    the picture comes from elsewhere (e.g. Calibrate Block Cache's loss curve)."""
     while prompt[node_id]["class_type"] != "KSampler":
-        node_id = next(v[0] for k, v in prompt[node_id]["inputs"].items() if k in ("images", "image", "samples"))
+        upstream = [v[0] for k, v in prompt[node_id]["inputs"].items() if k in ("images", "image", "samples")]
+        if not upstream:
+            return None
+        node_id = upstream[0]
     return node_id
 
 
@@ -175,3 +180,12 @@ def test_runnable_workflows_run(path: Path, server, object_info):
                           and sampler_of(prompt, i) in cached_samplers(prompt))
     assert outputs[cached_preview]["images"], outputs
     assert "Block Cache: computed" in server.log()
+    calibrations = [i for i, n in prompt.items() if n["class_type"] == "BlockCacheCalibrate"]
+    for node_id in calibrations:  # the loss curve is shown, and the saved schedule has its parameters beside it
+        curve = next(i for i, n in prompt.items() if n["class_type"] == "PreviewImage"
+                     and n["inputs"]["images"][0] == node_id)
+        assert outputs[curve]["images"], outputs
+        assert "Calibrate Block Cache:" in server.log()
+        saved = server.base / "user" / "block_cache"
+        assert (saved / "reference_calibrated.json").is_file()
+        assert (saved / "reference_calibrated.scale_shift.safetensors").is_file()
