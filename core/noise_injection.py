@@ -110,17 +110,8 @@ class NoiseInjector:
         self.injected_steps.append(step)
 
 
-# -- wrappers (registered with the pack's key next to the cache's own) ----------------------------
-
-def injection_outer_sample_wrapper(injector: NoiseInjector, executor: Any, *args: Any, **kwargs: Any) -> Any:
-    guider = executor.class_obj
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    injector.start_run(guider.model_patcher.get_model_object("model_sampling"), sigmas)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        injector.finish_run()
-
+# -- wrapper (registered with the pack's key next to the cache's own; runs are scoped by
+# runtime.run_scoped_outer_sample_wrapper) ------------------------------------------------------
 
 def injection_predict_noise_wrapper(injector: NoiseInjector, executor: Any, *args: Any, **kwargs: Any) -> Any:
     x = args[0] if args else kwargs["x"]

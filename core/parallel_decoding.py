@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from .runtime import WRAPPER_KEY, BlockCacheHolder
+from .runtime import WRAPPER_KEY, BlockCacheHolder, run_scoped_outer_sample_wrapper
 from .schedule import CacheSchedule
 from .time_grid import normalized_times
 
@@ -421,16 +421,6 @@ class ConvInReuse:
 
 # -- wrappers (registered with WRAPPER_KEY) -------------------------------------------------------------
 
-def parallel_outer_sample_wrapper(decoder: ParallelDecoder, executor: Any, *args: Any, **kwargs: Any) -> Any:
-    guider = executor.class_obj
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    decoder.start_run(guider.model_patcher.get_model_object("model_sampling"), sigmas)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        decoder.finish_run()
-
-
 def parallel_diffusion_model_wrapper(decoder: ParallelDecoder, executor: Any, *args: Any, **kwargs: Any) -> Any:
     return decoder.diffusion_model(executor, args, kwargs)
 
@@ -467,7 +457,7 @@ def enable_parallel_decoding(model: Any, holder: BlockCacheHolder, schedule: Cac
         return patched, None
     decoder = ParallelDecoder(holder, config)
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                 functools.partial(parallel_outer_sample_wrapper, decoder))
+                                 functools.partial(run_scoped_outer_sample_wrapper, decoder))
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                  functools.partial(parallel_diffusion_model_wrapper, decoder))
     replaced_a_patch = CONV_IN_KEY in patched.object_patches

@@ -17,7 +17,6 @@ from .errors import ScheduleMismatchError
 from .noise_injection import (
     NoiseInjection,
     NoiseInjector,
-    injection_outer_sample_wrapper,
     injection_predict_noise_wrapper,
 )
 from .profile import BlockProfile, ProfileRecorder
@@ -31,6 +30,7 @@ from .runtime import (
     bind,
     outer_sample_wrapper,
     predict_noise_wrapper,
+    run_scoped_outer_sample_wrapper,
 )
 from .schedule import CacheSchedule
 
@@ -117,7 +117,7 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
         # The cache and the injection are independent: the cache's holder knows nothing of it.
         holder.noise_injector = NoiseInjector(noise_injection, holder.name)
         patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                     bind(injection_outer_sample_wrapper, holder.noise_injector))
+                                     bind(run_scoped_outer_sample_wrapper, holder.noise_injector))
         patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
                                      bind(injection_predict_noise_wrapper, holder.noise_injector))
     return patched, holder

@@ -443,11 +443,25 @@ class CachedLayerForward:
 
 # -- wrappers (registered with WRAPPER_KEY through ModelPatcher.add_wrapper_with_key) ---------------
 
+def _sampling_run(executor: Any, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor]:
+    """The model_sampling and sigmas of an OUTER_SAMPLE call."""
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    return executor.class_obj.model_patcher.get_model_object("model_sampling"), sigmas
+
+
+def run_scoped_outer_sample_wrapper(component: Any, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """For a per-run helper beside the cache (noise injection, parallel decoding): its
+    ``start_run(model_sampling, sigmas)`` before the run, its ``finish_run()`` after it, whatever happens."""
+    component.start_run(*_sampling_run(executor, args, kwargs))
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        component.finish_run()
+
+
 def outer_sample_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
     """Starts a fresh run state for every sampling run, and frees it whatever happens."""
-    guider = executor.class_obj
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    model_sampling = guider.model_patcher.get_model_object("model_sampling")
+    model_sampling, sigmas = _sampling_run(executor, args, kwargs)
     sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
     holder.start_run(model_sampling, sigmas, sampler_name_of(sampler))
     started = time.perf_counter()

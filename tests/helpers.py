@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import comfy.model_management
 import comfy.patcher_extension
 import nodes as comfy_nodes
 import torch
@@ -68,6 +70,33 @@ def count_layer_computations(diffusion_model: torch.nn.Module, names: list[str])
     finally:
         for handle in handles:
             handle.remove()
+
+
+class InterruptAt:
+    """A wrapper that raises ComfyUI's interrupt at the given call, as the Cancel button does."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, 0
+
+    def __call__(self, executor, *args, **kwargs):
+        self.seen += 1
+        if self.seen == self.at:
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        return executor(*args, **kwargs)
+
+
+def live_tensor_bytes() -> int:
+    """Bytes held by every live tensor, after a garbage collection."""
+    gc.collect()
+    total = 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor):
+                total += obj.numel() * obj.element_size()
+        except Exception:  # noqa: S112 - some objects refuse inspection; they are not tensors we made
+            continue
+    return total
 
 
 def record_evaluation_sigmas(model: Any) -> list[float]:

@@ -6,8 +6,6 @@ without Block Cache; a caching schedule must keep the other patch working.
 
 from __future__ import annotations
 
-import gc
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -17,7 +15,7 @@ import pytest
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 from dit_zoo import ZOO
-from helpers import count_layer_computations, profile_by_sampling, sample
+from helpers import InterruptAt, count_layer_computations, live_tensor_bytes, profile_by_sampling, sample
 
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
 
@@ -194,27 +192,13 @@ def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, co
 
 # -- cancellation and memory ----------------------------------------------------------------------
 
-class _Interrupt:
-    """Raises ComfyUI's interrupt at the given solver evaluation, as the Cancel button does."""
-
-    def __init__(self, at: int) -> None:
-        self.at, self.seen = at, 0
-
-    def __call__(self, executor, *args, **kwargs):
-        self.seen += 1
-        if self.seen == self.at:
-            comfy.model_management.interrupt_current_processing(True)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-        return executor(*args, **kwargs)
-
-
 def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     clean, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
     expected = sample(clean, *conds, latent)
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
     interrupted = patched.clone()
-    interrupt = _Interrupt(4)
+    interrupt = InterruptAt(4)
     runs = []
 
     def keep_run(executor, *args, **kwargs):
@@ -238,17 +222,6 @@ def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, sche
     _, caching = schedules
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
     sample(patched, *conds, latent)
-
-    def live_tensor_bytes() -> int:
-        gc.collect()
-        total = 0
-        for obj in gc.get_objects():
-            try:
-                if isinstance(obj, torch.Tensor):
-                    total += obj.numel() * obj.element_size()
-            except Exception:  # noqa: S112 - some objects refuse inspection; they are not tensors we made
-                continue
-        return total
 
     before = live_tensor_bytes()
     peaks = []

@@ -8,7 +8,6 @@ without Block Cache; a caching schedule must cache and keep the other feature wo
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
-from helpers import record_evaluation_sigmas, sample
+from helpers import live_tensor_bytes, record_evaluation_sigmas, sample
 from test_compatibility import profile_schedules, with_lora
 
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -271,18 +270,6 @@ def _move(model_patcher, dtype):
     diffusion_model.dtype = dtype
 
 
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    total = 0
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor):
-                total += obj.numel() * obj.element_size()
-        except Exception:  # noqa: S112 - some objects refuse inspection; they are not tensors we made
-            continue
-    return total
-
-
 def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
@@ -304,10 +291,10 @@ def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, c
     patched64, _ = pack.core.patching.apply_block_cache(model64, caching)
     assert torch.equal(out64, sample(patched64, *conds, latent))
     # Back in float32: the first run's result again; no state carried over, nothing left alive.
-    before = _live_tensor_bytes()
+    before = live_tensor_bytes()
     assert torch.equal(sample(patched, *conds, latent), first)
     assert holder.run is None and holder.last_run.cache_resets == 0
-    assert _live_tensor_bytes() - before <= 0
+    assert live_tensor_bytes() - before <= 0
 
 
 def test_latent_dtype_change_inside_a_run_resets_the_cache(pack, tiny_model, conds, latent, schedules):

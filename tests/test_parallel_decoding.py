@@ -18,7 +18,7 @@ import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
-from helpers import count_layer_computations, record_evaluation_sigmas, sample, split_cond_calls
+from helpers import InterruptAt, count_layer_computations, record_evaluation_sigmas, sample, split_cond_calls
 
 RELATIVE_TOLERANCE = 1e-4
 KEYS = (0, 4)  # 8 steps: the encoder runs at steps 0 and 4; steps 1-3 and 5-7 are decoded in two batches
@@ -288,26 +288,12 @@ def test_nothing_survives_a_run(pack, pd, tiny_model, conds, latent):
     assert torch.equal(sample(parallel, *conds, latent), out)  # a second run is the same
 
 
-class _Interrupt:
-    """Raises ComfyUI's interrupt at the given solver evaluation, as the Cancel button does."""
-
-    def __init__(self, at: int) -> None:
-        self.at, self.seen = at, 0
-
-    def __call__(self, executor, *args, **kwargs):
-        self.seen += 1
-        if self.seen == self.at:
-            comfy.model_management.interrupt_current_processing(True)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-        return executor(*args, **kwargs)
-
-
 def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, latent):
     schedule = _schedule(pack, tiny_model)
     parallel, holder, decoder = _apply(pack, pd, tiny_model, schedule)
     expected = sample(parallel, *conds, latent)
     interrupted = parallel.clone()
-    interrupt = _Interrupt(4)  # after the batch of steps 1-3 was made at evaluation 2
+    interrupt = InterruptAt(4)  # after the batch of steps 1-3 was made at evaluation 2
     stash_sizes = []
 
     def watch(executor, *args, **kwargs):
