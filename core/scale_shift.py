@@ -20,10 +20,7 @@ float32, with metadata tying them to one schedule and one model structure.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -32,7 +29,7 @@ from .errors import ScheduleFileError, ScheduleMismatchError
 
 FILE_FORMAT = "block-cache-scale-shift"
 FILE_VERSION = 1
-FILE_SUFFIX = ".scale_shift.safetensors"
+FILE_SUFFIX = ".scale_shift.safetensors"  # the file itself is written and read by core.storage
 MAX_FILE_BYTES = 2 * 1024**3
 
 
@@ -120,10 +117,9 @@ class ScaleShiftTable:
     def is_identity(self) -> bool:
         return all(not e.scale.any() and not e.shift.any() for e in self.entries.values())
 
-    # -- files ------------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
+    # -- the safetensors file's contents ----------------------------------------------------------
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The file's tensors and metadata (``from_tensors`` reads them back)."""
         tensors = {}
         for (layer, stream), entry in sorted(self.entries.items()):
             tensors[f"{layer}#{stream}.scale"] = entry.scale.detach().float().cpu().contiguous()
@@ -133,33 +129,7 @@ class ScaleShiftTable:
             "model_fingerprint": self.model_fingerprint, "steps": str(self.steps),
             "training": json.dumps(self.metadata, sort_keys=True),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: an interrupted save never leaves a truncated file behind.
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".saving-", suffix=".safetensors")
-        os.close(handle)
-        try:
-            save_file(tensors, temp_name, metadata=metadata)
-            os.replace(temp_name, path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
-
-    @classmethod
-    def load(cls, path: Path) -> ScaleShiftTable:
-        from safetensors import SafetensorError, safe_open
-
-        if not path.is_file():
-            raise ScheduleFileError(f"the schedule references scale-shift parameters {path.name}, which are missing "
-                                    f"from {path.parent}; copy them beside the schedule or calibrate again")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ScheduleFileError(f"{path.name} is larger than scale-shift parameters can be")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ScheduleFileError(f"{path.name} is not a readable safetensors file ({error})") from None
-        return cls.from_tensors(tensors, metadata, path.name)
+        return tensors, metadata
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> ScaleShiftTable:

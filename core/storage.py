@@ -13,10 +13,11 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ScheduleFileError
-from .scale_shift import FILE_SUFFIX, ScaleShiftTable
+from .scale_shift import FILE_SUFFIX, MAX_FILE_BYTES, ScaleShiftTable
 from .schedule import CacheSchedule
 from .schema import (
     MAX_DOCUMENT_BYTES,
@@ -62,25 +63,34 @@ def resolve(directory: Path, file_name: str, suffix: str = ".json") -> Path:
     return path
 
 
+def _write_then_rename(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temporary name)`` in ``path``'s folder, then a rename onto ``path``: an interrupted save
+    never leaves a truncated file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".saving-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
 def save_schedule(directory: Path, file_name: str, schedule: CacheSchedule, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
     path = resolve(directory, file_name)
     if path.exists() and not overwrite:
         raise ScheduleFileError(f"{path.name} already exists in {directory}; pick another name or allow overwrite")
     parameters = None
     if schedule.scale_shift is not None:
         parameters = resolve(directory, path.name.removesuffix(".json"), FILE_SUFFIX)
-        schedule.scale_shift.save(parameters)  # first: the JSON never references a file not written
+        tensors, metadata = schedule.scale_shift.to_tensors()
+        # First: the JSON never references a file not written.
+        _write_then_rename(parameters, lambda name: save_file(tensors, name, metadata=metadata))
     text = schedule_to_json(schedule, calibration_file=parameters.name if parameters is not None else None)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so an interrupted save never leaves a truncated schedule behind.
-    handle, temp_name = tempfile.mkstemp(dir=directory, prefix=".saving-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    _write_then_rename(path, lambda name: Path(name).write_text(text, encoding="utf-8"))
     logger.info("Block Cache: saved schedule to %s%s", path,
                 f" and its scale-shift parameters to {parameters.name}" if parameters is not None else "")
     return path
@@ -102,6 +112,23 @@ def load_schedule(directory: Path, file_name: str) -> CacheSchedule:
         raise ScheduleFileError(
             f"{path.name} was changed after it was calibrated (its layers or steps no longer match the scale-shift "
             f"parameters in {file_name}). Calibrate it again, or remove its 'calibration' entry.")
-    table = ScaleShiftTable.load(resolve(directory, file_name, FILE_SUFFIX))
+    table = _load_scale_shift(resolve(directory, file_name, FILE_SUFFIX))
     table.check_matches(schedule.fingerprint)
     return dataclasses.replace(schedule, scale_shift=table)
+
+
+def _load_scale_shift(path: Path) -> ScaleShiftTable:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ScheduleFileError(f"the schedule references scale-shift parameters {path.name}, which are missing "
+                                f"from {path.parent}; copy them beside the schedule or calibrate again")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ScheduleFileError(f"{path.name} is larger than scale-shift parameters can be")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ScheduleFileError(f"{path.name} is not a readable safetensors file ({error})") from None
+    return ScaleShiftTable.from_tensors(tensors, metadata, path.name)
