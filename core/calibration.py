@@ -229,8 +229,10 @@ def _sampling_setup(schedule: CacheSchedule, options: CalibrationOptions) -> tup
 
 def _unroll(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]], latent: torch.Tensor,
             options: CalibrationOptions, train: bool,
-            progress: Callable[[int, int], None] | None) -> tuple[CalibrationSession, list[float]]:
-    """``options.iterations`` student-teacher runs; returns the session and each run's mean loss."""
+            progress: Callable[[int, int], None] | None
+            ) -> tuple[CalibrationSession, list[float], tuple[int, float, str, str]]:
+    """``options.iterations`` student-teacher runs; returns the session, each run's mean loss, and the
+    runs' steps, cfg, sampler and scheduler."""
     import comfy.model_management
     import comfy.sample
 
@@ -240,7 +242,8 @@ def _unroll(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]],
     if schedule.compute_mask().all():
         raise BlockCacheError("This schedule reuses nothing, so there is nothing to calibrate. Build a schedule with "
                               "a higher threshold first.")
-    steps, cfg, sampler, scheduler = _sampling_setup(schedule, options)
+    setup = _sampling_setup(schedule, options)
+    steps, cfg, sampler, scheduler = setup
     total = options.iterations * steps
     losses: list[float] = []
     with torch.inference_mode(False):
@@ -266,7 +269,7 @@ def _unroll(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]],
                 losses.append(sum(session.iteration_losses) / len(session.iteration_losses))
                 logger.debug("Calibrate Block Cache: iteration %d/%d, loss %.5f", iteration + 1,
                              options.iterations, losses[-1])
-    return session, losses
+    return session, losses, setup
 
 
 def calibrate(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]], latent: torch.Tensor,
@@ -279,9 +282,9 @@ def calibrate(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]
     it has one.
     """
     started = time.perf_counter()
-    session, losses = _unroll(model, schedule, prompts, latent, options, True, progress)
+    session, losses, (steps, cfg, sampler, scheduler) = _unroll(model, schedule, prompts, latent, options, True,
+                                                                progress)
     seconds = time.perf_counter() - started
-    steps, cfg, sampler, scheduler = _sampling_setup(schedule, options)
     table = session.table.detached()
     table.metadata.update({
         "iterations": str(options.iterations), "learning_rate": repr(options.learning_rate),
@@ -302,5 +305,5 @@ def measure_error(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, 
                   options: CalibrationOptions) -> float:
     """The mean student-teacher loss of ``schedule`` as it is (with its correction, if any), nothing
     trained: the same runs as ``calibrate``, for before/after comparisons on held-out seeds."""
-    _, losses = _unroll(model, schedule, prompts, latent, options, False, None)
+    _, losses, _ = _unroll(model, schedule, prompts, latent, options, False, None)
     return sum(losses) / len(losses) if losses else 0.0

@@ -20,7 +20,7 @@ float32, with metadata tying them to one schedule and one model structure.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,17 @@ class StreamCorrection:
     scale: torch.Tensor  # [steps, channels]; the factor applied is 1 + scale
     shift: torch.Tensor  # [steps, channels]
     dim: int  # the channel dimension of the corrected tensor (batch first)
+    # (1 + scale, shift) converted to each (device, dtype) they were applied in: a sampling run applies
+    # them at every reuse, and must not copy them to the device each time. Not kept while training.
+    _converted: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)
+
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._converted.get((device, dtype))
+        if tables is None:
+            tables = ((1 + self.scale).to(device=device, dtype=dtype), self.shift.to(device=device, dtype=dtype))
+            self._converted[(device, dtype)] = tables
+        return tables
 
     def apply(self, cached: torch.Tensor, step: int) -> torch.Tensor:
         channels = cached.shape[self.dim]
@@ -56,9 +67,13 @@ class StreamCorrection:
                 "without its calibration.")
         shape = [1] * cached.ndim
         shape[self.dim] = channels
-        factor = (1 + self.scale[step]).to(device=cached.device, dtype=cached.dtype).reshape(shape)
-        offset = self.shift[step].to(device=cached.device, dtype=cached.dtype).reshape(shape)
-        return cached * factor + offset
+        if self.scale.requires_grad:  # training: the tensors change every step and must stay in the graph
+            factor = (1 + self.scale[step]).to(device=cached.device, dtype=cached.dtype)
+            offset = self.shift[step].to(device=cached.device, dtype=cached.dtype)
+        else:
+            factors, offsets = self._tables(cached.device, cached.dtype)
+            factor, offset = factors[step], offsets[step]
+        return cached * factor.reshape(shape) + offset.reshape(shape)
 
 
 class ScaleShiftTable:
