@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import logging
 import platform
@@ -34,18 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchmark import _pictures, psnr
-from comfy_bootstrap import PACK_MODULE, load_pack
+from benchmark import _module, _pictures, psnr
+from comfy_bootstrap import load_pack
 
 CONFIGS = {
     # name: (sampler, scheduler, steps, key-step preset); the paper's two settings
     "ddim50": ("ddim", "ddim_uniform", 50, "paper_ddim_50"),
     "dpmpp_2m20": ("dpmpp_2m", "karras", 20, "paper_dpm_solver_20"),
 }
-
-
-def _module(name: str) -> Any:
-    return importlib.import_module(f"{PACK_MODULE}.core.{name}")
 
 
 @dataclasses.dataclass
