@@ -19,3 +19,7 @@ class UnsupportedModelError(BlockCacheError, TypeError):
 
 class ScheduleFileError(BlockCacheError, OSError):
     """A schedule file name is unsafe, or the file cannot be read or written."""
+
+
+class ScheduleBuildError(BlockCacheError, ValueError):
+    """A schedule cannot be built from this profile with these options."""

@@ -107,6 +107,8 @@ class ParallelStats:
 
 def not_applicable_reason(schedule: CacheSchedule, holder: BlockCacheHolder) -> str | None:
     """Why parallel decoding cannot run with this schedule on this model (None: it can)."""
+    if any(layer.forecast_order for layer in schedule.layers):
+        return "the schedule forecasts reused layers (forecast order > 0), which changes them from step to step"
     if (schedule.builder or {}).get("method") != "faster_diffusion":
         return ("the schedule is not an encoder-propagation schedule (Faster Diffusion Schedule); Block Caching "
                 "schedules reuse layers independently, so no decoder depends on cached features only")
@@ -140,7 +142,8 @@ class ParallelDecoder:
         self.active = False
         self.model_sampling: Any = None
         self.sample_sigmas: list[float] = []
-        self.grid_steps: list[int] = []  # per run step: the schedule step the runtime maps it to
+        self.grid_steps: list[int] = []  # per run step: the step of the run's plan the runtime maps it to
+        self.plan = holder.plan  # the run's plan (re-timed onto the run's steps where it differs)
         self.conv_in_cache: dict[Any, torch.Tensor] = {}
         self.stash: dict[int, dict[Any, torch.Tensor]] = {}  # run step -> chunk key -> output rows
         self.served_entries: set[tuple[int, Any]] = set()
@@ -156,7 +159,10 @@ class ParallelDecoder:
         self.model_sampling = model_sampling
         sigmas = sample_sigmas.detach().to("cpu").reshape(-1)
         self.sample_sigmas = [float(s) for s in sigmas]
-        plan = self.holder.plan
+        # The cache's run state starts first (its wrapper is outermost) and holds the run's plan.
+        run = self.holder.run
+        self.plan = run.plan if run is not None and run.plan is not None else self.holder.plan
+        plan = self.plan
         if sigmas.numel() > 1:
             taus = normalized_times(model_sampling, sigmas[:-1])
             self.grid_steps = [plan.grid.step_of(tau) for tau in taus]
@@ -211,7 +217,7 @@ class ParallelDecoder:
 
     def _coming_steps(self, first: int) -> list[int]:
         """``first`` and the following run steps the runtime will run without the encoder."""
-        plan = self.holder.plan
+        plan = self.plan
         steps = [first]
         limit = self.config.max_steps
         for step in range(first + 1, len(self.grid_steps)):

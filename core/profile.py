@@ -1,16 +1,22 @@
-"""Block change profiles: how much each layer's residual branch changes per step.
+"""Block change profiles: how much each layer's residual branch changes per step, and its trajectory.
 
-The metric is the paper's Eq. 6, the relative L1 change of a layer's residual
+The change metric is the paper's Eq. 6, the relative L1 change of a layer's residual
 branch between consecutive steps, ``|C(t) - C(t-1)|_1 / |C(t)|_1``, averaged over
 batch items and cond/uncond chunks. For a layer with no residual form
 (down/upsampling) the change of its output is measured instead. A layer with
 several streams (a DiT block's img and txt) is measured over all of them pooled:
 ``sum_s |dC_s|_1 / sum_s |C_s|_1``.
+
+Nothing is kept at full size. Each layer call is reduced to a *sketch*: a fixed, seeded
+sample of at most ``SKETCH_ELEMENTS`` elements per batch item and stream, scaled by
+(elements / sampled) so that its L1 sums estimate the full ones. Eq. 6 is computed on the
+sketches, and the sketches of every step (the *trajectory*) let the schedule builder measure
+the forecast error of any candidate schedule (core/error_model.py). A run's memory is thus
+a few MB per layer, whatever the resolution.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +27,51 @@ from .time_grid import StepGrid
 
 # Keeps the metric finite where a residual branch is all zeros.
 _NORM_EPSILON = 1e-12
+# Elements sampled per batch item and stream; smaller tensors are kept whole (exact).
+SKETCH_ELEMENTS = 2048
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """The uncached run's layer sketches at every step, for the error model of the schedule builder.
+
+    ``sketches[layer]`` is [steps, samples, elements] (a sample is one batch item of one cond
+    chunk and call), ``output_norms[layer]`` the L1 norm of the layer's output at the same
+    elements, [steps, samples]; None for a layer not measured at every step. ``step_weights``
+    is the relative change of the latent at each step of the uncached run: how much an error
+    in the model's output at that step moves the picture.
+    """
+
+    sketches: tuple[torch.Tensor | None, ...]
+    output_norms: tuple[torch.Tensor | None, ...]
+    step_weights: tuple[float, ...]
+
+    def merged_with(self, other: Trajectory) -> Trajectory:
+        """Both runs' samples side by side (the same model and step grid)."""
+        def join(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None or b is None or a.shape[2:] != b.shape[2:]:
+                return None
+            return torch.cat([a, b], dim=1)
+
+        samples_a = _sample_count(self)
+        samples_b = _sample_count(other)
+        total = max(1, samples_a + samples_b)
+        weights = tuple((wa * samples_a + wb * samples_b) / total
+                        for wa, wb in zip(self.step_weights, other.step_weights, strict=True))
+        return Trajectory(
+            sketches=tuple(join(a, b) for a, b in zip(self.sketches, other.sketches, strict=True)),
+            output_norms=tuple(join(a, b) for a, b in zip(self.output_norms, other.output_norms, strict=True)),
+            step_weights=weights,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for group in (self.sketches, self.output_norms)
+                   for t in group if t is not None)
+
+
+def _sample_count(trajectory: Trajectory) -> int:
+    return next((t.shape[1] for t in trajectory.sketches if t is not None), 0)
 
 
 @dataclass(frozen=True)
@@ -32,10 +83,8 @@ class BlockProfile:
     total_flops: float  # the whole diffusion model, per model evaluation
     sample_count: int  # how many (batch item x cond chunk) series were averaged
     provenance: dict[str, Any] = field(default_factory=dict)
-
-    def mean_change(self, layer_index: int) -> float:
-        values = [v for v in self.change[layer_index] if not math.isnan(v)]
-        return sum(values) / len(values) if values else float("nan")
+    # In memory only (not in the JSON): what the speed-up target builder measures errors on.
+    trajectory: Trajectory | None = None
 
 
 def merge_profiles(profiles: list[BlockProfile]) -> BlockProfile:
@@ -60,78 +109,133 @@ def merge_profiles(profiles: list[BlockProfile]) -> BlockProfile:
     for layer in range(len(first.block_map.layers)):
         row = []
         for step in range(first.grid.steps):
-            pairs = [(p.change[layer][step], p.sample_count) for p in profiles if not math.isnan(p.change[layer][step])]
+            pairs = [(p.change[layer][step], p.sample_count) for p in profiles if p.change[layer][step] ==
+                     p.change[layer][step]]  # NaN (unmeasured) is left out
             weight = sum(w for _, w in pairs)
             row.append(sum(v * w for v, w in pairs) / weight if weight else float("nan"))
         merged.append(tuple(row))
+    trajectory = first.trajectory
+    for other in profiles[1:]:
+        trajectory = (trajectory.merged_with(other.trajectory)
+                      if trajectory is not None and other.trajectory is not None else None)
     return replace(
         first,
         change=tuple(merged),
         sample_count=total,
         provenance={**first.provenance, "merged_from": len(profiles)},
+        trajectory=trajectory,
     )
 
 
 class ProfileRecorder:
-    """Accumulates the change metric during one profiling run.
+    """Accumulates sketches during one profiling run.
 
-    The runtime calls ``observe`` once per layer call at the first model evaluation of
-    each step. Residual branches are kept per cond chunk (uuid), as detached copies:
-    blocks change their inputs in place.
+    The runtime calls ``observe`` once per layer call at the first model evaluation of each
+    step, and ``observe_step`` once per step with the latent and the model's denoised output.
     """
 
     def __init__(self, block_map: BlockMap) -> None:
         self.block_map = block_map
-        self.steps = 0
-        self._previous: dict[tuple[int, Any, int], tuple[int, list[torch.Tensor]]] = {}
-        self._sums: dict[tuple[int, int], torch.Tensor] = {}
-        self._counts: dict[tuple[int, int], int] = {}
+        # (layer, chunk key, occurrence) -> step -> (sketch [samples, elements], output norm [samples])
+        self._series: dict[tuple[int, Any, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._step_weights: dict[int, float] = {}
+        self._indices: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.layer_flops: list[float] = [0.0] * len(block_map.layers)
         self.total_flops = 0.0
         self.samples_per_chunk = 0
         self.chunks_seen: set[Any] = set()
 
+    def _sketch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[samples, elements] float32: a seeded sample of each batch item's elements, scaled so
+        that L1 sums estimate the full tensor's."""
+        flat = tensor.detach().reshape(tensor.shape[0], -1)
+        size = flat.shape[1]
+        if size <= SKETCH_ELEMENTS:
+            return flat.float()
+        key = (size, flat.device)
+        index = self._indices.get(key)
+        if index is None:
+            generator = torch.Generator().manual_seed(size)
+            index = torch.randperm(size, generator=generator)[:SKETCH_ELEMENTS].sort().values.to(flat.device)
+            self._indices[key] = index
+        return flat.index_select(1, index).float() * (size / SKETCH_ELEMENTS)
+
     def observe(self, layer_index: int, step: int, chunk_keys: list[Any], occurrence: int,
-                branches: list[torch.Tensor | None]) -> None:
-        """Record one layer call: ``branches`` holds each stream's residual branch (or output),
-        for all chunks of the call; ``occurrence`` tells apart calls of one layer in one model call."""
-        present = [b.detach().float() for b in branches if b is not None]
-        if not present:
+                branches: list[torch.Tensor | None], outputs: list[Any]) -> None:
+        """Record one layer call: ``branches`` holds each stream's residual branch (or output), and
+        ``outputs`` the layer's output streams, for all chunks of the call (batch first);
+        ``occurrence`` tells apart calls of one layer in one model call."""
+        pairs = [(b, o) for b, o in zip(branches, outputs, strict=True)
+                 if b is not None and isinstance(o, torch.Tensor)]
+        if not pairs:
             return
-        per_chunk = present[0].shape[0] // max(1, len(chunk_keys))
+        chunks = max(1, len(chunk_keys))
+        per_chunk = pairs[0][0].shape[0] // chunks
         self.samples_per_chunk = max(self.samples_per_chunk, per_chunk)
         for chunk, key in enumerate(chunk_keys):
             self.chunks_seen.add(key)
-            current = [b[chunk * per_chunk:(chunk + 1) * per_chunk] for b in present]
-            slot_key = (layer_index, key, occurrence)
-            previous = self._previous.get(slot_key)
-            if previous is not None and previous[0] < step and [p.shape for p in previous[1]] == [
-                    c.shape for c in current]:
-                diff = sum((c - p).abs().flatten(1).sum(1) for c, p in zip(current, previous[1], strict=True))
-                norm = sum(c.abs().flatten(1).sum(1) for c in current).clamp_min(_NORM_EPSILON)
-                rel = (diff / norm).sum()
-                slot = (layer_index, step)
-                self._sums[slot] = self._sums[slot] + rel if slot in self._sums else rel
-                self._counts[slot] = self._counts.get(slot, 0) + per_chunk
-            self._previous[slot_key] = (step, [c.clone() for c in current])
+            rows = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
+            sketch = torch.cat([self._sketch(b[rows]) for b, _ in pairs], dim=1)
+            norm = sum(self._sketch(o[rows]).abs().sum(1) for _, o in pairs)
+            series = self._series.setdefault((layer_index, key, occurrence), {})
+            series.setdefault(step, (sketch, norm))
+
+    def observe_step(self, step: int, x: torch.Tensor, denoised: torch.Tensor, sigma: float,
+                     next_sigma: float) -> None:
+        """The latent's relative change over one step, as an Euler step from ``x`` to ``next_sigma``
+        would make it: (1 - next_sigma / sigma) |x - denoised|_1 / |x|_1, averaged over the batch."""
+        if step in self._step_weights or sigma <= 0:
+            return
+        x = x.detach().float().reshape(x.shape[0], -1)
+        moved = (x - denoised.detach().float().reshape(x.shape[0], -1)).abs().sum(1)
+        relative = float((moved / x.abs().sum(1).clamp_min(_NORM_EPSILON)).mean())
+        self._step_weights[step] = max(0.0, 1.0 - next_sigma / sigma) * relative
 
     def finish(self, grid: StepGrid, provenance: dict[str, Any]) -> BlockProfile:
         layers = len(self.block_map.layers)
-        change = []
-        for layer in range(layers):
-            row = []
-            for step in range(grid.steps):
-                slot = (layer, step)
-                row.append(float(self._sums[slot]) / self._counts[slot] if slot in self._counts else float("nan"))
-            change.append(tuple(row))
-        self._previous.clear()
-        self._sums.clear()
+        change = [[float("nan")] * grid.steps for _ in range(layers)]
+        sums: dict[tuple[int, int], float] = {}
+        counts: dict[tuple[int, int], int] = {}
+        by_layer: dict[int, list[dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for (layer, _, _), series in self._series.items():
+            by_layer.setdefault(layer, []).append(series)
+            steps = sorted(series)
+            for previous, step in zip(steps, steps[1:], strict=False):
+                current, before = series[step][0], series[previous][0]
+                if current.shape != before.shape:
+                    continue
+                rel = (current - before).abs().sum(1) / current.abs().sum(1).clamp_min(_NORM_EPSILON)
+                sums[(layer, step)] = sums.get((layer, step), 0.0) + float(rel.sum())
+                counts[(layer, step)] = counts.get((layer, step), 0) + current.shape[0]
+        for (layer, step), count in counts.items():
+            if step < grid.steps:
+                change[layer][step] = sums[(layer, step)] / count
+        trajectory = self._trajectory(grid.steps, by_layer)
+        self._series.clear()
         return BlockProfile(
             block_map=self.block_map,
             grid=grid,
-            change=tuple(change),
+            change=tuple(tuple(row) for row in change),
             layer_flops=tuple(self.layer_flops),
             total_flops=self.total_flops,
             sample_count=max(1, self.samples_per_chunk * len(self.chunks_seen)),
             provenance=provenance,
+            trajectory=trajectory,
         )
+
+    def _trajectory(self, steps: int, by_layer: dict[int, list[dict[int, tuple[torch.Tensor, torch.Tensor]]]]
+                    ) -> Trajectory:
+        sketches: list[torch.Tensor | None] = []
+        norms: list[torch.Tensor | None] = []
+        for layer in range(len(self.block_map.layers)):
+            # Only series measured at every step, with one shape throughout, say how the layer evolves.
+            complete = [s for s in by_layer.get(layer, []) if all(step in s for step in range(steps))
+                        and len({s[step][0].shape for step in range(steps)}) == 1]
+            if not complete or steps == 0:
+                sketches.append(None)
+                norms.append(None)
+                continue
+            sketches.append(torch.stack([torch.cat([s[step][0] for s in complete]) for step in range(steps)]).cpu())
+            norms.append(torch.stack([torch.cat([s[step][1] for s in complete]) for step in range(steps)]).cpu())
+        weights = tuple(self._step_weights.get(step, 0.0) for step in range(steps))
+        return Trajectory(tuple(sketches), tuple(norms), weights)

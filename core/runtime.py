@@ -28,9 +28,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .block_map import BlockMap, LayerSpec, ResidualForm, ReuseMode
+from .forecast import combine, lagrange_weights, push_point
 from .profile import ProfileRecorder
 from .schedule import CacheSchedule, computed_flop_fraction
-from .time_grid import StepGrid, normalized_times
+from .time_grid import StepGrid, normalized_times, retime_mask
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +54,29 @@ class LayerPlan:
     total_flops: float
     cumulative_computes: np.ndarray  # [layers, steps]: computes at or before each step
     reuses_ever: np.ndarray  # [layers]: the layer is reused somewhere, so its cache is worth keeping
+    orders: tuple[int, ...]  # per layer: forecast order of its reuse (0: reuse as cached)
 
     @classmethod
     def from_schedule(cls, schedule: CacheSchedule) -> LayerPlan:
-        mask = schedule.compute_mask()
-        return cls(
-            grid=schedule.grid,
-            reuse=tuple(layer.reuse for layer in schedule.layers),
-            layer_flops=schedule.layer_flops,
-            total_flops=schedule.total_flops,
-            cumulative_computes=np.cumsum(mask, axis=1),
-            reuses_ever=~mask.all(axis=1),
-        )
+        return cls.from_mask(schedule.grid, schedule.compute_mask(), tuple(layer.reuse for layer in schedule.layers),
+                             schedule.layer_flops, schedule.total_flops,
+                             tuple(layer.forecast_order for layer in schedule.layers))
+
+    @classmethod
+    def from_mask(cls, grid: StepGrid, mask: np.ndarray, reuse: tuple[ReuseMode, ...], layer_flops: tuple[float, ...],
+                  total_flops: float, orders: tuple[int, ...]) -> LayerPlan:
+        return cls(grid=grid, reuse=reuse, layer_flops=layer_flops, total_flops=total_flops,
+                   cumulative_computes=np.cumsum(mask, axis=1), reuses_ever=~mask.all(axis=1), orders=orders)
+
+    def compute_mask(self) -> np.ndarray:
+        return np.diff(self.cumulative_computes, axis=1, prepend=0).astype(bool)
+
+    def on_run_grid(self, model_sampling: Any, run_grid: StepGrid) -> LayerPlan:
+        """This plan moved onto a run's own steps (``retime_mask``): computations keep their density."""
+        grid_bounds = [*self.grid.taus, *normalized_times(model_sampling, torch.tensor(self.grid.sigmas[-1:]))]
+        run_bounds = [*run_grid.taus, *normalized_times(model_sampling, torch.tensor(run_grid.sigmas[-1:]))]
+        mask = retime_mask(self.compute_mask(), grid_bounds, run_bounds)
+        return LayerPlan.from_mask(run_grid, mask, self.reuse, self.layer_flops, self.total_flops, self.orders)
 
     def decisions(self, previous_step: int | None, step: int) -> np.ndarray:
         """Per layer: compute now? A layer computes when the schedule has a compute point
@@ -92,6 +104,7 @@ class RunStats:
     cache_resets: int = 0
     seconds: float = 0.0  # wall time of the sampling run
     peak_cache_bytes: int = 0  # the most memory the cached tensors held at once
+    peak_history_bytes: int = 0  # of it, the most that forecast history (points beyond the newest) held
 
     @property
     def total(self) -> int:
@@ -102,13 +115,21 @@ class RunStats:
 class _CacheEntry:
     """One layer call's cached streams, for one cond chunk."""
 
-    tensors: list[torch.Tensor | None]  # per stream: the residual branch or the output (None: output was None)
-    residual: list[bool]  # per stream: whether ``tensors`` holds a residual branch
+    # Newest first, one per computation kept for the forecast (order + 1 at most); each holds per
+    # stream the residual branch or the output (None: the output was None).
+    points: list[list[torch.Tensor | None]]
+    taus: list[float]  # the normalized time of each point
+    residual: list[bool]  # per stream: whether the points hold a residual branch
     input_shapes: list[tuple[int, ...] | None]  # per stream: the input's shape for this chunk (must match)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+        return sum(t.numel() * t.element_size() for point in self.points for t in point if t is not None)
+
+    @property
+    def history_bytes(self) -> int:
+        """The part held only for the forecast: every point but the newest."""
+        return sum(t.numel() * t.element_size() for point in self.points[1:] for t in point if t is not None)
 
 
 @dataclass
@@ -118,7 +139,11 @@ class RunState:
     model_sampling: Any
     run_grid: StepGrid  # this run's own steps; profiles are recorded on it
     stats: RunStats
-    evaluation_step: int | None = None
+    # The schedule on this run's steps: the schedule's own plan on its own grid, else re-timed.
+    plan: LayerPlan | None = None
+    evaluation_step: int | None = None  # the step of ``plan.grid`` (profiling: of ``run_grid``)
+    schedule_step: int | None = None  # the step of the schedule's grid (what scale-shift rows are indexed by)
+    evaluation_tau: float = 1.0
     previous_step: int | None = None
     first_of_step: bool = False
     compute_now: np.ndarray | None = None
@@ -134,6 +159,7 @@ class RunState:
     latent_signature: tuple | None = None
     cache: dict[tuple[int, Any, int], _CacheEntry] = field(default_factory=dict)
     cache_bytes: int = 0
+    history_bytes: int = 0  # of cache_bytes, what older forecast points hold
     measure_flops: bool = False
 
 
@@ -189,8 +215,9 @@ class BlockCacheHolder:
         layers = len(names)
         step_taus = normalized_times(model_sampling, sample_sigmas[:-1]) if sample_sigmas.numel() > 1 else []
         stats = RunStats(names, np.zeros(layers, dtype=np.int64), np.zeros(layers, dtype=np.int64), steps=len(step_taus))
-        self.run = RunState(model_sampling=model_sampling, run_grid=StepGrid(sigmas=(), taus=tuple(step_taus)),
-                            stats=stats,
+        run_grid = StepGrid(sigmas=tuple(float(s) for s in sample_sigmas.detach().cpu().reshape(-1)),
+                            taus=tuple(step_taus))
+        self.run = RunState(model_sampling=model_sampling, run_grid=run_grid, stats=stats, plan=self.plan,
                             measure_flops=self.recorder is not None)
         self.last_sample_sigmas = sample_sigmas.detach().cpu()
         grid = self.plan.grid if self.plan is not None else None
@@ -198,11 +225,13 @@ class BlockCacheHolder:
                              _sampler_key(grid.sampler) != _sampler_key(sampler_name))
         if grid is not None and (other_sampler or not grid.same_as(step_taus)):
             stats.retimed = True
+            if step_taus and not grid.same_as(step_taus):
+                self.run.plan = self.plan.on_run_grid(model_sampling, run_grid)
             if not self._retime_logged:
                 logger.info(
                     "%s: schedule made for %d steps of %s/%s re-timed onto this run's %d steps of %s by "
-                    "normalized time.", self.name, grid.steps, grid.sampler or "?", grid.scheduler or "?",
-                    len(step_taus), sampler_name or "?")
+                    "normalized time, keeping its density of computations.", self.name, grid.steps,
+                    grid.sampler or "?", grid.scheduler or "?", len(step_taus), sampler_name or "?")
                 self._retime_logged = True
 
     def finish_run(self) -> RunStats | None:
@@ -223,23 +252,36 @@ class BlockCacheHolder:
             logger.info("%s: latent changed from %s to %s; cache reset.", self.name, run.latent_signature, signature)
             run.cache.clear()
             run.cache_bytes = 0
+            run.history_bytes = 0
             run.previous_step = None
             run.stats.cache_resets += 1
         run.latent_signature = signature
         tau = normalized_times(run.model_sampling, sigma.reshape(-1)[:1])[0]
-        grid = self.plan.grid if self.plan is not None else None
-        if grid is not None:
-            step = grid.step_of(tau)
-            run.compute_now = self.plan.decisions(run.previous_step, step)
+        if run.plan is not None:
+            step = run.plan.grid.step_of(tau)
+            run.compute_now = run.plan.decisions(run.previous_step, step)
+            run.schedule_step = self.plan.grid.step_of(tau) if run.plan is not self.plan else step
         else:
             step = run.run_grid.step_of(tau)
             run.compute_now = None
         run.first_of_step = run.previous_step is None or step != run.previous_step
         run.evaluation_step = step
+        run.evaluation_tau = tau
         run.occurrences = {}
         run.passes = {}
         run.in_evaluation = True
         run.stats.evaluations += 1
+
+    def observe_denoised(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+        """A profiling run records how far each step moves the latent (the error model's step weights)."""
+        run = self.run
+        if run is None or self.recorder is None or not run.first_of_step or run.evaluation_step is None:
+            return
+        sigmas = self.last_sample_sigmas
+        step = run.evaluation_step
+        if sigmas is None or step + 1 >= sigmas.numel():
+            return
+        self.recorder.observe_step(step, x, denoised, float(sigma.reshape(-1)[0]), float(sigmas[step + 1]))
 
     def restart_model_calls(self) -> None:
         """Forget the current evaluation's model calls, so that it can be run again from its start
@@ -284,7 +326,7 @@ class BlockCacheHolder:
             if reused is not None:
                 run.stats.reused[index] += 1
                 return reused
-        keep = (run.first_of_step if profiling else bool(self.plan.reuses_ever[index]))
+        keep = (run.first_of_step if profiling else bool(run.plan.reuses_ever[index]))
         inputs = _stream_inputs(patch.spec, args, kwargs, copy=keep and patch.spec.mutates_inputs) if keep else None
         if profiling and run.measure_flops:
             counter = FlopCounterMode(display=False)
@@ -299,7 +341,9 @@ class BlockCacheHolder:
             branches = _branches(patch, inputs, out, residual_wanted, len(keys))
             if branches is not None:
                 if profiling:
-                    self.recorder.observe(index, run.evaluation_step, keys, occurrence, [b for b, _ in branches])
+                    outputs = [patch.spec.batch_first(o) for o in patch.spec.split_output(out)]
+                    self.recorder.observe(index, run.evaluation_step, keys, occurrence, [b for b, _ in branches],
+                                          outputs)
                 else:
                     self._store(run, index, occurrence, inputs, branches, keys)
         return out
@@ -323,16 +367,13 @@ class BlockCacheHolder:
                 if not isinstance(current, torch.Tensor) or current.shape[0] % chunks != 0 or \
                         (current.shape[0] // chunks, *current.shape[1:]) != expected:
                     return None  # another resolution or batch than when cached: compute instead
-            parts = [entry.tensors[stream_index] for entry in entries]
-            if parts[0] is None:
+            if entries[0].points[0][stream_index] is None:
                 elements.append(None)
                 continue
-            cached = parts[0] if chunks == 1 else torch.cat(parts)
             reference = current if isinstance(current, torch.Tensor) else None
-            if reference is not None and (cached.device != reference.device or cached.dtype != reference.dtype):
-                cached = cached.to(device=reference.device, dtype=reference.dtype)
+            cached = _predicted(entries, stream_index, run.evaluation_tau, reference)
             if corrections is not None and corrections[stream_index] is not None:
-                cached = corrections[stream_index].apply(cached, run.evaluation_step)
+                cached = corrections[stream_index].apply(cached, run.schedule_step)
             if entries[0].residual[stream_index]:
                 with torch.no_grad():  # never part of a calibration's graph (the weights may be inference tensors)
                     base = patch.spec.residual_base(patch.module, current)
@@ -364,11 +405,38 @@ class BlockCacheHolder:
                 elif chunks > 1:
                     part = part.clone()  # a slice would pin the whole batch
                 tensors.append(part)
-            entry = _CacheEntry(tensors, [r for _, r in branches], shapes)
+            residual = [r for _, r in branches]
             replaced = run.cache.get((index, key, occurrence))
-            run.cache_bytes += entry.nbytes - (replaced.nbytes if replaced is not None else 0)
+            if replaced is not None and replaced.residual == residual and replaced.input_shapes == shapes:
+                points, taus = push_point(replaced.points, replaced.taus, tensors, run.evaluation_tau,
+                                          self.plan.orders[index])
+            else:
+                points, taus = [tensors], [run.evaluation_tau]
+            entry = _CacheEntry(points, taus, residual, shapes)
+            if replaced is not None:
+                run.cache_bytes -= replaced.nbytes
+                run.history_bytes -= replaced.history_bytes
+            run.cache_bytes += entry.nbytes
+            run.history_bytes += entry.history_bytes
             run.cache[(index, key, occurrence)] = entry
+        run.stats.peak_history_bytes = max(run.stats.peak_history_bytes, run.history_bytes)
         run.stats.peak_cache_bytes = max(run.stats.peak_cache_bytes, run.cache_bytes)
+
+
+def _predicted(entries: list[_CacheEntry], stream_index: int, tau: float,
+               reference: torch.Tensor | None) -> torch.Tensor:
+    """One stream's stand-in for all chunks of a call: each chunk's cached value, or its forecast
+    at ``tau`` from the points kept, on the device and in the dtype of ``reference``."""
+    parts = []
+    for entry in entries:
+        tensors = [point[stream_index] for point in entry.points]
+        if reference is not None and (tensors[0].device != reference.device or tensors[0].dtype != reference.dtype):
+            tensors = [t.to(device=reference.device, dtype=reference.dtype) for t in tensors]
+        if len(tensors) == 1:
+            parts.append(tensors[0])  # order 0: reused exactly as cached
+        else:
+            parts.append(combine(tensors, lagrange_weights(entry.taus, tau)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _stream_inputs(spec: LayerSpec, args: tuple, kwargs: dict, copy: bool) -> list[Any]:
@@ -488,7 +556,9 @@ def predict_noise_wrapper(holder: BlockCacheHolder, executor: Any, *args: Any, *
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
     holder.begin_evaluation(x, timestep)
     try:
-        return executor(*args, **kwargs)
+        denoised = executor(*args, **kwargs)
+        holder.observe_denoised(x, timestep, denoised)
+        return denoised
     finally:
         holder.end_evaluation()
 
@@ -533,12 +603,18 @@ def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
         return
     skipped = int(stats.reused.sum())
     estimate = run_speedup_estimate(holder, stats)
+    orders = sorted({order for order, reused in zip(holder.plan.orders, holder.plan.reuses_ever, strict=True)
+                     if reused})
+    forecast = ""
+    if any(orders):
+        forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}) "
+                    f"{stats.peak_history_bytes / 2**20:.1f} MB")
     logger.info(
         "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
-        "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s).",
+        "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s)%s.",
         holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
         stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate,
-        stats.peak_cache_bytes / 2**20, holder.cache_device)
+        stats.peak_cache_bytes / 2**20, holder.cache_device, forecast)
 
 
 def run_speedup_estimate(holder: BlockCacheHolder, stats: RunStats) -> float:

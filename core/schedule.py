@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .block_map import CACHE_KIND_CHOICES, BlockMap, LayerKind, ReuseMode
+from .forecast import MAX_FORECAST_ORDER
 from .profile import BlockProfile
 from .time_grid import StepGrid
 
@@ -31,6 +32,7 @@ class BuildOptions:
     always_compute_first: int = 1  # steps at the start that always compute (at least 1)
     always_compute_last: int = 0  # steps at the end that always compute
     max_consecutive_reuse: int = 0  # 0: no limit
+    forecast_order: int = 0  # how cached layers stand in when reused (core/forecast.py); 0: as cached
 
     def validate(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
@@ -41,6 +43,9 @@ class BuildOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.forecast_order, int) or not 0 <= self.forecast_order <= MAX_FORECAST_ORDER:
+            raise ValueError(f"forecast_order must be an integer from 0 to {MAX_FORECAST_ORDER}, "
+                             f"got {self.forecast_order!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +55,7 @@ class BuildOptions:
             "always_compute_first": self.always_compute_first,
             "always_compute_last": self.always_compute_last,
             "max_consecutive_reuse": self.max_consecutive_reuse,
+            "forecast_order": self.forecast_order,
         }
 
 
@@ -59,6 +65,7 @@ class LayerSchedule:
     kind: LayerKind
     reuse: ReuseMode
     compute: tuple[bool, ...]  # one entry per grid step
+    forecast_order: int = 0  # reused as cached (0), or forecast from the last order + 1 computations
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ class CacheSchedule:
         digest = hashlib.sha256(f"{self.block_map.fingerprint}|{self.grid.steps}".encode())
         for layer in self.layers:
             mask = "".join("1" if c else "0" for c in layer.compute)
-            digest.update(f"\n{layer.name}|{layer.reuse.value}|{mask}".encode())
+            order = f"|{layer.forecast_order}" if layer.forecast_order else ""  # unchanged for order-0 schedules
+            digest.update(f"\n{layer.name}|{layer.reuse.value}|{mask}{order}".encode())
         return digest.hexdigest()[:16]
 
     def compute_mask(self) -> np.ndarray:
@@ -95,11 +103,19 @@ class CacheSchedule:
         fraction = self.flop_fraction
         return 1.0 / fraction if fraction > 0 else 1.0
 
+    @property
+    def equivalent_steps(self) -> float:
+        """The cost in uncached steps: what sampling with fewer steps would buy at the same FLOPs."""
+        return self.flop_fraction * self.grid.steps
+
     def summary(self) -> str:
         mask = self.compute_mask()
+        orders = sorted({layer.forecast_order for layer in self.layers if not all(layer.compute)})
+        forecast = f"; reused layers forecast with order {'/'.join(map(str, orders))}" if any(orders) else ""
         return (
             f"{int(mask.sum())}/{mask.size} layer evaluations computed over {self.grid.steps} steps; "
-            f"{self.flop_fraction:.1%} of the FLOPs, estimated speed-up {self.estimated_speedup:.2f}x"
+            f"{self.flop_fraction:.1%} of the FLOPs, estimated speed-up {self.estimated_speedup:.2f}x: the cost of "
+            f"{self.equivalent_steps:.1f} uncached steps{forecast}"
             + ("; with scale-shift calibration" if self.scale_shift is not None else "")
         )
 
@@ -156,7 +172,9 @@ def build_schedule(profile: BlockProfile, options: BuildOptions, reuse_mode: Reu
         else:
             compute = [True] * steps
         reuse = reuse_mode if reuse_mode in spec.reuse_modes else ReuseMode.OUTPUT
-        layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(compute)))
+        order = options.forecast_order if not all(compute) else 0
+        layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(compute),
+                                    forecast_order=order))
     return CacheSchedule(
         block_map=profile.block_map,
         grid=profile.grid,

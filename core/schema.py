@@ -15,13 +15,18 @@ from typing import Any
 from . import PACK_VERSION
 from .block_map import BlockMap, LayerKind, LayerSpec, ResidualForm, ReuseMode
 from .errors import ScheduleFormatError
+from .forecast import MAX_FORECAST_ORDER
 from .profile import BlockProfile
 from .schedule import CacheSchedule, LayerSchedule
 from .time_grid import StepGrid
 
 SCHEDULE_FORMAT = "block-cache-schedule"
 PROFILE_FORMAT = "block-cache-profile"
-SCHEMA_VERSION = 1
+# Version 2 added each layer's forecast_order; version 1 schedules load with order 0.
+SCHEDULE_VERSION = 2
+SCHEDULE_VERSIONS_READ = (1, 2)
+PROFILE_VERSION = 1
+PROFILE_VERSIONS_READ = (1,)
 
 MAX_STEPS = 10_000
 MAX_LAYERS = 10_000
@@ -61,7 +66,7 @@ def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = Non
     specs = {spec.name: spec for spec in schedule.block_map.layers}
     document = {
         "format": SCHEDULE_FORMAT,
-        "version": SCHEMA_VERSION,
+        "version": SCHEDULE_VERSION,
         "model": _block_map_dict(schedule.block_map),
         "grid": schedule.grid.to_dict(),
         "layers": [
@@ -73,6 +78,7 @@ def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = Non
                 "reuse": layer.reuse.value,
                 "flops": flops,
                 "compute": "".join("1" if c else "0" for c in layer.compute),
+                "forecast_order": layer.forecast_order,
             }
             for layer, flops in zip(schedule.layers, schedule.layer_flops, strict=True)
         ],
@@ -98,7 +104,7 @@ def schedule_to_json(schedule: CacheSchedule, calibration_file: str | None = Non
 def profile_to_dict(profile: BlockProfile) -> dict[str, Any]:
     return {
         "format": PROFILE_FORMAT,
-        "version": SCHEMA_VERSION,
+        "version": PROFILE_VERSION,
         "model": _block_map_dict(profile.block_map),
         "grid": profile.grid.to_dict(),
         "layers": [
@@ -175,16 +181,17 @@ class _Reader:
             choices = ", ".join(member.value for member in enum_type)
             raise self.fail(where, f"{text!r} is not one of {choices}") from None
 
-    def header(self, doc: Any, expected_format: str) -> dict[str, Any]:
+    def header(self, doc: Any, expected_format: str, versions: tuple[int, ...]) -> dict[str, Any]:
         doc = self.obj(doc, "document")
         fmt = doc.get("format")
         if fmt != expected_format:
             raise self.fail("format", f"expected {expected_format!r}, got {fmt!r}; this is not a {self.kind} file")
         version = doc.get("version")
-        if version != SCHEMA_VERSION:
+        if isinstance(version, bool) or version not in versions:
             raise ScheduleFormatError(
                 f"Block Cache {self.kind} version {version!r} is not supported: this Block Cache reads version "
-                f"{SCHEMA_VERSION}. Update Block Cache, or rebuild the {self.kind} with this version."
+                f"{' and '.join(str(v) for v in versions)}. Update Block Cache, or rebuild the {self.kind} with "
+                "this version."
             )
         return doc
 
@@ -258,7 +265,7 @@ def _parse_json(text: str | bytes, kind: str) -> Any:
 
 def schedule_from_dict(doc: Any) -> CacheSchedule:
     r = _Reader("schedule")
-    doc = r.header(doc, SCHEDULE_FORMAT)
+    doc = r.header(doc, SCHEDULE_FORMAT, SCHEDULE_VERSIONS_READ)
     model = r.model(doc)
     grid = r.grid(doc)
     specs, layers, flops = [], [], []
@@ -274,9 +281,11 @@ def schedule_from_dict(doc: Any) -> CacheSchedule:
             raise r.fail(f"{where}.compute", f"expected {grid.steps} characters of '0'/'1', got {mask[:40]!r}")
         if mask[0] != "1":
             raise r.fail(f"{where}.compute", "the first step must compute (there is nothing cached before it)")
+        order = r.integer(entry.get("forecast_order", 0), f"{where}.forecast_order", 0, MAX_FORECAST_ORDER)
         specs.append(spec)
         flops.append(r.number(entry.get("flops", 0.0), f"{where}.flops", 0.0))
-        layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(c == "1" for c in mask)))
+        layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(c == "1" for c in mask),
+                                    forecast_order=order))
     builder = r.obj(doc.get("builder", {}), "builder")
     prov = r.obj(doc.get("provenance", {}), "provenance")
     return CacheSchedule(
@@ -320,7 +329,7 @@ def calibration_reference(doc: dict[str, Any]) -> tuple[str, str] | None:
 
 def profile_from_dict(doc: Any) -> BlockProfile:
     r = _Reader("profile")
-    doc = r.header(doc, PROFILE_FORMAT)
+    doc = r.header(doc, PROFILE_FORMAT, PROFILE_VERSIONS_READ)
     model = r.model(doc)
     grid = r.grid(doc)
     specs, changes, flops = [], [], []

@@ -84,3 +84,50 @@ class StepGrid:
             "denoise": self.denoise,
             "latent_shape": list(self.latent_shape),
         }
+
+
+def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[float]) -> np.ndarray:
+    """A [layers, steps] compute mask moved from one step grid onto another by normalized time.
+
+    ``grid_bounds`` and ``run_bounds`` are the normalized times at which each step starts, plus
+    the end of the last one (steps + 1 values, falling). Each run step computes with the share of
+    the schedule's steps that compute over its time span (time-weighted), accumulated from the
+    first step and rounded: so the schedule's *density* of computations is kept where it is.
+    Dense stretches (the early, high-change steps) stay dense at any step count, and the share of
+    computations, so the cost relative to an uncached run, stays the same. The first run step
+    always computes; a layer that computes at every step does so on any grid.
+    """
+    layers, steps = mask.shape
+    run_steps = len(run_bounds) - 1
+    rate = np.zeros((run_steps, steps))
+    for j in range(run_steps):
+        high, low = run_bounds[j], run_bounds[j + 1]
+        if high - low <= TAU_TOLERANCE:
+            rate[j, _step_at(grid_bounds, high)] = 1.0
+            continue
+        for i in range(steps):
+            # The schedule's first and last steps stand for everything before and after it.
+            step_high = grid_bounds[i] if i > 0 else max(grid_bounds[0], high)
+            step_low = grid_bounds[i + 1] if i < steps - 1 else min(grid_bounds[steps], low)
+            overlap = min(high, step_high) - max(low, step_low)
+            if overlap > 0:
+                rate[j, i] = overlap / (high - low)
+    share = rate @ mask.T.astype(np.float64)  # [run steps, layers]
+    out = np.zeros((layers, run_steps), dtype=bool)
+    accumulated = np.zeros(layers)
+    for j in range(run_steps):
+        accumulated += share[j]
+        compute = accumulated >= 0.5 - 1e-9
+        if j == 0:
+            compute[:] = True
+        out[:, j] = compute
+        accumulated[compute] -= 1.0
+    return out
+
+
+def _step_at(bounds: list[float], tau: float) -> int:
+    """The step of ``bounds`` (starts + end, falling) whose span holds ``tau``."""
+    for i in range(len(bounds) - 1):
+        if tau >= bounds[i + 1] - TAU_TOLERANCE:
+            return i
+    return len(bounds) - 2

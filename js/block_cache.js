@@ -1,7 +1,9 @@
 // Block Cache frontend: live pictures on the nodes.
 // - Profile Block Changes: the measured change heatmap (layers x steps, colour scale, axes).
-// - Build Cache Schedule: the schedule (computed vs reused) and the estimated speed-up, rebuilt in
-//   the browser by schedule_builder.js the moment the threshold or an option changes.
+// - Build Cache Schedule: the schedule (computed vs reused), the estimated speed-up and its cost in
+//   uncached steps, redrawn the moment the speed-up slider moves (from the ladder of best schedules
+//   the node sends). Build Cache Schedule (threshold): the same, rebuilt in the browser by
+//   schedule_builder.js the moment the threshold or an option changes.
 // - Load Cache Schedule: the loaded schedule.
 // - Apply Block Cache: after each cached sampling run, computed/total layer evaluations and the
 //   time saved against an uncached sampler of the same model in the same graph.
@@ -10,12 +12,18 @@
 // the workflow saves, so a reloaded workflow shows them again without a run.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { buildSchedule, DEFAULT_OPTIONS } from "./schedule_builder.js";
+import { buildSchedule, DEFAULT_OPTIONS, targetSchedule } from "./schedule_builder.js";
 
 const PROFILE_KEY = "block_cache_profile";
 const SCHEDULE_KEY = "block_cache_schedule";
 const RUN_KEY = "block_cache_run";
+const LADDER_KEY = "block_cache_ladder";
 const OPTION_NAMES = Object.keys(DEFAULT_OPTIONS);
+const TARGET_NODE = "BlockCacheBuildTargetSchedule";
+const THRESHOLD_NODE = "BlockCacheBuildSchedule";
+// The target node's options besides the speed-up: the ladder was built for their values.
+const LADDER_OPTIONS = ["forecast_order", "cache_kinds", "always_compute_first", "always_compute_last",
+  "max_consecutive_reuse"];
 const SAMPLER_TYPES = new Set(["KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"]);
 const TEXT_NODES = new Set(["BlockCacheSaveSchedule"]);
 
@@ -239,6 +247,31 @@ function refreshBuild(node, force = false) {
   }
 }
 
+/** Build Cache Schedule (speed-up target): redraw from the ladder when the speed-up or an option changed. */
+function refreshTarget(node, force = false) {
+  const ladder = node.properties?.[LADDER_KEY];
+  const widget = pictureWidget(node);
+  const values = Object.fromEntries(["speedup", ...LADDER_OPTIONS].map((n) => [n, widgetValue(node, n)]));
+  const key = JSON.stringify(values);
+  if (!force && key === node.block_cache_key) return;
+  node.block_cache_key = key;
+  if (!ladder?.rungs?.length) return;
+  const speedup = Number(values.speedup ?? ladder.options.speedup_target);
+  const result = targetSchedule(ladder, speedup > 0 ? speedup : 1);
+  drawSchedule(widget.canvas, ladder.layers, ladder.steps, result.mask,
+    `schedule for ${speedup}x (${ladder.options.cache_kinds})`);
+  const lines = [formatEstimate(result),
+    `the cost of ${result.equivalentSteps.toFixed(1)} uncached steps; computes at steps ${result.rung.steps.join(", ")}; ` +
+      `forecast order ${result.rung.order}`];
+  if (result.flopFraction > 1 / speedup + 1e-12) lines.push(`${speedup}x is beyond these options: the fastest schedule`);
+  const otherOptions = LADDER_OPTIONS.some((n) => values[n] !== undefined && String(values[n]) !== String(ladder.options[n]));
+  if (otherOptions) lines.push("(preview for the options of the last run: queue to use the new ones)");
+  else if (speedup !== ladder.options.speedup_target) lines.push("(preview: queue to use this speed-up)");
+  widget.text.textContent = lines.join("\n");
+  widget.text.dataset.speedup = result.speedup.toFixed(4);
+  grow(node);
+}
+
 function showSchedule(node, schedule) {
   const widget = pictureWidget(node);
   const mask = schedule.compute.map((row) => Array.from(row, (c) => c === "1"));
@@ -385,7 +418,19 @@ if (!globalThis[LOADED]) {
       chain(nodeType.prototype, "onConfigure", function () {
         showProfile(this);
       });
-    } else if (name === "BlockCacheBuildSchedule") {
+    } else if (name === TARGET_NODE) {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        const ladder = message?.[LADDER_KEY]?.[0];
+        if (ladder) this.properties[LADDER_KEY] = ladder;
+        refreshTarget(this, true);
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        refreshTarget(this, true);
+      });
+      chain(nodeType.prototype, "onWidgetChanged", function () {
+        refreshTarget(this);
+      });
+    } else if (name === THRESHOLD_NODE) {
       chain(nodeType.prototype, "onExecuted", function (message) {
         const profile = message?.[PROFILE_KEY]?.[0];
         const schedule = message?.[SCHEDULE_KEY]?.[0];
@@ -422,21 +467,23 @@ if (!globalThis[LOADED]) {
     }
   },
   nodeCreated(node) {
-    if (node.comfyClass === "BlockCacheBuildSchedule") {
+    if (node.comfyClass === THRESHOLD_NODE || node.comfyClass === TARGET_NODE) {
       pictureWidget(node);
+      const refresh = node.comfyClass === TARGET_NODE ? refreshTarget : refreshBuild;
+      const watched = node.comfyClass === TARGET_NODE ? ["speedup", ...LADDER_OPTIONS] : OPTION_NAMES;
       // Slider drags and typed values reach us through the widget callbacks; the poll also catches
       // values set by other code (links, undo) and costs one string compare per tick.
       for (const widget of node.widgets ?? []) {
-        if (!OPTION_NAMES.includes(widget.name)) continue;
+        if (!watched.includes(widget.name)) continue;
         const callback = widget.callback;
         widget.callback = function (...args) {
           const result = callback?.apply(this, args);
-          refreshBuild(node);
+          refresh(node);
           return result;
         };
       }
       const timer = setInterval(() => {
-        if (node.graph) refreshBuild(node);
+        if (node.graph) refresh(node);
       }, 250);
       chain(node, "onRemoved", () => clearInterval(timer));
     } else if (["BlockCacheProfile", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass)) {

@@ -1,5 +1,5 @@
-// JavaScript port of the Python schedule builder (core/schedule.py: build_schedule,
-// computed_flop_fraction). The Build Cache Schedule node uses it to redraw the schedule the
+// JavaScript port of the Python schedule builders (core/schedule.py: build_schedule,
+// computed_flop_fraction; core/target_schedule.py: choose_rung and the mask of a rung). The Build Cache Schedule node uses it to redraw the schedule the
 // moment the threshold or an option changes, without queueing. tests/test_frontend_builder.py
 // runs it with node against the Python builder and requires identical masks and estimates,
 // so every arithmetic step here mirrors the Python code in the same order.
@@ -103,4 +103,39 @@ export function summaryText(result, steps) {
     `${result.computed}/${result.total} layer evaluations computed over ${steps} steps; ` +
     `${(result.flopFraction * 100).toFixed(1)}% of the FLOPs, estimated speed-up ${result.speedup.toFixed(2)}x`
   );
+}
+
+/**
+ * core/target_schedule.py choose_rung: the rung of a speed-up target ladder with the most compute
+ * steps whose FLOP fraction reaches the target, else the fastest rung.
+ */
+export function chooseRung(rungs, speedup) {
+  const limit = 1.0 / speedup + 1e-12;
+  let best = null;
+  for (const rung of rungs) {
+    if (rung.flop_fraction <= limit && (best === null || rung.computes > best.computes)) best = rung;
+  }
+  if (best !== null) return best;
+  for (const rung of rungs) if (best === null || rung.flop_fraction < best.flop_fraction) best = rung;
+  return best;
+}
+
+/** The schedule of a ladder payload (nodes/frontend.py ladder_payload) at a speed-up target. */
+export function targetSchedule(ladder, speedup) {
+  const rung = chooseRung(ladder.rungs, speedup);
+  const cached = new Set(ladder.cached);
+  const row = new Array(ladder.steps).fill(false);
+  for (const step of rung.steps) row[step] = true;
+  const mask = ladder.layers.map((_, i) => (cached.has(i) ? row.slice() : new Array(ladder.steps).fill(true)));
+  let computed = 0;
+  for (const line of mask) for (const on of line) if (on) computed += 1;
+  return {
+    mask,
+    rung,
+    computed,
+    total: mask.length * ladder.steps,
+    flopFraction: rung.flop_fraction,
+    speedup: rung.flop_fraction > 0 ? 1.0 / rung.flop_fraction : 1.0,
+    equivalentSteps: rung.flop_fraction * ladder.steps,
+  };
 }

@@ -8,11 +8,12 @@ from .nodes_demo import LoadDemoModel
 from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
 from .nodes_profile import MergeBlockProfiles, ProfileBlockChanges
-from .nodes_schedule import BuildCacheSchedule
+from .nodes_schedule import BuildCacheSchedule, BuildThresholdSchedule
 
 NODES: list[type[io.ComfyNode]] = [
     ProfileBlockChanges,
     BuildCacheSchedule,
+    BuildThresholdSchedule,
     ApplyBlockCache,
     SaveCacheSchedule,
     LoadCacheSchedule,

@@ -66,6 +66,26 @@ def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
     }
 
 
+def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
+    """A speed-up target schedule's ladder: the best compute steps for every count of them, so the node
+    redraws the schedule for another speed-up at once (js/block_cache.js picks the rung as
+    core/target_schedule.py choose_rung does)."""
+    builder = schedule.builder
+    cacheable = set(builder["cached_layers"])
+    return {
+        "version": PAYLOAD_VERSION,
+        "model_type": schedule.block_map.model_type,
+        "steps": schedule.grid.steps,
+        "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
+        "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
+        "rungs": [{"computes": r["computes"], "steps": r["steps"], "order": r["order"],
+                   "flop_fraction": r["flop_fraction"]} for r in builder["ladder"]],
+        "options": {name: builder[name] for name in ("speedup_target", "forecast_order", "cache_kinds",
+                                                     "always_compute_first", "always_compute_last",
+                                                     "max_consecutive_reuse")},
+    }
+
+
 def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict[str, Any]:
     from ..core.runtime import run_speedup_estimate
 

@@ -1,26 +1,100 @@
-"""Build Cache Schedule."""
+"""Build Cache Schedule (a speed-up target, forecast reuse) and Build Cache Schedule (threshold, Eq. 7)."""
 
 from __future__ import annotations
+
+import logging
 
 from comfy_api.latest import io
 
 from ..core.block_map import CACHE_KIND_CHOICES
 from ..core.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
 from ..core.schema import schedule_to_json
-from .frontend import profile_payload, schedule_payload
+from ..core.target_schedule import (
+    DEFAULT_FORECAST_ORDER,
+    DEFAULT_SPEEDUP,
+    FORECAST_ORDER_CHOICES,
+    TargetOptions,
+    build_target_schedule,
+)
+from .frontend import ladder_payload, profile_payload, schedule_payload
 from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
+
+logger = logging.getLogger(__name__)
+
+_FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
+_LAST_TOOLTIP = "Steps at the end that always compute every layer."
 
 
 class BuildCacheSchedule(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="BlockCacheBuildSchedule",
+            node_id="BlockCacheBuildTargetSchedule",
             display_name="Build Cache Schedule",
             category=CATEGORY,
-            description="Turns a profile into a per-layer schedule (Block Caching, Eq. 7): a layer's change is "
-                        "summed step by step and the layer is recomputed once the sum passes the threshold; "
-                        "in between its cached residual is reused.",
+            description="Picks, for the speed-up you ask for, the steps at which every cacheable layer computes, "
+                        "by the forecast error measured on the profile; in between, each layer's output is "
+                        "forecast from its last computations. The node shows the FLOP speed-up and what it costs "
+                        "in uncached steps.",
+            inputs=[
+                BlockProfileSocket.Input("profile", tooltip="From Profile Block Changes (or Merge Block Profiles)."),
+                io.Float.Input("speedup", default=DEFAULT_SPEEDUP, min=1.0, max=10.0, step=0.05,
+                               display_mode=io.NumberDisplay.slider,
+                               tooltip="How much faster, in FLOPs: the schedule with the least measured error "
+                                       "that computes at most 1/speedup of the model's work. 2.5 kept 30+ dB "
+                                       "PSNR against the uncached pictures on the reference model; higher "
+                                       "changes the picture more. 1 computes everything."),
+                io.Combo.Input("forecast_order", options=list(FORECAST_ORDER_CHOICES), default=DEFAULT_FORECAST_ORDER,
+                               tooltip="How a skipped layer stands in: 0 reuses its last output as it is; 1 and 2 "
+                                       "extrapolate it from its last 2 or 3 computations (TaylorSeer-style). "
+                                       "'auto' takes the order with the least measured error. Each order above "
+                                       "0 keeps one more cached copy per layer."),
+                io.Combo.Input("cache_kinds", options=list(CACHE_KIND_CHOICES), default="all",
+                               tooltip="Which layers may be skipped. 'all' skips whole steps of the model and "
+                                       "gives the most speed; 'attention' keeps ResBlocks and resampling layers "
+                                       "computing."),
+                io.Int.Input("always_compute_first", default=1, min=1, max=10000, tooltip=_FIRST_TOOLTIP),
+                io.Int.Input("always_compute_last", default=0, min=0, max=10000, tooltip=_LAST_TOOLTIP),
+                io.Int.Input("max_consecutive_reuse", default=0, min=0, max=10000,
+                             tooltip="The longest run of steps a layer may be forecast before it must compute; "
+                                     "0 lets the search choose (up to 7, or more if the speed-up needs it)."),
+            ],
+            outputs=schedule_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
+                max_consecutive_reuse) -> io.NodeOutput:
+        options = TargetOptions(speedup=float(speedup), forecast_order=forecast_order, cache_kinds=cache_kinds,
+                                always_compute_first=always_compute_first, always_compute_last=always_compute_last,
+                                max_consecutive_reuse=max_consecutive_reuse)
+        schedule = build_target_schedule(profile, options)
+        builder = schedule.builder
+        lines = [schedule.summary(),
+                 f"computes at steps {builder['compute_steps']}; forecast order {builder['chosen_order']}"]
+        if not builder["reached"]:
+            lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
+        lines += builder["notes"]
+        for line in lines[1:]:
+            logger.info("Build Cache Schedule: %s", line)
+        return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule),
+                             ui={"text": ["\n".join(lines)], "block_cache_ladder": [ladder_payload(schedule)],
+                                 "block_cache_schedule": [schedule_payload(schedule)]})
+
+
+class BuildThresholdSchedule(io.ComfyNode):
+    """The paper's per-layer rule, for experts (and the node id that workflows before the speed-up target use)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BlockCacheBuildSchedule",
+            display_name="Build Cache Schedule (threshold)",
+            category=CATEGORY,
+            description="Block Caching's own per-layer rule (Eq. 7): a layer's change is summed step by step and "
+                        "the layer is recomputed once the sum passes the threshold; in between its cached residual "
+                        "is reused. For experts: Build Cache Schedule (speed-up target) keeps the picture better "
+                        "at the same speed.",
             inputs=[
                 BlockProfileSocket.Input("profile", tooltip="From Profile Block Changes (or Merge Block Profiles)."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=5.0, step=0.01,
@@ -31,23 +105,25 @@ class BuildCacheSchedule(io.ComfyNode):
                 io.Combo.Input("cache_kinds", options=list(CACHE_KIND_CHOICES), default="attention",
                                tooltip="Which layers may be cached. 'attention' (SpatialTransformers) is the "
                                        "paper's choice; '+resblock' and 'all' skip more but change the image more."),
-                io.Int.Input("always_compute_first", default=1, min=1, max=10000,
-                             tooltip="Steps at the start that always compute every layer."),
+                io.Int.Input("always_compute_first", default=1, min=1, max=10000, tooltip=_FIRST_TOOLTIP),
                 io.Int.Input("always_compute_last", default=0, min=0, max=10000,
-                             tooltip="Steps at the end that always compute every layer (fine detail forms there)."),
+                             tooltip=_LAST_TOOLTIP + " Fine detail forms there."),
                 io.Int.Input("max_consecutive_reuse", default=0, min=0, max=10000,
                              tooltip="The longest run of steps a layer may be reused before it must compute; "
                                      "0 means no limit."),
+                io.Combo.Input("forecast_order", options=["0", "1", "2"], default="0", optional=True,
+                               tooltip="0 reuses a cached layer as it is (the paper); 1 and 2 extrapolate it from "
+                                       "its last 2 or 3 computations."),
             ],
             outputs=schedule_outputs(),
         )
 
     @classmethod
     def execute(cls, profile, threshold, cache_kinds, always_compute_first, always_compute_last,
-                max_consecutive_reuse) -> io.NodeOutput:
+                max_consecutive_reuse, forecast_order="0") -> io.NodeOutput:
         options = BuildOptions(threshold=float(threshold), cache_kinds=cache_kinds,
                                always_compute_first=always_compute_first, always_compute_last=always_compute_last,
-                               max_consecutive_reuse=max_consecutive_reuse)
+                               max_consecutive_reuse=max_consecutive_reuse, forecast_order=int(forecast_order))
         schedule = build_schedule(profile, options)
         picture = schedule_picture(schedule)
         # The profile goes to the browser too: the node rebuilds the schedule there, live, as the

@@ -1,19 +1,28 @@
-"""Benchmark: Block Cache against no cache, a uniform-interval schedule and ComfyUI's EasyCache/LazyCache.
+"""Benchmark: Block Cache against fewer steps and every other cache rule, on the trained reference model.
 
-Part 1, the trained reference model (core/reference_model.py): one batch of
-prompts x seeds sampled by KSampler with every method, side by side in one run. For
-each method: wall-clock speed-up (each run paired with a "no cache" run right before it,
-median of the pair ratios, so machine noise hits both sides), the FLOP fraction it
-computed, and PSNR / SSIM of the decoded pictures against the uncached pictures of the
-same seed and prompt.
+Part 1, fidelity at equal cost, for each sampler setting (euler/normal 20, dpmpp_2m/karras 25,
+ddim/ddim_uniform 50; cfg 5). The profile is taken on 4 prompts and seeds that no evaluation
+uses; every method is then evaluated on two disjoint sets of 16 prompt x seed pairs (A and B),
+so each verdict is checked twice. For each method:
 
-Part 2, a full-size SD1.5-structured UNet (random weights, fp32, 256x256, CPU): the
-overhead of an all-compute schedule against no patch, achieved / ideal speed-up of
-real schedules (ideal = 1 / computed FLOP fraction), and the cache's peak memory.
+* FLOPs: torch's FlopCounterMode around the whole sampling call (set B), against no cache;
+* fidelity: PSNR and SSIM of the pictures against the uncached pictures of the same prompt and
+  seed (mean and worst case), on A and on B;
+* wall-clock: the sampling time on set A against the nearest uncached timing of the same run.
 
-Writes results.json, table.md and quality_vs_speedup.png to --out.
+Methods: no cache; fewer steps (same sampler and scheduler); Block Cache's speed-up target
+(the Build node's default and a sweep, forecast order auto, and order 0 as an ablation); Block
+Cache's threshold rule (Eq. 7); FORA (uniform interval, reuse as-is), TaylorSeer (uniform
+interval + forecast), DeepCache, First Block Cache (bench_peers.py); ComfyUI's EasyCache and
+LazyCache; Faster Diffusion. Then the Pareto table: per fidelity floor (35 / 30 / 27 dB mean
+PSNR) and per family, the best FLOP speed-up that stays above it.
 
-    .venv/bin/python scripts/benchmark.py --out out/bench      (make bench)
+Part 2, a full-size SD1.5-structured UNet (random weights, fp32, 256x256, CPU): the overhead of
+an all-compute schedule against no patch, achieved / ideal speed-up, and the cache's peak memory.
+
+Writes results.json, table.md and one quality_vs_speedup_<setting>.png per setting to --out.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark.py --out out/bench      (make bench)
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 import platform
 import statistics
 import time
@@ -31,15 +39,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_peers
 import torch
 from comfy_bootstrap import PACK_MODULE, load_pack
 from plotting import Series, plot
+from torch.utils.flop_counter import FlopCounterMode
 
-THRESHOLDS = (0.25, 0.5, 1.0, 2.0)
-PEER_THRESHOLDS = (0.1, 0.2, 0.4)  # 0.2 is the nodes' default
-INTERVALS = (2, 3)
-# Aggressive schedules that also run with Calibrate Block Cache's scale-shift correction.
-CALIBRATED = (("attention", 2.0), ("all", 0.5), ("all", 1.0))
+SETTINGS: dict[str, tuple[str, str, int]] = {
+    "euler20": ("euler", "normal", 20),
+    "dpmpp2m25": ("dpmpp_2m", "karras", 25),
+    "ddim50": ("ddim", "ddim_uniform", 50),
+}
+SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
+ORDER0_SPEEDUPS = (2.0, 3.0)
+FLOORS = (35.0, 30.0, 27.0)
+INTERVALS = (2, 3, 4)
+PEER_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
+FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+# Prompt sets (reference_data.benchmark_prompts seeds) and sampling seeds: disjoint for profile, A and B.
+PROFILE_SET = (99, 1001)
+EVAL_SETS = {"A": (1234, 1), "B": (4242, 2)}
+FAMILY_LABELS = {
+    "block_cache": "Block Cache (speed-up target)",
+    "block_cache_order0": "Block Cache, order 0 (no forecast)",
+    "block_cache_threshold": "Block Cache threshold (Eq. 7)",
+    "fewer_steps": "fewer steps",
+    "fora": "FORA (uniform, reuse)",
+    "taylorseer": "TaylorSeer (uniform + forecast)",
+    "deepcache": "DeepCache rule",
+    "fbcache": "First Block Cache rule",
+    "easycache": "EasyCache (core)",
+    "lazycache": "LazyCache (core)",
+    "faster_diffusion": "Faster Diffusion",
+}
+# The rows the goal compares against (everything that is not Block Cache's own builder).
+OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "easycache", "lazycache", "faster_diffusion")
 
 
 def _module(name: str) -> Any:
@@ -72,228 +106,191 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return value.flatten(1).mean(1)
 
 
-# ---- methods ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Method:
-    name: str
-    family: str  # "none", "block_cache/attention", "block_cache/all", "uniform", "deepcache", "easycache", "lazycache"
-    setting: str
-    model: Any
-    holder: Any = None  # Block Cache's holder: its run stats give the FLOP fraction
-    times: list[float] = dataclasses.field(default_factory=list)
-    ratios: list[float] = dataclasses.field(default_factory=list)
-    flop_fraction: float = 1.0
-    output: torch.Tensor | None = None
-    calls: int = 0
-
-
-class CallCounter:
-    """Counts real diffusion-model computations: a hook on the first input conv, which every real call runs."""
-
-    def __init__(self, diffusion_model: torch.nn.Module) -> None:
-        self.count = 0
-        self._handle = diffusion_model.input_blocks[0][0].register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_: Any) -> None:
-        self.count += 1
-
-
-def interval_schedule(schedule: Any, interval: int, keep: Callable[[str], bool] = lambda _: False) -> Any:
-    """Every layer computes every ``interval``-th step (and those ``keep`` names at every step)."""
-    steps = schedule.grid.steps
-    layers = tuple(dataclasses.replace(layer, compute=tuple(keep(layer.name) or i % interval == 0
-                                                             for i in range(steps)))
-                   for layer in schedule.layers)
-    return dataclasses.replace(schedule, layers=layers, builder={"method": "uniform_interval", "interval": interval})
-
-
-def reference_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    import comfy_extras.nodes_easycache as easycache
-    import nodes as comfy_nodes
-
-    reference_model = _module("reference_model")
-    reference_data = _module("reference_data")
-    patching = _module("patching")
-    schedule_mod = _module("schedule")
-    runtime = _module("runtime")
-    heatmap = _module("heatmap")
-
-    reference = reference_model.load_reference_model()
-    model = reference.patcher
-    prompts = reference_data.benchmark_prompts(args.prompts)
-    batch = [p for p in prompts for _ in range(args.seeds)]  # every prompt with `seeds` different noises
-    positive = [[reference.encode(batch), {}]]
-    negative = reference.conditioning("")
-    latent = {"samples": torch.zeros(len(batch), 3, reference_model.RESOLUTION, reference_model.RESOLUTION)}
-    sampler = dict(steps=args.steps, cfg=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler)
-
-    def sample(m: Any, seed: int = args.seed, lat: dict | None = None, pos: Any = None) -> torch.Tensor:
-        (out,) = comfy_nodes.common_ksampler(m, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
-                                             sampler["scheduler"], pos or positive, negative, lat or latent)
-        return out["samples"]
-
-    # Profile on prompts and seeds the evaluation does not use.
-    profile_prompts = reference_data.benchmark_prompts(args.profile_prompts, seed=99)
-    profiled, holder = patching.attach_profiler(model)
-    profile_latent = {"samples": torch.zeros(len(profile_prompts), *latent["samples"].shape[1:])}
-    sample(profiled, seed=args.seed + 1000, lat=profile_latent, pos=[[reference.encode(profile_prompts), {}]])
-    profile = patching.collect_profile(holder, model, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
-                                       denoise=1.0, latent_shape=tuple(profile_latent["samples"].shape))
-    heatmap_path = Path(args.out) / "reference_profile_heatmap.png"
-    _save_picture(heatmap.render_profile(profile), heatmap_path)
-
-    methods = [Method("no cache", "none", "", model)]
-    calibrations = []
-    for kinds in ("attention", "all"):
-        for threshold in THRESHOLDS:
-            schedule = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=threshold,
-                                                                                      cache_kinds=kinds))
-            patched, bc_holder = patching.apply_block_cache(model, schedule)
-            methods.append(Method(f"Block Cache {kinds} δ={threshold:g}", f"block_cache/{kinds}",
-                                  f"threshold {threshold:g}", patched, bc_holder))
-            if (kinds, threshold) in CALIBRATED and args.calibration_iterations:
-                result = _calibrate(reference, schedule, negative, args)
-                calibrations.append({"schedule": f"{kinds} δ={threshold:g}", "seconds": result.seconds,
-                                     "loss_first": result.losses[0], "loss_last": result.losses[-1],
-                                     "streams": len(result.schedule.scale_shift.entries)})
-                patched, bc_holder = patching.apply_block_cache(model, result.schedule)
-                methods.append(Method(f"Block Cache {kinds} δ={threshold:g} + scale-shift",
-                                      f"block_cache/{kinds}+scale_shift", f"threshold {threshold:g}", patched,
-                                      bc_holder))
-    base = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
-    outer = _outer_layer_names(model)
-    for interval in INTERVALS:
-        for family, keep in (("uniform", lambda _: False), ("deepcache", lambda name: name in outer)):
-            patched, bc_holder = patching.apply_block_cache(model, interval_schedule(base, interval, keep))
-            label = "uniform every" if family == "uniform" else "DeepCache-like every"
-            methods.append(Method(f"{label} {interval}", family, f"interval {interval}", patched, bc_holder))
-    methods += _faster_diffusion_methods(model, profile, args)
-    for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
-        for threshold in PEER_THRESHOLDS:
-            (patched,) = node.execute(model, threshold, 0.15, 0.95, False).result
-            methods.append(Method(f"{node.__name__.removesuffix('Node')} {threshold:g}", family,
-                                  f"reuse_threshold {threshold:g}", patched))
-
-    counter = CallCounter(model.get_model_object("diffusion_model"))
-    sample(model)  # warm-up
-    none = methods[0]
-    for round_index in range(args.rounds):
-        for method in methods[1:]:
-            start = time.perf_counter()
-            plain = sample(model)
-            none.times.append(time.perf_counter() - start)
-            counter.count = 0
-            start = time.perf_counter()
-            out = sample(method.model)
-            method.times.append(time.perf_counter() - start)
-            method.ratios.append(none.times[-1] / method.times[-1])
-            if round_index == 0:
-                none.output = plain
-                method.output = out
-                method.calls = counter.count
-                if method.holder is not None:
-                    method.flop_fraction = 1.0 / runtime.run_speedup_estimate(method.holder, method.holder.last_run)
-        print(f"round {round_index + 1}/{args.rounds} done", flush=True)
-    counter.count = 0
-    sample(model)
-    full_calls = counter.count
-    reference_pictures = _pictures(none.output)
-    rows = []
-    for method in methods:
-        if method.holder is None and method.family != "none":
-            method.flop_fraction = method.calls / full_calls  # peers skip whole model calls
-        pictures = _pictures(method.output)
-        rows.append({
-            "method": method.name, "family": method.family, "setting": method.setting,
-            "speedup": statistics.median(method.ratios) if method.ratios else 1.0,
-            "speedup_runs": method.ratios,
-            "flop_fraction": method.flop_fraction,
-            "ideal_speedup": 1.0 / method.flop_fraction,
-            "psnr": float(psnr(pictures, reference_pictures).mean()),
-            "psnr_min": float(psnr(pictures, reference_pictures).min()),
-            "ssim": float(ssim(pictures, reference_pictures).mean()),
-            "seconds": statistics.median(method.times) if method.times else statistics.median(none.times),
-        })
-    _save_grid(reference_pictures, Path(args.out) / "reference_uncached_samples.png")
-    return {"rows": rows, "pairs": len(batch), "prompts": prompts, "seeds_per_prompt": args.seeds,
-            "sampler": sampler, "rounds": args.rounds, "profile_heatmap": heatmap_path.name,
-            "profile_prompts": profile_prompts, "calibrations": calibrations,
-            "calibration_iterations": args.calibration_iterations}
-
-
-def _faster_diffusion_methods(model: Any, profile: Any, args: argparse.Namespace) -> list[Method]:
-    """Faster Diffusion: encoder propagation with the paper's key steps, + noise injection, + parallel decoding."""
-    faster_diffusion = _module("faster_diffusion")
-    noise_injection = _module("noise_injection")
-    parallel_decoding = _module("parallel_decoding")
-    patching = _module("patching")
-    grid = faster_diffusion.grid_for_model(model, args.steps, args.sampler, args.scheduler)
-    schedule = faster_diffusion.build_faster_diffusion_schedule(profile.block_map, grid,
-                                                                faster_diffusion.FasterDiffusionOptions(),
-                                                                profile=profile)
-    keys = ",".join(str(k) for k in schedule.builder["key_steps"])
-    injection = noise_injection.NoiseInjection(alpha=noise_injection.PAPER_ALPHA)
-    methods = []
-    for name, noise, parallel in (("Faster Diffusion", None, False),
-                                  ("Faster Diffusion + noise injection", injection, False),
-                                  ("Faster Diffusion + parallel decoding", None, True),
-                                  ("Faster Diffusion + noise + parallel", injection, True)):
-        patched, holder = patching.apply_block_cache(model, schedule, noise_injection=noise)
-        if parallel:
-            patched, _ = parallel_decoding.enable_parallel_decoding(
-                patched, holder, schedule, parallel_decoding.ParallelDecoding(enabled=True))
-        methods.append(Method(name, "faster_diffusion", f"key steps {keys}", patched, holder))
-    return methods
-
-
-def _calibrate(reference: Any, schedule: Any, negative: Any, args: argparse.Namespace) -> Any:
-    """Calibrate Block Cache's training on prompts and seeds the evaluation never uses."""
-    calibration = _module("calibration")
-    reference_model = _module("reference_model")
-    prompts = _module("reference_data").benchmark_prompts(8, seed=7)
-    latent = torch.zeros(len(prompts), 3, reference_model.RESOLUTION, reference_model.RESOLUTION)
-    options = calibration.CalibrationOptions(iterations=args.calibration_iterations, seed=args.seed + 5000)
-    result = calibration.calibrate(reference.patcher, schedule, [([[reference.encode(prompts), {}]], negative)],
-                                   latent, options)
-    print(f"calibrated {schedule.builder['cache_kinds']} δ={schedule.builder['threshold']:g}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
-          f"in {result.seconds:.0f} s", flush=True)
-    return result
-
-
-def _outer_layer_names(model: Any) -> set[str]:
-    """The layers at the highest resolution (DeepCache's always-computed shallow branch)."""
-    unet = model.get_model_object("diffusion_model")
-    per_level = int(unet.num_res_blocks[0])
-    outer = [f"input_blocks.{i}" for i in range(1, per_level + 1)]
-    outer += [f"output_blocks.{len(unet.output_blocks) - 1 - i}" for i in range(per_level + 1)]
-    block_map = _module("block_map").block_map_for_patcher(model)
-    return {spec.name for spec in block_map.layers if any(spec.name == o or spec.name.startswith(o + ".") for o in outer)}
-
-
 def _pictures(latent: torch.Tensor) -> torch.Tensor:
     """The pixel-space VAE's decode: [-1, 1] -> [0, 1] (comfy/sd.py VAE.process_output)."""
     return ((latent.float() + 1) / 2).clamp(0, 1)
 
 
-def _save_picture(array: Any, path: Path) -> None:
-    import numpy as np
-    from PIL import Image
+# ---- part 1: fidelity at equal cost -----------------------------------------------------------------
 
-    Image.fromarray((np.clip(array, 0, 1) * 255).astype("uint8")).save(path)
-
-
-def _save_grid(pictures: torch.Tensor, path: Path, columns: int = 8, scale: int = 3) -> None:
-    rows = math.ceil(len(pictures) / columns)
-    grid = torch.ones(3, rows * 34, columns * 34)
-    for index, picture in enumerate(pictures):
-        r, c = divmod(index, columns)
-        grid[:, r * 34 + 1: r * 34 + 33, c * 34 + 1: c * 34 + 33] = picture
-    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    _save_picture(grid.permute(1, 2, 0).numpy(), path)
+@dataclasses.dataclass
+class Method:
+    name: str
+    family: str
+    setting: str  # the knob, e.g. "2.5x" or "12 steps"
+    make: Callable[[], tuple[Any, int]]  # -> (model to sample with, steps)
+    knob: float = 0.0  # for ordering a family's curve
 
 
-# ---- full-size UNet --------------------------------------------------------------------------------
+def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: str) -> list[Method]:
+    import comfy_extras.nodes_easycache as easycache
+
+    patching = _module("patching")
+    schedule_mod = _module("schedule")
+    target = _module("target_schedule")
+    faster_diffusion = _module("faster_diffusion")
+    block_map = _module("block_map")
+    model = reference.patcher
+    methods = [Method("no cache", "none", "", lambda: (model, steps))]
+    for n in _fewer_steps(steps):
+        methods.append(Method(f"fewer steps {n}", "fewer_steps", f"{n} steps", lambda n=n: (model, n), knob=n))
+
+    def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
+        return lambda: (patching.apply_block_cache(model, schedule)[0], steps)
+
+    for speedup in SPEEDUPS:
+        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
+        label = f"{speedup:g}x" + (" (default)" if speedup == target.DEFAULT_SPEEDUP else "")
+        methods.append(Method(f"Block Cache {label}", "block_cache", label, apply(schedule), knob=speedup))
+    for speedup in ORDER0_SPEEDUPS:
+        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order="0"))
+        methods.append(Method(f"Block Cache {speedup:g}x order 0", "block_cache_order0", f"{speedup:g}x",
+                              apply(schedule), knob=speedup))
+    for kinds, threshold in (("attention", 0.5), ("all", 0.25), ("all", 0.5)):
+        schedule = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=threshold,
+                                                                                  cache_kinds=kinds))
+        methods.append(Method(f"Block Cache threshold {kinds} δ={threshold:g}", "block_cache_threshold",
+                              f"{kinds} δ={threshold:g}", apply(schedule), knob=threshold))
+    base = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
+    outer = bench_peers.outer_layer_names(model, block_map)
+    for k in INTERVALS:
+        methods.append(Method(f"FORA every {k}", "fora", f"every {k}", apply(bench_peers.interval_schedule(base, k)),
+                              knob=k))
+        for order in (1, 2):
+            methods.append(Method(f"TaylorSeer every {k} order {order}", "taylorseer", f"every {k}, order {order}",
+                                  apply(bench_peers.interval_schedule(base, k, order=order)), knob=k + order / 10))
+        methods.append(Method(f"DeepCache every {k}", "deepcache", f"every {k}",
+                              apply(bench_peers.interval_schedule(base, k, keep=lambda name: name in outer)), knob=k))
+    for threshold in FBCACHE_THRESHOLDS:
+        methods.append(Method(f"First Block Cache {threshold:g}", "fbcache", f"threshold {threshold:g}",
+                              lambda t=threshold: (bench_peers.first_block_cache(patching, model, base, t)[0], steps),
+                              knob=threshold))
+    for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
+        for threshold in PEER_THRESHOLDS:
+            methods.append(Method(f"{node.__name__.removesuffix('Node')} {threshold:g}", family,
+                                  f"reuse_threshold {threshold:g}",
+                                  lambda n=node, t=threshold: (bench_peers.easycache(model, n, t), steps),
+                                  knob=threshold))
+    grid = faster_diffusion.grid_for_model(model, steps, sampler, scheduler)
+    schedule = faster_diffusion.build_faster_diffusion_schedule(profile.block_map, grid,
+                                                                faster_diffusion.FasterDiffusionOptions(),
+                                                                profile=profile)
+    keys = ",".join(str(k) for k in schedule.builder["key_steps"])
+    methods.append(Method("Faster Diffusion", "faster_diffusion", f"key steps {keys}", apply(schedule)))
+    return methods
+
+
+def _fewer_steps(steps: int) -> list[int]:
+    if steps <= 25:
+        return list(range(3, steps))
+    return sorted({n for n in (5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 22, 25, 28, 32, 36, 40, 45) if n < steps})
+
+
+def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    import nodes as comfy_nodes
+
+    sampler, scheduler, steps = SETTINGS[name]
+    reference_model = _module("reference_model")
+    reference_data = _module("reference_data")
+    patching = _module("patching")
+    reference = reference_model.load_reference_model()
+    model = reference.patcher
+    negative = reference.conditioning("")
+
+    def batch(prompt_seed: int, count: int, repeats: int) -> tuple[list[str], Any, dict]:
+        prompts = reference_data.benchmark_prompts(count, seed=prompt_seed)
+        items = [p for p in prompts for _ in range(repeats)]
+        latent = {"samples": torch.zeros(len(items), 3, reference_model.RESOLUTION, reference_model.RESOLUTION)}
+        return prompts, [[reference.encode(items), {}]], latent
+
+    def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps) -> torch.Tensor:
+        (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, sampler, scheduler, positive, negative, latent)
+        return out["samples"]
+
+    profile_prompts, profile_positive, profile_latent = batch(PROFILE_SET[0], args.profile_prompts, 1)
+    profiled, holder = patching.attach_profiler(model)
+    sample(profiled, profile_positive, profile_latent, PROFILE_SET[1])
+    profile = patching.collect_profile(holder, model, sampler=sampler, scheduler=scheduler, cfg=args.cfg, denoise=1.0,
+                                       latent_shape=tuple(profile_latent["samples"].shape))
+    sets = {key: batch(prompt_seed, args.prompts, args.seeds) for key, (prompt_seed, _) in EVAL_SETS.items()}
+    uncached = {key: _pictures(sample(model, sets[key][1], sets[key][2], EVAL_SETS[key][1])) for key in sets}
+
+    def flops_of(m: Any, n: int) -> tuple[float, torch.Tensor]:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = sample(m, sets["B"][1], sets["B"][2], EVAL_SETS["B"][1], n)
+        return float(counter.get_total_flops()), out
+
+    full_flops, _ = flops_of(model, steps)
+    no_cache_seconds: list[float] = []
+
+    def time_no_cache() -> None:
+        start = time.perf_counter()
+        sample(model, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1])
+        no_cache_seconds.append(time.perf_counter() - start)
+
+    sample(model, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1])  # warm-up
+    time_no_cache()
+    rows = []
+    methods = _methods(reference, profile, steps, sampler, scheduler)
+    for index, method in enumerate(methods):
+        if index and index % 8 == 0:
+            time_no_cache()
+        m, n = method.make()
+        flops, out_b = flops_of(m, n)
+        start = time.perf_counter()
+        out_a = sample(m, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1], n)
+        seconds = time.perf_counter() - start
+        row = {"method": method.name, "family": method.family, "setting": method.setting, "knob": method.knob,
+               "steps": n, "flop_fraction": flops / full_flops, "seconds": seconds,
+               "wall_speedup": no_cache_seconds[-1] / seconds}
+        for key, out in (("A", out_a), ("B", out_b)):
+            pictures = _pictures(out)
+            values = psnr(pictures, uncached[key])
+            row[f"psnr_{key}"] = float(values.mean())
+            row[f"psnr_min_{key}"] = float(values.min())
+            row[f"ssim_{key}"] = float(ssim(pictures, uncached[key]).mean())
+        rows.append(row)
+        print(f"[{name}] {method.name}: {1 / row['flop_fraction']:.2f}x FLOPs, {row['wall_speedup']:.2f}x wall, "
+              f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
+    return {"setting": name, "sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+            "rows": rows, "pareto": {key: pareto(rows, key) for key in EVAL_SETS},
+            "pairs": len(sets["A"][2]["samples"]), "prompts": {key: sets[key][0] for key in sets},
+            "profile_prompts": profile_prompts, "no_cache_seconds": no_cache_seconds,
+            "profile_trajectory_mb": profile.trajectory.nbytes / 2**20}
+
+
+def pareto(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """Per floor and family: the row with the best FLOP speed-up whose mean PSNR on set ``key`` is above it."""
+    table: dict[str, dict[str, Any]] = {}
+    for floor in FLOORS:
+        best: dict[str, Any] = {}
+        for row in rows:
+            if row["family"] == "none" or row[f"psnr_{key}"] < floor:
+                continue
+            current = best.get(row["family"])
+            if current is None or row["flop_fraction"] < current["flop_fraction"]:
+                best[row["family"]] = row
+        table[f"{floor:g}"] = {family: {"method": r["method"], "speedup": 1 / r["flop_fraction"],
+                                        "wall_speedup": r["wall_speedup"], "psnr": r[f"psnr_{key}"]}
+                               for family, r in best.items()}
+    return table
+
+
+def verdict(pareto_table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per floor: Block Cache's best against the best other row, and their ratio."""
+    lines = []
+    for floor, families in pareto_table.items():
+        ours = families.get("block_cache")
+        others = [(family, entry) for family, entry in families.items() if family in OTHERS]
+        best_family, best = max(others, key=lambda item: item[1]["speedup"]) if others else (None, None)
+        ratio = ours["speedup"] / best["speedup"] if ours and best else None
+        lines.append({"floor": floor, "ours": ours, "best_other_family": best_family, "best_other": best,
+                      "ratio": ratio})
+    return lines
+
+
+# ---- part 2: full-size UNet -------------------------------------------------------------------------
 
 def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import comfy.model_management
@@ -332,7 +329,7 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cases["Block Cache attention δ=0.5"] = patching.apply_block_cache(
         model, schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.5, cache_kinds="attention")))
     base_schedule = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
-    cases["uniform every 2 (all layers)"] = patching.apply_block_cache(model, interval_schedule(base_schedule, 2))
+    cases["uniform every 2 (all layers)"] = patching.apply_block_cache(model, bench_peers.interval_schedule(base_schedule, 2))
 
     ratios: dict[str, list[float]] = {name: [] for name in cases}
     identical = True
@@ -367,37 +364,32 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = []
-    ref = results.get("reference")
-    if ref:
-        s = ref["sampler"]
+    for result in results.get("fidelity", {}).values():
         lines += [
-            f"Reference model, {ref['pairs']} prompt x seed pairs ({len(ref['prompts'])} prompts x "
-            f"{ref['seeds_per_prompt']} seeds, one batch), 32x32 pixels, {s['sampler_name']}/{s['scheduler']} "
-            f"{s['steps']} steps, cfg {s['cfg']}; speed-up = median over {ref['rounds']} rounds of "
-            "(no-cache time / method time), each method run right after its own no-cache run.",
+            f"## {result['sampler']}/{result['scheduler']} {result['steps']} steps, cfg {result['cfg']:g}",
             "",
-            "| method | setting | speed-up (wall) | FLOPs computed | ideal speed-up | PSNR dB (mean / min) | SSIM |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            f"Reference model, 32x32 pixels; two disjoint evaluation sets of {result['pairs']} prompt x seed pairs "
+            f"(A, B), profile on {len(result['profile_prompts'])} other prompts. FLOPs by FlopCounterMode around the "
+            "sampling call; wall = uncached time / method time on set A (same run, one CPU thread).",
+            "",
+            "| method | FLOP speed-up | wall speed-up | PSNR A (mean / min) | SSIM A | PSNR B (mean / min) | SSIM B |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for row in ref["rows"]:
-            psnr_text = "identical" if row["psnr"] >= 100 else f"{row['psnr']:.1f} / {row['psnr_min']:.1f}"
-            lines.append(f"| {row['method']} | {row['setting'] or '-'} | {row['speedup']:.2f}x | "
-                         f"{row['flop_fraction']:.1%} | {row['ideal_speedup']:.2f}x | {psnr_text} | "
-                         f"{row['ssim']:.4f} |")
-        if ref.get("calibrations"):
-            lines += ["", f"Scale-shift calibration: {ref['calibration_iterations']} iterations, each sampling 8 "
-                          "training prompts with a fresh seed (prompts and seeds disjoint from the evaluation); "
-                          "relative error of the reused layer outputs, first -> last iteration:", ""]
-            lines += [f"- {c['schedule']}: {c['loss_first']:.4f} -> {c['loss_last']:.4f}, {c['streams']} corrected "
-                      f"streams, {c['seconds']:.0f} s" for c in ref["calibrations"]]
+        for row in result["rows"]:
+            if row["family"] == "none":
+                continue
+            lines.append(f"| {row['method']} | {1 / row['flop_fraction']:.2f}x | {row['wall_speedup']:.2f}x | "
+                         f"{_db(row['psnr_A'])} / {_db(row['psnr_min_A'])} | {row['ssim_A']:.3f} | "
+                         f"{_db(row['psnr_B'])} / {_db(row['psnr_min_B'])} | {row['ssim_B']:.3f} |")
+        lines += ["", pareto_markdown(result), ""]
     full = results.get("full_size")
     if full:
         lines += [
+            "## Full-size SD1.5-structured UNet",
             "",
-            f"Full-size SD1.5-structured UNet (random weights, {full['model_mb']:.0f} MB fp32), "
-            f"{full['resolution']}x{full['resolution']}, euler {full['steps']} steps, cfg batched, CPU; "
-            f"median of {full['rounds']} paired rounds. All-compute output bit-identical to no patch: "
-            f"{full['all_compute_bit_identical']}.",
+            f"Random weights, {full['model_mb']:.0f} MB fp32, {full['resolution']}x{full['resolution']}, euler "
+            f"{full['steps']} steps, cfg batched, CPU; median of {full['rounds']} paired rounds. All-compute output "
+            f"bit-identical to no patch: {full['all_compute_bit_identical']}.",
             "",
             "| case | speed-up (wall) | FLOPs computed | ideal speed-up | achieved / ideal | overhead | cache peak |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -411,40 +403,61 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quality_plot(ref: dict[str, Any], path: Path) -> None:
-    labels = {"block_cache/attention": "Block Cache (attention)", "block_cache/all": "Block Cache (all layers)",
-              "block_cache/attention+scale_shift": "Block Cache (attention) + scale-shift",
-              "block_cache/all+scale_shift": "Block Cache (all layers) + scale-shift",
-              "uniform": "uniform interval", "deepcache": "DeepCache-like interval",
-              "easycache": "EasyCache (core)", "lazycache": "LazyCache (core)"}
-    points = [r for r in ref["rows"] if r["family"] == "faster_diffusion"]
+def _db(value: float) -> str:
+    return "identical" if value >= 100 else f"{value:.1f}"
+
+
+def pareto_markdown(result: dict[str, Any]) -> str:
+    """Best FLOP speed-up per family above each floor, on set A and set B, and the ratio to the best other."""
+    families = [f for f in FAMILY_LABELS if any(r["family"] == f for r in result["rows"])]
+    header = "| family | " + " | ".join(f"≥ {floor:g} dB (A / B)" for floor in FLOORS) + " |"
+    lines = [f"Best FLOP speed-up above each mean-PSNR floor ({result['sampler']}/{result['scheduler']} "
+             f"{result['steps']}):", "", header, "|---|" + "---:|" * len(FLOORS)]
+    for family in families:
+        cells = []
+        for floor in FLOORS:
+            parts = []
+            for key in EVAL_SETS:
+                entry = result["pareto"][key][f"{floor:g}"].get(family)
+                parts.append(f"{entry['speedup']:.2f}x" if entry else "–")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {FAMILY_LABELS[family]} | " + " | ".join(cells) + " |")
+    ratios = []
+    for floor in FLOORS:
+        parts = []
+        for key in EVAL_SETS:
+            line = next(v for v in verdict(result["pareto"][key]) if v["floor"] == f"{floor:g}")
+            if line["ratio"] is None:
+                parts.append("–")
+            else:
+                parts.append(f"{line['ratio']:.2f} (vs {FAMILY_LABELS[line['best_other_family']]})")
+        ratios.append(" / ".join(parts))
+    lines.append("| **Block Cache / best other** | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def quality_plot(result: dict[str, Any], path: Path) -> None:
     series = []
-    for family, label in labels.items():
-        # Connected in threshold / interval order, so a noisy timing shows as a kink, not a reordering.
-        rows = sorted((r for r in ref["rows"] if r["family"] == family), key=lambda r: float(r["setting"].split()[-1]))
-        if rows:
-            series.append(Series(label, [r["speedup"] for r in rows], [min(r["psnr"], 60.0) for r in rows],
-                                 point_labels=[r["setting"].split()[-1] for r in rows]))
-    for row in points:  # single points: the variants are not a threshold sweep
-        series.append(Series(row["method"], [row["speedup"]], [min(row["psnr"], 60.0)], point_labels=[""]))
-    plot(series, str(path), title="Reference model: fidelity to the uncached output vs measured speed-up "
-         "(points labelled by threshold / interval)", xlabel="wall-clock speed-up vs no cache",
-         ylabel="PSNR dB (capped 60)")
+    for family, label in FAMILY_LABELS.items():
+        rows = sorted((r for r in result["rows"] if r["family"] == family), key=lambda r: r["flop_fraction"])
+        if not rows:
+            continue
+        line = family not in ("faster_diffusion",)
+        series.append(Series(label, [1 / r["flop_fraction"] for r in rows], [min(r["psnr_A"], 60.0) for r in rows],
+                             line=line))
+    plot(series, str(path), title=f"Reference model, {result['sampler']}/{result['scheduler']} {result['steps']}: "
+         "PSNR vs the uncached pictures (set A) against FLOP speed-up", xlabel="FLOP speed-up vs no cache",
+         ylabel="PSNR dB (mean, capped 60)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--profile-prompts", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--scheduler", default="normal")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--calibration-iterations", type=int, default=16, help="0 skips the scale-shift rows")
     parser.add_argument("--full-steps", type=int, default=4)
     parser.add_argument("--full-rounds", type=int, default=5)
     parser.add_argument("--full-resolution", type=int, default=256)
@@ -461,17 +474,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                                          f"{args.threads} threads, CPU"}
+                                          f"{args.threads} threads, CPU", "fidelity": {}}
     if not args.skip_reference:
-        results["reference"] = reference_benchmark(args)
-        quality_plot(results["reference"], args.out / "quality_vs_speedup.png")
+        for name in args.settings.split(","):
+            result = fidelity_benchmark(args, name)
+            results["fidelity"][name] = result
+            quality_plot(result, args.out / f"quality_vs_speedup_{name}.png")
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if not args.skip_full:
         results["full_size"] = full_size_benchmark(args)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (args.out / "table.md").write_text(table)
     print(table)
-    print(f"wrote results.json, table.md, quality_vs_speedup.png to {args.out}")
+    print(f"wrote results.json, table.md and the plots to {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 import comfy.model_management
 import comfy.patcher_extension
 import nodes as comfy_nodes
+import numpy as np
 import torch
 
 
@@ -121,3 +122,79 @@ def split_cond_calls(model: Any) -> None:
         return outputs
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_split", wrapper)
+
+
+def expected_run_mask(schedule: Any, model: Any, run_sigmas: torch.Tensor) -> np.ndarray:
+    """The schedule's mask on the run's own steps (the runtime's re-timing rule, read independently)."""
+    from comfy_bootstrap import load_pack
+
+    time_grid = load_pack().core.time_grid
+    sampling = model.get_model_object("model_sampling")
+    run_taus = time_grid.normalized_times(sampling, torch.as_tensor(run_sigmas).reshape(-1))
+    if schedule.grid.same_as(run_taus[:-1]):
+        return schedule.compute_mask()
+    bounds = list(schedule.grid.taus) + time_grid.normalized_times(sampling, torch.tensor(schedule.grid.sigmas[-1:]))
+    return density_retimed(schedule.compute_mask(), bounds, run_taus)
+
+
+def density_retimed(mask: np.ndarray, bounds: list[float], run_bounds: list[float]) -> np.ndarray:
+    """The re-timing rule: the schedule's compute indicator f(time) is constant on each of its steps
+    (``bounds``: step starts and the end, falling; its first and last steps extended beyond its range).
+    Each run step's share of computing is the mean of f over its span, from the integral G of f; shares
+    are accumulated and rounded (>= 0.5 computes, then 1 is taken off); the first run step computes."""
+    top, bottom = max(bounds[0], run_bounds[0]), min(bounds[-1], run_bounds[-1])
+    points = [top, *bounds[1:-1], bottom]
+
+    def integral(time: float) -> np.ndarray:
+        """G(time): the integral of f from ``time`` up to the top, per layer."""
+        total = np.zeros(mask.shape[0])
+        for i in range(len(points) - 1):
+            high, low = points[i], points[i + 1]
+            if time < high:
+                total += max(0.0, high - max(low, time)) * mask[:, i]
+        return total
+
+    shares = []
+    for j in range(len(run_bounds) - 1):
+        high, low = run_bounds[j], run_bounds[j + 1]
+        if high - low <= 1e-4:
+            step = next((i for i in range(len(bounds) - 1) if high >= bounds[i + 1] - 1e-4), len(bounds) - 2)
+            shares.append(mask[:, step].astype(float))
+        else:
+            shares.append((integral(low) - integral(high)) / (high - low))
+    run_mask = np.zeros((mask.shape[0], len(shares)), dtype=bool)
+    carried = np.zeros(mask.shape[0])
+    for j, share in enumerate(shares):
+        carried = carried + share
+        run_mask[:, j] = (carried >= 0.5 - 1e-9) | (j == 0)
+        carried[run_mask[:, j]] -= 1.0
+    return run_mask
+
+
+def computations_on(mask: np.ndarray, step_times: list[float], eval_times: list[float]) -> np.ndarray:
+    """Per layer, the computations over evaluations at ``eval_times`` of a run whose steps start at
+    ``step_times``: a layer computes when ``mask`` has a compute point in the steps passed since the
+    previous evaluation (or at the first one); a layer computed at every step is never cached."""
+    starts = np.array(step_times)
+    expected = np.zeros(mask.shape[0], dtype=int)
+    previous = None
+    for time in eval_times:
+        step = int(np.nonzero(starts >= time - 1e-4)[0].max()) if (starts >= time - 1e-4).any() else 0
+        if previous is None or step < previous:
+            expected += 1
+        elif step > previous:
+            expected += mask[:, previous + 1:step + 1].any(axis=1)
+        previous = step
+    expected[mask.all(axis=1)] = len(eval_times)
+    return expected
+
+
+def expected_computations(schedule: Any, model: Any, eval_sigmas: list[float], run_sigmas: torch.Tensor) -> np.ndarray:
+    """Per layer, the computations the runtime must make on this run (``expected_run_mask``)."""
+    from comfy_bootstrap import load_pack
+
+    time_grid = load_pack().core.time_grid
+    sampling = model.get_model_object("model_sampling")
+    mask = expected_run_mask(schedule, model, run_sigmas)
+    steps = time_grid.normalized_times(sampling, torch.as_tensor(run_sigmas).reshape(-1)[:-1])
+    return computations_on(mask, steps, time_grid.normalized_times(sampling, torch.tensor(eval_sigmas)))

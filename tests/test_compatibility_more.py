@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
-from helpers import live_tensor_bytes, record_evaluation_sigmas, sample
+from helpers import computations_on, density_retimed, live_tensor_bytes, record_evaluation_sigmas, sample
 from test_compatibility import profile_schedules, with_lora
 
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -352,22 +352,13 @@ FLOW_NODES = {
 }
 
 
-def _expected_computes_by_sigma(schedule, eval_sigmas):
+def _expected_computes_by_sigma(schedule, eval_sigmas, run_sigmas):
     """Independent of the pack's time code: for flow models normalized time is sigma (sigma_max 1 at
-    any shift), so each evaluation runs the last schedule step starting at or above its sigma; a layer
-    computes when the schedule computes it in a step passed since the previous evaluation."""
-    starts = np.array(schedule.grid.sigmas[:-1])
-    mask = schedule.compute_mask()
-    expected = np.zeros(mask.shape[0], dtype=int)
-    previous = None
-    for sigma in eval_sigmas:
-        step = int(np.nonzero(starts >= sigma - 1e-4)[0].max())
-        if previous is None or step < previous:
-            expected += 1
-        else:
-            expected += mask[:, previous + 1:step + 1].any(axis=1) | mask.all(axis=1)
-        previous = step
-    return expected
+    any shift), so the schedule's mask moves onto the run's steps by sigma (the re-timing rule), and a
+    layer computes when the run's mask computes it in a step passed since the previous evaluation."""
+    run_sigmas = [float(s) for s in run_sigmas]
+    mask = density_retimed(schedule.compute_mask(), list(schedule.grid.sigmas), run_sigmas)
+    return computations_on(mask, run_sigmas[:-1], eval_sigmas)
 
 
 @pytest.mark.parametrize("node", FLOW_NODES)
@@ -403,5 +394,6 @@ def test_flow_shift_nodes_before_and_after_apply(pack, node):
         outputs.append(sample(shifted_model, *conds, latent, steps=steps, cfg=cfg))
         stats = holder.last_run
         assert stats.retimed and stats.reused.sum() > 0 and torch.isfinite(outputs[-1]).all()
-        np.testing.assert_array_equal(stats.computed, _expected_computes_by_sigma(caching, eval_sigmas))
+        np.testing.assert_array_equal(stats.computed, _expected_computes_by_sigma(caching, eval_sigmas,
+                                                                                holder.last_sample_sigmas))
     assert torch.equal(outputs[0], outputs[1])

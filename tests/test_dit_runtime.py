@@ -121,8 +121,7 @@ def test_cpu_cache_device_gives_the_same_output(pack):
 
 @pytest.mark.parametrize("sampler,steps", [("heun", 3), ("euler", 7), ("dpmpp_2m", 5)])
 def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, steps):
-    from helpers import count_layer_computations, record_evaluation_sigmas
-    from test_unet_runtime import expected_computations
+    from helpers import count_layer_computations, expected_computations, record_evaluation_sigmas
 
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
@@ -135,5 +134,6 @@ def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, 
     with count_layer_computations(model.model.diffusion_model, names) as counts:
         sample(patched, *conds, latent, steps=steps, sampler=sampler, cfg=FLUX.cfg)
     counted = np.array([counts[name] for name in names])
-    np.testing.assert_array_equal(counted, expected_computations(schedule, model, eval_sigmas))
+    np.testing.assert_array_equal(counted, expected_computations(schedule, model, eval_sigmas,
+                                                                 holder.last_sample_sigmas))
     assert holder.last_run.retimed

@@ -94,9 +94,32 @@ def test_schedule_and_profile_json_round_trip(core):
     assert loaded.estimated_speedup == pytest.approx(schedule.estimated_speedup)
     assert core.schema.schedule_to_json(loaded) == text
     doc = json.loads(text)
-    assert doc["format"] == "block-cache-schedule" and doc["version"] == 1
+    assert doc["format"] == "block-cache-schedule" and doc["version"] == 2
+    assert [layer["forecast_order"] for layer in doc["layers"]] == [0, 0]
     reloaded = core.schema.profile_from_dict(json.loads(json.dumps(core.schema.profile_to_dict(profile))))
     assert reloaded.block_map == profile.block_map and reloaded.change[1][1:] == profile.change[1][1:]
+
+
+def test_version_1_schedules_load_with_order_0_and_orders_round_trip(core):
+    """Files saved before forecasting (version 1, no forecast_order) still load, as plain reuse; a
+    version-2 file keeps each layer's order, and the order is part of the fingerprint."""
+    import dataclasses
+
+    nan = float("nan")
+    profile = make_profile(core, [[nan, 0.3, 0.3, 0.3], [nan, 0.1, 0.1, 0.9]])
+    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
+    old = json.loads(core.schema.schedule_to_json(schedule))
+    old["version"] = 1
+    for layer in old["layers"]:
+        del layer["forecast_order"]
+    loaded = core.schema.schedule_from_dict(old)
+    assert loaded.layers == schedule.layers and all(layer.forecast_order == 0 for layer in loaded.layers)
+    assert loaded.fingerprint == schedule.fingerprint
+    forecast = dataclasses.replace(schedule, layers=(dataclasses.replace(schedule.layers[0], forecast_order=2),
+                                                     schedule.layers[1]))
+    reloaded = core.schema.schedule_from_json(core.schema.schedule_to_json(forecast))
+    assert [layer.forecast_order for layer in reloaded.layers] == [2, 0]
+    assert reloaded.fingerprint == forecast.fingerprint != schedule.fingerprint
 
 
 def _schedule_doc(core):
@@ -123,6 +146,10 @@ BAD_DOCUMENTS = {
     "nan number": lambda text, doc: text.replace('"total_flops": 15.0', '"total_flops": NaN'),
     "steps mismatch": lambda text, doc: json.dumps({**doc, "grid": {**doc["grid"], "steps": 7}}),
     "deep nesting": lambda text, doc: "[" * 100000 + "]" * 100000,
+    "forecast order too high": lambda text, doc: json.dumps(
+        {**doc, "layers": [{**doc["layers"][0], "forecast_order": 3}]}),
+    "forecast order not an integer": lambda text, doc: json.dumps(
+        {**doc, "layers": [{**doc["layers"][0], "forecast_order": 1.5}]}),
 }
 
 

@@ -7,7 +7,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import count_layer_computations, profile_by_sampling, record_evaluation_sigmas, sample, split_cond_calls
+from helpers import (
+    count_layer_computations,
+    expected_computations,
+    profile_by_sampling,
+    record_evaluation_sigmas,
+    sample,
+    split_cond_calls,
+)
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2s_ancestral", "dpmpp_sde", "ddim",
             "uni_pc", "lcm"]
@@ -23,30 +30,6 @@ def profile_and_build(pack, model, conds, latent, *, steps=8, sampler="euler", t
 @pytest.fixture
 def built(pack, tiny_model, conds, latent):
     return profile_and_build(pack, tiny_model, conds, latent)
-
-
-def expected_computations(schedule, model, eval_sigmas):
-    """Independent reading of the re-timing rule: a layer computes at an evaluation when the schedule
-    has a compute point in the steps passed since the previous evaluation (or at the first one);
-    a layer computed at every step of the schedule computes at every evaluation."""
-    from comfy_bootstrap import load_pack
-
-    taus = load_pack().core.time_grid.normalized_times(model.get_model_object("model_sampling"),
-                                                      torch.tensor(eval_sigmas))
-    grid = np.array(schedule.grid.taus)
-    mask = schedule.compute_mask()
-    expected = np.zeros(mask.shape[0], dtype=int)
-    previous = None
-    for tau in taus:
-        step = int(np.nonzero(grid >= tau - 1e-4)[0].max()) if (grid >= tau - 1e-4).any() else 0
-        if previous is None or step < previous:
-            expected += 1
-        elif step > previous:
-            expected += mask[:, previous + 1:step + 1].any(axis=1)
-        previous = step
-    never_cached = mask.all(axis=1)
-    expected[never_cached] = len(taus)
-    return expected
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "uni_pc"])
@@ -70,7 +53,7 @@ def test_real_computations_match_schedule(pack, tiny_model, conds, latent, built
     with count_layer_computations(diffusion_model, names) as counts:
         sample(patched, *conds, latent, sampler=sampler)
     counted = np.array([counts[n] for n in names])
-    expected = expected_computations(schedule, tiny_model, eval_sigmas)
+    expected = expected_computations(schedule, tiny_model, eval_sigmas, holder.last_sample_sigmas)
     np.testing.assert_array_equal(counted, expected)
     np.testing.assert_array_equal(counted, holder.last_run.computed)
     assert holder.last_run.evaluations == len(eval_sigmas)
@@ -204,7 +187,7 @@ def test_retiming_other_steps_and_samplers(pack, tiny_model, conds, latent, capl
     assert torch.isfinite(out).all()
     assert holder.last_run.retimed
     assert sum("re-timed onto" in r.message for r in caplog.records) == 1
-    np.testing.assert_array_equal([counts[n] for n in names], expected_computations(schedule, tiny_model, eval_sigmas))
+    np.testing.assert_array_equal([counts[n] for n in names], expected_computations(schedule, tiny_model, eval_sigmas, holder.last_sample_sigmas))
     assert holder.last_run.reused.sum() > 0
 
 
