@@ -83,8 +83,10 @@ class BlockProfile:
     total_flops: float  # the whole diffusion model, per model evaluation
     sample_count: int  # how many (batch item x cond chunk) series were averaged
     provenance: dict[str, Any] = field(default_factory=dict)
-    # In memory only (not in the JSON): what the speed-up target builder measures errors on.
+    # In memory only (not in the JSON): what the speed-up target builder measures errors on, and how to
+    # sample the profiled runs again (core/validation.py ProfileReplay) to measure a schedule's real error.
     trajectory: Trajectory | None = None
+    replays: tuple[Any, ...] = ()
 
 
 def merge_profiles(profiles: list[BlockProfile]) -> BlockProfile:
@@ -124,6 +126,7 @@ def merge_profiles(profiles: list[BlockProfile]) -> BlockProfile:
         sample_count=total,
         provenance={**first.provenance, "merged_from": len(profiles)},
         trajectory=trajectory,
+        replays=tuple(replay for p in profiles for replay in p.replays),
     )
 
 

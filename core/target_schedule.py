@@ -26,6 +26,7 @@ layers at each step, the error tracks the picture's PSNR (Spearman 0.92 over 33 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +42,8 @@ from .schedule import CacheSchedule, LayerSchedule, computed_flop_fraction
 DEFAULT_SPEEDUP = 2.5
 FORECAST_ORDER_CHOICES = ("auto", "0", "1", "2")
 DEFAULT_FORECAST_ORDER = "auto"
-# The longest stretch between two compute steps the search considers (more reuses in a row
-# are never chosen), unless the target needs longer ones.
+# The longest stretch between two compute steps the search considers unless the user sets one: at
+# most 7 forecasts in a row. It does not depend on the target, so one ladder serves every speed-up.
 DEFAULT_MAX_GAP = 8
 # Elements per sample and layer the error model measures on (a subset of the profile's sketch).
 _ERROR_ELEMENTS = 512
@@ -176,14 +177,26 @@ def best_schedules(model: StepErrorModel, steps: int, order: int, forced: list[b
     return results
 
 
-def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Rung], list[int], list[str]]:
-    """Every count's best schedule (the ladder), the layers it caches, and notes for the log."""
+@dataclass(frozen=True)
+class Search:
+    """What the search found on a profile: per forecast order, the best compute steps for every count."""
+
+    per_order: dict[int, dict[int, tuple[float, tuple[int, ...]]]]
+    layers: list[int]  # the cacheable layers (block-map indices)
+    forced: list[bool]
+    max_gap: int
+    model: StepErrorModel
+    notes: list[str]
+
+
+def search(profile: BlockProfile, options: TargetOptions) -> Search:
     options.validate()
     trajectory = profile.trajectory
     if trajectory is None:
         raise ScheduleBuildError(
             "This profile has no trajectory (it was loaded from JSON, or made by an older version), so the speed-up "
-            "target cannot measure errors on it. Profile again with Profile Block Changes, or use the 'threshold' rule."
+            "target cannot measure errors on it. Profile again with Profile Block Changes, or use Build Cache "
+            "Schedule (threshold)."
         )
     steps = profile.grid.steps
     allowed = CACHE_KIND_CHOICES[options.cache_kinds]
@@ -200,25 +213,60 @@ def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Ru
                                  "nothing can be cached. Choose other cache_kinds or profile again.")
     first = max(1, options.always_compute_first)
     forced = [s < first or s >= steps - options.always_compute_last for s in range(steps)]
-    max_gap = options.max_consecutive_reuse + 1 if options.max_consecutive_reuse else _max_gap(profile, layers,
-                                                                                                options.speedup)
+    max_gap = options.max_consecutive_reuse + 1 if options.max_consecutive_reuse else DEFAULT_MAX_GAP
     model = StepErrorModel(profile, layers)
+    per_order = {order: best_schedules(model, steps, order, forced, max_gap) for order in options.orders()}
+    return Search(per_order, layers, forced, max_gap, model, notes)
+
+
+def ladder_of(found: Search, profile: BlockProfile) -> list[Rung]:
+    """Every count's best schedule over the orders searched (ties keep the lower order)."""
     ladder: dict[int, Rung] = {}
-    for order in options.orders():
-        for count, (error, chosen) in best_schedules(model, steps, order, forced, max_gap).items():
-            fraction = _flop_fraction(profile, layers, chosen)
+    for order, results in found.per_order.items():
+        for count, (error, chosen) in results.items():
             if count not in ladder or error < ladder[count].error:
-                ladder[count] = Rung(count, chosen, order, error, fraction)
-    return [ladder[c] for c in sorted(ladder)], layers, notes
+                ladder[count] = Rung(count, chosen, order, error, _flop_fraction(profile, found.layers, chosen))
+    return [ladder[c] for c in sorted(ladder)]
 
 
-def _max_gap(profile: BlockProfile, layers: list[int], speedup: float) -> int:
-    """Long enough for the target: twice the mean gap the target needs, at least DEFAULT_MAX_GAP."""
-    cached = sum(profile.layer_flops[i] for i in layers)
-    share = cached / profile.total_flops if profile.total_flops > 0 else 1.0
-    fraction_needed = max(1e-6, 1.0 / speedup - (1.0 - share))  # of the cacheable layers' FLOPs
-    mean_gap = 1.0 / min(1.0, max(fraction_needed / max(share, 1e-6), 1.0 / profile.grid.steps))
-    return int(min(profile.grid.steps, max(DEFAULT_MAX_GAP, math.ceil(2 * mean_gap))))
+def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Rung], list[int], list[str]]:
+    """Every count's best schedule (the ladder), the layers it caches, and notes for the log."""
+    found = search(profile, options)
+    return ladder_of(found, profile), found.layers, found.notes
+
+
+def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[str, Rung]]:
+    """Schedules of equal cost (``count`` compute steps) to choose from by measurement: the search's best for
+    each order, and evenly spaced compute steps (the uniform interval of FORA / TaylorSeer) with each order."""
+    steps = profile.grid.steps
+    found_steps: list[tuple[str, tuple[int, ...], int]] = []
+    for order, results in found.per_order.items():
+        if count in results:
+            found_steps.append((f"searched, order {order}", results[count][1], order))
+    even = tuple((i * steps) // count for i in range(count))
+    gaps = [b - a for a, b in zip(even, (*even[1:], steps), strict=True)]
+    if all(s in even for s in range(steps) if found.forced[s]) and max(gaps) <= found.max_gap:
+        found_steps += [(f"evenly spaced, order {order}", even, order) for order in found.per_order]
+    result: list[tuple[str, Rung]] = []
+    seen = set()
+    for label, chosen, order in found_steps:
+        if (chosen, order) in seen:
+            continue
+        seen.add((chosen, order))
+        error = predicted_error(found.model, steps, chosen, order)
+        result.append((label, Rung(count, chosen, order, error, _flop_fraction(profile, found.layers, chosen))))
+    return result
+
+
+def predicted_error(model: StepErrorModel, steps: int, compute_steps: tuple[int, ...], order: int) -> float:
+    """The error model's summed error of a schedule (what the search minimizes)."""
+    total = 0.0
+    for step in range(steps):
+        if step in compute_steps:
+            continue
+        history = tuple(c for c in reversed(compute_steps) if c < step)[: order + 1]
+        total += model.error(step, history)
+    return total
 
 
 def _flop_fraction(profile: BlockProfile, layers: list[int], compute_steps: tuple[int, ...]) -> float:
@@ -237,35 +285,16 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
     return min(ladder, key=lambda rung: rung.flop_fraction)
 
 
-def build_target_schedule(profile: BlockProfile, options: TargetOptions) -> CacheSchedule:
-    ladder, layers, notes = build_ladder(profile, options)
-    rung = choose_rung(ladder, options.speedup)
+def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dict[str, Any]) -> CacheSchedule:
     cached = set(layers)
     compute_row = tuple(step in set(rung.steps) for step in range(profile.grid.steps))
     layer_schedules = []
     for index, spec in enumerate(profile.block_map.layers):
         reuse = ReuseMode.RESIDUAL if ReuseMode.RESIDUAL in spec.reuse_modes else ReuseMode.OUTPUT
-        if index in cached:
+        if index in cached and not all(compute_row):
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, compute_row, forecast_order=rung.order))
         else:
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, (True,) * profile.grid.steps))
-    builder: dict[str, Any] = {
-        "method": "speedup_target",
-        "speedup_target": options.speedup,
-        "forecast_order": options.forecast_order,
-        "cache_kinds": options.cache_kinds,
-        "always_compute_first": options.always_compute_first,
-        "always_compute_last": options.always_compute_last,
-        "max_consecutive_reuse": options.max_consecutive_reuse,
-        "cached_layers": [profile.block_map.layers[i].name for i in layers],
-        "compute_steps": list(rung.steps),
-        "chosen_order": rung.order,
-        "predicted_error": rung.error,
-        "reached": rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
-        "ladder": [{"computes": r.computes, "order": r.order, "error": r.error, "flop_fraction": r.flop_fraction,
-                    "steps": list(r.steps)} for r in ladder],
-        "notes": notes,
-    }
     return CacheSchedule(
         block_map=profile.block_map,
         grid=profile.grid,
@@ -275,3 +304,49 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions) -> Cach
         builder=builder,
         provenance={**profile.provenance, "profile_samples": profile.sample_count},
     )
+
+
+def build_target_schedule(profile: BlockProfile, options: TargetOptions,
+                          measure: Callable[[CacheSchedule], float] | None = None,
+                          choose_by_measure: bool = False) -> CacheSchedule:
+    """The schedule for ``options.speedup``: the error model's best at that cost.
+
+    ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled run again with
+    it) validates the choice: its value is recorded. With ``choose_by_measure``, every equal-cost
+    candidate is measured and the best measured one is taken instead. On the reference model the error
+    model chose as well as four measured pictures did (docs/forecast.md): a few pictures are a noisy judge.
+    """
+    found = search(profile, options)
+    ladder = ladder_of(found, profile)
+    rung = choose_rung(ladder, options.speedup)
+    tried: list[dict[str, Any]] = []
+    if measure is not None and rung.computes < profile.grid.steps:
+        options_tried = candidates(found, profile, rung.computes) if choose_by_measure else [
+            (f"searched, order {rung.order}", rung)]
+        best_value = -math.inf
+        for label, candidate in options_tried:
+            value = float(measure(_schedule(profile, found.layers, candidate, {})))
+            tried.append({"label": label, "steps": list(candidate.steps), "order": candidate.order,
+                          "predicted_error": candidate.error, "measured_psnr": value})
+            if value > best_value:
+                best_value, rung = value, candidate
+    builder: dict[str, Any] = {
+        "method": "speedup_target",
+        "speedup_target": options.speedup,
+        "forecast_order": options.forecast_order,
+        "cache_kinds": options.cache_kinds,
+        "always_compute_first": options.always_compute_first,
+        "always_compute_last": options.always_compute_last,
+        "max_consecutive_reuse": options.max_consecutive_reuse,
+        "cached_layers": [profile.block_map.layers[i].name for i in found.layers],
+        "compute_steps": list(rung.steps),
+        "chosen_order": rung.order,
+        "chosen_by": "measured" if choose_by_measure and tried else "predicted",
+        "predicted_error": rung.error,
+        "measured": tried,
+        "reached": rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
+        "ladder": [{"computes": r.computes, "order": r.order, "error": r.error, "flop_fraction": r.flop_fraction,
+                    "steps": list(r.steps)} for r in ladder],
+        "notes": found.notes,
+    }
+    return _schedule(profile, found.layers, rung, builder)

@@ -90,14 +90,20 @@ def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[flo
     """A [layers, steps] compute mask moved from one step grid onto another by normalized time.
 
     ``grid_bounds`` and ``run_bounds`` are the normalized times at which each step starts, plus
-    the end of the last one (steps + 1 values, falling). Each run step computes with the share of
-    the schedule's steps that compute over its time span (time-weighted), accumulated from the
-    first step and rounded: so the schedule's *density* of computations is kept where it is.
-    Dense stretches (the early, high-change steps) stay dense at any step count, and the share of
-    computations, so the cost relative to an uncached run, stays the same. The first run step
-    always computes; a layer that computes at every step does so on any grid.
+    the end of the last one (steps + 1 values, falling). The mask is read as a *density*: between two
+    computations ``gap`` steps apart, a share 1 / gap of the steps computes. Each run step gets the
+    time-weighted mean density over its span, and a run step computes once the shares since the last
+    computation add up to 1. So the computations stay evenly spaced where the schedule's were, dense
+    stretches (the early, high-change steps) stay dense at any step count, and the share of steps
+    computed, so the cost relative to an uncached run, stays the same. The first run step always
+    computes; a layer that computes at every step does so on any grid.
     """
     layers, steps = mask.shape
+    density = np.zeros((layers, steps))
+    for layer in range(layers):
+        computes = [int(s) for s in np.flatnonzero(mask[layer])] or [0]
+        for start, end in zip(computes, [*computes[1:], steps], strict=True):
+            density[layer, start:end] = 1.0 / (end - start)
     run_steps = len(run_bounds) - 1
     rate = np.zeros((run_steps, steps))
     for j in range(run_steps):
@@ -112,16 +118,17 @@ def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[flo
             overlap = min(high, step_high) - max(low, step_low)
             if overlap > 0:
                 rate[j, i] = overlap / (high - low)
-    share = rate @ mask.T.astype(np.float64)  # [run steps, layers]
+    share = rate @ density.T  # [run steps, layers]
     out = np.zeros((layers, run_steps), dtype=bool)
     accumulated = np.zeros(layers)
     for j in range(run_steps):
-        accumulated += share[j]
-        compute = accumulated >= 0.5 - 1e-9
         if j == 0:
-            compute[:] = True
+            out[:, 0] = True  # nothing is cached yet
+            continue
+        accumulated += share[j]
+        compute = accumulated >= 1.0 - 1e-9
         out[:, j] = compute
-        accumulated[compute] -= 1.0
+        accumulated[compute] = 0.0
     return out
 
 

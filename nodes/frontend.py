@@ -72,14 +72,21 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     core/target_schedule.py choose_rung does)."""
     builder = schedule.builder
     cacheable = set(builder["cached_layers"])
+    chosen = {"steps": builder["compute_steps"], "order": builder["chosen_order"]}
+
+    def measured(rung: dict[str, Any]) -> bool:
+        """The rung the node chose by measurement: its preview is what was measured to be best."""
+        return builder["chosen_by"] == "measured" and rung["computes"] == len(chosen["steps"])
+
     return {
         "version": PAYLOAD_VERSION,
         "model_type": schedule.block_map.model_type,
         "steps": schedule.grid.steps,
         "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
         "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
-        "rungs": [{"computes": r["computes"], "steps": r["steps"], "order": r["order"],
-                   "flop_fraction": r["flop_fraction"]} for r in builder["ladder"]],
+        "rungs": [{"computes": r["computes"], "steps": chosen["steps"] if measured(r) else r["steps"],
+                   "order": chosen["order"] if measured(r) else r["order"], "flop_fraction": r["flop_fraction"]}
+                  for r in builder["ladder"]],
         "options": {name: builder[name] for name in ("speedup_target", "forecast_order", "cache_kinds",
                                                      "always_compute_first", "always_compute_last",
                                                      "max_consecutive_reuse")},

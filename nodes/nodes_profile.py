@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.samplers
 import nodes as comfy_nodes
 import torch
@@ -10,6 +12,7 @@ from comfy_api.latest import io
 from ..core.heatmap import render_profile
 from ..core.patching import attach_profiler, collect_profile
 from ..core.profile import merge_profiles
+from ..core.validation import ProfileReplay
 from .frontend import profile_payload
 from .types import CATEGORY, BlockProfileSocket
 
@@ -54,11 +57,18 @@ class ProfileBlockChanges(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise) -> io.NodeOutput:
+        def sample(with_model):
+            (out,) = comfy_nodes.common_ksampler(with_model, seed, steps, cfg, sampler_name, scheduler, positive,
+                                                 negative, latent_image, denoise=denoise)
+            return out
+
         profiled_model, holder = attach_profiler(model)
-        (latent,) = comfy_nodes.common_ksampler(profiled_model, seed, steps, cfg, sampler_name, scheduler,
-                                                positive, negative, latent_image, denoise=denoise)
+        latent = sample(profiled_model)
         profile = collect_profile(holder, model, sampler=sampler_name, scheduler=scheduler, cfg=cfg,
                                   denoise=denoise, latent_shape=tuple(latent_image["samples"].shape), seed=seed)
+        # Build Cache Schedule can sample this run again to measure a schedule's real error.
+        replay = ProfileReplay(model, lambda with_model: sample(with_model)["samples"], latent["samples"])
+        profile = dataclasses.replace(profile, replays=(replay,))
         heatmap = torch.from_numpy(render_profile(profile))[None]
         summary = (f"{len(profile.block_map.layers)} layers x {profile.grid.steps} steps, "
                    f"{profile.sample_count} samples ({profile.block_map.model_type})")

@@ -16,11 +16,13 @@ from ..core.target_schedule import (
     TargetOptions,
     build_target_schedule,
 )
+from ..core.validation import replay_measure
 from .frontend import ladder_payload, profile_payload, schedule_payload
 from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 
 logger = logging.getLogger(__name__)
 
+VALIDATION = ("measure PSNR", "choose by measured PSNR", "off")
 _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
 _LAST_TOOLTIP = "Steps at the end that always compute every layer."
 
@@ -40,14 +42,14 @@ class BuildCacheSchedule(io.ComfyNode):
                 BlockProfileSocket.Input("profile", tooltip="From Profile Block Changes (or Merge Block Profiles)."),
                 io.Float.Input("speedup", default=DEFAULT_SPEEDUP, min=1.0, max=10.0, step=0.05,
                                display_mode=io.NumberDisplay.slider,
-                               tooltip="How much faster, in FLOPs: the schedule with the least measured error "
+                               tooltip="How much faster, in FLOPs: the schedule with the least forecast error, measured on the profile, "
                                        "that computes at most 1/speedup of the model's work. 2.5 kept 30+ dB "
                                        "PSNR against the uncached pictures on the reference model; higher "
                                        "changes the picture more. 1 computes everything."),
                 io.Combo.Input("forecast_order", options=list(FORECAST_ORDER_CHOICES), default=DEFAULT_FORECAST_ORDER,
                                tooltip="How a skipped layer stands in: 0 reuses its last output as it is; 1 and 2 "
                                        "extrapolate it from its last 2 or 3 computations (TaylorSeer-style). "
-                                       "'auto' takes the order with the least measured error. Each order above "
+                                       "'auto' takes the order with the least error on the profile. Each order above "
                                        "0 keeps one more cached copy per layer."),
                 io.Combo.Input("cache_kinds", options=list(CACHE_KIND_CHOICES), default="all",
                                tooltip="Which layers may be skipped. 'all' skips whole steps of the model and "
@@ -57,24 +59,42 @@ class BuildCacheSchedule(io.ComfyNode):
                 io.Int.Input("always_compute_last", default=0, min=0, max=10000, tooltip=_LAST_TOOLTIP),
                 io.Int.Input("max_consecutive_reuse", default=0, min=0, max=10000,
                              tooltip="The longest run of steps a layer may be forecast before it must compute; "
-                                     "0 lets the search choose (up to 7, or more if the speed-up needs it)."),
+                                     "0 lets the search choose, up to 7."),
+                io.Combo.Input("validation", options=list(VALIDATION), default=VALIDATION[0],
+                               tooltip="'measure PSNR' samples the profiled run again with the chosen schedule (one "
+                                       "run at the target's speed) and shows how close it stays to the uncached "
+                                       "output. 'choose by measured PSNR' samples every schedule of that cost (up to "
+                                       "4: the search's best per forecast order and evenly spaced steps) and keeps "
+                                       "the closest; with few profiled pictures this is a noisy judge. 'off' is "
+                                       "instant."),
             ],
             outputs=schedule_outputs(),
         )
 
     @classmethod
     def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
-                max_consecutive_reuse) -> io.NodeOutput:
+                max_consecutive_reuse, validation=VALIDATION[0]) -> io.NodeOutput:
         options = TargetOptions(speedup=float(speedup), forecast_order=forecast_order, cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                 max_consecutive_reuse=max_consecutive_reuse)
-        schedule = build_target_schedule(profile, options)
+        measure = None
+        notes = []
+        if validation != VALIDATION[2]:
+            if profile.replays:
+                measure = replay_measure(profile.replays)
+            else:
+                notes.append("validation skipped: this profile cannot sample its run again (it was loaded as JSON).")
+        schedule = build_target_schedule(profile, options, measure, choose_by_measure=validation == VALIDATION[1])
         builder = schedule.builder
         lines = [schedule.summary(),
                  f"computes at steps {builder['compute_steps']}; forecast order {builder['chosen_order']}"]
+        for tried in builder["measured"]:
+            chosen = tried["steps"] == builder["compute_steps"] and tried["order"] == builder["chosen_order"]
+            lines.append(f"{'chosen' if chosen else 'tried'}: {tried['label']}, PSNR {tried['measured_psnr']:.1f} dB "
+                         "against uncached (measured on the profiled run)")
         if not builder["reached"]:
             lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
-        lines += builder["notes"]
+        lines += builder["notes"] + notes
         for line in lines[1:]:
             logger.info("Build Cache Schedule: %s", line)
         return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule),

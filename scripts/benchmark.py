@@ -50,7 +50,7 @@ SETTINGS: dict[str, tuple[str, str, int]] = {
     "dpmpp2m25": ("dpmpp_2m", "karras", 25),
     "ddim50": ("ddim", "ddim_uniform", 50),
 }
-SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
+MIN_SPEEDUP, MAX_SPEEDUP = 1.4, 6.0  # the range of Block Cache's ladder that is swept
 ORDER0_SPEEDUPS = (2.0, 3.0)
 FLOORS = (35.0, 30.0, 27.0)
 INTERVALS = (2, 3, 4)
@@ -61,6 +61,7 @@ PROFILE_SET = (99, 1001)
 EVAL_SETS = {"A": (1234, 1), "B": (4242, 2)}
 FAMILY_LABELS = {
     "block_cache": "Block Cache (speed-up target)",
+    "block_cache_measured": "Block Cache, chosen by measured PSNR",
     "block_cache_order0": "Block Cache, order 0 (no forecast)",
     "block_cache_threshold": "Block Cache threshold (Eq. 7)",
     "fewer_steps": "fewer steps",
@@ -128,6 +129,7 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     patching = _module("patching")
     schedule_mod = _module("schedule")
     target = _module("target_schedule")
+    validation = _module("validation")
     faster_diffusion = _module("faster_diffusion")
     block_map = _module("block_map")
     model = reference.patcher
@@ -138,12 +140,25 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
         return lambda: (patching.apply_block_cache(model, schedule)[0], steps)
 
-    for speedup in SPEEDUPS:
-        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
-        label = f"{speedup:g}x" + (" (default)" if speedup == target.DEFAULT_SPEEDUP else "")
-        methods.append(Method(f"Block Cache {label}", "block_cache", label, apply(schedule), knob=speedup))
+    measure = validation.replay_measure(profile.replays)
+    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    # Every rung the speed-up slider can reach in the benchmark's range, and the default.
+    default_rung = target.choose_rung(ladder, target.DEFAULT_SPEEDUP)
+    targets = sorted({1.0 / r.flop_fraction for r in ladder if MIN_SPEEDUP <= 1.0 / r.flop_fraction <= MAX_SPEEDUP
+                      and r.computes != default_rung.computes} | {target.DEFAULT_SPEEDUP})
+    for index, speedup in enumerate(targets):
+        default = speedup == target.DEFAULT_SPEEDUP
+        label = f"{speedup:.2f}x" if not default else f"{1 / default_rung.flop_fraction:.2f}x (default, 2.5x target)"
+        for family in ("block_cache", "block_cache_measured"):
+            if family == "block_cache_measured" and not default and index % 2:
+                continue  # the ablation at every other point is enough
+            schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup - 1e-9), measure,
+                                                    choose_by_measure=family == "block_cache_measured")
+            chosen = f"{label}: steps {schedule.builder['compute_steps']}, order {schedule.builder['chosen_order']}"
+            methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
     for speedup in ORDER0_SPEEDUPS:
-        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order="0"))
+        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order="0"),
+                                                measure)
         methods.append(Method(f"Block Cache {speedup:g}x order 0", "block_cache_order0", f"{speedup:g}x",
                               apply(schedule), knob=speedup))
     for kinds, threshold in (("attention", 0.5), ("all", 0.25), ("all", 0.5)):
@@ -193,6 +208,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     reference_model = _module("reference_model")
     reference_data = _module("reference_data")
     patching = _module("patching")
+    validation = _module("validation")
     reference = reference_model.load_reference_model()
     model = reference.patcher
     negative = reference.conditioning("")
@@ -209,9 +225,13 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     profile_prompts, profile_positive, profile_latent = batch(PROFILE_SET[0], args.profile_prompts, 1)
     profiled, holder = patching.attach_profiler(model)
-    sample(profiled, profile_positive, profile_latent, PROFILE_SET[1])
+    profiled_out = sample(profiled, profile_positive, profile_latent, PROFILE_SET[1])
     profile = patching.collect_profile(holder, model, sampler=sampler, scheduler=scheduler, cfg=args.cfg, denoise=1.0,
                                        latent_shape=tuple(profile_latent["samples"].shape))
+    # As Profile Block Changes does: the builder may sample the profiled run again to measure candidates.
+    replay = validation.ProfileReplay(model, lambda m: sample(m, profile_positive, profile_latent, PROFILE_SET[1]),
+                                      profiled_out)
+    profile = dataclasses.replace(profile, replays=(replay,))
     sets = {key: batch(prompt_seed, args.prompts, args.seeds) for key, (prompt_seed, _) in EVAL_SETS.items()}
     uncached = {key: _pictures(sample(model, sets[key][1], sets[key][2], EVAL_SETS[key][1])) for key in sets}
 

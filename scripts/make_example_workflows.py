@@ -21,13 +21,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "example_workflows"
 BUNDLED = ROOT / "schedules"
-BUNDLED_SCHEDULE = "reference_euler20_attention_t0.5.json"
+BUNDLED_SCHEDULE = "reference_euler20_speedup2.5.json"
 # The demo examples run the trained reference model (32x32 pixels) with this setting.
 DEMO_PROMPT = "a large red circle at center on a blue striped background"
 DEMO_STEPS, DEMO_CFG, DEMO_SEED = 20, 5.0, 1
 APPLY_WIDGETS = ["model device"]  # cache_device
 PROFILE_KEY = "block_cache_profile"  # node.properties keys of js/block_cache.js
 SCHEDULE_KEY = "block_cache_schedule"
+LADDER_KEY = "block_cache_ladder"
+BUILD = "BlockCacheBuildTargetSchedule"
+# Build Cache Schedule's defaults: speedup, forecast_order, cache_kinds, first, last, max_consecutive_reuse,
+# validation.
+BUILD_WIDGETS = [2.5, "auto", "all", 1, 0, 0, "measure PSNR"]
 DEMO = "block_cache_demo_model_no_checkpoint"
 
 # Socket inputs and outputs of the node types the examples use: (name, type).
@@ -54,8 +59,8 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "BlockCacheProfile": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                            ("latent_image", "LATENT")],
                           [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
-    "BlockCacheBuildSchedule": ([("profile", "BLOCK_PROFILE")],
-                                [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"), ("json", "STRING")]),
+    BUILD: ([("profile", "BLOCK_PROFILE")],
+            [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"), ("json", "STRING")]),
     "BlockCacheApply": ([("model", "MODEL"), ("schedule", "CACHE_SCHEDULE")], [("MODEL", "MODEL")]),
     "BlockCacheSaveSchedule": ([("schedule", "CACHE_SCHEDULE")], []),
     "BlockCacheLoadSchedule": ([], [("schedule", "CACHE_SCHEDULE")]),
@@ -122,7 +127,7 @@ def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_n
     note_id = g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 280))
     del note_id
     profile = g.add("BlockCacheProfile", (340, 120), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (380, 520))
-    build = g.add("BlockCacheBuildSchedule", (760, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
+    build = g.add(BUILD, (760, 120), list(BUILD_WIDGETS), (460, 520), colour=CACHED)
     save = g.add("BlockCacheSaveSchedule", (760, 680), [schedule_name, True], (460, 120))
     apply = g.add("BlockCacheApply", (1260, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
     cached = g.add("KSampler", (1260, 340), [1, "fixed", steps, cfg, "euler", "normal", 1.0], (300, 262),
@@ -155,9 +160,11 @@ def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_n
     return g.to_json()
 
 
-_TUNE = ("Move **threshold** on *Build Cache Schedule*: the schedule picture and the estimated speed-up "
-         "update at once, without queueing. Queue to sample with it: *Apply Block Cache* then shows how many "
-         "layer evaluations were computed and the time saved against the uncached KSampler.")
+_TUNE = ("Move **speedup** on *Build Cache Schedule*: the schedule picture, the FLOP speed-up and its cost in "
+         "uncached steps update at once, without queueing. The default, 2.5x, kept the picture at 30+ dB PSNR "
+         "against the uncached one on the pack's reference model; higher changes it more. Queue to sample with "
+         "it: *Apply Block Cache* then shows how many layer evaluations were computed and the time saved "
+         "against the uncached KSampler.")
 
 
 def sd15() -> dict[str, Any]:
@@ -221,7 +228,7 @@ def flux() -> dict[str, Any]:
     latent = g.add("EmptySD3LatentImage", (0, 820), [1024, 1024, 1], (300, 110))
     sampler = [1, "fixed", FLUX_STEPS, 1.0, "euler", "simple", 1.0]
     profile = g.add("BlockCacheProfile", (340, 120), list(sampler), (380, 520))
-    build = g.add("BlockCacheBuildSchedule", (760, 120), [0.5, "attention", 1, 0, 0], (460, 520), colour=CACHED)
+    build = g.add(BUILD, (760, 120), list(BUILD_WIDGETS), (460, 520), colour=CACHED)
     save = g.add("BlockCacheSaveSchedule", (760, 680), ["flux_dev_euler20", True], (460, 120))
     apply = g.add("BlockCacheApply", (1260, 120), APPLY_WIDGETS, (440, 180), colour=CACHED)
     g.link(clip, 0, text, "clip")
@@ -300,12 +307,12 @@ def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int) -> None:
         g.link(scale, 0, preview, "images")
 
 
-def demo(profile: dict | None = None) -> dict[str, Any]:
+def demo(payloads: dict | None = None) -> dict[str, Any]:
     """Runs anywhere: the built-in demo model, no checkpoint.
 
-    ``profile`` (the frontend payload of the bundled schedule's profiling run, which is this graph's
-    own setting) is stored in the nodes' properties, so the heatmap and the live schedule show as
-    soon as the workflow opens, before anything is queued.
+    ``payloads`` (the frontend payloads of the bundled schedule's profiling run, which is this graph's
+    own setting: the profile and the builder's ladder) are stored in the nodes' properties, so the
+    heatmap and the live schedule show as soon as the workflow opens, before anything is queued.
     """
     g = Graph()
     note = ("## Block Cache: built-in model, no checkpoint needed\n\nThe pack's small trained reference model "
@@ -316,7 +323,7 @@ def demo(profile: dict | None = None) -> dict[str, Any]:
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
     profile_id = g.add("BlockCacheProfile", (350, 120),
                        [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0], (360, 520))
-    build = g.add("BlockCacheBuildSchedule", (740, 120), [0.5, "attention", 1, 0, 0], (420, 520), colour=CACHED)
+    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
     apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
     g.link(model, 0, profile_id, "model")
     g.link(model, 1, profile_id, "positive")
@@ -326,17 +333,17 @@ def demo(profile: dict | None = None) -> dict[str, Any]:
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
     _demo_tail(g, model, latent, apply, 1600)
-    if profile:
-        g.nodes[profile_id - 1]["properties"][PROFILE_KEY] = profile
-        g.nodes[build - 1]["properties"][PROFILE_KEY] = profile
+    if payloads:
+        g.nodes[profile_id - 1]["properties"][PROFILE_KEY] = payloads["profile"]
+        g.nodes[build - 1]["properties"][LADDER_KEY] = payloads["ladder"]
     return g.to_json()
 
 
 def calibrate_demo() -> dict[str, Any]:
     """The reference model: profile -> an aggressive schedule -> Calibrate -> save + apply -> KSampler."""
     g = Graph()
-    note = ("## Block Cache: scale-shift calibration (no checkpoint needed)\n\nAn aggressive schedule (all layers, "
-            "threshold 1.0) skips most of the work but drifts from the uncached picture. *Calibrate Block Cache* "
+    note = ("## Block Cache: scale-shift calibration (no checkpoint needed)\n\nA cached layer's forecast drifts "
+            "a little from what it would have computed. *Calibrate Block Cache* "
             "learns a per-channel scale and shift for every reused layer output (Block Caching, Sec. 3.4): it "
             "samples with the cached model and, at each step, runs the uncached model on the same latent as the "
             "teacher. The loss curve shows the error of the reused outputs falling. The speed is unchanged. *Save "
@@ -347,7 +354,7 @@ def calibrate_demo() -> dict[str, Any]:
     g.add("MarkdownNote", (0, -220), [note], (NOTE_W * 2, 290))
     profile_id = g.add("BlockCacheProfile", (350, 120),
                        [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0], (360, 520))
-    build = g.add("BlockCacheBuildSchedule", (740, 120), [1.0, "all", 1, 0, 0], (420, 520), colour=CACHED)
+    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
     calibrate = g.add("BlockCacheCalibrate", (1190, 120), [100, "fixed", 8, 0.03, 0, 0.0], (380, 330),
                       colour=CACHED)
     curve = g.add("PreviewImage", (1190, 490), [], (380, 260), title="calibration loss")
@@ -376,8 +383,9 @@ def saved_schedule() -> dict[str, Any]:
     g = Graph()
     note = ("## Block Cache: apply a saved schedule\n\nNo profiling: *Load Cache Schedule* reads a schedule "
             f"file, here `{BUNDLED_SCHEDULE}` that ships with the pack (made for the built-in reference model: 20 "
-            "euler steps, threshold 0.5, attention layers). Your own schedules, saved with *Save Cache Schedule*, are listed "
-            "first. A schedule made for 20 steps also drives other step counts and samplers: it is re-timed.")
+            "euler steps, Build Cache Schedule's defaults, 2.5x). Your own schedules, saved with *Save Cache "
+            "Schedule*, are listed first. A schedule made for 20 steps also drives other step counts and samplers: "
+            "it is re-timed, keeping its share of computed steps.")
     model, latent = _demo_sources(g)
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 230))
     load = g.add("BlockCacheLoadSchedule", (360, 120), [BUNDLED_SCHEDULE], (440, 440), colour=CACHED)
@@ -411,7 +419,8 @@ WORKFLOWS = {
 
 
 def make_bundled_schedule() -> dict[str, Any]:
-    """Profiles the reference model as the demo workflow does and builds threshold 0.5, attention only."""
+    """Profiles the reference model as the demo workflow does and builds with Build Cache Schedule's defaults;
+    returns the demo's payloads (profile and ladder)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from comfy_bootstrap import load_pack
 
@@ -425,14 +434,22 @@ def make_bundled_schedule() -> dict[str, Any]:
     model = reference.patcher.clone()
     positive, negative = reference.conditioning(DEMO_PROMPT), reference.conditioning("")
     latent = core.reference_model.empty_latent(1)  # what EmptyLatentImage 256x256 becomes for this model
+    def sample(with_model):
+        (out,) = comfy_nodes.common_ksampler(with_model, DEMO_SEED, DEMO_STEPS, DEMO_CFG, "euler", "normal",
+                                             positive, negative, latent)
+        return out["samples"]
+
     profiled, holder = core.patching.attach_profiler(model)
-    comfy_nodes.common_ksampler(profiled, DEMO_SEED, DEMO_STEPS, DEMO_CFG, "euler", "normal", positive, negative,
-                                latent)
+    reference = sample(profiled)
     profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
                                             denoise=1.0, latent_shape=tuple(latent["samples"].shape), seed=DEMO_SEED)
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
+    # As the node does by default: the chosen schedule is measured on the profiled run.
+    measure = core.validation.replay_measure((core.validation.ProfileReplay(model, sample, reference),))
+    schedule = core.target_schedule.build_target_schedule(profile, core.target_schedule.TargetOptions(), measure)
+    print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
-    return pack.nodes.frontend.profile_payload(profile)
+    return {"profile": pack.nodes.frontend.profile_payload(profile),
+            "ladder": pack.nodes.frontend.ladder_payload(schedule)}
 
 
 def main() -> None:
@@ -441,14 +458,17 @@ def main() -> None:
     args = parser.parse_args()
     demo_path = OUT / f"{DEMO}.json"
     if args.schedule:
-        profile = make_bundled_schedule()
-    else:  # keep the measured profile the demo workflow already carries
+        payloads = make_bundled_schedule()
+    else:  # keep the measured payloads the demo workflow already carries
         old = json.loads(demo_path.read_text()) if demo_path.is_file() else {"nodes": []}
-        profile = next((n["properties"][PROFILE_KEY] for n in old["nodes"] if PROFILE_KEY in n["properties"]), None)
+        found = {key: n["properties"][key] for n in old["nodes"] for key in (PROFILE_KEY, LADDER_KEY)
+                 if key in n["properties"]}
+        payloads = ({"profile": found[PROFILE_KEY], "ladder": found[LADDER_KEY]}
+                    if PROFILE_KEY in found and LADDER_KEY in found else None)
     OUT.mkdir(exist_ok=True)
     for name, make in WORKFLOWS.items():
         path = OUT / f"{name}.json"
-        graph = make(profile) if name == DEMO else make()
+        graph = make(payloads) if name == DEMO else make()
         path.write_text(json.dumps(graph, indent=1, allow_nan=False) + "\n")
         print(f"wrote {path}")
 

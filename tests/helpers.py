@@ -138,10 +138,16 @@ def expected_run_mask(schedule: Any, model: Any, run_sigmas: torch.Tensor) -> np
 
 
 def density_retimed(mask: np.ndarray, bounds: list[float], run_bounds: list[float]) -> np.ndarray:
-    """The re-timing rule: the schedule's compute indicator f(time) is constant on each of its steps
-    (``bounds``: step starts and the end, falling; its first and last steps extended beyond its range).
-    Each run step's share of computing is the mean of f over its span, from the integral G of f; shares
-    are accumulated and rounded (>= 0.5 computes, then 1 is taken off); the first run step computes."""
+    """The re-timing rule: between two computations g schedule steps apart, the schedule computes a
+    share 1/g of its steps; that density f(time) is constant on each schedule step (``bounds``: step
+    starts and the end, falling; the first and last steps extended beyond the range). Each run step's
+    share is the mean of f over its span, from the integral G of f; a run step computes when the shares
+    since the previous computation reach 1; the first run step computes."""
+    density = np.zeros(mask.shape, dtype=float)
+    for layer, row in enumerate(mask):
+        on = list(np.nonzero(row)[0]) + [len(row)]
+        for a, b in zip(on, on[1:], strict=False):
+            density[layer, a:b] = 1.0 / (b - a)
     top, bottom = max(bounds[0], run_bounds[0]), min(bounds[-1], run_bounds[-1])
     points = [top, *bounds[1:-1], bottom]
 
@@ -151,23 +157,21 @@ def density_retimed(mask: np.ndarray, bounds: list[float], run_bounds: list[floa
         for i in range(len(points) - 1):
             high, low = points[i], points[i + 1]
             if time < high:
-                total += max(0.0, high - max(low, time)) * mask[:, i]
+                total += max(0.0, high - max(low, time)) * density[:, i]
         return total
 
-    shares = []
-    for j in range(len(run_bounds) - 1):
+    run_mask = np.zeros((mask.shape[0], len(run_bounds) - 1), dtype=bool)
+    run_mask[:, 0] = True
+    since = np.zeros(mask.shape[0])
+    for j in range(1, len(run_bounds) - 1):
         high, low = run_bounds[j], run_bounds[j + 1]
         if high - low <= 1e-4:
             step = next((i for i in range(len(bounds) - 1) if high >= bounds[i + 1] - 1e-4), len(bounds) - 2)
-            shares.append(mask[:, step].astype(float))
+            since = since + density[:, step]
         else:
-            shares.append((integral(low) - integral(high)) / (high - low))
-    run_mask = np.zeros((mask.shape[0], len(shares)), dtype=bool)
-    carried = np.zeros(mask.shape[0])
-    for j, share in enumerate(shares):
-        carried = carried + share
-        run_mask[:, j] = (carried >= 0.5 - 1e-9) | (j == 0)
-        carried[run_mask[:, j]] -= 1.0
+            since = since + (integral(low) - integral(high)) / (high - low)
+        run_mask[:, j] = since >= 1.0 - 1e-9
+        since[run_mask[:, j]] = 0.0
     return run_mask
 
 

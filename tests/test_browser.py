@@ -1,7 +1,7 @@
 """End to end in a real browser: the real ComfyUI server and frontend, Debian's headless Chromium.
 
 1. Load an example workflow from the server's template list: no missing-node dialog.
-2. Move the threshold slider with the mouse: the schedule canvas's pixels and the speed-up text change.
+2. Move the speed-up slider with the mouse: the schedule canvas's pixels and the speed-up text change.
 3. Queue the graph with the Run button: the run completes, the output image and the pictures appear,
    and Apply Block Cache shows computed/total layer evaluations and the time saved.
 4. Save and reload the workflow: the pictures come back from the saved data, without a run.
@@ -159,7 +159,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     assert unknown == []
     assert page.get_by_text("missing", exact=False).filter(visible=True).count() == 0, "a missing-node dialog showed"
     _assert_no_alert(page)
-    profile_id, build_id = _node_id(page, "BlockCacheProfile"), _node_id(page, "BlockCacheBuildSchedule")
+    profile_id, build_id = _node_id(page, "BlockCacheProfile"), _node_id(page, "BlockCacheBuildTargetSchedule")
     apply_id = _node_id(page, "BlockCacheApply")
     # The workflow carries its measured profile, so the pictures show before any run.
     page.wait_for_function("(id) => window.app.graph.getNodeById(id).widgets.find(w => w.name === "
@@ -170,31 +170,31 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     assert before["drawn"] and before["visible"] and "estimated speed-up" in before["text"]
     shot_loaded = _screenshot(page, "01_loaded.png")
 
-    # 2. Drag the threshold slider with the mouse, on the canvas, as a user does.
+    # 2. Drag the speed-up slider with the mouse, on the canvas, as a user does.
     box = page.evaluate("""(id) => { const n = window.app.graph.getNodeById(id);
-        const w = n.widgets.find(w => w.name === 'threshold'); const ds = window.app.canvas.ds;
+        const w = n.widgets.find(w => w.name === 'speedup'); const ds = window.app.canvas.ds;
         const r = window.app.canvas.canvas.getBoundingClientRect();
         const at = (x, y) => [r.left + (x + ds.offset[0]) * ds.scale, r.top + (y + ds.offset[1]) * ds.scale];
         const h = w.computedHeight ?? 20;
         return {left: at(n.pos[0] + 15, n.pos[1] + w.y + h / 2), right: at(n.pos[0] + n.size[0] - 15, 0)[0],
                 value: w.value}; }""", build_id)
-    assert box["value"] == 0.5
+    assert box["value"] == 2.5
     (x0, y), x1 = box["left"], box["right"]
-    page.mouse.move(x0 + (x1 - x0) * 0.1, y)
+    page.mouse.move(x0 + (x1 - x0) * 0.17, y)
     page.mouse.down()
-    for fraction in (0.15, 0.2, 0.25, 0.3):
+    for fraction in (0.2, 0.25, 0.3, 0.35):
         page.mouse.move(x0 + (x1 - x0) * fraction, y, steps=3)
     page.mouse.up()
-    threshold = page.evaluate("(id) => window.app.graph.getNodeById(id).widgets.find(w => w.name === "
-                              "'threshold').value", build_id)
-    assert threshold > 1.0, f"the slider did not move: {threshold}"
+    speedup = page.evaluate("(id) => window.app.graph.getNodeById(id).widgets.find(w => w.name === "
+                            "'speedup').value", build_id)
+    assert speedup > 3.0, f"the slider did not move: {speedup}"
     page.wait_for_function("""([id, old]) => window.app.graph.getNodeById(id).widgets.find(
         w => w.name === 'block_cache_picture').text.dataset.speedup !== old""", arg=[build_id, before["speedup"]])
     after = _picture(page, build_id)
     assert after["pixels"] != before["pixels"], "the schedule picture did not change"
     assert float(after["speedup"]) > float(before["speedup"]), (before["text"], after["text"])
-    assert "queue to use these settings" in after["text"]
-    shot_slider = _screenshot(page, "02_threshold_moved.png")
+    assert "queue to use" in after["text"] and "uncached steps" in after["text"]
+    shot_slider = _screenshot(page, "02_speedup_moved.png")
 
     # 3. Queue the workflow as it is, with the Run button.
     done_before = len(server.get("/history"))
@@ -217,7 +217,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     page.wait_for_function("""() => window.app.graph._nodes.filter(n => n.type === 'PreviewImage').every(
         n => n.imgs?.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0)""", timeout=60_000)
     ran = _picture(page, build_id)
-    assert ran["drawn"] and "queue to use these settings" not in ran["text"], ran["text"]
+    assert ran["drawn"] and "queue to use" not in ran["text"], ran["text"]
     assert _picture(page, profile_id)["drawn"]
     _fit(page, 0.65)
     shot_run = _screenshot(page, "03_after_run.png")
@@ -245,8 +245,8 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     assert vue["drawn"] and vue["visible"], vue["text"]
     _assert_no_alert(page)
     # A value change from the node's own widget redraws there too.
-    page.evaluate("""(id) => { const w = window.app.graph.getNodeById(id).widgets.find(w => w.name === 'threshold');
-        w.value = 0.1; w.callback?.(0.1); }""", build_id)
+    page.evaluate("""(id) => { const w = window.app.graph.getNodeById(id).widgets.find(w => w.name === 'speedup');
+        w.value = 1.2; w.callback?.(1.2); }""", build_id)
     page.wait_for_function("""([id, old]) => window.app.graph.getNodeById(id).widgets.find(
         w => w.name === 'block_cache_picture').text.dataset.speedup !== old""", arg=[build_id, vue["speedup"]])
     shot_vue = _screenshot(page, "05_vue_nodes.png")
@@ -256,7 +256,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     if THUMBNAILS:
         docs = PACK_ROOT / "docs"
         docs.mkdir(exist_ok=True)
-        for shot, name in [(shot_loaded, "frontend_loaded.png"), (shot_slider, "frontend_threshold.png"),
+        for shot, name in [(shot_loaded, "frontend_loaded.png"), (shot_slider, "frontend_speedup.png"),
                            (shot_run, "frontend_after_run.png"), (shot_vue, "frontend_vue_nodes.png")]:
             shutil.copy(shot, docs / name)
         _thumbnails(page, server)

@@ -116,7 +116,7 @@ def test_forecast_is_exact_on_a_residual_linear_in_time(pack, linear, sampler, s
     scale = float(reference.abs().max())
     errors = {}
     for order in (0, 1, 2):
-        patched, holder = pack.core.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 4), order))
+        patched, holder = pack.core.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
         if split:
             split_cond_calls(patched)
         out = sample(patched, *conds, latent, steps=steps, sampler=sampler, cfg=4.0)

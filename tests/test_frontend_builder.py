@@ -151,3 +151,49 @@ def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options)
     subprocess.run([NODE, str(tmp_path / "runner.mjs"), str(tmp_path / "f.json"), str(tmp_path / "o.json")],
                    check=True, timeout=60)
     assert "error" in json.loads((tmp_path / "o.json").read_text())[0]
+
+
+TARGET_RUNNER = """
+import { readFileSync, writeFileSync } from "node:fs";
+import { targetSchedule } from "./schedule_builder.mjs";
+const { ladders, cases } = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const out = cases.map(([index, speedup]) => {
+  const r = targetSchedule(ladders[index], speedup);
+  return { mask: r.mask.map((row) => row.map((c) => (c ? "1" : "0")).join("")).join("|"), computed: r.computed,
+           fraction: r.flopFraction, order: r.rung.order };
+});
+writeFileSync(process.argv[3], JSON.stringify(out));
+"""
+
+
+def test_javascript_target_preview_matches_python(pack, tmp_path):
+    """The speed-up slider's preview (js targetSchedule) picks the rung and draws the mask that
+    build_target_schedule gives for that speed-up, on real ladders of the tiny UNet."""
+    import torch
+    from helpers import profile_by_sampling
+
+    core = pack.core
+    target = core.target_schedule
+    model = core.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = core.builtin_models.prompt_conditioning
+    conds = prompt("a red square", 32), prompt("blurry", 32)
+    ladders, cases, expected = [], [], []
+    for steps, kinds, first in ((10, "all", 1), (16, "attention+resblock", 2), (7, "attention", 1)):
+        profile, _ = profile_by_sampling(pack, model, conds, {"samples": torch.zeros(1, 4, 16, 16)}, steps=steps)
+        options = target.TargetOptions(speedup=2.0, cache_kinds=kinds, always_compute_first=first)
+        ladders.append(pack.nodes.frontend.ladder_payload(target.build_target_schedule(profile, options)))
+        for speedup in (1.0, 1.05, 1.3, 1.77, 2.0, 2.5, 3.1, 4.0, 6.0, 10.0):
+            schedule = target.build_target_schedule(profile, target.TargetOptions(
+                speedup=speedup, cache_kinds=kinds, always_compute_first=first))
+            mask = schedule.compute_mask()
+            cases.append((len(ladders) - 1, speedup))
+            expected.append({"mask": "|".join("".join("1" if c else "0" for c in row) for row in mask),
+                             "computed": int(mask.sum()), "fraction": schedule.flop_fraction,
+                             "order": schedule.builder["chosen_order"]})
+    shutil.copy(PACK_ROOT / "js" / "schedule_builder.js", tmp_path / "schedule_builder.mjs")
+    (tmp_path / "runner.mjs").write_text(TARGET_RUNNER)
+    (tmp_path / "fixtures.json").write_text(json.dumps({"ladders": ladders, "cases": cases}, allow_nan=False))
+    subprocess.run([NODE, str(tmp_path / "runner.mjs"), str(tmp_path / "fixtures.json"), str(tmp_path / "out.json")],
+                   check=True, timeout=120)
+    actual = json.loads((tmp_path / "out.json").read_text())
+    assert actual == expected

@@ -7,8 +7,8 @@ import json
 import pytest
 from comfy_server import comfy_server
 
-NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildSchedule", "BlockCacheApply", "BlockCacheSaveSchedule",
-            "BlockCacheLoadSchedule"]
+NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule", "BlockCacheApply",
+            "BlockCacheSaveSchedule", "BlockCacheLoadSchedule"]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,20 @@ def test_object_info_lists_the_nodes_with_tooltips(server):
     assert list(profile_inputs) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
                                     "negative", "latent_image", "denoise"]
     assert info["BlockCacheProfile"]["output"] == ["LATENT", "BLOCK_PROFILE", "IMAGE"]
-    assert info["BlockCacheBuildSchedule"]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING"]
-    assert info["BlockCacheBuildSchedule"]["input"]["required"]["threshold"][1]["display"] == "slider"
+    for build in ("BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule"):
+        assert info[build]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING"]
+    target_inputs = info["BlockCacheBuildTargetSchedule"]["input"]["required"]
+    # The speed-up is the first control, a slider; the threshold rule keeps its old inputs for saved workflows.
+    assert list(target_inputs)[:2] == ["profile", "speedup"] and target_inputs["speedup"][1]["display"] == "slider"
+    assert info["BlockCacheBuildTargetSchedule"]["display_name"] == "Build Cache Schedule"
+    threshold_inputs = info["BlockCacheBuildSchedule"]["input"]["required"]
+    assert list(threshold_inputs) == ["profile", "threshold", "cache_kinds", "always_compute_first",
+                                      "always_compute_last", "max_consecutive_reuse"]
     assert info["BlockCacheApply"]["output"] == ["MODEL"]
     assert info["BlockCacheSaveSchedule"]["output_node"] is True
     for node_id in NODE_IDS:
-        for name, spec in info[node_id]["input"]["required"].items():
+        inputs = {**info[node_id]["input"]["required"], **info[node_id]["input"].get("optional", {})}
+        for name, spec in inputs.items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert all(info[node_id].get("output_tooltips") or [True])
 
@@ -58,17 +66,20 @@ def test_profile_build_apply_sample_then_load(server):
             "model": ["model", 0], "seed": 1, "steps": 10, "cfg": 5.0, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["model", 1], "negative": ["model", 2], "latent_image": ["latent", 0],
             "denoise": 1.0}},
-        "schedule": {"class_type": "BlockCacheBuildSchedule", "inputs": {
-            "profile": ["profile", 1], "threshold": 0.5, "cache_kinds": "all", "always_compute_first": 1,
-            "always_compute_last": 0, "max_consecutive_reuse": 0}},
+        "schedule": {"class_type": "BlockCacheBuildTargetSchedule", "inputs": {
+            "profile": ["profile", 1], "speedup": 2.0, "forecast_order": "auto", "cache_kinds": "all",
+            "always_compute_first": 1, "always_compute_last": 0, "max_consecutive_reuse": 0,
+            "validation": "measure PSNR"}},
         "save": {"class_type": "BlockCacheSaveSchedule", "inputs": {"schedule": ["schedule", 0],
                                                                   "file_name": "server test", "overwrite": True}},
     }
     queued = server.post("/prompt", {"prompt": _graph(10, source)})
     outputs = server.wait_for(queued["prompt_id"], timeout=300)
     # The nodes draw their pictures in the browser from these payloads (js/block_cache.js).
-    assert outputs["schedule"]["block_cache_schedule"] and "estimated speed-up" in outputs["schedule"]["text"][0]
-    assert outputs["schedule"]["block_cache_profile"] and outputs["profile"]["block_cache_profile"]
+    text = outputs["schedule"]["text"][0]
+    assert outputs["schedule"]["block_cache_schedule"] and "estimated speed-up" in text and "uncached steps" in text
+    assert "chosen: " in text and "dB against uncached" in text  # validated on the profiled run
+    assert outputs["schedule"]["block_cache_ladder"] and outputs["profile"]["block_cache_profile"]
     assert "saved server test.json" in outputs["save"]["text"][0]
     assert outputs["save_latent"]["latents"]
     saved = server.base / "user" / "block_cache" / "server test.json"

@@ -1,0 +1,217 @@
+"""The speed-up target builder: its search is exact, its schedules reach the target, and the node works."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from helpers import profile_by_sampling
+
+
+class TableModel:
+    """An error model with arbitrary (seeded) errors per (step, history): the search must be exact on any."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.values: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def error(self, step: int, history: tuple[int, ...]) -> float:
+        key = (step, history)
+        if key not in self.values:
+            self.values[key] = self.rng.choice([0.0, 0.5, 1.0, self.rng.random(), self.rng.expovariate(0.3)])
+        return self.values[key]
+
+
+def brute_force(model: TableModel, steps: int, order: int, forced: list[bool], max_gap: int) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for size in range(1, steps + 1):
+        for rest in itertools.combinations(range(1, steps), size - 1):
+            chosen = (0, *rest)
+            if any(forced[s] and s not in chosen for s in range(steps)):
+                continue
+            gaps = [b - a for a, b in zip(chosen, (*chosen[1:], steps), strict=True)]
+            if max(gaps) > max_gap:
+                continue
+            cost = 0.0
+            for s in range(steps):
+                if s in chosen:
+                    continue
+                history = tuple(c for c in reversed(chosen) if c < s)[: order + 1]
+                cost += model.error(s, history)
+            best[size] = min(best.get(size, math.inf), cost)
+    return best
+
+
+@pytest.mark.parametrize("seed,steps,order,first,last,max_gap", [
+    (0, 7, 0, 1, 0, 7), (1, 8, 1, 1, 0, 3), (2, 8, 2, 2, 1, 4), (3, 9, 1, 1, 2, 9), (4, 6, 2, 1, 0, 2),
+])
+def test_search_finds_the_least_error_for_every_count(pack, seed, steps, order, first, last, max_gap):
+    target = pack.core.target_schedule
+    model = TableModel(seed)
+    forced = [s < first or s >= steps - last for s in range(steps)]
+    found = target.best_schedules(model, steps, order, forced, max_gap)
+    expected = brute_force(model, steps, order, forced, max_gap)
+    assert set(found) == set(expected)
+    for count, (cost, chosen) in found.items():
+        assert cost == pytest.approx(expected[count], abs=1e-12), count
+        assert len(chosen) == count and chosen[0] == 0 and list(chosen) == sorted(set(chosen))
+        assert all(s in chosen for s in range(steps) if forced[s])
+
+
+@pytest.fixture(scope="module")
+def profiled(pack):
+    model = pack.core.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = pack.core.builtin_models.prompt_conditioning
+    conds = prompt("a red square", 32), prompt("blurry", 32)
+    latent = {"samples": torch.zeros(2, 4, 16, 16)}
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=12)
+    return model, conds, latent, profile
+
+
+def test_profile_trajectory_and_step_weights(profiled):
+    *_, profile = profiled
+    trajectory = profile.trajectory
+    assert trajectory is not None and len(trajectory.step_weights) == 12
+    assert all(w > 0 for w in trajectory.step_weights)
+    for sketch, norms in zip(trajectory.sketches, trajectory.output_norms, strict=True):
+        # 12 steps x (2 pictures x cond/uncond) samples; tiny layers are kept whole
+        assert sketch.shape[:2] == (12, 4) and norms.shape == (12, 4) and (norms > 0).all()
+
+
+@pytest.mark.parametrize("speedup", [1.0, 1.5, 2.5, 4.0])
+def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup):
+    target = pack.core.target_schedule
+    *_, profile = profiled
+    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
+    assert schedule.flop_fraction <= 1.0 / speedup + 1e-9
+    rows = {layer.compute for layer in schedule.layers if not all(layer.compute)}
+    assert len(rows) <= 1, "every cached layer computes at the same steps"
+    builder = schedule.builder
+    assert builder["method"] == "speedup_target" and builder["reached"]
+    if speedup == 1.0:
+        assert schedule.compute_mask().all()
+    else:
+        (row,) = rows
+        assert [s for s, c in enumerate(row) if c] == builder["compute_steps"]
+        assert {layer.forecast_order for layer in schedule.layers if not all(layer.compute)} == {
+            builder["chosen_order"]}
+        # The most compute steps that still reach the target: one more would miss it.
+        ladder = {r["computes"]: r for r in builder["ladder"]}
+        more = ladder.get(len(builder["compute_steps"]) + 1)
+        assert more is None or more["flop_fraction"] > 1.0 / speedup
+    text = pack.core.schema.schedule_to_json(schedule)
+    assert pack.core.schema.schedule_from_json(text).layers == schedule.layers
+
+
+def test_options_shape_the_schedule(pack, profiled):
+    target = pack.core.target_schedule
+    *_, profile = profiled
+    build = target.build_target_schedule
+    protected = build(profile, target.TargetOptions(speedup=2.0, always_compute_first=3, always_compute_last=2))
+    steps = protected.builder["compute_steps"]
+    assert {0, 1, 2, 10, 11} <= set(steps)
+    capped = build(profile, target.TargetOptions(speedup=2.0, max_consecutive_reuse=1))
+    chosen = capped.builder["compute_steps"]
+    assert max(b - a for a, b in zip(chosen, [*chosen[1:], 12], strict=True)) <= 2
+    zero = build(profile, target.TargetOptions(speedup=2.0, forecast_order="0"))
+    assert zero.builder["chosen_order"] == 0
+    attention = build(profile, target.TargetOptions(speedup=1.2, cache_kinds="attention"))
+    kinds = {layer.kind.value for layer in attention.layers if not all(layer.compute)}
+    assert kinds <= {"attention"}
+    impossible = build(profile, target.TargetOptions(speedup=10.0, cache_kinds="attention"))
+    assert not impossible.builder["reached"]
+    for bad in (dict(speedup=0.5), dict(speedup=math.nan), dict(forecast_order="3"), dict(cache_kinds="lstm")):
+        with pytest.raises(ValueError):
+            build(profile, target.TargetOptions(**bad))
+
+
+def test_a_profile_without_trajectory_says_what_to_do(pack, profiled):
+    import dataclasses
+
+    *_, profile = profiled
+    loaded = pack.core.schema.profile_from_dict(json.loads(json.dumps(pack.core.schema.profile_to_dict(profile))))
+    assert loaded.trajectory is None
+    with pytest.raises(pack.core.errors.ScheduleBuildError, match="Profile again"):
+        pack.core.target_schedule.build_target_schedule(loaded, pack.core.target_schedule.TargetOptions())
+    merged = pack.core.profile.merge_profiles([profile, dataclasses.replace(profile)])
+    assert merged.trajectory.sketches[0].shape[1] == 2 * profile.trajectory.sketches[0].shape[1]
+
+
+def test_build_node_sends_the_ladder_and_applies(pack, profiled):
+    from helpers import sample
+
+    model, conds, latent, profile = profiled
+    node = pack.nodes.nodes_schedule.BuildCacheSchedule
+    result = node.execute(profile, 2.0, "auto", "all", 1, 0, 0)
+    schedule, picture, text = result.result
+    ui = result.ui
+    ladder = ui["block_cache_ladder"][0]
+    assert "uncached steps" in ui["text"][0] and picture.shape[0] == 1
+    assert json.loads(text)["layers"][0]["forecast_order"] in (0, 1, 2)
+    assert len(ladder["cached"]) == len(schedule.layers) and ladder["options"]["speedup_target"] == 2.0
+    patched = pack.nodes.nodes_apply.ApplyBlockCache.execute(model, schedule).result[0]
+    out = sample(patched, *conds, latent, steps=12)
+    assert torch.isfinite(out).all()
+
+
+def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
+    target = pack.core.target_schedule
+    *_, profile = profiled
+    scores = {}
+
+    def measure(schedule):
+        row = next(layer.compute for layer in schedule.layers if not all(layer.compute))
+        order = next(layer.forecast_order for layer in schedule.layers if not all(layer.compute))
+        key = (tuple(s for s, c in enumerate(row) if c), order)
+        scores[key] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
+        return scores[key]
+
+    validated = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0), measure)
+    assert validated.builder["chosen_by"] == "predicted" and len(validated.builder["measured"]) == 1
+    assert validated.layers == target.build_target_schedule(profile, target.TargetOptions(speedup=2.0)).layers
+    scores.clear()
+    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0), measure,
+                                            choose_by_measure=True)
+    builder = schedule.builder
+    tried = builder["measured"]
+    assert builder["chosen_by"] == "measured" and len(tried) == len(scores) >= 2
+    assert {len(t["steps"]) for t in tried} == {len(builder["compute_steps"])}, "candidates cost the same"
+    assert any(t["label"].startswith("evenly spaced") for t in tried)
+    best = max(tried, key=lambda t: t["measured_psnr"])
+    assert builder["compute_steps"] == best["steps"] and builder["chosen_order"] == best["order"]
+    # The preview's rung at this cost is the measured choice.
+    ladder = pack.nodes.frontend.ladder_payload(schedule)
+    rung = next(r for r in ladder["rungs"] if r["computes"] == len(best["steps"]))
+    assert rung["steps"] == best["steps"] and rung["order"] == best["order"]
+
+
+def test_profile_node_replays_its_run_exactly_and_measures(pack):
+    """The Profile node's replay samples the profiled run again: with an all-compute schedule it gives the
+    profiled output bit for bit (PSNR capped at 100), a caching schedule scores less; the Build node
+    reports what it measured."""
+    core = pack.core
+    model = core.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = core.builtin_models.prompt_conditioning
+    positive, negative = prompt("a red square", 32), prompt("blurry", 32)
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    node = pack.nodes.nodes_profile.ProfileBlockChanges
+    out, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
+    (replay,) = profile.replays
+    assert torch.equal(replay.reference, out["samples"])
+    measure = core.validation.replay_measure(profile.replays)
+    all_compute = core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    assert measure(all_compute) == 100.0
+    cached = core.target_schedule.build_target_schedule(profile, core.target_schedule.TargetOptions(speedup=2.5))
+    assert 5.0 < measure(cached) < 100.0
+    result = pack.nodes.nodes_schedule.BuildCacheSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
+                                                                    "measure PSNR")
+    text = result.ui["text"][0]
+    assert "chosen: " in text and "dB against uncached" in text
+    merged = core.profile.merge_profiles([profile, profile])
+    assert len(merged.replays) == 2
+    loaded = core.schema.profile_from_dict(core.schema.profile_to_dict(profile))
+    assert loaded.replays == () and loaded.trajectory is None
