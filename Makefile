@@ -17,8 +17,8 @@ test: setup
 lint: setup
 	$(PYTHON) -m ruff check .
 
-# Reference model and benchmark (issue 5). `bench` writes table.md, results.json and
-# quality_vs_speedup.png to out/bench (about 30 minutes on a 2-core CPU);
+# Reference model and benchmark. `bench` writes table.md, results.json and a
+# quality_vs_speedup_<setting>.png per sampler setting to out/bench (about 2-3 hours on one CPU thread);
 # `train-reference` retrains models/reference/ (about an hour).
 bench: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1

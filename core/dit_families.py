@@ -118,13 +118,6 @@ BLOCK_SIGNATURES: dict[str, BlockSignature] = {
 # Wrapper blocks whose output form is that of an inner block: class -> attribute of the inner block.
 _DELEGATES = {_LDM + "hidream.model.HiDreamImageBlock": "block"}
 
-# Families whose model classes subclass a mapped one but add nothing to cache. Listed so the
-# support matrix names them.
-SUBCLASS_NOTES = {
-    "Wan 2.1 / 2.2": "also Wan Camera, HuMo, S2V and Animate (WanModel subclasses): their main blocks",
-}
-
-
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -4,10 +4,12 @@ One ``BlockCacheHolder`` belongs to one Apply (or Profile) node execution. Its
 layer patches (``CachedLayerForward``, installed as ModelPatcher object patches on
 each layer's ``forward``) and its keyed wrappers all point at it:
 
-* OUTER_SAMPLE starts a fresh ``RunState`` for every sampling run and frees it at
-  the end, logging what was computed and skipped;
+* OUTER_SAMPLE starts a fresh ``RunState`` for every sampling run (with the schedule
+  moved onto the run's own steps where they differ) and frees it at the end, logging
+  what was computed and skipped;
 * PREDICT_NOISE marks each solver evaluation: it maps the evaluation's sigma onto
-  the schedule's grid and decides, per layer, compute or reuse;
+  the run's steps and decides, per layer, compute or reuse (a reused layer stands in
+  with its cached value, or a forecast from its last computations: core/forecast.py);
 * APPLY_MODEL records which cond chunks (uuids) the current model call carries,
   so caches are per chunk and batched or split CFG behave the same.
 
@@ -194,13 +196,6 @@ class BlockCacheHolder:
         self.corrections: list[list[Any]] | None = None
         # A Calibrate Block Cache training session (core.calibration), while one runs.
         self.calibration: Any = None
-
-    def clone(self) -> BlockCacheHolder:
-        twin = BlockCacheHolder(self.block_map, self.plan, self.recorder, self.name, self.cache_device)
-        twin.run_listeners = list(self.run_listeners)
-        twin.noise_injector = self.noise_injector
-        twin.corrections = self.corrections
-        return twin
 
     def reset(self) -> None:
         """Drop the run state and every cached tensor."""

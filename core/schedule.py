@@ -37,12 +37,7 @@ class BuildOptions:
     def validate(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold!r}")
-        if self.cache_kinds not in CACHE_KIND_CHOICES:
-            raise ValueError(f"cache_kinds must be one of {sorted(CACHE_KIND_CHOICES)}, got {self.cache_kinds!r}")
-        for name in ("always_compute_first", "always_compute_last", "max_consecutive_reuse"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        validate_step_options(self)
         if not isinstance(self.forecast_order, int) or not 0 <= self.forecast_order <= MAX_FORECAST_ORDER:
             raise ValueError(f"forecast_order must be an integer from 0 to {MAX_FORECAST_ORDER}, "
                              f"got {self.forecast_order!r}")
@@ -57,6 +52,16 @@ class BuildOptions:
             "max_consecutive_reuse": self.max_consecutive_reuse,
             "forecast_order": self.forecast_order,
         }
+
+
+def validate_step_options(options: Any) -> None:
+    """What both builders' options share: ``cache_kinds`` and the integer step protections."""
+    if options.cache_kinds not in CACHE_KIND_CHOICES:
+        raise ValueError(f"cache_kinds must be one of {sorted(CACHE_KIND_CHOICES)}, got {options.cache_kinds!r}")
+    for name in ("always_compute_first", "always_compute_last", "max_consecutive_reuse"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -119,17 +119,11 @@ def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[flo
             if overlap > 0:
                 rate[j, i] = overlap / (high - low)
     share = rate @ density.T  # [run steps, layers]
-    out = np.zeros((layers, run_steps), dtype=bool)
-    accumulated = np.zeros(layers)
-    for j in range(run_steps):
-        if j == 0:
-            out[:, 0] = True  # nothing is cached yet
-            continue
-        accumulated += share[j]
-        compute = accumulated >= 1.0 - 1e-9
-        out[:, j] = compute
-        accumulated[compute] = 0.0
-    return out
+    # The schedule computes where its cumulated density crosses a whole number: at the start of each
+    # stretch. The run does the same on its own cumulated shares (so its first step always computes).
+    before = np.vstack([np.zeros((1, layers)), np.cumsum(share, axis=0)[:-1]]) - 1e-9
+    after = before + share
+    return (np.floor(after) >= np.ceil(before)).T
 
 
 def _step_at(bounds: list[float], tau: float) -> int:

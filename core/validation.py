@@ -23,31 +23,53 @@ from .schedule import CacheSchedule
 class ProfileReplay:
     """How to sample a profiled run again: ``sample(model)`` runs the same sampler on the same inputs and
     noise with another model (a patched clone of ``model``) and returns its output latent; ``reference``
-    is the profiled run's own output."""
+    is the profiled run's own output. ``decode`` (a VAE's, latent -> pictures in [0, 1], batch first)
+    makes the measure the pictures' PSNR; without it, the latents'."""
 
     model: Any  # the ModelPatcher that was profiled
     sample: Callable[[Any], torch.Tensor]
     reference: torch.Tensor
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def metric(self) -> str:
+        return "picture" if self.decode is not None else "latent"
 
 
-def latent_psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over batch items of the PSNR against ``reference``, with the reference's value range as the peak
-    (for a pixel-space model in [-1, 1] this is the picture's PSNR)."""
-    reference = reference.float()
-    peak = float(reference.max() - reference.min()) or 1.0
-    mse = ((samples.float() - reference) ** 2).reshape(reference.shape[0], -1).mean(1)
+def psnr(samples: torch.Tensor, reference: torch.Tensor, peak: float) -> float:
+    """Mean over batch items (dim 0) of the PSNR against ``reference``, capped at 100 dB where identical."""
+    mse = ((samples.float() - reference.float()) ** 2).reshape(reference.shape[0], -1).mean(1)
     values = [100.0 if float(m) == 0 else min(100.0, 10 * math.log10(peak * peak / float(m))) for m in mse]
     return sum(values) / len(values)
 
 
+def latent_psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR of latents, with the reference's value range as the peak. Not the picture's: a model whose
+    latents stray outside the decoder's range reads higher here (the reference model: about 7 dB)."""
+    return psnr(samples, reference, float(reference.max() - reference.min()) or 1.0)
+
+
 def replay_measure(replays: tuple[ProfileReplay, ...]) -> Callable[[CacheSchedule], float]:
-    """A schedule's mean latent PSNR against the uncached outputs over every profiled run."""
+    """A schedule's mean PSNR against the uncached outputs over every profiled run (of the decoded pictures
+    where the run has a decoder)."""
+    decoded: dict[int, torch.Tensor] = {}
 
     def measure(schedule: CacheSchedule) -> float:
         values = []
-        for replay in replays:
+        for index, replay in enumerate(replays):
             patched, _ = apply_block_cache(replay.model, schedule)
-            values.append(latent_psnr(replay.sample(patched), replay.reference))
+            out = replay.sample(patched)
+            if replay.decode is None:
+                values.append(latent_psnr(out, replay.reference))
+                continue
+            if index not in decoded:
+                decoded[index] = replay.decode(replay.reference).float().clamp(0, 1)
+            values.append(psnr(replay.decode(out).float().clamp(0, 1), decoded[index], 1.0))
         return sum(values) / len(values)
 
     return measure
+
+
+def measure_metric(replays: tuple[ProfileReplay, ...]) -> str:
+    """What ``replay_measure`` compares: 'picture', 'latent', or 'picture and latent' (merged profiles)."""
+    return " and ".join(sorted({replay.metric for replay in replays}, reverse=True))

@@ -263,6 +263,11 @@ function refreshTarget(node, force = false) {
   const lines = [formatEstimate(result),
     `the cost of ${result.equivalentSteps.toFixed(1)} uncached steps; computes at steps ${result.rung.steps.join(", ")}; ` +
       `forecast order ${result.rung.order}`];
+  const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
+  const measured = (ladder.measured ?? []).find((m) => m.order === result.rung.order && same(m.steps, result.rung.steps));
+  if (measured) {
+    lines.push(`measured on the profiled run: ${measured.psnr.toFixed(1)} dB ${measured.metric} PSNR against uncached`);
+  }
   if (result.flopFraction > 1 / speedup + 1e-12) lines.push(`${speedup}x is beyond these options: the fastest schedule`);
   const otherOptions = LADDER_OPTIONS.some((n) => values[n] !== undefined && String(values[n]) !== String(ladder.options[n]));
   if (otherOptions) lines.push("(preview for the options of the last run: queue to use the new ones)");

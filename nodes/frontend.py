@@ -87,6 +87,9 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "rungs": [{"computes": r["computes"], "steps": chosen["steps"] if measured(r) else r["steps"],
                    "order": chosen["order"] if measured(r) else r["order"], "flop_fraction": r["flop_fraction"]}
                   for r in builder["ladder"]],
+        # What validation measured on the profiled run (shown while the preview is that schedule).
+        "measured": [{"steps": t["steps"], "order": t["order"], "psnr": t["measured_psnr"],
+                      "metric": builder["measured_metric"]} for t in builder["measured"]],
         "options": {name: builder[name] for name in ("speedup_target", "forecast_order", "cache_kinds",
                                                      "always_compute_first", "always_compute_last",
                                                      "max_consecutive_reuse")},

@@ -45,6 +45,10 @@ class ProfileBlockChanges(io.ComfyNode):
                                                         "profile averaged over all of them (the paper averages many)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the latent to denoise, as in KSampler."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional. With it, Build Cache Schedule's validation measures the PSNR of "
+                                     "the decoded pictures; without it, of the latents, which can read several "
+                                     "dB higher than the pictures'."),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The denoised latent: identical to KSampler's for the same inputs."),
@@ -56,7 +60,7 @@ class ProfileBlockChanges(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                denoise) -> io.NodeOutput:
+                denoise, vae=None) -> io.NodeOutput:
         def sample(with_model):
             (out,) = comfy_nodes.common_ksampler(with_model, seed, steps, cfg, sampler_name, scheduler, positive,
                                                  negative, latent_image, denoise=denoise)
@@ -67,7 +71,8 @@ class ProfileBlockChanges(io.ComfyNode):
         profile = collect_profile(holder, model, sampler=sampler_name, scheduler=scheduler, cfg=cfg,
                                   denoise=denoise, latent_shape=tuple(latent_image["samples"].shape), seed=seed)
         # Build Cache Schedule can sample this run again to measure a schedule's real error.
-        replay = ProfileReplay(model, lambda with_model: sample(with_model)["samples"], latent["samples"])
+        decode = None if vae is None else (lambda samples: vae.decode(samples).movedim(-1, 1))
+        replay = ProfileReplay(model, lambda with_model: sample(with_model)["samples"], latent["samples"], decode)
         profile = dataclasses.replace(profile, replays=(replay,))
         heatmap = torch.from_numpy(render_profile(profile))[None]
         summary = (f"{len(profile.block_map.layers)} layers x {profile.grid.steps} steps, "

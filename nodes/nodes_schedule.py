@@ -16,13 +16,14 @@ from ..core.target_schedule import (
     TargetOptions,
     build_target_schedule,
 )
-from ..core.validation import replay_measure
+from ..core.validation import measure_metric, replay_measure
 from .frontend import ladder_payload, profile_payload, schedule_payload
 from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 
 logger = logging.getLogger(__name__)
 
 VALIDATION = ("measure PSNR", "choose by measured PSNR", "off")
+_PROFILE_TOOLTIP = "From Profile Block Changes (or Merge Block Profiles)."
 _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
 _LAST_TOOLTIP = "Steps at the end that always compute every layer."
 
@@ -39,13 +40,14 @@ class BuildCacheSchedule(io.ComfyNode):
                         "forecast from its last computations. The node shows the FLOP speed-up and what it costs "
                         "in uncached steps.",
             inputs=[
-                BlockProfileSocket.Input("profile", tooltip="From Profile Block Changes (or Merge Block Profiles)."),
+                BlockProfileSocket.Input("profile", tooltip=_PROFILE_TOOLTIP),
                 io.Float.Input("speedup", default=DEFAULT_SPEEDUP, min=1.0, max=10.0, step=0.05,
                                display_mode=io.NumberDisplay.slider,
-                               tooltip="How much faster, in FLOPs: the schedule with the least forecast error, measured on the profile, "
-                                       "that computes at most 1/speedup of the model's work. 2.5 kept 30+ dB "
-                                       "PSNR against the uncached pictures on the reference model; higher "
-                                       "changes the picture more. 1 computes everything."),
+                               tooltip="How much faster, in FLOPs: the schedule with the least forecast error, "
+                                       "measured on the profile, that computes at most 1/speedup of the model's "
+                                       "work. The default kept 30+ dB PSNR against the uncached pictures on "
+                                       "the reference model; higher changes the picture more. 1 computes "
+                                       "everything."),
                 io.Combo.Input("forecast_order", options=list(FORECAST_ORDER_CHOICES), default=DEFAULT_FORECAST_ORDER,
                                tooltip="How a skipped layer stands in: 0 reuses its last output as it is; 1 and 2 "
                                        "extrapolate it from its last 2 or 3 computations (TaylorSeer-style). "
@@ -79,19 +81,23 @@ class BuildCacheSchedule(io.ComfyNode):
                                 max_consecutive_reuse=max_consecutive_reuse)
         measure = None
         notes = []
+        metric = measure_metric(profile.replays)
         if validation != VALIDATION[2]:
             if profile.replays:
                 measure = replay_measure(profile.replays)
             else:
                 notes.append("validation skipped: this profile cannot sample its run again (it was loaded as JSON).")
-        schedule = build_target_schedule(profile, options, measure, choose_by_measure=validation == VALIDATION[1])
+        schedule = build_target_schedule(profile, options, measure, choose_by_measure=validation == VALIDATION[1],
+                                         metric=metric)
         builder = schedule.builder
         lines = [schedule.summary(),
                  f"computes at steps {builder['compute_steps']}; forecast order {builder['chosen_order']}"]
         for tried in builder["measured"]:
             chosen = tried["steps"] == builder["compute_steps"] and tried["order"] == builder["chosen_order"]
-            lines.append(f"{'chosen' if chosen else 'tried'}: {tried['label']}, PSNR {tried['measured_psnr']:.1f} dB "
-                         "against uncached (measured on the profiled run)")
+            lines.append(f"{'chosen' if chosen else 'tried'}: {tried['label']}, {metric} PSNR "
+                         f"{tried['measured_psnr']:.1f} dB against uncached (measured on the profiled run)")
+        if builder["measured"] and metric == "latent":
+            lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
         if not builder["reached"]:
             lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
         lines += builder["notes"] + notes
@@ -116,7 +122,7 @@ class BuildThresholdSchedule(io.ComfyNode):
                         "is reused. For experts: Build Cache Schedule (speed-up target) keeps the picture better "
                         "at the same speed.",
             inputs=[
-                BlockProfileSocket.Input("profile", tooltip="From Profile Block Changes (or Merge Block Profiles)."),
+                BlockProfileSocket.Input("profile", tooltip=_PROFILE_TOOLTIP),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=5.0, step=0.01,
                                display_mode=io.NumberDisplay.slider,
                                tooltip="Delta: how much summed relative change a cached layer may drift before it "

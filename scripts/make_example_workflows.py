@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "example_workflows"
 BUNDLED = ROOT / "schedules"
-BUNDLED_SCHEDULE = "reference_euler20_speedup2.5.json"
+BUNDLED_SCHEDULE = "reference_euler20_speedup2.25.json"
 # The demo examples run the trained reference model (32x32 pixels) with this setting.
 DEMO_PROMPT = "a large red circle at center on a blue striped background"
 DEMO_STEPS, DEMO_CFG, DEMO_SEED = 20, 5.0, 1
@@ -32,7 +32,7 @@ LADDER_KEY = "block_cache_ladder"
 BUILD = "BlockCacheBuildTargetSchedule"
 # Build Cache Schedule's defaults: speedup, forecast_order, cache_kinds, first, last, max_consecutive_reuse,
 # validation.
-BUILD_WIDGETS = [2.5, "auto", "all", 1, 0, 0, "measure PSNR"]
+BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR"]
 DEMO = "block_cache_demo_model_no_checkpoint"
 
 # Socket inputs and outputs of the node types the examples use: (name, type).
@@ -57,7 +57,7 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "BlockCacheDemoModel": ([], [("MODEL", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                  ("VAE", "VAE")]),
     "BlockCacheProfile": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                           ("latent_image", "LATENT")],
+                           ("latent_image", "LATENT"), ("vae", "VAE")],
                           [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
     BUILD: ([("profile", "BLOCK_PROFILE")],
             [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"), ("json", "STRING")]),
@@ -145,6 +145,7 @@ def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_n
         g.link(neg, 0, sampler, "negative")
         g.link(latent, 0, sampler, "latent_image")
     g.link(ckpt_id, 0, profile, "model")
+    g.link(ckpt_id, 2, profile, "vae")
     g.link(ckpt_id, 0, apply, "model")
     g.link(ckpt_id, 0, uncached, "model")
     g.link(profile, 1, build, "profile")
@@ -161,7 +162,7 @@ def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_n
 
 
 _TUNE = ("Move **speedup** on *Build Cache Schedule*: the schedule picture, the FLOP speed-up and its cost in "
-         "uncached steps update at once, without queueing. The default, 2.5x, kept the picture at 30+ dB PSNR "
+         "uncached steps update at once, without queueing. The default, 2.25x, kept the picture at 30+ dB PSNR "
          "against the uncached one on the pack's reference model; higher changes it more. Queue to sample with "
          "it: *Apply Block Cache* then shows how many layer evaluations were computed and the time saved "
          "against the uncached KSampler.")
@@ -238,6 +239,7 @@ def flux() -> dict[str, Any]:
     g.link(guidance, 0, profile, "positive")
     g.link(negative, 0, profile, "negative")
     g.link(latent, 0, profile, "latent_image")
+    g.link(vae, 0, profile, "vae")
     g.link(profile, 1, build, "profile")
     g.link(build, 0, save, "schedule")
     g.link(unet, 0, apply, "model")
@@ -329,6 +331,7 @@ def demo(payloads: dict | None = None) -> dict[str, Any]:
     g.link(model, 1, profile_id, "positive")
     g.link(model, 2, profile_id, "negative")
     g.link(latent, 0, profile_id, "latent_image")
+    g.link(model, 3, profile_id, "vae")
     g.link(profile_id, 1, build, "profile")
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
@@ -364,6 +367,7 @@ def calibrate_demo() -> dict[str, Any]:
     g.link(model, 1, profile_id, "positive")
     g.link(model, 2, profile_id, "negative")
     g.link(latent, 0, profile_id, "latent_image")
+    g.link(model, 3, profile_id, "vae")
     g.link(profile_id, 1, build, "profile")
     g.link(model, 0, calibrate, "model")
     g.link(build, 0, calibrate, "schedule")
@@ -383,7 +387,7 @@ def saved_schedule() -> dict[str, Any]:
     g = Graph()
     note = ("## Block Cache: apply a saved schedule\n\nNo profiling: *Load Cache Schedule* reads a schedule "
             f"file, here `{BUNDLED_SCHEDULE}` that ships with the pack (made for the built-in reference model: 20 "
-            "euler steps, Build Cache Schedule's defaults, 2.5x). Your own schedules, saved with *Save Cache "
+            "euler steps, Build Cache Schedule's defaults, 2.25x). Your own schedules, saved with *Save Cache "
             "Schedule*, are listed first. A schedule made for 20 steps also drives other step counts and samplers: "
             "it is re-timed, keeping its share of computed steps.")
     model, latent = _demo_sources(g)
@@ -430,9 +434,9 @@ def make_bundled_schedule() -> dict[str, Any]:
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     core = pack.core
-    reference = core.reference_model.load_reference_model()
-    model = reference.patcher.clone()
-    positive, negative = reference.conditioning(DEMO_PROMPT), reference.conditioning("")
+    loaded = core.reference_model.load_reference_model()
+    model, reference_vae = loaded.patcher.clone(), loaded.vae
+    positive, negative = loaded.conditioning(DEMO_PROMPT), loaded.conditioning("")
     latent = core.reference_model.empty_latent(1)  # what EmptyLatentImage 256x256 becomes for this model
     def sample(with_model):
         (out,) = comfy_nodes.common_ksampler(with_model, DEMO_SEED, DEMO_STEPS, DEMO_CFG, "euler", "normal",
@@ -444,8 +448,11 @@ def make_bundled_schedule() -> dict[str, Any]:
     profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
                                             denoise=1.0, latent_shape=tuple(latent["samples"].shape), seed=DEMO_SEED)
     # As the node does by default: the chosen schedule is measured on the profiled run.
-    measure = core.validation.replay_measure((core.validation.ProfileReplay(model, sample, reference),))
-    schedule = core.target_schedule.build_target_schedule(profile, core.target_schedule.TargetOptions(), measure)
+    replay = core.validation.ProfileReplay(model, sample, reference,
+                                           lambda samples: reference_vae.decode(samples).movedim(-1, 1))
+    measure = core.validation.replay_measure((replay,))
+    schedule = core.target_schedule.build_target_schedule(profile, core.target_schedule.TargetOptions(), measure,
+                                                          metric=replay.metric)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
     return {"profile": pack.nodes.frontend.profile_payload(profile),

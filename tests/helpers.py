@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -141,8 +142,8 @@ def density_retimed(mask: np.ndarray, bounds: list[float], run_bounds: list[floa
     """The re-timing rule: between two computations g schedule steps apart, the schedule computes a
     share 1/g of its steps; that density f(time) is constant on each schedule step (``bounds``: step
     starts and the end, falling; the first and last steps extended beyond the range). Each run step's
-    share is the mean of f over its span, from the integral G of f; a run step computes when the shares
-    since the previous computation reach 1; the first run step computes."""
+    share is the mean of f over its span, from the integral G of f; a run step computes when a whole
+    number lies in [shares before it, shares up to and including it)."""
     density = np.zeros(mask.shape, dtype=float)
     for layer, row in enumerate(mask):
         on = list(np.nonzero(row)[0]) + [len(row)]
@@ -160,18 +161,21 @@ def density_retimed(mask: np.ndarray, bounds: list[float], run_bounds: list[floa
                 total += max(0.0, high - max(low, time)) * density[:, i]
         return total
 
-    run_mask = np.zeros((mask.shape[0], len(run_bounds) - 1), dtype=bool)
-    run_mask[:, 0] = True
-    since = np.zeros(mask.shape[0])
-    for j in range(1, len(run_bounds) - 1):
+    shares = []
+    for j in range(len(run_bounds) - 1):
         high, low = run_bounds[j], run_bounds[j + 1]
         if high - low <= 1e-4:
             step = next((i for i in range(len(bounds) - 1) if high >= bounds[i + 1] - 1e-4), len(bounds) - 2)
-            since = since + density[:, step]
+            shares.append(density[:, step])
         else:
-            since = since + (integral(low) - integral(high)) / (high - low)
-        run_mask[:, j] = since >= 1.0 - 1e-9
-        since[run_mask[:, j]] = 0.0
+            shares.append((integral(low) - integral(high)) / (high - low))
+    run_mask = np.zeros((mask.shape[0], len(shares)), dtype=bool)
+    total = np.zeros(mask.shape[0])
+    for j, share in enumerate(shares):
+        # A whole number in [total, total + share): the summed density crosses it in this step.
+        run_mask[:, j] = [math.ceil(start - 1e-9) < start + part - 1e-9
+                          for start, part in zip(total, share, strict=True)]
+        total = total + share
     return run_mask
 
 

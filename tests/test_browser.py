@@ -178,7 +178,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
         const h = w.computedHeight ?? 20;
         return {left: at(n.pos[0] + 15, n.pos[1] + w.y + h / 2), right: at(n.pos[0] + n.size[0] - 15, 0)[0],
                 value: w.value}; }""", build_id)
-    assert box["value"] == 2.5
+    assert box["value"] == 2.25
     (x0, y), x1 = box["left"], box["right"]
     page.mouse.move(x0 + (x1 - x0) * 0.17, y)
     page.mouse.down()

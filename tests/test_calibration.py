@@ -246,3 +246,19 @@ def test_calibration_on_a_dit_with_two_streams(pack, calibration):
     patched_identity, _ = core.patching.apply_block_cache(model, identity)
     assert torch.equal(sample(patched_identity, *conds, flux.latent(), steps=6, cfg=1.0),
                        sample(patched_plain, *conds, flux.latent(), steps=6, cfg=1.0))
+
+
+def test_calibration_corrects_forecast_reuse(pack, calibration, tiny_model, conds, latent):
+    """On a speed-up target schedule (forecast order 1) the correction applies to the forecast: identity
+    parameters give the uncorrected forecast bit for bit, and training lowers the error of the forecasts."""
+    core = pack.core
+    profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
+    schedule = core.target_schedule.build_target_schedule(
+        profile, core.target_schedule.TargetOptions(speedup=3.0, forecast_order="1"))
+    assert {layer.forecast_order for layer in schedule.layers if not all(layer.compute)} == {1}
+    options = calibration.CalibrationOptions(iterations=6, learning_rate=0.05, seed=100)
+    result = calibration.calibrate(tiny_model, schedule, [conds], latent["samples"], options)
+    assert result.losses[-1] < result.losses[0]
+    identity = _with_table(result.schedule, lambda e, _: (torch.zeros_like(e.scale), torch.zeros_like(e.shift)))
+    assert torch.equal(_sample(pack, tiny_model, identity, conds, latent),
+                       _sample(pack, tiny_model, schedule, conds, latent))

@@ -6,6 +6,8 @@ without Block Cache; a caching schedule must keep the other patch working.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -252,8 +254,12 @@ def _discarded_perturbed_pass(calls):
     return post_cfg
 
 
-def test_extra_post_cfg_passes_keep_their_own_cache(pack, tiny_model, conds, latent, schedules):
+@pytest.mark.parametrize("order", [0, 1])
+def test_extra_post_cfg_passes_keep_their_own_cache(pack, tiny_model, conds, latent, schedules, order):
+    """Also with forecast reuse (order 1): each pass keeps its own history of computations."""
     _, caching = schedules
+    caching = dataclasses.replace(caching, layers=tuple(
+        dataclasses.replace(layer, forecast_order=order if not all(layer.compute) else 0) for layer in caching.layers))
     reference_model, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
     reference = sample(reference_model, *conds, latent)
     calls = []

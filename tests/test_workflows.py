@@ -165,7 +165,7 @@ def test_the_bundled_schedule_is_offered(object_info):
     choices = object_info["BlockCacheLoadSchedule"]["input"]["required"]["schedule_file"]
     options = choices[0] if isinstance(choices[0], list) else choices[1]["options"]
     # The default-built schedule, and the one earlier versions shipped (saved workflows still load it).
-    assert {"reference_euler20_speedup2.5.json", "reference_euler20_attention_t0.5.json"} <= set(options)
+    assert {"reference_euler20_speedup2.25.json", "reference_euler20_attention_t0.5.json"} <= set(options)
 
 
 @pytest.mark.parametrize("path", [p for p in WORKFLOWS if p.stem in RUNNABLE], ids=lambda p: p.stem)
