@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..core.builtin_models import SMALL_UNET_CONFIGS, build_unet_patcher, context_dim_of, prompt_conditioning
-from ..core.reference_model import load_reference_model, pixel_space_vae
+from ..demo_models.builtin_models import SMALL_UNET_CONFIGS, build_unet_patcher, context_dim_of, prompt_conditioning
+from ..demo_models.reference_model import load_reference_model, pixel_space_vae
 from .types import CATEGORY
 
 REFERENCE = "reference"

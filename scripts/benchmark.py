@@ -76,11 +76,13 @@ FAMILY_LABELS = {
     "faster_diffusion": "Faster Diffusion",
 }
 # The rows the goal compares against (everything that is not Block Cache's own builder).
+DEMO_MODULES = ("reference_model", "reference_data", "builtin_models")
 OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "easycache", "lazycache", "faster_diffusion")
 
 
 def _module(name: str) -> Any:
-    return importlib.import_module(f"{PACK_MODULE}.core.{name}")
+    package = "demo_models" if name in DEMO_MODULES else "core"
+    return importlib.import_module(f"{PACK_MODULE}.{package}.{name}")
 
 
 # ---- quality -------------------------------------------------------------------------------------

@@ -433,11 +433,11 @@ def make_bundled_schedule() -> dict[str, Any]:
     import nodes as comfy_nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    core = pack.core
-    loaded = core.reference_model.load_reference_model()
+    core, demo_models = pack.core, pack.demo_models
+    loaded = demo_models.reference_model.load_reference_model()
     model, reference_vae = loaded.patcher.clone(), loaded.vae
     positive, negative = loaded.conditioning(DEMO_PROMPT), loaded.conditioning("")
-    latent = core.reference_model.empty_latent(1)  # what EmptyLatentImage 256x256 becomes for this model
+    latent = demo_models.reference_model.empty_latent(1)  # what EmptyLatentImage 256x256 becomes for this model
     def sample(with_model):
         (out,) = comfy_nodes.common_ksampler(with_model, DEMO_SEED, DEMO_STEPS, DEMO_CFG, "euler", "normal",
                                              positive, negative, latent)

@@ -74,7 +74,7 @@ def sample_grid(reference, out: Path, seeds: int, steps: int, cfg: float) -> Non
 
 
 def training_grid(out: Path) -> None:
-    data = importlib.import_module(f"{PACK_MODULE}.core.reference_data")
+    data = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_data")
     pictures, _ = data.training_batch(32, torch.Generator().manual_seed(5), drop_caption=0, drop_part=0)
     grid = ((pictures + 1) / 2).clamp(0, 1)
     rows = math.ceil(len(grid) / 8)
@@ -88,7 +88,7 @@ def training_grid(out: Path) -> None:
 
 def profile_heatmap(reference, out: Path, steps: int, cfg: float) -> None:
     pack = load_pack()
-    data = importlib.import_module(f"{PACK_MODULE}.core.reference_data")
+    data = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_data")
     prompts = data.benchmark_prompts(4, seed=99)
     latent = {"samples": torch.zeros(len(prompts), 3, 32, 32)}
     positive = [[reference.encode(prompts), {}]]
@@ -112,7 +112,7 @@ def main() -> None:
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     torch.set_num_threads(args.threads)
-    reference = importlib.import_module(f"{PACK_MODULE}.core.reference_model").load_reference_model()
+    reference = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model").load_reference_model()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.log.exists():
         loss_curve(args.log, args.out / "loss_curve.png")

@@ -47,7 +47,7 @@ def _child(config: str, blocks: int, frames: int, height: int, width: int) -> di
     model_config = comfy.supported_models.WAN21_T2V(unet_config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, "")
-    pack.core.builtin_models.seeded_init_(model.diffusion_model, 0)
+    pack.demo_models.builtin_models.seeded_init_(model.diffusion_model, 0)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     latent = torch.zeros(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)

@@ -1,4 +1,4 @@
-"""Trains the reference model (core/reference_model.py) on the procedural captioned shapes.
+"""Trains the reference model (demo_models/reference_model.py) on the procedural captioned shapes.
 
 Reproducible: the weights, the data stream and the noise all come from one seed, so
 the same command on the same torch version gives the same run (thread timing aside).
@@ -48,8 +48,8 @@ def main() -> None:
     args = parser.parse_args()
 
     load_pack()
-    reference = importlib.import_module(f"{PACK_MODULE}.core.reference_model")
-    data = importlib.import_module(f"{PACK_MODULE}.core.reference_data")
+    reference = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model")
+    data = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_data")
     import comfy.utils
 
     torch.set_num_threads(args.threads)

@@ -29,12 +29,12 @@ def pack():
 
 @pytest.fixture
 def tiny_model():
-    return PACK.core.builtin_models.build_unet_patcher("tiny", seed=0)
+    return PACK.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
 
 
 @pytest.fixture
 def conds():
-    prompt = PACK.core.builtin_models.prompt_conditioning
+    prompt = PACK.demo_models.builtin_models.prompt_conditioning
     return prompt("a red square", 32), prompt("blurry", 32)
 
 

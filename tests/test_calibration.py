@@ -209,8 +209,8 @@ def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack):
     # ComfyUI's execution.py runs every node in inference mode: the loader's weights, the conditioning
     # and the schedule are all made there, and the weights are inference tensors that require grad.
     with torch.inference_mode():
-        tiny_model = core.builtin_models.build_unet_patcher("tiny", seed=0)
-        prompt = core.builtin_models.prompt_conditioning
+        tiny_model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+        prompt = pack.demo_models.builtin_models.prompt_conditioning
         conds = (prompt("a red square", 32), prompt("blurry", 32))
         latent = {"samples": torch.zeros(1, 4, 16, 16)}
         profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)

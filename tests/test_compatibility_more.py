@@ -50,7 +50,7 @@ def _tiny_controlnet(pack, model):
     config = dict(model.model.model_config.unet_config)
     config.pop("out_channels")
     control_model = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, operations=comfy.ops.disable_weight_init)
-    pack.core.builtin_models.seeded_init_(control_model, 5)
+    pack.demo_models.builtin_models.seeded_init_(control_model, 5)
     return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
 
 
@@ -59,7 +59,7 @@ def _tiny_t2i_adapter(pack, model):
     its features land on the tiny UNet's input block 3 and its middle block, both 64 x 8 x 8."""
     adapter = comfy.t2i_adapter.adapter.Adapter(channels=[64, 64], nums_rb=1, cin=768, ksize=1, sk=True,
                                                 use_conv=False, xl=True)
-    pack.core.builtin_models.seeded_init_(adapter, 6)
+    pack.demo_models.builtin_models.seeded_init_(adapter, 6)
     return comfy.controlnet.T2IAdapter(adapter, adapter.input_channels, 8, "nearest-exact")
 
 
@@ -287,7 +287,7 @@ def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, c
     finally:
         _move(tiny_model, torch.float32)
     np.testing.assert_array_equal(holder.last_run.computed, first_stats.computed)
-    model64 = pack.core.builtin_models.build_unet_patcher("tiny", seed=0, dtype=torch.float64)
+    model64 = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0, dtype=torch.float64)
     patched64, _ = pack.core.patching.apply_block_cache(model64, caching)
     assert torch.equal(out64, sample(patched64, *conds, latent))
     # Back in float32: the first run's result again; no state carried over, nothing left alive.

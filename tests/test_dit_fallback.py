@@ -99,7 +99,7 @@ def _base_model_with(diffusion_model_class):
 
 
 def _tiny_unet_config(pack) -> dict:
-    return dict(pack.core.builtin_models.SMALL_UNET_CONFIGS["tiny"])  # its UNet is replaced
+    return dict(pack.demo_models.builtin_models.SMALL_UNET_CONFIGS["tiny"])  # its UNet is replaced
 
 
 @pytest.fixture(scope="module")

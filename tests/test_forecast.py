@@ -59,7 +59,7 @@ def _make(model_config):
 @pytest.fixture(scope="module")
 def linear(pack):
     entry = TinyDit("generic (LinearInTimeModel)", "linear-in-time", "SD15",
-                    dict(pack.core.builtin_models.SMALL_UNET_CONFIGS["tiny"]), (2, 4, 8, 8), (6, 32),
+                    dict(pack.demo_models.builtin_models.SMALL_UNET_CONFIGS["tiny"]), (2, 4, 8, 8), (6, 32),
                     make_model=_make)
     model = entry.build(seed=3)
     return model, entry.conds(), entry.latent(batch=2)

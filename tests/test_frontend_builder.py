@@ -174,8 +174,8 @@ def test_javascript_target_preview_matches_python(pack, tmp_path):
 
     core = pack.core
     target = core.target_schedule
-    model = core.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = core.builtin_models.prompt_conditioning
+    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = pack.demo_models.builtin_models.prompt_conditioning
     conds = prompt("a red square", 32), prompt("blurry", 32)
     ladders, cases, expected = [], [], []
     for steps, kinds, first in ((10, "all", 1), (16, "attention+resblock", 2), (7, "attention", 1)):

@@ -36,8 +36,8 @@ def valid(pack):
     from helpers import profile_by_sampling
 
     core = pack.core
-    model = core.builtin_models.build_unet_patcher("tiny", seed=0)
-    conds = (core.builtin_models.prompt_conditioning("a", 32), core.builtin_models.prompt_conditioning("b", 32))
+    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    conds = (pack.demo_models.builtin_models.prompt_conditioning("a", 32), pack.demo_models.builtin_models.prompt_conditioning("b", 32))
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=6)
     schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5, cache_kinds="all"))

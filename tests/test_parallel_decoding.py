@@ -119,7 +119,7 @@ def test_max_steps_splits_the_batches(pack, pd, tiny_model, conds, latent):
 
 def test_reference_model_parallel_equals_sequential(pack, pd):
     """The trained reference model (real weights), paper DPM-Solver keys on 20 dpmpp_2m steps."""
-    reference = pack.core.reference_model.load_reference_model()
+    reference = pack.demo_models.reference_model.load_reference_model()
     model = reference.patcher.clone()
     fd = pack.core.faster_diffusion
     grid = fd.grid_for_model(model, 20, "dpmpp_2m", "karras")
@@ -128,7 +128,7 @@ def test_reference_model_parallel_equals_sequential(pack, pd):
     positive = [[reference.encode(["a large red circle at center on a blue background",
                                    "a small green square at top left on a white striped background"]), {}]]
     negative = reference.conditioning("")
-    latent = pack.core.reference_model.empty_latent(2)
+    latent = pack.demo_models.reference_model.empty_latent(2)
     sequential, _, _ = _apply(pack, pd, model, schedule, batched=False)
     parallel, _, decoder = _apply(pack, pd, model, schedule)
     kwargs = dict(steps=20, sampler="dpmpp_2m", scheduler="karras")

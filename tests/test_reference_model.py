@@ -13,8 +13,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_bootstrap import PACK_MODULE
 from helpers import sample
 
-reference_model = importlib.import_module(f"{PACK_MODULE}.core.reference_model")
-reference_data = importlib.import_module(f"{PACK_MODULE}.core.reference_data")
+reference_model = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model")
+reference_data = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_data")
 
 # Stated bound: the default schedule (threshold 0.5, attention) stays this close to uncached sampling
 # on this model (measured 22.5 dB at 10 steps, 22.7 dB in the 20-step benchmark; see the README).

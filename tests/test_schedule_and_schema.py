@@ -200,8 +200,8 @@ def test_save_load_round_trip_and_unsafe_names(core, tmp_path):
     ("SDXL", 11, 17, 2, 2),
     ("SDXLRefiner", 11, 22, 3, 3),
 ])
-def test_full_size_block_maps_find_every_layer(core, name, attention, resblocks, down, up):
-    model, config_name = core.builtin_models.build_full_unet(name, device="meta")
+def test_full_size_block_maps_find_every_layer(pack, core, name, attention, resblocks, down, up):
+    model, config_name = pack.demo_models.builtin_models.build_full_unet(name, device="meta")
     block_map = core.block_map.build_block_map(model, config_name)
     kinds = [layer.kind.value for layer in block_map.layers]
     assert kinds.count("attention") == attention

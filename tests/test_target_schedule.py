@@ -64,8 +64,8 @@ def test_search_finds_the_least_error_for_every_count(pack, seed, steps, order, 
 
 @pytest.fixture(scope="module")
 def profiled(pack):
-    model = pack.core.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = pack.core.builtin_models.prompt_conditioning
+    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = pack.demo_models.builtin_models.prompt_conditioning
     conds = prompt("a red square", 32), prompt("blurry", 32)
     latent = {"samples": torch.zeros(2, 4, 16, 16)}
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=12)
@@ -194,8 +194,8 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack):
     profiled output bit for bit (PSNR capped at 100), a caching schedule scores less; the Build node
     reports what it measured."""
     core = pack.core
-    model = core.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = core.builtin_models.prompt_conditioning
+    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = pack.demo_models.builtin_models.prompt_conditioning
     positive, negative = prompt("a red square", 32), prompt("blurry", 32)
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     node = pack.nodes.nodes_profile.ProfileBlockChanges

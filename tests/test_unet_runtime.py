@@ -85,7 +85,7 @@ def test_cfg_batched_and_split_agree(pack, tiny_model, conds, latent, built):
 def test_cfg_conds_of_different_lengths_split_naturally(pack, tiny_model, latent, built):
     """Conds of lengths ComfyUI cannot concatenate (77 vs 78 tokens) go in separate calls."""
     _, schedule = built
-    prompt = pack.core.builtin_models.prompt_conditioning
+    prompt = pack.demo_models.builtin_models.prompt_conditioning
     positive, negative = prompt("a", 32, tokens=77), prompt("b", 32, tokens=78)
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
     out = sample(patched, positive, negative, latent)
@@ -95,7 +95,7 @@ def test_cfg_conds_of_different_lengths_split_naturally(pack, tiny_model, latent
 
 def test_nothing_left_after_sampling(pack, tiny_model, conds, latent, built):
     _, schedule = built
-    fresh = pack.core.builtin_models.build_unet_patcher("tiny", seed=0)
+    fresh = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
     reference = sample(fresh, *conds, latent)
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent)

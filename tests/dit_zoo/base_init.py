@@ -2,4 +2,4 @@
 
 from comfy_bootstrap import load_pack
 
-seeded_init_ = load_pack().core.builtin_models.seeded_init_
+seeded_init_ = load_pack().demo_models.builtin_models.seeded_init_
