@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 export COMFYUI_PATH ?=
 
-.PHONY: setup demo test lint bench train-reference workflows thumbnails browser-test
+.PHONY: setup demo test lint bench bench-gpu train-reference workflows thumbnails browser-test
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +22,11 @@ lint: setup
 # `train-reference` retrains models/reference/ (about an hour).
 bench: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1
+
+# The runtime on real hardware (issue 15): overhead, achieved / ideal speed-up, cache and profile memory,
+# syncs per step; full-size SD1.5 and a Flux-shaped stack, at most 8 minutes on one GPU.
+bench-gpu: setup
+	$(PYTHON) scripts/bench_gpu.py --out out/bench-gpu
 
 train-reference: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_model.py --minutes 55 --threads 1

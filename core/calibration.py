@@ -31,7 +31,7 @@ from comfy.patcher_extension import WrappersMP
 
 from .block_map import LayerSpec
 from .errors import BlockCacheError
-from .runtime import WRAPPER_KEY, BlockCacheHolder, bind
+from .runtime import WRAPPER_KEY, BlockCacheHolder, bind, run_context
 from .scale_shift import ScaleShiftTable, channel_dim
 from .schedule import CacheSchedule
 
@@ -73,7 +73,7 @@ class CalibrationResult:
 
 
 class CalibrationSession:
-    """The training state one Calibrate run attaches to a holder (``holder.calibration``)."""
+    """The training state of one Calibrate run; its wrapper hands it to each run's context."""
 
     def __init__(self, holder: BlockCacheHolder, table: ScaleShiftTable, learning_rate: float,
                  train: bool = True) -> None:
@@ -92,7 +92,8 @@ class CalibrationSession:
                 entry.scale = entry.scale.detach().clone().requires_grad_(True)
                 entry.shift = entry.shift.detach().clone().requires_grad_(True)
                 self._optimize(entry.scale, entry.shift)
-        holder.corrections = table.bind(holder.block_map)
+        # What reused tensors are corrected by while this session trains (the holder's stay as they are).
+        self.corrections = table.bind(holder.block_map)
 
     def set_learning_rate(self, learning_rate: float) -> None:
         self.learning_rate = learning_rate
@@ -129,7 +130,7 @@ class CalibrationSession:
                     entry.scale.requires_grad_(True)
                     entry.shift.requires_grad_(True)
                     self._optimize(entry.scale, entry.shift)
-                    self.holder.corrections = self.table.bind(self.holder.block_map)
+                    self.corrections = self.table.bind(self.holder.block_map)
         self.targets[(index, keys, occurrence)] = targets
 
     def observe_reuse(self, index: int, keys: tuple, occurrence: int, spec: LayerSpec, reused: Any) -> Any:
@@ -175,16 +176,18 @@ def _channel_axis(spec: LayerSpec, element: torch.Tensor) -> int:
 
 def calibration_predict_noise_wrapper(session: CalibrationSession, executor: Any, *args: Any, **kwargs: Any) -> Any:
     """Inside the holder's own PREDICT_NOISE wrapper: the teacher pass, then the student's."""
-    holder = session.holder
-    run = holder.run
-    if run is None or not run.in_evaluation or run.compute_now is None or run.compute_now.all():
+    run = run_context(args[2] if len(args) > 2 else kwargs.get("model_options"))
+    if run is None or run.holder is not session.holder:
+        return executor(*args, **kwargs)
+    run.calibration = session
+    if not run.in_evaluation or run.compute_now is None or run.compute_now.all():
         return executor(*args, **kwargs)  # nothing is reused at this step: nothing to learn
     session.teacher_pass = True
     try:
         executor(*args, **kwargs)
     finally:
         session.teacher_pass = False
-        holder.restart_model_calls()
+        run.passes = {}  # the student's model calls are the evaluation's first again
     out = executor(*args, **kwargs)
     loss = session.learn()
     if loss is not None:
@@ -204,7 +207,6 @@ def attach_calibration(model: Any, schedule: CacheSchedule, learning_rate: float
     else:
         table = table.detached()
     session = CalibrationSession(holder, table, learning_rate, train)
-    holder.calibration = session
     # Registered after the holder's wrappers, so it runs inside them: one evaluation, two passes.
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, bind(calibration_predict_noise_wrapper, session))
     return patched, session

@@ -15,7 +15,7 @@ for SD (exactly the paper's z_t), ``x`` for flow models. So here:
 * "t < 0.5 T" is normalized time (the model's timestep over its timestep at sigma_max) below the
   cut-off, the same time axis every Block Cache schedule uses.
 
-Where. A PREDICT_NOISE wrapper (keyed like the rest of the pack) adds the term *in place* to the
+Where. The cache's PREDICT_NOISE wrapper (core/runtime.py) adds the term *in place* to the
 tensor the sampler passes, at the first evaluation of each new step. KSampler passes its own state
 tensor there (unless a denoise mask is in use), so the solver continues from the injected latent,
 exactly like the paper's ``latents = latents + alpha * init_latents`` before the UNet call, for the
@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from .time_grid import normalized_times
 
 logger = logging.getLogger(__name__)
 
@@ -60,61 +58,36 @@ class NoiseInjection:
 
 
 class NoiseInjector:
-    """Run state of the injection: z_T, the run's steps, and which step was last injected."""
+    """One run's injection: z_T, and which step was last injected. The run context
+    (core/runtime.py) creates it and hands it each evaluation's step."""
 
-    def __init__(self, config: NoiseInjection, name: str = "Block Cache") -> None:
+    def __init__(self, config: NoiseInjection, model_sampling: Any, name: str = "Block Cache") -> None:
         config.validate()
         self.config = config
+        self.model_sampling = model_sampling
         self.name = name
-        self.model_sampling: Any = None
-        self.sample_sigmas: torch.Tensor | None = None
         self.z_T: torch.Tensor | None = None
         self.last_step: int | None = None
-        self.injected_steps: list[int] = []  # of the current (or last) run, for logs and tests
+        self.injected_steps: list[int] = []
 
-    def start_run(self, model_sampling: Any, sample_sigmas: torch.Tensor) -> None:
-        self.model_sampling = model_sampling
-        self.sample_sigmas = sample_sigmas.detach().to("cpu", torch.float64).reshape(-1)
-        self.z_T = None
-        self.last_step = None
-        self.injected_steps = []
-
-    def finish_run(self) -> None:
+    def finish_run(self) -> list[int]:
+        """Frees the latent-sized copy; returns the steps injected."""
         if self.injected_steps:
             logger.info("%s: prior noise injection (alpha %g) at %d steps, from step %d.", self.name,
                         self.config.alpha, len(self.injected_steps), self.injected_steps[0])
-        self.z_T = None  # frees the latent-sized copy
-        self.model_sampling = None
+        self.z_T = None
+        return self.injected_steps
 
-    def _step_of(self, sigma: float) -> int:
-        """The last step of the run starting at or above ``sigma`` (sigmas descend)."""
-        starts = self.sample_sigmas[:-1] if self.sample_sigmas.numel() > 1 else self.sample_sigmas
-        return max(0, int((starts >= sigma * (1.0 - 1e-6)).sum()) - 1)
-
-    def before_evaluation(self, x: torch.Tensor, timestep: torch.Tensor) -> None:
-        if self.model_sampling is None or self.sample_sigmas is None:
-            return  # not inside a run this injector started
-        sigma = timestep.reshape(-1)[:1]
+    def before_evaluation(self, x: torch.Tensor, timestep: torch.Tensor, step: int, tau: float) -> bool:
+        """Adds the term in place at the first evaluation of each new step (``step`` of the run,
+        ``tau`` its normalized time) below the cut-off; returns whether it did."""
         if self.z_T is None:
             self.z_T = self.model_sampling.calculate_input(timestep, x).detach().clone()
-        step = self._step_of(float(sigma))
         new_step = self.last_step is None or step > self.last_step
         self.last_step = step if self.last_step is None else max(step, self.last_step)
-        if not new_step or self.z_T.shape != x.shape:
-            return
-        tau = normalized_times(self.model_sampling, sigma)[0]
-        if tau >= self.config.tau_cutoff:
-            return
+        if not new_step or self.z_T.shape != x.shape or tau >= self.config.tau_cutoff:
+            return False
         scale = self.model_sampling.calculate_input(timestep, torch.ones_like(x))
         x.add_(self.config.alpha * self.z_T.to(device=x.device, dtype=x.dtype) / scale)
         self.injected_steps.append(step)
-
-
-# -- wrapper (registered with the pack's key next to the cache's own; runs are scoped by
-# runtime.run_scoped_outer_sample_wrapper) ------------------------------------------------------
-
-def injection_predict_noise_wrapper(injector: NoiseInjector, executor: Any, *args: Any, **kwargs: Any) -> Any:
-    x = args[0] if args else kwargs["x"]
-    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-    injector.before_evaluation(x, timestep)
-    return executor(*args, **kwargs)
+        return True

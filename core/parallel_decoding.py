@@ -63,9 +63,8 @@ import numpy as np
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from .runtime import WRAPPER_KEY, BlockCacheHolder, run_scoped_outer_sample_wrapper
+from .runtime import WRAPPER_KEY, BlockCacheHolder, RunContext, active_call, run_context
 from .schedule import CacheSchedule
-from .time_grid import normalized_times
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +73,10 @@ CONV_IN_KEY = f"diffusion_model.{CONV_IN}.forward"
 # Two sigmas within this relative distance are the same step (sampler sigmas are the schedule's own
 # float32 values, so in practice they are equal).
 SIGMA_RTOL = 1e-5
+# Of the free memory ComfyUI reports at a batched call, the share its extra rows may take.
+FREE_MEMORY_SHARE = 0.8
+# Steps per batched call where the memory cannot be estimated.
+SAFE_DEFAULT_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class ParallelStats:
     conv_in_reused: int = 0
     peak_stash_bytes: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # rows of each batched call
+    memory_capped: int = 0  # batched calls made shorter to fit free memory
 
 
 def not_applicable_reason(schedule: CacheSchedule, holder: BlockCacheHolder) -> str | None:
@@ -129,8 +133,9 @@ def _encoder_layers(holder: BlockCacheHolder) -> np.ndarray:
     return stages & holder.plan.reuses_ever
 
 
-class ParallelDecoder:
-    """Run state of parallel decoding for one Apply: conv_in cache, the stash, counters."""
+class ParallelDecodingPatch:
+    """What ``enable_parallel_decoding`` installed: read-only during sampling. Each run gets its own
+    ``ParallelDecoder`` (on the run's context); the last one stays here for display and tests."""
 
     def __init__(self, holder: BlockCacheHolder, config: ParallelDecoding) -> None:
         config.validate()
@@ -139,53 +144,53 @@ class ParallelDecoder:
         self.name = holder.name
         self.encoder = _encoder_layers(holder)
         self.decoder = ~self.encoder
-        self.active = False
-        self.model_sampling: Any = None
-        self.sample_sigmas: list[float] = []
-        self.grid_steps: list[int] = []  # per run step: the step of the run's plan the runtime maps it to
-        self.plan = holder.plan  # the run's plan (re-timed onto the run's steps where it differs)
+        self.last_run: ParallelDecoder | None = None
+
+    @property
+    def last_stats(self) -> ParallelStats | None:
+        return self.last_run.stats if self.last_run is not None else None
+
+
+class ParallelDecoder:
+    """One run's parallel decoding: conv_in cache, the stash, counters."""
+
+    def __init__(self, patch: ParallelDecodingPatch, run: RunContext) -> None:
+        self.patch = patch
+        self.run = run
+        self.config = patch.config
+        self.name = patch.name
+        self.encoder = patch.encoder
+        self.decoder = patch.decoder
+        self.active = True
+        self.model_sampling = run.model_sampling
+        self.sample_sigmas: list[float] = [float(s) for s in run.run_grid.sigmas]
+        # The run's plan (re-timed onto the run's steps where it differs), and per run step its step.
+        self.plan = run.plan
+        self.grid_steps = [self.plan.grid.step_of(tau) for tau in run.run_grid.taus]
         self.conv_in_cache: dict[Any, torch.Tensor] = {}
         self.stash: dict[int, dict[Any, torch.Tensor]] = {}  # run step -> chunk key -> output rows
         self.served_entries: set[tuple[int, Any]] = set()
         self.stash_bytes = 0
         self.stash_evaluation = -1
         self.stats = ParallelStats()
-        self.last_stats: ParallelStats | None = None
         self._logged: set[str] = set()
-
-    # -- run boundaries -------------------------------------------------------------------------
-    def start_run(self, model_sampling: Any, sample_sigmas: torch.Tensor) -> None:
-        self._clear()
-        self.model_sampling = model_sampling
-        sigmas = sample_sigmas.detach().to("cpu").reshape(-1)
-        self.sample_sigmas = [float(s) for s in sigmas]
-        # The cache's run state starts first (its wrapper is outermost) and holds the run's plan.
-        run = self.holder.run
-        self.plan = run.plan if run is not None and run.plan is not None else self.holder.plan
-        plan = self.plan
-        if sigmas.numel() > 1:
-            taus = normalized_times(model_sampling, sigmas[:-1])
-            self.grid_steps = [plan.grid.step_of(tau) for tau in taus]
-        else:
-            self.grid_steps = []
-        self.stats = ParallelStats()
-        self.active = True
 
     def finish_run(self) -> ParallelStats:
         stats = self.stats
         self._drop_all()
         self._clear()
         self.active = False
-        self.model_sampling = None
-        self.last_stats = stats
+        self.patch.last_run = self
         if stats.batched_calls or stats.sequential or stats.served:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(stats.fallback_reasons.items()))
             logger.info(
                 "%s: parallel decoding ran %d batched decoder calls for %d step slots (batch rows %s), served %d "
                 "model calls from them, %d non-key calls ran sequentially%s; %d stashed outputs unused; the stash "
-                "held at most %.1f MB.", self.name, stats.batched_calls, stats.batched_steps,
+                "held at most %.1f MB%s.", self.name, stats.batched_calls, stats.batched_steps,
                 _compact(stats.batch_sizes), stats.served, stats.sequential, f" ({reasons})" if reasons else "",
-                stats.unused, stats.peak_stash_bytes / 2**20)
+                stats.unused, stats.peak_stash_bytes / 2**20,
+                f"; {stats.memory_capped} batched calls were shortened to fit free memory" if stats.memory_capped
+                else "")
         return stats
 
     def _clear(self) -> None:
@@ -196,12 +201,12 @@ class ParallelDecoder:
         self.stash_evaluation = -1
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _run_state(self) -> Any:
-        """The runtime's run state when this decoder should act on the current call, else None."""
-        run = self.holder.run
-        if not self.active or run is None or not run.in_evaluation or run.compute_now is None:
+    def _run_state(self) -> RunContext | None:
+        """The run context when this decoder should act on the current call, else None."""
+        run = self.run
+        if not self.active or not run.in_evaluation or run.compute_now is None:
             return None
-        if getattr(self.holder, "calibration", None) is not None:
+        if run.calibration is not None:
             return None  # calibration runs teacher and student on one evaluation; stay out of the way
         return run
 
@@ -209,17 +214,19 @@ class ParallelDecoder:
         return bool(run.compute_now[self.encoder].any())
 
     def _step_index(self, sigma: float) -> int | None:
-        """The run step whose sigma is ``sigma`` (the last sigma, the end, is never evaluated)."""
-        for index, value in enumerate(self.sample_sigmas[:-1]):
-            if abs(value - sigma) <= SIGMA_RTOL * max(abs(value), abs(sigma)):
-                return index
-        return None
+        """The run step of the current evaluation if ``sigma`` is that step's own sigma (not a midpoint)."""
+        step = self.run.run_step
+        if step is None or step >= len(self.sample_sigmas) - 1:
+            return None
+        value = self.sample_sigmas[step]
+        return step if abs(value - sigma) <= SIGMA_RTOL * max(abs(value), abs(sigma)) else None
 
-    def _coming_steps(self, first: int) -> list[int]:
-        """``first`` and the following run steps the runtime will run without the encoder."""
+    def _coming_steps(self, first: int, memory_limit: int) -> list[int]:
+        """``first`` and the following run steps the runtime will run without the encoder, at most
+        ``max_steps`` and ``memory_limit`` of them."""
         plan = self.plan
         steps = [first]
-        limit = self.config.max_steps
+        limit = min(self.config.max_steps or memory_limit, memory_limit)
         for step in range(first + 1, len(self.grid_steps)):
             if limit and len(steps) >= limit:
                 break
@@ -230,6 +237,25 @@ class ParallelDecoder:
                 break  # a key step: the encoder runs again there
             steps.append(step)
         return steps
+
+    def _memory_limit(self, base_model: Any, x: torch.Tensor) -> int:
+        """How many steps' rows one batched call may hold: ComfyUI sized the batch against free memory
+        before this call, so the extra rows must fit in what is free now (its own estimate per row)."""
+        try:
+            import comfy.model_management
+
+            rows = x.shape[0]
+            per_rows = float(base_model.memory_required([rows, *x.shape[1:]]))
+            free = float(comfy.model_management.get_free_memory(x.device))
+        except Exception:  # no estimate (a model without memory_required, an unknown device)
+            if "memory" not in self._logged:
+                self._logged.add("memory")
+                logger.info("%s: parallel decoding: free memory unknown; batched calls hold at most %d steps.",
+                            self.name, SAFE_DEFAULT_STEPS)
+            return SAFE_DEFAULT_STEPS
+        if per_rows <= 0:
+            return SAFE_DEFAULT_STEPS
+        return max(1, 1 + int(free * FREE_MEMORY_SHARE // per_rows))
 
     def _note(self, reason: str, message: str | None = None) -> None:
         self.stats.sequential += 1
@@ -271,9 +297,10 @@ class ParallelDecoder:
     # -- conv_in ------------------------------------------------------------------------------------
     def conv_in(self, original: Any, args: tuple, kwargs: dict) -> Any:
         run = self._run_state()
-        if run is None:
+        call = active_call()
+        if run is None or call is None:
             return original(*args, **kwargs)
-        keys = run.chunk_keys
+        keys = call.chunk_keys
         x = args[0] if args else next(iter(kwargs.values()))
         if not self._key_evaluation(run):
             cached = self._conv_in_cached(keys, x)
@@ -302,11 +329,12 @@ class ParallelDecoder:
     # -- the diffusion model ------------------------------------------------------------------------
     def diffusion_model(self, executor: Any, args: tuple, kwargs: dict) -> Any:
         run = self._run_state()
-        if run is None or len(args) < 6 or not isinstance(args[5], dict):
+        call = active_call()
+        if run is None or call is None or len(args) < 6 or not isinstance(args[5], dict):
             return executor(*args, **kwargs)
         x, transformer_options = args[0], args[5]
         sigmas = transformer_options.get("sigmas")
-        keys = list(run.chunk_keys)
+        keys = list(call.chunk_keys)
         if not isinstance(sigmas, torch.Tensor) or x.shape[0] % len(keys) != 0:
             return executor(*args, **kwargs)
         sigma = float(sigmas.reshape(-1)[0])
@@ -335,7 +363,7 @@ class ParallelDecoder:
         if reason is not None:
             self._note(*reason)
             return executor(*args, **kwargs)
-        return self._decode_batch(run, executor, args, kwargs, step, keys)
+        return self._decode_batch(run, call.base_model, executor, args, kwargs, step, keys)
 
     def _serve(self, step: int, keys: list[Any], x: torch.Tensor) -> torch.Tensor | None:
         self._drop_before(step)
@@ -358,18 +386,25 @@ class ParallelDecoder:
         if args[4] is not None:
             return ("control", "ControlNet / T2I-Adapter residuals are computed from each step's latent, so "
                                "later steps cannot be decoded ahead")
-        if getattr(self.holder, "corrections", None) is not None:
+        if self.run.corrections is not None:
             return ("scale-shift", "the schedule's scale-shift corrections depend on the step")
         parts = [self.conv_in_cache.get(key) for key in keys]
         if any(part is None for part in parts) or sum(part.shape[0] for part in parts) != x.shape[0]:
             return ("no conv_in cache", None)  # a chunk new since the key step: it computes its encoder now
         return None
 
-    def _decode_batch(self, run: Any, executor: Any, args: tuple, kwargs: dict, first: int,
+    def _decode_batch(self, run: RunContext, base_model: Any, executor: Any, args: tuple, kwargs: dict, first: int,
                       keys: list[Any]) -> torch.Tensor:
         x, timesteps, context, y, control, transformer_options = args[:6]
         rows = x.shape[0]
-        steps = self._coming_steps(first)
+        memory_limit = self._memory_limit(base_model, x)
+        steps = self._coming_steps(first, memory_limit)
+        if len(steps) >= memory_limit and len(self._coming_steps(first, memory_limit + 1)) > len(steps):
+            self.stats.memory_capped += 1
+            if "memory cap" not in self._logged:
+                self._logged.add("memory cap")
+                logger.info("%s: parallel decoding: batched calls capped at %d steps (%d rows) to fit the free "
+                            "memory ComfyUI reports.", self.name, memory_limit, memory_limit * rows)
         repeat = len(steps)
         sigma_type = transformer_options["sigmas"]
         step_sigmas = torch.tensor([self.sample_sigmas[s] for s in steps], dtype=sigma_type.dtype)
@@ -393,12 +428,8 @@ class ParallelDecoder:
                 options[name] = options[name] * repeat
         batch_args = (tile(x), batch_timesteps, tile(context), tile(y), control, options, *args[6:])
         batch_kwargs = {name: tile(value) for name, value in kwargs.items()}
-        saved = run.chunk_keys, run.occurrences
-        run.chunk_keys, run.occurrences = keys * repeat, {}
-        try:
+        with run.model_call(keys * repeat, base_model):
             out = executor(*batch_args, **batch_kwargs)
-        finally:
-            run.chunk_keys, run.occurrences = saved
         self.stats.batched_calls += 1
         self.stats.batched_steps += repeat
         self.stats.batch_sizes.append(rows * repeat)
@@ -413,13 +444,17 @@ class ParallelDecoder:
 class ConvInReuse:
     """The object patch on conv_in's ``forward``: reused like an encoder layer under parallel decoding."""
 
-    def __init__(self, decoder: ParallelDecoder, original: Any, replaced_a_patch: bool) -> None:
-        self.decoder = decoder
+    def __init__(self, patch: ParallelDecodingPatch, original: Any, replaced_a_patch: bool) -> None:
+        self.patch = patch
         self.original = original
         self.replaced_a_patch = replaced_a_patch
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.decoder.conv_in(self.original, args, kwargs)
+        call = active_call()
+        decoder = call.run.parallel_decoder if call is not None else None
+        if decoder is None or decoder.patch is not self.patch:
+            return self.original(*args, **kwargs)
+        return decoder.conv_in(self.original, args, kwargs)
 
     def __repr__(self) -> str:
         return "<Block Cache conv_in reuse (parallel decoding)>"
@@ -427,7 +462,24 @@ class ConvInReuse:
 
 # -- wrappers (registered with WRAPPER_KEY) -------------------------------------------------------------
 
-def parallel_diffusion_model_wrapper(decoder: ParallelDecoder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+def parallel_outer_sample_wrapper(patch: ParallelDecodingPatch, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Inside the cache's own: gives the run's context a decoder for this run, and finishes it."""
+    run = run_context(executor.class_obj.model_options)
+    if run is None or run.holder is not patch.holder or run.plan is None:
+        return executor(*args, **kwargs)
+    run.parallel_decoder = ParallelDecoder(patch, run)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        run.parallel_decoder.finish_run()
+        run.parallel_decoder = None
+
+
+def parallel_diffusion_model_wrapper(patch: ParallelDecodingPatch, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    call = active_call()
+    decoder = call.run.parallel_decoder if call is not None else None
+    if decoder is None or decoder.patch is not patch:
+        return executor(*args, **kwargs)
     return decoder.diffusion_model(executor, args, kwargs)
 
 
@@ -445,11 +497,11 @@ def remove_parallel_decoding(model: Any) -> None:
 
 
 def enable_parallel_decoding(model: Any, holder: BlockCacheHolder, schedule: CacheSchedule,
-                             config: ParallelDecoding) -> tuple[Any, ParallelDecoder | None]:
+                             config: ParallelDecoding) -> tuple[Any, ParallelDecodingPatch | None]:
     """A clone of ``model`` (patched by ``apply_block_cache`` with ``holder``) with parallel decoding.
 
     When ``config`` is off, or the schedule or model does not allow it (logged), the clone has only
-    a previous Apply's parallel decoding removed, and the decoder is None.
+    a previous Apply's parallel decoding removed, and the returned patch is None.
     """
     config.validate()
     patched = model.clone()
@@ -461,18 +513,18 @@ def enable_parallel_decoding(model: Any, holder: BlockCacheHolder, schedule: Cac
         logger.info("%s: parallel decoding was requested but does not apply: %s. Sampling runs without it.",
                     holder.name, reason)
         return patched, None
-    decoder = ParallelDecoder(holder, config)
+    patch = ParallelDecodingPatch(holder, config)
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                 functools.partial(run_scoped_outer_sample_wrapper, decoder))
+                                 functools.partial(parallel_outer_sample_wrapper, patch))
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 functools.partial(parallel_diffusion_model_wrapper, decoder))
+                                 functools.partial(parallel_diffusion_model_wrapper, patch))
     replaced_a_patch = CONV_IN_KEY in patched.object_patches
     original = patched.get_model_object(CONV_IN_KEY)
-    patched.add_object_patch(CONV_IN_KEY, ConvInReuse(decoder, original, replaced_a_patch))
+    patched.add_object_patch(CONV_IN_KEY, ConvInReuse(patch, original, replaced_a_patch))
     logger.info("%s: parallel decoding on: conv_in is reused with the encoder; the decoder passes of the non-key "
                 "steps after each key step run as one batch%s.", holder.name,
                 f" of at most {config.max_steps} steps" if config.max_steps else "")
-    return patched, decoder
+    return patched, patch
 
 
 def _compact(values: list[int]) -> str:

@@ -14,12 +14,8 @@ from comfy.patcher_extension import WrappersMP
 
 from .block_map import BlockMap, block_map_for_patcher
 from .errors import ScheduleMismatchError
-from .noise_injection import (
-    NoiseInjection,
-    NoiseInjector,
-    injection_predict_noise_wrapper,
-)
-from .profile import BlockProfile, ProfileRecorder
+from .noise_injection import NoiseInjection
+from .profile import BlockProfile
 from .runtime import (
     CACHE_ON_MODEL_DEVICE,
     WRAPPER_KEY,
@@ -30,7 +26,6 @@ from .runtime import (
     bind,
     outer_sample_wrapper,
     predict_noise_wrapper,
-    run_scoped_outer_sample_wrapper,
 )
 from .schedule import CacheSchedule
 
@@ -90,7 +85,8 @@ def _install(model: Any, block_map: BlockMap, holder: BlockCacheHolder) -> Any:
         while isinstance(original, CachedLayerForward):
             original = original.original
         module = diffusion_model.get_submodule(spec.name)
-        patched.add_object_patch(spec.patch_key, CachedLayerForward(holder, index, spec, module, original))
+        patched.add_object_patch(spec.patch_key,
+                                 CachedLayerForward(holder, index, spec, module, original, diffusion_model))
     for wrapper_type, wrapper in _WRAPPERS:
         patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, bind(wrapper, holder))
     return patched
@@ -100,8 +96,8 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
                       noise_injection: NoiseInjection | None = None) -> tuple[Any, BlockCacheHolder]:
     """A clone of ``model`` that samples with ``schedule``, and the holder of its run state.
 
-    ``noise_injection`` (Faster Diffusion's prior noise injection) adds its own keyed wrappers when
-    enabled; with alpha 0 nothing is installed for it.
+    ``noise_injection`` (Faster Diffusion's prior noise injection) runs in the cache's own evaluation
+    wrapper when enabled; with alpha 0 nothing is installed for it.
     """
     if noise_injection is not None:
         noise_injection.validate()
@@ -112,46 +108,45 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
     holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule), cache_device=cache_device)
     if schedule.scale_shift is not None:
         holder.corrections = schedule.scale_shift.bind(block_map)
-    patched = _install(model, block_map, holder)
     if noise_injection is not None and noise_injection.enabled:
-        # The cache and the injection are independent: the cache's holder knows nothing of it.
-        holder.noise_injector = NoiseInjector(noise_injection, holder.name)
-        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                     bind(run_scoped_outer_sample_wrapper, holder.noise_injector))
-        patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
-                                     bind(injection_predict_noise_wrapper, holder.noise_injector))
-    return patched, holder
+        holder.noise_injection = noise_injection
+    return _install(model, block_map, holder), holder
 
 
 def attach_profiler(model: Any) -> tuple[Any, BlockCacheHolder]:
     """A clone of ``model`` that computes every layer and records their change per step."""
     block_map = block_map_for_patcher(model)
-    holder = BlockCacheHolder(block_map, recorder=ProfileRecorder(block_map), name="Block Cache profiler")
+    holder = BlockCacheHolder(block_map, profiling=True, name="Block Cache profiler")
     return _install(model, block_map, holder), holder
 
 
-def has_block_cache(model: Any) -> bool:
-    """Whether a ModelPatcher carries this pack's wrappers."""
-    return any(model.get_wrappers(t, WRAPPER_KEY) for t, _ in _WRAPPERS)
+def collect_profile(holder: BlockCacheHolder, model: Any, *, sampler: str | None = None,
+                    scheduler: str = "", cfg: float | None = None, denoise: float | None = None,
+                    latent_shape: tuple[int, ...] | None = None, **extra: Any) -> BlockProfile:
+    """The profile a profiling holder recorded in its last sampling run.
 
-
-
-def collect_profile(holder: BlockCacheHolder, model: Any, *, sampler: str, scheduler: str, cfg: float,
-                    denoise: float, latent_shape: tuple[int, ...], **extra: Any) -> BlockProfile:
-    """The profile a profiling holder recorded in its last sampling run."""
+    What the caller does not say (a sampler node of any kind ran the run) is taken from the run:
+    its sampler, the guider's CFG, the latent's shape; ``denoise`` is then the normalized time the
+    run started at (1: from pure noise; a later KSamplerAdvanced segment starts lower).
+    """
     from .schema import provenance
-    from .time_grid import StepGrid
+    from .time_grid import StepGrid, normalized_times
 
-    sigmas = holder.last_sample_sigmas
-    if holder.recorder is None or sigmas is None or holder.last_run is None:
+    stats = holder.last_run
+    recorder = holder.last_recording
+    if recorder is None or stats is None or stats.sample_sigmas is None:
         raise RuntimeError("no profiling run was recorded; the sampler did not run the profiled model")
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = stats.sample_sigmas
+    if denoise is None:
+        denoise = round(normalized_times(model_sampling, sigmas[:1])[0], 4) if sigmas.numel() else 1.0
     grid = StepGrid.from_sigmas(
-        model.get_model_object("model_sampling"),
+        model_sampling,
         sigmas,
-        sampler=sampler,
+        sampler=stats.sampler if sampler is None else sampler,
         scheduler=scheduler,
-        cfg=float(cfg),
+        cfg=float(stats.cfg if cfg is None and stats.cfg is not None else cfg if cfg is not None else 1.0),
         denoise=float(denoise),
-        latent_shape=tuple(int(v) for v in latent_shape),
+        latent_shape=tuple(int(v) for v in (stats.latent_shape if latent_shape is None else latent_shape)),
     )
-    return holder.recorder.finish(grid, provenance(evaluations=holder.last_run.evaluations, **extra))
+    return recorder.finish(grid, provenance(evaluations=stats.evaluations, **extra))

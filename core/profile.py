@@ -9,10 +9,12 @@ several streams (a DiT block's img and txt) is measured over all of them pooled:
 
 Nothing is kept at full size. Each layer call is reduced to a *sketch*: a fixed, seeded
 sample of at most ``SKETCH_ELEMENTS`` elements per batch item and stream, scaled by
-(elements / sampled) so that its L1 sums estimate the full ones. Eq. 6 is computed on the
-sketches, and the sketches of every step (the *trajectory*) let the schedule builder measure
-the forecast error of any candidate schedule (core/error_model.py). A run's memory is thus
-a few MB per layer, whatever the resolution.
+(elements / sampled) so that its L1 sums estimate the full ones. Eq. 6 is computed on the fly
+between a sketch and the previous step's (only that one is kept), and a quarter of each sketch
+(``TRAJECTORY_ELEMENTS`` per sample) is kept for every step: the *trajectory*, on which the
+speed-up target builder measures the forecast error of any candidate schedule
+(core/target_schedule.py). A run's memory is thus well under a MB per layer, whatever the
+resolution.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .time_grid import StepGrid
 _NORM_EPSILON = 1e-12
 # Elements sampled per batch item and stream; smaller tensors are kept whole (exact).
 SKETCH_ELEMENTS = 2048
+# Elements per sample (all streams of a call together) kept for every step for the error model.
+TRAJECTORY_ELEMENTS = 512
 
 
 @dataclass(frozen=True)
@@ -139,14 +143,25 @@ class ProfileRecorder:
 
     def __init__(self, block_map: BlockMap) -> None:
         self.block_map = block_map
-        # (layer, chunk key, occurrence) -> step -> (sketch [samples, elements], output norm [samples])
+        # (layer, chunk key, occurrence) -> step -> (trajectory sketch [samples, elements], output norm [samples])
         self._series: dict[tuple[int, Any, int], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (layer, chunk key, occurrence) -> the last step recorded and its full sketch, for Eq. 6
+        self._previous: dict[tuple[int, Any, int], tuple[int, torch.Tensor]] = {}
+        self._change_sums: dict[tuple[int, int], float] = {}
+        self._change_counts: dict[tuple[int, int], int] = {}
         self._step_weights: dict[int, float] = {}
         self._indices: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.layer_flops: list[float] = [0.0] * len(block_map.layers)
         self.total_flops = 0.0
         self.samples_per_chunk = 0
         self.chunks_seen: set[Any] = set()
+
+    @property
+    def nbytes(self) -> int:
+        """What the recorder holds: every step's trajectory sketches, and the last full sketches."""
+        held = [t for series in self._series.values() for pair in series.values() for t in pair]
+        held += [sketch for _, sketch in self._previous.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _sketch(self, tensor: torch.Tensor) -> torch.Tensor:
         """[samples, elements] float32: a seeded sample of each batch item's elements, scaled so
@@ -180,8 +195,21 @@ class ProfileRecorder:
             rows = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
             sketch = torch.cat([self._sketch(b[rows]) for b, _ in pairs], dim=1)
             norm = sum(self._sketch(o[rows]).abs().sum(1) for _, o in pairs)
-            series = self._series.setdefault((layer_index, key, occurrence), {})
-            series.setdefault(step, (sketch, norm))
+            series_key = (layer_index, key, occurrence)
+            series = self._series.setdefault(series_key, {})
+            if step in series:
+                continue  # a second evaluation of the step (Heun): the first one stands for it
+            previous = self._previous.get(series_key)
+            if previous is not None and previous[0] < step and previous[1].shape == sketch.shape:
+                rel = (sketch - previous[1]).abs().sum(1) / sketch.abs().sum(1).clamp_min(_NORM_EPSILON)
+                self._change_sums[(layer_index, step)] = self._change_sums.get((layer_index, step), 0.0) + \
+                    float(rel.sum())
+                self._change_counts[(layer_index, step)] = self._change_counts.get((layer_index, step), 0) + \
+                    sketch.shape[0]
+            self._previous[series_key] = (step, sketch)
+            stride = max(1, sketch.shape[1] // TRAJECTORY_ELEMENTS)
+            kept = sketch[:, ::stride]
+            series[step] = (kept * (sketch.shape[1] / kept.shape[1]), norm)
 
     def observe_step(self, step: int, x: torch.Tensor, denoised: torch.Tensor, sigma: float,
                      next_sigma: float) -> None:
@@ -197,24 +225,15 @@ class ProfileRecorder:
     def finish(self, grid: StepGrid, provenance: dict[str, Any]) -> BlockProfile:
         layers = len(self.block_map.layers)
         change = [[float("nan")] * grid.steps for _ in range(layers)]
-        sums: dict[tuple[int, int], float] = {}
-        counts: dict[tuple[int, int], int] = {}
+        for (layer, step), count in self._change_counts.items():
+            if step < grid.steps:
+                change[layer][step] = self._change_sums[(layer, step)] / count
         by_layer: dict[int, list[dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
         for (layer, _, _), series in self._series.items():
             by_layer.setdefault(layer, []).append(series)
-            steps = sorted(series)
-            for previous, step in zip(steps, steps[1:], strict=False):
-                current, before = series[step][0], series[previous][0]
-                if current.shape != before.shape:
-                    continue
-                rel = (current - before).abs().sum(1) / current.abs().sum(1).clamp_min(_NORM_EPSILON)
-                sums[(layer, step)] = sums.get((layer, step), 0.0) + float(rel.sum())
-                counts[(layer, step)] = counts.get((layer, step), 0) + current.shape[0]
-        for (layer, step), count in counts.items():
-            if step < grid.steps:
-                change[layer][step] = sums[(layer, step)] / count
         trajectory = self._trajectory(grid.steps, by_layer)
         self._series.clear()
+        self._previous.clear()
         return BlockProfile(
             block_map=self.block_map,
             grid=grid,

@@ -129,9 +129,6 @@ class ScaleShiftTable:
                                          e.dim) for key, e in self.entries.items()}
         return ScaleShiftTable(self.schedule_fingerprint, self.model_fingerprint, self.steps, entries, self.metadata)
 
-    def is_identity(self) -> bool:
-        return all(not e.scale.any() and not e.shift.any() for e in self.entries.values())
-
     # -- the safetensors file's contents ----------------------------------------------------------
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The file's tensors and metadata (``from_tensors`` reads them back)."""

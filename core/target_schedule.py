@@ -36,7 +36,7 @@ import torch
 from .block_map import CACHE_KIND_CHOICES, ReuseMode
 from .errors import ScheduleBuildError
 from .forecast import MAX_FORECAST_ORDER, lagrange_weights
-from .profile import BlockProfile
+from .profile import TRAJECTORY_ELEMENTS, BlockProfile
 from .schedule import CacheSchedule, LayerSchedule, computed_flop_fraction, validate_step_options
 
 # The highest target that kept every evaluation set of the reference model and `make demo` at 30+ dB
@@ -47,8 +47,6 @@ DEFAULT_FORECAST_ORDER = "auto"
 # The longest stretch between two compute steps the search considers unless the user sets one: at
 # most 7 forecasts in a row. It does not depend on the target, so one ladder serves every speed-up.
 DEFAULT_MAX_GAP = 8
-# Elements per sample and layer the error model measures on (a subset of the profile's sketch).
-_ERROR_ELEMENTS = 512
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ class StepErrorModel:
         blocks, norms = [], []
         for layer in layers:
             sketch = trajectory.sketches[layer]
-            stride = max(1, sketch.shape[2] // _ERROR_ELEMENTS)
+            stride = max(1, sketch.shape[2] // TRAJECTORY_ELEMENTS)
             blocks.append(sketch[:, :, ::stride] * (sketch.shape[2] / sketch[:, :, ::stride].shape[2]))
             norms.append(trajectory.output_norms[layer].clamp_min(1e-12))
         samples = {b.shape[1] for b in blocks}

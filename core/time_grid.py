@@ -96,7 +96,9 @@ def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[flo
     computation add up to 1. So the computations stay evenly spaced where the schedule's were, dense
     stretches (the early, high-change steps) stay dense at any step count, and the share of steps
     computed, so the cost relative to an uncached run, stays the same. The first run step always
-    computes; a layer that computes at every step does so on any grid.
+    computes; a layer that computes at every step does so on any grid. A run step wholly outside the
+    schedule's span (a schedule built on one segment of a run: a KSamplerAdvanced segment, one expert of
+    a two-expert model) computes every layer: the schedule knows nothing of it.
     """
     layers, steps = mask.shape
     density = np.zeros((layers, steps))
@@ -123,7 +125,11 @@ def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[flo
     # stretch. The run does the same on its own cumulated shares (so its first step always computes).
     before = np.vstack([np.zeros((1, layers)), np.cumsum(share, axis=0)[:-1]]) - 1e-9
     after = before + share
-    return (np.floor(after) >= np.ceil(before)).T
+    retimed = (np.floor(after) >= np.ceil(before)).T
+    for j in range(run_steps):
+        if run_bounds[j + 1] >= grid_bounds[0] - TAU_TOLERANCE or run_bounds[j] <= grid_bounds[steps] + TAU_TOLERANCE:
+            retimed[:, j] = True
+    return retimed
 
 
 def _step_at(bounds: list[float], tau: float) -> int:

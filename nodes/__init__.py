@@ -7,11 +7,13 @@ from .nodes_calibrate import CalibrateBlockCache
 from .nodes_demo import LoadDemoModel
 from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
-from .nodes_profile import MergeBlockProfiles, ProfileBlockChanges
+from .nodes_profile import CollectBlockProfile, MergeBlockProfiles, ProfileBlockChanges, RecordBlockChanges
 from .nodes_schedule import BuildCacheSchedule, BuildThresholdSchedule
 
 NODES: list[type[io.ComfyNode]] = [
     ProfileBlockChanges,
+    RecordBlockChanges,
+    CollectBlockProfile,
     BuildCacheSchedule,
     BuildThresholdSchedule,
     ApplyBlockCache,

@@ -14,7 +14,7 @@ from ..core.patching import attach_profiler, collect_profile
 from ..core.profile import merge_profiles
 from ..core.validation import ProfileReplay
 from .frontend import profile_payload
-from .types import CATEGORY, BlockProfileSocket
+from .types import CATEGORY, BlockProfileSocket, ProfileRecordingSocket
 
 
 class ProfileBlockChanges(io.ComfyNode):
@@ -74,10 +74,78 @@ class ProfileBlockChanges(io.ComfyNode):
         decode = None if vae is None else (lambda samples: vae.decode(samples).movedim(-1, 1))
         replay = ProfileReplay(model, lambda with_model: sample(with_model)["samples"], latent["samples"], decode)
         profile = dataclasses.replace(profile, replays=(replay,))
-        heatmap = torch.from_numpy(render_profile(profile))[None]
-        summary = (f"{len(profile.block_map.layers)} layers x {profile.grid.steps} steps, "
-                   f"{profile.sample_count} samples ({profile.block_map.model_type})")
+        heatmap, summary = _profile_outputs(profile)
         # The node draws the heatmap itself from the payload (js/block_cache.js); no preview PNG.
+        return io.NodeOutput(latent, profile, heatmap,
+                             ui={"text": [summary], "block_cache_profile": [profile_payload(profile)]})
+
+
+def _profile_outputs(profile) -> tuple[torch.Tensor, str]:
+    heatmap = torch.from_numpy(render_profile(profile))[None]
+    summary = (f"{len(profile.block_map.layers)} layers x {profile.grid.steps} steps, "
+               f"{profile.sample_count} samples ({profile.block_map.model_type})")
+    return heatmap, summary
+
+
+class RecordBlockChanges(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BlockCacheRecord",
+            display_name="Record Block Changes",
+            category=CATEGORY,
+            description="Profiles under the sampler you already use (KSampler, KSamplerAdvanced segments, "
+                        "SamplerCustomAdvanced with a guider, third-party samplers): its model samples exactly "
+                        "like the input model and records how each layer changes. Feed the sampler's output "
+                        "latent and the recording to Collect Block Profile.",
+            inputs=[io.Model.Input("model", tooltip="The model to profile (for Wan 2.2, each expert on its own).")],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="Sample with this model: its output is the input "
+                                                              "model's, and its layers are measured."),
+                ProfileRecordingSocket.Output(display_name="recording",
+                                              tooltip="For Collect Block Profile, with the sampler's output."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        profiled_model, holder = attach_profiler(model)
+        return io.NodeOutput(profiled_model, (holder, model))
+
+
+class CollectBlockProfile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BlockCacheCollectProfile",
+            display_name="Collect Block Profile",
+            category=CATEGORY,
+            description="The profile Record Block Changes measured in the sampling run that made this latent. "
+                        "A KSamplerAdvanced segment gives the profile of its segment, which Build Cache "
+                        "Schedule turns into a schedule for that segment.",
+            inputs=[
+                ProfileRecordingSocket.Input("recording", tooltip="From Record Block Changes."),
+                io.Latent.Input("latent", tooltip="The output of the sampler that used Record Block Changes' "
+                                                  "model; it makes this node run after the sampler."),
+            ],
+            outputs=[
+                io.Latent.Output(tooltip="The latent, passed through."),
+                BlockProfileSocket.Output(display_name="profile",
+                                          tooltip="Per-layer, per-step change measurements for Build Cache Schedule. "
+                                                  "It cannot re-sample the run, so the builder's validation is off."),
+                io.Image.Output(display_name="heatmap", tooltip="The change per layer (rows) and step (columns)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, recording, latent) -> io.NodeOutput:
+        holder, model = recording
+        try:
+            profile = collect_profile(holder, model)
+        except RuntimeError as error:
+            raise RuntimeError("Collect Block Profile: the model from Record Block Changes has not sampled. Connect "
+                               "it to a sampler and this node's latent input to that sampler's output.") from error
+        heatmap, summary = _profile_outputs(profile)
         return io.NodeOutput(latent, profile, heatmap,
                              ui={"text": [summary], "block_cache_profile": [profile_payload(profile)]})
 

@@ -86,7 +86,8 @@ class BuildCacheSchedule(io.ComfyNode):
             if profile.replays:
                 measure = replay_measure(profile.replays)
             else:
-                notes.append("validation skipped: this profile cannot sample its run again (it was loaded as JSON).")
+                notes.append("validation skipped: this profile cannot sample its run again (loaded as JSON, or "
+                             "recorded under another sampler by Record Block Changes).")
         schedule = build_target_schedule(profile, options, measure, choose_by_measure=validation == VALIDATION[1],
                                          metric=metric)
         builder = schedule.builder

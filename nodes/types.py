@@ -7,6 +7,8 @@ from ..core.heatmap import render_schedule
 
 BlockProfileSocket = io.Custom("BLOCK_PROFILE")
 CacheScheduleSocket = io.Custom("CACHE_SCHEDULE")
+# Record Block Changes -> Collect Block Profile: the profiling holder and the model it was made on.
+ProfileRecordingSocket = io.Custom("BLOCK_PROFILE_RECORDING")
 
 CATEGORY = "sampling/block_cache"
 

@@ -18,6 +18,7 @@ ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -56,16 +57,19 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
                                   forecast_order=0) for index, layer in enumerate(base.layers)]
     schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "first_block_cache"})
     patched, holder = patching.apply_block_cache(model, schedule)
-    original = holder.call_layer
+    runtime = sys.modules[type(holder).__module__]
+    first_key = holder.block_map.layers[0].patch_key
+    first_layer = patched.object_patches[first_key]  # the pack's CachedLayerForward of layer 0
     state: dict[str, Any] = {"previous": None}
 
-    def call_layer(patch: Any, args: tuple, kwargs: dict) -> Any:
-        run = holder.run
-        if run is None or not run.in_evaluation or patch.layer_index != 0:
-            return original(patch, args, kwargs)
-        x = args[0]
-        out = original(patch, args, kwargs)
-        residual = (out - patch.spec.residual_base(patch.module, x)).detach()
+    def first_layer_decides(*args: Any, **kwargs: Any) -> Any:
+        call = runtime.active_call()
+        out = first_layer(*args, **kwargs)
+        if call is None or not call.run.in_evaluation:
+            return out
+        run = call.run
+        x = args[0] if args else next(iter(kwargs.values()))
+        residual = (out - first_layer.spec.residual_base(first_layer.module, x)).detach()
         previous = state["previous"]
         first = run.stats.evaluations == 1
         if first or previous is None or previous.shape != residual.shape:
@@ -74,11 +78,12 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
             change = float((residual - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
         compute_all = change >= threshold
         run.compute_now[1:] = compute_all
+        run.store_now = run.plan.reuses_ever  # the rule decides at run time: keep every computation
         if compute_all:
             state["previous"] = residual.clone()
         return out
 
-    holder.call_layer = call_layer
+    patched.add_object_patch(first_key, first_layer_decides)
 
     def reset_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         state["previous"] = None

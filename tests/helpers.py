@@ -101,6 +101,33 @@ def live_tensor_bytes() -> int:
     return total
 
 
+def has_block_cache(model: Any) -> bool:
+    """Whether a ModelPatcher carries the pack's wrappers or layer patches."""
+    wrappers = any(model.get_wrappers(t, "block_cache") for t in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
+                                                                   comfy.patcher_extension.WrappersMP.PREDICT_NOISE,
+                                                                   comfy.patcher_extension.WrappersMP.APPLY_MODEL))
+    return wrappers or any("Block Cache" in repr(patch) for patch in model.object_patches.values())
+
+
+def is_identity(table: Any) -> bool:
+    """A scale-shift table that changes nothing (every scale and shift zero)."""
+    return all(not e.scale.any() and not e.shift.any() for e in table.entries.values())
+
+
+def runs_holding_tensors(holder: Any) -> list[Any]:
+    """Run contexts of ``holder`` still alive with cached tensors or inside an evaluation: none may be
+    left after a run, finished or interrupted."""
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o).__name__ == "RunContext" and getattr(o, "holder", None) is holder
+            and (o.cache or o.in_evaluation)]
+
+
+def run_of(args: tuple, kwargs: dict) -> Any:
+    """The Block Cache run context a PREDICT_NOISE wrapper's call carries (None outside a run)."""
+    model_options = args[2] if len(args) > 2 else kwargs.get("model_options") or {}
+    return model_options.get("transformer_options", {}).get("block_cache")
+
+
 def record_evaluation_sigmas(model: Any) -> list[float]:
     """Adds a PREDICT_NOISE wrapper to ``model`` that records each solver evaluation's sigma."""
     sigmas: list[float] = []

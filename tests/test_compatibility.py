@@ -17,7 +17,16 @@ import pytest
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 from dit_zoo import ZOO
-from helpers import InterruptAt, count_layer_computations, live_tensor_bytes, profile_by_sampling, sample
+from helpers import (
+    InterruptAt,
+    count_layer_computations,
+    has_block_cache,
+    live_tensor_bytes,
+    profile_by_sampling,
+    run_of,
+    runs_holding_tensors,
+    sample,
+)
 
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
 
@@ -169,7 +178,7 @@ def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent
     with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
         assert torch.equal(sample(tiny_model, *conds, latent), reference)
     assert all(counts[name] == 8 for name in names)
-    assert not pack.core.patching.has_block_cache(tiny_model)
+    assert not has_block_cache(tiny_model)
 
 
 def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model, conds, latent, schedules):
@@ -204,7 +213,7 @@ def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, l
     runs = []
 
     def keep_run(executor, *args, **kwargs):
-        runs.append(holder.run)
+        runs.append(run_of(args, kwargs))
         return executor(*args, **kwargs)
 
     interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_interrupt", interrupt)
@@ -212,7 +221,7 @@ def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, l
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         sample(interrupted, *conds, latent)
     assert interrupt.seen == 4 and runs[-1] is not None
-    assert holder.run is None, "the run state must be dropped"
+    assert not runs_holding_tensors(holder), "the run state must be dropped"
     assert runs[-1].cache == {}, "the interrupted run's cached tensors must be freed"
     # The next run with the same patched model is clean: exactly a fresh model's result.
     assert torch.equal(sample(patched, *conds, latent), expected)

@@ -8,6 +8,8 @@ without Block Cache; a caching schedule must cache and keep the other feature wo
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import shutil
 
@@ -22,7 +24,15 @@ import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
-from helpers import computations_on, density_retimed, live_tensor_bytes, record_evaluation_sigmas, sample
+from helpers import (
+    computations_on,
+    density_retimed,
+    live_tensor_bytes,
+    record_evaluation_sigmas,
+    run_of,
+    runs_holding_tensors,
+    sample,
+)
 from test_compatibility import profile_schedules, with_lora
 
 WrappersMP = comfy.patcher_extension.WrappersMP
@@ -270,6 +280,37 @@ def _move(model_patcher, dtype):
     diffusion_model.dtype = dtype
 
 
+def _on_a_copy_of_the_model(patcher):
+    """A clone on a deep copy of the model, as deepclone_multigpu makes one, with its weights changed
+    slightly so that the copy's layers and the original's give different pictures."""
+    comfy.model_management.unload_all_models()  # the model's modules without any patch applied
+    moved = patcher.clone()
+    moved.model = copy.deepcopy(patcher.model)
+    with torch.no_grad():
+        for parameter in moved.model.diffusion_model.parameters():
+            parameter.mul_(1.01)
+    return moved
+
+
+def test_clone_on_another_copy_of_the_model_runs_its_own_layers(pack, tiny_model, conds, latent, schedules, caplog):
+    """The object patches travel with such a clone; each must run the layer of the model it is called on."""
+    _, caching = schedules
+    all_compute = pack.core.schedule.all_compute_schedule(caching.block_map, caching.grid)
+    exact, _ = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    with caplog.at_level(logging.INFO):
+        out = sample(_on_a_copy_of_the_model(exact), *conds, latent)
+    assert "runs on another copy of the model" in caplog.text
+    assert torch.equal(out, sample(_on_a_copy_of_the_model(tiny_model), *conds, latent))
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    expected = sample(patched, *conds, latent)
+    reused = holder.last_run.reused.sum()
+    assert reused > 0
+    moved = sample(_on_a_copy_of_the_model(patched), *conds, latent)
+    assert holder.last_run.reused.sum() == reused, "the copy caches by the same schedule"
+    assert not torch.equal(moved, expected), "the copy's own layers computed, not the original's"
+    assert torch.equal(sample(patched, *conds, latent), expected), "the original is untouched"
+
+
 def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
@@ -293,7 +334,7 @@ def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, c
     # Back in float32: the first run's result again; no state carried over, nothing left alive.
     before = live_tensor_bytes()
     assert torch.equal(sample(patched, *conds, latent), first)
-    assert holder.run is None and holder.last_run.cache_resets == 0
+    assert not runs_holding_tensors(holder) and holder.last_run.cache_resets == 0
     assert live_tensor_bytes() - before <= 0
 
 
@@ -315,9 +356,10 @@ def test_latent_dtype_change_inside_a_run_resets_the_cache(pack, tiny_model, con
     computed_per_evaluation = []
 
     def record(executor, *args, **kwargs):
-        before = holder.run.stats.computed.copy()
+        stats = run_of(args, kwargs).stats
+        before = stats.computed.copy()
         out = executor(*args, **kwargs)
-        computed_per_evaluation.append(holder.run.stats.computed - before)
+        computed_per_evaluation.append(stats.computed - before)
         return out
 
     patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "test_record", record)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import comfy.patcher_extension
 import comfy.samplers
 import numpy as np
 import pytest
 import torch
 from dit_zoo import ZOO
-from helpers import profile_by_sampling, sample
+from helpers import profile_by_sampling, run_of, sample
 
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
 LAYER = "double_blocks.0"
@@ -45,45 +46,55 @@ def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "mode
     schedule = dataclasses.replace(schedule, layers=layers)
     holder = core.runtime.BlockCacheHolder(block_map, plan=core.runtime.LayerPlan.from_schedule(schedule),
                                            cache_device=cache_device)
-    holder.start_run(model_sampling, sigmas)
+    run = core.runtime.RunContext(holder, model_sampling, sigmas)
     index = block_map.index()[LAYER]
-    return holder, sigmas, index
+    return run, sigmas, index
 
 
-def _patch(pack, holder, block, index):
-    spec = holder.block_map.layers[index]
-    return pack.core.runtime.CachedLayerForward(holder, index, spec, block, block.forward)
+def _patch(pack, run, block, index):
+    """The layer's patch, called inside one model call of ``run`` per evaluation (as APPLY_MODEL opens them)."""
+    runtime = pack.core.runtime
+    spec = run.holder.block_map.layers[index]
+    patch = runtime.CachedLayerForward(run.holder, index, spec, block, block.forward, None)
+    calls = {}
+
+    def call(*args, **kwargs):
+        model_call = calls.setdefault(run.stats.evaluations, runtime.ModelCall(run, [None]))
+        with runtime.activate(model_call):
+            return patch(*args, **kwargs)
+
+    return call
 
 
 def _fresh(kwargs: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
-def _step(holder, sigmas, step: int) -> None:
-    holder.end_evaluation()
-    holder.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[step:step + 1])
+def _step(run, sigmas, step: int) -> None:
+    run.end_evaluation()
+    run.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[step:step + 1])
 
 
 def test_reused_double_block_rebuilds_its_output_despite_in_place_updates(pack, flux):
     model, block, (args, kwargs) = flux
     assert not args and "img" in kwargs and "txt" in kwargs  # Flux passes the streams by keyword
     reference_img, reference_txt = block(**_fresh(kwargs))
-    holder, sigmas, index = _holder(pack, model, compute_at_second_step=False)
-    patch = _patch(pack, holder, block, index)
-    holder.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[:1])
+    run, sigmas, index = _holder(pack, model, compute_at_second_step=False)
+    patch = _patch(pack, run, block, index)
+    run.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[:1])
     computed = _fresh(kwargs)
     img, txt = patch(**computed)
     assert img is computed["img"]  # the block really updated its input in place
-    _step(holder, sigmas, 1)
+    _step(run, sigmas, 1)
     reused_inputs = _fresh(kwargs)
     img, txt = patch(**reused_inputs)
-    assert holder.run.stats.reused[index] == 1 and holder.run.stats.computed[index] == 1
+    assert run.stats.reused[index] == 1 and run.stats.computed[index] == 1
     # Same inputs at the reused step: input + cached residual must give the computed output back.
     # Had the residual been taken against the updated input, it would be zero and img == the input.
     torch.testing.assert_close(img, reference_img, rtol=0, atol=1e-5)
     torch.testing.assert_close(txt, reference_txt, rtol=0, atol=1e-5)
     assert torch.equal(reused_inputs["img"], kwargs["img"]), "a reused block must not touch its inputs"
-    holder.finish_run()
+    run.close()
 
 
 def test_each_call_of_a_block_within_one_model_call_has_its_own_cache(pack, flux):
@@ -91,17 +102,17 @@ def test_each_call_of_a_block_within_one_model_call_has_its_own_cache(pack, flux
     other = _fresh(kwargs)
     other["img"] = other["img"] * 0.5 + 0.1
     expected = [block(**_fresh(kwargs))[0], block(**_fresh(other))[0]]
-    holder, sigmas, index = _holder(pack, model, compute_at_second_step=False)
-    patch = _patch(pack, holder, block, index)
-    holder.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[:1])
+    run, sigmas, index = _holder(pack, model, compute_at_second_step=False)
+    patch = _patch(pack, run, block, index)
+    run.begin_evaluation(torch.zeros(1, 16, 8, 8), sigmas[:1])
     patch(**_fresh(kwargs))
     patch(**_fresh(other))
-    _step(holder, sigmas, 1)
+    _step(run, sigmas, 1)
     reused = [patch(**_fresh(kwargs))[0], patch(**_fresh(other))[0]]
-    assert holder.run.stats.reused[index] == 2
+    assert run.stats.reused[index] == 2
     for got, want in zip(reused, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    holder.finish_run()
+    run.close()
 
 
 def test_cpu_cache_device_gives_the_same_output(pack):
@@ -112,8 +123,24 @@ def test_cpu_cache_device_gives_the_same_output(pack):
     outputs = []
     for device in pack.core.runtime.CACHE_DEVICES:
         patched, holder = pack.core.patching.apply_block_cache(model, schedule, cache_device=device)
+        cached = []
+
+        def watch(executor, *args, cached=cached, **kwargs):
+            out = executor(*args, **kwargs)
+            run = run_of(args, kwargs)
+            cached.extend(t for entry in run.cache.values() for point in entry.points for t in point if t is not None)
+            return out
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_watch", watch)
         outputs.append(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg))
-        assert holder.last_run.reused.sum() > 0
+        stats = holder.last_run
+        assert stats.reused.sum() > 0 and stats.stores > 0 and cached
+        if device == pack.core.runtime.CACHE_ON_CPU:
+            # every stored tensor went through the CPU copy (pinned where CUDA is there)
+            assert stats.offloaded >= stats.stores  # one per chunk and stream of each stored call
+            assert all(t.device.type == "cpu" and t.is_pinned() == torch.cuda.is_available() for t in cached)
+        else:
+            assert stats.offloaded == 0
     assert torch.equal(outputs[0], outputs[1])
     with pytest.raises(ValueError, match="cache_device must be one of"):
         pack.core.patching.apply_block_cache(model, schedule, cache_device="gpu0")

@@ -180,7 +180,7 @@ def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
     plain, _ = pack.core.patching.apply_block_cache(tiny_model, schedule)
     off, holder = pack.core.patching.apply_block_cache(tiny_model, schedule,
                                                        noise_injection=pack.core.noise_injection.NoiseInjection(0.0))
-    assert holder.noise_injector is None
+    assert holder.noise_injection is None
     assert torch.equal(sample(off, *conds, latent), sample(plain, *conds, latent))
 
 
@@ -194,12 +194,12 @@ def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent
         patched, holder = core.patching.apply_block_cache(tiny_model, schedule, noise_injection=injection)
         xs = _record_x(patched)
         sigmas = record_evaluation_sigmas(patched)
-        runs[alpha] = (sample(patched, *conds, latent), xs, sigmas, holder.noise_injector)
+        runs[alpha] = (sample(patched, *conds, latent), xs, sigmas, holder.last_run)
     base_out, base_xs, sigmas, _ = runs[0.0]
-    out, xs, _, injector = runs[0.05]
+    out, xs, _, stats = runs[0.05]
     taus = core.time_grid.normalized_times(tiny_model.get_model_object("model_sampling"), torch.tensor(sigmas))
     late = [i for i, tau in enumerate(taus) if tau < 0.5]
-    assert injector.injected_steps == late and 0 < len(late) < len(taus)
+    assert stats.injected_steps == late and 0 < len(late) < len(taus)
     for i in range(len(taus)):
         assert torch.equal(xs[i], base_xs[i]) == (i < late[0]), i
     # the first injected evaluation sees exactly the paper's z_t + alpha z_T, written in x's scale

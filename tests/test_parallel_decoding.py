@@ -18,7 +18,15 @@ import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
-from helpers import InterruptAt, count_layer_computations, record_evaluation_sigmas, sample, split_cond_calls
+from helpers import (
+    InterruptAt,
+    count_layer_computations,
+    record_evaluation_sigmas,
+    run_of,
+    runs_holding_tensors,
+    sample,
+    split_cond_calls,
+)
 
 RELATIVE_TOLERANCE = 1e-4
 KEYS = (0, 4)  # 8 steps: the encoder runs at steps 0 and 4; steps 1-3 and 5-7 are decoded in two batches
@@ -152,7 +160,7 @@ def test_with_noise_injection(pack, pd, tiny_model, conds, latent):
         patched, decoder = pd.enable_parallel_decoding(patched, holder, schedule,
                                                        pd.ParallelDecoding(enabled=True, **config))
         outputs[label] = sample(patched, *conds, latent)
-        assert holder.noise_injector.injected_steps == [4, 5, 6, 7]
+        assert holder.last_run.injected_steps == [4, 5, 6, 7]
     _assert_close(outputs["parallel"], outputs["sequential"])
     assert decoder.last_stats.served == 4
     plain, _, _ = _apply(pack, pd, tiny_model, schedule)
@@ -187,7 +195,7 @@ def test_midpoint_evaluations_fall_back_to_sequential(pack, pd, tiny_model, cond
         out = sample(parallel, *conds, latent, sampler=sampler)
     _assert_close(out, expected)
     stats = decoder.last_stats
-    known = set(decoder.sample_sigmas)
+    known = set(decoder.last_run.sample_sigmas)
     off_schedule = [s for s in sigmas if not any(abs(s - k) <= 1e-5 * k for k in known)]
     assert off_schedule and stats.fallback_reasons == {"sigma off the schedule": stats.sequential}
     key_evaluations = len(passes.rows) - stats.batched_calls - stats.sequential
@@ -282,8 +290,9 @@ def test_nothing_survives_a_run(pack, pd, tiny_model, conds, latent):
     parallel, holder, decoder = _apply(pack, pd, tiny_model, schedule)
     out = sample(parallel, *conds, latent)
     assert decoder.last_stats.peak_stash_bytes == 3 * 2 * 4 * 16 * 16 * 4  # 3 steps x cond/uncond x fp32 latent
-    assert decoder.stash == {} and decoder.conv_in_cache == {} and decoder.stash_bytes == 0
-    assert not decoder.active and holder.run is None
+    finished = decoder.last_run
+    assert finished.stash == {} and finished.conv_in_cache == {} and finished.stash_bytes == 0
+    assert not finished.active and not runs_holding_tensors(holder)
     _assert_unpatched(tiny_model, pd, conds, latent)
     assert torch.equal(sample(parallel, *conds, latent), out)  # a second run is the same
 
@@ -297,7 +306,7 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
     stash_sizes = []
 
     def watch(executor, *args, **kwargs):
-        stash_sizes.append(len(decoder.stash))
+        stash_sizes.append(len(run_of(args, kwargs).parallel_decoder.stash))
         return executor(*args, **kwargs)
 
     interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_watch", watch)
@@ -305,7 +314,9 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         sample(interrupted, *conds, latent)
     assert interrupt.seen == 4 and stash_sizes[-1] > 0, "the stash held steps when the run was interrupted"
-    assert decoder.stash == {} and decoder.conv_in_cache == {} and not decoder.active and holder.run is None
+    finished = decoder.last_run
+    assert finished.stash == {} and finished.conv_in_cache == {} and not finished.active
+    assert not runs_holding_tensors(holder)
     assert torch.equal(sample(parallel, *conds, latent), expected)  # the next run is a fresh one
     _assert_unpatched(tiny_model, pd, conds, latent)
 

@@ -115,3 +115,46 @@ def test_default_schedule_keeps_fidelity(pack, reference):
         psnr[threshold] = _psnr(cached, plain)
     assert psnr[0.5] > MIN_PSNR_DB
     assert psnr[0.25] > psnr[0.5]  # a lower threshold computes more and stays closer
+
+
+# Stated tolerance of the sketched profile (issue 15): the change matrix the builder sees, computed on
+# 2048-element sketches, against Eq. 6 on the full residuals of the same run.
+SKETCH_MEDIAN_DEVIATION = 0.02
+SKETCH_MAX_DEVIATION = 0.10
+
+
+def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, reference, monkeypatch):
+    profile_module = pack.core.profile
+    recorder_observe = profile_module.ProfileRecorder.observe
+    previous, sums, counts = {}, {}, {}
+
+    def observe_full_too(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs):
+        streams = [b for b, o in zip(branches, outputs, strict=True) if b is not None and isinstance(o, torch.Tensor)]
+        per = streams[0].shape[0] // len(chunk_keys) if streams else 0
+        for chunk, key in enumerate(chunk_keys if streams else []):
+            current = torch.cat([b[chunk * per:(chunk + 1) * per].reshape(per, -1).float() for b in streams], 1)
+            before = previous.get((layer_index, key, occurrence))
+            if before is not None and before[0] < step:
+                rel = (current - before[1]).abs().sum(1) / current.abs().sum(1).clamp_min(1e-12)
+                sums[(layer_index, step)] = sums.get((layer_index, step), 0.0) + float(rel.sum())
+                counts[(layer_index, step)] = counts.get((layer_index, step), 0) + per
+            previous[(layer_index, key, occurrence)] = (step, current)
+        return recorder_observe(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs)
+
+    monkeypatch.setattr(profile_module.ProfileRecorder, "observe", observe_full_too)
+    patching = pack.core.patching
+    model = reference.patcher
+    profiled, holder = patching.attach_profiler(model)
+    prompts = reference_data.benchmark_prompts(2, seed=99)
+    sample(profiled, [[reference.encode(prompts), {}]], reference.conditioning(""), reference_model.empty_latent(2),
+           steps=20, seed=11)
+    profile = patching.collect_profile(holder, model)
+    sketched, full = [], []
+    for (layer, step), count in counts.items():
+        sketched.append(profile.change[layer][step])
+        full.append(sums[(layer, step)] / count)
+    sketched, full = torch.tensor(sketched), torch.tensor(full)
+    deviation = (sketched - full).abs() / full.clamp_min(1e-6)
+    assert len(full) == 19 * len(profile.block_map.layers), "every layer measured at steps 1-19"
+    figures = (float(deviation.median()), float(deviation.quantile(0.95)), float(deviation.max()))
+    assert figures[0] <= SKETCH_MEDIAN_DEVIATION and figures[2] <= SKETCH_MAX_DEVIATION, figures

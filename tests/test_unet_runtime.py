@@ -10,8 +10,10 @@ import torch
 from helpers import (
     count_layer_computations,
     expected_computations,
+    has_block_cache,
     profile_by_sampling,
     record_evaluation_sigmas,
+    runs_holding_tensors,
     sample,
     split_cond_calls,
 )
@@ -30,6 +32,31 @@ def profile_and_build(pack, model, conds, latent, *, steps=8, sampler="euler", t
 @pytest.fixture
 def built(pack, tiny_model, conds, latent):
     return profile_and_build(pack, tiny_model, conds, latent)
+
+
+def test_only_computations_a_reuse_can_read_are_stored(pack, tiny_model, conds, latent, built):
+    """All-compute steps pay nothing for caching: a one-evaluation sampler stores a layer's output only
+    where the plan reuses it before the next computation (the last order + 1 before a reuse)."""
+    _, schedule = built
+    runtime = pack.core.runtime
+    mask = schedule.compute_mask()
+    assert not mask.all() and mask[:, 1:].any(), "the schedule must cache and compute after step 0"
+    expected = runtime.stores_for(mask, tuple(layer.forecast_order for layer in schedule.layers))
+    # order 0: exactly the computations followed by a reuse at the next step
+    assert all(layer.forecast_order == 0 for layer in schedule.layers)
+    following_reuse = mask & np.concatenate([~mask[:, 1:], np.zeros((mask.shape[0], 1), dtype=bool)], axis=1)
+    np.testing.assert_array_equal(expected, following_reuse)
+    all_compute = pack.core.schedule.all_compute_schedule(schedule.block_map, schedule.grid)
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    sample(patched, *conds, latent)
+    assert holder.last_run.stores == 0 and holder.last_run.peak_cache_bytes == 0
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
+    sample(patched, *conds, latent)
+    assert holder.last_run.stores == int(expected.sum()) < int((mask & ~mask.all(1, keepdims=True)).sum())
+    # Heun evaluates a step twice and reuses there: everything reusable is kept, as before.
+    patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
+    sample(patched, *conds, latent, sampler="heun")
+    assert holder.last_run.stores > int(expected.sum())
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "uni_pc"])
@@ -99,8 +126,8 @@ def test_nothing_left_after_sampling(pack, tiny_model, conds, latent, built):
     reference = sample(fresh, *conds, latent)
     patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent)
-    assert holder.run is None, "the run state (and every cached tensor) is freed at the end of the run"
-    assert not pack.core.patching.has_block_cache(tiny_model), "the input model is never patched"
+    assert not runs_holding_tensors(holder), "the run state (and every cached tensor) is freed at the end of the run"
+    assert not has_block_cache(tiny_model), "the input model is never patched"
     # Sampling the original model unloads the patched clone, which puts every layer's own forward back
     # (ComfyUI restores the bound method it backed up), and the output is bit-identical to a fresh model's.
     assert torch.equal(sample(tiny_model, *conds, latent), reference)
@@ -129,7 +156,7 @@ def test_interrupted_run_frees_state(pack, tiny_model, conds, latent, built):
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_interrupt", interrupt)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         sample(patched, *conds, latent)
-    assert holder.run is None
+    assert not runs_holding_tensors(holder)
     clean_model, clean_holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
     first = sample(clean_model, *conds, latent)
     second = sample(clean_model, *conds, latent)
@@ -154,14 +181,14 @@ def test_latent_change_inside_a_run_resets_cache(pack, tiny_model, conds, latent
     _, schedule = built
     _, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
     sigmas = torch.linspace(14.6, 0.0, schedule.grid.steps + 1)
-    holder.start_run(tiny_model.get_model_object("model_sampling"), sigmas)
-    holder.begin_evaluation(torch.zeros(2, 4, 16, 16), sigmas[:1])
-    holder.end_evaluation()
-    holder.run.cache[(0, None)] = object()
-    holder.begin_evaluation(torch.zeros(2, 4, 8, 8), sigmas[1:2])
-    assert holder.run.cache == {} and holder.run.stats.cache_resets == 1
-    assert holder.run.compute_now.all(), "after a reset everything computes"
-    holder.finish_run()
+    run = pack.core.runtime.RunContext(holder, tiny_model.get_model_object("model_sampling"), sigmas)
+    run.begin_evaluation(torch.zeros(2, 4, 16, 16), sigmas[:1])
+    run.end_evaluation()
+    run.cache[(0, None)] = object()
+    run.begin_evaluation(torch.zeros(2, 4, 8, 8), sigmas[1:2])
+    assert run.cache == {} and run.stats.cache_resets == 1
+    assert run.compute_now.all(), "after a reset everything computes"
+    run.close()
 
 
 def test_ksampler_advanced_start_end_steps(pack, tiny_model, conds, latent, built):

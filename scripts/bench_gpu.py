@@ -1,0 +1,314 @@
+"""The runtime's cost on real hardware: overhead, achieved speed-up, cache and profile memory, syncs.
+
+Made for one GPU in at most 8 minutes (``make bench-gpu``); it also runs on a CPU, where the device
+figures (peak memory, syncs) are replaced by what the cache and the profile hold.
+
+Models, with seeded random weights (the figures measure the runtime, not pictures):
+  * ``sd15``: the full-size SD1.5 UNet, fp16 on a GPU (fp32 on a CPU), 512x512 (a 64x64 latent),
+    CFG 5 (cond and uncond in one batch), euler, 20 steps;
+  * ``flux``: ComfyUI's Flux class at Flux's width (hidden 3072, 24 heads, context 4096) with
+    4 double and 8 single blocks (the real model has 19 and 38), bf16, 1024x1024 (4096 image
+    tokens), CFG 1, euler, 20 steps.
+
+For each, measured in one process:
+  * all-compute overhead: an all-compute schedule against no patch (goal: at most 1%);
+  * achieved / ideal speed-up of a uniform "every 2nd step" schedule (ideal: 1 / its FLOP fraction,
+    from the FLOPs the profiler counted; goal: at least 0.95), also with ``cache_device=cpu``;
+  * cache memory: what the cache held at most, and (GPU) the peak allocated memory above no patch;
+  * profile memory: a profiling run's peak above no patch, against the profiler before issue 15,
+    which kept one float32 copy of every layer's residual per cond chunk (emulated here);
+  * syncs per step (GPU): host-device synchronizations torch reports under ``set_sync_debug_mode``.
+
+    .venv/bin/python scripts/bench_gpu.py [--models sd15,flux] [--steps 20] [--repeats 3] [--out DIR]
+    .venv/bin/python scripts/bench_gpu.py --smoke   # tiny models, seconds (a CI test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from comfy_bootstrap import load_pack  # noqa: E402
+
+FLUX_SHAPE = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+              "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 4,
+              "depth_single_blocks": 8, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+              "guidance_embed": False}
+FLUX_SMOKE = {**FLUX_SHAPE, "vec_in_dim": 32, "context_in_dim": 64, "hidden_size": 64, "num_heads": 2, "depth": 1,
+              "depth_single_blocks": 2, "axes_dim": [8, 12, 12]}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    patcher: Any
+    positive: list
+    negative: list
+    latent: torch.Tensor
+    cfg: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sd15(pack: Any, device: torch.device, smoke: bool) -> Case:
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    builtin = pack.demo_models.builtin_models
+    if smoke:
+        patcher = builtin.build_unet_patcher("tiny", seed=0)
+        context = 32
+        latent = torch.zeros(1, 4, 16, 16)
+    else:
+        _, unet_config = builtin.FULL_UNET_CONFIGS["SD15"]
+        config = comfy.supported_models.SD15(dict(unet_config))
+        config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
+        model = config.get_model({}, "")
+        builtin.seeded_init_(model.diffusion_model, 0)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        context = 768
+        latent = torch.zeros(1, 4, 64, 64)
+    prompt = builtin.prompt_conditioning
+    return Case("SD1.5 UNet" + (" (smoke: tiny)" if smoke else ", 512x512"), patcher,
+                prompt("a lighthouse at dusk", context), prompt("blurry", context), latent, 5.0)
+
+
+def _flux(pack: Any, device: torch.device, smoke: bool) -> Case:
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    shape = FLUX_SMOKE if smoke else FLUX_SHAPE
+    config = comfy.supported_models.Flux(dict(shape))
+    config.set_inference_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32, None)
+    model = config.get_model({}, "")
+    pack.demo_models.builtin_models.seeded_init_(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                               offload_device=comfy.model_management.unet_offload_device())
+    generator = torch.Generator().manual_seed(0)
+    tokens = 8 if smoke else 256
+    cond = [[torch.randn(1, tokens, shape["context_in_dim"], generator=generator),
+             {"pooled_output": torch.randn(1, shape["vec_in_dim"], generator=generator)}]]
+    side = 8 if smoke else 128
+    return Case("Flux-shaped stack" + (" (smoke)" if smoke else " (4+8 blocks), 1024x1024"), patcher, cond, cond,
+                torch.zeros(1, 16, side, side), 1.0)
+
+
+def _sample(case: Case, model: Any, steps: int, device: torch.device) -> float:
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(case.latent, 0)
+    _synchronize(device)
+    started = time.perf_counter()
+    comfy.sample.sample(model, noise, steps, case.cfg, "euler", "normal", case.positive, case.negative, case.latent,
+                        seed=0)
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def _peak_above(device: torch.device, run: Callable[[], Any]) -> int | None:
+    """Peak allocated device memory during ``run`` above what was allocated before it (GPU only)."""
+    if device.type != "cuda":
+        run()
+        return None
+    _synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    _synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _syncs_per_step(device: torch.device, run: Callable[[], Any], steps: int) -> float | None:
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / max(1, steps)
+
+
+class _BaselineProfiler:
+    """The profiler before issue 15, emulated: one float32 copy of each layer's residual per cond chunk,
+    held from one step to the next."""
+
+    def __init__(self, recorder_class: Any) -> None:
+        self.recorder_class = recorder_class
+        self.original = recorder_class.observe
+        self.held: dict[tuple, torch.Tensor] = {}
+        self.peak_bytes = 0
+
+    def __enter__(self) -> _BaselineProfiler:
+        baseline = self
+
+        def observe(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs):
+            for chunk, key in enumerate(chunk_keys):
+                for stream, branch in enumerate(branches):
+                    if branch is not None:
+                        per = branch.shape[0] // max(1, len(chunk_keys))
+                        baseline.held[(layer_index, key, occurrence, stream)] = \
+                            branch[chunk * per:(chunk + 1) * per].float().clone()
+            baseline.peak_bytes = max(baseline.peak_bytes, sum(t.numel() * t.element_size()
+                                                                for t in baseline.held.values()))
+            return baseline.original(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs)
+
+        self.recorder_class.observe = observe
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.recorder_class.observe = self.original
+        self.held.clear()
+
+
+def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: int,
+            memory_only: bool = False) -> dict[str, Any]:
+    core = pack.core
+    patching, runtime = core.patching, core.runtime
+    model = case.patcher
+
+    def timed(patched: Any) -> float:
+        _sample(case, patched, steps, device)  # warm-up: loading, kernels, allocator
+        return statistics.median(_sample(case, patched, steps, device) for _ in range(repeats))
+
+    # Profile (also counts the FLOPs), then the same run with the old profiler emulated.
+    profiler, holder = patching.attach_profiler(model)
+    plain_peak = _peak_above(device, lambda: _sample(case, model, steps, device))
+    profile_peak = _peak_above(device, lambda: _sample(case, profiler, steps, device))
+    recorder_bytes = holder.last_recording.nbytes
+    profile = patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=case.cfg, denoise=1.0,
+                                       latent_shape=tuple(case.latent.shape))
+    with _BaselineProfiler(core.profile.ProfileRecorder) as baseline:
+        baseline_peak = _peak_above(device, lambda: _sample(case, patching.attach_profiler(model)[0], steps, device))
+        baseline_bytes = baseline.peak_bytes
+
+    mb = 2 ** 20
+    memory = {
+        "model": case.name, "device": str(device), "steps": steps,
+        "profile_held_mb": recorder_bytes / mb, "profile_before_issue15_held_mb": baseline_bytes / mb,
+        "profile_peak_above_no_patch_mb": None if profile_peak is None or plain_peak is None
+        else (profile_peak - plain_peak) / mb,
+        "profile_before_issue15_peak_above_no_patch_mb": None if baseline_peak is None or plain_peak is None
+        else (baseline_peak - plain_peak) / mb,
+    }
+    if memory_only:
+        return memory
+    all_compute = core.schedule.all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
+                                                     profile.total_flops)
+    layers = []
+    for layer in all_compute.layers:
+        compute = tuple(i % 2 == 0 or i == steps - 1 for i in range(steps))
+        layers.append(dataclasses.replace(layer, compute=compute))
+    every_two = dataclasses.replace(all_compute, layers=tuple(layers), builder={"method": "uniform_interval"})
+
+    t_plain = timed(model)
+    all_patched, _ = patching.apply_block_cache(model, all_compute)
+    t_all = timed(all_patched)
+    cached, cached_holder = patching.apply_block_cache(model, every_two)
+    t_cached = timed(cached)
+    cache_peak = _peak_above(device, lambda: _sample(case, cached, steps, device))
+    cache_bytes = cached_holder.last_run.peak_cache_bytes
+    offloaded, offloaded_holder = patching.apply_block_cache(model, every_two, cache_device=runtime.CACHE_ON_CPU)
+    t_offloaded = timed(offloaded)
+    syncs_plain = _syncs_per_step(device, lambda: _sample(case, model, steps, device), steps)
+    syncs_cached = _syncs_per_step(device, lambda: _sample(case, cached, steps, device), steps)
+    ideal = every_two.estimated_speedup
+    return {
+        **memory, "repeats": repeats,
+        "seconds_no_patch": t_plain, "seconds_all_compute": t_all, "all_compute_overhead": t_all / t_plain - 1.0,
+        "ideal_speedup_every_2": ideal, "achieved_speedup_every_2": t_plain / t_cached,
+        "achieved_over_ideal": t_plain / t_cached / ideal,
+        "achieved_speedup_every_2_cache_on_cpu": t_plain / t_offloaded,
+        "cache_held_mb": cache_bytes / mb,
+        "cache_peak_above_no_patch_mb": None if cache_peak is None or plain_peak is None
+        else (cache_peak - plain_peak) / mb,
+        "cache_on_cpu_offloaded_tensors": offloaded_holder.last_run.offloaded,
+        "syncs_per_step_no_patch": syncs_plain, "syncs_per_step_cached": syncs_cached,
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    if results and "all_compute_overhead" not in results[0]:
+        lines = ["| model | device | steps | profile held (MB) | before issue 15 (MB) | ratio | "
+                 "profile peak above no patch (MB), before |", "|---|---|---|---|---|---|---|"]
+        for r in results:
+            lines.append(f"| {r['model']} | {r['device']} | {r['steps']} | {r['profile_held_mb']:.2f} | "
+                         f"{r['profile_before_issue15_held_mb']:.1f} | "
+                         f"1/{r['profile_before_issue15_held_mb'] / max(r['profile_held_mb'], 1e-9):.0f} | "
+                         f"{_fmt(r['profile_peak_above_no_patch_mb'], '.1f')}, "
+                         f"{_fmt(r['profile_before_issue15_peak_above_no_patch_mb'], '.1f')} |")
+        return "\n".join(lines)
+    lines = ["| model | device | all-compute overhead | achieved / ideal (every 2) | same, cache on CPU | "
+             "cache held (MB) | profile held (MB), before issue 15 | profile peak above no patch (MB), before | "
+             "syncs per step, no patch / cached |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['device']} | {r['all_compute_overhead']:+.1%} | "
+            f"{r['achieved_speedup_every_2']:.2f}x / {r['ideal_speedup_every_2']:.2f}x = "
+            f"{r['achieved_over_ideal']:.3f} | {r['achieved_speedup_every_2_cache_on_cpu']:.2f}x | "
+            f"{r['cache_held_mb']:.1f} | {r['profile_held_mb']:.2f}, {r['profile_before_issue15_held_mb']:.1f} | "
+            f"{_fmt(r['profile_peak_above_no_patch_mb'], '.1f')}, "
+            f"{_fmt(r['profile_before_issue15_peak_above_no_patch_mb'], '.1f')} | "
+            f"{_fmt(r['syncs_per_step_no_patch'], '.1f')} / {_fmt(r['syncs_per_step_cached'], '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sd15,flux")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny models and 4 steps: checks the script runs")
+    parser.add_argument("--memory-only", action="store_true", help="profile memory only (for a CPU)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    pack = load_pack()
+    import comfy.model_management
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device = comfy.model_management.get_torch_device()
+    steps, repeats = (3, 1) if args.smoke else (args.steps, args.repeats)
+    builders = {"sd15": _sd15, "flux": _flux}
+    results = []
+    for name in args.models.split(","):
+        case = builders[name](pack, device, args.smoke)
+        results.append(measure(pack, case, device, steps, repeats, args.memory_only))
+        print(json.dumps(results[-1]), flush=True)
+        del case
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+    table = report(results)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
+        (args.out / "bench_gpu.md").write_text(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

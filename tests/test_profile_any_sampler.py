@@ -1,0 +1,120 @@
+"""Profiling under the sampler a graph already has (Record Block Changes -> any sampler -> Collect
+Block Profile), and two-expert models (Wan 2.2) whose experts each sample one segment."""
+
+from __future__ import annotations
+
+import comfy_extras.nodes_custom_sampler as custom
+import nodes as comfy_nodes
+import numpy as np
+import pytest
+import torch
+from helpers import count_layer_computations, sample
+
+STEPS = 8
+CFG = 5.0
+SEED = 7
+
+
+def _record(pack, model):
+    return pack.nodes.nodes_profile.RecordBlockChanges.execute(model).result
+
+
+def _collect(pack, recording, latent):
+    return pack.nodes.nodes_profile.CollectBlockProfile.execute(recording, latent).result[1]
+
+
+def _profile_node(pack, model, conds, latent):
+    positive, negative = conds
+    result = pack.nodes.nodes_profile.ProfileBlockChanges.execute(model, SEED, STEPS, CFG, "euler", "normal",
+                                                                  positive, negative, latent, 1.0).result
+    return result[0], result[1]
+
+
+def _advanced(model, conds, latent, start, end, add_noise=True):
+    positive, negative = conds
+    (out,) = comfy_nodes.KSamplerAdvanced().sample(model, "enable" if add_noise else "disable", SEED, STEPS, CFG,
+                                                   "euler", "normal", positive, negative, latent, start, end,
+                                                   "enable" if end < STEPS else "disable")
+    return out
+
+
+def _assert_same_change(ours: np.ndarray, theirs: np.ndarray) -> None:
+    assert np.isfinite(ours).sum() > 0
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def test_sampler_custom_advanced_gives_the_profile_node_s_profile(pack, tiny_model, conds, latent):
+    expected_latent, expected = _profile_node(pack, tiny_model, conds, latent)
+    recording_model, recording = _record(pack, tiny_model)
+    positive, negative = conds
+    (guider,) = custom.CFGGuider.execute(recording_model, positive, negative, CFG).result
+    (sigmas,) = custom.BasicScheduler.execute(recording_model, "normal", STEPS, 1.0).result
+    (sampler,) = custom.KSamplerSelect.execute("euler").result
+    (noise,) = custom.RandomNoise.execute(SEED).result
+    out, _ = custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).result
+    assert torch.equal(out["samples"], expected_latent["samples"]), "recording changes nothing"
+    profile = _collect(pack, recording, out)
+    assert profile.grid.same_as(list(expected.grid.taus)) and profile.grid.sampler == "euler"
+    assert profile.grid.cfg == CFG and profile.grid.latent_shape == tuple(latent["samples"].shape)
+    _assert_same_change(np.array(profile.change), np.array(expected.change))
+    assert profile.layer_flops == expected.layer_flops
+
+
+def test_a_ksampler_advanced_segment_gives_its_part_of_the_profile(pack, tiny_model, conds, latent):
+    _, expected = _profile_node(pack, tiny_model, conds, latent)
+    first = _advanced(tiny_model, conds, latent, 0, 3)
+    recording_model, recording = _record(pack, tiny_model)
+    segment = _collect(pack, recording, _advanced(recording_model, conds, first, 3, STEPS, add_noise=False))
+    assert segment.grid.steps == STEPS - 3
+    assert segment.grid.same_as(list(expected.grid.taus[3:]))
+    assert segment.grid.denoise == pytest.approx(expected.grid.taus[3], abs=1e-4)
+    # Where they overlap: the segment's steps after its first (which has no step before it to compare).
+    _assert_same_change(np.array(segment.change)[:, 1:], np.array(expected.change)[:, 4:])
+
+
+def test_collect_without_a_run_says_what_to_connect(pack, tiny_model, latent):
+    _, recording = _record(pack, tiny_model)
+    with pytest.raises(RuntimeError, match="has not sampled"):
+        _collect(pack, recording, latent)
+
+
+def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds, latent):
+    """Wan 2.2's layout: a high-noise expert samples steps 0-3, a low-noise expert steps 4-7, in two
+    KSamplerAdvanced segments. Each is profiled and scheduled on its own segment."""
+    builtin = pack.demo_models.builtin_models
+    high, low = builtin.build_unet_patcher("tiny", seed=0), builtin.build_unet_patcher("tiny", seed=1)
+    core = pack.core
+    split = 4
+    recording_high, high_recording = _record(pack, high)
+    first = _advanced(recording_high, conds, latent, 0, split)
+    recording_low, low_recording = _record(pack, low)
+    uncached = _advanced(recording_low, conds, first, split, STEPS, add_noise=False)
+    profiles = {"high": _collect(pack, high_recording, first), "low": _collect(pack, low_recording, uncached)}
+    assert profiles["high"].grid.steps == split and profiles["low"].grid.steps == STEPS - split
+    assert profiles["high"].grid.taus[0] == pytest.approx(1.0) and profiles["low"].grid.taus[0] < 0.6
+    schedules = {}
+    for name, profile in profiles.items():
+        schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=10.0, cache_kinds="all"))
+        mask = schedule.compute_mask()
+        assert mask[:, 0].all() and not mask.all(), f"the {name} expert's schedule caches within its segment"
+        schedules[name] = schedule
+    cached = {}
+    for name, model in (("high", high), ("low", low)):
+        cached[name] = core.patching.apply_block_cache(model, schedules[name])
+    names = [layer.name for layer in schedules["high"].layers]
+    with count_layer_computations(high.model.diffusion_model, names) as high_counts, \
+            count_layer_computations(low.model.diffusion_model, names) as low_counts:
+        first_cached = _advanced(cached["high"][0], conds, latent, 0, split)
+        out = _advanced(cached["low"][0], conds, first_cached, split, STEPS, add_noise=False)
+    for name, counts in (("high", high_counts), ("low", low_counts)):
+        stats = cached[name][1].last_run
+        assert not stats.retimed, "each expert runs exactly the segment its schedule was built on"
+        expected = schedules[name].compute_mask().sum(axis=1)
+        np.testing.assert_array_equal([counts[n] for n in names], expected)
+        np.testing.assert_array_equal(stats.computed, expected)
+    assert out["samples"].shape == uncached["samples"].shape and torch.isfinite(out["samples"]).all()
+    # A segment's schedule on a whole run: outside its segment every layer computes.
+    whole, holder = core.patching.apply_block_cache(low, schedules["low"])
+    sample(whole, *conds, latent, steps=STEPS)
+    assert holder.last_run.retimed
+    assert (holder.last_run.computed >= split).all(), "the steps before the low-noise segment compute everything"
