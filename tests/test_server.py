@@ -8,7 +8,7 @@ import pytest
 from comfy_server import comfy_server
 
 NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule", "BlockCacheApply",
-            "BlockCacheSaveSchedule", "BlockCacheLoadSchedule"]
+            "BlockCacheSaveSchedule", "BlockCacheLoadSchedule", "BlockCacheComparePictures"]
 
 
 @pytest.fixture(scope="module")
