@@ -43,6 +43,12 @@ def test_object_info_lists_the_nodes_with_tooltips(server):
         assert all(info[node_id].get("output_tooltips") or [True])
 
 
+def test_the_web_folder_is_served_once(server):
+    """Registered by WEB_DIRECTORY alone: each script is listed once, so the extension registers once."""
+    scripts = [url for url in server.get("/extensions") if url.endswith(("/block_cache.js", "/schedule_builder.js"))]
+    assert sorted(scripts) == ["/extensions/block_cache/block_cache.js", "/extensions/block_cache/schedule_builder.js"]
+
+
 def _graph(steps: int, schedule_source: dict) -> dict:
     graph = {
         "model": {"class_type": "BlockCacheDemoModel",
