@@ -112,6 +112,27 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     }
 
 
+def never_reused(holder: BlockCacheHolder, stats: RunStats) -> list[str]:
+    """Layers the schedule reuses that this run computed at every call: their calls never fit the cache
+    (an output their signature does not describe, or not one batch of the cond chunks). Runs whose plan
+    is not the schedule's own (re-timed) are not judged: a sparse re-timing may leave no reuse."""
+    if holder.plan is None or stats.retimed or holder.calibration is not None:
+        return []
+    return [name for name, planned, computed, reused in zip(stats.layer_names, holder.plan.reuses_ever,
+                                                              stats.computed, stats.reused, strict=True)
+            if planned and computed > 0 and reused == 0]
+
+
+def warn_never_reused(holder: BlockCacheHolder, stats: RunStats) -> None:
+    """A run listener: say so when scheduled reuse silently never happened."""
+    names = never_reused(holder, stats)
+    if names:
+        logger.warning("%s: %d layers the schedule reuses were computed at every call of this run, so they saved "
+                       "nothing: %s. Their calls did not fit the cache (an output their block signature does not "
+                       "describe, or not one batch of the cond chunks). Fix: add the block class to "
+                       "BLOCK_SIGNATURES in core/dit_families.py.", holder.name, len(names), ", ".join(names))
+
+
 def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict[str, Any]:
     from ..core.runtime import run_speedup_estimate
 
@@ -124,6 +145,7 @@ def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict
         "seconds": stats.seconds,
         "retimed": stats.retimed,
         "estimated_speedup": run_speedup_estimate(holder, stats),
+        "never_reused": never_reused(holder, stats),
     }
 
 

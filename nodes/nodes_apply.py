@@ -11,7 +11,7 @@ from ..core.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
 from ..core.parallel_decoding import ParallelDecoding, enable_parallel_decoding
 from ..core.patching import apply_block_cache
 from ..core.runtime import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
-from .frontend import send_run_summaries
+from .frontend import send_run_summaries, warn_never_reused
 from .types import CATEGORY, CacheScheduleSocket
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class ApplyBlockCache(io.ComfyNode):
             return io.NodeOutput(model, ui={"text": [message]})
         # Also takes a previous Apply's parallel decoding off when it is not wanted here.
         patched, _ = enable_parallel_decoding(patched, holder, schedule, parallel)
+        holder.run_listeners.append(warn_never_reused)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
         skipped = holder.block_map.skipped
         if not skipped:

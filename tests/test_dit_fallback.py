@@ -8,6 +8,7 @@ gets an UnsupportedModelError that names the class and the supported families.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 
@@ -319,3 +320,55 @@ def test_a_fully_cacheable_model_shows_no_note(pack, tiny_model, conds, latent):
     schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
     output = _apply_node(pack).execute(tiny_model, schedule)
     assert output.ui["text"] == [""] and pack.core.patching.has_block_cache(output.result[0])
+
+
+class TinyHiddenPairBlock(TinyPairBlock):
+    """Returns its two streams as a tuple that reading the source cannot see: the signature is inferred as a
+    single tensor, and the runtime, finding a tuple, never caches it."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor):
+        outputs = [x + self.mix(x).tanh(), context + self.context_mix(context).tanh()]
+        return tuple(outputs)
+
+
+class TinyHiddenPairDit(TinyGenericDit):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyHiddenPairBlock(self.dim, 32) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(x.flatten(2).transpose(1, 2)) + self.time_embed(
+            timestep_embedding(timesteps, self.dim).to(x.dtype)).unsqueeze(1)
+        for block in self.blocks:
+            tokens, context = block(tokens, context)
+        return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_scheduled_reuse_that_never_happens_is_reported(pack, generic, generic_run, caplog):
+    entry = TinyDit("generic (TinyHiddenPairDit)", "generic-hidden", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8),
+                    (6, 32), make_model=_base_model_with(TinyHiddenPairDit))
+    model = entry.build(seed=0)
+    block_map = pack.core.block_map.block_map_for_patcher(model)
+    assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"] and not block_map.skipped
+    # Every block scheduled to reuse at every other step.
+    *_, profile = generic_run  # its grid (same sampler and steps); its layers have the same names
+    base = pack.core.schedule.all_compute_schedule(block_map, profile.grid)
+    schedule = dataclasses.replace(base, layers=tuple(
+        dataclasses.replace(layer, compute=tuple(step % 2 == 0 for step in range(profile.grid.steps)))
+        for layer in base.layers))
+    (patched,) = _apply_node(pack).execute(model, schedule).result
+    with caplog.at_level(logging.WARNING):
+        out = sample(patched, *entry.conds(), entry.latent(), steps=STEPS, cfg=entry.cfg)
+    assert torch.isfinite(out).all()
+    assert "3 layers the schedule reuses were computed at every call of this run" in caplog.text
+    assert "blocks.0, blocks.1, blocks.2" in caplog.text and "BLOCK_SIGNATURES" in caplog.text
+
+    # A block that caches as scheduled gets no such warning.
+    model, conds, _, profile = generic_run
+    caplog.clear()
+    (patched,) = _apply_node(pack).execute(model, schedule).result
+    with caplog.at_level(logging.WARNING):
+        sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
+    assert "computed at every call" not in caplog.text
