@@ -33,7 +33,8 @@ train-reference: setup
 	$(PYTHON) scripts/make_reference_card.py --log out/train/loss.csv
 
 # Frontend (issue 4). Regenerate the example workflows (--schedule also re-profiles the bundled
-# schedule), run the real-browser test alone, or retake the thumbnails and README screenshots.
+# schedule), run the real-browser test alone (on the pinned and the newest frontend), or retake the
+# thumbnails and README screenshots (from the pinned frontend).
 workflows: setup
 	$(PYTHON) scripts/make_example_workflows.py
 

@@ -153,12 +153,26 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class SkippedLayer:
+    """A layer or block that looked cacheable but is not, so it always runs: why, and what would fix it."""
+
+    name: str  # its path below diffusion_model, or its class where a whole kind is skipped
+    reason: str
+    fix: str
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.reason}. Fix: {self.fix}"
+
+
+@dataclass(frozen=True)
 class BlockMap:
     family: str  # e.g. "unet"
     model_type: str  # ComfyUI's model config class, e.g. "SD15", "SDXL"
     model_class: str  # the diffusion model class, e.g. "UNetModel"
     layers: tuple[LayerSpec, ...]
     fingerprint: str  # structural: layer names, classes and parameter shapes; never weights
+    # What is not cached, and why: Apply Block Cache reports it rather than skipping it silently.
+    skipped: tuple[SkippedLayer, ...] = ()
 
     def index(self) -> dict[str, int]:
         return {layer.name: i for i, layer in enumerate(self.layers)}
@@ -193,9 +207,13 @@ def _unet_layer_kind(module: nn.Module) -> tuple[LayerKind, ResidualForm] | None
     return None
 
 
-def _unet_layers(diffusion_model: nn.Module) -> tuple[list[LayerSpec], list[str]]:
+_UNMAPPED_UNET_FIX = ("none in this version; the other layers are cached. Open an issue naming the layer class "
+                      "to have it mapped in core/block_map.py")
+
+
+def _unet_layers(diffusion_model: nn.Module) -> tuple[list[LayerSpec], list[SkippedLayer]]:
     layers: list[LayerSpec] = []
-    skipped: list[str] = []
+    skipped: list[SkippedLayer] = []
     stages: list[tuple[str, str, list[nn.Module]]] = [
         ("input", "input_blocks", list(diffusion_model.input_blocks)),
         ("middle", "middle_block", [diffusion_model.middle_block] if diffusion_model.middle_block is not None else []),
@@ -208,7 +226,9 @@ def _unet_layers(diffusion_model: nn.Module) -> tuple[list[LayerSpec], list[str]
                 kind = _unet_layer_kind(layer)
                 if kind is None:
                     if name != "input_blocks.0.0":  # conv_in: a single cheap conv, not a candidate
-                        skipped.append(f"{name} ({type(layer).__name__})")
+                        skipped.append(SkippedLayer(name, f"{type(layer).__name__} is not a mapped UNet layer "
+                                                          "(SVD's temporal layers take extra arguments and mix "
+                                                          "frames)", _UNMAPPED_UNET_FIX))
                     continue
                 layers.append(LayerSpec(name=name, kind=kind[0], stage=stage, residual=kind[1]))
     return layers, skipped
@@ -227,10 +247,10 @@ def structural_fingerprint(diffusion_model: nn.Module, layers: list[LayerSpec]) 
 
 
 def build_block_map(diffusion_model: nn.Module, model_type: str = "unknown") -> BlockMap:
-    """Find the cacheable layers of ``diffusion_model``.
+    """Find the cacheable layers of ``diffusion_model``, and the ones that cannot be cached (``skipped``).
 
-    Raises UnsupportedModelError, naming the model class and the supported families,
-    when none are found.
+    Raises UnsupportedModelError, naming the model class, the supported families and the reasons
+    blocks were skipped, when none are found.
     """
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -240,25 +260,30 @@ def build_block_map(diffusion_model: nn.Module, model_type: str = "unknown") -> 
     if isinstance(diffusion_model, UNetModel):
         layers, skipped = _unet_layers(diffusion_model)
         family = "unet"
-        if skipped:
-            logger.info("Block Cache: %d layers of %s are not cacheable and always run: %s",
-                        len(skipped), model_class, ", ".join(skipped))
     else:
-        family, layers, notes = dit_layers(diffusion_model)
+        family, layers, skipped, notes = dit_layers(diffusion_model)
         for note in notes:
             logger.info("Block Cache: %s: %s", model_class, note)
     if not layers:
+        found = (" Blocks were found but none can be cached: " + "; ".join(s.describe() for s in skipped)
+                 if skipped else " Other models are searched for lists of like transformer blocks; this one has none.")
         raise UnsupportedModelError(
-            f"Block Cache found no cacheable layers in {model_class} (model type {model_type}). "
-            f"Supported families: {'; '.join(supported_families())}. Other models are searched for lists of "
-            "like transformer blocks; this one has none."
+            f"Block Cache found no cacheable layers in {model_class} (model type {model_type}): the model class "
+            f"is unknown to it. Supported families: {'; '.join(supported_families())}.{found} Fix: use a model of "
+            "a supported family, or open an issue naming the class so its block lists are added to "
+            "core/dit_families.py."
         )
+    if skipped:
+        logger.warning("Block Cache: %d of the %d candidate layers of %s cannot be cached and always run: %s",
+                       len(skipped), len(skipped) + len(layers), model_class,
+                       "; ".join(s.describe() for s in skipped))
     return BlockMap(
         family=family,
         model_type=model_type,
         model_class=model_class,
         layers=tuple(layers),
         fingerprint=structural_fingerprint(diffusion_model, layers),
+        skipped=tuple(skipped),
     )
 
 

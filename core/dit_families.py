@@ -12,18 +12,23 @@ Two tables drive it:
 
 A model in neither table is searched generically: top-level ModuleLists (or ModuleDicts) of
 two or more blocks of one class. Block classes not in the table get a signature inferred
-from ``forward``'s parameters (single tensor output: its first parameter).
+from ``forward``'s parameters (single tensor output: its first parameter). Where that cannot
+be right, the block is skipped with the reason (``SkippedLayer``), not cached wrongly: a
+``forward(*args, **kwargs)`` names no input, and a ``forward`` that returns a tuple has several
+streams whose inputs are unknown.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
+import textwrap
 from dataclasses import dataclass
 
 from torch import nn
 
-from .block_map import LayerKind, LayerSpec, OutputForm, ResidualForm, Stream
+from .block_map import LayerKind, LayerSpec, OutputForm, ResidualForm, SkippedLayer, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +151,39 @@ def signature_of(block: nn.Module) -> tuple[BlockSignature, bool]:
     return BlockSignature(OutputForm.TENSOR, (first,)), False
 
 
+_SIGNATURE_FIX = ("add the block class to BLOCK_SIGNATURES in core/dit_families.py (what forward returns and "
+                  "which input each output element updates), or open an issue naming it")
+
+
+def unknown_signature_reason(block: nn.Module) -> str | None:
+    """Why an inferred (single tensor) signature cannot fit this block, or None where it may."""
+    if not _forward_parameters(block):
+        return (f"unknown block signature: {type(block).__name__}.forward takes no named inputs, so which one "
+                "its output updates is unknown")
+    if _returns_tuple(type(block).forward):
+        return (f"{type(block).__name__}.forward returns a tuple of streams, and which input each one updates "
+                "is unknown")
+    return None
+
+
+def _returns_tuple(forward: object) -> bool:
+    """Whether ``forward`` is annotated to return a tuple or has a ``return a, b`` statement."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False  # no source (compiled, generated): leave it to the runtime, which caches nothing it cannot split
+    function = tree.body[0]
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    annotation = ast.unparse(function.returns) if function.returns is not None else ""
+    if annotation.lower().startswith(("tuple", "typing.tuple")):
+        return True
+    nested = {id(n) for child in ast.walk(function) if child is not function
+              and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) for n in ast.walk(child)}
+    return any(isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and id(node) not in nested
+               for node in ast.walk(function))
+
+
 def _forward_parameters(block: nn.Module) -> list[str]:
     """forward's positional-or-keyword parameter names, in order (no self, no *args/**kwargs)."""
     # The class's forward, not the instance's: while a patched clone stays loaded, block.forward is
@@ -191,8 +229,9 @@ def generic_block_lists(diffusion_model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, child in diffusion_model.named_children() if _is_block_list(child))
 
 
-def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[str]]:
-    """(family name, layer specs, notes) of a transformer diffusion model; no layers if none found."""
+def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[SkippedLayer], list[str]]:
+    """(family name, layer specs, skipped blocks, notes) of a transformer diffusion model; no layers if none
+    found."""
     family = family_of(diffusion_model)
     notes: list[str] = []
     if family is not None:
@@ -204,12 +243,17 @@ def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[s
         if lists:
             notes.append(f"not a mapped family; found block lists {', '.join(lists)} by structure")
     layers: list[LayerSpec] = []
+    skipped: list[SkippedLayer] = []
     inferred: set[str] = set()
     for path in lists:
         block_list = diffusion_model.get_submodule(path)
         for key, block in block_list.named_children():
             signature, known = signature_of(block)
             if not known:
+                reason = unknown_signature_reason(block)
+                if reason is not None:
+                    skipped.append(SkippedLayer(f"{path}.{key}", reason, _SIGNATURE_FIX))
+                    continue
                 inferred.add(type(block).__name__)
             layers.append(LayerSpec(
                 name=f"{path}.{key}",
@@ -223,7 +267,7 @@ def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[s
             ))
     if inferred:
         notes.append(f"block signature inferred for {', '.join(sorted(inferred))} (single tensor output)")
-    return family_name, layers, notes
+    return family_name, layers, skipped, notes
 
 
 def _batch_dim(block: nn.Module) -> int:

@@ -8,13 +8,13 @@ schedules of equal cost, and the node shows the result.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .fidelity import mean_psnr
 from .patching import apply_block_cache
 from .schedule import CacheSchedule
 
@@ -36,17 +36,10 @@ class ProfileReplay:
         return "picture" if self.decode is not None else "latent"
 
 
-def psnr(samples: torch.Tensor, reference: torch.Tensor, peak: float) -> float:
-    """Mean over batch items (dim 0) of the PSNR against ``reference``, capped at 100 dB where identical."""
-    mse = ((samples.float() - reference.float()) ** 2).reshape(reference.shape[0], -1).mean(1)
-    values = [100.0 if float(m) == 0 else min(100.0, 10 * math.log10(peak * peak / float(m))) for m in mse]
-    return sum(values) / len(values)
-
-
 def latent_psnr(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR of latents, with the reference's value range as the peak. Not the picture's: a model whose
     latents stray outside the decoder's range reads higher here (the reference model: about 7 dB)."""
-    return psnr(samples, reference, float(reference.max() - reference.min()) or 1.0)
+    return mean_psnr(samples, reference, float(reference.max() - reference.min()) or 1.0)
 
 
 def replay_measure(replays: tuple[ProfileReplay, ...]) -> Callable[[CacheSchedule], float]:
@@ -64,7 +57,7 @@ def replay_measure(replays: tuple[ProfileReplay, ...]) -> Callable[[CacheSchedul
                 continue
             if index not in decoded:
                 decoded[index] = replay.decode(replay.reference).float().clamp(0, 1)
-            values.append(psnr(replay.decode(out).float().clamp(0, 1), decoded[index], 1.0))
+            values.append(mean_psnr(replay.decode(out).float().clamp(0, 1), decoded[index], 1.0))
         return sum(values) / len(values)
 
     return measure

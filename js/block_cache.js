@@ -6,7 +6,10 @@
 //   schedule_builder.js the moment the threshold or an option changes.
 // - Load Cache Schedule: the loaded schedule.
 // - Apply Block Cache: after each cached sampling run, computed/total layer evaluations and the
-//   time saved against an uncached sampler of the same model in the same graph.
+//   time saved against an uncached sampler of the same model in the same graph; and what it cannot
+//   cache in this model (or that caching is off for it), with the reason and the fix.
+// - Compare Pictures, Save Cache Schedule: their text (PSNR/SSIM per picture; where it was saved).
+// Run summaries are found by execution id, also for nodes inside subgraphs ("12:5").
 // Pictures are <canvas> elements in DOM widgets, so they show in the classic LiteGraph canvas
 // and in the Vue node renderer alike. The data behind them is kept in node.properties, which
 // the workflow saves, so a reloaded workflow shows them again without a run.
@@ -18,6 +21,8 @@ const PROFILE_KEY = "block_cache_profile";
 const SCHEDULE_KEY = "block_cache_schedule";
 const RUN_KEY = "block_cache_run";
 const LADDER_KEY = "block_cache_ladder";
+const NOTE_KEY = "block_cache_note"; // Apply Block Cache: what it cannot cache, from its last execution
+const TEXT_KEY = "block_cache_text"; // the text of TEXT_NODES, kept so it shows again on reload
 const OPTION_NAMES = Object.keys(DEFAULT_OPTIONS);
 const TARGET_NODE = "BlockCacheBuildTargetSchedule";
 const THRESHOLD_NODE = "BlockCacheBuildSchedule";
@@ -25,7 +30,7 @@ const THRESHOLD_NODE = "BlockCacheBuildSchedule";
 const LADDER_OPTIONS = ["forecast_order", "cache_kinds", "always_compute_first", "always_compute_last",
   "max_consecutive_reuse"];
 const SAMPLER_TYPES = new Set(["KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"]);
-const TEXT_NODES = new Set(["BlockCacheSaveSchedule"]);
+const TEXT_NODES = new Set(["BlockCacheSaveSchedule", "BlockCacheComparePictures"]);
 
 const BACKGROUND = "#18181c";
 const TEXT = "#e6e6e6";
@@ -77,18 +82,22 @@ function pictureWidget(node) {
   widget = node.addDOMWidget("block_cache_picture", "block_cache_picture", element, {
     serialize: false, // the data lives in node.properties; the picture is redrawn from it
     hideOnZoom: false,
-    getMinHeight: () => (node.comfyClass === "BlockCacheApply" ? 70 : 140), // Apply shows text only
+    getMinHeight: () => (textOnly(node) ? 70 : 140),
   });
   widget.canvas = canvas;
   widget.text = text;
   canvas.style.display = "none"; // until there is something to draw
-  text.textContent = node.comfyClass === "BlockCacheApply" ? "" : "Queue the graph to see the picture here.";
+  text.textContent = textOnly(node) ? "" : "Queue the graph to see the picture here.";
   return widget;
+}
+
+function textOnly(node) {
+  return node.comfyClass === "BlockCacheApply" || TEXT_NODES.has(node.comfyClass);
 }
 
 function grow(node) {
   // Give a node that just got its picture room for it (once), in either renderer.
-  if (node.block_cache_grown || node.comfyClass === "BlockCacheApply") return;
+  if (node.block_cache_grown || textOnly(node)) return;
   node.block_cache_grown = true;
   const size = node.computeSize?.();
   if (size && node.size) node.setSize?.([Math.max(node.size[0], 360), Math.max(node.size[1], size[1] + 160)]);
@@ -301,24 +310,52 @@ function showProfile(node) {
 
 // --- run summaries on Apply Block Cache ------------------------------------------------------------
 
-const nodeSeconds = new Map(); // node id -> wall seconds of its last execution, timed here
+const nodeSeconds = new Map(); // execution id -> wall seconds of its last execution, timed here
 let running = null; // { id, started }
+
+function rootGraph() {
+  return app.rootGraph ?? app.graph; // frontends before rootGraph: app.graph is the root
+}
+
+function nodesOf(graph) {
+  return graph?.nodes ?? graph?._nodes ?? []; // `nodes` where the frontend has it
+}
+
+/** The node of an execution id: "7" in the root graph, "12:5" node 5 inside subgraph node 12, and so on. */
+function nodeByExecutionId(id) {
+  let graph = rootGraph();
+  let node = null;
+  for (const part of String(id).split(":")) {
+    if (node) graph = node.subgraph;
+    node = graph?.getNodeById?.(Number(part)) ?? graph?.getNodeById?.(part);
+    if (!node) return null;
+  }
+  return node;
+}
+
+/** Every node with its execution id, into subgraphs. */
+function* allNodes(graph = rootGraph(), prefix = "") {
+  for (const node of nodesOf(graph)) {
+    const id = `${prefix}${node.id}`;
+    yield [id, node];
+    if (node.subgraph) yield* allNodes(node.subgraph, `${id}:`);
+  }
+}
 
 function linkOrigin(node, inputName) {
   const input = node.inputs?.find((i) => i.name === inputName);
   if (input?.link == null) return null;
-  const links = node.graph?.links ?? app.graph.links;
+  const links = node.graph?.links ?? rootGraph()?.links;
   const link = links?.get ? links.get(input.link) : links?.[input.link];
   return link ? `${link.origin_id}:${link.origin_slot}` : null;
 }
 
-/** Sampler nodes fed by this Apply node (cached) and by the same model without it (uncached). */
+/** Sampler nodes fed by this Apply node (cached) and by the same model without it (uncached), in its graph. */
 function samplersAround(apply) {
-  const graph = apply.graph ?? app.graph;
   const source = linkOrigin(apply, "model");
   const cached = [];
   const uncached = [];
-  for (const node of graph?._nodes ?? graph?.nodes ?? []) {
+  for (const node of nodesOf(apply.graph ?? rootGraph())) {
     if (!SAMPLER_TYPES.has(node.comfyClass ?? node.type)) continue;
     const origin = linkOrigin(node, "model");
     if (origin === `${apply.id}:0`) cached.push(node);
@@ -329,41 +366,49 @@ function samplersAround(apply) {
 
 function showRun(node) {
   const run = node.properties?.[RUN_KEY];
-  if (!run) return;
+  const note = node.properties?.[NOTE_KEY];
+  if (!run && !note) return;
   const widget = pictureWidget(node);
   widget.canvas.style.display = "none";
-  const skipped = run.total - run.computed;
-  const lines = [
-    `last run: computed ${run.computed}/${run.total} layer evaluations (${Math.round((100 * skipped) / Math.max(1, run.total))}% reused), ` +
-      `${run.steps} steps, sampling ${run.seconds.toFixed(2)} s${run.retimed ? ", re-timed" : ""}`,
-  ];
-  if (run.cached_seconds && run.uncached_seconds) {
-    const saved = run.uncached_seconds - run.cached_seconds;
-    const times = `uncached sampler ${run.uncached_seconds.toFixed(2)} s \u2192 cached ${run.cached_seconds.toFixed(2)} s, ` +
-      `${(run.uncached_seconds / run.cached_seconds).toFixed(2)}x measured`;
-    // Both are wall times of this browser's last runs: other load on the machine shows up here.
-    lines.push(saved >= 0 ? `time saved: ${saved.toFixed(2)} s (${times})` : `no time saved in this run (${times})`);
-  } else {
-    const estimate = run.seconds * (run.estimated_speedup - 1);
-    lines.push(`time saved: about ${estimate.toFixed(2)} s by the FLOP estimate (${run.estimated_speedup.toFixed(2)}x); ` +
-      "add an uncached sampler on the same model to measure it");
+  const lines = note ? [note] : [];
+  if (run) {
+    const skipped = run.total - run.computed;
+    lines.push(`last run: computed ${run.computed}/${run.total} layer evaluations (${Math.round((100 * skipped) / Math.max(1, run.total))}% reused), ` +
+      `${run.steps} steps, sampling ${run.seconds.toFixed(2)} s${run.retimed ? ", re-timed" : ""}`);
+    if (run.cached_seconds && run.uncached_seconds) {
+      const saved = run.uncached_seconds - run.cached_seconds;
+      const times = `uncached sampler ${run.uncached_seconds.toFixed(2)} s \u2192 cached ${run.cached_seconds.toFixed(2)} s, ` +
+        `${(run.uncached_seconds / run.cached_seconds).toFixed(2)}x measured`;
+      // Both are wall times of this browser's last runs: other load on the machine shows up here.
+      lines.push(saved >= 0 ? `time saved: ${saved.toFixed(2)} s (${times})` : `no time saved in this run (${times})`);
+    } else {
+      const estimate = run.seconds * (run.estimated_speedup - 1);
+      lines.push(`time saved: about ${estimate.toFixed(2)} s by the FLOP estimate (${run.estimated_speedup.toFixed(2)}x); ` +
+        "add an uncached sampler on the same model to measure it");
+    }
+    if (run.never_reused?.length) {
+      lines.push(`never reused although scheduled (their calls did not fit the cache; see the log): ` +
+        run.never_reused.join(", "));
+    }
+    widget.text.dataset.computed = String(run.computed);
   }
   widget.text.textContent = lines.join("\n");
-  widget.text.dataset.computed = String(run.computed);
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
-function measuredTimes(apply) {
+function measuredTimes(apply, executionId) {
+  // Samplers beside it share its execution id's prefix (the subgraph path).
+  const prefix = String(executionId ?? apply.id).split(":").slice(0, -1).map((p) => `${p}:`).join("");
   const { cached, uncached } = samplersAround(apply);
-  const pick = (nodes) => nodes.map((n) => nodeSeconds.get(String(n.id))).find((s) => s !== undefined);
+  const pick = (nodes) => nodes.map((n) => nodeSeconds.get(`${prefix}${n.id}`)).find((s) => s !== undefined);
   return { cached_seconds: pick(cached), uncached_seconds: pick(uncached) };
 }
 
 function onRunEvent(event) {
   const detail = event.detail;
-  const node = app.graph?.getNodeById?.(Number(detail?.node));
-  if (!node || node.comfyClass !== "BlockCacheApply") return; // e.g. inside a subgraph: the log still has it
-  node.properties[RUN_KEY] = { ...detail, ...measuredTimes(node) };
+  const node = detail?.node == null ? null : nodeByExecutionId(detail.node);
+  if (!node || node.comfyClass !== "BlockCacheApply") return;
+  node.properties[RUN_KEY] = { ...detail, ...measuredTimes(node, detail.node) };
   showRun(node);
 }
 
@@ -375,9 +420,10 @@ function onExecuting(event) {
   running = id == null ? null : { id: String(id), started: now };
   if (id == null) {
     // The prompt finished: now both samplers have their times.
-    for (const node of app.graph?._nodes ?? []) {
-      if (node.comfyClass === "BlockCacheApply" && node.properties?.[RUN_KEY]) {
-        Object.assign(node.properties[RUN_KEY], measuredTimes(node));
+    for (const [executionId, node] of allNodes()) {
+      const run = node.properties?.[RUN_KEY];
+      if (node.comfyClass === "BlockCacheApply" && run) {
+        Object.assign(run, measuredTimes(node, run.node ?? executionId));
         showRun(node);
       }
     }
@@ -399,12 +445,7 @@ function chain(prototype, name, fn) {
   };
 }
 
-// ComfyUI serves this folder twice when the pack's folder name differs from its pyproject name
-// (WEB_DIRECTORY and [tool.comfy] web both register it); register once.
-const LOADED = "__block_cache_pictures_loaded__";
-if (!globalThis[LOADED]) {
-  globalThis[LOADED] = true;
-  app.registerExtension({
+app.registerExtension({
   name: "block_cache.pictures",
   setup() {
     api.addEventListener("block_cache.run", onRunEvent);
@@ -461,12 +502,24 @@ if (!globalThis[LOADED]) {
         if (this.properties?.[SCHEDULE_KEY]) showSchedule(this, this.properties[SCHEDULE_KEY]);
       });
     } else if (name === "BlockCacheApply") {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        const note = message?.text?.join("\n") ?? "";
+        this.properties[NOTE_KEY] = note || undefined;
+        if (!note) pictureWidget(this).text.textContent = "";
+        showRun(this);
+      });
       chain(nodeType.prototype, "onConfigure", function () {
         showRun(this);
       });
     } else if (TEXT_NODES.has(name)) {
       chain(nodeType.prototype, "onExecuted", function (message) {
         const text = message?.text?.join("\n");
+        if (!text) return;
+        this.properties[TEXT_KEY] = text;
+        pictureWidget(this).text.textContent = text;
+      });
+      chain(nodeType.prototype, "onConfigure", function () {
+        const text = this.properties?.[TEXT_KEY];
         if (text) pictureWidget(this).text.textContent = text;
       });
     }
@@ -491,9 +544,9 @@ if (!globalThis[LOADED]) {
         if (node.graph) refresh(node);
       }, 250);
       chain(node, "onRemoved", () => clearInterval(timer));
-    } else if (["BlockCacheProfile", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass)) {
+    } else if (["BlockCacheProfile", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass) ||
+      TEXT_NODES.has(node.comfyClass)) {
       pictureWidget(node);
     }
   },
 });
-}

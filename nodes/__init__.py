@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_apply import ApplyBlockCache
 from .nodes_calibrate import CalibrateBlockCache
+from .nodes_compare import ComparePictures
 from .nodes_demo import LoadDemoModel
 from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     LoadDemoModel,
     FasterDiffusionSchedule,
     CalibrateBlockCache,
+    ComparePictures,
 ]
 
 

@@ -2,11 +2,15 @@
 
 The payloads travel in a node's ``ui`` dict (the websocket ``executed`` message) and are kept
 in the node's properties by the frontend, so the drawings survive saving and reloading a
-workflow. Only this node layer talks to the server; ``core`` stays free of it.
+workflow. They go into every saved workflow and picture's metadata, so the profile's change
+matrix is sent to 3 significant digits and only while it stays under MAX_PROFILE_PAYLOAD_BYTES;
+the full profile stays in the user's schedules folder. Only this node layer talks to the
+server; ``core`` stays free of it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -19,22 +23,29 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_VERSION = 1
 RUN_EVENT = "block_cache.run"
-# Profiles past this many cells are sent without the change matrix (a 10,000-step profile
-# would put megabytes into every saved workflow); the node then shows the server's picture.
-MAX_PAYLOAD_CELLS = 200_000
+# A profile whose change matrix would be larger than this (as the browser saves it) is sent
+# without it; the node then shows the server's picture. A 1024x1024 Flux profile (57 blocks,
+# 28 steps) takes about 12 KB with the matrix.
+MAX_PROFILE_PAYLOAD_BYTES = 50_000
+DISPLAY_DIGITS = 3  # significant digits of the change values sent: plenty for a heatmap and a threshold
 
 
-def _finite_or_none(value: float) -> float | None:
-    # The browser's JSON.parse rejects the NaN that Python's json writes; null means "unmeasured".
-    return float(value) if math.isfinite(value) else None
+def display_value(value: float) -> float | None:
+    """A change value as sent to the browser: 3 significant digits (about 7 bytes of JSON, not 20).
+    None where unmeasured: the browser's JSON.parse rejects the NaN that Python's json writes."""
+    return float(f"{value:.{DISPLAY_DIGITS}g}") if math.isfinite(value) else None
+
+
+def payload_bytes(payload: Any) -> int:
+    """The size of a payload as the browser's JSON.stringify writes it into a saved workflow."""
+    return len(json.dumps(payload, separators=(",", ":"), allow_nan=False).encode())
 
 
 def profile_payload(profile: BlockProfile) -> dict[str, Any]:
-    """The profile as the JavaScript builder (js/schedule_builder.js) reads it."""
+    """The profile as the JavaScript builder (js/schedule_builder.js) and heatmap read it."""
     steps = profile.grid.steps
     layers = profile.block_map.layers
-    too_big = len(layers) * steps > MAX_PAYLOAD_CELLS
-    return {
+    payload = {
         "version": PAYLOAD_VERSION,
         "model_type": profile.block_map.model_type,
         "fingerprint": profile.block_map.fingerprint,
@@ -43,10 +54,15 @@ def profile_payload(profile: BlockProfile) -> dict[str, Any]:
         "scheduler": profile.grid.scheduler,
         "sample_count": profile.sample_count,
         "layers": [{"name": spec.name, "kind": spec.kind.value} for spec in layers],
-        "change": None if too_big else [[_finite_or_none(v) for v in row] for row in profile.change],
+        "change": [[display_value(v) for v in row] for row in profile.change],
         "layer_flops": [float(v) for v in profile.layer_flops],
         "total_flops": float(profile.total_flops),
     }
+    if payload_bytes(payload) > MAX_PROFILE_PAYLOAD_BYTES:
+        logger.info("Block Cache: the %dx%d profile is too large to keep in the workflow; the node shows the "
+                    "server's heatmap instead.", len(layers), steps)
+        payload["change"] = None
+    return payload
 
 
 def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
@@ -96,6 +112,27 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     }
 
 
+def never_reused(holder: BlockCacheHolder, stats: RunStats) -> list[str]:
+    """Layers the schedule reuses that this run computed at every call: their calls never fit the cache
+    (an output their signature does not describe, or not one batch of the cond chunks). Runs whose plan
+    is not the schedule's own (re-timed) are not judged: a sparse re-timing may leave no reuse."""
+    if holder.plan is None or stats.retimed or holder.calibration is not None:
+        return []
+    return [name for name, planned, computed, reused in zip(stats.layer_names, holder.plan.reuses_ever,
+                                                              stats.computed, stats.reused, strict=True)
+            if planned and computed > 0 and reused == 0]
+
+
+def warn_never_reused(holder: BlockCacheHolder, stats: RunStats) -> None:
+    """A run listener: say so when scheduled reuse silently never happened."""
+    names = never_reused(holder, stats)
+    if names:
+        logger.warning("%s: %d layers the schedule reuses were computed at every call of this run, so they saved "
+                       "nothing: %s. Their calls did not fit the cache (an output their block signature does not "
+                       "describe, or not one batch of the cond chunks). Fix: add the block class to "
+                       "BLOCK_SIGNATURES in core/dit_families.py.", holder.name, len(names), ", ".join(names))
+
+
 def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict[str, Any]:
     from ..core.runtime import run_speedup_estimate
 
@@ -108,6 +145,7 @@ def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict
         "seconds": stats.seconds,
         "retimed": stats.retimed,
         "estimated_speedup": run_speedup_estimate(holder, stats),
+        "never_reused": never_reused(holder, stats),
     }
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
+from ..core.errors import UnsupportedModelError
 from ..core.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
 from ..core.parallel_decoding import ParallelDecoding, enable_parallel_decoding
 from ..core.patching import apply_block_cache
 from ..core.runtime import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
-from .frontend import send_run_summaries
+from .frontend import send_run_summaries, warn_never_reused
 from .types import CATEGORY, CacheScheduleSocket
+
+logger = logging.getLogger(__name__)
 
 
 class ApplyBlockCache(io.ComfyNode):
@@ -66,8 +71,22 @@ class ApplyBlockCache(io.ComfyNode):
         injection = NoiseInjection(alpha=float(noise_injection_alpha), tau_cutoff=float(noise_injection_until))
         parallel = ParallelDecoding(enabled=bool(parallel_decoding), max_steps=int(parallel_decoding_max_steps))
         parallel.validate()
-        patched, holder = apply_block_cache(model, schedule, cache_device=cache_device, noise_injection=injection)
+        try:
+            patched, holder = apply_block_cache(model, schedule, cache_device=cache_device,
+                                                noise_injection=injection)
+        except UnsupportedModelError as error:
+            # Not an error that should stop the graph: the model samples as it is, and the node says so.
+            message = f"Block Cache is OFF for this model; it samples uncached. {error}"
+            logger.warning("Apply Block Cache: %s", message)
+            return io.NodeOutput(model, ui={"text": [message]})
         # Also takes a previous Apply's parallel decoding off when it is not wanted here.
         patched, _ = enable_parallel_decoding(patched, holder, schedule, parallel)
+        holder.run_listeners.append(warn_never_reused)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
-        return io.NodeOutput(patched)
+        skipped = holder.block_map.skipped
+        if not skipped:
+            return io.NodeOutput(patched, ui={"text": [""]})  # clears an earlier run's note on the node
+        message = (f"{len(skipped)} blocks of this model cannot be cached and always run (the rest are cached):\n"
+                   + "\n".join(f"- {layer.describe()}" for layer in skipped))
+        logger.warning("Apply Block Cache: %s", message)
+        return io.NodeOutput(patched, ui={"text": [message]})

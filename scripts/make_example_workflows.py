@@ -70,6 +70,8 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "BlockCacheFasterDiffusionSchedule": ([("model", "MODEL"), ("profile", "BLOCK_PROFILE")],
                                           [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"),
                                            ("json", "STRING")]),
+    "BlockCacheComparePictures": ([("uncached", "IMAGE"), ("cached", "IMAGE")],
+                                  [("difference", "IMAGE"), ("mean_psnr", "FLOAT"), ("mean_ssim", "FLOAT")]),
 }
 
 
@@ -114,6 +116,15 @@ class Graph:
 
 CACHED = "#2a4a2a"  # green-ish: the cached branch
 NOTE_W = 380
+DIFFERENCE_GAIN = 8.0  # Compare Pictures' default
+
+
+def _compare(g: Graph, uncached: int, cached: int, pos: tuple[int, int]) -> int:
+    """Compare Pictures on the two decoded pictures (PSNR and SSIM shown on it); returns its id."""
+    compare = g.add("BlockCacheComparePictures", pos, [DIFFERENCE_GAIN], (360, 200), colour=CACHED)
+    g.link(uncached, 0, compare, "uncached")
+    g.link(cached, 0, compare, "cached")
+    return compare
 
 
 def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_name: str) -> dict[str, Any]:
@@ -158,6 +169,8 @@ def _txt2img(ckpt: str, size: int, steps: int, cfg: float, note: str, schedule_n
     g.link(ckpt_id, 2, dec_u, "vae")
     g.link(dec_c, 0, prev_c, "images")
     g.link(dec_u, 0, prev_u, "images")
+    compare = _compare(g, dec_u, dec_c, (1840, 560))
+    g.link(compare, 0, g.add("PreviewImage", (2220, 560), [], (360, 400), title="difference"), "images")
     return g.to_json()
 
 
@@ -202,6 +215,8 @@ def _side_by_side(g: Graph, model: int, apply: int, positive: int, negative: int
         g.link(node, 0, decode, "samples")
         g.link(*vae, decode, "vae")
         g.link(decode, 0, preview, "images")
+    compare = _compare(g, dec_u, dec_c, (x + 580, 560))
+    g.link(compare, 0, g.add("PreviewImage", (x + 960, 560), [], (360, 400), title="difference"), "images")
 
 
 FLUX_STEPS = 20
@@ -297,8 +312,10 @@ def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int) -> None:
         g.link(latent, 0, sampler, "latent_image")
     g.link(apply, 0, cached, "model")
     g.link(model, 0, uncached, "model")
+    decoded = []
     for sampler, y, title in ((cached, 120, "cached"), (uncached, 420, "uncached")):
         decode = g.add("VAEDecode", (x + 330, y), [], (200, 50))
+        decoded.append(decode)
         # 32x32 pixels: shown 8x larger, nearest-neighbour, so the pixels stay visible.
         scale = g.add("ImageScale", (x + 330, y + 90), ["nearest-exact", 256, 256, "disabled"], (240, 130))
         preview = g.add("PreviewImage", (x + 600, y), [], (280, 290), title=title,
@@ -307,6 +324,11 @@ def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int) -> None:
         g.link(model, 3, decode, "vae")
         g.link(decode, 0, scale, "image")
         g.link(scale, 0, preview, "images")
+    compare = _compare(g, decoded[1], decoded[0], (x + 330, 720))
+    scale = g.add("ImageScale", (x + 720, 720), ["nearest-exact", 256, 256, "disabled"], (240, 130))
+    preview = g.add("PreviewImage", (x + 990, 720), [], (280, 290), title="difference")
+    g.link(compare, 0, scale, "image")
+    g.link(scale, 0, preview, "images")
 
 
 def demo(payloads: dict | None = None) -> dict[str, Any]:

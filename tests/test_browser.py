@@ -6,9 +6,13 @@
    and Apply Block Cache shows computed/total layer evaluations and the time saved.
 4. Save and reload the workflow: the pictures come back from the saved data, without a run.
 5. Switch to the Vue node renderer ("Nodes 2.0"): the pictures are there too.
+6. Put Apply Block Cache into a subgraph and queue: its run summary (sent for node "12:5") reaches it.
 
-Screenshots go to tests/artifacts/. BLOCK_CACHE_THUMBNAILS=1 (`make thumbnails`) also writes the
-example workflows' thumbnails and the README's screenshots (docs/).
+It runs on two frontends: the one ComfyUI pins (comfyui-frontend-package 1.32.9) and the newest,
+which scripts/setup.sh installs apart (FRONTEND_LATEST_VERSION) and the server serves with
+--front-end-root. Screenshots go to tests/artifacts/<frontend>/. BLOCK_CACHE_THUMBNAILS=1
+(`make thumbnails`) also writes the example workflows' thumbnails and the README's screenshots
+(docs/), from the pinned frontend.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import json
 import os
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from comfy_bootstrap import PACK_ROOT
-from comfy_server import comfy_server
+from comfy_server import comfy_server, frontend_latest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -43,21 +48,42 @@ if not REQUIRED and (sync_playwright is None or not CHROMIUM.exists()):
 LONG = 600_000  # ms: a shared 2-core CPU can be slow
 
 
+@pytest.fixture(scope="module", params=["pinned", "latest"])
+def frontend(request) -> tuple[str, Path | None]:
+    """(name and version, --front-end-root or None for the pinned one)."""
+    if request.param == "pinned":
+        return f"pinned-{version('comfyui-frontend-package')}", None
+    found = frontend_latest()
+    if found is None:
+        message = "the newest frontend is not installed (scripts/setup.sh installs it)"
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    root, latest = found
+    return f"latest-{latest}", root
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, frontend):
     base = tmp_path_factory.mktemp("comfy_browser")
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
     # No first-run template dialog, the classic canvas first (the Vue renderer is checked later).
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False,
                                     "Comfy.Minimap.Visible": False}))
-    with comfy_server(base) as running:
+    with comfy_server(base, frontend_root=frontend[1]) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
+def artifacts(frontend) -> Path:
+    folder = ARTIFACTS / frontend[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def page(server):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1920, "height": 1080})
@@ -142,13 +168,13 @@ def _assert_no_alert(page) -> None:
     assert page.get_by_text("Invalid workflow", exact=False).count() == 0, "the frontend rejected the workflow"
 
 
-def _screenshot(page, name: str) -> Path:
-    path = ARTIFACTS / name
+def _screenshot(page, folder: Path, name: str) -> Path:
+    path = folder / name
     page.screenshot(path=str(path))
     return path
 
 
-def test_workflow_slider_run_reload_and_vue_nodes(server, page):
+def test_workflow_slider_run_reload_and_vue_nodes(server, page, frontend, artifacts):
     started = time.perf_counter()
     _open(page, server.url)
     _load_template(page, DEMO, min_scale=0.65)
@@ -168,7 +194,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     before = _picture(page, build_id)
     assert heatmap["drawn"] and heatmap["coloured"] > 500 and heatmap["visible"], heatmap["text"]
     assert before["drawn"] and before["visible"] and "estimated speed-up" in before["text"]
-    shot_loaded = _screenshot(page, "01_loaded.png")
+    shot_loaded = _screenshot(page, artifacts, "01_loaded.png")
 
     # 2. Drag the speed-up slider with the mouse, on the canvas, as a user does.
     box = page.evaluate("""(id) => { const n = window.app.graph.getNodeById(id);
@@ -194,7 +220,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     assert after["pixels"] != before["pixels"], "the schedule picture did not change"
     assert float(after["speedup"]) > float(before["speedup"]), (before["text"], after["text"])
     assert "queue to use" in after["text"] and "uncached steps" in after["text"]
-    shot_slider = _screenshot(page, "02_speedup_moved.png")
+    shot_slider = _screenshot(page, artifacts, "02_speedup_moved.png")
 
     # 3. Queue the workflow as it is, with the Run button.
     done_before = len(server.get("/history"))
@@ -216,11 +242,16 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     # ... and the browser really shows them: each preview node's image has loaded.
     page.wait_for_function("""() => window.app.graph._nodes.filter(n => n.type === 'PreviewImage').every(
         n => n.imgs?.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0)""", timeout=60_000)
+    # Compare Pictures shows the cached picture's PSNR and SSIM against the uncached one.
+    compare_id = _node_id(page, "BlockCacheComparePictures")
+    page.wait_for_function("""(id) => (window.app.graph.getNodeById(id).widgets.find(
+        w => w.name === 'block_cache_picture').text.textContent || '').includes('PSNR')""", arg=compare_id)
+    assert "SSIM" in _picture(page, compare_id)["text"]
     ran = _picture(page, build_id)
     assert ran["drawn"] and "queue to use" not in ran["text"], ran["text"]
     assert _picture(page, profile_id)["drawn"]
     _fit(page, 0.65)
-    shot_run = _screenshot(page, "03_after_run.png")
+    shot_run = _screenshot(page, artifacts, "03_after_run.png")
 
     # 4. Save (serialize) and reload: the pictures come back from the workflow alone.
     # The JSON text that Save writes (as text: a Python round trip would turn undefined into null).
@@ -232,8 +263,9 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
     for node_id in (profile_id, build_id):
         assert _picture(page, node_id)["drawn"], f"node {node_id} lost its picture on reload"
     assert "last run: computed" in _picture(page, apply_id)["text"]
+    assert "PSNR" in _picture(page, compare_id)["text"]
     _assert_no_alert(page)
-    _screenshot(page, "04_reloaded.png")
+    _screenshot(page, artifacts, "04_reloaded.png")
 
     # 5. The Vue node renderer draws the same canvases.
     page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
@@ -249,19 +281,47 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page):
         w.value = 1.2; w.callback?.(1.2); }""", build_id)
     page.wait_for_function("""([id, old]) => window.app.graph.getNodeById(id).widgets.find(
         w => w.name === 'block_cache_picture').text.dataset.speedup !== old""", arg=[build_id, vue["speedup"]])
-    shot_vue = _screenshot(page, "05_vue_nodes.png")
+    shot_vue = _screenshot(page, artifacts, "05_vue_nodes.png")
     page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
 
     assert not page.block_cache_errors, page.block_cache_errors
-    if THUMBNAILS:
+    if THUMBNAILS and frontend[1] is None:  # the pinned frontend's look
         docs = PACK_ROOT / "docs"
         docs.mkdir(exist_ok=True)
         for shot, name in [(shot_loaded, "frontend_loaded.png"), (shot_slider, "frontend_speedup.png"),
                            (shot_run, "frontend_after_run.png"), (shot_vue, "frontend_vue_nodes.png")]:
             shutil.copy(shot, docs / name)
         _thumbnails(page, server)
-    logging_line = f"browser test took {time.perf_counter() - started:.0f} s"
-    (ARTIFACTS / "timing.txt").write_text(logging_line + "\n")
+    (artifacts / "timing.txt").write_text(f"browser test on {frontend[0]} took {time.perf_counter() - started:.0f} s\n")
+
+
+def test_run_summary_reaches_apply_inside_a_subgraph(server, page):
+    _open(page, server.url)
+    _load_template(page, DEMO)
+    apply_id = _node_id(page, "BlockCacheApply")
+    # The frontend's own "Convert to Subgraph"; the prompt then names the node "<subgraph node>:<inner id>".
+    path = page.evaluate("""(id) => {
+        const graph = window.app.rootGraph ?? window.app.graph;
+        const converted = graph.convertToSubgraph(new Set([graph.getNodeById(id)]));
+        const outer = converted.node ?? converted;
+        const inner = outer.subgraph.nodes.find(n => n.type === 'BlockCacheApply');
+        return `${outer.id}:${inner.id}`;
+    }""", apply_id)
+    done_before = len(server.get("/history"))
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    deadline = time.time() + LONG / 1000
+    while len(history := server.get("/history")) == done_before:
+        assert time.time() < deadline, f"the run did not finish:\n{server.log()[-3000:]}"
+        time.sleep(1)
+    assert all(entry["status"]["status_str"] == "success" for entry in history.values()), history
+    text = page.wait_for_function("""(path) => {
+        const [outer, inner] = path.split(':').map(Number);
+        const node = (window.app.rootGraph ?? window.app.graph).getNodeById(outer).subgraph.getNodeById(inner);
+        const text = node.widgets.find(w => w.name === 'block_cache_picture').text.textContent || '';
+        return text.includes('last run: computed') && text;
+    }""", arg=path, timeout=60_000).json_value()
+    assert "layer evaluations" in text, text
+    assert not page.block_cache_errors, page.block_cache_errors
 
 
 def _thumbnails(page, server) -> None:

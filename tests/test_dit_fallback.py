@@ -8,6 +8,7 @@ gets an UnsupportedModelError that names the class and the supported families.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 
@@ -207,3 +208,167 @@ def test_stable_cascade_is_unsupported(pack, config, model_class):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     _assert_unsupported(pack, patcher, model_class, config)
+
+
+# -- no silent no-op: Apply Block Cache says what it cannot cache, why, and the fix ------------------
+
+class TinyPairBlock(nn.Module):
+    """A block of no known family that updates two streams and returns both: which input each element
+    of the tuple updates is unknown, so it must not be cached as a single tensor."""
+
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(dim, dim)
+        self.context_mix = nn.Linear(context_dim, context_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + self.mix(x).tanh(), context + self.context_mix(context).tanh()
+
+
+class TinyOpaqueBlock(nn.Module):
+    """A block whose forward names no inputs."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, *args, **kwargs):
+        return args[0] + self.mlp(self.norm(args[0]))
+
+
+class TinyMixedDit(TinyGenericDit):
+    """Like blocks the fallback can cache, then two lists it cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair_blocks = nn.ModuleList(TinyPairBlock(self.dim, 32) for _ in range(2))
+        self.opaque_blocks = nn.ModuleList(TinyOpaqueBlock(self.dim) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(x.flatten(2).transpose(1, 2))
+        emb = self.time_embed(timestep_embedding(timesteps, self.dim).to(x.dtype))
+        for block in self.blocks:
+            tokens = block(tokens, context, emb)
+        for block in self.pair_blocks:
+            tokens, context = block(tokens, context)
+        for block in self.opaque_blocks:
+            tokens = block(tokens)
+        return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+def _apply_node(pack):
+    return pack.nodes.nodes_apply.ApplyBlockCache
+
+
+def test_unsupported_model_is_reported_and_left_unpatched(pack, tiny_model, caplog):
+    entry = TinyDit("generic (TinyConvNet)", "generic-conv", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8), (6, 32),
+                    make_model=_base_model_with(TinyConvNet))
+    model = entry.build(seed=0)
+    reference = sample(model, *entry.conds(), entry.latent(), steps=STEPS, cfg=entry.cfg)
+    # Any schedule: the model is refused before the schedule is looked at.
+    profile, _ = profile_by_sampling(pack, tiny_model, entry.conds(), {"samples": torch.zeros(1, 4, 16, 16)},
+                                     steps=STEPS)
+    schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    with caplog.at_level(logging.WARNING):
+        output = _apply_node(pack).execute(model, schedule)
+    (returned,) = output.result
+    text = output.ui["text"][0]
+    for message in (text, caplog.text):
+        assert "Block Cache is OFF for this model" in message and "TinyConvNet" in message  # what and which
+        assert "the model class is unknown" in message  # why
+        assert "Fix: use a model of a supported family" in message  # the fix
+    # Nothing is patched: the model comes back as it was and samples as before.
+    assert returned is model and not model.object_patches
+    assert not pack.core.patching.has_block_cache(model)
+    assert torch.equal(sample(returned, *entry.conds(), entry.latent(), steps=STEPS, cfg=entry.cfg), reference)
+
+
+def test_blocks_that_cannot_be_cached_are_reported_with_reason_and_fix(pack, caplog):
+    entry = TinyDit("generic (TinyMixedDit)", "generic-mixed", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8), (6, 32),
+                    make_model=_base_model_with(TinyMixedDit))
+    model = entry.build(seed=0)
+    conds = entry.conds()
+    block_map = pack.core.block_map.block_map_for_patcher(model)
+    assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
+    skipped = {layer.name: layer for layer in block_map.skipped}
+    assert sorted(skipped) == ["opaque_blocks.0", "opaque_blocks.1", "pair_blocks.0", "pair_blocks.1"]
+    assert "returns a tuple of streams" in skipped["pair_blocks.0"].reason
+    assert "unknown block signature" in skipped["opaque_blocks.0"].reason
+    assert all("BLOCK_SIGNATURES in core/dit_families.py" in layer.fix for layer in skipped.values())
+
+    profile, _ = profile_by_sampling(pack, model, conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
+    schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=10.0))
+    with caplog.at_level(logging.WARNING):
+        output = _apply_node(pack).execute(model, schedule)
+    (patched,) = output.result
+    text = output.ui["text"][0]
+    assert text.startswith("4 blocks of this model cannot be cached and always run")
+    assert "- pair_blocks.1: TinyPairBlock.forward returns a tuple of streams" in text
+    assert "- opaque_blocks.0: unknown block signature" in text and "Fix: add the block class" in text
+    assert "cannot be cached and always run" in caplog.text
+    # The blocks it can cache are cached; the others run every time.
+    out = sample(patched, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
+    assert torch.isfinite(out).all() and pack.core.patching.has_block_cache(patched)
+    assert not model.object_patches
+
+
+def test_a_fully_cacheable_model_shows_no_note(pack, tiny_model, conds, latent):
+    profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
+    schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    output = _apply_node(pack).execute(tiny_model, schedule)
+    assert output.ui["text"] == [""] and pack.core.patching.has_block_cache(output.result[0])
+
+
+class TinyHiddenPairBlock(TinyPairBlock):
+    """Returns its two streams as a tuple that reading the source cannot see: the signature is inferred as a
+    single tensor, and the runtime, finding a tuple, never caches it."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor):
+        outputs = [x + self.mix(x).tanh(), context + self.context_mix(context).tanh()]
+        return tuple(outputs)
+
+
+class TinyHiddenPairDit(TinyGenericDit):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyHiddenPairBlock(self.dim, 32) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(x.flatten(2).transpose(1, 2)) + self.time_embed(
+            timestep_embedding(timesteps, self.dim).to(x.dtype)).unsqueeze(1)
+        for block in self.blocks:
+            tokens, context = block(tokens, context)
+        return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_scheduled_reuse_that_never_happens_is_reported(pack, generic, generic_run, caplog):
+    entry = TinyDit("generic (TinyHiddenPairDit)", "generic-hidden", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8),
+                    (6, 32), make_model=_base_model_with(TinyHiddenPairDit))
+    model = entry.build(seed=0)
+    block_map = pack.core.block_map.block_map_for_patcher(model)
+    assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"] and not block_map.skipped
+    # Every block scheduled to reuse at every other step.
+    *_, profile = generic_run  # its grid (same sampler and steps); its layers have the same names
+    base = pack.core.schedule.all_compute_schedule(block_map, profile.grid)
+    schedule = dataclasses.replace(base, layers=tuple(
+        dataclasses.replace(layer, compute=tuple(step % 2 == 0 for step in range(profile.grid.steps)))
+        for layer in base.layers))
+    (patched,) = _apply_node(pack).execute(model, schedule).result
+    with caplog.at_level(logging.WARNING):
+        out = sample(patched, *entry.conds(), entry.latent(), steps=STEPS, cfg=entry.cfg)
+    assert torch.isfinite(out).all()
+    assert "3 layers the schedule reuses were computed at every call of this run" in caplog.text
+    assert "blocks.0, blocks.1, blocks.2" in caplog.text and "BLOCK_SIGNATURES" in caplog.text
+
+    # A block that caches as scheduled gets no such warning.
+    model, conds, _, profile = generic_run
+    caplog.clear()
+    (patched,) = _apply_node(pack).execute(model, schedule).result
+    with caplog.at_level(logging.WARNING):
+        sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
+    assert "computed at every call" not in caplog.text

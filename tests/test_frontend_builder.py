@@ -3,7 +3,9 @@
 Both run on the same fixture profiles (random, plus edge cases: unmeasured steps, zeros, ties
 with the threshold, huge and subnormal values, odd FLOP counts) under every option
 combination; every mask, count, FLOP fraction and speed-up must be identical, bit for bit.
-The JavaScript side runs under node, on the payload the nodes send to the browser.
+The JavaScript side runs under node, on the payload the nodes send to the browser. That payload
+carries the change values to 3 significant digits (it is saved in every workflow), so the
+fixtures are made of such values. The payload's size for a Flux-sized profile is checked too.
 """
 
 from __future__ import annotations
@@ -56,13 +58,21 @@ def _value(rng: random.Random, style: str) -> float:
     return rng.expovariate(rng.choice([1.0, 5.0, 30.0]))  # smooth, mostly small, like real profiles
 
 
-def _profile(core, rng: random.Random, layers: int, steps: int):
+def _sent(pack, value: float) -> float:
+    """A change value as the browser receives it (NaN: unmeasured, sent as null)."""
+    shown = pack.nodes.frontend.display_value(value)
+    return math.nan if shown is None else shown
+
+
+def _profile(pack, rng: random.Random, layers: int, steps: int):
+    core = pack.core
     bm = core.block_map
     style = rng.choice(["uniform", "ties", "wild", "expo", "expo"])
     kinds = [bm.LayerKind(rng.choice(LAYER_KINDS)) for _ in range(layers)]
     specs = tuple(bm.LayerSpec(f"input_blocks.{i + 1}.1", kind, "input", bm.ResidualForm.IDENTITY)
                   for i, kind in enumerate(kinds))
-    change = tuple((math.nan,) + tuple(_value(rng, style) for _ in range(steps - 1)) for _ in range(layers))
+    change = tuple((math.nan,) + tuple(_sent(pack, _value(rng, style)) for _ in range(steps - 1))
+                   for _ in range(layers))
     flops = tuple(rng.choice([0.0, 1.0, rng.uniform(1e6, 1e10), rng.uniform(0, 1) * 10 ** rng.randint(0, 12)])
                   for _ in range(layers))
     total = rng.choice([sum(flops) * rng.uniform(1.0, 3.0), sum(flops) * 0.5, 0.0, sum(flops) + 0.1,
@@ -96,11 +106,11 @@ def test_javascript_builder_matches_python_exactly(pack, tmp_path):
     cases: list[tuple[int, dict]] = []
     # Every option combination on a few profiles, including the degenerate shapes.
     for layers, steps in [(1, 1), (1, 2), (0, 5), (3, 4), (12, 20), (25, 50), (8, 10), (40, 30)]:
-        profiles.append(_profile(core, rng, layers, steps))
+        profiles.append(_profile(pack, rng, layers, steps))
         cases += [(len(profiles) - 1, options) for options in _option_grid(steps)]
     # Many random profiles, each under a few random option sets.
     for _ in range(1000):
-        profiles.append(_profile(core, rng, rng.randint(1, 30), rng.randint(1, 60)))
+        profiles.append(_profile(pack, rng, rng.randint(1, 30), rng.randint(1, 60)))
         cases += [(len(profiles) - 1, _random_options(rng, profiles[-1].grid.steps)) for _ in range(4)]
 
     started = time.perf_counter()
@@ -139,7 +149,7 @@ def test_javascript_builder_matches_python_exactly(pack, tmp_path):
 ])
 def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options):
     core = pack.core
-    profile = _profile(core, random.Random(1), 3, 5)
+    profile = _profile(pack, random.Random(1), 3, 5)
     with pytest.raises(ValueError):
         core.schedule.build_schedule(profile, core.schedule.BuildOptions(**options))
     shutil.copy(PACK_ROOT / "js" / "schedule_builder.js", tmp_path / "schedule_builder.mjs")
@@ -151,6 +161,46 @@ def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options)
     subprocess.run([NODE, str(tmp_path / "runner.mjs"), str(tmp_path / "f.json"), str(tmp_path / "o.json")],
                    check=True, timeout=60)
     assert "error" in json.loads((tmp_path / "o.json").read_text())[0]
+
+
+def _flux_sized_profile(pack, steps: int, blocks: int = 57):
+    """A profile shaped like a 1024x1024 Flux dev one: 19 double and 38 single blocks, smooth change values
+    at full precision, Flux's FLOP counts, two cond chunks per batch item."""
+    core = pack.core
+    bm = core.block_map
+    rng = random.Random(57)
+    names = [f"double_blocks.{i}" for i in range(19)] + [f"single_blocks.{i}" for i in range(blocks - 19)]
+    specs = tuple(bm.LayerSpec(name, bm.LayerKind.TRANSFORMER, name.split(".")[0], bm.ResidualForm.IDENTITY,
+                               output_form=bm.OutputForm.TUPLE if name.startswith("double") else bm.OutputForm.TENSOR)
+                  for name in names)
+    change = tuple((math.nan,) + tuple(rng.expovariate(rng.choice([5.0, 30.0])) for _ in range(steps - 1))
+                   for _ in names)
+    flops = tuple(rng.uniform(4e11, 6e11) for _ in names)
+    grid = core.time_grid.StepGrid(sigmas=tuple(1.0 - i / steps for i in range(steps)) + (0.0,),
+                                   taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
+                                   scheduler="simple")
+    block_map = bm.BlockMap("generic (Flux)", "Flux", "Flux", specs, "0123456789abcdef")
+    return core.profile.BlockProfile(block_map, grid, change, flops, sum(flops) * 1.02, 2)
+
+
+def test_a_flux_profile_payload_stays_small(pack):
+    """What node.properties keeps of a profile goes into every saved workflow and PNG: at most 50 KB."""
+    frontend = pack.nodes.frontend
+    profile = _flux_sized_profile(pack, 28)
+    payload = frontend.profile_payload(profile)
+    size = frontend.payload_bytes(payload)
+    full = frontend.payload_bytes({**payload, "change": [[v if math.isfinite(v) else None for v in row]
+                                                         for row in profile.change]})
+    logging.getLogger(__name__).info("Flux 57 x 28 profile payload: %d bytes (%d at full precision)", size, full)
+    assert size <= 50_000 and payload["change"] is not None  # the heatmap and threshold preview still work
+    assert size < full / 2
+    # Values kept to 3 significant digits; unmeasured steps are null.
+    for row, sent in zip(profile.change, payload["change"], strict=True):
+        assert sent[0] is None
+        assert all(math.isclose(s, v, rel_tol=5e-3) for s, v in zip(sent[1:], row[1:], strict=True))
+    # A profile too large for that (a 1000-step run) drops the matrix, never the bound.
+    long = frontend.profile_payload(_flux_sized_profile(pack, 1000))
+    assert long["change"] is None and frontend.payload_bytes(long) <= 50_000
 
 
 TARGET_RUNNER = """

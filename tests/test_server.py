@@ -8,7 +8,7 @@ import pytest
 from comfy_server import comfy_server
 
 NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule", "BlockCacheApply",
-            "BlockCacheSaveSchedule", "BlockCacheLoadSchedule"]
+            "BlockCacheSaveSchedule", "BlockCacheLoadSchedule", "BlockCacheComparePictures"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,12 @@ def test_object_info_lists_the_nodes_with_tooltips(server):
         for name, spec in inputs.items():
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert all(info[node_id].get("output_tooltips") or [True])
+
+
+def test_the_web_folder_is_served_once(server):
+    """Registered by WEB_DIRECTORY alone: each script is listed once, so the extension registers once."""
+    scripts = [url for url in server.get("/extensions") if url.endswith(("/block_cache.js", "/schedule_builder.js"))]
+    assert sorted(scripts) == ["/extensions/block_cache/block_cache.js", "/extensions/block_cache/schedule_builder.js"]
 
 
 def _graph(steps: int, schedule_source: dict) -> dict:

@@ -181,6 +181,12 @@ def test_runnable_workflows_run(path: Path, server, object_info):
                           and sampler_of(prompt, i) in cached_samplers(prompt))
     assert outputs[cached_preview]["images"], outputs
     assert "Block Cache: computed" in server.log()
+    # Compare Pictures measured the cached picture against the uncached one (on the node, and logged).
+    compare = next(i for i, n in prompt.items() if n["class_type"] == "BlockCacheComparePictures")
+    assert sampler_of(prompt, prompt[compare]["inputs"]["cached"][0]) in cached_samplers(prompt)
+    if compare in outputs:  # absent where the server reused the node's cached result
+        assert "picture 1: PSNR" in outputs[compare]["text"][0], outputs[compare]
+    assert "Compare Pictures: cached against uncached, picture 1: PSNR" in server.log()
     calibrations = [i for i, n in prompt.items() if n["class_type"] == "BlockCacheCalibrate"]
     for node_id in calibrations:  # the loss curve is shown, and the saved schedule has its parameters beside it
         curve = next(i for i, n in prompt.items() if n["class_type"] == "PreviewImage"

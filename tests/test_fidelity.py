@@ -1,0 +1,87 @@
+"""Compare Pictures and core/fidelity.py: PSNR and SSIM per picture, checked against direct computations.
+
+PSNR against the textbook formula in numpy, SSIM against kornia's (a ComfyUI dependency, written
+independently) with the same 11x11 gaussian window, on pictures the reference model decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import kornia
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def pictures(pack) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uncached, cached): three 32x32 pictures of the reference model, and the same with growing errors."""
+    reference = pack.demo_models.reference_model.load_reference_model()
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(3, 3, 32, 32, generator=generator)
+    uncached = reference.vae.decode(latent).float().clamp(0, 1)  # (batch, height, width, channels), as IMAGE
+    noise = torch.randn(uncached.shape, generator=generator)
+    scales = torch.tensor([0.005, 0.02, 0.08]).view(3, 1, 1, 1)
+    return uncached, (uncached + noise * scales).clamp(0, 1)
+
+
+def _direct_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(1.0 / float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def test_node_figures_match_a_direct_computation(pack, pictures, caplog):
+    uncached, cached = pictures
+    node = pack.nodes.nodes_compare.ComparePictures
+    with caplog.at_level(logging.INFO):
+        output = node.execute(uncached, cached, 8.0)
+    difference, mean_psnr, mean_ssim = output.result
+    expected_psnr = [_direct_psnr(cached[i].numpy(), uncached[i].numpy()) for i in range(3)]
+    expected_ssim = [float(kornia.metrics.ssim(cached[i:i + 1].movedim(-1, 1).double(),
+                                               uncached[i:i + 1].movedim(-1, 1).double(), 11,
+                                               padding="valid").mean()) for i in range(3)]
+    assert mean_psnr == pytest.approx(sum(expected_psnr) / 3, abs=1e-6)
+    assert mean_ssim == pytest.approx(sum(expected_ssim) / 3, abs=1e-6)
+    # More error, lower figures: the per-picture lines are in batch order.
+    assert expected_psnr[0] > expected_psnr[1] > expected_psnr[2]
+    text = output.ui["text"][0]
+    for i in range(3):
+        assert f"picture {i + 1}: PSNR {expected_psnr[i]:.2f} dB, SSIM {expected_ssim[i]:.4f}" in text
+    assert f"mean of 3: PSNR {mean_psnr:.2f} dB, SSIM {mean_ssim:.4f}" in text
+    assert "Compare Pictures: cached against uncached, picture 1" in caplog.text
+    # The difference map: |cached - uncached| x 8, an IMAGE like the inputs.
+    assert difference.shape == uncached.shape
+    torch.testing.assert_close(difference, ((cached - uncached).abs() * 8).clamp(0, 1))
+
+
+def test_identical_pictures_give_the_cap_and_ssim_one(pack, pictures):
+    uncached, _ = pictures
+    difference, mean_psnr, mean_ssim = pack.nodes.nodes_compare.ComparePictures.execute(
+        uncached, uncached.clone(), 8.0).result
+    assert mean_psnr == pack.core.fidelity.PSNR_CAP_DB == 100.0
+    assert mean_ssim == pytest.approx(1.0, abs=1e-12)
+    assert float(difference.abs().max()) == 0.0
+
+
+def test_pictures_of_another_size_are_refused(pack, pictures):
+    uncached, cached = pictures
+    with pytest.raises(ValueError, match="same count and size"):
+        pack.nodes.nodes_compare.ComparePictures.execute(uncached, cached[:2], 8.0)
+
+
+def test_small_pictures_use_the_largest_window_that_fits(pack):
+    # An 8x8 picture is smaller than the 11x11 window: a 7x7 one (odd, so it has a centre).
+    a = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    b = (a + 0.05).clamp(0, 1)
+    expected = float(kornia.metrics.ssim(b.double(), a.double(), 7, padding="valid").mean())
+    assert pack.core.fidelity.ssim(b, a) == pytest.approx([expected], abs=1e-9)
+
+
+def test_validation_measures_with_the_same_psnr(pack, pictures):
+    uncached, cached = pictures
+    latent_psnr = pack.core.validation.latent_psnr(cached, uncached)
+    peak = float(uncached.max() - uncached.min())
+    direct = [10 * math.log10(peak ** 2 / float(((cached[i].double() - uncached[i].double()) ** 2).mean()))
+              for i in range(3)]
+    assert latent_psnr == pytest.approx(sum(direct) / 3, abs=1e-6)
