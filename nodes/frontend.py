@@ -116,7 +116,7 @@ def never_reused(holder: BlockCacheHolder, stats: RunStats) -> list[str]:
     """Layers the schedule reuses that this run computed at every call: their calls never fit the cache
     (an output their signature does not describe, or not one batch of the cond chunks). Runs whose plan
     is not the schedule's own (re-timed) are not judged: a sparse re-timing may leave no reuse."""
-    if holder.plan is None or stats.retimed or holder.calibration is not None:
+    if holder.plan is None or stats.retimed:
         return []
     return [name for name, planned, computed, reused in zip(stats.layer_names, holder.plan.reuses_ever,
                                                               stats.computed, stats.reused, strict=True)
