@@ -70,22 +70,28 @@ class Stream:
 
     ``key`` is the element's index (tuple) or key (dict), None for a tensor output.
     ``parameter``/``position`` name the forward argument holding the stream's input
-    (found by keyword first, then by position); a stream with no input
+    (found by keyword first, then by position), ``item`` its element where that argument is a
+    tuple of streams (an audio-video block's ``(video, audio)``); a stream with no input
     (``parameter`` None, e.g. VACE's c_skip) is always cached as an output.
     """
 
     key: int | str | None
     parameter: str | None
     position: int | None
+    item: int | None = None  # the stream is this element of a tuple argument (audio-video blocks)
 
     def input_of(self, args: tuple, kwargs: dict) -> Any:
         if self.parameter is None:
             return None
         if self.parameter in kwargs:
-            return kwargs[self.parameter]
-        if self.position is not None and self.position < len(args):
-            return args[self.position]
-        return None
+            value = kwargs[self.parameter]
+        elif self.position is not None and self.position < len(args):
+            value = args[self.position]
+        else:
+            return None
+        if self.item is None:
+            return value
+        return value[self.item] if isinstance(value, (tuple, list)) and self.item < len(value) else None
 
 
 SINGLE_STREAM = (Stream(key=None, parameter="x", position=0),)

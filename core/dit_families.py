@@ -80,6 +80,8 @@ class BlockSignature:
     form: OutputForm
     outputs: tuple[str | None, ...]
     positions: tuple[int | None, ...] | None = None  # for forward(*args, **kwargs): explicit positions
+    # The streams arrive as one tuple argument, element i updated by output element i.
+    tuple_argument: bool = False
 
 
 def _double(img: str = "img", txt: str = "txt") -> BlockSignature:
@@ -146,6 +148,9 @@ def signature_of(block: nn.Module) -> tuple[BlockSignature, bool]:
         known = BLOCK_SIGNATURES.get(_qualified(cls))
         if known is not None:
             return known, True
+    tuple_streams = _tuple_stream_signature(block)
+    if tuple_streams is not None:
+        return tuple_streams, False
     parameters = _forward_parameters(block)
     first = parameters[0] if parameters else None
     return BlockSignature(OutputForm.TENSOR, (first,)), False
@@ -155,8 +160,10 @@ _SIGNATURE_FIX = ("add the block class to BLOCK_SIGNATURES in core/dit_families.
                   "which input each output element updates), or open an issue naming it")
 
 
-def unknown_signature_reason(block: nn.Module) -> str | None:
-    """Why an inferred (single tensor) signature cannot fit this block, or None where it may."""
+def unknown_signature_reason(block: nn.Module, signature: BlockSignature) -> str | None:
+    """Why an inferred signature cannot fit this block, or None where it may."""
+    if signature.tuple_argument:
+        return None
     if not _forward_parameters(block):
         return (f"unknown block signature: {type(block).__name__}.forward takes no named inputs, so which one "
                 "its output updates is unknown")
@@ -166,22 +173,47 @@ def unknown_signature_reason(block: nn.Module) -> str | None:
     return None
 
 
-def _returns_tuple(forward: object) -> bool:
-    """Whether ``forward`` is annotated to return a tuple or has a ``return a, b`` statement."""
+def _forward_source(forward: object) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
-        return False  # no source (compiled, generated): leave it to the runtime, which caches nothing it cannot split
+        return None  # no source (compiled, generated)
     function = tree.body[0]
-    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return False
-    annotation = ast.unparse(function.returns) if function.returns is not None else ""
-    if annotation.lower().startswith(("tuple", "typing.tuple")):
-        return True
+    return function if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
+def _is_tuple_annotation(annotation: ast.expr | None) -> bool:
+    return annotation is not None and ast.unparse(annotation).lower().startswith(("tuple", "typing.tuple"))
+
+
+def _tuple_returns(function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.Tuple]:
+    """The ``return a, b`` statements of ``function`` itself (not of functions nested in it)."""
     nested = {id(n) for child in ast.walk(function) if child is not function
               and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) for n in ast.walk(child)}
-    return any(isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and id(node) not in nested
-               for node in ast.walk(function))
+    return [node.value for node in ast.walk(function)
+            if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple) and id(node) not in nested]
+
+
+def _returns_tuple(forward: object) -> bool:
+    """Whether ``forward`` is annotated to return a tuple or has a ``return a, b`` statement."""
+    function = _forward_source(forward)
+    if function is None:
+        return False  # leave it to the runtime, which caches nothing it cannot split
+    return _is_tuple_annotation(function.returns) or bool(_tuple_returns(function))
+
+
+def _tuple_stream_signature(block: nn.Module) -> BlockSignature | None:
+    """A block that takes its streams as one tuple and returns them updated, in order: ``forward(self,
+    x: tuple[Tensor, Tensor], ...)`` returning ``a, b`` (audio-video blocks carry ``(video, audio)``)."""
+    function = _forward_source(type(block).forward)
+    arguments = function.args.args[1:] if function is not None else []
+    if not arguments or not _is_tuple_annotation(arguments[0].annotation):
+        return None
+    lengths = {len(value.elts) for value in _tuple_returns(function)}
+    if len(lengths) != 1:
+        return None
+    name = arguments[0].arg
+    return BlockSignature(OutputForm.TUPLE, (name,) * lengths.pop(), tuple_argument=True)
 
 
 def _forward_parameters(block: nn.Module) -> list[str]:
@@ -205,7 +237,8 @@ def streams_of(block: nn.Module, signature: BlockSignature) -> tuple[Stream, ...
         else:
             position = parameters.index(name) if name in parameters else None
         key: int | str | None = None if signature.form is OutputForm.TENSOR else index
-        streams.append(Stream(key=key, parameter=name, position=position))
+        streams.append(Stream(key=key, parameter=name, position=position,
+                              item=index if signature.tuple_argument else None))
     return tuple(streams)
 
 
@@ -250,11 +283,12 @@ def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[S
         for key, block in block_list.named_children():
             signature, known = signature_of(block)
             if not known:
-                reason = unknown_signature_reason(block)
+                reason = unknown_signature_reason(block, signature)
                 if reason is not None:
                     skipped.append(SkippedLayer(f"{path}.{key}", reason, _SIGNATURE_FIX))
                     continue
-                inferred.add(type(block).__name__)
+                inferred.add(type(block).__name__ + (f" ({len(signature.outputs)} streams in one tuple)"
+                                                     if signature.tuple_argument else " (single tensor output)"))
             layers.append(LayerSpec(
                 name=f"{path}.{key}",
                 kind=LayerKind.TRANSFORMER,
@@ -266,7 +300,7 @@ def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[S
                 batch_dim=_batch_dim(block),
             ))
     if inferred:
-        notes.append(f"block signature inferred for {', '.join(sorted(inferred))} (single tensor output)")
+        notes.append(f"block signature inferred for {', '.join(sorted(inferred))}")
     return family_name, layers, skipped, notes
 
 

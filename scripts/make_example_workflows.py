@@ -70,6 +70,14 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "BlockCacheFasterDiffusionSchedule": ([("model", "MODEL"), ("profile", "BLOCK_PROFILE")],
                                           [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"),
                                            ("json", "STRING")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "ModelSamplingSD3": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "EmptyHunyuanLatentVideo": ([], [("LATENT", "LATENT")]),
+    "KSamplerAdvanced": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "BlockCacheRecord": ([("model", "MODEL")], [("model", "MODEL"), ("recording", "BLOCK_PROFILE_RECORDING")]),
+    "BlockCacheCollectProfile": ([("recording", "BLOCK_PROFILE_RECORDING"), ("latent", "LATENT")],
+                                 [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
     "BlockCacheComparePictures": ([("uncached", "IMAGE"), ("cached", "IMAGE")],
                                   [("difference", "IMAGE"), ("mean_psnr", "FLOAT"), ("mean_ssim", "FLOAT")]),
 }
@@ -263,6 +271,93 @@ def flux() -> dict[str, Any]:
     return g.to_json()
 
 
+WAN22_STEPS = 20
+WAN22_SPLIT = 10  # the high-noise expert samples steps 0-9, the low-noise expert 10-19
+
+
+def wan22() -> dict[str, Any]:
+    """Wan 2.2 14B text-to-video: two experts in two KSamplerAdvanced segments, each recorded, scheduled and
+    cached on its own segment, beside the uncached pair."""
+    g = Graph()
+    note = ("## Block Cache: Wan 2.2 (two experts)\n\nWan 2.2 14B runs a high-noise expert for the first "
+            f"steps and a low-noise expert for the rest, as two *KSamplerAdvanced* segments (steps 0-{WAN22_SPLIT} "
+            f"and {WAN22_SPLIT}-{WAN22_STEPS}). *Record Block Changes* goes on each expert and *Collect Block "
+            "Profile* after each segment's sampler: each expert gets the profile of its own segment, and *Build "
+            "Cache Schedule* a schedule for that segment. The uncached pair below is the recorded run itself "
+            "(recording changes nothing), so *Compare Pictures* shows what the cache costs, frame by frame.\n\n"
+            f"{_TUNE}\n\nPut `wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors` and "
+            "`wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors` in `models/diffusion_models`, "
+            "`umt5_xxl_fp8_e4m3fn_scaled.safetensors` in `models/text_encoders`, `wan_2.1_vae.safetensors` in "
+            "`models/vae`.")
+    g.add("MarkdownNote", (0, -300), [note], (NOTE_W * 2, 380))
+    clip = g.add("CLIPLoader", (0, 120), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], (300, 110))
+    vae = g.add("VAELoader", (0, 260), ["wan_2.1_vae.safetensors"], (300, 60))
+    positive = g.add("CLIPTextEncode", (0, 350), ["a red fox running through fresh snow at dawn, cinematic"],
+                     (300, 140), title="positive")
+    negative = g.add("CLIPTextEncode", (0, 520), ["blurry, static, low quality"], (300, 140), title="negative")
+    latent = g.add("EmptyHunyuanLatentVideo", (0, 690), [832, 480, 81, 1], (300, 130))
+    for node in (positive, negative):
+        g.link(clip, 0, node, "clip")
+    experts = {}
+    for row, (name, file) in enumerate((("high", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"),
+                                        ("low", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"))):
+        y = 120 + row * 520
+        unet = g.add("UNETLoader", (340, y), [file, "default"], (320, 90), title=f"{name}-noise expert")
+        shift = g.add("ModelSamplingSD3", (340, y + 130), [8.0], (320, 60))
+        record = g.add("BlockCacheRecord", (340, y + 230), [], (320, 80))
+        g.link(unet, 0, shift, "model")
+        g.link(shift, 0, record, "model")
+        experts[name] = (shift, record)
+
+    def segment(model: tuple[int, int], source: tuple[int, int], first: bool, pos: tuple[int, int], title: str,
+                colour: str | None = None) -> int:
+        widgets = ["enable" if first else "disable", 42, "fixed", WAN22_STEPS, 3.5, "euler", "simple",
+                   0 if first else WAN22_SPLIT, WAN22_SPLIT if first else 10000, "enable" if first else "disable"]
+        node = g.add("KSamplerAdvanced", pos, widgets, (300, 330), title=title, colour=colour)
+        g.link(*model, node, "model")
+        g.link(positive, 0, node, "positive")
+        g.link(negative, 0, node, "negative")
+        g.link(*source, node, "latent_image")
+        return node
+
+    # The recorded (uncached) run: high segment -> collect -> low segment -> collect.
+    high_run = segment((experts["high"][1], 0), (latent, 0), True, (700, 120), "high-noise segment (recorded)")
+    high_collect = g.add("BlockCacheCollectProfile", (1040, 120), [], (320, 120))
+    g.link(experts["high"][1], 1, high_collect, "recording")
+    g.link(high_run, 0, high_collect, "latent")
+    low_run = segment((experts["low"][1], 0), (high_collect, 0), False, (700, 640), "low-noise segment (recorded)")
+    low_collect = g.add("BlockCacheCollectProfile", (1040, 640), [], (320, 120))
+    g.link(experts["low"][1], 1, low_collect, "recording")
+    g.link(low_run, 0, low_collect, "latent")
+    # Each expert's schedule, applied to that expert.
+    applied = {}
+    for row, (name, collect) in enumerate((("high", high_collect), ("low", low_collect))):
+        y = 120 + row * 520
+        build = g.add(BUILD, (1400, y), list(BUILD_WIDGETS), (460, 460), title=f"Build Cache Schedule ({name})",
+                      colour=CACHED)
+        apply = g.add("BlockCacheApply", (1900, y), APPLY_WIDGETS, (440, 180), title=f"Apply Block Cache ({name})",
+                      colour=CACHED)
+        g.link(collect, 1, build, "profile")
+        g.link(experts[name][0], 0, apply, "model")
+        g.link(build, 0, apply, "schedule")
+        applied[name] = apply
+    high_cached = segment((applied["high"], 0), (latent, 0), True, (2380, 120), "high-noise segment (cached)",
+                          CACHED)
+    low_cached = segment((applied["low"], 0), (high_cached, 0), False, (2380, 500), "low-noise segment (cached)",
+                         CACHED)
+    dec_c = g.add("VAEDecode", (2720, 500), [], (200, 50))
+    dec_u = g.add("VAEDecode", (2720, 640), [], (200, 50))
+    g.link(low_cached, 0, dec_c, "samples")
+    g.link(low_collect, 0, dec_u, "samples")
+    for decode in (dec_c, dec_u):
+        g.link(vae, 0, decode, "vae")
+    g.link(dec_c, 0, g.add("PreviewImage", (2960, 120), [], (360, 400), title="cached", colour=CACHED), "images")
+    g.link(dec_u, 0, g.add("PreviewImage", (3340, 120), [], (360, 400), title="uncached"), "images")
+    compare = _compare(g, dec_u, dec_c, (2960, 560))
+    g.link(compare, 0, g.add("PreviewImage", (3340, 560), [], (360, 400), title="difference"), "images")
+    return g.to_json()
+
+
 def faster_diffusion_sd15() -> dict[str, Any]:
     """SD1.5: Faster Diffusion Schedule (no profiling) -> apply with noise injection -> KSampler."""
     g = Graph()
@@ -439,6 +534,7 @@ WORKFLOWS = {
     "block_cache_sdxl_txt2img": sdxl,
     "block_cache_apply_saved_schedule": saved_schedule,
     "block_cache_flux_txt2img": flux,
+    "block_cache_wan22_two_experts": wan22,
     "block_cache_faster_diffusion_sd15": faster_diffusion_sd15,
     "block_cache_calibrate_demo_model": calibrate_demo,
 }

@@ -74,6 +74,44 @@ class TinyGenericDit(nn.Module):
         return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
 
 
+class TinyAudioVideoBlock(nn.Module):
+    """An audio-video block: both streams travel in one tuple argument and come back updated."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.video = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.audio = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.cross = nn.Linear(dim, dim)
+
+    def forward(self, x: tuple[torch.Tensor, torch.Tensor], emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        video, audio = x
+        video = video + self.video(video + emb[:, None]) + self.cross(audio.mean(1, keepdim=True))
+        audio = audio + self.audio(audio + emb[:, None])
+        return video, audio
+
+
+class TinyAudioVideoDit(nn.Module):
+    """A custom model whose blocks carry (video, audio): the audio tokens come from the latent's last row."""
+
+    def __init__(self, channels: int = 4, dim: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.dtype = torch.float32
+        self.dim = dim
+        self.proj_in = nn.Linear(channels, dim)
+        self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(TinyAudioVideoBlock(dim) for _ in range(depth))
+        self.proj_out = nn.Linear(dim, channels)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(x.flatten(2).transpose(1, 2))
+        emb = self.time_embed(timestep_embedding(timesteps, self.dim).to(x.dtype))
+        streams = (tokens[:, : h * (w - 1)], tokens[:, h * (w - 1):])
+        for block in self.blocks:
+            streams = block(streams, emb)
+        return self.proj_out(torch.cat(streams, 1)).transpose(1, 2).reshape(b, c, h, w)
+
+
 class TinyConvNet(nn.Module):
     """A custom diffusion model with no list of blocks, only a list of plain convolutions."""
 
@@ -372,3 +410,50 @@ def test_scheduled_reuse_that_never_happens_is_reported(pack, generic, generic_r
     with caplog.at_level(logging.WARNING):
         sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
     assert "computed at every call" not in caplog.text
+
+
+def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
+    av = TinyDit("generic (TinyAudioVideoDit)", "generic-av", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8), (6, 32),
+                 make_model=_base_model_with(TinyAudioVideoDit))
+    model, conds = av.build(seed=0), av.conds()
+    with caplog.at_level(logging.INFO):
+        block_map = pack.core.block_map.block_map_for_patcher(model)
+    assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert not block_map.skipped
+    for layer in block_map.layers:
+        assert [(s.key, s.parameter, s.item) for s in layer.streams] == [(0, "x", 0), (1, "x", 1)]
+    assert "TinyAudioVideoBlock (2 streams in one tuple)" in caplog.text
+    reference = sample(model, *conds, av.latent(), steps=STEPS, cfg=av.cfg)
+    profile, _ = profile_by_sampling(pack, model, conds, av.latent(), steps=STEPS, cfg=av.cfg)
+    assert np.isfinite(np.array(profile.change)[:, 1:]).all()
+    all_compute = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    exact, _ = pack.core.patching.apply_block_cache(model, all_compute)
+    assert torch.equal(sample(exact, *conds, av.latent(), steps=STEPS, cfg=av.cfg), reference)
+    schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=10.0,
+                                                                                          cache_kinds="all"))
+    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    out = sample(patched, *conds, av.latent(), steps=STEPS, cfg=av.cfg)
+    assert holder.last_run.reused.sum() > 0 and holder.last_run.stores > 0, "the blocks were cached and reused"
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    # A reused block rebuilds both streams: with the cache computed at the same step, the output is the
+    # computed one (each stream's input + its cached residual).
+    runtime = pack.core.runtime
+    run = runtime.RunContext(holder, model.get_model_object("model_sampling"), torch.tensor([1.0, 0.5, 0.0]))
+    block = model.model.diffusion_model.blocks[1]
+    spec = holder.block_map.layers[1]
+    patch = runtime.CachedLayerForward(holder, 1, spec, block, block.forward, None)
+    streams = (torch.randn(1, 56, 32), torch.randn(1, 8, 32))
+    emb = torch.randn(1, 32)
+    call = runtime.ModelCall(run, [None])
+    run.begin_evaluation(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]))
+    with runtime.activate(call):
+        computed = patch(streams, emb)
+    run.end_evaluation()
+    run.begin_evaluation(torch.zeros(1, 4, 8, 8), torch.tensor([0.5]))
+    run.compute_now[:] = False
+    with runtime.activate(runtime.ModelCall(run, [None])):
+        reused = patch(streams, emb)
+    assert run.stats.reused[1] == 1
+    for got, want in zip(reused, computed, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    run.close()
