@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 from dit_zoo import TinyDit
-from helpers import count_layer_computations, profile_by_sampling, sample
+from helpers import count_layer_computations, has_block_cache, profile_by_sampling, sample
 from torch import nn
 
 STEPS = 4
@@ -320,7 +320,7 @@ def test_unsupported_model_is_reported_and_left_unpatched(pack, tiny_model, capl
         assert "Fix: use a model of a supported family" in message  # the fix
     # Nothing is patched: the model comes back as it was and samples as before.
     assert returned is model and not model.object_patches
-    assert not pack.core.patching.has_block_cache(model)
+    assert not has_block_cache(model)
     assert torch.equal(sample(returned, *entry.conds(), entry.latent(), steps=STEPS, cfg=entry.cfg), reference)
 
 
@@ -349,7 +349,7 @@ def test_blocks_that_cannot_be_cached_are_reported_with_reason_and_fix(pack, cap
     assert "cannot be cached and always run" in caplog.text
     # The blocks it can cache are cached; the others run every time.
     out = sample(patched, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
-    assert torch.isfinite(out).all() and pack.core.patching.has_block_cache(patched)
+    assert torch.isfinite(out).all() and has_block_cache(patched)
     assert not model.object_patches
 
 
@@ -357,7 +357,7 @@ def test_a_fully_cacheable_model_shows_no_note(pack, tiny_model, conds, latent):
     profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
     schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
     output = _apply_node(pack).execute(tiny_model, schedule)
-    assert output.ui["text"] == [""] and pack.core.patching.has_block_cache(output.result[0])
+    assert output.ui["text"] == [""] and has_block_cache(output.result[0])
 
 
 class TinyHiddenPairBlock(TinyPairBlock):
