@@ -11,6 +11,12 @@ Block Cache only in *when* a layer computes and *how* it stands in:
 * First Block Cache (ParaAttention / WaveSpeed): the first block computes at every step; when its
   residual changed by less than a threshold (mean absolute change relative to its mean magnitude)
   since the last full step, every other block reuses its cached residual, else all compute.
+* TeaCache (Liu et al. 2024; welltop-cn/ComfyUI-TeaCache's Flux rule): before any block runs, the
+  relative L1 change of the first block's timestep-modulated input since the previous step is
+  accumulated; while the sum stays below a threshold every block reuses its cached residual (the
+  whole transformer's residual), else all compute and the sum restarts. The first and last steps
+  always compute. TeaCache rescales the change by a polynomial fitted per model; none is fitted
+  for the reference DiT, so the change is used as measured (a threshold sweep stands in for it).
 
 ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/nodes_easycache.py).
 """
@@ -63,9 +69,11 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
         run = holder.run
         if run is None or not run.in_evaluation or patch.layer_index != 0:
             return original(patch, args, kwargs)
-        x = args[0]
+        # The first stream (a UNet's x, a DiT's image tokens); copied, as DiT blocks add to it in place.
+        spec = patch.spec
+        x = spec.streams[0].input_of(args, kwargs).detach().clone()
         out = original(patch, args, kwargs)
-        residual = (out - patch.spec.residual_base(patch.module, x)).detach()
+        residual = (spec.split_output(out)[0] - spec.residual_base(patch.module, x)).detach()
         previous = state["previous"]
         first = run.stats.evaluations == 1
         if first or previous is None or previous.shape != residual.shape:
@@ -79,14 +87,57 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
         return out
 
     holder.call_layer = call_layer
+    _reset_per_run(patched, state, "bench_fbcache", previous=None)
+    return patched, holder
 
-    def reset_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        state["previous"] = None
-        return executor(*args, **kwargs)
 
+def _reset_per_run(patched: Any, state: dict[str, Any], key: str, **initial: Any) -> None:
     import comfy.patcher_extension
 
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_fbcache", reset_wrapper)
+    def reset_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        state.update(initial)
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, reset_wrapper)
+
+
+def flux_modulated_input(module: Any, kwargs: dict) -> Any:
+    """TeaCache's Flux indicator: the first double block's image stream after its norm and time modulation."""
+    modulation, _ = module.img_mod(kwargs["vec"])
+    return (1 + modulation.scale) * module.img_norm1(kwargs["img"]) + modulation.shift
+
+
+def teacache(patching: Any, model: Any, base: Any, threshold: float,
+             indicator: Callable[[Any, dict], Any] = flux_modulated_input) -> tuple[Any, Any]:
+    """TeaCache on the pack's runtime: the rule decides for every layer before the first one runs."""
+    steps = base.grid.steps
+    layers = [dataclasses.replace(layer, compute=(True,) + (False,) * (steps - 1), forecast_order=0)
+              for layer in base.layers]
+    schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "teacache"})
+    patched, holder = patching.apply_block_cache(model, schedule)
+    original = holder.call_layer
+    state: dict[str, Any] = {"previous": None, "accumulated": 0.0}
+
+    def call_layer(patch: Any, args: tuple, kwargs: dict) -> Any:
+        run = holder.run
+        if run is None or not run.in_evaluation or patch.layer_index != 0:
+            return original(patch, args, kwargs)
+        current = indicator(patch.module, kwargs).detach()
+        previous = state["previous"]
+        step = run.evaluation_step
+        if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
+            compute_all = True
+        else:
+            state["accumulated"] += float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
+            compute_all = state["accumulated"] >= threshold
+        if compute_all:
+            state["accumulated"] = 0.0
+        state["previous"] = current
+        run.compute_now[:] = compute_all
+        return original(patch, args, kwargs)
+
+    holder.call_layer = call_layer
+    _reset_per_run(patched, state, "bench_teacache", previous=None, accumulated=0.0)
     return patched, holder
 
 
