@@ -15,8 +15,9 @@ Block Cache only in *when* a layer computes and *how* it stands in:
   relative L1 change of the first block's timestep-modulated input since the previous step is
   accumulated; while the sum stays below a threshold every block reuses its cached residual (the
   whole transformer's residual), else all compute and the sum restarts. The first and last steps
-  always compute. TeaCache rescales the change by a polynomial fitted per model; none is fitted
-  for the reference DiT, so the change is used as measured (a threshold sweep stands in for it).
+  always compute. The change is rescaled by a degree-4 polynomial fitted, as TeaCache fits one per
+  model, to how much the model's output changed against how much that input changed, on an
+  uncached run of the profiling prompts (``fit_teacache_polynomial``).
 
 ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/nodes_easycache.py).
 """
@@ -107,9 +108,41 @@ def flux_modulated_input(module: Any, kwargs: dict) -> Any:
     return (1 + modulation.scale) * module.img_norm1(kwargs["img"]) + modulation.shift
 
 
-def teacache(patching: Any, model: Any, base: Any, threshold: float,
+def _relative_l1(current: Any, previous: Any) -> float:
+    return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
+
+
+def fit_teacache_polynomial(model: Any, sample: Callable[[Any], Any], layer: str = "double_blocks.0",
+                            indicator: Callable[[Any, dict], Any] = flux_modulated_input,
+                            degree: int = 4) -> tuple[float, ...]:
+    """TeaCache's calibration: per step, the output's relative L1 change against the indicator's,
+    over one uncached ``sample(model)`` run; returns the fitted polynomial's coefficients."""
+    import numpy as np
+
+    dit = model.get_model_object("diffusion_model")
+    indicators: list[Any] = []
+    outputs: list[Any] = []
+    hooks = [
+        dit.get_submodule(layer).register_forward_pre_hook(
+            lambda module, args, kwargs: indicators.append(indicator(module, kwargs).detach().clone()),
+            with_kwargs=True),
+        dit.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone())),
+    ]
+    try:
+        sample(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    x = [_relative_l1(indicators[i], indicators[i - 1]) for i in range(1, len(indicators))]
+    y = [_relative_l1(outputs[i], outputs[i - 1]) for i in range(1, len(outputs))]
+    return tuple(float(c) for c in np.polyfit(x, y, degree))
+
+
+def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficients: tuple[float, ...] = (1.0, 0.0),
              indicator: Callable[[Any, dict], Any] = flux_modulated_input) -> tuple[Any, Any]:
     """TeaCache on the pack's runtime: the rule decides for every layer before the first one runs."""
+    import numpy as np
+
     steps = base.grid.steps
     layers = [dataclasses.replace(layer, compute=(True,) + (False,) * (steps - 1), forecast_order=0)
               for layer in base.layers]
@@ -128,7 +161,7 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float,
         if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
             compute_all = True
         else:
-            state["accumulated"] += float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
+            state["accumulated"] += float(np.polyval(coefficients, _relative_l1(current, previous)))
             compute_all = state["accumulated"] >= threshold
         if compute_all:
             state["accumulated"] = 0.0

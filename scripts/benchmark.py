@@ -209,10 +209,12 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
                               lambda t=threshold: (bench_peers.first_block_cache(patching, model, base, t)[0], steps),
                               knob=threshold))
     if not unet:  # its indicator is Flux's modulated input of the first double block
+        # Fitted on the profiling prompts' uncached run, as TeaCache fits its polynomial per model.
+        coefficients = bench_peers.fit_teacache_polynomial(model, profile.replays[0].sample)
         for threshold in TEACACHE_THRESHOLDS:
             methods.append(Method(f"TeaCache {threshold:g}", "teacache", f"rel_l1_thresh {threshold:g}",
-                                  lambda t=threshold: (bench_peers.teacache(patching, model, base, t)[0], steps),
-                                  knob=threshold))
+                                  lambda t=threshold: (bench_peers.teacache(patching, model, base, t, coefficients)[0],
+                                                       steps), knob=threshold))
     for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
         for threshold in PEER_THRESHOLDS:
             methods.append(Method(f"{node.__name__.removesuffix('Node')} {threshold:g}", family,
@@ -287,6 +289,8 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     time_no_cache()
     rows = []
     methods = _methods(reference, profile, steps, sampler, scheduler)
+    if args.families:  # a re-run of some rows; "none" (the uncached row) is always kept
+        methods = [m for m in methods if m.family in {"none", *args.families.split(",")}]
     for index, method in enumerate(methods):
         if index and index % 8 == 0:
             time_no_cache()
@@ -543,6 +547,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--families", default="", help="comma-separated: only these method families, e.g. "
+                                                         "teacache (default: all of " + ", ".join(FAMILY_LABELS) + ")")
     args = parser.parse_args()
     settings = MODELS[args.model][2]
     args.settings = args.settings or ",".join(settings)
