@@ -15,9 +15,10 @@ Block Cache only in *when* a layer computes and *how* it stands in:
   relative L1 change of the first block's timestep-modulated input since the previous step is
   accumulated; while the sum stays below a threshold every block reuses its cached residual (the
   whole transformer's residual), else all compute and the sum restarts. The first and last steps
-  always compute. The change is rescaled by a degree-4 polynomial fitted, as TeaCache fits one per
-  model, to how much the model's output changed against how much that input changed, on an
-  uncached run of the profiling prompts (``fit_teacache_polynomial``).
+  always compute. The change is rescaled by a polynomial fitted, as TeaCache fits one per model, to
+  how much the model's output changed against how much that input changed, on an uncached run of
+  the profiling prompts (``fit_teacache_polynomial``). TeaCache's degree 4 overfits the 19 points of
+  one 20-step run and goes negative between them; degree 2 does not.
 
 ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/nodes_easycache.py).
 """
@@ -64,12 +65,16 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
     schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "first_block_cache"})
     patched, holder = patching.apply_block_cache(model, schedule)
     original = holder.call_layer
-    state: dict[str, Any] = {"previous": None}
+    state: dict[str, Any] = {"previous": None, "evaluation": None, "compute": True}
 
     def call_layer(patch: Any, args: tuple, kwargs: dict) -> Any:
         run = holder.run
         if run is None or not run.in_evaluation or patch.layer_index != 0:
             return original(patch, args, kwargs)
+        if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
+            run.compute_now[1:] = state["compute"]
+            return original(patch, args, kwargs)
+        state["evaluation"] = run.stats.evaluations
         # The first stream (a UNet's x, a DiT's image tokens); copied, as DiT blocks add to it in place.
         spec = patch.spec
         x = spec.streams[0].input_of(args, kwargs).detach().clone()
@@ -83,12 +88,13 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
             change = float((residual - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
         compute_all = change >= threshold
         run.compute_now[1:] = compute_all
+        state["compute"] = compute_all
         if compute_all:
             state["previous"] = residual.clone()
         return out
 
     holder.call_layer = call_layer
-    _reset_per_run(patched, state, "bench_fbcache", previous=None)
+    _reset_per_run(patched, state, "bench_fbcache", previous=None, evaluation=None, compute=True)
     return patched, holder
 
 
@@ -114,7 +120,7 @@ def _relative_l1(current: Any, previous: Any) -> float:
 
 def fit_teacache_polynomial(model: Any, sample: Callable[[Any], Any], layer: str = "double_blocks.0",
                             indicator: Callable[[Any, dict], Any] = flux_modulated_input,
-                            degree: int = 4) -> tuple[float, ...]:
+                            degree: int = 2) -> tuple[float, ...]:
     """TeaCache's calibration: per step, the output's relative L1 change against the indicator's,
     over one uncached ``sample(model)`` run; returns the fitted polynomial's coefficients."""
     import numpy as np
@@ -149,28 +155,33 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
     schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "teacache"})
     patched, holder = patching.apply_block_cache(model, schedule)
     original = holder.call_layer
-    state: dict[str, Any] = {"previous": None, "accumulated": 0.0}
+    state: dict[str, Any] = {"previous": None, "accumulated": 0.0, "evaluation": None, "compute": True}
 
     def call_layer(patch: Any, args: tuple, kwargs: dict) -> Any:
         run = holder.run
         if run is None or not run.in_evaluation or patch.layer_index != 0:
             return original(patch, args, kwargs)
+        if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
+            run.compute_now[:] = state["compute"]
+            return original(patch, args, kwargs)
+        state["evaluation"] = run.stats.evaluations
         current = indicator(patch.module, kwargs).detach()
         previous = state["previous"]
         step = run.evaluation_step
         if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
             compute_all = True
         else:
-            state["accumulated"] += float(np.polyval(coefficients, _relative_l1(current, previous)))
+            state["accumulated"] += max(0.0, float(np.polyval(coefficients, _relative_l1(current, previous))))
             compute_all = state["accumulated"] >= threshold
         if compute_all:
             state["accumulated"] = 0.0
         state["previous"] = current
+        state["compute"] = compute_all
         run.compute_now[:] = compute_all
         return original(patch, args, kwargs)
 
     holder.call_layer = call_layer
-    _reset_per_run(patched, state, "bench_teacache", previous=None, accumulated=0.0)
+    _reset_per_run(patched, state, "bench_teacache", previous=None, accumulated=0.0, evaluation=None, compute=True)
     return patched, holder
 
 

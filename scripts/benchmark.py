@@ -74,7 +74,7 @@ FLOORS = (35.0, 30.0, 27.0)
 INTERVALS = (2, 3, 4)
 PEER_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
-TEACACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4, 0.8)
+TEACACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)  # on the fitted scale: about 0.03-0.2 per step
 # Prompt sets (reference_data.benchmark_prompts seeds) and sampling seeds: disjoint for profile, A and B.
 PROFILE_SET = (99, 1001)
 EVAL_SETS = {"A": (1234, 1), "B": (4242, 2)}
