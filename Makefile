@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 export COMFYUI_PATH ?=
 
-.PHONY: setup demo test lint bench bench-gpu train-reference workflows thumbnails browser-test
+.PHONY: setup demo test lint bench bench-dit bench-gpu train-reference train-reference-dit workflows thumbnails browser-test
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,8 @@ lint: setup
 # Reference model and benchmark. `bench` writes table.md, results.json and a
 # quality_vs_speedup_<setting>.png per sampler setting to out/bench (about 2-3 hours on one CPU thread);
 # `train-reference` retrains models/reference/ (about an hour).
+# `bench-dit` and `train-reference-dit`: the same for the transformer (Flux) reference model in
+# models/reference_dit/ (benchmark about 40 minutes, training about 50).
 bench: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1
 
@@ -28,9 +30,16 @@ bench: setup
 bench-gpu: setup
 	$(PYTHON) scripts/bench_gpu.py --out out/bench-gpu
 
+bench-dit: setup
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --model dit --out out/bench_dit --threads 1
+
 train-reference: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_model.py --minutes 55 --threads 1
 	$(PYTHON) scripts/make_reference_card.py --log out/train/loss.csv
+
+train-reference-dit: setup
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_dit.py --threads 1
+	$(PYTHON) scripts/make_reference_card.py --model dit --log out/train_dit/loss.csv
 
 # Frontend (issue 4). Regenerate the example workflows (--schedule also re-profiles the bundled
 # schedule), run the real-browser test alone (on the pinned and the newest frontend), or retake the

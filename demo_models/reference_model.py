@@ -129,7 +129,11 @@ class ReferenceModel:
 
     def conditioning(self, prompt: str) -> list:
         """ComfyUI CONDITIONING for ``prompt``: [[context (1 x tokens x dim), {}]]."""
-        return [[self.encode([prompt]), {}]]
+        return self.conditioning_batch([prompt])
+
+    def conditioning_batch(self, prompts: list[str]) -> list:
+        """One CONDITIONING entry for a batch of latents, one prompt per latent."""
+        return [[self.encode(prompts), {}]]
 
 
 def pixel_space_vae() -> Any:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..demo_models.builtin_models import SMALL_UNET_CONFIGS, build_unet_patcher, context_dim_of, prompt_conditioning
+from ..demo_models.reference_dit import load_reference_dit
 from ..demo_models.reference_model import load_reference_model, pixel_space_vae
 from .types import CATEGORY
 
 REFERENCE = "reference"
+REFERENCE_DIT = "reference_dit"
 
 
 class LoadDemoModel(io.ComfyNode):
@@ -19,24 +21,27 @@ class LoadDemoModel(io.ComfyNode):
             display_name="Load Block Cache Demo Model",
             category=CATEGORY,
             description="A built-in model made of ComfyUI's own classes, with conditioning for it, so the pack can "
-                        "be tried with no checkpoint. 'reference' is a small trained text-to-image UNet (32x32 "
-                        "pixels: coloured shapes on textured backgrounds); the other sizes have random weights.",
+                        "be tried with no checkpoint. 'reference' is a small trained text-to-image UNet and "
+                        "'reference_dit' a small trained Flux transformer (both 32x32 pixels: coloured shapes on "
+                        "textured backgrounds); the other sizes have random weights.",
             inputs=[
-                io.Combo.Input("size", options=[REFERENCE, *SMALL_UNET_CONFIGS], default=REFERENCE,
-                               tooltip="'reference': the trained 32x32 pixel-space model (use EmptyLatentImage at "
+                io.Combo.Input("size", options=[REFERENCE, REFERENCE_DIT, *SMALL_UNET_CONFIGS], default=REFERENCE,
+                               tooltip="'reference': the trained 32x32 pixel-space UNet (use EmptyLatentImage at "
                                        "256x256 or EmptyChromaRadianceLatentImage at 32x32, and VAE Decode with this "
-                                       "node's VAE). 'small': SD1.5's layout at a fifth of its width, random "
-                                       "weights; 'tiny': for quick checks."),
+                                       "node's VAE). 'reference_dit': the trained 32x32 pixel-space Flux transformer "
+                                       "(ComfyUI's Flux class and Flux sampling; same latents and VAE). 'small': "
+                                       "SD1.5's layout at a fifth of its width, random weights; 'tiny': for quick "
+                                       "checks."),
                 io.Int.Input("weight_seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of the random weights of 'small' and 'tiny'; the reference model ignores it."),
+                             tooltip="Seed of the random weights of 'small' and 'tiny'; the reference models ignore it."),
                 io.String.Input("positive_prompt", default="a large red circle at center on a blue striped background",
-                                tooltip="Reference model: a caption such as 'a small yellow triangle at top left on a "
+                                tooltip="Reference models: a caption such as 'a small yellow triangle at top left on a "
                                         "green checkered background' (colours, shapes, sizes, positions, textures; "
                                         "other words are ignored). Random-weight sizes: only picks a reproducible "
                                         "conditioning."),
                 io.String.Input("negative_prompt", default="",
-                                tooltip="Negative prompt; empty is the unconditional prompt the reference model "
-                                        "was trained with for CFG."),
+                                tooltip="Negative prompt; empty is the unconditional prompt the reference models "
+                                        "were trained with for CFG."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The demo model."),
@@ -49,8 +54,8 @@ class LoadDemoModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, size, weight_seed, positive_prompt, negative_prompt) -> io.NodeOutput:
-        if size == REFERENCE:
-            reference = load_reference_model()
+        if size in (REFERENCE, REFERENCE_DIT):
+            reference = load_reference_model() if size == REFERENCE else load_reference_dit()
             return io.NodeOutput(reference.patcher.clone(), reference.conditioning(positive_prompt),
                                  reference.conditioning(negative_prompt), reference.vae)
         model = build_unet_patcher(size, weight_seed)

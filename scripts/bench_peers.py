@@ -11,6 +11,14 @@ Block Cache only in *when* a layer computes and *how* it stands in:
 * First Block Cache (ParaAttention / WaveSpeed): the first block computes at every step; when its
   residual changed by less than a threshold (mean absolute change relative to its mean magnitude)
   since the last full step, every other block reuses its cached residual, else all compute.
+* TeaCache (Liu et al. 2024; welltop-cn/ComfyUI-TeaCache's Flux rule): before any block runs, the
+  relative L1 change of the first block's timestep-modulated input since the previous step is
+  accumulated; while the sum stays below a threshold every block reuses its cached residual (the
+  whole transformer's residual), else all compute and the sum restarts. The first and last steps
+  always compute. The change is rescaled by a polynomial fitted, as TeaCache fits one per model, to
+  how much the model's output changed against how much that input changed, on an uncached run of
+  the profiling prompts (``fit_teacache_polynomial``). TeaCache's degree 4 overfits the 19 points of
+  one 20-step run and goes negative between them; degree 2 does not.
 
 ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/nodes_easycache.py).
 """
@@ -57,19 +65,18 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
                                   forecast_order=0) for index, layer in enumerate(base.layers)]
     schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "first_block_cache"})
     patched, holder = patching.apply_block_cache(model, schedule)
-    runtime = sys.modules[type(holder).__module__]
-    first_key = holder.block_map.layers[0].patch_key
-    first_layer = patched.object_patches[first_key]  # the pack's CachedLayerForward of layer 0
-    state: dict[str, Any] = {"previous": None}
+    state: dict[str, Any] = {"previous": None, "evaluation": None, "compute": True}
 
-    def first_layer_decides(*args: Any, **kwargs: Any) -> Any:
-        call = runtime.active_call()
+    def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
+        if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
+            run.compute_now[1:] = state["compute"]
+            return first_layer(*args, **kwargs)
+        state["evaluation"] = run.stats.evaluations
+        # The first stream (a UNet's x, a DiT's image tokens); copied, as DiT blocks add to it in place.
+        spec = first_layer.spec
+        x = spec.streams[0].input_of(args, kwargs).detach().clone()
         out = first_layer(*args, **kwargs)
-        if call is None or not call.run.in_evaluation:
-            return out
-        run = call.run
-        x = args[0] if args else next(iter(kwargs.values()))
-        residual = (out - first_layer.spec.residual_base(first_layer.module, x)).detach()
+        residual = (spec.split_output(out)[0] - spec.residual_base(first_layer.module, x)).detach()
         previous = state["previous"]
         first = run.stats.evaluations == 1
         if first or previous is None or previous.shape != residual.shape:
@@ -78,20 +85,113 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
             change = float((residual - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
         compute_all = change >= threshold
         run.compute_now[1:] = compute_all
-        run.store_now = run.plan.reuses_ever  # the rule decides at run time: keep every computation
+        state["compute"] = compute_all
         if compute_all:
             state["previous"] = residual.clone()
         return out
 
-    patched.add_object_patch(first_key, first_layer_decides)
+    _decide_at_first_layer(patched, holder, decide)
+    _reset_per_run(patched, state, "bench_fbcache", previous=None, evaluation=None, compute=True)
+    return patched, holder
 
-    def reset_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        state["previous"] = None
-        return executor(*args, **kwargs)
 
+def _decide_at_first_layer(patched: Any, holder: Any, decide: Callable[[Any, Any, tuple, dict], Any]) -> None:
+    """Puts ``decide(run, first_layer, args, kwargs)`` in place of the first layer's patch: a rule that
+    decides at run time, once the first layer's input is known, what the other layers do."""
+    runtime = sys.modules[type(holder).__module__]
+    key = holder.block_map.layers[0].patch_key
+    first_layer = patched.object_patches[key]  # the pack's CachedLayerForward of layer 0
+
+    def first(*args: Any, **kwargs: Any) -> Any:
+        call = runtime.active_call()
+        if call is None or call.run.holder is not holder or not call.run.in_evaluation:
+            return first_layer(*args, **kwargs)
+        call.run.store_now = call.run.plan.reuses_ever  # decided at run time: keep every computation
+        return decide(call.run, first_layer, args, kwargs)
+
+    patched.add_object_patch(key, first)
+
+
+def _reset_per_run(patched: Any, state: dict[str, Any], key: str, **initial: Any) -> None:
     import comfy.patcher_extension
 
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_fbcache", reset_wrapper)
+    def reset_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        state.update(initial)
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, reset_wrapper)
+
+
+def flux_modulated_input(module: Any, kwargs: dict) -> Any:
+    """TeaCache's Flux indicator: the first double block's image stream after its norm and time modulation."""
+    modulation, _ = module.img_mod(kwargs["vec"])
+    return (1 + modulation.scale) * module.img_norm1(kwargs["img"]) + modulation.shift
+
+
+def _relative_l1(current: Any, previous: Any) -> float:
+    return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
+
+
+def fit_teacache_polynomial(model: Any, sample: Callable[[Any], Any], layer: str = "double_blocks.0",
+                            indicator: Callable[[Any, dict], Any] = flux_modulated_input,
+                            degree: int = 2) -> tuple[float, ...]:
+    """TeaCache's calibration: per step, the output's relative L1 change against the indicator's,
+    over one uncached ``sample(model)`` run; returns the fitted polynomial's coefficients."""
+    import numpy as np
+
+    dit = model.get_model_object("diffusion_model")
+    indicators: list[Any] = []
+    outputs: list[Any] = []
+    hooks = [
+        dit.get_submodule(layer).register_forward_pre_hook(
+            lambda module, args, kwargs: indicators.append(indicator(module, kwargs).detach().clone()),
+            with_kwargs=True),
+        dit.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone())),
+    ]
+    try:
+        sample(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    x = [_relative_l1(indicators[i], indicators[i - 1]) for i in range(1, len(indicators))]
+    y = [_relative_l1(outputs[i], outputs[i - 1]) for i in range(1, len(outputs))]
+    return tuple(float(c) for c in np.polyfit(x, y, degree))
+
+
+def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficients: tuple[float, ...] = (1.0, 0.0),
+             indicator: Callable[[Any, dict], Any] = flux_modulated_input) -> tuple[Any, Any]:
+    """TeaCache on the pack's runtime: the rule decides for every layer before the first one runs."""
+    import numpy as np
+
+    steps = base.grid.steps
+    layers = [dataclasses.replace(layer, compute=(True,) + (False,) * (steps - 1), forecast_order=0)
+              for layer in base.layers]
+    schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "teacache"})
+    patched, holder = patching.apply_block_cache(model, schedule)
+    state: dict[str, Any] = {"previous": None, "accumulated": 0.0, "evaluation": None, "compute": True}
+
+    def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
+        if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
+            run.compute_now[:] = state["compute"]
+            return first_layer(*args, **kwargs)
+        state["evaluation"] = run.stats.evaluations
+        current = indicator(first_layer.module, kwargs).detach()
+        previous = state["previous"]
+        step = run.evaluation_step
+        if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
+            compute_all = True
+        else:
+            state["accumulated"] += max(0.0, float(np.polyval(coefficients, _relative_l1(current, previous))))
+            compute_all = state["accumulated"] >= threshold
+        if compute_all:
+            state["accumulated"] = 0.0
+        state["previous"] = current
+        state["compute"] = compute_all
+        run.compute_now[:] = compute_all
+        return first_layer(*args, **kwargs)
+
+    _decide_at_first_layer(patched, holder, decide)
+    _reset_per_run(patched, state, "bench_teacache", previous=None, accumulated=0.0, evaluation=None, compute=True)
     return patched, holder
 
 

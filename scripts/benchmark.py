@@ -20,9 +20,15 @@ PSNR) and per family, the best FLOP speed-up that stays above it.
 Part 2, a full-size SD1.5-structured UNet (random weights, fp32, 256x256, CPU): the overhead of
 an all-compute schedule against no patch, achieved / ideal speed-up, and the cache's peak memory.
 
+With ``--model dit`` the same benchmark runs on the transformer reference model (a trained
+Flux, demo_models/reference_dit.py) at euler/simple 20 and 28 steps: DeepCache (a UNet rule)
+gives way to a TeaCache-style rule (bench_peers.py), Faster Diffusion uses its DiT encoder split,
+and Part 2 (a UNet) is skipped.
+
 Writes results.json, table.md and one quality_vs_speedup_<setting>.png per setting to --out.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark.py --out out/bench      (make bench)
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark.py --model dit --out out/bench_dit      (make bench-dit)
 """
 
 from __future__ import annotations
@@ -51,6 +57,16 @@ SETTINGS: dict[str, tuple[str, str, int]] = {
     "dpmpp2m25": ("dpmpp_2m", "karras", 25),
     "ddim50": ("ddim", "ddim_uniform", 50),
 }
+# The transformer reference samples as Flux workflows do: euler/simple.
+DIT_SETTINGS: dict[str, tuple[str, str, int]] = {
+    "euler20": ("euler", "simple", 20),
+    "euler28": ("euler", "simple", 28),
+}
+# Per --model: (demo_models module, loader, sampler settings, description for the tables).
+MODELS: dict[str, tuple[str, str, dict[str, tuple[str, str, int]], str]] = {
+    "unet": ("reference_model", "load_reference_model", SETTINGS, "Reference model (UNet)"),
+    "dit": ("reference_dit", "load_reference_dit", DIT_SETTINGS, "Transformer reference model (Flux)"),
+}
 MIN_SPEEDUP, MAX_SPEEDUP = 1.4, 6.0  # the range of Block Cache's ladder that is swept
 MAX_RUNGS = 14
 ORDER0_SPEEDUPS = (2.0, 3.0)
@@ -58,6 +74,7 @@ FLOORS = (35.0, 30.0, 27.0)
 INTERVALS = (2, 3, 4)
 PEER_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+TEACACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)  # on the fitted scale: about 0.03-0.2 per step
 # Prompt sets (reference_data.benchmark_prompts seeds) and sampling seeds: disjoint for profile, A and B.
 PROFILE_SET = (99, 1001)
 EVAL_SETS = {"A": (1234, 1), "B": (4242, 2)}
@@ -71,13 +88,15 @@ FAMILY_LABELS = {
     "taylorseer": "TaylorSeer (uniform + forecast)",
     "deepcache": "DeepCache rule",
     "fbcache": "First Block Cache rule",
+    "teacache": "TeaCache rule",
     "easycache": "EasyCache (core)",
     "lazycache": "LazyCache (core)",
     "faster_diffusion": "Faster Diffusion",
 }
 # The rows the goal compares against (everything that is not Block Cache's own builder).
-DEMO_MODULES = ("reference_model", "reference_data", "builtin_models")
-OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "easycache", "lazycache", "faster_diffusion")
+DEMO_MODULES = ("reference_model", "reference_dit", "reference_data", "builtin_models")
+OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "easycache", "lazycache",
+          "faster_diffusion")
 
 
 def _module(name: str) -> Any:
@@ -173,19 +192,29 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
         methods.append(Method(f"Block Cache threshold {kinds} δ={threshold:g}", "block_cache_threshold",
                               f"{kinds} δ={threshold:g}", apply(schedule), knob=threshold))
     base = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
-    outer = bench_peers.outer_layer_names(model, block_map)
+    unet = profile.block_map.family == "unet"
+    outer = bench_peers.outer_layer_names(model, block_map) if unet else set()
     for k in INTERVALS:
         methods.append(Method(f"FORA every {k}", "fora", f"every {k}", apply(bench_peers.interval_schedule(base, k)),
                               knob=k))
         for order in (1, 2):
             methods.append(Method(f"TaylorSeer every {k} order {order}", "taylorseer", f"every {k}, order {order}",
                                   apply(bench_peers.interval_schedule(base, k, order=order)), knob=k + order / 10))
-        methods.append(Method(f"DeepCache every {k}", "deepcache", f"every {k}",
-                              apply(bench_peers.interval_schedule(base, k, keep=lambda name: name in outer)), knob=k))
+        if unet:  # DeepCache's rule is defined on a UNet's skip branch
+            methods.append(Method(f"DeepCache every {k}", "deepcache", f"every {k}",
+                                  apply(bench_peers.interval_schedule(base, k, keep=lambda name: name in outer)),
+                                  knob=k))
     for threshold in FBCACHE_THRESHOLDS:
         methods.append(Method(f"First Block Cache {threshold:g}", "fbcache", f"threshold {threshold:g}",
                               lambda t=threshold: (bench_peers.first_block_cache(patching, model, base, t)[0], steps),
                               knob=threshold))
+    if not unet:  # its indicator is Flux's modulated input of the first double block
+        # Fitted on the profiling prompts' uncached run, as TeaCache fits its polynomial per model.
+        coefficients = bench_peers.fit_teacache_polynomial(model, profile.replays[0].sample)
+        for threshold in TEACACHE_THRESHOLDS:
+            methods.append(Method(f"TeaCache {threshold:g}", "teacache", f"rel_l1_thresh {threshold:g}",
+                                  lambda t=threshold: (bench_peers.teacache(patching, model, base, t, coefficients)[0],
+                                                       steps), knob=threshold))
     for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
         for threshold in PEER_THRESHOLDS:
             methods.append(Method(f"{node.__name__.removesuffix('Node')} {threshold:g}", family,
@@ -210,20 +239,21 @@ def _fewer_steps(steps: int) -> list[int]:
 def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     import nodes as comfy_nodes
 
-    sampler, scheduler, steps = SETTINGS[name]
-    reference_model = _module("reference_model")
+    module_name, loader, settings, _ = MODELS[args.model]
+    sampler, scheduler, steps = settings[name]
+    reference_module = _module(module_name)
     reference_data = _module("reference_data")
     patching = _module("patching")
     validation = _module("validation")
-    reference = reference_model.load_reference_model()
+    reference = getattr(reference_module, loader)()
     model = reference.patcher
     negative = reference.conditioning("")
 
     def batch(prompt_seed: int, count: int, repeats: int) -> tuple[list[str], Any, dict]:
         prompts = reference_data.benchmark_prompts(count, seed=prompt_seed)
         items = [p for p in prompts for _ in range(repeats)]
-        latent = {"samples": torch.zeros(len(items), 3, reference_model.RESOLUTION, reference_model.RESOLUTION)}
-        return prompts, [[reference.encode(items), {}]], latent
+        latent = {"samples": torch.zeros(len(items), 3, reference_module.RESOLUTION, reference_module.RESOLUTION)}
+        return prompts, reference.conditioning_batch(items), latent
 
     def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps) -> torch.Tensor:
         (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, sampler, scheduler, positive, negative, latent)
@@ -259,6 +289,8 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     time_no_cache()
     rows = []
     methods = _methods(reference, profile, steps, sampler, scheduler)
+    if args.families:  # a re-run of some rows; "none" (the uncached row) is always kept
+        methods = [m for m in methods if m.family in {"none", *args.families.split(",")}]
     for index, method in enumerate(methods):
         if index and index % 8 == 0:
             time_no_cache()
@@ -279,7 +311,8 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
         rows.append(row)
         print(f"[{name}] {method.name}: {1 / row['flop_fraction']:.2f}x FLOPs, {row['wall_speedup']:.2f}x wall, "
               f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
-    return {"setting": name, "sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+    return {"setting": name, "model": args.model, "sampler": sampler, "scheduler": scheduler, "steps": steps,
+            "cfg": args.cfg,
             "rows": rows, "pareto": {key: pareto(rows, key) for key in EVAL_SETS},
             "pairs": len(sets["A"][2]["samples"]), "prompts": {key: sets[key][0] for key in sets},
             "profile_prompts": profile_prompts, "no_cache_seconds": no_cache_seconds,
@@ -396,7 +429,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {result['sampler']}/{result['scheduler']} {result['steps']} steps, cfg {result['cfg']:g}",
             "",
-            f"Reference model, 32x32 pixels; two disjoint evaluation sets of {result['pairs']} prompt x seed pairs "
+            f"{MODELS[result.get('model', 'unet')][3]}, 32x32 pixels; two disjoint evaluation sets of {result['pairs']} prompt x seed pairs "
             f"(A, B), profile on {len(result['profile_prompts'])} other prompts. FLOPs by FlopCounterMode around the "
             "sampling call; wall = uncached time / method time on set A (same run, one CPU thread).",
             "",
@@ -476,7 +509,7 @@ def pareto_markdown(result: dict[str, Any]) -> str:
 FAMILY_COLOURS = {
     "block_cache": (214, 39, 40), "block_cache_measured": (255, 152, 150), "block_cache_order0": (140, 86, 75),
     "block_cache_threshold": (196, 156, 148), "fewer_steps": (0, 0, 0), "fora": (31, 119, 180),
-    "taylorseer": (23, 190, 207), "deepcache": (148, 103, 189), "fbcache": (188, 189, 34),
+    "taylorseer": (23, 190, 207), "deepcache": (148, 103, 189), "fbcache": (188, 189, 34), "teacache": (127, 127, 127),
     "easycache": (44, 160, 44), "lazycache": (152, 223, 138), "faster_diffusion": (255, 127, 14),
 }
 
@@ -491,15 +524,18 @@ def quality_plot(result: dict[str, Any], path: Path) -> None:
         line = family not in ("faster_diffusion",)
         series.append(Series(label, [1 / r["flop_fraction"] for r in rows], [min(r["psnr_A"], 60.0) for r in rows],
                              line=line, colour=FAMILY_COLOURS[family]))
-    plot(series, str(path), title=f"Reference model, {result['sampler']}/{result['scheduler']} {result['steps']}: "
+    plot(series, str(path), title=f"{MODELS[result.get('model', 'unet')][3]}, {result['sampler']}/{result['scheduler']} {result['steps']}: "
          "PSNR vs the uncached pictures (set A) against FLOP speed-up", xlabel="FLOP speed-up vs no cache",
          ylabel="PSNR dB (mean, capped 60)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="unet",
+                        help="unet: the UNet reference model; dit: the transformer (Flux) reference model")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated; unet: " + ", ".join(SETTINGS) + "; dit: " + ", ".join(DIT_SETTINGS))
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--profile-prompts", type=int, default=4)
@@ -511,7 +547,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--families", default="", help="comma-separated: only these method families, e.g. "
+                                                         "teacache (default: all of " + ", ".join(FAMILY_LABELS) + ")")
     args = parser.parse_args()
+    settings = MODELS[args.model][2]
+    args.settings = args.settings or ",".join(settings)
+    unknown = [name for name in args.settings.split(",") if name not in settings]
+    if unknown:
+        parser.error(f"--model {args.model} has no setting {', '.join(unknown)}; it has {', '.join(settings)}")
+    args.skip_full = args.skip_full or args.model != "unet"  # Part 2 measures a full-size UNet
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     load_pack()
     import comfy.utils

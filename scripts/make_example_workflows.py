@@ -34,6 +34,9 @@ BUILD = "BlockCacheBuildTargetSchedule"
 # validation.
 BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR"]
 DEMO = "block_cache_demo_model_no_checkpoint"
+# The transformer reference model (a trained Flux) samples as Flux workflows do: euler/simple.
+DIT_DEMO = "block_cache_demo_dit_no_checkpoint"
+DIT_SCHEDULER, DIT_CFG = "simple", 5.0
 
 # Socket inputs and outputs of the node types the examples use: (name, type).
 SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
@@ -389,16 +392,17 @@ def faster_diffusion_sd15() -> dict[str, Any]:
     return g.to_json()
 
 
-def _demo_sources(g: Graph) -> tuple[int, int]:
-    model = g.add("BlockCacheDemoModel", (0, 120), ["reference", 0, DEMO_PROMPT, ""], (320, 190))
+def _demo_sources(g: Graph, size: str = "reference") -> tuple[int, int]:
+    model = g.add("BlockCacheDemoModel", (0, 120), [size, 0, DEMO_PROMPT, ""], (320, 190))
     # 256x256 gives the reference model's 32x32 pixel latent (ComfyUI's pixel-space latent format).
     latent = g.add("EmptyLatentImage", (0, 350), [256, 256, 1], (320, 110))
     return model, latent
 
 
-def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int) -> None:
+def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, scheduler: str = "normal",
+               cfg: float = DEMO_CFG) -> None:
     """A cached and an uncached KSampler, decoded side by side."""
-    widgets = [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0]
+    widgets = [DEMO_SEED, "fixed", DEMO_STEPS, cfg, "euler", scheduler, 1.0]
     cached = g.add("KSampler", (x, 120), widgets, (300, 262), title="KSampler (cached)", colour=CACHED)
     uncached = g.add("KSampler", (x, 420), list(widgets), (300, 262), title="KSampler (uncached)")
     for sampler in (cached, uncached):
@@ -456,6 +460,32 @@ def demo(payloads: dict | None = None) -> dict[str, Any]:
     if payloads:
         g.nodes[profile_id - 1]["properties"][PROFILE_KEY] = payloads["profile"]
         g.nodes[build - 1]["properties"][LADDER_KEY] = payloads["ladder"]
+    return g.to_json()
+
+
+def demo_dit() -> dict[str, Any]:
+    """Runs anywhere: the built-in transformer reference model (ComfyUI's Flux class), no checkpoint."""
+    g = Graph()
+    note = ("## Block Cache on a transformer: built-in Flux model, no checkpoint needed\n\nThe pack's small "
+            "trained transformer reference model is ComfyUI's own Flux class (double- and single-stream blocks, "
+            "RoPE) with Flux's flow-matching sampling, 32x32 pixels, coloured shapes on textured backgrounds. It "
+            "profiles, builds and caches exactly as a Flux checkpoint does, on CPU in seconds: the heatmap has one "
+            "row per double and single block.\n\n" + _TUNE)
+    model, latent = _demo_sources(g, "reference_dit")
+    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
+    profile_id = g.add("BlockCacheProfile", (350, 120),
+                       [DEMO_SEED, "fixed", DEMO_STEPS, DIT_CFG, "euler", DIT_SCHEDULER, 1.0], (360, 520))
+    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
+    apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
+    g.link(model, 0, profile_id, "model")
+    g.link(model, 1, profile_id, "positive")
+    g.link(model, 2, profile_id, "negative")
+    g.link(latent, 0, profile_id, "latent_image")
+    g.link(model, 3, profile_id, "vae")
+    g.link(profile_id, 1, build, "profile")
+    g.link(model, 0, apply, "model")
+    g.link(build, 0, apply, "schedule")
+    _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG)
     return g.to_json()
 
 
@@ -530,6 +560,7 @@ def schedule_file_payload(path: Path) -> dict[str, Any]:
 
 WORKFLOWS = {
     "block_cache_demo_model_no_checkpoint": demo,
+    DIT_DEMO: demo_dit,
     "block_cache_sd15_txt2img": sd15,
     "block_cache_sdxl_txt2img": sdxl,
     "block_cache_apply_saved_schedule": saved_schedule,

@@ -1,10 +1,12 @@
-"""Pictures for the reference model's card and the README, made with ComfyUI's own sampler.
+"""Pictures for a reference model's card and the README, made with ComfyUI's own sampler.
 
-Writes to models/reference/: loss_curve.png (from the training log), samples.png (a
-grid of prompts x seeds sampled by KSampler and decoded by core VAEDecode) and
-profile_heatmap.png (Profile Block Changes on the model: change per layer and step).
+Writes to models/reference/ (``--model unet``) or models/reference_dit/ (``--model dit``):
+loss_curve.png (from the training log), samples.png (a grid of prompts x seeds sampled by
+KSampler and decoded by core VAEDecode) and profile_heatmap.png (Profile Block Changes on the
+model: change per layer and step).
 
     .venv/bin/python scripts/make_reference_card.py --log out/train/loss.csv
+    .venv/bin/python scripts/make_reference_card.py --model dit --log out/train_dit/loss.csv
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from comfy_bootstrap import PACK_MODULE, PACK_ROOT, load_pack
 from PIL import Image, ImageDraw, ImageFont
 from plotting import Series, plot
 
+# Per model: loader module, loader function, card folder, scheduler, training objective (loss plot title).
+MODELS = {
+    "unet": ("reference_model", "load_reference_model", "reference", "normal", "eps-prediction MSE"),
+    "dit": ("reference_dit", "load_reference_dit", "reference_dit", "simple", "flow-matching (eps - x0) MSE"),
+}
 PROMPTS = [
     "a large red circle at center on a blue striped background",
     "a small yellow triangle at top left on a green background",
@@ -33,7 +40,7 @@ PROMPTS = [
 ]
 
 
-def loss_curve(log: Path, out: Path) -> None:
+def loss_curve(log: Path, out: Path, objective: str) -> None:
     steps, losses = [], []
     with log.open() as f:
         for row in csv.DictReader(f):
@@ -43,10 +50,10 @@ def loss_curve(log: Path, out: Path) -> None:
     smoothed = [float(np.mean(losses[max(0, i - window + 1): i + 1])) for i in range(len(losses))]
     plot([Series("loss per batch", steps, losses, colour=(190, 190, 220)),
           Series(f"mean of last {window}", steps, smoothed, colour=(31, 119, 180))],
-         str(out), title="Reference model training: eps-prediction MSE", xlabel="step", ylabel="MSE (log)", log_y=True)
+         str(out), title=f"Reference model training: {objective}", xlabel="step", ylabel="MSE (log)", log_y=True)
 
 
-def sample_grid(reference, out: Path, seeds: int, steps: int, cfg: float) -> None:
+def sample_grid(reference, out: Path, seeds: int, steps: int, cfg: float, scheduler: str) -> None:
     import nodes as comfy_nodes
 
     font = ImageFont.load_default()
@@ -54,14 +61,14 @@ def sample_grid(reference, out: Path, seeds: int, steps: int, cfg: float) -> Non
     rows = []
     for prompt in PROMPTS:
         latent = {"samples": torch.zeros(seeds, 3, 32, 32)}
-        (samples,) = comfy_nodes.common_ksampler(reference.patcher, 1, steps, cfg, "euler", "normal",
+        (samples,) = comfy_nodes.common_ksampler(reference.patcher, 1, steps, cfg, "euler", scheduler,
                                                  reference.conditioning(prompt), reference.conditioning(""), latent)
         (images,) = comfy_nodes.VAEDecode().decode(reference.vae, samples)
         rows.append((prompt, images))
     label_w = 420
     canvas = Image.new("RGB", (label_w + seeds * cell, len(rows) * cell + 20), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"KSampler euler/normal {steps} steps, cfg {cfg}; one row per prompt, {seeds} seeds",
+    draw.text((4, 4), f"KSampler euler/{scheduler} {steps} steps, cfg {cfg}; one row per prompt, {seeds} seeds",
               fill="black", font=font)
     for r, (prompt, images) in enumerate(rows):
         y = 20 + r * cell
@@ -86,21 +93,22 @@ def training_grid(out: Path) -> None:
     Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(out)
 
 
-def profile_heatmap(reference, out: Path, steps: int, cfg: float) -> None:
+def profile_heatmap(reference, out: Path, steps: int, cfg: float, scheduler: str) -> None:
     pack = load_pack()
     data = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_data")
     prompts = data.benchmark_prompts(4, seed=99)
     latent = {"samples": torch.zeros(len(prompts), 3, 32, 32)}
-    positive = [[reference.encode(prompts), {}]]
+    positive = reference.conditioning_batch(prompts)
     _, _, heatmap = pack.nodes.nodes_profile.ProfileBlockChanges.execute(
-        reference.patcher, 2, steps, cfg, "euler", "normal", positive, reference.conditioning(""), latent, 1.0).result
+        reference.patcher, 2, steps, cfg, "euler", scheduler, positive, reference.conditioning(""), latent, 1.0).result
     Image.fromarray((heatmap[0].numpy() * 255).clip(0, 255).astype(np.uint8)).save(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="unet")
     parser.add_argument("--log", type=Path, default=Path("out/train/loss.csv"))
-    parser.add_argument("--out", type=Path, default=PACK_ROOT / "models" / "reference")
+    parser.add_argument("--out", type=Path, default=None, help="default: the model's folder in models/")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
@@ -112,14 +120,16 @@ def main() -> None:
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     torch.set_num_threads(args.threads)
-    reference = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model").load_reference_model()
-    args.out.mkdir(parents=True, exist_ok=True)
+    module, loader, folder, scheduler, objective = MODELS[args.model]
+    reference = getattr(importlib.import_module(f"{PACK_MODULE}.demo_models.{module}"), loader)()
+    out = args.out or PACK_ROOT / "models" / folder
+    out.mkdir(parents=True, exist_ok=True)
     if args.log.exists():
-        loss_curve(args.log, args.out / "loss_curve.png")
-    training_grid(args.out / "training_data.png")
-    sample_grid(reference, args.out / "samples.png", args.seeds, args.steps, args.cfg)
-    profile_heatmap(reference, args.out / "profile_heatmap.png", args.steps, args.cfg)
-    print(f"wrote {', '.join(sorted(p.name for p in args.out.glob('*.png')))} to {args.out}")
+        loss_curve(args.log, out / "loss_curve.png", objective)
+    training_grid(out / "training_data.png")
+    sample_grid(reference, out / "samples.png", args.seeds, args.steps, args.cfg, scheduler)
+    profile_heatmap(reference, out / "profile_heatmap.png", args.steps, args.cfg, scheduler)
+    print(f"wrote {', '.join(sorted(p.name for p in out.glob('*.png')))} to {out}")
 
 
 if __name__ == "__main__":
