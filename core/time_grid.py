@@ -126,8 +126,12 @@ def retime_mask(mask: np.ndarray, grid_bounds: list[float], run_bounds: list[flo
     before = np.vstack([np.zeros((1, layers)), np.cumsum(share, axis=0)[:-1]]) - 1e-9
     after = before + share
     retimed = (np.floor(after) >= np.ceil(before)).T
+    start, end = grid_bounds[0], grid_bounds[steps]
     for j in range(run_steps):
-        if run_bounds[j + 1] >= grid_bounds[0] - TAU_TOLERANCE or run_bounds[j] <= grid_bounds[steps] + TAU_TOLERANCE:
+        high, low = run_bounds[j], run_bounds[j + 1]
+        before = low >= start - TAU_TOLERANCE and high > start + TAU_TOLERANCE
+        after = high <= end + TAU_TOLERANCE and low < end - TAU_TOLERANCE
+        if before or after:
             retimed[:, j] = True
     return retimed
 

@@ -37,9 +37,10 @@ def frontend_latest() -> tuple[Path, str] | None:
 # Empty stand-ins, so the example workflows' model file names are valid choices (they are never loaded).
 PLACEHOLDER_MODELS = {
     "checkpoints": ("v1-5-pruned-emaonly-fp16.safetensors", "sd_xl_base_1.0.safetensors"),
-    "diffusion_models": ("flux1-dev.safetensors",),
-    "text_encoders": ("clip_l.safetensors", "t5xxl_fp16.safetensors"),
-    "vae": ("ae.safetensors",),
+    "diffusion_models": ("flux1-dev.safetensors", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                         "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"),
+    "text_encoders": ("clip_l.safetensors", "t5xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "vae": ("ae.safetensors", "wan_2.1_vae.safetensors"),
 }
 
 

@@ -125,6 +125,27 @@ def test_max_steps_splits_the_batches(pack, pd, tiny_model, conds, latent):
     assert decoder.last_stats.batch_sizes == [4, 2, 4, 2]
 
 
+def test_batches_are_capped_by_free_memory(pack, pd, tiny_model, conds, latent, monkeypatch, caplog):
+    """With room for one extra step's rows in ComfyUI's free-memory estimate, every batched call holds two
+    steps, as with max_steps 2, and the log says so."""
+    schedule = _schedule(pack, tiny_model)
+    sequential, _, _ = _apply(pack, pd, tiny_model, schedule, batched=False)
+    parallel, _, decoder = _apply(pack, pd, tiny_model, schedule)
+    rows_memory = tiny_model.model.memory_required([2, *latent["samples"].shape[1:]])
+    free = 1.5 * rows_memory / 0.8
+
+    def get_free_memory(device=None, torch_free_too=False):
+        return (free, free) if torch_free_too else free
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", get_free_memory)
+    with caplog.at_level(logging.INFO), _UNetPasses(tiny_model) as passes:
+        out = sample(parallel, *conds, latent)
+    _assert_close(out, sample(sequential, *conds, latent))
+    assert passes.rows == [2, 4, 2, 2, 4, 2]
+    assert decoder.last_stats.batch_sizes == [4, 2, 4, 2] and decoder.last_stats.memory_capped == 2
+    assert "capped at 2 steps (4 rows) to fit the free memory" in caplog.text
+
+
 def test_reference_model_parallel_equals_sequential(pack, pd):
     """The trained reference model (real weights), paper DPM-Solver keys on 20 dpmpp_2m steps."""
     reference = pack.demo_models.reference_model.load_reference_model()
