@@ -1,6 +1,6 @@
 """The runtime's cost on real hardware: overhead, achieved speed-up, cache and profile memory, syncs.
 
-Made for one GPU in at most 8 minutes (``make bench-gpu``); it also runs on a CPU, where the device
+Sized for one GPU in about 8 minutes (``make bench-gpu``; not yet run on one); it also runs on a CPU, where the device
 figures (peak memory, syncs) are replaced by what the cache and the profile hold.
 
 Models, with seeded random weights (the figures measure the runtime, not pictures):
