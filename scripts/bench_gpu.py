@@ -192,6 +192,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
 
     # Profile (also counts the FLOPs), then the same run with the old profiler emulated.
     profiler, holder = patching.attach_profiler(model)
+    _sample(case, model, steps, device)  # loads the weights, so that no peak below counts them
     plain_peak = _peak_above(device, lambda: _sample(case, model, steps, device))
     profile_peak = _peak_above(device, lambda: _sample(case, profiler, steps, device))
     recorder_bytes = holder.last_recording.nbytes
