@@ -54,8 +54,9 @@ class ApplyBlockCache(io.ComfyNode):
                                          "run as one batch, so a GPU is used better (no fewer FLOPs). conv_in is "
                                          "then reused with the encoder, as in the paper, which changes the output "
                                          "slightly. Memory: the decoder's activations grow with the number of "
-                                         "steps batched (up to the gap between key steps, x the CFG batch); "
-                                         "limit it below. Off by default."),
+                                         "steps batched (up to the gap between key steps, x the CFG batch), "
+                                         "capped to what ComfyUI reports free; limit it further below. Off by "
+                                         "default."),
                 io.Int.Input("parallel_decoding_max_steps", default=0, min=0, max=1000, optional=True,
                              tooltip="Parallel decoding: the most steps decoded in one batch (0: every step up to "
                                      "the next key step). Lower it if the batched pass runs out of memory."),
