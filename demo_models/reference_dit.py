@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import reference_data
-from .reference_model import CONTEXT_DIM, TokenEncoder, pixel_space_vae, tokenize
+from .reference_model import CONTEXT_DIM, load_weights, pixel_space_vae, read_weights, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -56,33 +56,14 @@ def pooled(context: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def load_state(path: Path | str = WEIGHTS_PATH) -> dict[str, torch.Tensor]:
-    import comfy.utils
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No reference DiT weights at {path}: train them with scripts/train_reference_dit.py")
-    return comfy.utils.load_torch_file(str(path), safe_load=True)
+    return read_weights(path, "scripts/train_reference_dit.py")
 
 
 class ReferenceDit:
     """The loaded reference transformer: MODEL, text encoder and VAE, as a checkpoint loader gives them."""
 
     def __init__(self, path: Path | str = WEIGHTS_PATH, dtype: torch.dtype = torch.float32) -> None:
-        import comfy.model_management
-        import comfy.model_patcher
-
-        state = load_state(path)
-        model = build_base_model(dtype)
-        dit = {k.removeprefix("diffusion_model."): v for k, v in state.items() if k.startswith("diffusion_model.")}
-        model.diffusion_model.load_state_dict(dit, strict=True)
-        model.diffusion_model.to(dtype)
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            model, load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device())
-        self.text_encoder = TokenEncoder()
-        self.text_encoder.load_state_dict(
-            {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}, strict=True)
-        self.text_encoder.eval()
+        self.patcher, self.text_encoder = load_weights(build_base_model(dtype), load_state(path), dtype)
         self.vae = pixel_space_vae()
 
     @torch.no_grad()

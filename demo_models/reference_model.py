@@ -93,34 +93,44 @@ def build_base_model(dtype: torch.dtype = torch.float32) -> Any:
     return model_config.get_model({}, "")
 
 
-def load_state(path: Path | str = WEIGHTS_PATH) -> dict[str, torch.Tensor]:
+def read_weights(path: Path | str, trained_by: str) -> dict[str, torch.Tensor]:
+    """A reference model's safetensors file; a missing one names the script that trains it."""
     import comfy.utils
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No reference weights at {path}: train them with scripts/train_reference_model.py")
+        raise FileNotFoundError(f"No reference weights at {path}: train them with {trained_by}")
     return comfy.utils.load_torch_file(str(path), safe_load=True)
+
+
+def load_state(path: Path | str = WEIGHTS_PATH) -> dict[str, torch.Tensor]:
+    return read_weights(path, "scripts/train_reference_model.py")
+
+
+def load_weights(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[Any, TokenEncoder]:
+    """The ModelPatcher around ``model`` and the token encoder, both holding exactly ``state``'s weights
+    (``diffusion_model.*`` and ``text_encoder.*``)."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+    model.diffusion_model.load_state_dict(part("diffusion_model."), strict=True)
+    model.diffusion_model.to(dtype)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    text_encoder = TokenEncoder()
+    text_encoder.load_state_dict(part("text_encoder."), strict=True)
+    text_encoder.eval()
+    return patcher, text_encoder
 
 
 class ReferenceModel:
     """The loaded reference model: MODEL, text encoder and VAE, as a checkpoint loader gives them."""
 
     def __init__(self, path: Path | str = WEIGHTS_PATH, dtype: torch.dtype = torch.float32) -> None:
-        import comfy.model_management
-        import comfy.model_patcher
-
-        state = load_state(path)
-        model = build_base_model(dtype)
-        unet = {k.removeprefix("diffusion_model."): v for k, v in state.items() if k.startswith("diffusion_model.")}
-        model.diffusion_model.load_state_dict(unet, strict=True)
-        model.diffusion_model.to(dtype)
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            model, load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device())
-        self.text_encoder = TokenEncoder()
-        self.text_encoder.load_state_dict(
-            {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}, strict=True)
-        self.text_encoder.eval()
+        self.patcher, self.text_encoder = load_weights(build_base_model(dtype), load_state(path), dtype)
         self.vae = pixel_space_vae()
 
     @torch.no_grad()

@@ -19,45 +19,23 @@ by hand after 45 minutes); ``--max-steps 828`` repeats that run.
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import importlib
 import math
-import time
-from pathlib import Path
 
 import torch
+import training
 from comfy_bootstrap import PACK_MODULE, load_pack
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
-    parser.add_argument("--max-steps", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--seed", type=int, default=0)
-    # One thread: on a busy 2-core machine two threads spin-wait on each other, about 10x slower per step.
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
-    parser.add_argument("--out", type=Path, default=Path("out/train"))
-    parser.add_argument("--weights", type=Path, default=None, help="default: the loader's path")
-    parser.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
+    training.add_arguments(parser, minutes=60.0, max_steps=100_000, out="out/train")
     args = parser.parse_args()
 
     load_pack()
     reference = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model")
     data = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_data")
-    import comfy.utils
-
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormals make CPU training many times slower
-    torch.manual_seed(args.seed)
-    weights_path = args.weights or reference.WEIGHTS_PATH
-    args.out.mkdir(parents=True, exist_ok=True)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    weights_path = training.prepare(args, reference.WEIGHTS_PATH)
 
     base = reference.build_base_model()
     unet = base.diffusion_model
@@ -81,85 +59,20 @@ def main() -> None:
     model_sampling = base.model_sampling
     sigmas = model_sampling.sigmas.float()
 
-    parameters = list(unet.parameters()) + list(encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
-    ema_unet, ema_encoder = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(encoder).requires_grad_(False)
-    data_generator = torch.Generator().manual_seed(args.seed + 1)
-    noise_generator = torch.Generator().manual_seed(args.seed + 2)
-    step, elapsed_before = 0, 0.0
-    state_path = args.out / "state.pt"
-    log_path = args.out / "loss.csv"
-    if args.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        encoder.load_state_dict(state["encoder"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_encoder.load_state_dict(state["ema_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        data_generator.set_state(state["data_generator"])
-        noise_generator.set_state(state["noise_generator"])
-        step, elapsed_before = state["step"], state["elapsed"]
-        print(f"resumed at step {step}")
-    elif log_path.exists():
-        log_path.unlink()
+    def batch_loss(pictures: torch.Tensor, captions: list[str], noise_generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(pictures.shape, generator=noise_generator)
+        t = torch.randint(0, len(sigmas), (args.batch,), generator=noise_generator)
+        sigma = sigmas[t]
+        noisy = pictures + noise * sigma.view(-1, 1, 1, 1)
+        model_input = model_sampling.calculate_input(sigma, noisy)
+        context = encoder(reference.tokenize(captions))
+        prediction = unet(model_input, model_sampling.timestep(sigma).float(), context=context)
+        return torch.nn.functional.mse_loss(prediction, noise)
 
-    def save() -> None:
-        tensors = {f"diffusion_model.{k}": v.detach().float().contiguous() for k, v in ema_unet.state_dict().items()}
-        tensors.update({f"text_encoder.{k}": v.detach().float().contiguous()
-                        for k, v in ema_encoder.state_dict().items()})
-        metadata = {"steps": str(step), "batch": str(args.batch), "seed": str(args.seed), "lr": str(args.lr),
-                    "ema": str(args.ema), "minutes": f"{(elapsed_before + time.monotonic() - start) / 60:.1f}",
-                    "objective": "eps, SD1.5 discrete model_sampling", "resolution": str(reference.RESOLUTION)}
-        comfy.utils.save_torch_file(tensors, str(weights_path), metadata=metadata)
-        torch.save({"unet": unet.state_dict(), "encoder": encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
-                    "ema_encoder": ema_encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                    "data_generator": data_generator.get_state(), "noise_generator": noise_generator.get_state(),
-                    "step": step, "elapsed": elapsed_before + time.monotonic() - start}, state_path)
-        print(f"saved step {step} to {weights_path}", flush=True)
-
-    start = time.monotonic()
-    last_save = start
-    running = None
-    with log_path.open("a", newline="") as log_file:
-        log = csv.writer(log_file)
-        if step == 0:
-            log.writerow(["step", "loss", "minutes"])
-        while step < args.max_steps and elapsed_before + time.monotonic() - start < args.minutes * 60:
-            pictures, captions = data.training_batch(args.batch, data_generator)
-            noise = torch.randn(pictures.shape, generator=noise_generator)
-            t = torch.randint(0, len(sigmas), (args.batch,), generator=noise_generator)
-            sigma = sigmas[t]
-            noisy = pictures + noise * sigma.view(-1, 1, 1, 1)
-            model_input = model_sampling.calculate_input(sigma, noisy)
-            context = encoder(reference.tokenize(captions))
-            prediction = unet(model_input, model_sampling.timestep(sigma).float(), context=context)
-            loss = torch.nn.functional.mse_loss(prediction, noise)
-
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            step += 1
-            # EMA with a short horizon early on, so a run stopped early still has useful weights.
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for ema, live in ((ema_unet, unet), (ema_encoder, encoder)):
-                    for e, p in zip(ema.parameters(), live.parameters(), strict=True):
-                        e.lerp_(p, 1 - decay)
-
-            value = float(loss.detach())
-            running = value if running is None else 0.98 * running + 0.02 * value
-            minutes = (elapsed_before + time.monotonic() - start) / 60
-            log.writerow([step, f"{value:.5f}", f"{minutes:.2f}"])
-            if step % 25 == 0:
-                log_file.flush()
-                print(f"step {step} loss {value:.4f} (smoothed {running:.4f}) {minutes:.1f} min", flush=True)
-            if time.monotonic() - last_save > args.save_every:
-                save()
-                last_save = time.monotonic()
-    save()
+    training.train(args, model=unet, encoder=encoder, name="unet", weights_path=weights_path,
+                   metadata={"objective": "eps, SD1.5 discrete model_sampling",
+                             "resolution": str(reference.RESOLUTION)},
+                   training_batch=data.training_batch, batch_loss=batch_loss)
 
 
 if __name__ == "__main__":
