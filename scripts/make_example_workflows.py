@@ -212,21 +212,27 @@ def _side_by_side(g: Graph, model: int, apply: int, positive: int, negative: int
     """A cached and an uncached KSampler at column ``x``, decoded and previewed side by side."""
     cached = g.add("KSampler", (x, 340), sampler, (300, 262), title="KSampler (cached)", colour=CACHED)
     uncached = g.add("KSampler", (x, 640), list(sampler), (300, 262), title="KSampler (uncached)")
-    dec_c = g.add("VAEDecode", (x + 340, 340), [], (200, 50))
-    dec_u = g.add("VAEDecode", (x + 340, 640), [], (200, 50))
-    prev_c = g.add("PreviewImage", (x + 580, 120), [], (360, 400), title="cached", colour=CACHED)
-    prev_u = g.add("PreviewImage", (x + 960, 120), [], (360, 400), title="uncached")
     for node in (cached, uncached):
         g.link(positive, 0, node, "positive")
         g.link(negative, 0, node, "negative")
         g.link(latent, 0, node, "latent_image")
     g.link(apply, 0, cached, "model")
     g.link(model, 0, uncached, "model")
-    for node, decode, preview in ((cached, dec_c, prev_c), (uncached, dec_u, prev_u)):
-        g.link(node, 0, decode, "samples")
+    _decode_and_compare(g, (cached, 0), (uncached, 0), vae, x)
+
+
+def _decode_and_compare(g: Graph, cached: tuple[int, int], uncached: tuple[int, int], vae: tuple[int, int], x: int,
+                        cached_y: int = 340) -> None:
+    """The cached and the uncached latents decoded and previewed side by side, with Compare Pictures and
+    its difference map, right of column ``x``."""
+    decodes = (g.add("VAEDecode", (x + 340, cached_y), [], (200, 50)), g.add("VAEDecode", (x + 340, 640), [], (200, 50)))
+    previews = (g.add("PreviewImage", (x + 580, 120), [], (360, 400), title="cached", colour=CACHED),
+                g.add("PreviewImage", (x + 960, 120), [], (360, 400), title="uncached"))
+    for source, decode, preview in zip((cached, uncached), decodes, previews, strict=True):
+        g.link(*source, decode, "samples")
         g.link(*vae, decode, "vae")
         g.link(decode, 0, preview, "images")
-    compare = _compare(g, dec_u, dec_c, (x + 580, 560))
+    compare = _compare(g, decodes[1], decodes[0], (x + 580, 560))
     g.link(compare, 0, g.add("PreviewImage", (x + 960, 560), [], (360, 400), title="difference"), "images")
 
 
@@ -348,16 +354,7 @@ def wan22() -> dict[str, Any]:
                           CACHED)
     low_cached = segment((applied["low"], 0), (high_cached, 0), False, (2380, 500), "low-noise segment (cached)",
                          CACHED)
-    dec_c = g.add("VAEDecode", (2720, 500), [], (200, 50))
-    dec_u = g.add("VAEDecode", (2720, 640), [], (200, 50))
-    g.link(low_cached, 0, dec_c, "samples")
-    g.link(low_collect, 0, dec_u, "samples")
-    for decode in (dec_c, dec_u):
-        g.link(vae, 0, decode, "vae")
-    g.link(dec_c, 0, g.add("PreviewImage", (2960, 120), [], (360, 400), title="cached", colour=CACHED), "images")
-    g.link(dec_u, 0, g.add("PreviewImage", (3340, 120), [], (360, 400), title="uncached"), "images")
-    compare = _compare(g, dec_u, dec_c, (2960, 560))
-    g.link(compare, 0, g.add("PreviewImage", (3340, 560), [], (360, 400), title="difference"), "images")
+    _decode_and_compare(g, (low_cached, 0), (low_collect, 0), (vae, 0), 2380, cached_y=500)
     return g.to_json()
 
 
