@@ -1,4 +1,4 @@
 """Demo and reference models: the trained reference UNet, its procedural data and the small built-in UNets.
 
-Kept apart from ``core`` (the runtime and the methods), which never imports this package.
+Kept apart from the runtime and the methods, which never import this package.
 """

@@ -5,7 +5,7 @@ in the node's properties by the frontend, so the drawings survive saving and rel
 workflow. They go into every saved workflow and picture's metadata, so the profile's change
 matrix is sent to 3 significant digits and only while it stays under MAX_PROFILE_PAYLOAD_BYTES;
 the full profile stays in the user's schedules folder. Only this node layer talks to the
-server; ``core`` stays free of it.
+server; the core packages stay free of it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import logging
 import math
 from typing import Any
 
-from ..core.profile import BlockProfile
-from ..core.runtime import BlockCacheHolder, RunStats
-from ..core.schedule import CacheSchedule
+from ..block_caching.cache import BlockCacheHolder, run_speedup_estimate
+from ..block_caching.profile import BlockProfile
+from ..block_caching.schedule import CacheSchedule
+from ..runtime.run import RunStats
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
 def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     """A speed-up target schedule's ladder: the best compute steps for every count of them, so the node
     redraws the schedule for another speed-up at once (js/block_cache.js picks the rung as
-    core/target_schedule.py choose_rung does)."""
+    block_caching/target_schedule.py choose_rung does)."""
     builder = schedule.builder
     cacheable = set(builder["cached_layers"])
     chosen = {"steps": builder["compute_steps"], "order": builder["chosen_order"]}
@@ -130,12 +131,10 @@ def warn_never_reused(holder: BlockCacheHolder, stats: RunStats) -> None:
         logger.warning("%s: %d layers the schedule reuses were computed at every call of this run, so they saved "
                        "nothing: %s. Their calls did not fit the cache (an output their block signature does not "
                        "describe, or not one batch of the cond chunks). Fix: add the block class to "
-                       "BLOCK_SIGNATURES in core/dit_families.py.", holder.name, len(names), ", ".join(names))
+                       "BLOCK_SIGNATURES in block_maps/dit_families.py.", holder.name, len(names), ", ".join(names))
 
 
 def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict[str, Any]:
-    from ..core.runtime import run_speedup_estimate
-
     return {
         "node": node_id,
         "computed": int(stats.computed.sum()),

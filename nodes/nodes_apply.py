@@ -6,11 +6,11 @@ import logging
 
 from comfy_api.latest import io
 
-from ..core.errors import UnsupportedModelError
-from ..core.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
-from ..core.parallel_decoding import ParallelDecoding, enable_parallel_decoding
-from ..core.patching import apply_block_cache
-from ..core.runtime import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
+from ..block_caching.cache import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
+from ..block_caching.patching import apply_block_cache
+from ..errors import UnsupportedModelError
+from ..faster_diffusion.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
+from ..faster_diffusion.parallel_decoding import ParallelDecoding, enable_parallel_decoding
 from .frontend import send_run_summaries, warn_never_reused
 from .types import CATEGORY, CacheScheduleSocket
 
@@ -70,11 +70,12 @@ class ApplyBlockCache(io.ComfyNode):
                 noise_injection_until=DEFAULT_TAU_CUTOFF, parallel_decoding=False,
                 parallel_decoding_max_steps=0) -> io.NodeOutput:
         injection = NoiseInjection(alpha=float(noise_injection_alpha), tau_cutoff=float(noise_injection_until))
+        injection.validate()
         parallel = ParallelDecoding(enabled=bool(parallel_decoding), max_steps=int(parallel_decoding_max_steps))
         parallel.validate()
         try:
             patched, holder = apply_block_cache(model, schedule, cache_device=cache_device,
-                                                noise_injection=injection)
+                                                extensions=[injection] if injection.enabled else [])
         except UnsupportedModelError as error:
             # Not an error that should stop the graph: the model samples as it is, and the node says so.
             message = f"Block Cache is OFF for this model; it samples uncached. {error}"

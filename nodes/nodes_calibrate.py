@@ -6,9 +6,9 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..core.calibration import DEFAULT_ITERATIONS, DEFAULT_LEARNING_RATE, CalibrationOptions, calibrate
-from ..core.heatmap import render_loss_curve
+from ..block_caching.calibration import DEFAULT_ITERATIONS, DEFAULT_LEARNING_RATE, CalibrationOptions, calibrate
 from .frontend import schedule_payload
+from .heatmap import render_loss_curve
 from .types import CATEGORY, CacheScheduleSocket
 
 

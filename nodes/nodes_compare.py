@@ -7,7 +7,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..core.fidelity import compare_pictures, difference_map
+from ..block_caching.fidelity import compare_pictures, difference_map
 from .types import CATEGORY
 
 logger = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..core.block_map import block_map_for_patcher
-from ..core.faster_diffusion import (
+from ..block_maps.block_map import block_map_for_patcher
+from ..faster_diffusion.schedule import (
     DEFAULT_ENCODER_RATIO,
     KEY_STEP_MODES,
     KEY_STEPS_AUTO,
@@ -17,7 +17,8 @@ from ..core.faster_diffusion import (
     grid_for_model,
     parse_key_steps,
 )
-from ..core.schema import provenance, schedule_to_json
+from ..provenance import provenance
+from ..schedule_files.schema import schedule_to_json
 from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from ..core.errors import ScheduleFileError
-from ..core.storage import list_schedules, load_schedule, resolve, save_schedule, schedule_directory
+from ..errors import ScheduleFileError
+from ..schedule_files.storage import list_schedules, load_schedule, resolve, save_schedule, schedule_directory
 from .frontend import schedule_payload
 from .types import CATEGORY, CacheScheduleSocket
 

@@ -9,11 +9,11 @@ import nodes as comfy_nodes
 import torch
 from comfy_api.latest import io
 
-from ..core.heatmap import render_profile
-from ..core.patching import attach_profiler, collect_profile
-from ..core.profile import merge_profiles
-from ..core.validation import ProfileReplay
+from ..block_caching.patching import attach_profiler, collect_profile
+from ..block_caching.profile import merge_profiles
+from ..block_caching.validation import ProfileReplay
 from .frontend import profile_payload
+from .heatmap import render_profile
 from .types import CATEGORY, BlockProfileSocket, ProfileRecordingSocket
 
 

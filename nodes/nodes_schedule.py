@@ -6,17 +6,17 @@ import logging
 
 from comfy_api.latest import io
 
-from ..core.block_map import CACHE_KIND_CHOICES
-from ..core.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
-from ..core.schema import schedule_to_json
-from ..core.target_schedule import (
+from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
+from ..block_caching.target_schedule import (
     DEFAULT_FORECAST_ORDER,
     DEFAULT_SPEEDUP,
     FORECAST_ORDER_CHOICES,
     TargetOptions,
     build_target_schedule,
 )
-from ..core.validation import measure_metric, replay_measure
+from ..block_caching.validation import measure_metric, replay_measure
+from ..block_maps.block_map import CACHE_KIND_CHOICES
+from ..schedule_files.schema import schedule_to_json
 from .frontend import ladder_payload, profile_payload, schedule_payload
 from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 

@@ -3,7 +3,7 @@
 import torch
 from comfy_api.latest import io
 
-from ..core.heatmap import render_schedule
+from .heatmap import render_schedule
 
 BlockProfileSocket = io.Custom("BLOCK_PROFILE")
 CacheScheduleSocket = io.Custom("CACHE_SCHEDULE")

@@ -1,7 +1,7 @@
 """The runtime's cost on real hardware: overhead, achieved speed-up, cache and profile memory, syncs.
 
-Sized for one GPU in about 8 minutes (``make bench-gpu``; not yet run on one); it also runs on a CPU, where the device
-figures (peak memory, syncs) are replaced by what the cache and the profile hold.
+Sized for one GPU in about 8 minutes (``make bench-gpu``; not yet run on one); it also runs on a CPU, where peak
+memory comes from torch's profiler memory timeline and syncs are not measured.
 
 Models, with seeded random weights (the figures measure the runtime, not pictures):
   * ``sd15``: the full-size SD1.5 UNet, fp16 on a GPU (fp32 on a CPU), 512x512 (a 64x64 latent),
@@ -14,7 +14,7 @@ For each, measured in one process:
   * all-compute overhead: an all-compute schedule against no patch (goal: at most 1%);
   * achieved / ideal speed-up of a uniform "every 2nd step" schedule (ideal: 1 / its FLOP fraction,
     from the FLOPs the profiler counted; goal: at least 0.95), also with ``cache_device=cpu``;
-  * cache memory: what the cache held at most, and (GPU) the peak allocated memory above no patch;
+  * cache memory: what the cache held at most, and the peak allocated memory above no patch;
   * profile memory: a profiling run's peak above no patch, against the profiler before issue 15,
     which kept one float32 copy of every layer's residual per cond chunk (emulated here);
   * syncs per step (GPU): host-device synchronizations torch reports under ``set_sync_debug_mode``.
@@ -123,16 +123,36 @@ def _sample(case: Case, model: Any, steps: int, device: torch.device) -> float:
 
 
 def _peak_above(device: torch.device, run: Callable[[], Any]) -> int | None:
-    """Peak allocated device memory during ``run`` above what was allocated before it (GPU only)."""
+    """Peak memory allocated during ``run`` above what was allocated before it: the device's own
+    counter on a GPU; on a CPU, torch's profiler memory timeline (every tensor created and freed)."""
     if device.type != "cuda":
-        run()
-        return None
+        return _cpu_peak_above(run)
     _synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     run()
     _synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def _cpu_peak_above(run: Callable[[], Any]) -> int | None:
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    try:
+        timeline = prof._memory_profile().timeline
+    except Exception:  # a private API: without it, no CPU figure
+        return None
+    live = peak = 0
+    for _, action, _, size in sorted(timeline, key=lambda event: event[0]):
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
 
 
 def _syncs_per_step(device: torch.device, run: Callable[[], Any], steps: int) -> float | None:
@@ -182,8 +202,7 @@ class _BaselineProfiler:
 
 def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: int,
             memory_only: bool = False) -> dict[str, Any]:
-    core = pack.core
-    patching, runtime = core.patching, core.runtime
+    patching, cache = pack.block_caching.patching, pack.block_caching.cache
     model = case.patcher
 
     def timed(patched: Any) -> float:
@@ -198,7 +217,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     recorder_bytes = holder.last_recording.nbytes
     profile = patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=case.cfg, denoise=1.0,
                                        latent_shape=tuple(case.latent.shape))
-    with _BaselineProfiler(core.profile.ProfileRecorder) as baseline:
+    with _BaselineProfiler(pack.block_caching.profile.ProfileRecorder) as baseline:
         baseline_peak = _peak_above(device, lambda: _sample(case, patching.attach_profiler(model)[0], steps, device))
         baseline_bytes = baseline.peak_bytes
 
@@ -213,7 +232,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     }
     if memory_only:
         return memory
-    all_compute = core.schedule.all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
+    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
                                                      profile.total_flops)
     layers = []
     for layer in all_compute.layers:
@@ -228,7 +247,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     t_cached = timed(cached)
     cache_peak = _peak_above(device, lambda: _sample(case, cached, steps, device))
     cache_bytes = cached_holder.last_run.peak_cache_bytes
-    offloaded, offloaded_holder = patching.apply_block_cache(model, every_two, cache_device=runtime.CACHE_ON_CPU)
+    offloaded, offloaded_holder = patching.apply_block_cache(model, every_two, cache_device=cache.CACHE_ON_CPU)
     t_offloaded = timed(offloaded)
     syncs_plain = _syncs_per_step(device, lambda: _sample(case, model, steps, device), steps)
     syncs_cached = _syncs_per_step(device, lambda: _sample(case, cached, steps, device), steps)

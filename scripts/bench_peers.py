@@ -26,7 +26,7 @@ ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/
 from __future__ import annotations
 
 import dataclasses
-import sys
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +69,7 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
 
     def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
         if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
-            run.compute_now[1:] = state["compute"]
+            run.layer_method.compute_now[1:] = state["compute"]
             return first_layer(*args, **kwargs)
         state["evaluation"] = run.stats.evaluations
         # The first stream (a UNet's x, a DiT's image tokens); copied, as DiT blocks add to it in place.
@@ -84,7 +84,7 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
         else:
             change = float((residual - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
         compute_all = change >= threshold
-        run.compute_now[1:] = compute_all
+        run.layer_method.compute_now[1:] = compute_all
         state["compute"] = compute_all
         if compute_all:
             state["previous"] = residual.clone()
@@ -98,15 +98,17 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
 def _decide_at_first_layer(patched: Any, holder: Any, decide: Callable[[Any, Any, tuple, dict], Any]) -> None:
     """Puts ``decide(run, first_layer, args, kwargs)`` in place of the first layer's patch: a rule that
     decides at run time, once the first layer's input is known, what the other layers do."""
-    runtime = sys.modules[type(holder).__module__]
+    pack_name = type(holder).__module__.split(".")[0]
+    runtime = importlib.import_module(f"{pack_name}.runtime.run")
     key = holder.block_map.layers[0].patch_key
-    first_layer = patched.object_patches[key]  # the pack's CachedLayerForward of layer 0
+    first_layer = patched.object_patches[key]  # the pack's LayerForward of layer 0
 
     def first(*args: Any, **kwargs: Any) -> Any:
         call = runtime.active_call()
         if call is None or call.run.holder is not holder or not call.run.in_evaluation:
             return first_layer(*args, **kwargs)
-        call.run.store_now = call.run.plan.reuses_ever  # decided at run time: keep every computation
+        cache = call.run.layer_method
+        cache.store_now = cache.plan.reuses_ever  # decided at run time: keep every computation
         return decide(call.run, first_layer, args, kwargs)
 
     patched.add_object_patch(key, first)
@@ -172,7 +174,7 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
 
     def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
         if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
-            run.compute_now[:] = state["compute"]
+            run.layer_method.compute_now[:] = state["compute"]
             return first_layer(*args, **kwargs)
         state["evaluation"] = run.stats.evaluations
         current = indicator(first_layer.module, kwargs).detach()
@@ -187,7 +189,7 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
             state["accumulated"] = 0.0
         state["previous"] = current
         state["compute"] = compute_all
-        run.compute_now[:] = compute_all
+        run.layer_method.compute_now[:] = compute_all
         return first_layer(*args, **kwargs)
 
     _decide_at_first_layer(patched, holder, decide)

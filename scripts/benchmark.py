@@ -94,14 +94,23 @@ FAMILY_LABELS = {
     "faster_diffusion": "Faster Diffusion",
 }
 # The rows the goal compares against (everything that is not Block Cache's own builder).
-DEMO_MODULES = ("reference_model", "reference_dit", "reference_data", "builtin_models")
+# Where each module named in the scripts lives in the pack.
+PACKAGES = {
+    **dict.fromkeys(("reference_model", "reference_dit", "reference_data", "builtin_models"), "demo_models"),
+    **dict.fromkeys(("patching", "schedule", "target_schedule", "validation", "cache", "profile", "fidelity"),
+                    "block_caching"),
+    **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
+    "block_map": "block_maps",
+}
 OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "easycache", "lazycache",
           "faster_diffusion")
 
 
 def _module(name: str) -> Any:
-    package = "demo_models" if name in DEMO_MODULES else "core"
-    return importlib.import_module(f"{PACK_MODULE}.{package}.{name}")
+    """A pack module by its name; ``faster_diffusion`` is that method's schedule builder."""
+    if name == "faster_diffusion":
+        return importlib.import_module(f"{PACK_MODULE}.faster_diffusion.schedule")
+    return importlib.import_module(f"{PACK_MODULE}.{PACKAGES[name]}.{name}")
 
 
 # ---- quality -------------------------------------------------------------------------------------
@@ -360,7 +369,7 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     builtin = _module("builtin_models")
     patching = _module("patching")
     schedule_mod = _module("schedule")
-    runtime = _module("runtime")
+    cache = _module("cache")
 
     _, unet_config = builtin.FULL_UNET_CONFIGS["SD15"]
     model_config = comfy.supported_models.SD15(dict(unet_config))
@@ -409,7 +418,7 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for name, (_, case_holder) in cases.items():
         stats = case_holder.last_run
-        fraction = 1.0 / runtime.run_speedup_estimate(case_holder, stats)
+        fraction = 1.0 / cache.run_speedup_estimate(case_holder, stats)
         achieved = statistics.median(ratios[name])
         rows.append({"case": name, "speedup": achieved, "speedup_runs": ratios[name], "flop_fraction": fraction,
                      "ideal_speedup": 1.0 / fraction, "achieved_over_ideal": achieved * fraction,

@@ -579,7 +579,7 @@ def make_bundled_schedule() -> dict[str, Any]:
     import nodes as comfy_nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    core, demo_models = pack.core, pack.demo_models
+    demo_models = pack.demo_models
     loaded = demo_models.reference_model.load_reference_model()
     model, reference_vae = loaded.patcher.clone(), loaded.vae
     positive, negative = loaded.conditioning(DEMO_PROMPT), loaded.conditioning("")
@@ -589,18 +589,18 @@ def make_bundled_schedule() -> dict[str, Any]:
                                              positive, negative, latent)
         return out["samples"]
 
-    profiled, holder = core.patching.attach_profiler(model)
+    profiled, holder = pack.block_caching.patching.attach_profiler(model)
     reference = sample(profiled)
-    profile = core.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
+    profile = pack.block_caching.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
                                             denoise=1.0, latent_shape=tuple(latent["samples"].shape), seed=DEMO_SEED)
     # As the node does by default: the chosen schedule is measured on the profiled run.
-    replay = core.validation.ProfileReplay(model, sample, reference,
+    replay = pack.block_caching.validation.ProfileReplay(model, sample, reference,
                                            lambda samples: reference_vae.decode(samples).movedim(-1, 1))
-    measure = core.validation.replay_measure((replay,))
-    schedule = core.target_schedule.build_target_schedule(profile, core.target_schedule.TargetOptions(), measure,
+    measure = pack.block_caching.validation.replay_measure((replay,))
+    schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(), measure,
                                                           metric=replay.metric)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
-    print(f"wrote {core.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
+    print(f"wrote {pack.schedule_files.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
     return {"profile": pack.nodes.frontend.profile_payload(profile),
             "ladder": pack.nodes.frontend.ladder_payload(schedule)}
 

@@ -58,18 +58,17 @@ def _child(config: str, blocks: int, frames: int, height: int, width: int) -> di
     sampler = patcher
     holder = None
     if config != "no cache":
-        core = pack.core
-        block_map = core.block_map.block_map_for_patcher(patcher)
+        block_map = pack.block_maps.block_map.block_map_for_patcher(patcher)
         model_sampling = patcher.get_model_object("model_sampling")
         import comfy.samplers
 
         sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", steps).cpu()
-        grid = core.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
-        schedule = core.schedule.all_compute_schedule(block_map, grid)
+        grid = pack.runtime.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
+        schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
         if config == "caching schedule":  # every block computed at step 0 and reused at step 1
             layers = tuple(dataclasses.replace(layer, compute=(True, False)) for layer in schedule.layers)
             schedule = dataclasses.replace(schedule, layers=layers)
-        sampler, holder = core.patching.apply_block_cache(patcher, schedule)
+        sampler, holder = pack.block_caching.patching.apply_block_cache(patcher, schedule)
     noise = comfy.sample.prepare_noise(latent, 0)
     started = time.perf_counter()
     comfy.sample.sample(sampler, noise, steps, 5.0, "euler", "normal", positive, negative, latent, seed=0)

@@ -27,10 +27,9 @@ def sample(model: Any, positive: Any, negative: Any, latent: dict, *, seed: int 
 def profile_by_sampling(pack: Any, model: Any, conds: tuple, latent: dict, *, steps: int = 8, cfg: float = 5.0,
                         sampler: str = "euler") -> tuple[Any, torch.Tensor]:
     """Profile Block Changes' own path: a profiled KSampler run. Returns (profile, its sampled output)."""
-    core = pack.core
-    profiling, holder = core.patching.attach_profiler(model)
+    profiling, holder = pack.block_caching.patching.attach_profiler(model)
     out = sample(profiling, *conds, latent, steps=steps, cfg=cfg, sampler=sampler)
-    profile = core.patching.collect_profile(holder, model, sampler=sampler, scheduler="normal", cfg=cfg, denoise=1.0,
+    profile = pack.block_caching.patching.collect_profile(holder, model, sampler=sampler, scheduler="normal", cfg=cfg, denoise=1.0,
                                             latent_shape=tuple(latent["samples"].shape))
     return profile, out
 
@@ -119,7 +118,7 @@ def runs_holding_tensors(holder: Any) -> list[Any]:
     left after a run, finished or interrupted."""
     gc.collect()
     return [o for o in gc.get_objects() if type(o).__name__ == "RunContext" and getattr(o, "holder", None) is holder
-            and (o.cache or o.in_evaluation)]
+            and (getattr(o.layer_method, "cache", None) or o.in_evaluation)]
 
 
 def run_of(args: tuple, kwargs: dict) -> Any:
@@ -156,7 +155,7 @@ def expected_run_mask(schedule: Any, model: Any, run_sigmas: torch.Tensor) -> np
     """The schedule's mask on the run's own steps (the runtime's re-timing rule, read independently)."""
     from comfy_bootstrap import load_pack
 
-    time_grid = load_pack().core.time_grid
+    time_grid = load_pack().runtime.time_grid
     sampling = model.get_model_object("model_sampling")
     run_taus = time_grid.normalized_times(sampling, torch.as_tensor(run_sigmas).reshape(-1))
     if schedule.grid.same_as(run_taus[:-1]):
@@ -228,7 +227,7 @@ def expected_computations(schedule: Any, model: Any, eval_sigmas: list[float], r
     """Per layer, the computations the runtime must make on this run (``expected_run_mask``)."""
     from comfy_bootstrap import load_pack
 
-    time_grid = load_pack().core.time_grid
+    time_grid = load_pack().runtime.time_grid
     sampling = model.get_model_object("model_sampling")
     mask = expected_run_mask(schedule, model, run_sigmas)
     steps = time_grid.normalized_times(sampling, torch.as_tensor(run_sigmas).reshape(-1)[:-1])

@@ -37,14 +37,14 @@ def render() -> str:
     pack = load_pack()
     from dit_zoo import ZOO
 
-    families = importlib.import_module(f"{pack.__name__}.core.dit_families").DIT_FAMILIES
+    families = importlib.import_module(f"{pack.__name__}.block_maps.dit_families").DIT_FAMILIES
     tested: dict[str, list[str]] = defaultdict(list)
     blocks: dict[str, str] = {}
     for entry in ZOO:
         tested[entry.family].append(entry.id)
         if entry.family in blocks:
             continue
-        block_map = pack.core.block_map.block_map_for_patcher(entry.build(seed=0))
+        block_map = pack.block_maps.block_map.block_map_for_patcher(entry.build(seed=0))
         per_list: dict[str, tuple[int, str]] = {}
         for layer in block_map.layers:
             count, streams = per_list.get(layer.stage, (0, _streams(layer)))

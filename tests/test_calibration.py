@@ -17,15 +17,14 @@ STEPS = 8
 def calibration(pack):
     import importlib
 
-    return importlib.import_module(pack.__name__ + ".core.calibration")
+    return importlib.import_module(pack.__name__ + ".block_caching.calibration")
 
 
 @pytest.fixture
 def aggressive(pack, tiny_model, conds, latent):
     """A schedule that reuses most layer evaluations, and the uncached output it approximates."""
-    core = pack.core
     profile, uncached = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
     assert schedule.compute_mask().mean() < 0.4
     return schedule, uncached
 
@@ -38,7 +37,7 @@ def calibrated(pack, calibration, tiny_model, conds, latent, aggressive):
 
 
 def _sample(pack, model, schedule, conds, latent):
-    patched, _ = pack.core.patching.apply_block_cache(model, schedule)
+    patched, _ = pack.block_caching.patching.apply_block_cache(model, schedule)
     return sample(patched, *conds, latent, steps=STEPS)
 
 
@@ -96,14 +95,13 @@ def test_corrections_are_a_no_op_where_a_layer_computes(pack, tiny_model, conds,
 
 def test_parameters_round_trip_through_safetensors_and_the_schedule_file(pack, tiny_model, conds, latent, calibrated,
                                                                          tmp_path):
-    core = pack.core
     schedule = calibrated.schedule
-    path = core.storage.save_schedule(tmp_path, "calibrated", schedule)
+    path = pack.schedule_files.storage.save_schedule(tmp_path, "calibrated", schedule)
     parameters = tmp_path / "calibrated.scale_shift.safetensors"
     assert parameters.is_file()
     document = json.loads(path.read_text())
     assert document["calibration"] == {"file": parameters.name, "fingerprint": schedule.fingerprint}
-    loaded = core.storage.load_schedule(tmp_path, "calibrated.json")
+    loaded = pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
     assert loaded.scale_shift is not None and loaded.layers == schedule.layers
     assert loaded.scale_shift.entries.keys() == schedule.scale_shift.entries.keys()
     for key, entry in schedule.scale_shift.entries.items():
@@ -113,15 +111,14 @@ def test_parameters_round_trip_through_safetensors_and_the_schedule_file(pack, t
     assert torch.equal(_sample(pack, tiny_model, loaded, conds, latent),
                        _sample(pack, tiny_model, schedule, conds, latent))
     # An uncalibrated schedule writes no parameters and no reference.
-    plain = core.storage.save_schedule(tmp_path, "plain", dataclasses.replace(schedule, scale_shift=None))
+    plain = pack.schedule_files.storage.save_schedule(tmp_path, "plain", dataclasses.replace(schedule, scale_shift=None))
     assert "calibration" not in json.loads(plain.read_text())
     assert not (tmp_path / "plain.scale_shift.safetensors").exists()
 
 
 def test_mismatched_parameters_give_clear_errors_and_patch_nothing(pack, tiny_model, conds, latent, aggressive,
                                                                    calibrated, tmp_path):
-    core = pack.core
-    errors = core.errors
+    errors = pack.errors
     schedule = calibrated.schedule
     table = schedule.scale_shift
     # Parameters of another schedule (a different threshold gives other masks).
@@ -129,51 +126,50 @@ def test_mismatched_parameters_give_clear_errors_and_patch_nothing(pack, tiny_mo
         dataclasses.replace(layer, compute=(True,) * STEPS) if i == 0 else layer
         for i, layer in enumerate(aggressive[0].layers)), scale_shift=table)
     with pytest.raises(errors.ScheduleMismatchError, match="another schedule"):
-        core.patching.apply_block_cache(tiny_model, other)
+        pack.block_caching.patching.apply_block_cache(tiny_model, other)
     # Parameters of a model with another structure.
     foreign = table.detached()
     foreign.model_fingerprint = "0" * 16
     with pytest.raises(errors.ScheduleMismatchError, match="another structure"):
-        core.patching.apply_block_cache(tiny_model, dataclasses.replace(schedule, scale_shift=foreign))
+        pack.block_caching.patching.apply_block_cache(tiny_model, dataclasses.replace(schedule, scale_shift=foreign))
     # Channel counts that do not fit the model: found at the first reuse, the run fails clearly.
     narrow = _with_table(schedule, lambda e, _: (e.scale[:, :1].clone(), e.shift[:, :1].clone()))
-    patched, holder = core.patching.apply_block_cache(tiny_model, narrow)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, narrow)
     with pytest.raises(errors.ScheduleMismatchError, match="channels"):
         sample(patched, *conds, latent, steps=STEPS)
     assert not runs_holding_tensors(holder)  # run state freed
     assert not tiny_model.object_patches and not tiny_model.model_options["transformer_options"].get("wrappers")
     # Files: a missing parameter file, a schedule edited after calibration, a corrupt file, a hostile name.
-    path = core.storage.save_schedule(tmp_path, "calibrated", schedule)
+    path = pack.schedule_files.storage.save_schedule(tmp_path, "calibrated", schedule)
     parameters = tmp_path / "calibrated.scale_shift.safetensors"
     saved = parameters.read_bytes()
     parameters.unlink()
     with pytest.raises(errors.ScheduleFileError, match="missing"):
-        core.storage.load_schedule(tmp_path, "calibrated.json")
+        pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
     parameters.write_bytes(b"not safetensors" * 10)
     with pytest.raises(errors.ScheduleFileError, match="safetensors"):
-        core.storage.load_schedule(tmp_path, "calibrated.json")
+        pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
     parameters.write_bytes(saved)
     document = json.loads(path.read_text())
     document["layers"][0]["compute"] = "1" * STEPS if document["layers"][0]["compute"] != "1" * STEPS else \
         "1" + "0" * (STEPS - 1)
     path.write_text(json.dumps(document))
     with pytest.raises(errors.ScheduleFileError, match="changed after it was calibrated"):
-        core.storage.load_schedule(tmp_path, "calibrated.json")
+        pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
     for hostile in ("../../x.scale_shift.safetensors", "/etc/passwd", "x.json", 5, "a" * 500):
         document["calibration"]["file"] = hostile
         path.write_text(json.dumps(document))
         with pytest.raises(errors.ScheduleFormatError, match="calibration.file"):
-            core.storage.load_schedule(tmp_path, "calibrated.json")
+            pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
 
 
 def test_damaged_parameter_files_are_rejected(pack, calibrated, tmp_path):
-    core = pack.core
     table = calibrated.schedule.scale_shift
     tensors = {f"{name}#{stream}.{part}": getattr(entry, part)
                for (name, stream), entry in table.entries.items() for part in ("scale", "shift")}
-    metadata = {"format": core.scale_shift.FILE_FORMAT, "version": "1", "steps": str(STEPS),
+    metadata = {"format": pack.block_caching.scale_shift.FILE_FORMAT, "version": "1", "steps": str(STEPS),
                 "schedule_fingerprint": table.schedule_fingerprint, "model_fingerprint": table.model_fingerprint}
-    from_tensors = core.scale_shift.ScaleShiftTable.from_tensors
+    from_tensors = pack.block_caching.scale_shift.ScaleShiftTable.from_tensors
     assert from_tensors(tensors, metadata, "ok").entries.keys() == table.entries.keys()
     first = next(iter(tensors))
     cases = {
@@ -186,7 +182,7 @@ def test_damaged_parameter_files_are_rejected(pack, calibrated, tmp_path):
         "matching": (metadata, {k: v for k, v in tensors.items() if k != first}),
     }
     for problem, (meta, data) in cases.items():
-        with pytest.raises(core.errors.ScheduleFileError, match=problem):
+        with pytest.raises(pack.errors.ScheduleFileError, match=problem):
             from_tensors(data, meta, "damaged.scale_shift.safetensors")
 
 
@@ -194,7 +190,7 @@ def test_calibrate_refuses_a_schedule_that_reuses_nothing(pack, calibration, tin
     schedule, _ = aggressive
     everything = dataclasses.replace(schedule, layers=tuple(
         dataclasses.replace(layer, compute=(True,) * STEPS) for layer in schedule.layers))
-    with pytest.raises(pack.core.errors.BlockCacheError, match="reuses nothing"):
+    with pytest.raises(pack.errors.BlockCacheError, match="reuses nothing"):
         calibration.calibrate(tiny_model, everything, [conds], latent["samples"], calibration.CalibrationOptions())
     with pytest.raises(ValueError, match="learning_rate"):
         calibration.calibrate(tiny_model, schedule, [conds], latent["samples"],
@@ -203,8 +199,6 @@ def test_calibrate_refuses_a_schedule_that_reuses_nothing(pack, calibration, tin
 
 def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack):
     import importlib
-
-    core = pack.core
     node = importlib.import_module(pack.__name__ + ".nodes.nodes_calibrate").CalibrateBlockCache
     # ComfyUI's execution.py runs every node in inference mode: the loader's weights, the conditioning
     # and the schedule are all made there, and the weights are inference tensors that require grad.
@@ -214,7 +208,7 @@ def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack):
         conds = (prompt("a red square", 32), prompt("blurry", 32))
         latent = {"samples": torch.zeros(1, 4, 16, 16)}
         profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-        schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
+        schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
         assert any(layer.reuse.value == "residual" and layer.kind.value == "resblock" for layer in schedule.layers)
         positive = conds[0] + conds[0]  # two entries: two prompts, used in turn
         output = node.execute(tiny_model, schedule, positive, conds[1], latent, 3, 4, 0.05, 0, 0.0)
@@ -229,12 +223,11 @@ def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack):
 
 def test_calibration_on_a_dit_with_two_streams(pack, calibration):
     """Flux double blocks return (img, txt) tokens: channels are last, each stream has its own correction."""
-    core = pack.core
     flux = next(entry for entry in ZOO if entry.id == "flux-dev")
     model = flux.build(seed=0)
     conds = flux.conds()
     profile, _ = profile_by_sampling(pack, model, conds, flux.latent(), steps=6, cfg=1.0)
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=3.0))
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=3.0))
     options = calibration.CalibrationOptions(iterations=6, learning_rate=0.05)
     result = calibration.calibrate(model, schedule, [conds], flux.latent()["samples"], options)
     table = result.schedule.scale_shift
@@ -242,8 +235,8 @@ def test_calibration_on_a_dit_with_two_streams(pack, calibration):
     assert streams == {0, 1}
     assert result.losses[-1] < result.losses[0]
     identity = _with_table(result.schedule, lambda e, _: (torch.zeros_like(e.scale), torch.zeros_like(e.shift)))
-    patched_plain, _ = core.patching.apply_block_cache(model, schedule)
-    patched_identity, _ = core.patching.apply_block_cache(model, identity)
+    patched_plain, _ = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched_identity, _ = pack.block_caching.patching.apply_block_cache(model, identity)
     assert torch.equal(sample(patched_identity, *conds, flux.latent(), steps=6, cfg=1.0),
                        sample(patched_plain, *conds, flux.latent(), steps=6, cfg=1.0))
 
@@ -251,10 +244,9 @@ def test_calibration_on_a_dit_with_two_streams(pack, calibration):
 def test_calibration_corrects_forecast_reuse(pack, calibration, tiny_model, conds, latent):
     """On a speed-up target schedule (forecast order 1) the correction applies to the forecast: identity
     parameters give the uncorrected forecast bit for bit, and training lowers the error of the forecasts."""
-    core = pack.core
     profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-    schedule = core.target_schedule.build_target_schedule(
-        profile, core.target_schedule.TargetOptions(speedup=3.0, forecast_order="1"))
+    schedule = pack.block_caching.target_schedule.build_target_schedule(
+        profile, pack.block_caching.target_schedule.TargetOptions(speedup=3.0, forecast_order="1"))
     assert {layer.forecast_order for layer in schedule.layers if not all(layer.compute)} == {1}
     options = calibration.CalibrationOptions(iterations=6, learning_rate=0.05, seed=100)
     result = calibration.calibrate(tiny_model, schedule, [conds], latent["samples"], options)

@@ -33,11 +33,10 @@ FLUX = next(e for e in ZOO if e.id == "flux-dev")
 
 def profile_schedules(pack, model, conds, latent, steps=8, cfg=5.0):
     """(all-compute schedule, caching schedule) built from a real profile of ``model``."""
-    core = pack.core
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, cfg=cfg)
-    caching = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
+    caching = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
     assert not caching.compute_mask().all()
-    return core.schedule.all_compute_schedule(profile.block_map, profile.grid), caching
+    return pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid), caching
 
 
 @pytest.fixture
@@ -68,22 +67,22 @@ def test_lora_before_and_after_apply_all_compute_is_exact(pack, tiny_model, cond
     all_compute, _ = schedules
     reference = sample(with_lora(tiny_model), *conds, latent)
     assert not torch.equal(reference, sample(tiny_model, *conds, latent)), "the LoRA must change the output"
-    before, _ = pack.core.patching.apply_block_cache(with_lora(tiny_model), all_compute)
+    before, _ = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    after, _ = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    after, _ = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
     after = with_lora(after)
     assert torch.equal(sample(after, *conds, latent), reference)
 
 
 def test_lora_with_a_caching_schedule_caches_and_keeps_the_lora(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    plain, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
-    lora_cached, holder = pack.core.patching.apply_block_cache(with_lora(tiny_model), caching)
+    plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    lora_cached, holder = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), caching)
     out_plain = sample(plain, *conds, latent)
     out_lora = sample(lora_cached, *conds, latent)
     assert holder.last_run.reused.sum() > 0 and not torch.equal(out_plain, out_lora)
     # Applying the LoRA after Block Cache gives the same as before it.
-    after = with_lora(pack.core.patching.apply_block_cache(tiny_model, caching)[0])
+    after = with_lora(pack.block_caching.patching.apply_block_cache(tiny_model, caching)[0])
     assert torch.equal(sample(after, *conds, latent), out_lora)
 
 
@@ -109,16 +108,16 @@ def test_attention_patches_before_and_after_apply_all_compute_is_exact(pack, tin
     reference = sample(_attention_patches(tiny_model.clone(), calls), *conds, latent)
     assert calls["attn1_replace"] > 0 and calls["attn2_patch"] > 0
     assert not torch.equal(reference, sample(tiny_model, *conds, latent))
-    before, _ = pack.core.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), all_compute)
+    before, _ = pack.block_caching.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    after, _ = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    after, _ = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
     assert torch.equal(sample(_attention_patches(after.clone(), calls), *conds, latent), reference)
 
 
 def test_attention_replace_runs_whenever_its_layer_computes(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     calls = {"attn2_patch": 0, "attn1_replace": 0}
-    patched, holder = pack.core.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), caching)
     sample(patched, *conds, latent)
     index = holder.block_map.index()["input_blocks.1.1"]
     # One replace call per real computation of that SpatialTransformer (one transformer block).
@@ -143,15 +142,15 @@ def test_dit_block_replace_patch_chains_with_block_cache(pack):
     reference = sample(replaced, *conds, latent, steps=4, cfg=FLUX.cfg)
     assert calls and not torch.equal(reference, sample(model, *conds, latent, steps=4, cfg=FLUX.cfg))
     all_compute, caching = profile_schedules(pack, model, FLUX.conds(), latent, steps=4, cfg=FLUX.cfg)
-    patched, _ = pack.core.patching.apply_block_cache(replaced, all_compute)
+    patched, _ = pack.block_caching.patching.apply_block_cache(replaced, all_compute)
     assert torch.equal(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg), reference)
     # Set after our node, on its output: the same.
-    after = pack.core.patching.apply_block_cache(model, all_compute)[0].clone()
+    after = pack.block_caching.patching.apply_block_cache(model, all_compute)[0].clone()
     after.set_model_patch_replace(double_block_replace, "dit", "double_block", 1)
     assert torch.equal(sample(after, *conds, latent, steps=4, cfg=FLUX.cfg), reference)
     # Caching: the replace function still wraps the block at every evaluation; the block inside it caches.
     calls.clear()
-    cached, holder = pack.core.patching.apply_block_cache(replaced, caching)
+    cached, holder = pack.block_caching.patching.apply_block_cache(replaced, caching)
     sample(cached, *conds, latent, steps=4, cfg=FLUX.cfg)
     assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
 
@@ -160,7 +159,7 @@ def test_dit_block_replace_patch_chains_with_block_cache(pack):
 
 def test_one_patched_model_in_two_samplers_gives_the_same_result_twice(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     first = sample(patched, *conds, latent)
     first_stats = holder.last_run
     second = sample(patched, *conds, latent)
@@ -171,7 +170,7 @@ def test_one_patched_model_in_two_samplers_gives_the_same_result_twice(pack, tin
 def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     reference = sample(tiny_model, *conds, latent)
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     sample(patched, *conds, latent)
     # The next graph has the Apply node bypassed: the loader's model goes straight to the sampler.
     names = [layer.name for layer in caching.layers]
@@ -183,8 +182,8 @@ def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent
 
 def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model, conds, latent, schedules):
     all_compute, caching = schedules
-    exact, exact_holder = pack.core.patching.apply_block_cache(tiny_model, all_compute)
-    cached, cached_holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    exact, exact_holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    cached, cached_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     reference = sample(tiny_model, *conds, latent)
     cached_out = sample(cached, *conds, latent)
     assert torch.equal(sample(exact, *conds, latent), reference)
@@ -195,8 +194,8 @@ def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model,
 
 def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, conds, latent, schedules):
     all_compute, caching = schedules
-    twice, holder = pack.core.patching.apply_block_cache(
-        pack.core.patching.apply_block_cache(tiny_model, caching)[0], all_compute)
+    twice, holder = pack.block_caching.patching.apply_block_cache(
+        pack.block_caching.patching.apply_block_cache(tiny_model, caching)[0], all_compute)
     assert torch.equal(sample(twice, *conds, latent), sample(tiny_model, *conds, latent))
     assert holder.last_run.reused.sum() == 0
 
@@ -205,9 +204,9 @@ def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, co
 
 def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    clean, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
+    clean, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     expected = sample(clean, *conds, latent)
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     interrupted = patched.clone()
     interrupt = InterruptAt(4)
     runs = []
@@ -222,7 +221,7 @@ def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, l
         sample(interrupted, *conds, latent)
     assert interrupt.seen == 4 and runs[-1] is not None
     assert not runs_holding_tensors(holder), "the run state must be dropped"
-    assert runs[-1].cache == {}, "the interrupted run's cached tensors must be freed"
+    assert runs[-1].layer_method.cache == {}, "the interrupted run's cached tensors must be freed"
     # The next run with the same patched model is clean: exactly a fresh model's result.
     assert torch.equal(sample(patched, *conds, latent), expected)
     # And the loader's model is unpatched again.
@@ -231,7 +230,7 @@ def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, l
 
 def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     sample(patched, *conds, latent)
 
     before = live_tensor_bytes()
@@ -269,12 +268,12 @@ def test_extra_post_cfg_passes_keep_their_own_cache(pack, tiny_model, conds, lat
     _, caching = schedules
     caching = dataclasses.replace(caching, layers=tuple(
         dataclasses.replace(layer, forecast_order=order if not all(layer.compute) else 0) for layer in caching.layers))
-    reference_model, _ = pack.core.patching.apply_block_cache(tiny_model, caching)
+    reference_model, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     reference = sample(reference_model, *conds, latent)
     calls = []
     with_pass = tiny_model.clone()
     with_pass.set_model_sampler_post_cfg_function(_discarded_perturbed_pass(calls))
-    patched, holder = pack.core.patching.apply_block_cache(with_pass, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(with_pass, caching)
     out = sample(patched, *conds, latent)
     assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
     # Had the perturbed pass shared the cond's cache, reused layers would carry its broken attention.
@@ -288,12 +287,12 @@ def test_perturbed_attention_guidance_all_compute_is_exact(pack, tiny_model, con
     (pag_model,) = PerturbedAttentionGuidance.execute(tiny_model, 2.0).result
     reference = sample(pag_model, *conds, latent)
     assert not torch.equal(reference, sample(tiny_model, *conds, latent))
-    before, _ = pack.core.patching.apply_block_cache(pag_model, all_compute)
+    before, _ = pack.block_caching.patching.apply_block_cache(pag_model, all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    (after,) = PerturbedAttentionGuidance.execute(pack.core.patching.apply_block_cache(tiny_model, all_compute)[0],
+    (after,) = PerturbedAttentionGuidance.execute(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0],
                                                   2.0).result
     assert torch.equal(sample(after, *conds, latent), reference)
-    cached, holder = pack.core.patching.apply_block_cache(pag_model, caching)
+    cached, holder = pack.block_caching.patching.apply_block_cache(pag_model, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
 
 
@@ -318,11 +317,11 @@ def test_model_patch_nodes_before_and_after_apply_all_compute_is_exact(pack, tin
     assert not torch.equal(reference, sample(tiny_model, *conds, latent))
     # Profile the model as the graph has it, so the schedule's grid is that model's own.
     all_compute, caching = profile_schedules(pack, patched_other, conds, latent)
-    before, _ = pack.core.patching.apply_block_cache(patched_other, all_compute)
+    before, _ = pack.block_caching.patching.apply_block_cache(patched_other, all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    after = other(pack.core.patching.apply_block_cache(tiny_model, all_compute)[0])
+    after = other(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0])
     assert torch.equal(sample(after, *conds, latent), reference)
-    cached, holder = pack.core.patching.apply_block_cache(patched_other, caching)
+    cached, holder = pack.block_caching.patching.apply_block_cache(patched_other, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
     assert not holder.last_run.retimed, "the schedule's grid must match the patched model's own sigmas"
 
@@ -342,10 +341,10 @@ def test_stacking_with_core_step_caches(pack, tiny_model, conds, latent, schedul
         return node.execute(model, 0.2, 0.15, 0.95, False).result[0]
 
     reference = sample(theirs(tiny_model), *conds, latent)
-    ours_then_theirs = theirs(pack.core.patching.apply_block_cache(tiny_model, all_compute)[0])
+    ours_then_theirs = theirs(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0])
     assert torch.equal(sample(ours_then_theirs, *conds, latent), reference)
-    theirs_then_ours, _ = pack.core.patching.apply_block_cache(theirs(tiny_model), all_compute)
+    theirs_then_ours, _ = pack.block_caching.patching.apply_block_cache(theirs(tiny_model), all_compute)
     assert torch.equal(sample(theirs_then_ours, *conds, latent), reference)
-    both, holder = pack.core.patching.apply_block_cache(theirs(tiny_model), caching)
+    both, holder = pack.block_caching.patching.apply_block_cache(theirs(tiny_model), caching)
     out = sample(both, *conds, latent)
     assert torch.isfinite(out).all() and holder.last_run.computed.sum() > 0

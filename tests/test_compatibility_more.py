@@ -49,7 +49,7 @@ def _patched_layers(module: torch.nn.Module) -> list[str]:
     nothing.)"""
     from comfy_bootstrap import load_pack
 
-    patch_type = load_pack().core.runtime.CachedLayerForward
+    patch_type = load_pack().runtime.run.LayerForward
     return [name for name, m in module.named_modules() if isinstance(m.__dict__.get("forward"), patch_type)]
 
 
@@ -112,7 +112,7 @@ def test_control_all_compute_is_exact(pack, tiny_model, conds, latent, schedules
     reference_applied = len(applied_controls)
     assert reference_applied == 8 * per_call, "one batched cond+uncond call per step, every control applied"
     assert not torch.equal(reference, sample(tiny_model, *conds, latent)), "the control must change the output"
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
     applied_controls.clear()
     assert torch.equal(sample(patched, *controlled, latent), reference)
     assert len(applied_controls) == reference_applied and holder.last_run.reused.sum() == 0
@@ -125,9 +125,9 @@ def test_control_reaches_the_computing_layers_of_a_caching_run(pack, tiny_model,
     _, caching = schedules
     control = build(pack, tiny_model)
     controlled = _controlled(conds, control)
-    plain, plain_holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    plain, plain_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     without_control = sample(plain, *conds, latent)
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     applied_controls.clear()
     out = sample(patched, *controlled, latent)
     stats = holder.last_run
@@ -168,7 +168,7 @@ def _check_compile(pack, tiny_model, conds, latent, schedules, backend, toleranc
     all_compute, caching = schedules
     steps = 4
     reference = sample(tiny_model, *conds, latent, steps=steps)
-    uncompiled_cached, uncompiled_holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    uncompiled_cached, uncompiled_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     cached_reference = sample(uncompiled_cached, *conds, latent, steps=steps)
     cache_effect = float((cached_reference - reference).abs().max())
     assert cache_effect > 100 * max(tolerance, 1e-6), "caching must change the output far beyond the tolerance"
@@ -176,9 +176,9 @@ def _check_compile(pack, tiny_model, conds, latent, schedules, backend, toleranc
     for order in ("compile, then Apply", "Apply, then compile"):
         for schedule, expected in ((all_compute, reference), (caching, cached_reference)):
             if order == "compile, then Apply":
-                model, holder = pack.core.patching.apply_block_cache(_compiled(tiny_model, backend), schedule)
+                model, holder = pack.block_caching.patching.apply_block_cache(_compiled(tiny_model, backend), schedule)
             else:
-                model, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
+                model, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
                 model = _compiled(model, backend)
             out = sample(model, *conds, latent, steps=steps)
             difference = float((out - expected).abs().max())
@@ -248,17 +248,17 @@ def test_partial_loading_with_lowvram_patches(pack, tiny_model, conds, latent, s
     assert torch.equal(reference, full_reference)
 
     record.clear()
-    exact, _ = pack.core.patching.apply_block_cache(_partially_loaded(with_lora(tiny_model), record), all_compute)
+    exact, _ = pack.block_caching.patching.apply_block_cache(_partially_loaded(with_lora(tiny_model), record), all_compute)
     assert torch.equal(sample(exact, *conds, latent), reference)
     assert record["lowvram"] and record["object_patched"], "our layer patches survive partially_load"
 
-    full_cached, full_holder = pack.core.patching.apply_block_cache(with_lora(tiny_model), caching)
+    full_cached, full_holder = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), caching)
     expected = sample(full_cached, *conds, latent)
     assert full_holder.last_run.reused.sum() > 0
     # Caching, with Apply before the partial-load clone and after it: the fully loaded result, the same counts.
-    applied, applied_holder = pack.core.patching.apply_block_cache(with_lora(tiny_model), caching)
+    applied, applied_holder = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), caching)
     for model, holder in ((_partially_loaded(applied, record), applied_holder),
-                          pack.core.patching.apply_block_cache(_partially_loaded(with_lora(tiny_model), record),
+                          pack.block_caching.patching.apply_block_cache(_partially_loaded(with_lora(tiny_model), record),
                                                                caching)):
         record.clear()
         assert torch.equal(sample(model, *conds, latent), expected)
@@ -295,13 +295,13 @@ def _on_a_copy_of_the_model(patcher):
 def test_clone_on_another_copy_of_the_model_runs_its_own_layers(pack, tiny_model, conds, latent, schedules, caplog):
     """The object patches travel with such a clone; each must run the layer of the model it is called on."""
     _, caching = schedules
-    all_compute = pack.core.schedule.all_compute_schedule(caching.block_map, caching.grid)
-    exact, _ = pack.core.patching.apply_block_cache(tiny_model, all_compute)
+    all_compute = pack.block_caching.schedule.all_compute_schedule(caching.block_map, caching.grid)
+    exact, _ = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
     with caplog.at_level(logging.INFO):
         out = sample(_on_a_copy_of_the_model(exact), *conds, latent)
     assert "runs on another copy of the model" in caplog.text
     assert torch.equal(out, sample(_on_a_copy_of_the_model(tiny_model), *conds, latent))
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     expected = sample(patched, *conds, latent)
     reused = holder.last_run.reused.sum()
     assert reused > 0
@@ -313,7 +313,7 @@ def test_clone_on_another_copy_of_the_model_runs_its_own_layers(pack, tiny_model
 
 def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     first = sample(patched, *conds, latent)
     first_stats = holder.last_run
     # Offloaded between runs (the loader detaches it to the offload device, as when another model loads).
@@ -329,7 +329,7 @@ def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, c
         _move(tiny_model, torch.float32)
     np.testing.assert_array_equal(holder.last_run.computed, first_stats.computed)
     model64 = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0, dtype=torch.float64)
-    patched64, _ = pack.core.patching.apply_block_cache(model64, caching)
+    patched64, _ = pack.block_caching.patching.apply_block_cache(model64, caching)
     assert torch.equal(out64, sample(patched64, *conds, latent))
     # Back in float32: the first run's result again; no state carried over, nothing left alive.
     before = live_tensor_bytes()
@@ -352,7 +352,7 @@ def test_latent_dtype_change_inside_a_run_resets_the_cache(pack, tiny_model, con
 
     outer = tiny_model.clone()
     outer.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "test_float64", to_float64_later)
-    patched, holder = pack.core.patching.apply_block_cache(outer, caching)
+    patched, holder = pack.block_caching.patching.apply_block_cache(outer, caching)
     computed_per_evaluation = []
 
     def record(executor, *args, **kwargs):
@@ -368,7 +368,7 @@ def test_latent_dtype_change_inside_a_run_resets_the_cache(pack, tiny_model, con
     assert torch.isfinite(out).all() and stats.cache_resets == 1 and stats.reused.sum() > 0
     layers = len(caching.layers)
     assert (computed_per_evaluation[3] == 1).all() and computed_per_evaluation[3].sum() == layers
-    plain, plain_holder = pack.core.patching.apply_block_cache(tiny_model, caching)
+    plain, plain_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
     sample(plain, *conds, latent)
     assert stats.computed.sum() > plain_holder.last_run.computed.sum(), "the reset recomputed cached layers"
 
@@ -414,23 +414,23 @@ def test_flow_shift_nodes_before_and_after_apply(pack, node):
     assert np.allclose(caching.grid.taus, caching.grid.sigmas[:-1], atol=1e-6), "flow time is sigma"
     for setting in (same, other):
         reference = sample(patch(model, setting), *conds, latent, steps=steps, cfg=cfg)
-        before, _ = pack.core.patching.apply_block_cache(patch(model, setting), all_compute)
+        before, _ = pack.block_caching.patching.apply_block_cache(patch(model, setting), all_compute)
         assert torch.equal(sample(before, *conds, latent, steps=steps, cfg=cfg), reference)
-        after = patch(pack.core.patching.apply_block_cache(model, all_compute)[0], setting)
+        after = patch(pack.block_caching.patching.apply_block_cache(model, all_compute)[0], setting)
         assert torch.equal(sample(after, *conds, latent, steps=steps, cfg=cfg), reference)
 
     # The node at the model's own shift: the schedule fits as it is and gives the unpatched result.
-    unpatched, _ = pack.core.patching.apply_block_cache(model, caching)
+    unpatched, _ = pack.block_caching.patching.apply_block_cache(model, caching)
     expected = sample(unpatched, *conds, latent, steps=steps, cfg=cfg)
-    applied, after_holder = pack.core.patching.apply_block_cache(model, caching)
-    for same_model, holder in (pack.core.patching.apply_block_cache(patch(model, same), caching),
+    applied, after_holder = pack.block_caching.patching.apply_block_cache(model, caching)
+    for same_model, holder in (pack.block_caching.patching.apply_block_cache(patch(model, same), caching),
                                (patch(applied, same), after_holder)):
         assert torch.equal(sample(same_model, *conds, latent, steps=steps, cfg=cfg), expected)
         assert not holder.last_run.retimed and holder.last_run.reused.sum() > 0
 
     # Another shift moves every step's sigma: the schedule is re-timed by noise level, before and after.
     outputs = []
-    for shifted_model, holder in (pack.core.patching.apply_block_cache(patch(model, other), caching),
+    for shifted_model, holder in (pack.block_caching.patching.apply_block_cache(patch(model, other), caching),
                                   (patch(applied, other), after_holder)):
         eval_sigmas = record_evaluation_sigmas(shifted_model)
         outputs.append(sample(shifted_model, *conds, latent, steps=steps, cfg=cfg))

@@ -36,26 +36,25 @@ def flux(pack):
 
 
 def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "model device"):
-    core = pack.core
-    block_map = core.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
     model_sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 2).cpu()
-    grid = core.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
-    schedule = core.schedule.all_compute_schedule(block_map, grid)
+    grid = pack.runtime.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
+    schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, compute_at_second_step)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
-    holder = core.runtime.BlockCacheHolder(block_map, plan=core.runtime.LayerPlan.from_schedule(schedule),
+    holder = pack.block_caching.cache.BlockCacheHolder(block_map, plan=pack.block_caching.cache.LayerPlan.from_schedule(schedule),
                                            cache_device=cache_device)
-    run = core.runtime.RunContext(holder, model_sampling, sigmas)
+    run = pack.runtime.run.RunContext(holder, model_sampling, sigmas)
     index = block_map.index()[LAYER]
     return run, sigmas, index
 
 
 def _patch(pack, run, block, index):
     """The layer's patch, called inside one model call of ``run`` per evaluation (as APPLY_MODEL opens them)."""
-    runtime = pack.core.runtime
+    runtime = pack.runtime.run
     spec = run.holder.block_map.layers[index]
-    patch = runtime.CachedLayerForward(run.holder, index, spec, block, block.forward, None)
+    patch = pack.runtime.run.LayerForward(run.holder, index, spec, block, block.forward, None)
     calls = {}
 
     def call(*args, **kwargs):
@@ -119,23 +118,23 @@ def test_cpu_cache_device_gives_the_same_output(pack):
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=4, cfg=FLUX.cfg)
-    schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=10.0))
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=10.0))
     outputs = []
-    for device in pack.core.runtime.CACHE_DEVICES:
-        patched, holder = pack.core.patching.apply_block_cache(model, schedule, cache_device=device)
+    for device in pack.block_caching.cache.CACHE_DEVICES:
+        patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule, cache_device=device)
         cached = []
 
         def watch(executor, *args, cached=cached, **kwargs):
             out = executor(*args, **kwargs)
             run = run_of(args, kwargs)
-            cached.extend(t for entry in run.cache.values() for point in entry.points for t in point if t is not None)
+            cached.extend(t for entry in run.layer_method.cache.values() for point in entry.points for t in point if t is not None)
             return out
 
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_watch", watch)
         outputs.append(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg))
         stats = holder.last_run
         assert stats.reused.sum() > 0 and stats.stores > 0 and cached
-        if device == pack.core.runtime.CACHE_ON_CPU:
+        if device == pack.block_caching.cache.CACHE_ON_CPU:
             # every stored tensor went through the CPU copy (pinned where CUDA is there)
             assert stats.offloaded >= stats.stores  # one per chunk and stream of each stored call
             assert all(t.device.type == "cpu" and t.is_pinned() == torch.cuda.is_available() for t in cached)
@@ -143,7 +142,7 @@ def test_cpu_cache_device_gives_the_same_output(pack):
             assert stats.offloaded == 0
     assert torch.equal(outputs[0], outputs[1])
     with pytest.raises(ValueError, match="cache_device must be one of"):
-        pack.core.patching.apply_block_cache(model, schedule, cache_device="gpu0")
+        pack.block_caching.patching.apply_block_cache(model, schedule, cache_device="gpu0")
 
 
 @pytest.mark.parametrize("sampler,steps", [("heun", 3), ("euler", 7), ("dpmpp_2m", 5)])
@@ -153,9 +152,9 @@ def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, 
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=6, cfg=FLUX.cfg)
-    schedule = pack.core.schedule.build_schedule(profile, pack.core.schedule.BuildOptions(threshold=0.6))
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.6))
     assert not schedule.compute_mask().all()
-    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
     eval_sigmas = record_evaluation_sigmas(patched)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(model.model.diffusion_model, names) as counts:

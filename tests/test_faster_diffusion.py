@@ -12,18 +12,18 @@ FLUX = next(e for e in ZOO if e.id == "flux-dev")
 
 
 def _fd(pack):
-    return pack.core.faster_diffusion
+    return pack.faster_diffusion.schedule
 
 
 def _schedule(pack, model, steps=8, sampler="euler", **options):
     fd = _fd(pack)
     grid = fd.grid_for_model(model, steps, sampler, "normal")
-    block_map = pack.core.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
     return fd.build_faster_diffusion_schedule(block_map, grid, fd.FasterDiffusionOptions(**options))
 
 
 def _grid(pack, taus):
-    return pack.core.time_grid.StepGrid(sigmas=(0.0,) * (len(taus) + 1), taus=tuple(taus))
+    return pack.runtime.time_grid.StepGrid(sigmas=(0.0,) * (len(taus) + 1), taus=tuple(taus))
 
 
 def _uniform_grid(pack, steps):
@@ -77,11 +77,11 @@ def test_unet_split_and_schema_round_trip(pack, tiny_model):
     stages = {spec.name: spec.stage for spec in schedule.block_map.layers}
     mask = schedule.compute_mask()
     for layer, row in zip(schedule.layers, mask, strict=True):
-        assert layer.reuse is pack.core.block_map.ReuseMode.OUTPUT
+        assert layer.reuse is pack.block_maps.block_map.ReuseMode.OUTPUT
         expected = [s in (0, 3, 6) for s in range(8)] if stages[layer.name] != "output" else [True] * 8
         assert row.tolist() == expected, layer.name
     assert schedule.builder["method"] == "faster_diffusion" and schedule.builder["key_steps"] == [0, 3, 6]
-    schema = pack.core.schema
+    schema = pack.schedule_files.schema
     loaded = schema.schedule_from_json(schema.schedule_to_json(schedule))
     np.testing.assert_array_equal(loaded.compute_mask(), mask)
     assert [layer.reuse for layer in loaded.layers] == [layer.reuse for layer in schedule.layers]
@@ -92,7 +92,7 @@ def test_unet_split_and_schema_round_trip(pack, tiny_model):
 def test_real_computations_follow_key_steps(pack, tiny_model, conds, latent, sampler):
     keys = (0, 2, 5)
     schedule = _schedule(pack, tiny_model, sampler=sampler, key_steps="custom", custom_key_steps=keys)
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, sampler=sampler)
@@ -109,7 +109,7 @@ def test_real_computations_follow_key_steps(pack, tiny_model, conds, latent, sam
 def test_every_step_a_key_step_is_bit_identical(pack, tiny_model, conds, latent):
     schedule = _schedule(pack, tiny_model, key_steps="uniform stride", stride=1)
     assert schedule.compute_mask().all()
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     assert torch.equal(sample(patched, *conds, latent), sample(tiny_model, *conds, latent))
     assert holder.last_run.reused.sum() == 0
 
@@ -120,7 +120,7 @@ def test_retimed_to_another_step_count(pack, tiny_model, conds, latent):
     from helpers import expected_run_mask
 
     schedule = _schedule(pack, tiny_model, steps=8, key_steps="custom", custom_key_steps=(0, 2, 5))
-    patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     eval_sigmas = record_evaluation_sigmas(patched)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
@@ -139,12 +139,12 @@ def test_retimed_to_another_step_count(pack, tiny_model, conds, latent):
 
 def test_dit_encoder_ratio(pack):
     model = FLUX.build(seed=0)
-    block_map = pack.core.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
     ratio = 0.5
     schedule = _schedule(pack, model, steps=4, key_steps="custom", custom_key_steps=(0, 2), encoder_ratio=ratio)
     encoder = round(ratio * len(block_map.layers))
     assert 0 < encoder < len(block_map.layers) and schedule.builder["encoder_layers"] == encoder
-    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(model.model.diffusion_model, names) as counts:
         out = sample(patched, *FLUX.conds(), FLUX.latent(), steps=4, cfg=1.0)
@@ -177,27 +177,26 @@ def _record_x(model) -> list[torch.Tensor]:
 
 def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
     schedule = _schedule(pack, tiny_model, key_steps="uniform stride", stride=3)
-    plain, _ = pack.core.patching.apply_block_cache(tiny_model, schedule)
-    off, holder = pack.core.patching.apply_block_cache(tiny_model, schedule,
-                                                       noise_injection=pack.core.noise_injection.NoiseInjection(0.0))
-    assert holder.noise_injection is None
+    plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    off_injection = pack.faster_diffusion.noise_injection.NoiseInjection(0.0)
+    off, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, extensions=[off_injection])
     assert torch.equal(sample(off, *conds, latent), sample(plain, *conds, latent))
+    assert holder.last_run.injected_steps == []
 
 
 def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent):
-    core = pack.core
-    schedule = core.schedule.all_compute_schedule(core.block_map.block_map_for_patcher(tiny_model),
+    schedule = pack.block_caching.schedule.all_compute_schedule(pack.block_maps.block_map.block_map_for_patcher(tiny_model),
                                                   _fd(pack).grid_for_model(tiny_model, 8, "euler", "normal"))
     runs = {}
     for alpha in (0.0, 0.05):
-        injection = core.noise_injection.NoiseInjection(alpha=alpha, tau_cutoff=0.5)
-        patched, holder = core.patching.apply_block_cache(tiny_model, schedule, noise_injection=injection)
+        injection = pack.faster_diffusion.noise_injection.NoiseInjection(alpha=alpha, tau_cutoff=0.5)
+        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, extensions=[injection])
         xs = _record_x(patched)
         sigmas = record_evaluation_sigmas(patched)
         runs[alpha] = (sample(patched, *conds, latent), xs, sigmas, holder.last_run)
     base_out, base_xs, sigmas, _ = runs[0.0]
     out, xs, _, stats = runs[0.05]
-    taus = core.time_grid.normalized_times(tiny_model.get_model_object("model_sampling"), torch.tensor(sigmas))
+    taus = pack.runtime.time_grid.normalized_times(tiny_model.get_model_object("model_sampling"), torch.tensor(sigmas))
     late = [i for i, tau in enumerate(taus) if tau < 0.5]
     assert stats.injected_steps == late and 0 < len(late) < len(taus)
     for i in range(len(taus)):

@@ -1,4 +1,4 @@
-"""Compare Pictures and core/fidelity.py: PSNR and SSIM per picture, checked against direct computations.
+"""Compare Pictures and block_caching/fidelity.py: PSNR and SSIM per picture, checked against direct computations.
 
 PSNR against the textbook formula in numpy, SSIM against kornia's (a ComfyUI dependency, written
 independently) with the same 11x11 gaussian window, on pictures the reference model decodes.
@@ -59,7 +59,7 @@ def test_identical_pictures_give_the_cap_and_ssim_one(pack, pictures):
     uncached, _ = pictures
     difference, mean_psnr, mean_ssim = pack.nodes.nodes_compare.ComparePictures.execute(
         uncached, uncached.clone(), 8.0).result
-    assert mean_psnr == pack.core.fidelity.PSNR_CAP_DB == 100.0
+    assert mean_psnr == pack.block_caching.fidelity.PSNR_CAP_DB == 100.0
     assert mean_ssim == pytest.approx(1.0, abs=1e-12)
     assert float(difference.abs().max()) == 0.0
 
@@ -75,12 +75,12 @@ def test_small_pictures_use_the_largest_window_that_fits(pack):
     a = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     b = (a + 0.05).clamp(0, 1)
     expected = float(kornia.metrics.ssim(b.double(), a.double(), 7, padding="valid").mean())
-    assert pack.core.fidelity.ssim(b, a) == pytest.approx([expected], abs=1e-9)
+    assert pack.block_caching.fidelity.ssim(b, a) == pytest.approx([expected], abs=1e-9)
 
 
 def test_validation_measures_with_the_same_psnr(pack, pictures):
     uncached, cached = pictures
-    latent_psnr = pack.core.validation.latent_psnr(cached, uncached)
+    latent_psnr = pack.block_caching.validation.latent_psnr(cached, uncached)
     peak = float(uncached.max() - uncached.min())
     direct = [10 * math.log10(peak ** 2 / float(((cached[i].double() - uncached[i].double()) ** 2).mean()))
               for i in range(3)]

@@ -67,19 +67,18 @@ def linear(pack):
 
 def _schedule(pack, model, compute_steps, order):
     """Every block computes at ``compute_steps`` of a 6-step euler/normal grid and is forecast with ``order``."""
-    core = pack.core
     sampling = model.get_model_object("model_sampling")
-    grid = core.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", STEPS),
+    grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", STEPS),
                                                sampler="euler", scheduler="normal")
-    block_map = core.block_map.block_map_for_patcher(model)
-    base = core.schedule.all_compute_schedule(block_map, grid, (1.0,) * len(block_map.layers), 4.0)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    base = pack.block_caching.schedule.all_compute_schedule(block_map, grid, (1.0,) * len(block_map.layers), 4.0)
     row = tuple(step in compute_steps for step in range(STEPS))
     layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order) for layer in base.layers)
     return dataclasses.replace(base, layers=layers)
 
 
 def test_lagrange_weights_reproduce_polynomials(pack):
-    forecast = pack.core.forecast
+    forecast = pack.block_caching.forecast
     assert forecast.lagrange_weights([0.7], 0.3) == [1.0]
     taus = [0.55, 0.8, 0.95]  # newest first, unevenly spaced
     for degree in range(3):
@@ -91,7 +90,7 @@ def test_lagrange_weights_reproduce_polynomials(pack):
 
 
 def test_history_keeps_order_plus_one_points_with_distinct_times(pack):
-    push = pack.core.forecast.push_point
+    push = pack.block_caching.forecast.push_point
     a, b, c, d = ([torch.full((1, 2), float(v))] for v in range(4))
     points, taus = push([], [], a, 0.9, order=1)
     points, taus = push(points, taus, b, 0.7, order=1)
@@ -116,7 +115,7 @@ def test_forecast_is_exact_on_a_residual_linear_in_time(pack, linear, sampler, s
     scale = float(reference.abs().max())
     errors = {}
     for order in (0, 1, 2):
-        patched, holder = pack.core.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
+        patched, holder = pack.block_caching.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
         if split:
             split_cond_calls(patched)
         out = sample(patched, *conds, latent, steps=steps, sampler=sampler, cfg=4.0)
@@ -129,19 +128,18 @@ def test_forecast_is_exact_on_a_residual_linear_in_time(pack, linear, sampler, s
 def test_order_0_and_forecast_at_the_newest_point_are_plain_reuse(pack, tiny_model, conds, latent):
     """Order 0 is today's reuse; an order-1 forecast asked for at the time of its newest point returns that
     point bit for bit (Heun's corrector evaluation at a computed step)."""
-    core = pack.core
-    forecast = core.forecast
+    forecast = pack.block_caching.forecast
     newest, older = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     assert torch.equal(forecast.combine([newest, older], forecast.lagrange_weights([0.5, 0.7], 0.5)), newest)
     sampling = tiny_model.get_model_object("model_sampling")
-    grid = core.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", 8))
-    block_map = core.block_map.block_map_for_patcher(tiny_model)
-    schedule = core.schedule.all_compute_schedule(block_map, grid)
+    grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", 8))
+    block_map = pack.block_maps.block_map.block_map_for_patcher(tiny_model)
+    schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     rows = tuple(dataclasses.replace(layer, compute=tuple(s % 2 == 0 for s in range(8))) for layer in schedule.layers)
     outputs = []
     for order in (0, 1):
         layers = tuple(dataclasses.replace(layer, forecast_order=order) for layer in rows)
-        patched, holder = core.patching.apply_block_cache(tiny_model, dataclasses.replace(schedule, layers=layers))
+        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, dataclasses.replace(schedule, layers=layers))
         outputs.append(sample(patched, *conds, latent, sampler="heun", steps=8))
         assert holder.last_run.reused.sum() > 0
     assert not torch.equal(outputs[0], outputs[1])  # order 1 does forecast between computations
@@ -152,7 +150,7 @@ def test_history_memory_is_measured_and_logged(pack, linear, caplog):
     model, conds, latent = linear
     peaks = {}
     for order in (0, 1, 2):
-        patched, holder = pack.core.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
+        patched, holder = pack.block_caching.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
         with caplog.at_level(logging.INFO):
             caplog.clear()
             sample(patched, *conds, latent, steps=STEPS, cfg=4.0)
@@ -177,16 +175,15 @@ def test_forecast_on_both_streams_of_a_flux_double_block(pack):
     model = entry.build(seed=0)
     conds, latent = entry.conds(), entry.latent()
     reference = sample(model, *conds, latent, steps=STEPS, cfg=entry.cfg)
-    core = pack.core
     sampling = model.get_model_object("model_sampling")
-    grid = core.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "simple", STEPS))
-    block_map = core.block_map.block_map_for_patcher(model)
-    base = core.schedule.all_compute_schedule(block_map, grid)
+    grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "simple", STEPS))
+    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    base = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     row = tuple(step in (0, 1, 3) for step in range(STEPS))
     outputs = {}
     for order in (0, 1):
         layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order) for layer in base.layers)
-        patched, holder = core.patching.apply_block_cache(model, dataclasses.replace(base, layers=layers))
+        patched, holder = pack.block_caching.patching.apply_block_cache(model, dataclasses.replace(base, layers=layers))
         outputs[order] = sample(patched, *conds, latent, steps=STEPS, cfg=entry.cfg, scheduler="simple")
         assert holder.last_run.reused.sum() > 0
     double = [i for i, spec in enumerate(block_map.layers) if len(spec.streams) == 2]

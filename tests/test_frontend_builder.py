@@ -1,4 +1,4 @@
-"""The browser's schedule builder (js/schedule_builder.js) against the Python one (core/schedule.py).
+"""The browser's schedule builder (js/schedule_builder.js) against the Python one (block_caching/schedule.py).
 
 Both run on the same fixture profiles (random, plus edge cases: unmeasured steps, zeros, ties
 with the threshold, huge and subnormal values, odd FLOP counts) under every option
@@ -65,8 +65,7 @@ def _sent(pack, value: float) -> float:
 
 
 def _profile(pack, rng: random.Random, layers: int, steps: int):
-    core = pack.core
-    bm = core.block_map
+    bm = pack.block_maps.block_map
     style = rng.choice(["uniform", "ties", "wild", "expo", "expo"])
     kinds = [bm.LayerKind(rng.choice(LAYER_KINDS)) for _ in range(layers)]
     specs = tuple(bm.LayerSpec(f"input_blocks.{i + 1}.1", kind, "input", bm.ResidualForm.IDENTITY)
@@ -77,11 +76,11 @@ def _profile(pack, rng: random.Random, layers: int, steps: int):
                   for _ in range(layers))
     total = rng.choice([sum(flops) * rng.uniform(1.0, 3.0), sum(flops) * 0.5, 0.0, sum(flops) + 0.1,
                         rng.uniform(1e9, 1e12)])
-    grid = core.time_grid.StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
+    grid = pack.runtime.time_grid.StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
                                    taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
                                    scheduler="normal")
     block_map = bm.BlockMap("unet", "SD15", "UNetModel", specs, "0123456789abcdef")
-    return core.profile.BlockProfile(block_map, grid, change, flops, total, 1)
+    return pack.block_caching.profile.BlockProfile(block_map, grid, change, flops, total, 1)
 
 
 def _option_grid(steps: int) -> list[dict]:
@@ -99,7 +98,6 @@ def _random_options(rng: random.Random, steps: int) -> dict:
 
 
 def test_javascript_builder_matches_python_exactly(pack, tmp_path):
-    core = pack.core
     payload = pack.nodes.frontend.profile_payload
     rng = random.Random(20240617)
     profiles = []
@@ -116,7 +114,7 @@ def test_javascript_builder_matches_python_exactly(pack, tmp_path):
     started = time.perf_counter()
     expected = []
     for index, options in cases:
-        schedule = core.schedule.build_schedule(profiles[index], core.schedule.BuildOptions(**options))
+        schedule = pack.block_caching.schedule.build_schedule(profiles[index], pack.block_caching.schedule.BuildOptions(**options))
         mask = schedule.compute_mask()
         expected.append({"mask": "|".join("".join("1" if c else "0" for c in row) for row in mask),
                          "computed": int(mask.sum()), "total": int(mask.size),
@@ -148,10 +146,9 @@ def test_javascript_builder_matches_python_exactly(pack, tmp_path):
     {"always_compute_last": 1.5}, {"max_consecutive_reuse": -2},
 ])
 def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options):
-    core = pack.core
     profile = _profile(pack, random.Random(1), 3, 5)
     with pytest.raises(ValueError):
-        core.schedule.build_schedule(profile, core.schedule.BuildOptions(**options))
+        pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(**options))
     shutil.copy(PACK_ROOT / "js" / "schedule_builder.js", tmp_path / "schedule_builder.mjs")
     (tmp_path / "runner.mjs").write_text(RUNNER)
     # JSON has no Infinity: send a threshold the runner turns back into it.
@@ -166,8 +163,7 @@ def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options)
 def _flux_sized_profile(pack, steps: int, blocks: int = 57):
     """A profile shaped like a 1024x1024 Flux dev one: 19 double and 38 single blocks, smooth change values
     at full precision, Flux's FLOP counts, two cond chunks per batch item."""
-    core = pack.core
-    bm = core.block_map
+    bm = pack.block_maps.block_map
     rng = random.Random(57)
     names = [f"double_blocks.{i}" for i in range(19)] + [f"single_blocks.{i}" for i in range(blocks - 19)]
     specs = tuple(bm.LayerSpec(name, bm.LayerKind.TRANSFORMER, name.split(".")[0], bm.ResidualForm.IDENTITY,
@@ -176,11 +172,11 @@ def _flux_sized_profile(pack, steps: int, blocks: int = 57):
     change = tuple((math.nan,) + tuple(rng.expovariate(rng.choice([5.0, 30.0])) for _ in range(steps - 1))
                    for _ in names)
     flops = tuple(rng.uniform(4e11, 6e11) for _ in names)
-    grid = core.time_grid.StepGrid(sigmas=tuple(1.0 - i / steps for i in range(steps)) + (0.0,),
+    grid = pack.runtime.time_grid.StepGrid(sigmas=tuple(1.0 - i / steps for i in range(steps)) + (0.0,),
                                    taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
                                    scheduler="simple")
     block_map = bm.BlockMap("generic (Flux)", "Flux", "Flux", specs, "0123456789abcdef")
-    return core.profile.BlockProfile(block_map, grid, change, flops, sum(flops) * 1.02, 2)
+    return pack.block_caching.profile.BlockProfile(block_map, grid, change, flops, sum(flops) * 1.02, 2)
 
 
 def test_a_flux_profile_payload_stays_small(pack):
@@ -221,9 +217,7 @@ def test_javascript_target_preview_matches_python(pack, tmp_path):
     build_target_schedule gives for that speed-up, on real ladders of the tiny UNet."""
     import torch
     from helpers import profile_by_sampling
-
-    core = pack.core
-    target = core.target_schedule
+    target = pack.block_caching.target_schedule
     model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
     prompt = pack.demo_models.builtin_models.prompt_conditioning
     conds = prompt("a red square", 32), prompt("blurry", 32)

@@ -34,19 +34,19 @@ KEYS = (0, 4)  # 8 steps: the encoder runs at steps 0 and 4; steps 1-3 and 5-7 a
 
 @pytest.fixture(scope="module")
 def pd(pack):
-    return importlib.import_module(f"{pack.__name__}.core.parallel_decoding")
+    return importlib.import_module(f"{pack.__name__}.faster_diffusion.parallel_decoding")
 
 
 def _schedule(pack, model, steps=8, sampler="euler", keys=KEYS):
-    fd = pack.core.faster_diffusion
+    fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, steps, sampler, "normal")
-    block_map = pack.core.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
     options = fd.FasterDiffusionOptions(key_steps="custom", custom_key_steps=keys)
     return fd.build_faster_diffusion_schedule(block_map, grid, options)
 
 
 def _apply(pack, pd, model, schedule, **config):
-    patched, holder = pack.core.patching.apply_block_cache(model, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
     patched, decoder = pd.enable_parallel_decoding(patched, holder, schedule, pd.ParallelDecoding(enabled=True,
                                                                                                   **config))
     return patched, holder, decoder
@@ -92,7 +92,7 @@ def test_parallel_equals_sequential_encoder_propagation(pack, pd, tiny_model, co
     np.testing.assert_array_equal(par_holder.last_run.computed, seq_holder.last_run.computed)
     np.testing.assert_array_equal(par_holder.last_run.reused, seq_holder.last_run.reused)
     # conv_in reuse is what makes the decoder independent of x_t: without it the output differs
-    plain, _ = pack.core.patching.apply_block_cache(tiny_model, schedule)
+    plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     assert not torch.allclose(sample(plain, *conds, latent, sampler=sampler), expected, rtol=0, atol=1e-3)
 
 
@@ -150,9 +150,9 @@ def test_reference_model_parallel_equals_sequential(pack, pd):
     """The trained reference model (real weights), paper DPM-Solver keys on 20 dpmpp_2m steps."""
     reference = pack.demo_models.reference_model.load_reference_model()
     model = reference.patcher.clone()
-    fd = pack.core.faster_diffusion
+    fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, 20, "dpmpp_2m", "karras")
-    schedule = fd.build_faster_diffusion_schedule(pack.core.block_map.block_map_for_patcher(model), grid)
+    schedule = fd.build_faster_diffusion_schedule(pack.block_maps.block_map.block_map_for_patcher(model), grid)
     assert schedule.builder["key_steps"] == [0, 1, 2, 3, 5, 10, 15]
     positive = [[reference.encode(["a large red circle at center on a blue background",
                                    "a small green square at top left on a white striped background"]), {}]]
@@ -174,10 +174,10 @@ def test_with_noise_injection(pack, pd, tiny_model, conds, latent):
     """Stashed outputs are the diffusion model's (eps), turned into denoised with the latent each step
     arrives with, so prior noise injection still reaches the solver."""
     schedule = _schedule(pack, tiny_model)
-    injection = pack.core.noise_injection.NoiseInjection(alpha=0.05, tau_cutoff=0.5)
+    injection = pack.faster_diffusion.noise_injection.NoiseInjection(alpha=0.05, tau_cutoff=0.5)
     outputs = {}
     for label, config in (("sequential", {"batched": False}), ("parallel", {})):
-        patched, holder = pack.core.patching.apply_block_cache(tiny_model, schedule, noise_injection=injection)
+        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, extensions=[injection])
         patched, decoder = pd.enable_parallel_decoding(patched, holder, schedule,
                                                        pd.ParallelDecoding(enabled=True, **config))
         outputs[label] = sample(patched, *conds, latent)
@@ -327,7 +327,7 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
     stash_sizes = []
 
     def watch(executor, *args, **kwargs):
-        stash_sizes.append(len(run_of(args, kwargs).parallel_decoder.stash))
+        stash_sizes.append(len(run_of(args, kwargs).attachments[decoder].stash))
         return executor(*args, **kwargs)
 
     interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_watch", watch)
@@ -345,11 +345,10 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
 # -- option handling ---------------------------------------------------------------------------------------
 
 def test_not_applicable_to_block_caching_schedules(pack, pd, tiny_model, conds, latent, caplog):
-    core = pack.core
-    block_map = core.block_map.block_map_for_patcher(tiny_model)
-    grid = core.faster_diffusion.grid_for_model(tiny_model, 8, "euler", "normal")
-    schedule = core.schedule.all_compute_schedule(block_map, grid)
-    patched, holder = core.patching.apply_block_cache(tiny_model, schedule)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(tiny_model)
+    grid = pack.faster_diffusion.schedule.grid_for_model(tiny_model, 8, "euler", "normal")
+    schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     with caplog.at_level(logging.INFO):
         result, decoder = pd.enable_parallel_decoding(patched, holder, schedule, pd.ParallelDecoding(enabled=True))
     assert decoder is None

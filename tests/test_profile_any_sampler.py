@@ -83,7 +83,6 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
     KSamplerAdvanced segments. Each is profiled and scheduled on its own segment."""
     builtin = pack.demo_models.builtin_models
     high, low = builtin.build_unet_patcher("tiny", seed=0), builtin.build_unet_patcher("tiny", seed=1)
-    core = pack.core
     split = 4
     recording_high, high_recording = _record(pack, high)
     first = _advanced(recording_high, conds, latent, 0, split)
@@ -94,13 +93,13 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
     assert profiles["high"].grid.taus[0] == pytest.approx(1.0) and profiles["low"].grid.taus[0] < 0.6
     schedules = {}
     for name, profile in profiles.items():
-        schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=10.0, cache_kinds="all"))
+        schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=10.0, cache_kinds="all"))
         mask = schedule.compute_mask()
         assert mask[:, 0].all() and not mask.all(), f"the {name} expert's schedule caches within its segment"
         schedules[name] = schedule
     cached = {}
     for name, model in (("high", high), ("low", low)):
-        cached[name] = core.patching.apply_block_cache(model, schedules[name])
+        cached[name] = pack.block_caching.patching.apply_block_cache(model, schedules[name])
     names = [layer.name for layer in schedules["high"].layers]
     with count_layer_computations(high.model.diffusion_model, names) as high_counts, \
             count_layer_computations(low.model.diffusion_model, names) as low_counts:
@@ -114,7 +113,7 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
         np.testing.assert_array_equal(stats.computed, expected)
     assert out["samples"].shape == uncached["samples"].shape and torch.isfinite(out["samples"]).all()
     # A segment's schedule on a whole run: outside its segment every layer computes.
-    whole, holder = core.patching.apply_block_cache(low, schedules["low"])
+    whole, holder = pack.block_caching.patching.apply_block_cache(low, schedules["low"])
     sample(whole, *conds, latent, steps=STEPS)
     assert holder.last_run.retimed
     assert (holder.last_run.computed >= split).all(), "the steps before the low-noise segment compute everything"

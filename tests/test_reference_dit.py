@@ -35,9 +35,9 @@ def run(pack, reference):
     conds = reference.conditioning_batch(reference_data.benchmark_prompts(2, seed=99)), reference.conditioning("")
     latent = reference_dit.empty_latent(2)
     plain = sample(reference.patcher, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
-    profiling, holder = pack.core.patching.attach_profiler(reference.patcher)
+    profiling, holder = pack.block_caching.patching.attach_profiler(reference.patcher)
     profiled = sample(profiling, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
-    profile = pack.core.patching.collect_profile(holder, reference.patcher, sampler="euler", scheduler="simple",
+    profile = pack.block_caching.patching.collect_profile(holder, reference.patcher, sampler="euler", scheduler="simple",
                                                  cfg=5.0, denoise=1.0, latent_shape=(2, 3, 32, 32))
     return conds, latent, plain, profile, profiled
 
@@ -96,7 +96,7 @@ def test_prompt_matters(reference):
 
 
 def test_block_map_finds_every_double_and_single_block(pack, reference):
-    block_map = pack.core.block_map.block_map_for_patcher(reference.patcher)
+    block_map = pack.block_maps.block_map.block_map_for_patcher(reference.patcher)
     assert block_map.family == "Flux (dev, schnell, Kontext, Flux.2)"
     assert [layer.name for layer in block_map.layers] == (
         [f"double_blocks.{i}" for i in range(DOUBLE)] + [f"single_blocks.{i}" for i in range(SINGLE)])
@@ -112,8 +112,8 @@ def test_profile_is_the_uncached_run_and_measures_every_block(run):
 
 def test_all_compute_schedule_is_bit_identical(pack, reference, run):
     conds, latent, plain, profile, _ = run
-    schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    patched, holder = pack.core.patching.apply_block_cache(reference.patcher, schedule)
+    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    patched, holder = pack.block_caching.patching.apply_block_cache(reference.patcher, schedule)
     out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
     assert torch.equal(out, plain)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() == (DOUBLE + SINGLE) * STEPS
@@ -121,10 +121,10 @@ def test_all_compute_schedule_is_bit_identical(pack, reference, run):
 
 def test_a_caching_schedule_skips_exactly_its_blocks(pack, reference, run):
     conds, latent, plain, profile, _ = run
-    schedule = pack.core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, False, True, True)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
-    patched, holder = pack.core.patching.apply_block_cache(reference.patcher, schedule)
+    patched, holder = pack.block_caching.patching.apply_block_cache(reference.patcher, schedule)
     names = [layer.name for layer in layers]
     with count_layer_computations(reference.patcher.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=3)

@@ -42,24 +42,22 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _profile(pack, reference, steps: int):
-    core = pack.core
     prompts = reference_data.benchmark_prompts(4, seed=99)
     positive, negative = [[reference.encode(prompts), {}]], reference.conditioning("")
     latent = reference_model.empty_latent(len(prompts))
-    profiled, holder = core.patching.attach_profiler(reference.patcher)
+    profiled, holder = pack.block_caching.patching.attach_profiler(reference.patcher)
     sample(profiled, positive, negative, latent, steps=steps, seed=1001)
-    return core.patching.collect_profile(holder, reference.patcher, sampler="euler", scheduler="normal", cfg=5.0,
+    return pack.block_caching.patching.collect_profile(holder, reference.patcher, sampler="euler", scheduler="normal", cfg=5.0,
                                          denoise=1.0, latent_shape=tuple(latent["samples"].shape))
 
 
 def test_default_schedule_keeps_the_picture_and_beats_fewer_steps(pack, reference, evaluation):
-    core = pack.core
     model = reference.patcher
-    schedule = core.target_schedule.build_target_schedule(_profile(pack, reference, 20),
-                                                          core.target_schedule.TargetOptions())
-    assert schedule.estimated_speedup >= core.target_schedule.DEFAULT_SPEEDUP
+    schedule = pack.block_caching.target_schedule.build_target_schedule(_profile(pack, reference, 20),
+                                                          pack.block_caching.target_schedule.TargetOptions())
+    assert schedule.estimated_speedup >= pack.block_caching.target_schedule.DEFAULT_SPEEDUP
     uncached = sample(model, *evaluation, steps=20, seed=3)
-    cached_model, _ = core.patching.apply_block_cache(model, schedule)
+    cached_model, _ = pack.block_caching.patching.apply_block_cache(model, schedule)
     cached = _psnr(sample(cached_model, *evaluation, steps=20, seed=3), uncached)
     fewer_steps = round(schedule.equivalent_steps)
     fewer = _psnr(sample(model, *evaluation, steps=fewer_steps, seed=3), uncached)
@@ -71,12 +69,11 @@ def test_default_schedule_keeps_the_picture_and_beats_fewer_steps(pack, referenc
 def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, reference, evaluation, steps):
     """Built at 20 steps and run at ``steps``: against a schedule built on a profile at ``steps`` with the
     same number of compute steps (the same cost), the picture is at most 1 dB further from uncached."""
-    core = pack.core
-    target = core.target_schedule
+    target = pack.block_caching.target_schedule
     model = reference.patcher
     built_at_20 = target.build_target_schedule(_profile(pack, reference, 20), target.TargetOptions())
     uncached = sample(model, *evaluation, steps=steps, seed=3)
-    retimed_model, holder = core.patching.apply_block_cache(model, built_at_20)
+    retimed_model, holder = pack.block_caching.patching.apply_block_cache(model, built_at_20)
     retimed = _psnr(sample(retimed_model, *evaluation, steps=steps, seed=3), uncached)
     stats = holder.last_run
     assert stats.retimed and stats.reused.sum() > 0
@@ -86,9 +83,9 @@ def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, referenc
     rung = next(r for r in ladder if r.computes == computes)
     native = target.build_target_schedule(native_profile, target.TargetOptions(speedup=1 / rung.flop_fraction - 1e-9))
     assert len(native.builder["compute_steps"]) == computes
-    native_model, native_holder = core.patching.apply_block_cache(model, native)
+    native_model, native_holder = pack.block_caching.patching.apply_block_cache(model, native)
     built_for_run = _psnr(sample(native_model, *evaluation, steps=steps, seed=3), uncached)
     # The same cost: re-timing keeps the share of steps computed.
-    assert abs(core.runtime.run_speedup_estimate(holder, stats) -
-               core.runtime.run_speedup_estimate(native_holder, native_holder.last_run)) < 0.05
+    assert abs(pack.block_caching.cache.run_speedup_estimate(holder, stats) -
+               pack.block_caching.cache.run_speedup_estimate(native_holder, native_holder.last_run)) < 0.05
     assert retimed >= built_for_run - MAX_RETIMING_LOSS_DB, (retimed, built_for_run, native.builder["compute_steps"])

@@ -80,8 +80,8 @@ def test_demo_node_reference_choice(pack):
 
 def test_default_schedule_keeps_fidelity(pack, reference):
     """Profile on some prompts, build the default schedule, sample other prompts and seeds: PSNR stays high."""
-    from comfyui_block_cache.core.patching import apply_block_cache, attach_profiler, collect_profile
-    from comfyui_block_cache.core.schedule import BuildOptions, build_schedule
+    from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
+    from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
 
     steps = 10
     model = reference.patcher
@@ -124,7 +124,7 @@ SKETCH_MAX_DEVIATION = 0.10
 
 
 def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, reference, monkeypatch):
-    profile_module = pack.core.profile
+    profile_module = pack.block_caching.profile
     recorder_observe = profile_module.ProfileRecorder.observe
     previous, sums, counts = {}, {}, {}
 
@@ -142,7 +142,7 @@ def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, refe
         return recorder_observe(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs)
 
     monkeypatch.setattr(profile_module.ProfileRecorder, "observe", observe_full_too)
-    patching = pack.core.patching
+    patching = pack.block_caching.patching
     model = reference.patcher
     profiled, holder = patching.attach_profiler(model)
     prompts = reference_data.benchmark_prompts(2, seed=99)

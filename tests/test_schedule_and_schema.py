@@ -9,40 +9,35 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def core(pack):
-    return pack.core
-
-
-def make_profile(core, change_rows, kinds=None):
-    bm = core.block_map
+def make_profile(pack, change_rows, kinds=None):
+    bm = pack.block_maps.block_map
     kinds = kinds or [bm.LayerKind.ATTENTION] * len(change_rows)
     specs = tuple(bm.LayerSpec(f"input_blocks.{i + 1}.1", kind, "input", bm.ResidualForm.IDENTITY)
                   for i, kind in enumerate(kinds))
     steps = len(change_rows[0])
-    grid = core.time_grid.StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
+    grid = pack.runtime.time_grid.StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
                                    taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
                                    scheduler="normal")
     block_map = bm.BlockMap("unet", "SD15", "UNetModel", specs, "0123456789abcdef")
-    return core.profile.BlockProfile(block_map, grid, tuple(tuple(r) for r in change_rows),
+    return pack.block_caching.profile.BlockProfile(block_map, grid, tuple(tuple(r) for r in change_rows),
                                      tuple([10.0] * len(specs)), 10.0 * len(specs) + 5.0, 1)
 
 
-def test_eq7_accumulate_and_threshold(core):
+def test_eq7_accumulate_and_threshold(pack):
     nan = float("nan")
-    profile = make_profile(core, [[nan, 0.2, 0.2, 0.2, 0.6, 0.1, 0.1, 0.1]])
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
+    profile = make_profile(pack, [[nan, 0.2, 0.2, 0.2, 0.6, 0.1, 0.1, 0.1]])
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.5))
     # sums: 0.2, 0.4, 0.6 > 0.5 -> compute at 3; 0.6 > 0.5 -> compute at 4; 0.1, 0.2, 0.3 -> reuse
     assert schedule.layers[0].compute == (True, False, False, True, True, False, False, False)
 
 
-def test_builder_options(core):
+def test_builder_options(pack):
     nan = float("nan")
     small = [nan] + [0.01] * 9
-    bm = core.block_map
-    profile = make_profile(core, [small, small], kinds=[bm.LayerKind.ATTENTION, bm.LayerKind.RESBLOCK])
-    build = core.schedule.build_schedule
-    opts = core.schedule.BuildOptions
+    bm = pack.block_maps.block_map
+    profile = make_profile(pack, [small, small], kinds=[bm.LayerKind.ATTENTION, bm.LayerKind.RESBLOCK])
+    build = pack.block_caching.schedule.build_schedule
+    opts = pack.block_caching.schedule.BuildOptions
     attention_only = build(profile, opts(threshold=0.5))
     assert attention_only.layers[0].compute == (True,) + (False,) * 9
     assert all(attention_only.layers[1].compute), "resblocks are not cached in 'attention' mode"
@@ -54,79 +49,79 @@ def test_builder_options(core):
     assert build(profile, opts(threshold=0.0)).compute_mask().all()
 
 
-def test_speedup_estimate_is_flop_weighted(core):
+def test_speedup_estimate_is_flop_weighted(pack):
     nan = float("nan")
-    profile = make_profile(core, [[nan, 0.0, 0.0, 0.0]])
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
+    profile = make_profile(pack, [[nan, 0.0, 0.0, 0.0]])
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.5))
     # total 15 FLOPs per step, 10 cacheable, computed once in 4 steps: (4*5 + 10) / (4*15)
     assert math.isclose(schedule.flop_fraction, 30 / 60)
     assert math.isclose(schedule.estimated_speedup, 2.0)
 
 
 @pytest.mark.parametrize(("tau", "step"), [(1.0, 0), (0.95, 0), (0.9, 1), (0.85, 1), (0.0, 9), (1.5, 0)])
-def test_step_of_maps_times_onto_the_grid(core, tau, step):
-    grid = core.time_grid.StepGrid(sigmas=(), taus=tuple(1.0 - i / 10 for i in range(10)))
+def test_step_of_maps_times_onto_the_grid(pack, tau, step):
+    grid = pack.runtime.time_grid.StepGrid(sigmas=(), taus=tuple(1.0 - i / 10 for i in range(10)))
     assert grid.step_of(tau) == step
 
 
-def test_merge_weights_by_samples(core):
+def test_merge_weights_by_samples(pack):
     nan = float("nan")
-    a = make_profile(core, [[nan, 0.2, 0.4]])
-    b = make_profile(core, [[nan, 0.5, 0.1]])
+    a = make_profile(pack, [[nan, 0.2, 0.4]])
+    b = make_profile(pack, [[nan, 0.5, 0.1]])
     import dataclasses
 
     b = dataclasses.replace(b, sample_count=3)
-    merged = core.profile.merge_profiles([a, b])
+    merged = pack.block_caching.profile.merge_profiles([a, b])
     assert merged.sample_count == 4
     assert math.isnan(merged.change[0][0])
     assert merged.change[0][1:] == pytest.approx((0.425, 0.175))
 
 
-def test_schedule_and_profile_json_round_trip(core):
+def test_schedule_and_profile_json_round_trip(pack):
     nan = float("nan")
-    profile = make_profile(core, [[nan, 0.3, 0.3, 0.3], [nan, 0.1, 0.1, 0.9]])
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
-    text = core.schema.schedule_to_json(schedule)
-    loaded = core.schema.schedule_from_json(text)
+    profile = make_profile(pack, [[nan, 0.3, 0.3, 0.3], [nan, 0.1, 0.1, 0.9]])
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.5))
+    text = pack.schedule_files.schema.schedule_to_json(schedule)
+    loaded = pack.schedule_files.schema.schedule_from_json(text)
     assert loaded.layers == schedule.layers
     assert loaded.grid == schedule.grid
     assert loaded.block_map == schedule.block_map
     assert loaded.estimated_speedup == pytest.approx(schedule.estimated_speedup)
-    assert core.schema.schedule_to_json(loaded) == text
+    assert pack.schedule_files.schema.schedule_to_json(loaded) == text
     doc = json.loads(text)
     assert doc["format"] == "block-cache-schedule" and doc["version"] == 2
     assert [layer["forecast_order"] for layer in doc["layers"]] == [0, 0]
-    reloaded = core.schema.profile_from_dict(json.loads(json.dumps(core.schema.profile_to_dict(profile))))
+    reloaded = pack.schedule_files.schema.profile_from_dict(json.loads(json.dumps(pack.schedule_files.schema.profile_to_dict(profile))))
     assert reloaded.block_map == profile.block_map and reloaded.change[1][1:] == profile.change[1][1:]
 
 
-def test_version_1_schedules_load_with_order_0_and_orders_round_trip(core):
+def test_version_1_schedules_load_with_order_0_and_orders_round_trip(pack):
     """Files saved before forecasting (version 1, no forecast_order) still load, as plain reuse; a
     version-2 file keeps each layer's order, and the order is part of the fingerprint."""
     import dataclasses
 
     nan = float("nan")
-    profile = make_profile(core, [[nan, 0.3, 0.3, 0.3], [nan, 0.1, 0.1, 0.9]])
-    schedule = core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))
-    old = json.loads(core.schema.schedule_to_json(schedule))
+    profile = make_profile(pack, [[nan, 0.3, 0.3, 0.3], [nan, 0.1, 0.1, 0.9]])
+    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.5))
+    old = json.loads(pack.schedule_files.schema.schedule_to_json(schedule))
     old["version"] = 1
     for layer in old["layers"]:
         del layer["forecast_order"]
-    loaded = core.schema.schedule_from_dict(old)
+    loaded = pack.schedule_files.schema.schedule_from_dict(old)
     assert loaded.layers == schedule.layers and all(layer.forecast_order == 0 for layer in loaded.layers)
     assert loaded.fingerprint == schedule.fingerprint
     forecast = dataclasses.replace(schedule, layers=(dataclasses.replace(schedule.layers[0], forecast_order=2),
                                                      schedule.layers[1]))
-    reloaded = core.schema.schedule_from_json(core.schema.schedule_to_json(forecast))
+    reloaded = pack.schedule_files.schema.schedule_from_json(pack.schedule_files.schema.schedule_to_json(forecast))
     assert [layer.forecast_order for layer in reloaded.layers] == [2, 0]
     assert reloaded.fingerprint == forecast.fingerprint != schedule.fingerprint
 
 
-def _schedule_doc(core):
+def _schedule_doc(pack):
     nan = float("nan")
-    profile = make_profile(core, [[nan, 0.3, 0.3, 0.3]])
-    return json.loads(core.schema.schedule_to_json(
-        core.schedule.build_schedule(profile, core.schedule.BuildOptions(threshold=0.5))))
+    profile = make_profile(pack, [[nan, 0.3, 0.3, 0.3]])
+    return json.loads(pack.schedule_files.schema.schedule_to_json(
+        pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.5))))
 
 
 BAD_DOCUMENTS = {
@@ -154,43 +149,43 @@ BAD_DOCUMENTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DOCUMENTS))
-def test_bad_schedule_json_gives_one_clear_error(core, case):
-    doc = _schedule_doc(core)
+def test_bad_schedule_json_gives_one_clear_error(pack, case):
+    doc = _schedule_doc(pack)
     text = json.dumps(doc, indent=1)
     bad = BAD_DOCUMENTS[case](text, doc)
     assert bad != text
-    with pytest.raises(core.errors.ScheduleFormatError) as error:
-        core.schema.schedule_from_json(bad)
+    with pytest.raises(pack.errors.ScheduleFormatError) as error:
+        pack.schedule_files.schema.schedule_from_json(bad)
     message = str(error.value)
     assert "Block Cache" in message and len(message) < 600
     assert ("Rebuild" in message) or ("Update Block Cache" in message)
 
 
-def test_schedule_for_another_model_is_refused_before_patching(core, tiny_model):
-    doc = _schedule_doc(core)
+def test_schedule_for_another_model_is_refused_before_patching(pack, tiny_model):
+    doc = _schedule_doc(pack)
     doc["layers"][0]["name"] = "output_blocks.42.1"
-    schedule = core.schema.schedule_from_dict(doc)
+    schedule = pack.schedule_files.schema.schedule_from_dict(doc)
     before = (dict(tiny_model.object_patches), {k: dict(v) for k, v in tiny_model.wrappers.items()})
-    with pytest.raises(core.errors.ScheduleMismatchError, match="does not have.*output_blocks.42.1"):
-        core.patching.apply_block_cache(tiny_model, schedule)
+    with pytest.raises(pack.errors.ScheduleMismatchError, match="does not have.*output_blocks.42.1"):
+        pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     assert (dict(tiny_model.object_patches), {k: dict(v) for k, v in tiny_model.wrappers.items()}) == before
 
 
-def test_save_load_round_trip_and_unsafe_names(core, tmp_path):
-    doc = _schedule_doc(core)
-    schedule = core.schema.schedule_from_dict(doc)
+def test_save_load_round_trip_and_unsafe_names(pack, tmp_path):
+    doc = _schedule_doc(pack)
+    schedule = pack.schedule_files.schema.schedule_from_dict(doc)
     folder = tmp_path / "block_cache"
-    path = core.storage.save_schedule(folder, "sd15 fast", schedule)
+    path = pack.schedule_files.storage.save_schedule(folder, "sd15 fast", schedule)
     assert path == folder / "sd15 fast.json"
-    assert core.storage.list_schedules(folder) == ["sd15 fast.json"]
-    assert core.storage.load_schedule(folder, "sd15 fast.json").layers == schedule.layers
-    with pytest.raises(core.errors.ScheduleFileError, match="already exists"):
-        core.storage.save_schedule(folder, "sd15 fast", schedule, overwrite=False)
+    assert pack.schedule_files.storage.list_schedules(folder) == ["sd15 fast.json"]
+    assert pack.schedule_files.storage.load_schedule(folder, "sd15 fast.json").layers == schedule.layers
+    with pytest.raises(pack.errors.ScheduleFileError, match="already exists"):
+        pack.schedule_files.storage.save_schedule(folder, "sd15 fast", schedule, overwrite=False)
     for name in ["../../x", "/etc/passwd", "a/b", "..", ".hidden", "x\\..\\y", "", "a" * 300, "nul\0byte"]:
-        with pytest.raises(core.errors.ScheduleFileError):
-            core.storage.save_schedule(folder, name, schedule)
-        with pytest.raises(core.errors.ScheduleFileError):
-            core.storage.load_schedule(folder, name)
+        with pytest.raises(pack.errors.ScheduleFileError):
+            pack.schedule_files.storage.save_schedule(folder, name, schedule)
+        with pytest.raises(pack.errors.ScheduleFileError):
+            pack.schedule_files.storage.load_schedule(folder, name)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["block_cache", "sd15 fast.json"]
 
 
@@ -200,9 +195,9 @@ def test_save_load_round_trip_and_unsafe_names(core, tmp_path):
     ("SDXL", 11, 17, 2, 2),
     ("SDXLRefiner", 11, 22, 3, 3),
 ])
-def test_full_size_block_maps_find_every_layer(pack, core, name, attention, resblocks, down, up):
+def test_full_size_block_maps_find_every_layer(pack, name, attention, resblocks, down, up):
     model, config_name = pack.demo_models.builtin_models.build_full_unet(name, device="meta")
-    block_map = core.block_map.build_block_map(model, config_name)
+    block_map = pack.block_maps.block_map.build_block_map(model, config_name)
     kinds = [layer.kind.value for layer in block_map.layers]
     assert kinds.count("attention") == attention
     assert kinds.count("resblock") == resblocks
@@ -217,6 +212,6 @@ def test_full_size_block_maps_find_every_layer(pack, core, name, attention, resb
         assert isinstance(model.get_submodule(layer.name), (SpatialTransformer, ResBlock, Downsample, Upsample))
 
 
-def test_unsupported_model_error_names_class_and_families(core):
-    with pytest.raises(core.errors.UnsupportedModelError, match="Linear.*Supported families: UNet.*Flux.*Wan"):
-        core.block_map.build_block_map(torch.nn.Linear(2, 2), "Mystery")
+def test_unsupported_model_error_names_class_and_families(pack):
+    with pytest.raises(pack.errors.UnsupportedModelError, match="Linear.*Supported families: UNet.*Flux.*Wan"):
+        pack.block_maps.block_map.build_block_map(torch.nn.Linear(2, 2), "Mystery")

@@ -16,6 +16,6 @@ def test_every_zoo_family_is_a_mapped_family_or_the_generic_fallback(pack):
 
     from dit_zoo import ZOO
 
-    names = {family.name for family in importlib.import_module(f"{pack.__name__}.core.dit_families").DIT_FAMILIES}
+    names = {family.name for family in importlib.import_module(f"{pack.__name__}.block_maps.dit_families").DIT_FAMILIES}
     unknown = {e.family for e in ZOO if e.family not in names and not e.family.startswith("generic")}
     assert not unknown

@@ -50,7 +50,7 @@ def brute_force(model: TableModel, steps: int, order: int, forced: list[bool], m
     (0, 7, 0, 1, 0, 7), (1, 8, 1, 1, 0, 3), (2, 8, 2, 2, 1, 4), (3, 9, 1, 1, 2, 9), (4, 6, 2, 1, 0, 2),
 ])
 def test_search_finds_the_least_error_for_every_count(pack, seed, steps, order, first, last, max_gap):
-    target = pack.core.target_schedule
+    target = pack.block_caching.target_schedule
     model = TableModel(seed)
     forced = [s < first or s >= steps - last for s in range(steps)]
     found = target.best_schedules(model, steps, order, forced, max_gap)
@@ -84,7 +84,7 @@ def test_profile_trajectory_and_step_weights(profiled):
 
 @pytest.mark.parametrize("speedup", [1.0, 1.5, 2.5, 4.0])
 def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup):
-    target = pack.core.target_schedule
+    target = pack.block_caching.target_schedule
     *_, profile = profiled
     schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
     assert schedule.flop_fraction <= 1.0 / speedup + 1e-9
@@ -103,12 +103,12 @@ def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup)
         ladder = {r["computes"]: r for r in builder["ladder"]}
         more = ladder.get(len(builder["compute_steps"]) + 1)
         assert more is None or more["flop_fraction"] > 1.0 / speedup
-    text = pack.core.schema.schedule_to_json(schedule)
-    assert pack.core.schema.schedule_from_json(text).layers == schedule.layers
+    text = pack.schedule_files.schema.schedule_to_json(schedule)
+    assert pack.schedule_files.schema.schedule_from_json(text).layers == schedule.layers
 
 
 def test_options_shape_the_schedule(pack, profiled):
-    target = pack.core.target_schedule
+    target = pack.block_caching.target_schedule
     *_, profile = profiled
     build = target.build_target_schedule
     protected = build(profile, target.TargetOptions(speedup=2.0, always_compute_first=3, always_compute_last=2))
@@ -133,11 +133,11 @@ def test_a_profile_without_trajectory_says_what_to_do(pack, profiled):
     import dataclasses
 
     *_, profile = profiled
-    loaded = pack.core.schema.profile_from_dict(json.loads(json.dumps(pack.core.schema.profile_to_dict(profile))))
+    loaded = pack.schedule_files.schema.profile_from_dict(json.loads(json.dumps(pack.schedule_files.schema.profile_to_dict(profile))))
     assert loaded.trajectory is None
-    with pytest.raises(pack.core.errors.ScheduleBuildError, match="Profile again"):
-        pack.core.target_schedule.build_target_schedule(loaded, pack.core.target_schedule.TargetOptions())
-    merged = pack.core.profile.merge_profiles([profile, dataclasses.replace(profile)])
+    with pytest.raises(pack.errors.ScheduleBuildError, match="Profile again"):
+        pack.block_caching.target_schedule.build_target_schedule(loaded, pack.block_caching.target_schedule.TargetOptions())
+    merged = pack.block_caching.profile.merge_profiles([profile, dataclasses.replace(profile)])
     assert merged.trajectory.sketches[0].shape[1] == 2 * profile.trajectory.sketches[0].shape[1]
 
 
@@ -159,7 +159,7 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
 
 
 def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
-    target = pack.core.target_schedule
+    target = pack.block_caching.target_schedule
     *_, profile = profiled
     scores = {}
 
@@ -193,7 +193,6 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack):
     """The Profile node's replay samples the profiled run again: with an all-compute schedule it gives the
     profiled output bit for bit (PSNR capped at 100), a caching schedule scores less; the Build node
     reports what it measured."""
-    core = pack.core
     model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
     prompt = pack.demo_models.builtin_models.prompt_conditioning
     positive, negative = prompt("a red square", 32), prompt("blurry", 32)
@@ -202,16 +201,16 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack):
     out, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
     (replay,) = profile.replays
     assert torch.equal(replay.reference, out["samples"])
-    measure = core.validation.replay_measure(profile.replays)
-    all_compute = core.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    measure = pack.block_caching.validation.replay_measure(profile.replays)
+    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
     assert measure(all_compute) == 100.0
-    cached = core.target_schedule.build_target_schedule(profile, core.target_schedule.TargetOptions(speedup=2.5))
+    cached = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5))
     assert 5.0 < measure(cached) < 100.0
     result = pack.nodes.nodes_schedule.BuildCacheSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
                                                                     "measure PSNR")
     text = result.ui["text"][0]
     assert "chosen: " in text and "dB against uncached" in text
-    merged = core.profile.merge_profiles([profile, profile])
+    merged = pack.block_caching.profile.merge_profiles([profile, profile])
     assert len(merged.replays) == 2
-    loaded = core.schema.profile_from_dict(core.schema.profile_to_dict(profile))
+    loaded = pack.schedule_files.schema.profile_from_dict(pack.schedule_files.schema.profile_to_dict(profile))
     assert loaded.replays == () and loaded.trajectory is None

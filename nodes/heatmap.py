@@ -11,9 +11,9 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .block_map import LayerKind
-from .profile import BlockProfile
-from .schedule import CacheSchedule
+from ..block_caching.profile import BlockProfile
+from ..block_caching.schedule import CacheSchedule
+from ..block_maps.block_map import LayerKind
 
 _CELL_H = 10
 _MAX_WIDTH_PER_STEP = 24

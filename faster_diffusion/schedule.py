@@ -21,10 +21,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .block_map import BlockMap, ReuseMode
-from .profile import BlockProfile
-from .schedule import CacheSchedule, LayerSchedule
-from .time_grid import StepGrid
+from ..block_caching.profile import BlockProfile
+from ..block_caching.schedule import CacheSchedule, LayerSchedule
+from ..block_maps.block_map import BlockMap, ReuseMode
+from ..runtime.time_grid import StepGrid
 
 logger = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ def signature_of(block: nn.Module) -> tuple[BlockSignature, bool]:
     return BlockSignature(OutputForm.TENSOR, (first,)), False
 
 
-_SIGNATURE_FIX = ("add the block class to BLOCK_SIGNATURES in core/dit_families.py (what forward returns and "
+_SIGNATURE_FIX = ("add the block class to BLOCK_SIGNATURES in block_maps/dit_families.py (what forward returns and "
                   "which input each output element updates), or open an issue naming it")
 
 
@@ -219,7 +219,7 @@ def _tuple_stream_signature(block: nn.Module) -> BlockSignature | None:
 def _forward_parameters(block: nn.Module) -> list[str]:
     """forward's positional-or-keyword parameter names, in order (no self, no *args/**kwargs)."""
     # The class's forward, not the instance's: while a patched clone stays loaded, block.forward is
-    # our CachedLayerForward (*args, **kwargs), and every stream would lose its position.
+    # our LayerForward (*args, **kwargs), and every stream would lose its position.
     try:
         parameters = list(inspect.signature(type(block).forward).parameters.values())[1:]
     except (TypeError, ValueError):

@@ -6,19 +6,17 @@ ScheduleFormatError naming the field at fault and what to do, before anything is
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import re
 from typing import Any
 
-from . import PACK_VERSION
-from .block_map import BlockMap, LayerKind, LayerSpec, ResidualForm, ReuseMode
-from .errors import ScheduleFormatError
-from .forecast import MAX_FORECAST_ORDER
-from .profile import BlockProfile
-from .schedule import CacheSchedule, LayerSchedule
-from .time_grid import StepGrid
+from ..block_caching.forecast import MAX_FORECAST_ORDER
+from ..block_caching.profile import BlockProfile
+from ..block_caching.schedule import CacheSchedule, LayerSchedule
+from ..block_maps.block_map import BlockMap, LayerKind, LayerSpec, ResidualForm, ReuseMode
+from ..errors import ScheduleFormatError
+from ..runtime.time_grid import StepGrid
 
 SCHEDULE_FORMAT = "block-cache-schedule"
 PROFILE_FORMAT = "block-cache-profile"
@@ -33,24 +31,6 @@ MAX_LAYERS = 10_000
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 _LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,15}$")
 _FIX = "Rebuild it with Build Cache Schedule, or re-save it from this version of Block Cache."
-
-
-def _comfyui_version() -> str:
-    try:
-        import comfyui_version
-
-        return str(comfyui_version.__version__)
-    except ImportError:
-        return "unknown"
-
-
-def provenance(**extra: Any) -> dict[str, Any]:
-    return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pack_version": PACK_VERSION,
-        "comfyui_version": _comfyui_version(),
-        **extra,
-    }
 
 
 # -- writing ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Faster Diffusion's parallel decoding (Li et al., NeurIPS 2024, arXiv 2312.09608, Sec. 3.3).
 
-With encoder propagation (core.faster_diffusion) the decoder of a non-key step runs on the encoder
+With encoder propagation (faster_diffusion/schedule.py) the decoder of a non-key step runs on the encoder
 features cached at the last key step and on its own timestep embedding. If the decoder depends on
 nothing else, its outputs for all the non-key steps up to the next key step can be computed at once,
 as one batch, and handed out to the solver one step at a time.
@@ -63,8 +63,9 @@ import numpy as np
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from .runtime import WRAPPER_KEY, BlockCacheHolder, RunContext, active_call, run_context
-from .schedule import CacheSchedule
+from ..block_caching.cache import BlockCacheHolder, LayerCache
+from ..block_caching.schedule import CacheSchedule
+from ..runtime.run import WRAPPER_KEY, RunContext, active_call, run_context
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def not_applicable_reason(schedule: CacheSchedule, holder: BlockCacheHolder) -> 
                 "schedules reuse layers independently, so no decoder depends on cached features only")
     if holder.block_map.family != "unet":
         return "it is implemented for UNet models (SD1.x, SD2.x, SDXL) only"
-    if holder.plan is None:
+    if not isinstance(holder, BlockCacheHolder):
         return "the holder does not cache"
     encoder = _encoder_layers(holder)
     if not encoder.any():
@@ -154,9 +155,10 @@ class ParallelDecodingPatch:
 class ParallelDecoder:
     """One run's parallel decoding: conv_in cache, the stash, counters."""
 
-    def __init__(self, patch: ParallelDecodingPatch, run: RunContext) -> None:
+    def __init__(self, patch: ParallelDecodingPatch, run: RunContext, cache: LayerCache) -> None:
         self.patch = patch
         self.run = run
+        self.cache = cache  # the run's Block Caching method: its plan and each evaluation's decisions
         self.config = patch.config
         self.name = patch.name
         self.encoder = patch.encoder
@@ -165,7 +167,7 @@ class ParallelDecoder:
         self.model_sampling = run.model_sampling
         self.sample_sigmas: list[float] = [float(s) for s in run.run_grid.sigmas]
         # The run's plan (re-timed onto the run's steps where it differs), and per run step its step.
-        self.plan = run.plan
+        self.plan = cache.plan
         self.grid_steps = [self.plan.grid.step_of(tau) for tau in run.run_grid.taus]
         self.conv_in_cache: dict[Any, torch.Tensor] = {}
         self.stash: dict[int, dict[Any, torch.Tensor]] = {}  # run step -> chunk key -> output rows
@@ -204,14 +206,14 @@ class ParallelDecoder:
     def _run_state(self) -> RunContext | None:
         """The run context when this decoder should act on the current call, else None."""
         run = self.run
-        if not self.active or not run.in_evaluation or run.compute_now is None:
+        if not self.active or not run.in_evaluation or self.cache.compute_now is None:
             return None
-        if run.calibration is not None:
+        if self.cache.calibration is not None:
             return None  # calibration runs teacher and student on one evaluation; stay out of the way
         return run
 
-    def _key_evaluation(self, run: Any) -> bool:
-        return bool(run.compute_now[self.encoder].any())
+    def _key_evaluation(self, run: RunContext) -> bool:
+        return bool(self.cache.compute_now[self.encoder].any())
 
     def _step_index(self, sigma: float) -> int | None:
         """The run step of the current evaluation if ``sigma`` is that step's own sigma (not a midpoint)."""
@@ -386,7 +388,7 @@ class ParallelDecoder:
         if args[4] is not None:
             return ("control", "ControlNet / T2I-Adapter residuals are computed from each step's latent, so "
                                "later steps cannot be decoded ahead")
-        if self.run.corrections is not None:
+        if self.cache.corrections is not None:
             return ("scale-shift", "the schedule's scale-shift corrections depend on the step")
         parts = [self.conv_in_cache.get(key) for key in keys]
         if any(part is None for part in parts) or sum(part.shape[0] for part in parts) != x.shape[0]:
@@ -451,8 +453,8 @@ class ConvInReuse:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = active_call()
-        decoder = call.run.parallel_decoder if call is not None else None
-        if decoder is None or decoder.patch is not self.patch:
+        decoder = call.run.attachments.get(self.patch) if call is not None else None
+        if decoder is None:
             return self.original(*args, **kwargs)
         return decoder.conv_in(self.original, args, kwargs)
 
@@ -465,20 +467,20 @@ class ConvInReuse:
 def parallel_outer_sample_wrapper(patch: ParallelDecodingPatch, executor: Any, *args: Any, **kwargs: Any) -> Any:
     """Inside the cache's own: gives the run's context a decoder for this run, and finishes it."""
     run = run_context(executor.class_obj.model_options)
-    if run is None or run.holder is not patch.holder or run.plan is None:
+    if run is None or run.holder is not patch.holder or not isinstance(run.layer_method, LayerCache):
         return executor(*args, **kwargs)
-    run.parallel_decoder = ParallelDecoder(patch, run)
+    decoder = run.attachments[patch] = ParallelDecoder(patch, run, run.layer_method)
     try:
         return executor(*args, **kwargs)
     finally:
-        run.parallel_decoder.finish_run()
-        run.parallel_decoder = None
+        decoder.finish_run()
+        del run.attachments[patch]
 
 
 def parallel_diffusion_model_wrapper(patch: ParallelDecodingPatch, executor: Any, *args: Any, **kwargs: Any) -> Any:
     call = active_call()
-    decoder = call.run.parallel_decoder if call is not None else None
-    if decoder is None or decoder.patch is not patch:
+    decoder = call.run.attachments.get(patch) if call is not None else None
+    if decoder is None:
         return executor(*args, **kwargs)
     return decoder.diffusion_model(executor, args, kwargs)
 

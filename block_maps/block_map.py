@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _unet_layer_kind(module: nn.Module) -> tuple[LayerKind, ResidualForm] | None
 
 
 _UNMAPPED_UNET_FIX = ("none in this version; the other layers are cached. Open an issue naming the layer class "
-                      "to have it mapped in core/block_map.py")
+                      "to have it mapped in block_maps/block_map.py")
 
 
 def _unet_layers(diffusion_model: nn.Module) -> tuple[list[LayerSpec], list[SkippedLayer]]:
@@ -277,7 +277,7 @@ def build_block_map(diffusion_model: nn.Module, model_type: str = "unknown") -> 
             f"Block Cache found no cacheable layers in {model_class} (model type {model_type}): the model class "
             f"is unknown to it. Supported families: {'; '.join(supported_families())}.{found} Fix: use a model of "
             "a supported family, or open an issue naming the class so its block lists are added to "
-            "core/dit_families.py."
+            "block_maps/dit_families.py."
         )
     if skipped:
         logger.warning("Block Cache: %d of the %d candidate layers of %s cannot be cached and always run: %s",

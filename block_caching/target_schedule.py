@@ -1,7 +1,7 @@
 """The speed-up target builder: the schedule with the least expected error at a given cost.
 
 A target schedule is *synchronized*: every cacheable layer computes at the same steps (the
-compute steps) and is forecast from its last computations at the others (core/forecast.py).
+compute steps) and is forecast from its last computations at the others (block_caching/forecast.py).
 Which steps compute is chosen by the error measured on the profile, not by a threshold:
 
 * The profile's trajectory holds each layer's sketch at every step of the uncached run. So the
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .block_map import CACHE_KIND_CHOICES, ReuseMode
-from .errors import ScheduleBuildError
+from ..block_maps.block_map import CACHE_KIND_CHOICES, ReuseMode
+from ..errors import ScheduleBuildError
 from .forecast import MAX_FORECAST_ORDER, lagrange_weights
 from .profile import TRAJECTORY_ELEMENTS, BlockProfile
 from .schedule import CacheSchedule, LayerSchedule, computed_flop_fraction, validate_step_options

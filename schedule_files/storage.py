@@ -16,9 +16,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ScheduleFileError
-from .scale_shift import FILE_SUFFIX, MAX_FILE_BYTES, ScaleShiftTable
-from .schedule import CacheSchedule
+from ..block_caching.scale_shift import FILE_SUFFIX, MAX_FILE_BYTES, ScaleShiftTable
+from ..block_caching.schedule import CacheSchedule
+from ..errors import ScheduleFileError
 from .schema import (
     MAX_DOCUMENT_BYTES,
     calibration_reference,

@@ -15,8 +15,9 @@ for SD (exactly the paper's z_t), ``x`` for flow models. So here:
 * "t < 0.5 T" is normalized time (the model's timestep over its timestep at sigma_max) below the
   cut-off, the same time axis every Block Cache schedule uses.
 
-Where. The cache's PREDICT_NOISE wrapper (core/runtime.py) adds the term *in place* to the
-tensor the sampler passes, at the first evaluation of each new step. KSampler passes its own state
+Where. A run extension of the cache (runtime/run.py): at the start of each evaluation, in the
+cache's PREDICT_NOISE wrapper, it adds the term *in place* to the tensor the sampler passes, at
+the first evaluation of each new step. KSampler passes its own state
 tensor there (unless a denoise mask is in use), so the solver continues from the injected latent,
 exactly like the paper's ``latents = latents + alpha * init_latents`` before the UNet call, for the
 one-evaluation-per-step samplers (euler/ddim, euler_ancestral, dpmpp_2m, lcm, uni_pc, ...). No
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..runtime.run import RunContext, RunMethod
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,13 @@ class NoiseInjection:
         if not (isinstance(self.tau_cutoff, (int, float)) and 0.0 <= self.tau_cutoff <= 1.0):
             raise ValueError(f"noise injection cut-off must be in [0, 1], got {self.tau_cutoff!r}")
 
+    def start(self, run: RunContext) -> NoiseInjector | None:
+        """This run's injector (a run extension of the cache); None when off."""
+        return NoiseInjector(self, run.model_sampling, run.holder.name) if self.enabled else None
 
-class NoiseInjector:
-    """One run's injection: z_T, and which step was last injected. The run context
-    (core/runtime.py) creates it and hands it each evaluation's step."""
+
+class NoiseInjector(RunMethod):
+    """One run's injection: z_T, and which step was last injected."""
 
     def __init__(self, config: NoiseInjection, model_sampling: Any, name: str = "Block Cache") -> None:
         config.validate()
@@ -69,6 +75,13 @@ class NoiseInjector:
         self.z_T: torch.Tensor | None = None
         self.last_step: int | None = None
         self.injected_steps: list[int] = []
+
+    def begin_evaluation(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        if run.run_step is not None:
+            self.before_evaluation(x, sigma, run.run_step, run.evaluation_tau)
+
+    def close(self, run: RunContext) -> None:
+        run.stats.injected_steps = self.finish_run()
 
     def finish_run(self) -> list[int]:
         """Frees the latent-sized copy; returns the steps injected."""

@@ -1,4 +1,4 @@
-"""Calibrate Block Cache: trains the scale-shift correction (core.scale_shift) student-teacher.
+"""Calibrate Block Cache: trains the scale-shift correction (block_caching/scale_shift.py) student-teacher.
 
 Per iteration, one sampling run on the schedule's grid (a prompt and a fresh seed):
 
@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from .block_map import LayerSpec
-from .errors import BlockCacheError
-from .runtime import WRAPPER_KEY, BlockCacheHolder, bind, run_context
+from ..block_maps.block_map import LayerSpec
+from ..errors import BlockCacheError
+from ..runtime.run import WRAPPER_KEY, run_context
+from ..runtime.wrappers import bind
+from .cache import BlockCacheHolder, LayerCache
 from .scale_shift import ScaleShiftTable, channel_dim
 from .schedule import CacheSchedule
 
@@ -177,10 +179,11 @@ def _channel_axis(spec: LayerSpec, element: torch.Tensor) -> int:
 def calibration_predict_noise_wrapper(session: CalibrationSession, executor: Any, *args: Any, **kwargs: Any) -> Any:
     """Inside the holder's own PREDICT_NOISE wrapper: the teacher pass, then the student's."""
     run = run_context(args[2] if len(args) > 2 else kwargs.get("model_options"))
-    if run is None or run.holder is not session.holder:
+    cache = run.layer_method if run is not None and run.holder is session.holder else None
+    if not isinstance(cache, LayerCache):
         return executor(*args, **kwargs)
-    run.calibration = session
-    if not run.in_evaluation or run.compute_now is None or run.compute_now.all():
+    cache.calibration = session
+    if not run.in_evaluation or cache.compute_now is None or cache.compute_now.all():
         return executor(*args, **kwargs)  # nothing is reused at this step: nothing to learn
     session.teacher_pass = True
     try:

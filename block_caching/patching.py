@@ -1,6 +1,7 @@
-"""Installing the runtime on a ComfyUI ModelPatcher: object patches and keyed wrappers only.
+"""Block Caching on a ComfyUI ModelPatcher: apply a schedule, attach the profiler, collect a profile.
 
-Both functions return a *clone*; the model passed in is never changed. Everything is
+Both installers return a *clone* (runtime/wrappers.py: object patches and keyed wrappers only);
+the model passed in is never changed. Everything is
 checked before the clone is touched, so a bad schedule leaves nothing half-patched.
 """
 
@@ -8,34 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from comfy.patcher_extension import WrappersMP
-
-from .block_map import BlockMap, block_map_for_patcher
-from .errors import ScheduleMismatchError
-from .noise_injection import NoiseInjection
+from ..block_maps.block_map import BlockMap, block_map_for_patcher
+from ..errors import ScheduleMismatchError
+from ..provenance import provenance
+from ..runtime.run import RunExtension
+from ..runtime.time_grid import StepGrid, normalized_times
+from ..runtime.wrappers import install_runtime
+from .cache import CACHE_ON_MODEL_DEVICE, BlockCacheHolder, LayerPlan
 from .profile import BlockProfile
-from .runtime import (
-    CACHE_ON_MODEL_DEVICE,
-    WRAPPER_KEY,
-    BlockCacheHolder,
-    CachedLayerForward,
-    LayerPlan,
-    apply_model_wrapper,
-    bind,
-    outer_sample_wrapper,
-    predict_noise_wrapper,
-)
+from .profiler import ProfilerHolder
 from .schedule import CacheSchedule
 
 logger = logging.getLogger(__name__)
-
-_WRAPPERS = (
-    (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
-    (WrappersMP.PREDICT_NOISE, predict_noise_wrapper),
-    (WrappersMP.APPLY_MODEL, apply_model_wrapper),
-)
 
 
 def _scheduled_block_map(schedule: CacheSchedule, model_map: BlockMap) -> BlockMap:
@@ -74,53 +62,31 @@ def _scheduled_block_map(schedule: CacheSchedule, model_map: BlockMap) -> BlockM
     return dataclasses.replace(model_map, layers=tuple(specs))
 
 
-def _install(model: Any, block_map: BlockMap, holder: BlockCacheHolder) -> Any:
-    patched = model.clone()
-    # A second Apply on an already patched model replaces the first instead of stacking on it.
-    for wrapper_type, _ in _WRAPPERS:
-        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-    diffusion_model = patched.get_model_object("diffusion_model")
-    for index, spec in enumerate(block_map.layers):
-        original = patched.get_model_object(spec.patch_key)
-        while isinstance(original, CachedLayerForward):
-            original = original.original
-        module = diffusion_model.get_submodule(spec.name)
-        patched.add_object_patch(spec.patch_key,
-                                 CachedLayerForward(holder, index, spec, module, original, diffusion_model))
-    for wrapper_type, wrapper in _WRAPPERS:
-        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, bind(wrapper, holder))
-    return patched
-
-
 def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = CACHE_ON_MODEL_DEVICE,
-                      noise_injection: NoiseInjection | None = None) -> tuple[Any, BlockCacheHolder]:
-    """A clone of ``model`` that samples with ``schedule``, and the holder of its run state.
+                      extensions: Sequence[RunExtension] = ()) -> tuple[Any, BlockCacheHolder]:
+    """A clone of ``model`` that samples with ``schedule``, and the holder of its configuration.
 
-    ``noise_injection`` (Faster Diffusion's prior noise injection) runs in the cache's own evaluation
-    wrapper when enabled; with alpha 0 nothing is installed for it.
+    ``extensions`` act in every run besides the cache (Faster Diffusion's prior noise injection).
     """
-    if noise_injection is not None:
-        noise_injection.validate()
     model_map = block_map_for_patcher(model)
     block_map = _scheduled_block_map(schedule, model_map)  # in schedule order
     if schedule.scale_shift is not None:
         schedule.scale_shift.check_matches(schedule.fingerprint, model_map.fingerprint)
-    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule), cache_device=cache_device)
+    holder = BlockCacheHolder(block_map, LayerPlan.from_schedule(schedule), cache_device=cache_device)
     if schedule.scale_shift is not None:
         holder.corrections = schedule.scale_shift.bind(block_map)
-    if noise_injection is not None and noise_injection.enabled:
-        holder.noise_injection = noise_injection
-    return _install(model, block_map, holder), holder
+    holder.extensions.extend(extensions)
+    return install_runtime(model, block_map, holder), holder
 
 
-def attach_profiler(model: Any) -> tuple[Any, BlockCacheHolder]:
+def attach_profiler(model: Any) -> tuple[Any, ProfilerHolder]:
     """A clone of ``model`` that computes every layer and records their change per step."""
     block_map = block_map_for_patcher(model)
-    holder = BlockCacheHolder(block_map, profiling=True, name="Block Cache profiler")
-    return _install(model, block_map, holder), holder
+    holder = ProfilerHolder(block_map)
+    return install_runtime(model, block_map, holder), holder
 
 
-def collect_profile(holder: BlockCacheHolder, model: Any, *, sampler: str | None = None,
+def collect_profile(holder: ProfilerHolder, model: Any, *, sampler: str | None = None,
                     scheduler: str = "", cfg: float | None = None, denoise: float | None = None,
                     latent_shape: tuple[int, ...] | None = None, **extra: Any) -> BlockProfile:
     """The profile a profiling holder recorded in its last sampling run.
@@ -129,9 +95,6 @@ def collect_profile(holder: BlockCacheHolder, model: Any, *, sampler: str | None
     its sampler, the guider's CFG, the latent's shape; ``denoise`` is then the normalized time the
     run started at (1: from pure noise; a later KSamplerAdvanced segment starts lower).
     """
-    from .schema import provenance
-    from .time_grid import StepGrid, normalized_times
-
     stats = holder.last_run
     recorder = holder.last_recording
     if recorder is None or stats is None or stats.sample_sigmas is None:

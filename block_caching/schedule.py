@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .block_map import CACHE_KIND_CHOICES, BlockMap, LayerKind, ReuseMode
+from ..block_maps.block_map import CACHE_KIND_CHOICES, BlockMap, LayerKind, ReuseMode
+from ..runtime.time_grid import StepGrid
 from .forecast import MAX_FORECAST_ORDER
 from .profile import BlockProfile
-from .time_grid import StepGrid
 
 if TYPE_CHECKING:
     from .scale_shift import ScaleShiftTable
@@ -32,7 +32,7 @@ class BuildOptions:
     always_compute_first: int = 1  # steps at the start that always compute (at least 1)
     always_compute_last: int = 0  # steps at the end that always compute
     max_consecutive_reuse: int = 0  # 0: no limit
-    forecast_order: int = 0  # how cached layers stand in when reused (core/forecast.py); 0: as cached
+    forecast_order: int = 0  # how cached layers stand in when reused (block_caching/forecast.py); 0: as cached
 
     def validate(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .time_grid import TAU_TOLERANCE
+from ..runtime.time_grid import TAU_TOLERANCE
 
 MAX_FORECAST_ORDER = 2
 

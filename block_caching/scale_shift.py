@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .block_map import BlockMap, LayerKind, LayerSpec
-from .errors import ScheduleFileError, ScheduleMismatchError
+from ..block_maps.block_map import BlockMap, LayerKind, LayerSpec
+from ..errors import ScheduleFileError, ScheduleMismatchError
 
 FILE_FORMAT = "block-cache-scale-shift"
 FILE_VERSION = 1
-FILE_SUFFIX = ".scale_shift.safetensors"  # the file itself is written and read by core.storage
+FILE_SUFFIX = ".scale_shift.safetensors"  # the file itself is written and read by schedule_files/storage.py
 MAX_FILE_BYTES = 2 * 1024**3
 
 

@@ -13,7 +13,7 @@ sample of at most ``SKETCH_ELEMENTS`` elements per batch item and stream, scaled
 between a sketch and the previous step's (only that one is kept), and a quarter of each sketch
 (``TRAJECTORY_ELEMENTS`` per sample) is kept for every step: the *trajectory*, on which the
 speed-up target builder measures the forecast error of any candidate schedule
-(core/target_schedule.py). A run's memory is thus well under a MB per layer, whatever the
+(block_caching/target_schedule.py). A run's memory is thus well under a MB per layer, whatever the
 resolution.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .block_map import BlockMap
-from .time_grid import StepGrid
+from ..block_maps.block_map import BlockMap
+from ..runtime.time_grid import StepGrid
 
 # Keeps the metric finite where a residual branch is all zeros.
 _NORM_EPSILON = 1e-12
@@ -88,7 +88,7 @@ class BlockProfile:
     sample_count: int  # how many (batch item x cond chunk) series were averaged
     provenance: dict[str, Any] = field(default_factory=dict)
     # In memory only (not in the JSON): what the speed-up target builder measures errors on, and how to
-    # sample the profiled runs again (core/validation.py ProfileReplay) to measure a schedule's real error.
+    # sample the profiled runs again (block_caching/validation.py ProfileReplay) to measure a schedule's real error.
     trajectory: Trajectory | None = None
     replays: tuple[Any, ...] = ()
 

@@ -1,0 +1,433 @@
+"""Block Caching's run method: per layer, compute, or reuse the cached residual (or its forecast).
+
+A ``BlockCacheHolder`` carries the plan (``LayerPlan``: a schedule as arrays) and where the cache
+lives; each run gets a ``LayerCache`` from it, which at every evaluation decides per layer from
+the plan (moved onto the run's own steps where they differ) whether to compute or reuse, which
+computations to store, and serves the layer calls: a reused layer stands in with its cached
+value, or a forecast from its last computations (block_caching/forecast.py), corrected by the
+schedule's scale-shift table where it has one (or the calibration training on this run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..block_maps.block_map import BlockMap, LayerSpec, ResidualForm, ReuseMode
+from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder, RunStats
+from ..runtime.time_grid import StepGrid, normalized_times, retime_mask
+from .forecast import combine, lagrange_weights, push_point
+from .schedule import CacheSchedule, computed_flop_fraction
+
+logger = logging.getLogger(__name__)
+
+# Where cached tensors live. On the model's device reuse costs nothing extra; in CPU memory a video
+# model's cache (hundreds of MB per block) leaves the GPU free, at one copy each way per use.
+CACHE_ON_MODEL_DEVICE = "model device"
+CACHE_ON_CPU = "cpu"
+CACHE_DEVICES = (CACHE_ON_MODEL_DEVICE, CACHE_ON_CPU)
+
+# k-diffusion samplers that evaluate the model once per step. With them a computation is stored only
+# where the plan has a reuse ahead; any other sampler may evaluate a step twice (Heun's corrector
+# lands on the next step) and reuse there, so everything reusable is stored.
+ONE_EVALUATION_PER_STEP = frozenset({
+    "euler", "euler_ancestral", "euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m", "dpmpp_2m_cfg_pp",
+    "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "lcm", "ipndm", "ipndm_v", "deis",
+    "res_multistep", "res_multistep_cfg_pp", "unipc", "unipc_bh2", "gradient_estimation",
+})
+
+
+@dataclass
+class LayerPlan:
+    """What the runtime needs of a schedule, as arrays."""
+
+    grid: StepGrid
+    reuse: tuple[ReuseMode, ...]
+    layer_flops: tuple[float, ...]
+    total_flops: float
+    cumulative_computes: np.ndarray  # [layers, steps]: computes at or before each step
+    reuses_ever: np.ndarray  # [layers]: the layer is reused somewhere, so its cache is worth keeping
+    orders: tuple[int, ...]  # per layer: forecast order of its reuse (0: reuse as cached)
+    stores: np.ndarray  # [layers, steps]: a computation at the step is kept, for a reuse that can follow
+
+    @classmethod
+    def from_schedule(cls, schedule: CacheSchedule) -> LayerPlan:
+        return cls.from_mask(schedule.grid, schedule.compute_mask(), tuple(layer.reuse for layer in schedule.layers),
+                             schedule.layer_flops, schedule.total_flops,
+                             tuple(layer.forecast_order for layer in schedule.layers))
+
+    @classmethod
+    def from_mask(cls, grid: StepGrid, mask: np.ndarray, reuse: tuple[ReuseMode, ...], layer_flops: tuple[float, ...],
+                  total_flops: float, orders: tuple[int, ...]) -> LayerPlan:
+        return cls(grid=grid, reuse=reuse, layer_flops=layer_flops, total_flops=total_flops,
+                   cumulative_computes=np.cumsum(mask, axis=1), reuses_ever=~mask.all(axis=1), orders=orders,
+                   stores=stores_for(mask, orders))
+
+    def compute_mask(self) -> np.ndarray:
+        return np.diff(self.cumulative_computes, axis=1, prepend=0).astype(bool)
+
+    def on_run_grid(self, model_sampling: Any, run_grid: StepGrid) -> LayerPlan:
+        """This plan moved onto a run's own steps (``retime_mask``): computations keep their density."""
+        grid_bounds = [*self.grid.taus, *normalized_times(model_sampling, torch.tensor(self.grid.sigmas[-1:]))]
+        run_bounds = [*run_grid.taus, *normalized_times(model_sampling, torch.tensor(run_grid.sigmas[-1:]))]
+        mask = retime_mask(self.compute_mask(), grid_bounds, run_bounds)
+        return LayerPlan.from_mask(run_grid, mask, self.reuse, self.layer_flops, self.total_flops, self.orders)
+
+    def decisions(self, previous_step: int | None, step: int) -> np.ndarray:
+        """Per layer: compute now? A layer computes when the schedule has a compute point
+        in the steps since the previous evaluation, ``(previous_step, step]``. A layer the
+        schedule computes at every step is never cached, at any evaluation: so an all-compute
+        schedule is the uncached model, also for samplers that evaluate twice per step."""
+        layers = self.cumulative_computes.shape[0]
+        if previous_step is None or step < previous_step:
+            return np.ones(layers, dtype=bool)  # first evaluation, or time ran backwards (restart samplers)
+        if step == previous_step:
+            return ~self.reuses_ever
+        return (self.cumulative_computes[:, step] > self.cumulative_computes[:, previous_step]) | ~self.reuses_ever
+
+
+def stores_for(mask: np.ndarray, orders: tuple[int, ...]) -> np.ndarray:
+    """Which computations a reuse can read: for each reuse step, the last ``order + 1`` computations
+    before it (the forecast's points). The others are not stored, so all-compute stretches cost nothing."""
+    stores = np.zeros_like(mask, dtype=bool)
+    for layer, order in enumerate(orders):
+        needed = 0  # computations still wanted by the next reuse ahead
+        for step in range(mask.shape[1] - 1, -1, -1):
+            if not mask[layer, step]:
+                needed = order + 1
+            elif needed:
+                stores[layer, step] = True
+                needed -= 1
+    return stores
+
+
+
+@dataclass
+class _CacheEntry:
+    """One layer call's cached streams, for one cond chunk."""
+
+    # Newest first, one per computation kept for the forecast (order + 1 at most); each holds per
+    # stream the residual branch or the output (None: the output was None).
+    points: list[list[torch.Tensor | None]]
+    taus: list[float]  # the normalized time of each point
+    residual: list[bool]  # per stream: whether the points hold a residual branch
+    input_shapes: list[tuple[int, ...] | None]  # per stream: the input's shape for this chunk (must match)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for point in self.points for t in point if t is not None)
+
+    @property
+    def history_bytes(self) -> int:
+        """The part held only for the forecast: every point but the newest."""
+        return sum(t.numel() * t.element_size() for point in self.points[1:] for t in point if t is not None)
+
+
+
+
+
+class BlockCacheHolder(RunHolder):
+    """What one Apply installed: the block map, the plan, where the cache lives; read-only."""
+
+    def __init__(self, block_map: BlockMap, plan: LayerPlan, name: str = "Block Cache",
+                 cache_device: str = CACHE_ON_MODEL_DEVICE) -> None:
+        if cache_device not in CACHE_DEVICES:
+            raise ValueError(f"cache_device must be one of {', '.join(CACHE_DEVICES)}, got {cache_device!r}")
+        super().__init__(block_map, name)
+        self.plan = plan
+        self.cache_device = cache_device
+        # Scale-shift corrections of reused tensors (block_caching/scale_shift.py), per layer and
+        # stream, in block-map order; None: reused tensors are used as cached.
+        self.corrections: list[list[Any]] | None = None
+
+    def start_layer_method(self, run: RunContext) -> LayerCache:
+        return LayerCache(self, run)
+
+    def finish_run(self, run: RunContext, completed: bool) -> None:
+        if completed:
+            log_run_summary(self, run.stats)
+
+
+class LayerCache(LayerMethod):
+    """One run's cache: the plan on the run's steps, each evaluation's decisions, the cached tensors."""
+
+    def __init__(self, holder: BlockCacheHolder, run: RunContext) -> None:
+        self.holder = holder
+        self.plan = holder.plan  # on the run's steps: the schedule's own plan on its own grid, else re-timed
+        self.cache_on_cpu = holder.cache_device == CACHE_ON_CPU
+        self.calibration: Any = None  # block_caching.calibration.CalibrationSession, while one trains on this run
+        self.evaluation_step: int | None = None  # the step of ``plan.grid``
+        self.schedule_step: int | None = None  # the step of the schedule's grid (scale-shift rows)
+        self.previous_step: int | None = None
+        self.compute_now: np.ndarray | None = None
+        self.store_now: np.ndarray | None = None
+        # A sampler that may evaluate one step twice (Heun) keeps every computation a reuse could read.
+        self.repeats_steps = run.sampler_name not in ONE_EVALUATION_PER_STEP
+        self.cache: dict[tuple[int, Any, int], _CacheEntry] = {}
+        self.cache_bytes = 0
+        self.history_bytes = 0  # of cache_bytes, what older forecast points hold
+        grid = holder.plan.grid
+        step_taus = list(run.run_grid.taus)
+        sampler_name = run.sampler_name
+        other_sampler = bool(grid.sampler and sampler_name and _sampler_key(grid.sampler) != _sampler_key(sampler_name))
+        if other_sampler or not grid.same_as(step_taus):
+            run.stats.retimed = True
+            if step_taus and not grid.same_as(step_taus):
+                self.plan = holder.plan.on_run_grid(run.model_sampling, run.run_grid)
+            logger.info(
+                "%s: schedule made for %d steps of %s/%s re-timed onto this run's %d steps of %s by "
+                "normalized time, keeping its density of computations.", holder.name, grid.steps,
+                grid.sampler or "?", grid.scheduler or "?", len(step_taus), sampler_name or "?")
+
+    @property
+    def corrections(self) -> list[list[Any]] | None:
+        calibration = self.calibration
+        return calibration.corrections if calibration is not None else self.holder.corrections
+
+    def begin_evaluation(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        plan = self.plan
+        step = plan.grid.step_of(run.evaluation_tau)
+        if step == self.previous_step:
+            self.repeats_steps = True
+        self.compute_now = plan.decisions(self.previous_step, step)
+        self.store_now = plan.reuses_ever if self.repeats_steps else plan.stores[:, step]
+        self.schedule_step = self.holder.plan.grid.step_of(run.evaluation_tau) if plan is not self.holder.plan \
+            else step
+        self.evaluation_step = step
+
+    def end_evaluation(self, run: RunContext) -> None:
+        self.previous_step = self.evaluation_step
+
+    def reset(self, run: RunContext) -> None:
+        self.cache.clear()
+        self.cache_bytes = self.history_bytes = 0
+        self.previous_step = None
+
+    def close(self, run: RunContext) -> None:
+        self.cache.clear()
+        self.cache_bytes = self.history_bytes = 0
+
+    def call_layer(self, run: RunContext, layer: LayerForward, call: ModelCall, occurrence: int,
+                   module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        index = layer.layer_index
+        keys = call.chunk_keys
+        calibration = self.calibration
+        if calibration is not None and calibration.teacher_pass:
+            # The uncached teacher: everything computes; the outputs the student will reuse are targets.
+            out = forward(*args, **kwargs)
+            if not self.compute_now[index]:
+                calibration.record_target(index, tuple(keys), occurrence, layer.spec, out)
+            return out
+        if not self.compute_now[index]:
+            if calibration is None:
+                reused = self._reuse(run, layer, module, args, kwargs, keys, occurrence)
+            else:
+                with calibration.grad_context():
+                    reused = self._reuse(run, layer, module, args, kwargs, keys, occurrence)
+                if reused is not None:
+                    reused = calibration.observe_reuse(index, tuple(keys), occurrence, layer.spec, reused)
+            if reused is not None:
+                run.stats.reused[index] += 1
+                return reused
+        keep = bool(self.store_now[index])
+        if not keep and self.cache:
+            for key in keys:  # what the cache holds for this call is older than this computation
+                self._drop(self.cache.pop((index, key, occurrence), None))
+        inputs = stream_inputs(layer.spec, args, kwargs, copy=layer.spec.mutates_inputs) if keep else None
+        out = forward(*args, **kwargs)
+        run.stats.computed[index] += 1
+        if inputs is not None:
+            residual_wanted = self.plan.reuse[index] is ReuseMode.RESIDUAL
+            branches = residual_branches(layer.spec, module, inputs, out, residual_wanted, len(keys))
+            if branches is not None:
+                self._store(run, index, occurrence, inputs, branches, keys)
+        return out
+
+    def _reuse(self, run: RunContext, patch: LayerForward, module: torch.nn.Module, args: tuple, kwargs: dict,
+               keys: list[Any], occurrence: int) -> Any:
+        """The layer's output rebuilt from the cache, or None when a chunk has nothing usable."""
+        inputs = stream_inputs(patch.spec, args, kwargs, copy=False)
+        entries = []
+        for key in keys:
+            entry = self.cache.get((patch.layer_index, key, occurrence))
+            if entry is None:
+                return None
+            entries.append(entry)
+        chunks = len(keys)
+        elements: list[Any] = []
+        corrections = self.corrections
+        layer_corrections = corrections[patch.layer_index] if corrections is not None else None
+        for stream_index, current in enumerate(inputs):
+            expected = entries[0].input_shapes[stream_index]
+            if expected is not None:
+                if not isinstance(current, torch.Tensor) or current.shape[0] % chunks != 0 or \
+                        (current.shape[0] // chunks, *current.shape[1:]) != expected:
+                    return None  # another resolution or batch than when cached: compute instead
+            if entries[0].points[0][stream_index] is None:
+                elements.append(None)
+                continue
+            reference = current if isinstance(current, torch.Tensor) else None
+            cached = _predicted(entries, stream_index, run.evaluation_tau, reference)
+            if layer_corrections is not None and layer_corrections[stream_index] is not None:
+                cached = layer_corrections[stream_index].apply(cached, self.schedule_step)
+            if entries[0].residual[stream_index]:
+                with torch.no_grad():  # never part of a calibration's graph (the weights may be inference tensors)
+                    base = patch.spec.residual_base(module, current)
+                elements.append(patch.spec.batch_back(base + cached))
+            elif cached is entries[0].points[0][stream_index]:
+                # callers may change it in place; the cache must stay intact
+                elements.append(patch.spec.batch_back(cached.clone()))
+            else:
+                elements.append(patch.spec.batch_back(cached))
+        return patch.spec.join_output(elements)
+
+    def _drop(self, entry: _CacheEntry | None) -> None:
+        if entry is not None:
+            self.cache_bytes -= entry.nbytes
+            self.history_bytes -= entry.history_bytes
+
+    def _store(self, run: RunContext, index: int, occurrence: int, inputs: list[Any],
+               branches: list[tuple[torch.Tensor | None, bool]], keys: list[Any]) -> None:
+        chunks = len(keys)
+        order = self.plan.orders[index]
+        residual = [r for _, r in branches]
+        for chunk, key in enumerate(keys):
+            shapes: list[tuple[int, ...] | None] = [
+                (current.shape[0] // chunks, *current.shape[1:]) if isinstance(current, torch.Tensor) else None
+                for current in inputs]
+            replaced = self.cache.get((index, key, occurrence))
+            extends = replaced is not None and replaced.residual == residual and replaced.input_shapes == shapes
+            # The point that leaves the history lends its buffers to the new one (pinned memory is costly).
+            spare = replaced.points[-1] if extends and len(replaced.points) > order else None
+            tensors: list[torch.Tensor | None] = []
+            for stream, (branch, _) in enumerate(branches):
+                if branch is None:
+                    tensors.append(None)
+                    continue
+                per_chunk = branch.shape[0] // chunks
+                part = branch[chunk * per_chunk:(chunk + 1) * per_chunk]
+                if self.cache_on_cpu:
+                    part = offload_to_cpu(part, spare[stream] if spare is not None else None)
+                    run.stats.offloaded += 1
+                elif chunks > 1:
+                    part = part.clone()  # a slice would pin the whole batch
+                tensors.append(part)
+            if extends:
+                points, taus = push_point(replaced.points, replaced.taus, tensors, run.evaluation_tau, order)
+            else:
+                points, taus = [tensors], [run.evaluation_tau]
+            entry = _CacheEntry(points, taus, residual, shapes)
+            self._drop(replaced)
+            self.cache_bytes += entry.nbytes
+            self.history_bytes += entry.history_bytes
+            self.cache[(index, key, occurrence)] = entry
+        run.stats.stores += 1
+        run.stats.peak_history_bytes = max(run.stats.peak_history_bytes, self.history_bytes)
+        run.stats.peak_cache_bytes = max(run.stats.peak_cache_bytes, self.cache_bytes)
+
+
+
+def offload_to_cpu(part: torch.Tensor, spare: torch.Tensor | None) -> torch.Tensor:
+    """A CPU copy of ``part`` for the cache: into pinned memory without blocking the GPU, reusing
+    ``spare`` (a buffer the cache is done with) where it fits; a CPU tensor is copied as is."""
+    if part.device.type == "cpu":
+        return part.clone()
+    if spare is None or spare.shape != part.shape or spare.dtype != part.dtype or spare.device.type != "cpu":
+        spare = torch.empty(part.shape, dtype=part.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    spare.copy_(part, non_blocking=spare.is_pinned())
+    return spare
+
+
+def _predicted(entries: list[_CacheEntry], stream_index: int, tau: float,
+               reference: torch.Tensor | None) -> torch.Tensor:
+    """One stream's stand-in for all chunks of a call: each chunk's cached value, or its forecast
+    at ``tau`` from the points kept, on the device and in the dtype of ``reference``."""
+    parts = []
+    for entry in entries:
+        tensors = [point[stream_index] for point in entry.points]
+        if reference is not None and (tensors[0].device != reference.device or tensors[0].dtype != reference.dtype):
+            tensors = [t.to(device=reference.device, dtype=reference.dtype, non_blocking=True) for t in tensors]
+        if len(tensors) == 1:
+            parts.append(tensors[0])  # order 0: reused exactly as cached
+        else:
+            parts.append(combine(tensors, lagrange_weights(entry.taus, tau)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def stream_inputs(spec: LayerSpec, args: tuple, kwargs: dict, copy: bool) -> list[Any]:
+    values = [spec.batch_first(stream.input_of(args, kwargs)) for stream in spec.streams]
+    if copy:
+        values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
+    return values
+
+
+def residual_branches(spec: LayerSpec, module: torch.nn.Module, inputs: list[Any], out: Any, residual_wanted: bool,
+              chunks: int) -> list[tuple[torch.Tensor | None, bool]] | None:
+    """Per stream: (residual branch or output copy, is residual); None if the call cannot be cached.
+
+    A stream is cached as a residual where the layer has a residual form and, for an identity
+    residual, keeps the stream's shape; otherwise as its output.
+    """
+    try:
+        outputs = [spec.batch_first(output) for output in spec.split_output(out)]
+    except (KeyError, IndexError, TypeError):
+        return None  # the block returned something its signature does not describe
+    result: list[tuple[torch.Tensor | None, bool]] = []
+    for current, output in zip(inputs, outputs, strict=True):
+        if output is None:
+            result.append((None, False))
+            continue
+        if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] % chunks != 0:
+            return None  # not a batch of the call's cond chunks: nothing per chunk to cache
+        residual = residual_wanted and isinstance(current, torch.Tensor) and (
+            spec.residual is ResidualForm.SKIP_CONNECTION or
+            (spec.residual is ResidualForm.IDENTITY and current.shape == output.shape))
+        if residual:
+            result.append(((output - spec.residual_base(module, current)).detach(), True))
+        else:
+            result.append((output.detach().clone(), False))
+    return result
+
+
+def _sampler_key(name: str) -> str:
+    """Comparable sampler names: KSampler's 'ddim' runs sample_euler; 'uni_pc' runs sample_unipc."""
+    key = name.replace("_", "")
+    return "euler" if key == "ddim" else key
+
+
+def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
+    total = stats.total
+    skipped = int(stats.reused.sum())
+    estimate = run_speedup_estimate(holder, stats)
+    orders = sorted({order for order, reused in zip(holder.plan.orders, holder.plan.reuses_ever, strict=True)
+                     if reused})
+    forecast = ""
+    if any(orders):
+        forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}) "
+                    f"{stats.peak_history_bytes / 2**20:.1f} MB")
+    logger.info(
+        "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
+        "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s)%s; %d computations "
+        "were stored for a reuse.",
+        holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
+        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate,
+        stats.peak_cache_bytes / 2**20, holder.cache_device, forecast, stats.stores)
+
+
+def run_speedup_estimate(holder: RunHolder, stats: RunStats) -> float:
+    """FLOP-weighted speed-up of a finished run, from what it really computed."""
+    plan = getattr(holder, "plan", None)  # a profiler's runs compute everything
+    calls = stats.computed + stats.reused
+    if plan is None or plan.total_flops <= 0 or calls.max(initial=0) == 0:
+        return 1.0
+    # One column holding each layer's computed share of its calls.
+    compute_rate = (stats.computed / np.maximum(calls, 1))[:, None]
+    fraction = computed_flop_fraction(compute_rate, plan.layer_flops, plan.total_flops)
+    return 1.0 / fraction if fraction > 0 else 1.0
+
+

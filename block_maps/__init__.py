@@ -1,0 +1,1 @@
+"""Block maps: which layers of each model family can be cached, and how their calls look."""

@@ -1,0 +1,131 @@
+"""Installing the runtime on a ComfyUI ModelPatcher: layer object patches and keyed wrappers only.
+
+* OUTER_SAMPLE creates the run's context, publishes it in the run's ``transformer_options`` and
+  frees it at the end, whatever happens;
+* PREDICT_NOISE marks each solver evaluation (the context maps its sigma onto the steps once);
+* APPLY_MODEL opens a ``ModelCall`` scope (the cond chunks the call carries and the model it runs
+  on), which the layer patches read.
+
+Outside a run the layer patches call the forward they replaced, untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import comfy.model_patcher
+from comfy.patcher_extension import WrappersMP
+
+from ..block_maps.block_map import BlockMap
+from .run import WRAPPER_KEY, LayerForward, RunContext, RunHolder, run_context, sampler_name_of
+
+logger = logging.getLogger(__name__)
+
+
+def outer_sample_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Starts a fresh run context for every sampling run, publishes it in the guider's
+    ``transformer_options`` for the run, and frees it whatever happens."""
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
+    guider = executor.class_obj
+    run = RunContext(holder, guider.model_patcher.get_model_object("model_sampling"), sigmas,
+                     sampler_name_of(sampler))
+    cfg = getattr(guider, "cfg", None)
+    run.stats.cfg = float(cfg) if isinstance(cfg, (int, float)) else None
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options.setdefault("transformer_options", {})[WRAPPER_KEY] = run
+    started = time.perf_counter()
+    completed = False
+    try:
+        result = executor(*args, **kwargs)
+        completed = True
+        return result
+    finally:
+        guider.model_options = original_options
+        stats = run.close()
+        holder.last_run = stats
+        if completed:
+            stats.seconds = time.perf_counter() - started
+        holder.finish_run(run, completed)
+        if completed:
+            for listener in holder.run_listeners:
+                try:
+                    listener(holder, stats)
+                except Exception:  # a display hook must never fail a finished run
+                    logger.exception("%s: a run listener failed", holder.name)
+
+
+def predict_noise_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs once per solver evaluation, for all conds together."""
+    run = run_context(args[2] if len(args) > 2 else kwargs.get("model_options"))
+    if run is None or run.holder is not holder:
+        return executor(*args, **kwargs)
+    x = args[0] if args else kwargs["x"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    run.begin_evaluation(x, timestep)
+    try:
+        denoised = executor(*args, **kwargs)
+        run.observe_denoised(x, timestep, denoised)
+        return denoised
+    finally:
+        run.end_evaluation()
+
+
+def apply_model_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Opens the model call's scope: which cond chunks it carries (one cache per chunk), and the
+    model it runs on, for the layer patches called inside it."""
+    transformer_options = kwargs.get("transformer_options")
+    if transformer_options is None and len(args) > 5:
+        transformer_options = args[5]
+    transformer_options = transformer_options or {}
+    run = run_context(transformer_options)
+    if run is None or run.holder is not holder:
+        return executor(*args, **kwargs)
+    keys = transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or [None]
+    x = args[0] if args else kwargs["x"]
+    if x.shape[0] % len(keys) != 0:
+        keys = [None]
+    passes = run.passes
+    pass_index = max(passes.get(key, 0) for key in keys)
+    for key in keys:
+        passes[key] = pass_index + 1
+    with run.model_call([(key, pass_index) for key in keys], getattr(executor, "class_obj", None)):
+        return run.layer_method.call_model(run, executor, args, kwargs)
+
+
+_WRAPPERS = (
+    (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+    (WrappersMP.PREDICT_NOISE, predict_noise_wrapper),
+    (WrappersMP.APPLY_MODEL, apply_model_wrapper),
+)
+
+
+def install_runtime(model: Any, block_map: BlockMap, holder: RunHolder) -> Any:
+    """A clone of ``model`` whose ``block_map`` layers run through ``holder``'s runs.
+
+    A second install on an already patched model replaces the first instead of stacking on it;
+    the model passed in is never changed.
+    """
+    patched = model.clone()
+    for wrapper_type, _ in _WRAPPERS:
+        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    diffusion_model = patched.get_model_object("diffusion_model")
+    for index, spec in enumerate(block_map.layers):
+        original = patched.get_model_object(spec.patch_key)
+        while isinstance(original, LayerForward):
+            original = original.original
+        module = diffusion_model.get_submodule(spec.name)
+        patched.add_object_patch(spec.patch_key, LayerForward(holder, index, spec, module, original, diffusion_model))
+    for wrapper_type, wrapper in _WRAPPERS:
+        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, bind(wrapper, holder))
+    return patched
+
+
+def bind(wrapper: Callable[..., Any], holder: Any) -> Callable[..., Any]:
+    """A wrapper with its holder bound, in the ``wrapper(executor, *args, **kwargs)`` form."""
+    return functools.partial(wrapper, holder)

@@ -1,0 +1,1 @@
+"""Schedule and profile files: the versioned JSON schema and the schedules folder."""
