@@ -1,8 +1,8 @@
 """Block Caching on a ComfyUI ModelPatcher: apply a schedule, attach the profiler, collect a profile.
 
 Both installers return a *clone* (runtime/wrappers.py: object patches and keyed wrappers only);
-the model passed in is never changed. Everything is
-checked before the clone is touched, so a bad schedule leaves nothing half-patched.
+the model passed in is never changed. Everything is checked before the clone is touched, so a bad
+schedule leaves nothing half-patched.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ..block_maps.block_map import BlockMap, block_map_for_patcher
+from ..block_maps.block_map import BlockMap
+from ..block_maps.mapping import block_map_for_patcher
 from ..errors import ScheduleMismatchError
 from ..provenance import provenance
 from ..runtime.run import RunExtension

@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..block_maps.block_map import block_map_for_patcher
+from ..block_maps.mapping import block_map_for_patcher
 from ..faster_diffusion.schedule import (
     DEFAULT_ENCODER_RATIO,
     KEY_STEP_MODES,

@@ -9,10 +9,11 @@ patched layers' calls to the run's ``RunMethod`` objects:
   call: compute, or stand in with something else;
 * run extensions (Faster Diffusion's noise injection) act at the evaluation boundaries.
 
-Other wrappers of the same node (parallel decoding) keep their per-run state in
-``RunContext.attachments``. The context is published in the run's ``transformer_options`` under
-``WRAPPER_KEY``; layer patches reach it through the current ``ModelCall`` (a ContextVar), so
-conds run in parallel threads keep apart.
+Each patched layer's ``forward`` is a ``LayerForward`` object patch: inside a run it hands its
+calls to the context, everywhere else it is the forward it replaced. Other wrappers of the same
+node (parallel decoding) keep their per-run state in ``RunContext.attachments``. The context is
+published in the run's ``transformer_options`` under ``WRAPPER_KEY``; layer patches reach it
+through the current ``ModelCall`` (a ContextVar), so conds run in parallel threads keep apart.
 """
 
 from __future__ import annotations

@@ -43,13 +43,13 @@ def interval_schedule(schedule: Any, interval: int, keep: Callable[[str], bool] 
                                builder={"method": "uniform_interval", "interval": interval, "order": order})
 
 
-def outer_layer_names(model: Any, block_map_module: Any) -> set[str]:
+def outer_layer_names(model: Any, mapping: Any) -> set[str]:
     """The layers at the highest resolution (DeepCache's always-computed shallow branch)."""
     unet = model.get_model_object("diffusion_model")
     per_level = int(unet.num_res_blocks[0])
     outer = [f"input_blocks.{i}" for i in range(1, per_level + 1)]
     outer += [f"output_blocks.{len(unet.output_blocks) - 1 - i}" for i in range(per_level + 1)]
-    block_map = block_map_module.block_map_for_patcher(model)
+    block_map = mapping.block_map_for_patcher(model)
     return {spec.name for spec in block_map.layers if any(spec.name == o or spec.name.startswith(o + ".")
                                                            for o in outer)}
 

@@ -100,7 +100,7 @@ PACKAGES = {
     **dict.fromkeys(("patching", "schedule", "target_schedule", "validation", "cache", "profile", "fidelity"),
                     "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
-    "block_map": "block_maps",
+    "mapping": "block_maps",
 }
 OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "easycache", "lazycache",
           "faster_diffusion")
@@ -163,7 +163,7 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     target = _module("target_schedule")
     validation = _module("validation")
     faster_diffusion = _module("faster_diffusion")
-    block_map = _module("block_map")
+    mapping = _module("mapping")
     model = reference.patcher
     methods = [Method("no cache", "none", "", lambda: (model, steps))]
     for n in _fewer_steps(steps):
@@ -202,7 +202,7 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
                               f"{kinds} δ={threshold:g}", apply(schedule), knob=threshold))
     base = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
     unet = profile.block_map.family == "unet"
-    outer = bench_peers.outer_layer_names(model, block_map) if unet else set()
+    outer = bench_peers.outer_layer_names(model, mapping) if unet else set()
     for k in INTERVALS:
         methods.append(Method(f"FORA every {k}", "fora", f"every {k}", apply(bench_peers.interval_schedule(base, k)),
                               knob=k))

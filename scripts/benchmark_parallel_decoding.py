@@ -92,7 +92,7 @@ def run_config(name: str, args: argparse.Namespace, reference: Any) -> dict[str,
     fd = _module("faster_diffusion")
     patching = _module("patching")
     pd = _module("parallel_decoding")
-    block_map = _module("block_map")
+    mapping = _module("mapping")
     reference_data = _module("reference_data")
     reference_model = _module("reference_model")
 
@@ -104,7 +104,7 @@ def run_config(name: str, args: argparse.Namespace, reference: Any) -> dict[str,
     latent = reference_model.empty_latent(len(prompts))
 
     grid = fd.grid_for_model(model, steps, sampler, scheduler)
-    schedule = fd.build_faster_diffusion_schedule(block_map.block_map_for_patcher(model), grid,
+    schedule = fd.build_faster_diffusion_schedule(mapping.block_map_for_patcher(model), grid,
                                                   fd.FasterDiffusionOptions(key_steps=preset))
     keys = schedule.builder["key_steps"]
     encoder_propagation, _ = patching.apply_block_cache(model, schedule)

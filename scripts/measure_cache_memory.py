@@ -58,7 +58,7 @@ def _child(config: str, blocks: int, frames: int, height: int, width: int) -> di
     sampler = patcher
     holder = None
     if config != "no cache":
-        block_map = pack.block_maps.block_map.block_map_for_patcher(patcher)
+        block_map = pack.block_maps.mapping.block_map_for_patcher(patcher)
         model_sampling = patcher.get_model_object("model_sampling")
         import comfy.samplers
 

@@ -44,7 +44,7 @@ def render() -> str:
         tested[entry.family].append(entry.id)
         if entry.family in blocks:
             continue
-        block_map = pack.block_maps.block_map.block_map_for_patcher(entry.build(seed=0))
+        block_map = pack.block_maps.mapping.block_map_for_patcher(entry.build(seed=0))
         per_list: dict[str, tuple[int, str]] = {}
         for layer in block_map.layers:
             count, streams = per_list.get(layer.stage, (0, _streams(layer)))

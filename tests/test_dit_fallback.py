@@ -160,7 +160,7 @@ def generic_run(pack, generic):
 def test_fallback_finds_the_block_list_by_structure(pack, generic_run, caplog):
     model, *_ = generic_run  # profiled: the profiler's patches are still on the loaded blocks
     with caplog.at_level(logging.INFO):
-        block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+        block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     assert block_map.family == "generic (TinyGenericDit)" and block_map.model_class == "TinyGenericDit"
     # Only the like blocks: not the list of plain Linear heads.
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
@@ -329,7 +329,7 @@ def test_blocks_that_cannot_be_cached_are_reported_with_reason_and_fix(pack, cap
                     make_model=_base_model_with(TinyMixedDit))
     model = entry.build(seed=0)
     conds = entry.conds()
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
     skipped = {layer.name: layer for layer in block_map.skipped}
     assert sorted(skipped) == ["opaque_blocks.0", "opaque_blocks.1", "pair_blocks.0", "pair_blocks.1"]
@@ -388,7 +388,7 @@ def test_scheduled_reuse_that_never_happens_is_reported(pack, generic, generic_r
     entry = TinyDit("generic (TinyHiddenPairDit)", "generic-hidden", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8),
                     (6, 32), make_model=_base_model_with(TinyHiddenPairDit))
     model = entry.build(seed=0)
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"] and not block_map.skipped
     # Every block scheduled to reuse at every other step.
     *_, profile = generic_run  # its grid (same sampler and steps); its layers have the same names
@@ -417,7 +417,7 @@ def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
                  make_model=_base_model_with(TinyAudioVideoDit))
     model, conds = av.build(seed=0), av.conds()
     with caplog.at_level(logging.INFO):
-        block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+        block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
     assert not block_map.skipped
     for layer in block_map.layers:

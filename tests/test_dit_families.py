@@ -61,7 +61,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, entry) -> None:
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
 def test_block_map_names_the_family(pack, entry, profiled):
     model, *_ = profiled(entry)
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     assert block_map.family == entry.family
     assert block_map.layers and all(layer.kind.value == "transformer" for layer in block_map.layers)
 

@@ -36,7 +36,7 @@ def flux(pack):
 
 
 def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "model device"):
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     model_sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 2).cpu()
     grid = pack.runtime.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)

@@ -18,7 +18,7 @@ def _fd(pack):
 def _schedule(pack, model, steps=8, sampler="euler", **options):
     fd = _fd(pack)
     grid = fd.grid_for_model(model, steps, sampler, "normal")
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     return fd.build_faster_diffusion_schedule(block_map, grid, fd.FasterDiffusionOptions(**options))
 
 
@@ -139,7 +139,7 @@ def test_retimed_to_another_step_count(pack, tiny_model, conds, latent):
 
 def test_dit_encoder_ratio(pack):
     model = FLUX.build(seed=0)
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     ratio = 0.5
     schedule = _schedule(pack, model, steps=4, key_steps="custom", custom_key_steps=(0, 2), encoder_ratio=ratio)
     encoder = round(ratio * len(block_map.layers))
@@ -185,7 +185,7 @@ def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
 
 
 def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent):
-    schedule = pack.block_caching.schedule.all_compute_schedule(pack.block_maps.block_map.block_map_for_patcher(tiny_model),
+    schedule = pack.block_caching.schedule.all_compute_schedule(pack.block_maps.mapping.block_map_for_patcher(tiny_model),
                                                   _fd(pack).grid_for_model(tiny_model, 8, "euler", "normal"))
     runs = {}
     for alpha in (0.0, 0.05):

@@ -70,7 +70,7 @@ def _schedule(pack, model, compute_steps, order):
     sampling = model.get_model_object("model_sampling")
     grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", STEPS),
                                                sampler="euler", scheduler="normal")
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     base = pack.block_caching.schedule.all_compute_schedule(block_map, grid, (1.0,) * len(block_map.layers), 4.0)
     row = tuple(step in compute_steps for step in range(STEPS))
     layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order) for layer in base.layers)
@@ -133,7 +133,7 @@ def test_order_0_and_forecast_at_the_newest_point_are_plain_reuse(pack, tiny_mod
     assert torch.equal(forecast.combine([newest, older], forecast.lagrange_weights([0.5, 0.7], 0.5)), newest)
     sampling = tiny_model.get_model_object("model_sampling")
     grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", 8))
-    block_map = pack.block_maps.block_map.block_map_for_patcher(tiny_model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(tiny_model)
     schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     rows = tuple(dataclasses.replace(layer, compute=tuple(s % 2 == 0 for s in range(8))) for layer in schedule.layers)
     outputs = []
@@ -177,7 +177,7 @@ def test_forecast_on_both_streams_of_a_flux_double_block(pack):
     reference = sample(model, *conds, latent, steps=STEPS, cfg=entry.cfg)
     sampling = model.get_model_object("model_sampling")
     grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "simple", STEPS))
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     base = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     row = tuple(step in (0, 1, 3) for step in range(STEPS))
     outputs = {}

@@ -40,7 +40,7 @@ def pd(pack):
 def _schedule(pack, model, steps=8, sampler="euler", keys=KEYS):
     fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, steps, sampler, "normal")
-    block_map = pack.block_maps.block_map.block_map_for_patcher(model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
     options = fd.FasterDiffusionOptions(key_steps="custom", custom_key_steps=keys)
     return fd.build_faster_diffusion_schedule(block_map, grid, options)
 
@@ -152,7 +152,7 @@ def test_reference_model_parallel_equals_sequential(pack, pd):
     model = reference.patcher.clone()
     fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, 20, "dpmpp_2m", "karras")
-    schedule = fd.build_faster_diffusion_schedule(pack.block_maps.block_map.block_map_for_patcher(model), grid)
+    schedule = fd.build_faster_diffusion_schedule(pack.block_maps.mapping.block_map_for_patcher(model), grid)
     assert schedule.builder["key_steps"] == [0, 1, 2, 3, 5, 10, 15]
     positive = [[reference.encode(["a large red circle at center on a blue background",
                                    "a small green square at top left on a white striped background"]), {}]]
@@ -345,7 +345,7 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
 # -- option handling ---------------------------------------------------------------------------------------
 
 def test_not_applicable_to_block_caching_schedules(pack, pd, tiny_model, conds, latent, caplog):
-    block_map = pack.block_maps.block_map.block_map_for_patcher(tiny_model)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(tiny_model)
     grid = pack.faster_diffusion.schedule.grid_for_model(tiny_model, 8, "euler", "normal")
     schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)

@@ -96,7 +96,7 @@ def test_prompt_matters(reference):
 
 
 def test_block_map_finds_every_double_and_single_block(pack, reference):
-    block_map = pack.block_maps.block_map.block_map_for_patcher(reference.patcher)
+    block_map = pack.block_maps.mapping.block_map_for_patcher(reference.patcher)
     assert block_map.family == "Flux (dev, schnell, Kontext, Flux.2)"
     assert [layer.name for layer in block_map.layers] == (
         [f"double_blocks.{i}" for i in range(DOUBLE)] + [f"single_blocks.{i}" for i in range(SINGLE)])

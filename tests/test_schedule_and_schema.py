@@ -197,7 +197,7 @@ def test_save_load_round_trip_and_unsafe_names(pack, tmp_path):
 ])
 def test_full_size_block_maps_find_every_layer(pack, name, attention, resblocks, down, up):
     model, config_name = pack.demo_models.builtin_models.build_full_unet(name, device="meta")
-    block_map = pack.block_maps.block_map.build_block_map(model, config_name)
+    block_map = pack.block_maps.mapping.build_block_map(model, config_name)
     kinds = [layer.kind.value for layer in block_map.layers]
     assert kinds.count("attention") == attention
     assert kinds.count("resblock") == resblocks
@@ -214,4 +214,4 @@ def test_full_size_block_maps_find_every_layer(pack, name, attention, resblocks,
 
 def test_unsupported_model_error_names_class_and_families(pack):
     with pytest.raises(pack.errors.UnsupportedModelError, match="Linear.*Supported families: UNet.*Flux.*Wan"):
-        pack.block_maps.block_map.build_block_map(torch.nn.Linear(2, 2), "Mystery")
+        pack.block_maps.mapping.build_block_map(torch.nn.Linear(2, 2), "Mystery")
