@@ -128,9 +128,6 @@ class _CacheEntry:
         return sum(t.numel() * t.element_size() for point in self.points[1:] for t in point if t is not None)
 
 
-
-
-
 class BlockCacheHolder(RunHolder):
     """What one Apply installed: the block map, the plan, where the cache lives; read-only."""
 
@@ -196,8 +193,8 @@ class LayerCache(LayerMethod):
             self.repeats_steps = True
         self.compute_now = plan.decisions(self.previous_step, step)
         self.store_now = plan.reuses_ever if self.repeats_steps else plan.stores[:, step]
-        self.schedule_step = self.holder.plan.grid.step_of(run.evaluation_tau) if plan is not self.holder.plan \
-            else step
+        retimed = plan is not self.holder.plan
+        self.schedule_step = self.holder.plan.grid.step_of(run.evaluation_tau) if retimed else step
         self.evaluation_step = step
 
     def end_evaluation(self, run: RunContext) -> None:

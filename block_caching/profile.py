@@ -163,13 +163,14 @@ class ProfileRecorder:
         held += [sketch for _, sketch in self._previous.values()]
         return sum(t.numel() * t.element_size() for t in held)
 
-    def _sketch(self, tensor: torch.Tensor) -> torch.Tensor:
+    def sketch(self, tensor: torch.Tensor) -> torch.Tensor:
         """[samples, elements] float32: a seeded sample of each batch item's elements, scaled so
-        that L1 sums estimate the full tensor's."""
+        that L1 sums estimate the full tensor's. Linear: the sketch of a difference is the
+        difference of the sketches."""
         flat = tensor.detach().reshape(tensor.shape[0], -1)
         size = flat.shape[1]
         if size <= SKETCH_ELEMENTS:
-            return flat.float()
+            return flat.to(torch.float32, copy=True)  # a copy: the block may update its input in place
         key = (size, flat.device)
         index = self._indices.get(key)
         if index is None:
@@ -183,8 +184,15 @@ class ProfileRecorder:
         """Record one layer call: ``branches`` holds each stream's residual branch (or output), and
         ``outputs`` the layer's output streams, for all chunks of the call (batch first);
         ``occurrence`` tells apart calls of one layer in one model call."""
-        pairs = [(b, o) for b, o in zip(branches, outputs, strict=True)
-                 if b is not None and isinstance(o, torch.Tensor)]
+        self.observe_sketches(layer_index, step, chunk_keys, occurrence,
+                              [self.sketch(b) if b is not None and isinstance(o, torch.Tensor) else None
+                               for b, o in zip(branches, outputs, strict=True)],
+                              [self.sketch(o) if isinstance(o, torch.Tensor) else None for o in outputs])
+
+    def observe_sketches(self, layer_index: int, step: int, chunk_keys: list[Any], occurrence: int,
+                         branches: list[torch.Tensor | None], outputs: list[torch.Tensor | None]) -> None:
+        """``observe`` with each stream's branch and output already sketched (``sketch``, batch first)."""
+        pairs = [(b, o) for b, o in zip(branches, outputs, strict=True) if b is not None and o is not None]
         if not pairs:
             return
         chunks = max(1, len(chunk_keys))
@@ -193,8 +201,8 @@ class ProfileRecorder:
         for chunk, key in enumerate(chunk_keys):
             self.chunks_seen.add(key)
             rows = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
-            sketch = torch.cat([self._sketch(b[rows]) for b, _ in pairs], dim=1)
-            norm = sum(self._sketch(o[rows]).abs().sum(1) for _, o in pairs)
+            sketch = torch.cat([b[rows] for b, _ in pairs], dim=1)
+            norm = sum(o[rows].abs().sum(1) for _, o in pairs)
             series_key = (layer_index, key, occurrence)
             series = self._series.setdefault(series_key, {})
             if step in series:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..block_maps.block_map import LayerSpec, ResidualForm
 from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder
 from .cache import residual_branches, stream_inputs
 from .profile import ProfileRecorder
@@ -64,7 +65,16 @@ class ProfileRecording(LayerMethod):
                    module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         index = layer.layer_index
         spec = layer.spec
-        inputs = stream_inputs(spec, args, kwargs, copy=spec.mutates_inputs) if run.first_of_step else None
+        recording = run.first_of_step
+        identity = spec.residual is ResidualForm.IDENTITY
+        inputs = None
+        if recording:
+            inputs = stream_inputs(spec, args, kwargs, copy=spec.mutates_inputs and not identity)
+            if identity:
+                # The inputs' sketches, taken before the block may update them in place: a residual's
+                # sketch is the output's minus the input's, so no input is copied and no full-size
+                # residual is made (a DiT block's stream is tens of MB).
+                inputs = [(self.recorder.sketch(v), v.shape) if _batched(v) else None for v in inputs]
         if self.measure_flops:
             counter = FlopCounterMode(display=False)
             with counter:
@@ -75,11 +85,35 @@ class ProfileRecording(LayerMethod):
         run.stats.computed[index] += 1
         if inputs is not None:
             keys = call.chunk_keys
-            branches = residual_branches(spec, module, inputs, out, True, len(keys))
-            if branches is not None:
-                outputs = [spec.batch_first(o) for o in spec.split_output(out)]
-                self.recorder.observe(index, run.run_step, keys, occurrence, [b for b, _ in branches], outputs)
+            if identity:
+                self._observe_identity(run, index, keys, occurrence, spec, inputs, out)
+            else:
+                branches = residual_branches(spec, module, inputs, out, True, len(keys))
+                if branches is not None:
+                    outputs = [spec.batch_first(o) for o in spec.split_output(out)]
+                    self.recorder.observe(index, run.run_step, keys, occurrence, [b for b, _ in branches], outputs)
         return out
+
+    def _observe_identity(self, run: RunContext, index: int, keys: list[Any], occurrence: int, spec: LayerSpec,
+                          input_sketches: list[tuple[torch.Tensor, torch.Size] | None], out: Any) -> None:
+        try:
+            outputs = [spec.batch_first(output) for output in spec.split_output(out)]
+        except (KeyError, IndexError, TypeError):
+            return  # the block returned something its signature does not describe
+        branches: list[torch.Tensor | None] = []
+        output_sketches: list[torch.Tensor | None] = []
+        for before, output in zip(input_sketches, outputs, strict=True):
+            if output is None:
+                branches.append(None)
+                output_sketches.append(None)
+                continue
+            if not _batched(output) or output.shape[0] % len(keys) != 0:
+                return  # not a batch of the call's cond chunks
+            after = self.recorder.sketch(output)
+            residual = before is not None and before[1] == output.shape  # as residual_branches decides
+            branches.append(after - before[0] if residual else after)
+            output_sketches.append(after)
+        self.recorder.observe_sketches(index, run.run_step, keys, occurrence, branches, output_sketches)
 
     def observe_denoised(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor,
                          denoised: torch.Tensor) -> None:
@@ -89,3 +123,7 @@ class ProfileRecording(LayerMethod):
         if not run.first_of_step or step is None or sigmas is None or step + 1 >= sigmas.numel():
             return
         self.recorder.observe_step(step, x, denoised, float(sigma.reshape(-1)[0]), float(sigmas[step + 1]))
+
+
+def _batched(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0

@@ -44,6 +44,10 @@ from .schedule import CacheSchedule, LayerSchedule, computed_flop_fraction, vali
 DEFAULT_SPEEDUP = 2.25
 FORECAST_ORDER_CHOICES = ("auto", "0", "1", "2")
 DEFAULT_FORECAST_ORDER = "auto"
+# The Build node's quality floor: where the chosen schedule's PSNR, measured on the profiled run, falls below
+# it, the schedule steps down the ladder (more compute steps) until it is reached. 30 dB is where the
+# reference models' pictures start to differ visibly from the uncached ones (docs/benchmark.md).
+DEFAULT_MIN_PSNR = 30.0
 # The longest stretch between two compute steps the search considers unless the user sets one: at
 # most 7 forecasts in a row. It does not depend on the target, so one ladder serves every speed-up.
 DEFAULT_MAX_GAP = 8
@@ -57,6 +61,7 @@ class TargetOptions:
     always_compute_first: int = 1
     always_compute_last: int = 0
     max_consecutive_reuse: int = 0  # 0: as the search finds best (up to DEFAULT_MAX_GAP - 1)
+    min_psnr: float = 0.0  # with a measure: step down the ladder until the measured PSNR reaches it (0: off)
 
     def validate(self) -> None:
         if not (isinstance(self.speedup, (int, float)) and math.isfinite(self.speedup) and self.speedup >= 1.0):
@@ -64,6 +69,8 @@ class TargetOptions:
         if self.forecast_order not in FORECAST_ORDER_CHOICES:
             raise ValueError(f"forecast_order must be one of {', '.join(FORECAST_ORDER_CHOICES)}, "
                              f"got {self.forecast_order!r}")
+        if not (isinstance(self.min_psnr, (int, float)) and math.isfinite(self.min_psnr) and self.min_psnr >= 0.0):
+            raise ValueError(f"min_psnr must be a finite number >= 0 (0: off), got {self.min_psnr!r}")
         validate_step_options(self)
 
     def orders(self) -> tuple[int, ...]:
@@ -280,6 +287,25 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
     return min(ladder, key=lambda rung: rung.flop_fraction)
 
 
+def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float,
+                       measure: Callable[[Rung], float]) -> tuple[Rung | None, list[tuple[Rung, float]]]:
+    """The fastest rung slower than ``rung`` whose measured PSNR reaches ``floor`` (None: none does, so only
+    computing everything will), and every measurement taken. Fidelity grows with the compute steps, so a
+    bisection over the slower rungs measures about log2 of their number."""
+    slower = [candidate for candidate in ladder if candidate.computes > rung.computes]
+    measured: list[tuple[Rung, float]] = []
+    low, high, found = 0, len(slower), None
+    while low < high:
+        middle = (low + high) // 2
+        value = float(measure(slower[middle]))
+        measured.append((slower[middle], value))
+        if value >= floor:
+            found, high = slower[middle], middle
+        else:
+            low = middle + 1
+    return found, measured
+
+
 def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dict[str, Any]) -> CacheSchedule:
     cached = set(layers)
     compute_row = tuple(step in set(rung.steps) for step in range(profile.grid.steps))
@@ -308,15 +334,18 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
 
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled run again
     with it; ``metric`` says of what) validates the choice: its value is recorded. With
-    ``choose_by_measure``, every equal-cost candidate is measured and the best measured one is taken. On the reference model the error
-    model chose about as well as four measured pictures did (docs/benchmark.md): a few pictures are a noisy
-    judge.
+    ``choose_by_measure``, every equal-cost candidate is measured and the best measured one is taken. On the
+    reference model the error model chose about as well as four measured pictures did (docs/benchmark.md): a
+    few pictures are a noisy judge. With ``options.min_psnr``, a choice measured below it steps down the
+    ladder to the fastest rung that reaches it (``step_down_to_floor``), or to computing everything.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)
     rung = choose_rung(ladder, options.speedup)
+    steps = profile.grid.steps
+    stepped_from: Rung | None = None
     tried: list[dict[str, Any]] = []
-    if measure is not None and rung.computes < profile.grid.steps:
+    if measure is not None and rung.computes < steps:
         options_tried = candidates(found, profile, rung.computes) if choose_by_measure else [
             (f"searched, order {rung.order}", rung)]
         best_value = -math.inf
@@ -326,6 +355,14 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                           "predicted_error": candidate.error, "measured_psnr": value})
             if value > best_value:
                 best_value, rung = value, candidate
+        if options.min_psnr and best_value < options.min_psnr:
+            stepped_from = rung
+            floor_rung, measured = step_down_to_floor(ladder, rung, options.min_psnr,
+                                                      lambda r: measure(_schedule(profile, found.layers, r, {})))
+            for candidate, value in measured:
+                tried.append({"label": f"stepped down, {candidate.computes} compute steps", "steps": list(candidate.steps),
+                              "order": candidate.order, "predicted_error": candidate.error, "measured_psnr": value})
+            rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
     builder: dict[str, Any] = {
         "method": "speedup_target",
         "speedup_target": options.speedup,
@@ -342,6 +379,11 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         "measured": tried,
         "measured_metric": metric if tried else "",
         "reached": rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
+        "min_psnr": options.min_psnr,
+        # Where the floor moved the choice: the target's rung, before stepping down (None: it did not).
+        "stepped_down_from": None if stepped_from is None else {
+            "computes": stepped_from.computes, "order": stepped_from.order,
+            "speedup": 1.0 / stepped_from.flop_fraction, "steps": list(stepped_from.steps)},
         "ladder": [{"computes": r.computes, "order": r.order, "error": r.error, "flop_fraction": r.flop_fraction,
                     "steps": list(r.steps)} for r in ladder],
         "notes": found.notes,

@@ -15,7 +15,7 @@
 // the workflow saves, so a reloaded workflow shows them again without a run.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { buildSchedule, DEFAULT_OPTIONS, targetSchedule } from "./schedule_builder.js";
+import { buildSchedule, DEFAULT_OPTIONS, rungSchedule, targetSchedule } from "./schedule_builder.js";
 
 const PROFILE_KEY = "block_cache_profile";
 const SCHEDULE_KEY = "block_cache_schedule";
@@ -37,7 +37,7 @@ const TEXT = "#e6e6e6";
 const REUSED = "#37373e";
 const UNMEASURED = "#282828";
 const KIND_COLOURS = { attention: "#ffaa3c", transformer: "#ffaa3c", resblock: "#5aaaff", downsample: "#96dc78", upsample: "#96dc78" };
-// Viridis-like anchors, as core/heatmap.py uses.
+// Viridis-like anchors, as nodes/heatmap.py uses.
 const SCALE = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
 function colour(value) {
@@ -266,7 +266,10 @@ function refreshTarget(node, force = false) {
   node.block_cache_key = key;
   if (!ladder?.rungs?.length) return;
   const speedup = Number(values.speedup ?? ladder.options.speedup_target);
-  const result = targetSchedule(ladder, speedup > 0 ? speedup : 1);
+  // The last run's quality floor moved its target to a slower rung: shown while speed-up and floor are unchanged.
+  const floor = ladder.floor;
+  const floored = Boolean(floor) && speedup === floor.target && Number(widgetValue(node, "min_psnr") ?? floor.min_psnr) === floor.min_psnr;
+  const result = floored ? rungSchedule(ladder, floor.rung) : targetSchedule(ladder, speedup > 0 ? speedup : 1);
   drawSchedule(widget.canvas, ladder.layers, ladder.steps, result.mask,
     `schedule for ${speedup}x (${ladder.options.cache_kinds})`);
   const lines = [formatEstimate(result),
@@ -277,7 +280,8 @@ function refreshTarget(node, force = false) {
   if (measured) {
     lines.push(`measured on the profiled run: ${measured.psnr.toFixed(1)} dB ${measured.metric} PSNR against uncached`);
   }
-  if (result.flopFraction > 1 / speedup + 1e-12) lines.push(`${speedup}x is beyond these options: the fastest schedule`);
+  if (floored) lines.push(`stepped down from the ${speedup}x target: it measured below the ${floor.min_psnr} dB floor`);
+  else if (result.flopFraction > 1 / speedup + 1e-12) lines.push(`${speedup}x is beyond these options: the fastest schedule`);
   const otherOptions = LADDER_OPTIONS.some((n) => values[n] !== undefined && String(values[n]) !== String(ladder.options[n]));
   if (otherOptions) lines.push("(preview for the options of the last run: queue to use the new ones)");
   else if (speedup !== ladder.options.speedup_target) lines.push("(preview: queue to use this speed-up)");

@@ -1,5 +1,5 @@
-// JavaScript port of the Python schedule builders (core/schedule.py: build_schedule,
-// computed_flop_fraction; core/target_schedule.py: choose_rung and the mask of a rung). The Build Cache Schedule node uses it to redraw the schedule the
+// JavaScript port of the Python schedule builders (block_caching/schedule.py: build_schedule,
+// computed_flop_fraction; block_caching/target_schedule.py: choose_rung and the mask of a rung). The Build Cache Schedule node uses it to redraw the schedule the
 // moment the threshold or an option changes, without queueing. tests/test_frontend_builder.py
 // runs it with node against the Python builder and requires identical masks and estimates,
 // so every arithmetic step here mirrors the Python code in the same order.
@@ -34,7 +34,7 @@ export function validateOptions(options) {
   }
 }
 
-/** Eq. 7 for one layer: core/schedule.py _layer_mask. `change[step]` null/NaN = unmeasured. */
+/** Eq. 7 for one layer: block_caching/schedule.py _layer_mask. `change[step]` null/NaN = unmeasured. */
 export function layerMask(change, options, steps) {
   const compute = new Array(steps).fill(false);
   let accumulated = 0.0;
@@ -57,7 +57,7 @@ export function layerMask(change, options, steps) {
   return compute;
 }
 
-/** core/schedule.py computed_flop_fraction, for a boolean mask [layers][steps]. */
+/** block_caching/schedule.py computed_flop_fraction, for a boolean mask [layers][steps]. */
 export function computedFlopFraction(mask, layerFlops, totalFlops, steps) {
   if (steps === 0 || totalFlops <= 0) return 1.0;
   let flopSum = 0.0;
@@ -106,7 +106,7 @@ export function summaryText(result, steps) {
 }
 
 /**
- * core/target_schedule.py choose_rung: the rung of a speed-up target ladder with the most compute
+ * block_caching/target_schedule.py choose_rung: the rung of a speed-up target ladder with the most compute
  * steps whose FLOP fraction reaches the target, else the fastest rung.
  */
 export function chooseRung(rungs, speedup) {
@@ -122,7 +122,11 @@ export function chooseRung(rungs, speedup) {
 
 /** The schedule of a ladder payload (nodes/frontend.py ladder_payload) at a speed-up target. */
 export function targetSchedule(ladder, speedup) {
-  const rung = chooseRung(ladder.rungs, speedup);
+  return rungSchedule(ladder, chooseRung(ladder.rungs, speedup));
+}
+
+/** The schedule of one rung ({computes, steps, order, flop_fraction}) of a ladder payload. */
+export function rungSchedule(ladder, rung) {
   const cached = new Set(ladder.cached);
   const row = new Array(ladder.steps).fill(false);
   for (const step of rung.steps) row[step] = true;

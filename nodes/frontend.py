@@ -104,6 +104,11 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "rungs": [{"computes": r["computes"], "steps": chosen["steps"] if measured(r) else r["steps"],
                    "order": chosen["order"] if measured(r) else r["order"], "flop_fraction": r["flop_fraction"]}
                   for r in builder["ladder"]],
+        # Where the quality floor stepped the target down: the schedule the node gave at that target.
+        "floor": None if builder.get("stepped_down_from") is None else {
+            "min_psnr": builder["min_psnr"], "target": builder["speedup_target"],
+            "rung": {"computes": len(chosen["steps"]), "steps": chosen["steps"], "order": chosen["order"],
+                     "flop_fraction": schedule.flop_fraction}},
         # What validation measured on the profiled run (shown while the preview is that schedule).
         "measured": [{"steps": t["steps"], "order": t["order"], "psnr": t["measured_psnr"],
                       "metric": builder["measured_metric"]} for t in builder["measured"]],

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
 from ..block_caching.target_schedule import (
     DEFAULT_FORECAST_ORDER,
+    DEFAULT_MIN_PSNR,
     DEFAULT_SPEEDUP,
     FORECAST_ORDER_CHOICES,
     TargetOptions,
@@ -69,16 +70,22 @@ class BuildCacheSchedule(io.ComfyNode):
                                        "4: the search's best per forecast order and evenly spaced steps) and keeps "
                                        "the closest; with few profiled pictures this is a noisy judge. 'off' is "
                                        "instant."),
+                io.Float.Input("min_psnr", default=DEFAULT_MIN_PSNR, min=0.0, max=60.0, step=0.5, optional=True,
+                               tooltip="A quality floor, in dB of PSNR against the uncached output, measured on the "
+                                       "profiled run (with validation on): a schedule measured below it steps down "
+                                       "to the fastest one with more compute steps that reaches it, and the node "
+                                       "says so. Pictures of other prompts can land a few dB lower. 0: off, the "
+                                       "speed-up is kept whatever it costs."),
             ],
             outputs=schedule_outputs(),
         )
 
     @classmethod
     def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
-                max_consecutive_reuse, validation=VALIDATION[0]) -> io.NodeOutput:
+                max_consecutive_reuse, validation=VALIDATION[0], min_psnr=DEFAULT_MIN_PSNR) -> io.NodeOutput:
         options = TargetOptions(speedup=float(speedup), forecast_order=forecast_order, cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
-                                max_consecutive_reuse=max_consecutive_reuse)
+                                max_consecutive_reuse=max_consecutive_reuse, min_psnr=float(min_psnr))
         measure = None
         notes = []
         metric = measure_metric(profile.replays)
@@ -88,6 +95,9 @@ class BuildCacheSchedule(io.ComfyNode):
             else:
                 notes.append("validation skipped: this profile cannot sample its run again (loaded as JSON, or "
                              "recorded under another sampler by Record Block Changes).")
+        if measure is None and min_psnr:
+            notes.append(f"the {min_psnr:g} dB floor was not applied: it needs validation (the profiled run "
+                         "sampled again).")
         schedule = build_target_schedule(profile, options, measure, choose_by_measure=validation == VALIDATION[1],
                                          metric=metric)
         builder = schedule.builder
@@ -99,7 +109,14 @@ class BuildCacheSchedule(io.ComfyNode):
                          f"{tried['measured_psnr']:.1f} dB against uncached (measured on the profiled run)")
         if builder["measured"] and metric == "latent":
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
-        if not builder["reached"]:
+        stepped = builder["stepped_down_from"]
+        if stepped is not None:
+            lines.append(f"the {speedup:g}x target ({stepped['speedup']:.2f}x, {stepped['computes']} compute steps) "
+                         f"measured below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
+                         + ("" if len(builder["compute_steps"]) < schedule.grid.steps else
+                            ", computing everything (no faster schedule reached the floor)")
+                         + ". Lower min_psnr to keep more speed.")
+        elif not builder["reached"]:
             lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
         lines += builder["notes"] + notes
         for line in lines[1:]:

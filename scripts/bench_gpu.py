@@ -90,12 +90,12 @@ def _sd15(pack: Any, device: torch.device, smoke: bool) -> Case:
                 prompt("a lighthouse at dusk", context), prompt("blurry", context), latent, 5.0)
 
 
-def _flux(pack: Any, device: torch.device, smoke: bool, resolution: int = 1024) -> Case:
+def _flux(pack: Any, device: torch.device, smoke: bool, resolution: int = 1024, depth: tuple[int, int] = (4, 8)) -> Case:
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    shape = FLUX_SMOKE if smoke else FLUX_SHAPE
+    shape = FLUX_SMOKE if smoke else {**FLUX_SHAPE, "depth": depth[0], "depth_single_blocks": depth[1]}
     config = comfy.supported_models.Flux(dict(shape))
     config.set_inference_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32, None)
     model = config.get_model({}, "")
@@ -107,7 +107,7 @@ def _flux(pack: Any, device: torch.device, smoke: bool, resolution: int = 1024) 
     cond = [[torch.randn(1, tokens, shape["context_in_dim"], generator=generator),
              {"pooled_output": torch.randn(1, shape["vec_in_dim"], generator=generator)}]]
     side = 8 if smoke else resolution // 8
-    name = "Flux-shaped stack" + (" (smoke)" if smoke else f" (4+8 blocks), {resolution}x{resolution}")
+    name = "Flux-shaped stack" + (" (smoke)" if smoke else f" ({depth[0]}+{depth[1]} blocks), {resolution}x{resolution}")
     return Case(name, patcher, cond, cond, torch.zeros(1, 16, side, side), 1.0)
 
 
@@ -170,34 +170,43 @@ def _syncs_per_step(device: torch.device, run: Callable[[], Any], steps: int) ->
 
 
 class _BaselineProfiler:
-    """The profiler before issue 15, emulated: one float32 copy of each layer's residual per cond chunk,
-    held from one step to the next."""
+    """The profiler before issue 15, emulated: it copied a block's inputs where the block updates them in
+    place, made each layer's full residual, and held one float32 copy of it per cond chunk from one step
+    to the next."""
 
-    def __init__(self, recorder_class: Any) -> None:
-        self.recorder_class = recorder_class
-        self.original = recorder_class.observe
+    def __init__(self, pack: Any) -> None:
+        self.cache = pack.block_caching.cache
+        self.recording_class = pack.block_caching.profiler.ProfileRecording
+        self.original = self.recording_class.call_layer
         self.held: dict[tuple, torch.Tensor] = {}
         self.peak_bytes = 0
 
     def __enter__(self) -> _BaselineProfiler:
-        baseline = self
+        baseline, original, cache = self, self.original, self.cache
 
-        def observe(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs):
-            for chunk, key in enumerate(chunk_keys):
-                for stream, branch in enumerate(branches):
-                    if branch is not None:
-                        per = branch.shape[0] // max(1, len(chunk_keys))
-                        baseline.held[(layer_index, key, occurrence, stream)] = \
-                            branch[chunk * per:(chunk + 1) * per].float().clone()
+        def call_layer(recording, run, layer, call, occurrence, module, forward, args, kwargs):
+            if not run.first_of_step:
+                return original(recording, run, layer, call, occurrence, module, forward, args, kwargs)
+            spec, keys = layer.spec, call.chunk_keys
+            inputs = cache.stream_inputs(spec, args, kwargs, copy=spec.mutates_inputs)
+            out = original(recording, run, layer, call, occurrence, module, forward, args, kwargs)
+            branches = cache.residual_branches(spec, module, inputs, out, True, len(keys)) or []
+            for stream, (branch, _) in enumerate(branches):
+                if branch is None:
+                    continue
+                per = branch.shape[0] // len(keys)
+                for chunk, key in enumerate(keys):
+                    baseline.held[(layer.layer_index, key, occurrence, stream)] = \
+                        branch[chunk * per:(chunk + 1) * per].float().clone()
             baseline.peak_bytes = max(baseline.peak_bytes, sum(t.numel() * t.element_size()
                                                                 for t in baseline.held.values()))
-            return baseline.original(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs)
+            return out
 
-        self.recorder_class.observe = observe
+        self.recording_class.call_layer = call_layer
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.recorder_class.observe = self.original
+        self.recording_class.call_layer = self.original
         self.held.clear()
 
 
@@ -218,7 +227,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     recorder_bytes = holder.last_recording.nbytes
     profile = patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=case.cfg, denoise=1.0,
                                        latent_shape=tuple(case.latent.shape))
-    with _BaselineProfiler(pack.block_caching.profile.ProfileRecorder) as baseline:
+    with _BaselineProfiler(pack) as baseline:
         baseline_peak = _peak_above(device, lambda: _sample(case, patching.attach_profiler(model)[0], steps, device))
         baseline_bytes = baseline.peak_bytes
 
@@ -307,6 +316,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--memory-only", action="store_true", help="profile memory only (for a CPU)")
     parser.add_argument("--flux-resolution", type=int, default=1024,
                         help="the Flux-shaped stack's picture side in pixels (a CPU takes minutes at 512)")
+    parser.add_argument("--flux-blocks", default="4,8",
+                        help="double,single blocks of the Flux-shaped stack (4,8: 10 GB of weights in fp32)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     pack = load_pack()
@@ -316,7 +327,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     device = comfy.model_management.get_torch_device()
     steps, repeats = (3, 1) if args.smoke else (args.steps, args.repeats)
-    builders = {"sd15": _sd15, "flux": functools.partial(_flux, resolution=args.flux_resolution)}
+    builders = {"sd15": _sd15, "flux": functools.partial(
+        _flux, resolution=args.flux_resolution, depth=tuple(int(v) for v in args.flux_blocks.split(",")))}
     results = []
     for name in args.models.split(","):
         case = builders[name](pack, device, args.smoke)

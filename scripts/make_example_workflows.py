@@ -32,7 +32,7 @@ LADDER_KEY = "block_cache_ladder"
 BUILD = "BlockCacheBuildTargetSchedule"
 # Build Cache Schedule's defaults: speedup, forecast_order, cache_kinds, first, last, max_consecutive_reuse,
 # validation.
-BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR"]
+BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR", 30.0]
 DEMO = "block_cache_demo_model_no_checkpoint"
 # The transformer reference model (a trained Flux) samples as Flux workflows do: euler/simple.
 DIT_DEMO = "block_cache_demo_dit_no_checkpoint"

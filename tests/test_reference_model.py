@@ -124,14 +124,22 @@ SKETCH_MAX_DEVIATION = 0.10
 
 
 def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, reference, monkeypatch):
-    profile_module = pack.block_caching.profile
-    recorder_observe = profile_module.ProfileRecorder.observe
+    cache_module, profiler_module = pack.block_caching.cache, pack.block_caching.profiler
+    recording_call_layer = profiler_module.ProfileRecording.call_layer
     previous, sums, counts = {}, {}, {}
 
-    def observe_full_too(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs):
-        streams = [b for b, o in zip(branches, outputs, strict=True) if b is not None and isinstance(o, torch.Tensor)]
-        per = streams[0].shape[0] // len(chunk_keys) if streams else 0
-        for chunk, key in enumerate(chunk_keys if streams else []):
+    def call_layer_full_too(recording, run, layer, call, occurrence, module, forward, args, kwargs):
+        """Eq. 6 on each recorded call's full residuals, beside the recorder's sketches."""
+        if not run.first_of_step:
+            return recording_call_layer(recording, run, layer, call, occurrence, module, forward, args, kwargs)
+        spec, keys = layer.spec, call.chunk_keys
+        inputs = cache_module.stream_inputs(spec, args, kwargs, copy=True)
+        out = recording_call_layer(recording, run, layer, call, occurrence, module, forward, args, kwargs)
+        branches = cache_module.residual_branches(spec, module, inputs, out, True, len(keys))
+        streams = [b for b, _ in branches or [] if b is not None]
+        per = streams[0].shape[0] // len(keys) if streams else 0
+        step, layer_index = run.run_step, layer.layer_index
+        for chunk, key in enumerate(keys if streams else []):
             current = torch.cat([b[chunk * per:(chunk + 1) * per].reshape(per, -1).float() for b in streams], 1)
             before = previous.get((layer_index, key, occurrence))
             if before is not None and before[0] < step:
@@ -139,9 +147,9 @@ def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, refe
                 sums[(layer_index, step)] = sums.get((layer_index, step), 0.0) + float(rel.sum())
                 counts[(layer_index, step)] = counts.get((layer_index, step), 0) + per
             previous[(layer_index, key, occurrence)] = (step, current)
-        return recorder_observe(recorder, layer_index, step, chunk_keys, occurrence, branches, outputs)
+        return out
 
-    monkeypatch.setattr(profile_module.ProfileRecorder, "observe", observe_full_too)
+    monkeypatch.setattr(profiler_module.ProfileRecording, "call_layer", call_layer_full_too)
     patching = pack.block_caching.patching
     model = reference.patcher
     profiled, holder = patching.attach_profiler(model)

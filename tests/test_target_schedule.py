@@ -189,6 +189,41 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
     assert rung["steps"] == best["steps"] and rung["order"] == best["order"]
 
 
+def _computes(schedule) -> int:
+    rows = [layer.compute for layer in schedule.layers if not all(layer.compute)]
+    return sum(rows[0]) if rows else len(schedule.layers[0].compute)
+
+
+def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, profiled):
+    """A schedule measured below min_psnr is replaced by the fastest slower rung that reaches it, found by
+    bisection; a floor nothing reaches computes everything; 0 keeps the target's choice."""
+    target = pack.block_caching.target_schedule
+    *_, profile = profiled
+    measured = []
+
+    def measure(schedule):  # fidelity grows with the compute steps: 2 dB per step
+        measured.append(_computes(schedule))
+        return 2.0 * _computes(schedule)
+
+    plain = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0), measure)
+    chosen = len(plain.builder["compute_steps"])
+    assert 2.0 * chosen < 20.0 and plain.builder["stepped_down_from"] is None
+    ladder, _, _ = target.build_ladder(profile, target.TargetOptions(speedup=2.0))
+    slower = [rung.computes for rung in ladder if rung.computes > chosen]
+    measured.clear()
+    floored = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0, min_psnr=20.0), measure)
+    builder = floored.builder
+    assert len(builder["compute_steps"]) == min(c for c in slower if 2.0 * c >= 20.0) == 10
+    assert builder["stepped_down_from"]["computes"] == chosen
+    assert floored.estimated_speedup < plain.estimated_speedup
+    assert len(measured) <= 2 + math.ceil(math.log2(len(slower)))  # the target's own, then a bisection
+    assert [t["measured_psnr"] for t in builder["measured"]] == [2.0 * c for c in measured]
+    unreachable = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0, min_psnr=59.0), measure)
+    assert unreachable.compute_mask().all() and unreachable.builder["stepped_down_from"] is not None
+    with pytest.raises(ValueError, match="min_psnr"):
+        target.TargetOptions(min_psnr=-1.0).validate()
+
+
 def test_profile_node_replays_its_run_exactly_and_measures(pack):
     """The Profile node's replay samples the profiled run again: with an all-compute schedule it gives the
     profiled output bit for bit (PSNR capped at 100), a caching schedule scores less; the Build node
