@@ -1,4 +1,4 @@
-"""The pack's nodes (V3 schema). Logic lives in ``core``; these classes only adapt it."""
+"""The pack's nodes (V3 schema). The logic lives in the method and runtime packages; these classes only adapt it."""
 
 from comfy_api.latest import ComfyExtension, io
 

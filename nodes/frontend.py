@@ -5,7 +5,7 @@ in the node's properties by the frontend, so the drawings survive saving and rel
 workflow. They go into every saved workflow and picture's metadata, so the profile's change
 matrix is sent to 3 significant digits and only while it stays under MAX_PROFILE_PAYLOAD_BYTES;
 the full profile stays in the user's schedules folder. Only this node layer talks to the
-server; the core packages stay free of it.
+server; the runtime and method packages stay free of it.
 """
 
 from __future__ import annotations

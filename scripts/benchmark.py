@@ -526,6 +526,7 @@ def pareto_markdown(result: dict[str, Any]) -> str:
 
 FAMILY_COLOURS = {
     "block_cache": (214, 39, 40), "block_cache_measured": (255, 152, 150), "block_cache_order0": (140, 86, 75),
+    "block_cache_floor": (120, 0, 0),
     "block_cache_threshold": (196, 156, 148), "fewer_steps": (0, 0, 0), "fora": (31, 119, 180),
     "taylorseer": (23, 190, 207), "deepcache": (148, 103, 189), "fbcache": (188, 189, 34), "teacache": (127, 127, 127),
     "easycache": (44, 160, 44), "lazycache": (152, 223, 138), "faster_diffusion": (255, 127, 14),
@@ -539,7 +540,7 @@ def quality_plot(result: dict[str, Any], path: Path) -> None:
                       key=lambda r: (r["flop_fraction"], -r["psnr_A"]))
         if not rows:
             continue
-        line = family not in ("faster_diffusion",)
+        line = family not in ("faster_diffusion", "block_cache_floor")
         series.append(Series(label, [1 / r["flop_fraction"] for r in rows], [min(r["psnr_A"], 60.0) for r in rows],
                              line=line, colour=FAMILY_COLOURS[family]))
     plot(series, str(path), title=f"{MODELS[result.get('model', 'unet')][3]}, {result['sampler']}/{result['scheduler']} {result['steps']}: "
