@@ -75,7 +75,7 @@ class CalibrationResult:
 
 
 class CalibrationSession:
-    """The training state of one Calibrate run; its wrapper hands it to each run's context."""
+    """The training state of one Calibrate run; its wrapper hands it to each run's cache (``LayerCache``)."""
 
     def __init__(self, holder: BlockCacheHolder, table: ScaleShiftTable, learning_rate: float,
                  train: bool = True) -> None:
@@ -116,7 +116,7 @@ class CalibrationSession:
         with torch.inference_mode(False), torch.enable_grad():
             yield
 
-    # -- called by the runtime ----------------------------------------------------------------
+    # -- called by the run's cache --------------------------------------------------------------
     def record_target(self, index: int, keys: tuple, occurrence: int, spec: LayerSpec, out: Any) -> None:
         elements = [spec.batch_first(element) for element in spec.split_output(out)]
         targets = []

@@ -137,8 +137,9 @@ def merge_profiles(profiles: list[BlockProfile]) -> BlockProfile:
 class ProfileRecorder:
     """Accumulates sketches during one profiling run.
 
-    The runtime calls ``observe`` once per layer call at the first model evaluation of each
-    step, and ``observe_step`` once per step with the latent and the model's denoised output.
+    The profiling run method (block_caching/profiler.py) calls ``observe`` (or, with the streams
+    already sketched, ``observe_sketches``) once per layer call at the first model evaluation of
+    each step, and ``observe_step`` once per step with the latent and the model's denoised output.
     """
 
     def __init__(self, block_map: BlockMap) -> None:

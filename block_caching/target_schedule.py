@@ -287,12 +287,13 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
     return min(ladder, key=lambda rung: rung.flop_fraction)
 
 
-def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float,
+def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
                        measure: Callable[[Rung], float]) -> tuple[Rung | None, list[tuple[Rung, float]]]:
     """The fastest rung slower than ``rung`` whose measured PSNR reaches ``floor`` (None: none does, so only
     computing everything will), and every measurement taken. Fidelity grows with the compute steps, so a
-    bisection over the slower rungs measures about log2 of their number."""
-    slower = [candidate for candidate in ladder if candidate.computes > rung.computes]
+    bisection over the slower rungs measures about log2 of their number; computing every step (the
+    uncached run) needs no measurement."""
+    slower = [candidate for candidate in ladder if rung.computes < candidate.computes < steps]
     measured: list[tuple[Rung, float]] = []
     low, high, found = 0, len(slower), None
     while low < high:
@@ -357,7 +358,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                 best_value, rung = value, candidate
         if options.min_psnr and best_value < options.min_psnr:
             stepped_from = rung
-            floor_rung, measured = step_down_to_floor(ladder, rung, options.min_psnr,
+            floor_rung, measured = step_down_to_floor(ladder, rung, options.min_psnr, steps,
                                                       lambda r: measure(_schedule(profile, found.layers, r, {})))
             for candidate, value in measured:
                 tried.append({"label": f"stepped down, {candidate.computes} compute steps", "steps": list(candidate.steps),

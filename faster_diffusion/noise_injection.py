@@ -16,7 +16,7 @@ for SD (exactly the paper's z_t), ``x`` for flow models. So here:
   cut-off, the same time axis every Block Cache schedule uses.
 
 Where. A run extension of the cache (runtime/run.py): at the start of each evaluation, in the
-cache's PREDICT_NOISE wrapper, it adds the term *in place* to the tensor the sampler passes, at
+runtime's PREDICT_NOISE wrapper, it adds the term *in place* to the tensor the sampler passes, at
 the first evaluation of each new step. KSampler passes its own state
 tensor there (unless a denoise mask is in use), so the solver continues from the injected latent,
 exactly like the paper's ``latents = latents + alpha * init_latents`` before the UNet call, for the

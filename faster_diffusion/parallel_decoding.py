@@ -136,7 +136,7 @@ def _encoder_layers(holder: BlockCacheHolder) -> np.ndarray:
 
 class ParallelDecodingPatch:
     """What ``enable_parallel_decoding`` installed: read-only during sampling. Each run gets its own
-    ``ParallelDecoder`` (on the run's context); the last one stays here for display and tests."""
+    ``ParallelDecoder`` (in the run context's attachments); the last one stays here for display and tests."""
 
     def __init__(self, holder: BlockCacheHolder, config: ParallelDecoding) -> None:
         config.validate()

@@ -260,7 +260,7 @@ function refreshBuild(node, force = false) {
 function refreshTarget(node, force = false) {
   const ladder = node.properties?.[LADDER_KEY];
   const widget = pictureWidget(node);
-  const values = Object.fromEntries(["speedup", ...LADDER_OPTIONS].map((n) => [n, widgetValue(node, n)]));
+  const values = Object.fromEntries(["speedup", "min_psnr", ...LADDER_OPTIONS].map((n) => [n, widgetValue(node, n)]));
   const key = JSON.stringify(values);
   if (!force && key === node.block_cache_key) return;
   node.block_cache_key = key;
@@ -268,7 +268,7 @@ function refreshTarget(node, force = false) {
   const speedup = Number(values.speedup ?? ladder.options.speedup_target);
   // The last run's quality floor moved its target to a slower rung: shown while speed-up and floor are unchanged.
   const floor = ladder.floor;
-  const floored = Boolean(floor) && speedup === floor.target && Number(widgetValue(node, "min_psnr") ?? floor.min_psnr) === floor.min_psnr;
+  const floored = Boolean(floor) && speedup === floor.target && Number(values.min_psnr ?? floor.min_psnr) === floor.min_psnr;
   const result = floored ? rungSchedule(ladder, floor.rung) : targetSchedule(ladder, speedup > 0 ? speedup : 1);
   drawSchedule(widget.canvas, ladder.layers, ladder.steps, result.mask,
     `schedule for ${speedup}x (${ladder.options.cache_kinds})`);
@@ -532,7 +532,7 @@ app.registerExtension({
     if (node.comfyClass === THRESHOLD_NODE || node.comfyClass === TARGET_NODE) {
       pictureWidget(node);
       const refresh = node.comfyClass === TARGET_NODE ? refreshTarget : refreshBuild;
-      const watched = node.comfyClass === TARGET_NODE ? ["speedup", ...LADDER_OPTIONS] : OPTION_NAMES;
+      const watched = node.comfyClass === TARGET_NODE ? ["speedup", "min_psnr", ...LADDER_OPTIONS] : OPTION_NAMES;
       // Slider drags and typed values reach us through the widget callbacks; the poll also catches
       // values set by other code (links, undo) and costs one string compare per tick.
       for (const widget of node.widgets ?? []) {

@@ -67,8 +67,8 @@ def predict_noise_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs
         return executor(*args, **kwargs)
     x = args[0] if args else kwargs["x"]
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-    run.begin_evaluation(x, timestep)
     try:
+        run.begin_evaluation(x, timestep)  # inside: a method failing at the start still ends the evaluation
         denoised = executor(*args, **kwargs)
         run.observe_denoised(x, timestep, denoised)
         return denoised

@@ -179,7 +179,7 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
         state["evaluation"] = run.stats.evaluations
         current = indicator(first_layer.module, kwargs).detach()
         previous = state["previous"]
-        step = run.evaluation_step
+        step = run.layer_method.evaluation_step
         if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
             compute_all = True
         else:

@@ -31,7 +31,7 @@ SCHEDULE_KEY = "block_cache_schedule"
 LADDER_KEY = "block_cache_ladder"
 BUILD = "BlockCacheBuildTargetSchedule"
 # Build Cache Schedule's defaults: speedup, forecast_order, cache_kinds, first, last, max_consecutive_reuse,
-# validation.
+# validation, min_psnr.
 BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR", 30.0]
 DEMO = "block_cache_demo_model_no_checkpoint"
 # The transformer reference model (a trained Flux) samples as Flux workflows do: euler/simple.
@@ -597,7 +597,7 @@ def make_bundled_schedule() -> dict[str, Any]:
     replay = pack.block_caching.validation.ProfileReplay(model, sample, reference,
                                            lambda samples: reference_vae.decode(samples).movedim(-1, 1))
     measure = pack.block_caching.validation.replay_measure((replay,))
-    schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(), measure,
+    schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(min_psnr=pack.block_caching.target_schedule.DEFAULT_MIN_PSNR), measure,
                                                           metric=replay.metric)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {pack.schedule_files.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
