@@ -427,6 +427,19 @@ def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, scheduler:
     g.link(scale, 0, preview, "images")
 
 
+def _demo_profile_and_build(g: Graph, model: int, latent: int, cfg: float = DEMO_CFG,
+                            scheduler: str = "normal") -> tuple[int, int]:
+    """Profile Block Changes on the demo model's sources, and Build Cache Schedule from its profile."""
+    profile_id = g.add("BlockCacheProfile", (350, 120),
+                       [DEMO_SEED, "fixed", DEMO_STEPS, cfg, "euler", scheduler, 1.0], (360, 520))
+    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
+    for source, port, name in ((model, 0, "model"), (model, 1, "positive"), (model, 2, "negative"),
+                               (latent, 0, "latent_image"), (model, 3, "vae")):
+        g.link(source, port, profile_id, name)
+    g.link(profile_id, 1, build, "profile")
+    return profile_id, build
+
+
 def demo(payloads: dict | None = None) -> dict[str, Any]:
     """Runs anywhere: the built-in demo model, no checkpoint.
 
@@ -441,16 +454,8 @@ def demo(payloads: dict | None = None) -> dict[str, Any]:
             "with these settings; queue it to measure again.\n\n" + _TUNE)
     model, latent = _demo_sources(g)
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
-    profile_id = g.add("BlockCacheProfile", (350, 120),
-                       [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0], (360, 520))
-    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
+    profile_id, build = _demo_profile_and_build(g, model, latent)
     apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
-    g.link(model, 0, profile_id, "model")
-    g.link(model, 1, profile_id, "positive")
-    g.link(model, 2, profile_id, "negative")
-    g.link(latent, 0, profile_id, "latent_image")
-    g.link(model, 3, profile_id, "vae")
-    g.link(profile_id, 1, build, "profile")
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
     _demo_tail(g, model, latent, apply, 1600)
@@ -470,16 +475,8 @@ def demo_dit() -> dict[str, Any]:
             "row per double and single block.\n\n" + _TUNE)
     model, latent = _demo_sources(g, "reference_dit")
     g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
-    profile_id = g.add("BlockCacheProfile", (350, 120),
-                       [DEMO_SEED, "fixed", DEMO_STEPS, DIT_CFG, "euler", DIT_SCHEDULER, 1.0], (360, 520))
-    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
+    profile_id, build = _demo_profile_and_build(g, model, latent, DIT_CFG, DIT_SCHEDULER)
     apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
-    g.link(model, 0, profile_id, "model")
-    g.link(model, 1, profile_id, "positive")
-    g.link(model, 2, profile_id, "negative")
-    g.link(latent, 0, profile_id, "latent_image")
-    g.link(model, 3, profile_id, "vae")
-    g.link(profile_id, 1, build, "profile")
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
     _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG)
@@ -499,20 +496,12 @@ def calibrate_demo() -> dict[str, Any]:
             "(join them with Conditioning (Combine)) at your usual size, for 20-50 iterations.")
     model, latent = _demo_sources(g)
     g.add("MarkdownNote", (0, -220), [note], (NOTE_W * 2, 290))
-    profile_id = g.add("BlockCacheProfile", (350, 120),
-                       [DEMO_SEED, "fixed", DEMO_STEPS, DEMO_CFG, "euler", "normal", 1.0], (360, 520))
-    build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
+    profile_id, build = _demo_profile_and_build(g, model, latent)
     calibrate = g.add("BlockCacheCalibrate", (1190, 120), [100, "fixed", 8, 0.03, 0, 0.0], (380, 330),
                       colour=CACHED)
     curve = g.add("PreviewImage", (1190, 490), [], (380, 260), title="calibration loss")
     save = g.add("BlockCacheSaveSchedule", (740, 680), ["reference_calibrated", True], (420, 120))
     apply = g.add("BlockCacheApply", (1190, 790), APPLY_WIDGETS, (380, 180), colour=CACHED)
-    g.link(model, 0, profile_id, "model")
-    g.link(model, 1, profile_id, "positive")
-    g.link(model, 2, profile_id, "negative")
-    g.link(latent, 0, profile_id, "latent_image")
-    g.link(model, 3, profile_id, "vae")
-    g.link(profile_id, 1, build, "profile")
     g.link(model, 0, calibrate, "model")
     g.link(build, 0, calibrate, "schedule")
     g.link(model, 1, calibrate, "positive")
