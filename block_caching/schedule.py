@@ -180,13 +180,18 @@ def build_schedule(profile: BlockProfile, options: BuildOptions, reuse_mode: Reu
         order = options.forecast_order if not all(compute) else 0
         layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(compute),
                                     forecast_order=order))
+    return schedule_of_profile(profile, layers, options.to_dict())
+
+
+def schedule_of_profile(profile: BlockProfile, layers: list[LayerSchedule], builder: dict[str, Any]) -> CacheSchedule:
+    """A schedule of ``profile``'s model and steps with these layers, as ``builder`` made it."""
     return CacheSchedule(
         block_map=profile.block_map,
         grid=profile.grid,
         layers=tuple(layers),
         layer_flops=profile.layer_flops,
         total_flops=profile.total_flops,
-        builder=options.to_dict(),
+        builder=builder,
         provenance={**profile.provenance, "profile_samples": profile.sample_count},
     )
 

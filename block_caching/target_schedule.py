@@ -37,7 +37,13 @@ from ..block_maps.block_map import CACHE_KIND_CHOICES, ReuseMode
 from ..errors import ScheduleBuildError
 from .forecast import MAX_FORECAST_ORDER, lagrange_weights
 from .profile import TRAJECTORY_ELEMENTS, BlockProfile
-from .schedule import CacheSchedule, LayerSchedule, computed_flop_fraction, validate_step_options
+from .schedule import (
+    CacheSchedule,
+    LayerSchedule,
+    computed_flop_fraction,
+    schedule_of_profile,
+    validate_step_options,
+)
 
 # The highest target that kept every evaluation set of the reference model and `make demo` at 30+ dB
 # mean PSNR (2.5 left the demo's prompt at 28 dB): docs/benchmark.md.
@@ -317,15 +323,7 @@ def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dic
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, compute_row, forecast_order=rung.order))
         else:
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, (True,) * profile.grid.steps))
-    return CacheSchedule(
-        block_map=profile.block_map,
-        grid=profile.grid,
-        layers=tuple(layer_schedules),
-        layer_flops=profile.layer_flops,
-        total_flops=profile.total_flops,
-        builder=builder,
-        provenance={**profile.provenance, "profile_samples": profile.sample_count},
-    )
+    return schedule_of_profile(profile, layer_schedules, builder)
 
 
 def build_target_schedule(profile: BlockProfile, options: TargetOptions,
