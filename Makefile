@@ -1,7 +1,12 @@
 # The two commands a fresh machine needs: `make demo` and `make test`.
-PYTHON := .venv/bin/python
+# HOST picks the ComfyUI to run on: 0.3.75 (default, from the registry) or 0.33.0 (from
+# ../shared/hosts); each has its own venv. COMFYUI_PATH points at any other ComfyUI instead.
+HOST ?= 0.3.75
+VENV := $(if $(filter 0.3.75,$(HOST)),.venv,.venv-$(HOST))
+PYTHON := $(VENV)/bin/python
 export COMFYUI_PATH ?=
-
+export BLOCK_CACHE_HOST := $(HOST)
+export BLOCK_CACHE_VENV := $(CURDIR)/$(VENV)
 .PHONY: setup demo test lint bench bench-dit bench-gpu train-reference train-reference-dit workflows thumbnails browser-test
 
 setup:
@@ -12,7 +17,7 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
 
 lint: setup
 	$(PYTHON) -m ruff check .

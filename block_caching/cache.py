@@ -229,15 +229,18 @@ class LayerCache(LayerMethod):
                 if reused is not None:
                     reused = calibration.observe_reuse(index, tuple(keys), occurrence, layer.spec, reused)
             if reused is not None:
-                run.stats.reused[index] += 1
+                with run.lock:
+                    run.stats.reused[index] += 1
                 return reused
         keep = bool(self.store_now[index])
         if not keep and self.cache:
-            for key in keys:  # what the cache holds for this call is older than this computation
-                self._drop(self.cache.pop((index, key, occurrence), None))
+            with run.lock:
+                for key in keys:  # what the cache holds for this call is older than this computation
+                    self._drop(self.cache.pop((index, key, occurrence), None))
         inputs = stream_inputs(layer.spec, args, kwargs, copy=layer.spec.mutates_inputs) if keep else None
         out = forward(*args, **kwargs)
-        run.stats.computed[index] += 1
+        with run.lock:
+            run.stats.computed[index] += 1
         if inputs is not None:
             residual_wanted = self.plan.reuse[index] is ReuseMode.RESIDUAL
             branches = residual_branches(layer.spec, module, inputs, out, residual_wanted, len(keys))
@@ -310,7 +313,8 @@ class LayerCache(LayerMethod):
                 part = branch[chunk * per_chunk:(chunk + 1) * per_chunk]
                 if self.cache_on_cpu:
                     part = offload_to_cpu(part, spare[stream] if spare is not None else None)
-                    run.stats.offloaded += 1
+                    with run.lock:
+                        run.stats.offloaded += 1
                 elif chunks > 1:
                     part = part.clone()  # a slice would pin the whole batch
                 tensors.append(part)
@@ -319,13 +323,15 @@ class LayerCache(LayerMethod):
             else:
                 points, taus = [tensors], [run.evaluation_tau]
             entry = _CacheEntry(points, taus, residual, shapes)
-            self._drop(replaced)
-            self.cache_bytes += entry.nbytes
-            self.history_bytes += entry.history_bytes
-            self.cache[(index, key, occurrence)] = entry
-        run.stats.stores += 1
-        run.stats.peak_history_bytes = max(run.stats.peak_history_bytes, self.history_bytes)
-        run.stats.peak_cache_bytes = max(run.stats.peak_cache_bytes, self.cache_bytes)
+            with run.lock:
+                self._drop(replaced)
+                self.cache_bytes += entry.nbytes
+                self.history_bytes += entry.history_bytes
+                self.cache[(index, key, occurrence)] = entry
+        with run.lock:
+            run.stats.stores += 1
+            run.stats.peak_history_bytes = max(run.stats.peak_history_bytes, self.history_bytes)
+            run.stats.peak_cache_bytes = max(run.stats.peak_cache_bytes, self.cache_bytes)
 
 
 

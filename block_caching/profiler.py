@@ -82,7 +82,8 @@ class ProfileRecording(LayerMethod):
             self.recorder.layer_flops[index] = float(counter.get_total_flops())
         else:
             out = forward(*args, **kwargs)
-        run.stats.computed[index] += 1
+        with run.lock:
+            run.stats.computed[index] += 1
         if inputs is not None:
             keys = call.chunk_keys
             if identity:
@@ -91,7 +92,9 @@ class ProfileRecording(LayerMethod):
                 branches = residual_branches(spec, module, inputs, out, True, len(keys))
                 if branches is not None:
                     outputs = [spec.batch_first(o) for o in spec.split_output(out)]
-                    self.recorder.observe(index, run.run_step, keys, occurrence, [b for b, _ in branches], outputs)
+                    with run.lock:
+                        self.recorder.observe(index, run.run_step, keys, occurrence, [b for b, _ in branches],
+                                              outputs)
         return out
 
     def _observe_identity(self, run: RunContext, index: int, keys: list[Any], occurrence: int, spec: LayerSpec,
@@ -113,7 +116,8 @@ class ProfileRecording(LayerMethod):
             residual = before is not None and before[1] == output.shape  # as residual_branches decides
             branches.append(after - before[0] if residual else after)
             output_sketches.append(after)
-        self.recorder.observe_sketches(index, run.run_step, keys, occurrence, branches, output_sketches)
+        with run.lock:
+            self.recorder.observe_sketches(index, run.run_step, keys, occurrence, branches, output_sketches)
 
     def observe_denoised(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor,
                          denoised: torch.Tensor) -> None:

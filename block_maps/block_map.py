@@ -105,19 +105,26 @@ class LayerSpec:
     # DiT blocks update their inputs in place (Flux: img += ...): inputs must be copied before
     # the call wherever a residual is measured. UNet layers never do, and skip the copy.
     mutates_inputs: bool = False
-    # Where the batch is in the stream tensors: 0, except Cosmos 1 blocks (T, H, W, B, D tokens).
+    # Where the batch is in the stream tensors: 0, except Cosmos 1 blocks (T, H, W, B, D tokens); None
+    # where they carry no batch axis (MiniMax H3 packs one sample's tokens as (tokens, hidden)).
     # The runtime caches and measures per cond chunk along it.
-    batch_dim: int = 0
+    batch_dim: int | None = 0
 
     def batch_first(self, value: Any) -> Any:
         """A stream tensor as a view with the batch first (what the cache and profile work on)."""
-        return value.movedim(self.batch_dim, 0) if self.batch_dim and isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self.batch_dim is None:
+            return value.unsqueeze(0)
+        return value.movedim(self.batch_dim, 0) if self.batch_dim else value
 
     def batch_back(self, value: Any) -> Any:
         """The inverse of ``batch_first``, laid out as the block itself returns it."""
-        if self.batch_dim and isinstance(value, torch.Tensor):
-            return value.movedim(0, self.batch_dim).contiguous()
-        return value
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self.batch_dim is None:
+            return value.squeeze(0)
+        return value.movedim(0, self.batch_dim).contiguous() if self.batch_dim else value
 
     @property
     def patch_key(self) -> str:

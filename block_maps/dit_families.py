@@ -69,7 +69,107 @@ DIT_FAMILIES: tuple[DitFamily, ...] = (
     DitFamily("ACE-Step", (_LDM + "ace.model.ACEStepTransformer2DModel",), ("transformer_blocks",)),
     DitFamily("OmniGen2", (_LDM + "omnigen.omnigen2.OmniGen2Transformer2DModel",),
               ("context_refiner", "noise_refiner", "ref_image_refiner", "layers")),
+    # ComfyUI 0.33 image configs on mapped classes: Anima is a Cosmos-Predict2 MiniTrainDIT (its LLM adapter
+    # runs on the text alone, in extra_conds under inference mode), LongCat-Image a Flux (txt_ids_dims [1, 2]),
+    # Z-Image pixel space a NextDiT (NextDiTPixelSpace: its per-patch pixel decoder, dec_net.res_blocks, is small
+    # next to the backbone and always runs, as Chroma Radiance's NeRF head does).
+    DitFamily("Lens", (_LDM + "lens.model.LensTransformer2DModel",), ("transformer_blocks",)),
+    DitFamily("Ideogram 4", (_LDM + "ideogram4.model.Ideogram4Transformer2DModel",), ("layers",)),
+    # The txtfusion adapter's blocks (text only, no timestep) are small and always run.
+    DitFamily("Krea 2", (_LDM + "krea2.model.SingleStreamDiT",), ("blocks",)),
+    # Qwen-Image's QwenImageTransformerBlock, called as in Qwen-Image.
+    DitFamily("Mage-Flow", (_LDM + "mage_flow.model.MageFlowTransformer2DModel",), ("transformer_blocks",)),
+    # OmniGen2's refiners, then the double-stream stage, then OmniGen2 blocks on [text ; image].
+    DitFamily("Boogu-Image", (_LDM + "boogu.model.BooguTransformer2DModel",),
+              ("context_refiner", "noise_refiner", "ref_image_refiner", "double_stream_layers",
+               "single_stream_layers")),
+    DitFamily("JoyImage", (_LDM + "joyimage.model.JoyImageTransformer3DModel",), ("double_blocks",)),
+    DitFamily("ERNIE-Image", (_LDM + "ernie.model.ErnieImageModel",), ("layers",)),
+    # PiD (PidNet) subclasses PixDiT_T2I; its LQ gate acts on the patch stream between blocks, outside them.
+    # Pixel blocks run on (B * patches, pixels per patch, dim): batch-major, so cond chunks split along dim 0.
+    DitFamily("PixelDiT / PiD", (_LDM + "pixeldit.model.PixDiT_T2I",), ("patch_blocks", "pixel_blocks")),
+    # ComfyUI 0.33's WanModel subclasses SCAILWanModel, SCAIL2WanModel and WanDancerModel (and FlowRVS, a plain
+    # WanModel) keep WanModel's blocks and its block(x, e=, freqs=, context=, ...) calls: they match
+    # "Wan 2.1 / 2.2" through the MRO. Their pose/reference tokens are concatenated to x before the blocks;
+    # WanDancer's music injector runs after a block, outside it (as S2V's audio injector does).
+    # LTX-2 audio-video: LTXAVModel subclasses LTXVModel, whose entry would name it "LTXV" through the MRO;
+    # its blocks (BasicAVTransformerBlock) carry the (video, audio) pair, see BLOCK_SIGNATURES.
+    DitFamily("LTX-2 (audio-video)", (_LDM + "lightricks.av_model.LTXAVModel",), ("transformer_blocks",)),
+    DitFamily("CogVideoX", (_LDM + "cogvideo.model.CogVideoXTransformer3DModel",), ("blocks",)),
+    # Kandinsky 5 video and image (Kandinsky5Image): the text encoder blocks are timestep-modulated (they
+    # change every step), then the visual decoder blocks.
+    DitFamily("Kandinsky 5", (_LDM + "kandinsky5.model.Kandinsky5",),
+              ("text_transformer_blocks", "visual_transformer_blocks")),
+    # One packed [text | audio | video] sequence, batch 1 only; the token refiner runs once per prompt (in
+    # extra_conds) and always runs.
+    DitFamily("MiniMax H3 (audio-video)", (_LDM + "minimax.model.MiniMaxH3Model",), ("blocks",)),
+    # ACE-Step 1.5: the DiT is decoder.layers; the lyric / timbre encoders, the audio tokenizer and the
+    # detokenizer run once per call on the conditioning (no timestep) and always run.
+    DitFamily("ACE-Step 1.5", (_LDM + "ace.ace_step15.AceStepConditionGenerationModel",), ("decoder.layers",)),
+    # Past 689 latent frames the transformer runs on overlapping windows: each block runs once per window
+    # in a model call, each occurrence with its own cache.
+    DitFamily("MiniMax Music 3", (_LDM + "minimax_music.dit.MiniMaxMusic3DiT",),
+              ("diffusion_transformer.transformer.layers",)),
+    # Only the dense structure stage (16^3 voxel tokens). The shape and texture stages (img2shape,
+    # img2shape_512, shape2txt) pass SparseTensor streams through their blocks, which the cache cannot
+    # hold: they always run, and a run of those stages calls none of these layers.
+    DitFamily("TRELLIS.2 (structure stage)", (_LDM + "trellis2.model.Trellis2",), ("structure_model.blocks",)),
+    # The context refiner runs on the image tokens alone (no timestep): the same at every step.
+    DitFamily("TripoSplat", (_LDM + "triposplat.model.LatentSeqMMFlowModel",),
+              ("noise_refiner", "context_refiner", "blocks")),
 )
+
+@dataclass(frozen=True)
+class Refusal:
+    """A model class Block Cache refuses: the node and the log give the reason, and the model runs uncached."""
+
+    name: str  # the model, as users know it
+    summary: str  # a few words, for the support matrix
+    reason: str  # what the node and the log say
+
+
+_NOT_SAMPLED = ("never by a sampler, so there are no sampling steps whose block outputs could be reused")
+
+# Model classes that Block Cache refuses (no structural search is tried on them).
+REFUSED_MODELS: dict[str, Refusal] = {
+    _LDM + "hidream_o1.model.HiDreamO1Transformer": Refusal(
+        "HiDream-O1", "its layers keep a key/value cache of the prompt across steps",
+        "HiDream-O1 runs its Qwen3-VL decoder layers with a key/value cache of the prompt that it keeps across "
+        "sampling steps and runs: each layer returns its keys and values with its output, and later calls compute "
+        "only the image positions against the cached ones, so a layer served from Block Cache's cache would leave "
+        "that prompt cache wrong"),
+    # Its blocks write a KV cache as a side effect of forward (comfy/ldm/wan/ar_model.py, sample_ar_video).
+    _LDM + "wan.ar_model.CausalWanModel": Refusal(
+        "Wan 2.1 Causal AR", "autoregressive: every block call writes a KV cache",
+        "autoregressive video model (Causal Forcing / Self-Forcing): the ar_video sampler denoises it frame block "
+        "by frame block, and every block call writes its keys and values into a KV cache that the later frames "
+        "attend to; a block whose output is reused skips that write (and the same sigmas repeat for every "
+        "frame block), so caching would corrupt the KV cache and the video"),
+    # forward_orig calls block.forward_pose / kv_from_input / forward_gen (comfy/ldm/wan/model_animate2.py).
+    _LDM + "wan.model_animate2.WanAnimate2Model": Refusal(
+        "Wan-Animate 2", "its blocks never run through forward",
+        "its transformer blocks run through their forward_gen, forward_pose and kv_from_input methods, never "
+        "through forward, so Block Cache's per-block patch on forward would never act (ComfyUI's WanAnimate2Cache "
+        "node already caches the step-independent pose branch)"),
+    # SeedVR2 (comfy/ldm/seedvr/model.py) is sampled in one step. Were it sampled in more, its blocks' outputs
+    # (vid, txt, vid_shape, txt_shape) would also need the integer shape tensors passed through as they are.
+    _LDM + "seedvr.model.NaDiT": Refusal(
+        "SeedVR2", "a one-step model: nothing to reuse",
+        "SeedVR2 restores a video in one sampling step (a one-step model, distilled by adversarial post-training); "
+        "Block Cache reuses a block's output of one step at later steps, so there is nothing to reuse"),
+    _LDM + "rt_detr.rtdetr_v4.RTv4": Refusal(
+        "RT-DETR v4", "not a diffusion model (object detector)",
+        "not a diffusion model: RT-DETR v4 is an object detector, run once per image by its detection node and "
+        + _NOT_SAMPLED),
+    _LDM + "sam3.detector.SAM3Model": Refusal(
+        "SAM 3 / SAM 3.1", "not a diffusion model (segmenter)",
+        "not a diffusion model: SAM 3 / SAM 3.1 is an image and video segmenter, run once per image or frame by "
+        "its segmentation nodes and " + _NOT_SAMPLED),
+    _LDM + "depth_anything_3.model.DepthAnything3Net": Refusal(
+        "Depth Anything 3", "not a diffusion model (depth estimator)",
+        "not a diffusion model: Depth Anything 3 is a depth estimator, run once per image by its depth node and "
+        + _NOT_SAMPLED),
+}
 
 
 @dataclass(frozen=True)
@@ -82,6 +182,8 @@ class BlockSignature:
     positions: tuple[int | None, ...] | None = None  # for forward(*args, **kwargs): explicit positions
     # The streams arrive as one tuple argument, element i updated by output element i.
     tuple_argument: bool = False
+    # The streams carry no batch axis (one sample's tokens, e.g. (tokens, hidden)).
+    unbatched: bool = False
 
 
 def _double(img: str = "img", txt: str = "txt") -> BlockSignature:
@@ -120,6 +222,48 @@ BLOCK_SIGNATURES: dict[str, BlockSignature] = {
     _LDM + "hunyuan3dv2_1.hunyuandit.HunYuanDiTBlock": _single("hidden_states"),
     _LDM + "ace.attention.LinearTransformerBlock": _single("hidden_states"),
     _LDM + "omnigen.omnigen2.OmniGen2TransformerBlock": _single("hidden_states"),
+    # Lens: block(hidden_states=img, encoder_hidden_states=txt, temb=, ...) returns (txt, img).
+    _LDM + "lens.model.LensTransformerBlock": _double("encoder_hidden_states", "hidden_states"),
+    # Ideogram 4: layer(h, attn_mask, freqs_cis, adaln_input, ...) returns h.
+    _LDM + "ideogram4.model.Ideogram4TransformerBlock": _single("x"),
+    # Krea 2: block(combined, tvec, freqs, None, timestep_zero_index=...) returns combined.
+    _LDM + "krea2.model.SingleStreamBlock": _single("x"),
+    # Boogu: layer(img, instruct, rotary_emb, img_rotary_emb, temb, ...) returns (img, instruct).
+    _LDM + "boogu.model.BooguDoubleStreamBlock": _double("img_hidden_states", "instruct_hidden_states"),
+    # JoyImage: block(hidden_states=img, encoder_hidden_states=txt, temb=, ...) returns (img, txt).
+    _LDM + "joyimage.model.JoyImageTransformerBlock": _double("hidden_states", "encoder_hidden_states"),
+    # ERNIE-Image: layer(hidden_states, rotary_pos_emb, temb) returns hidden_states ([image ; text]).
+    _LDM + "ernie.model.ErnieImageSharedAdaLNBlock": _single("x"),
+    # PixelDiT: blk(s, y_emb, condition, pos_img, pos_txt, None, ...) returns (s, y_emb).
+    _LDM + "pixeldit.model.MMDiTBlockT2I": _double("x", "y"),
+    # PixelDiT: blk(x_pixels, s_cond, H, W, patch_size, mask=None, ...) returns x_pixels.
+    _LDM + "pixeldit.modules.PiTBlock": _single("x"),
+    # LTX-2: block((vx, ax), v_context=..., a_context=..., v_timestep=..., ...) updates both streams in place
+    # and returns (vx, ax): element 0 updates x[0] (video), element 1 updates x[1] (audio; 0 tokens in a
+    # video-only run).
+    _LDM + "lightricks.av_model.BasicAVTransformerBlock": BlockSignature(OutputForm.TUPLE, ("x", "x"),
+                                                                          tuple_argument=True),
+    # CogVideoX: block(hidden_states=img, encoder_hidden_states=txt, temb=, image_rotary_emb=, ...) returns
+    # (img, txt).
+    _LDM + "cogvideo.model.CogVideoXBlock": _double("hidden_states", "encoder_hidden_states"),
+    # Kandinsky 5: block(context, time_embed, freqs_text) returns context (text blocks);
+    # block(visual_embed, context, time_embed, freqs=...) returns visual_embed (visual blocks).
+    _LDM + "kandinsky5.model.TransformerEncoderBlock": _single("x"),
+    _LDM + "kandinsky5.model.TransformerDecoderBlock": _single("visual_embed"),
+    # MiniMax H3: block(h, t_emb, mod_segments, rope_freqs, transformer_options=...) updates the packed
+    # sequence h [tokens, hidden] in place and returns it (batch 1: no batch axis).
+    _LDM + "minimax.model.DiTBlock": BlockSignature(OutputForm.TENSOR, ("x",), unbatched=True),
+    # ACE-Step 1.5: layer(hidden_states=x, temb=..., encoder_hidden_states=..., position_embeddings=...,
+    # ...) returns hidden_states (all keywords).
+    _LDM + "ace.ace_step15.AceStepDiTLayer": _single("hidden_states"),
+    # MiniMax Music 3: layer(x, rotation_matrix) returns x.
+    _LDM + "minimax_music.dit.TransformerBlock": _single("x"),
+    # TRELLIS.2 structure model: block(h, t_emb, cond, rope_phases, transformer_options=...) returns h,
+    # a dense [B, 4096, C] tensor.
+    _LDM + "trellis2.model.ModulatedTransformerCrossBlock": _single("x"),
+    # TripoSplat: block(h, mod=..., rotary_emb=..., transformer_options=...) returns h; the next block's
+    # rotary embedding is computed from that output, outside the blocks.
+    _LDM + "triposplat.model.UnifiedTransformerBlock": _single("x"),
 }
 
 # Wrapper blocks whose output form is that of an inner block: class -> attribute of the inner block.
@@ -136,6 +280,16 @@ def family_of(diffusion_model: nn.Module) -> DitFamily | None:
         family = by_class.get(_qualified(cls))
         if family is not None:
             return family
+    return None
+
+
+def refusal_of(diffusion_model: nn.Module) -> Refusal | None:
+    """Why Block Cache refuses this model class (or its closest refused base), or None."""
+    for cls in type(diffusion_model).__mro__:
+        if _qualified(cls) in REFUSED_MODELS:
+            return REFUSED_MODELS[_qualified(cls)]
+        if any(_qualified(cls) in family.model_classes for family in DIT_FAMILIES):
+            return None  # a mapped subclass of a refused class is not refused
     return None
 
 
@@ -297,15 +451,18 @@ def dit_layers(diffusion_model: nn.Module) -> tuple[str, list[LayerSpec], list[S
                 output_form=signature.form,
                 streams=streams_of(block, signature),
                 mutates_inputs=True,
-                batch_dim=_batch_dim(block),
+                batch_dim=_batch_dim(block, signature),
             ))
     if inferred:
         notes.append(f"block signature inferred for {', '.join(sorted(inferred))}")
     return family_name, layers, skipped, notes
 
 
-def _batch_dim(block: nn.Module) -> int:
-    """Where the batch is in the block's stream tensors: Cosmos 1 blocks run on (T, H, W, B, D)."""
+def _batch_dim(block: nn.Module, signature: BlockSignature) -> int | None:
+    """Where the batch is in the block's stream tensors: Cosmos 1 blocks run on (T, H, W, B, D); None for
+    blocks whose streams have no batch axis."""
+    if signature.unbatched:
+        return None
     return 3 if getattr(block, "x_format", None) == "THWBD" else 0
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .block_map import BlockMap, LayerKind, LayerSpec, ResidualForm, SkippedLayer
-from .dit_families import DIT_FAMILIES, dit_layers
+from .dit_families import DIT_FAMILIES, dit_layers, refusal_of
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ def build_block_map(diffusion_model: nn.Module, model_type: str = "unknown") -> 
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     model_class = type(diffusion_model).__name__
+    refusal = refusal_of(diffusion_model)
+    if refusal is not None:
+        raise UnsupportedModelError(f"{model_class} (model type {model_type}) is not cached: {refusal.reason}")
     if isinstance(diffusion_model, UNetModel):
         layers, skipped = _unet_layers(diffusion_model)
         family = "unet"

@@ -66,7 +66,7 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> None:
         for name, param in module.named_parameters():
             if name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-            elif param.ndim == 1:  # GroupNorm / LayerNorm scales
+            elif param.ndim <= 1:  # GroupNorm / LayerNorm scales, scalar gates
                 param.fill_(1.0)
             else:
                 fan_in = param[0].numel()

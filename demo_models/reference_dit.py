@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from . import reference_data
-from .reference_model import CONTEXT_DIM, load_weights, pixel_space_vae, read_weights, tokenize
+from .host_fields import flux_config
+from .reference_model import CONTEXT_DIM, load_weights, pixel_latent_format, pixel_space_vae, read_weights, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ UNET_CONFIG: dict[str, Any] = {
 
 def build_base_model(dtype: torch.dtype = torch.float32) -> Any:
     """The Flux ``BaseModel`` with the reference transformer and pixel-space latent format (no weights)."""
-    import comfy.latent_formats
     import comfy.supported_models
 
-    model_config = comfy.supported_models.Flux(dict(UNET_CONFIG))
-    # Pixel space: 3 channels, no scaling (Flux's own latent format expects 16 VAE channels).
-    model_config.latent_format = comfy.latent_formats.ChromaRadiance()
+    model_config = comfy.supported_models.Flux(flux_config(UNET_CONFIG))
+    # Pixel space: 3 channels, no scaling (Flux's own latent format expects 16 VAE channels); an
+    # EmptyLatentImage keeps its 1/8 size on every host (see reference_model.pixel_latent_format).
+    model_config.latent_format = pixel_latent_format()
     model_config.set_inference_dtype(dtype, None)
     return model_config.get_model({}, "")
 

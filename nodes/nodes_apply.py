@@ -77,8 +77,8 @@ class ApplyBlockCache(io.ComfyNode):
             patched, holder = apply_block_cache(model, schedule, cache_device=cache_device,
                                                 extensions=[injection] if injection.enabled else [])
         except UnsupportedModelError as error:
-            # Not an error that should stop the graph: the model samples as it is, and the node says so.
-            message = f"Block Cache is OFF for this model; it samples uncached. {error}"
+            # Not an error that should stop the graph: the model runs as it is, and the node says so.
+            message = f"Block Cache is OFF for this model; it runs uncached. {error}"
             logger.warning("Apply Block Cache: %s", message)
             return io.NodeOutput(model, ui={"text": [message]})
         # Also takes a previous Apply's parallel decoding off when it is not wanted here.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -157,6 +158,9 @@ class RunContext:
         self.latent_signature: tuple | None = None
         # Per-run state of wrappers installed beside the holder's (parallel decoding), by their patch.
         self.attachments: dict[Any, Any] = {}
+        # Multi-GPU runs the conds of one evaluation in one thread per device: the methods take this lock
+        # to count and to change their tables (the computations themselves run outside it).
+        self.lock = threading.Lock()
         self.layer_method = holder.start_layer_method(self)
         extensions = [extension.start(self) for extension in holder.extensions]
         self.methods: list[RunMethod] = [self.layer_method, *(m for m in extensions if m is not None)]

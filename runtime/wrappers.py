@@ -90,12 +90,25 @@ def apply_model_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs: 
     x = args[0] if args else kwargs["x"]
     if x.shape[0] % len(keys) != 0:
         keys = [None]
+    frames = context_window_frames(transformer_options)
+    if frames is not None:
+        keys = [(key, frames) for key in keys]
     passes = run.passes
     pass_index = max(passes.get(key, 0) for key in keys)
     for key in keys:
         passes[key] = pass_index + 1
     with run.model_call([(key, pass_index) for key in keys], getattr(executor, "class_obj", None)):
         return run.layer_method.call_model(run, executor, args, kwargs)
+
+
+def context_window_frames(transformer_options: dict) -> tuple | None:
+    """The frames of the context window this model call runs on (ComfyUI's context windows sample a
+    long video as one call per window; windows may move between steps), or None. Each window's
+    layers cache apart, so a reuse only ever stands in for the same frames."""
+    window = transformer_options.get("context_window")
+    if window is None:
+        return None
+    return ("frames", *getattr(window, "index_list", ()), getattr(window, "causal_anchor_index", None))
 
 
 _WRAPPERS = (

@@ -210,7 +210,7 @@ class _Reader:
         name = self.string(self.field(entry, "name", where), f"{where}.name")
         if not _LAYER_NAME.match(name):
             raise self.fail(f"{where}.name", f"{name!r} is not a layer path such as 'input_blocks.1.1'")
-        stage = self.string(entry.get("stage", ""), f"{where}.stage", 32)
+        stage = self.string(entry.get("stage", ""), f"{where}.stage")
         return LayerSpec(
             name=name,
             kind=self.enum(LayerKind, self.field(entry, "kind", where), f"{where}.kind"),

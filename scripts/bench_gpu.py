@@ -96,7 +96,7 @@ def _flux(pack: Any, device: torch.device, smoke: bool, resolution: int = 1024, 
     import comfy.supported_models
 
     shape = FLUX_SMOKE if smoke else {**FLUX_SHAPE, "depth": depth[0], "depth_single_blocks": depth[1]}
-    config = comfy.supported_models.Flux(dict(shape))
+    config = comfy.supported_models.Flux(pack.demo_models.host_fields.flux_config(shape))
     config.set_inference_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32, None)
     model = config.get_model({}, "")
     pack.demo_models.builtin_models.seeded_init_(model.diffusion_model, 0)

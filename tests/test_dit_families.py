@@ -15,7 +15,7 @@ import comfy.sample
 import numpy as np
 import pytest
 import torch
-from dit_zoo import ZOO
+from dit_zoo import ZOO, zoo_params
 from helpers import count_layer_computations, profile_by_sampling, runs_holding_tensors, sample, split_cond_calls
 
 STEPS = 4
@@ -58,7 +58,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, entry) -> None:
         assert (actual - expected).abs().max() <= entry.tolerance, entry.tolerance_reason
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", zoo_params())
 def test_block_map_names_the_family(pack, entry, profiled):
     model, *_ = profiled(entry)
     block_map = pack.block_maps.mapping.block_map_for_patcher(model)
@@ -66,7 +66,7 @@ def test_block_map_names_the_family(pack, entry, profiled):
     assert block_map.layers and all(layer.kind.value == "transformer" for layer in block_map.layers)
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", zoo_params())
 def test_profile_is_the_unpatched_output_and_measures_every_block(pack, entry, profiled):
     _, _, reference, profile, profiled_out = profiled(entry)
     assert_close(profiled_out, reference, entry)
@@ -78,7 +78,7 @@ def test_profile_is_the_unpatched_output_and_measures_every_block(pack, entry, p
     assert profile.total_flops > sum(profile.layer_flops) > 0 and min(profile.layer_flops) > 0
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", zoo_params())
 def test_all_compute_schedule_is_bit_identical(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
     schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
@@ -87,7 +87,7 @@ def test_all_compute_schedule_is_bit_identical(pack, entry, profiled):
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", zoo_params())
 def test_real_block_computations_match_the_schedule(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
     schedule = alternating_schedule(pack, profile)
@@ -103,7 +103,7 @@ def test_real_block_computations_match_the_schedule(pack, entry, profiled):
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", zoo_params())
 def test_caching_run_through_comfy_sample_restores_the_model(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
     patched, holder = pack.block_caching.patching.apply_block_cache(model, alternating_schedule(pack, profile))
@@ -122,7 +122,7 @@ def test_caching_run_through_comfy_sample_restores_the_model(pack, entry, profil
         assert not isinstance(patched_forward, pack.runtime.run.LayerForward), layer.name
 
 
-@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", zoo_params())
 def test_profile_build_apply(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
     options = pack.block_caching.schedule.BuildOptions(threshold=10.0, cache_kinds="attention")

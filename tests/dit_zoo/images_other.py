@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TinyDit
+from .base import FLUX_FIELDS, FLUX_PARAMS, TinyDit
 
 _FLUX_FAMILY = "Flux (dev, schnell, Kontext, Flux.2)"
 # Head size 16 everywhere: rope axes sum to it.
@@ -95,6 +95,11 @@ _FLUX2 = {**_FLUX, "image_model": "flux2", "in_channels": 128, "out_channels": 1
           "mlp_silu_act": True, "qkv_bias": False, "ops_bias": False, "default_ref_method": "index",
           "ref_index_scale": 10.0}
 
+# Fields newer hosts require, as model_detection sets them for these checkpoints.
+_CHROMA_FIELDS = {"comfy.ldm.chroma.model.ChromaParams": {"txt_ids_dims": [], "vec_in_dim": None}}
+_RADIANCE_FIELDS = {"comfy.ldm.chroma_radiance.model.ChromaRadianceParams": {
+    "txt_ids_dims": [], "vec_in_dim": None, "use_x0": False, "use_sequential_txt_ids": False}}
+
 
 ENTRIES = [
     TinyDit("PixArt", "pixart-alpha", "PixArtAlpha", {**_PIXART, "image_model": "pixart_alpha",
@@ -120,11 +125,12 @@ ENTRIES = [
     TinyDit("OmniGen2", "omnigen2", "Omnigen2", {**_OMNIGEN2, "image_model": "omnigen2"}, (1, 16, 8, 8), (6, 24),
             cond_extras=_omnigen2_conds, static_blocks=("context_refiner",)),
     TinyDit("Chroma", "chroma", "Chroma", {**_CHROMA, "image_model": "chroma"}, (1, 16, 8, 8), (6, 24),
-            cond_extras=_no_pooled),
+            cond_extras=_no_pooled, host_fields=_CHROMA_FIELDS),
     TinyDit("Chroma Radiance", "chroma-radiance", "ChromaRadiance", {**_RADIANCE, "image_model": "chroma_radiance"},
-            (1, 3, 32, 32), (6, 24), cond_extras=_no_pooled),
+            (1, 3, 32, 32), (6, 24), cond_extras=_no_pooled, host_fields=_RADIANCE_FIELDS),
     TinyDit(_FLUX_FAMILY, "flux-kontext", "Flux", _FLUX, (1, 16, 8, 8), (6, 24),
-            cond_extras=lambda g: _reference(g, pooled_output=_randn(g, 1, 12), guidance=2.5)),
+            cond_extras=lambda g: _reference(g, pooled_output=_randn(g, 1, 12), guidance=2.5), host_fields=FLUX_FIELDS),
     TinyDit(_FLUX_FAMILY, "flux2", "Flux2", _FLUX2, (1, 128, 4, 4), (6, 24),
-            cond_extras=lambda g: _reference(g, channels=128, size=4, pooled_output=None, guidance=4.0)),
+            cond_extras=lambda g: _reference(g, channels=128, size=4, pooled_output=None, guidance=4.0),
+            host_fields={FLUX_PARAMS: {"txt_ids_dims": [3]}}),
 ]

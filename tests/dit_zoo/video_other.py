@@ -25,6 +25,8 @@ _HUNYUAN15 = {**_HUNYUAN, "in_channels": 65, "out_channels": 32, "vec_in_dim": N
               "guidance_embed": False, "byt5": True, "use_cond_type_embedding": True, "vision_in_dim": 16,
               "depth_single_blocks": 0}
 _HUNYUAN15_LATENT = (1, 32, 3, 6, 6)
+# A field newer hosts require, as model_detection sets it for these checkpoints.
+_HUNYUAN_FIELDS = {"comfy.ldm.hunyuan_video.model.HunyuanVideoParams": {"meanflow_sum": False}}
 
 # LTXV: the caption projection maps to the inner dim, so cross_attention_dim must equal it (2 x 16).
 _LTXV = {"image_model": "ltxv", "in_channels": 128, "num_attention_heads": 2, "attention_head_dim": 16,
@@ -73,11 +75,11 @@ def _hunyuan15(generator: torch.Generator) -> dict:
 
 ENTRIES = [
     TinyDit(HUNYUAN, "hunyuan-video", "HunyuanVideo", _HUNYUAN, (1, 16, 3, 8, 8), (6, 24),
-            cond_extras=lambda g: {"pooled_output": torch.randn((1, 12), generator=g)}),
+            cond_extras=lambda g: {"pooled_output": torch.randn((1, 12), generator=g)}, host_fields=_HUNYUAN_FIELDS),
     _GuidedPositive(HUNYUAN, "hunyuan-video-i2v", "HunyuanVideoI2V", {**_HUNYUAN, "in_channels": 33}, (1, 16, 3, 8, 8),
-            (6, 24), cond_extras=_hunyuan_i2v),
+            (6, 24), cond_extras=_hunyuan_i2v, host_fields=_HUNYUAN_FIELDS),
     TinyDit(HUNYUAN, "hunyuan-video15", "HunyuanVideo15", _HUNYUAN15, _HUNYUAN15_LATENT, (6, 24),
-            cond_extras=_hunyuan15),
+            cond_extras=_hunyuan15, host_fields=_HUNYUAN_FIELDS),
     TinyDit("LTXV", "ltxv", "LTXV", _LTXV, (1, 128, 2, 4, 4), (6, 24),
             cond_extras=lambda g: {"attention_mask": _padded_mask(6)}),
     TinyDit("Mochi", "mochi", "GenmoMochi", _MOCHI, (1, 12, 3, 8, 8), (6, 24),
