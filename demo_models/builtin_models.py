@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .host_compat import core_patcher, weights_at_construction
+
 # Full-size UNet configs as ComfyUI's model detection produces them (comfy/model_detection.py).
 _COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "use_temporal_attention": False, "use_temporal_resblock": False}
@@ -83,12 +85,13 @@ def build_unet_patcher(size: str = "tiny", seed: int = 0, dtype: torch.dtype = t
     # SD15 fills in its own head count; keep the small one.
     model_config.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=unet_config["num_head_channels"])
     model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, "")
+    with weights_at_construction():
+        model = model_config.get_model({}, "")
     seeded_init_(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
     device = comfy.model_management.get_torch_device()
     offload = comfy.model_management.unet_offload_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload)
+    return core_patcher(model, device, offload)
 
 
 def build_full_unet(name: str, device: str = "meta") -> tuple[torch.nn.Module, str]:

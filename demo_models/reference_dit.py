@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import reference_data
-from .host_fields import flux_config
+from .host_compat import flux_config, weights_at_construction
 from .reference_model import CONTEXT_DIM, load_weights, pixel_latent_format, pixel_space_vae, read_weights, tokenize
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def build_base_model(dtype: torch.dtype = torch.float32) -> Any:
     # EmptyLatentImage keeps its 1/8 size on every host (see reference_model.pixel_latent_format).
     model_config.latent_format = pixel_latent_format()
     model_config.set_inference_dtype(dtype, None)
-    return model_config.get_model({}, "")
+    with weights_at_construction():
+        return model_config.get_model({}, "")
 
 
 def pooled(context: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

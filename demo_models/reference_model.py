@@ -12,6 +12,7 @@ in ``models/reference/``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from . import reference_data
+from .host_compat import core_patcher, weights_at_construction
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +81,46 @@ class TokenEncoder(torch.nn.Module):
         return self.norm(self.encoder(self.embed(ids) + self.position))
 
 
+# How many pixels of an EmptyLatentImage make one of the reference models' pixels: 256x256 gives their 32x32.
+EMPTY_LATENT_RATIO = 8
+
+
+def pixel_latent_format() -> Any:
+    """The reference models' latent format: ComfyUI's pixel-space one (3 channels, no scaling) that keeps
+    EmptyLatentImage's 1/8 size.
+
+    ComfyUI 0.33 resizes an empty latent to the model's ``spacial_downscale_ratio`` (``comfy.sample.
+    fix_empty_latent_channels``): with ChromaRadiance's ratio of 1, EmptyLatentImage 256x256 would be
+    sampled at 256x256 pixels, 64 times the 32x32 the models were trained at (about 150 s a step on
+    a CPU instead of about 1 s, and pictures out of their training distribution). Declaring the
+    ratio 8 keeps what older hosts do (256x256 -> 32x32); EmptyChromaRadianceLatentImage, which
+    names no ratio, is left as it is. Hosts without the attribute ignore it.
+    """
+    return _pixel_latent_format_class()()
+
+
+@functools.cache
+def _pixel_latent_format_class() -> type:
+    import comfy.latent_formats
+
+    class ReferencePixelSpace(comfy.latent_formats.ChromaRadiance):
+        spacial_downscale_ratio = EMPTY_LATENT_RATIO
+
+    return ReferencePixelSpace
+
+
 def build_base_model(dtype: torch.dtype = torch.float32) -> Any:
     """The SD15 ``BaseModel`` with the reference UNet and pixel-space latent format (no weights loaded)."""
-    import comfy.latent_formats
     import comfy.supported_models
 
     unet_config = dict(UNET_CONFIG)
     model_config = comfy.supported_models.SD15(unet_config)
     # SD15 fills in its own head count; keep ours. Pixel space: 3 channels, no scaling.
     model_config.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
-    model_config.latent_format = comfy.latent_formats.ChromaRadiance()
+    model_config.latent_format = pixel_latent_format()
     model_config.set_inference_dtype(dtype, None)
-    return model_config.get_model({}, "")
+    with weights_at_construction():
+        return model_config.get_model({}, "")
 
 
 def read_weights(path: Path | str, trained_by: str) -> dict[str, torch.Tensor]:
@@ -116,10 +146,12 @@ def load_weights(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype)
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
-    model.diffusion_model.load_state_dict(part("diffusion_model."), strict=True)
+    # Through the host's own key conversion, as BaseModel.load_model_weights does for a checkpoint
+    # (ComfyUI 0.33's Flux names its RMSNorm parameters ``weight``; the shipped files say ``scale``).
+    model.diffusion_model.load_state_dict(model.model_config.process_unet_state_dict(part("diffusion_model.")),
+                                          strict=True)
     model.diffusion_model.to(dtype)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher = core_patcher(model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device())
     text_encoder = TokenEncoder()
     text_encoder.load_state_dict(part("text_encoder."), strict=True)
     text_encoder.eval()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..block_maps.block_map import BlockMap, LayerSpec
-from .time_grid import StepGrid, normalized_times
+from .time_grid import StepGrid, TimeNormalizer
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class RunContext:
         names = tuple(layer.name for layer in holder.block_map.layers)
         layers = len(names)
         sigmas = sample_sigmas.detach().to("cpu").reshape(-1)
-        step_taus = normalized_times(model_sampling, sigmas[:-1]) if sigmas.numel() > 1 else []
+        self.normalized_time = TimeNormalizer(model_sampling)
+        step_taus = self.normalized_time(sigmas[:-1]) if sigmas.numel() > 1 else []
         self.stats = RunStats(names, np.zeros(layers, dtype=np.int64), np.zeros(layers, dtype=np.int64),
                               steps=len(step_taus), sample_sigmas=sigmas, sampler=sampler_name)
         self.sampler_name = sampler_name
@@ -183,7 +184,7 @@ class RunContext:
             self.stats.cache_resets += 1
         self.latent_signature = signature
         self.stats.latent_shape = tuple(x.shape)
-        tau = normalized_times(self.model_sampling, sigma.reshape(-1)[:1])[0]  # the evaluation's one host sync
+        tau = self.normalized_time(sigma.reshape(-1)[:1])[0]  # the evaluation's one host sync
         self.run_step = self.run_grid.step_of(tau)
         self.first_of_step = self.previous_run_step is None or self.run_step != self.previous_run_step
         self.evaluation_tau = tau

@@ -20,18 +20,31 @@ import torch
 TAU_TOLERANCE = 1e-4
 
 
+class TimeNormalizer:
+    """Normalized time under one ``model_sampling`` (a ComfyUI model_sampling object). Its ends are
+    measured once, so each later call costs one host sync (the timesteps' copy to the CPU), wherever
+    the sigmas are: the model's tables, and the sigmas a sampler passes, may be on the GPU."""
+
+    def __init__(self, model_sampling: Any) -> None:
+        self.model_sampling = model_sampling
+        t_max = self._timesteps(torch.as_tensor(model_sampling.sigma_max))
+        t_min = self._timesteps(torch.as_tensor(model_sampling.sigma_min))
+        # EDM's timestep (0.25 ln sigma, Cosmos 1) is negative below sigma 1: measured from 0, every
+        # step there would clamp to time 0 and collide. Measure it from sigma_min instead.
+        self.origin = float(t_min) if float(t_min) < 0.0 else 0.0
+        self.span = float(t_max - t_min) if self.origin else float(t_max)
+
+    def _timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return self.model_sampling.timestep(sigmas.detach().to(torch.float32).reshape(-1)).float().cpu()
+
+    def __call__(self, sigmas: torch.Tensor) -> list[float]:
+        t = self._timesteps(sigmas)
+        return [float(v) for v in ((t - self.origin) / self.span).clamp(0.0, 1.0)]
+
+
 def normalized_times(model_sampling: Any, sigmas: torch.Tensor) -> list[float]:
-    """Normalized time of each sigma under ``model_sampling`` (a ComfyUI model_sampling object)."""
-    sigmas = sigmas.detach().to("cpu", torch.float32).reshape(-1)
-    sigma_max = torch.as_tensor(model_sampling.sigma_max, dtype=torch.float32).reshape(1)
-    t = model_sampling.timestep(sigmas).float()
-    t_max = model_sampling.timestep(sigma_max).float()
-    # EDM's timestep (0.25 ln sigma, Cosmos 1) is negative below sigma 1: measured from 0, every
-    # step there would clamp to time 0 and collide. Measure it from sigma_min instead.
-    t_min = model_sampling.timestep(torch.as_tensor(model_sampling.sigma_min, dtype=torch.float32).reshape(1)).float()
-    if float(t_min) < 0.0:
-        return [float(v) for v in ((t - t_min) / (t_max - t_min)).clamp(0.0, 1.0)]
-    return [float(v) for v in (t / t_max).clamp(0.0, 1.0)]
+    """Normalized time of each sigma under ``model_sampling``."""
+    return TimeNormalizer(model_sampling)(sigmas)
 
 
 @dataclass(frozen=True)

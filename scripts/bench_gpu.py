@@ -79,10 +79,10 @@ def _sd15(pack: Any, device: torch.device, smoke: bool) -> Case:
         _, unet_config = builtin.FULL_UNET_CONFIGS["SD15"]
         config = comfy.supported_models.SD15(dict(unet_config))
         config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
-        model = config.get_model({}, "")
+        with pack.demo_models.host_compat.weights_at_construction():
+            model = config.get_model({}, "")
         builtin.seeded_init_(model.diffusion_model, 0)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
-                                                   offload_device=comfy.model_management.unet_offload_device())
+        patcher = pack.demo_models.host_compat.core_patcher(model, device, comfy.model_management.unet_offload_device())
         context = 768
         latent = torch.zeros(1, 4, 64, 64)
     prompt = builtin.prompt_conditioning
@@ -96,12 +96,12 @@ def _flux(pack: Any, device: torch.device, smoke: bool, resolution: int = 1024, 
     import comfy.supported_models
 
     shape = FLUX_SMOKE if smoke else {**FLUX_SHAPE, "depth": depth[0], "depth_single_blocks": depth[1]}
-    config = comfy.supported_models.Flux(pack.demo_models.host_fields.flux_config(shape))
+    config = comfy.supported_models.Flux(pack.demo_models.host_compat.flux_config(shape))
     config.set_inference_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32, None)
-    model = config.get_model({}, "")
+    with pack.demo_models.host_compat.weights_at_construction():
+        model = config.get_model({}, "")
     pack.demo_models.builtin_models.seeded_init_(model.diffusion_model, 0)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
-                                               offload_device=comfy.model_management.unet_offload_device())
+    patcher = pack.demo_models.host_compat.core_patcher(model, device, comfy.model_management.unet_offload_device())
     generator = torch.Generator().manual_seed(0)
     tokens = 8 if smoke else 256
     cond = [[torch.randn(1, tokens, shape["context_in_dim"], generator=generator),
@@ -112,15 +112,19 @@ def _flux(pack: Any, device: torch.device, smoke: bool, resolution: int = 1024, 
 
 
 def _sample(case: Case, model: Any, steps: int, device: torch.device) -> float:
+    return _sample_output(case, model, steps, device)[0]
+
+
+def _sample_output(case: Case, model: Any, steps: int, device: torch.device) -> tuple[float, torch.Tensor]:
     import comfy.sample
 
     noise = comfy.sample.prepare_noise(case.latent, 0)
     _synchronize(device)
     started = time.perf_counter()
-    comfy.sample.sample(model, noise, steps, case.cfg, "euler", "normal", case.positive, case.negative, case.latent,
-                        seed=0)
+    out = comfy.sample.sample(model, noise, steps, case.cfg, "euler", "normal", case.positive, case.negative,
+                              case.latent, seed=0)
     _synchronize(device)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, out
 
 
 def _peak_above(device: torch.device, run: Callable[[], Any]) -> int | None:
@@ -233,7 +237,8 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
 
     mb = 2 ** 20
     memory = {
-        "model": case.name, "device": str(device), "steps": steps,
+        "model": case.name, "device": str(device), "steps": steps, "comfyui": _comfyui_version(),
+        "patcher": type(model).__name__,
         "no_patch_peak_mb": None if plain_peak is None else plain_peak / mb,
         "profile_held_mb": recorder_bytes / mb, "profile_before_issue15_held_mb": baseline_bytes / mb,
         "profile_peak_above_no_patch_mb": None if profile_peak is None or plain_peak is None
@@ -252,10 +257,17 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     every_two = dataclasses.replace(all_compute, layers=tuple(layers), builder={"method": "uniform_interval"})
 
     t_plain = timed(model)
-    all_patched, _ = patching.apply_block_cache(model, all_compute)
+    all_patched, all_holder = patching.apply_block_cache(model, all_compute)
     t_all = timed(all_patched)
     cached, cached_holder = patching.apply_block_cache(model, every_two)
     t_cached = timed(cached)
+    # Correctness where it runs (a GPU with dynamic VRAM loads every prompt anew): an all-compute schedule is the
+    # unpatched model bit for bit, and the cached run computes what the schedule says.
+    plain_out = _sample_output(case, model, steps, device)[1]
+    all_out = _sample_output(case, all_patched, steps, device)[1]
+    cached_out = _sample_output(case, cached, steps, device)[1]
+    calls = (cached_holder.last_run.computed + cached_holder.last_run.reused) // steps
+    scheduled = every_two.compute_mask().sum(axis=1) * calls
     cache_peak = _peak_above(device, lambda: _sample(case, cached, steps, device))
     cache_bytes = cached_holder.last_run.peak_cache_bytes
     offloaded, offloaded_holder = patching.apply_block_cache(model, every_two, cache_device=cache.CACHE_ON_CPU)
@@ -265,6 +277,10 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     ideal = every_two.estimated_speedup
     return {
         **memory, "repeats": repeats,
+        "all_compute_bit_identical": bool(torch.equal(all_out, plain_out)),
+        "all_compute_reused": int(all_holder.last_run.reused.sum()),
+        "cached_computations_as_scheduled": bool((cached_holder.last_run.computed == scheduled).all()),
+        "cached_max_abs_difference": float((cached_out - plain_out).abs().max()),
         "seconds_no_patch": t_plain, "seconds_all_compute": t_all, "all_compute_overhead": t_all / t_plain - 1.0,
         "ideal_speedup_every_2": ideal, "achieved_speedup_every_2": t_plain / t_cached,
         "achieved_over_ideal": t_plain / t_cached / ideal,
@@ -275,6 +291,14 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
         "cache_on_cpu_offloaded_tensors": offloaded_holder.last_run.offloaded,
         "syncs_per_step_no_patch": syncs_plain, "syncs_per_step_cached": syncs_cached,
     }
+
+
+def _comfyui_version() -> str:
+    try:
+        import comfyui_version
+    except ImportError:
+        return "unknown"
+    return comfyui_version.__version__
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -292,12 +316,14 @@ def report(results: list[dict[str, Any]]) -> str:
                          f"{r['profile_held_mb']:.2f}, {_fmt(above, '.2f')} | "
                          f"{r['profile_before_issue15_held_mb']:.1f}, {_fmt(before, '.1f')} | {ratio} |")
         return "\n".join(lines)
-    lines = ["| model | device | all-compute overhead | achieved / ideal (every 2) | same, cache on CPU | "
-             "cache held (MB) | profile held (MB), before issue 15 | profile peak above no patch (MB), before | "
-             "syncs per step, no patch / cached |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | device, ComfyUI, patcher | all-compute overhead, bit-identical | achieved / ideal (every 2) | "
+             "same, cache on CPU | cache held (MB) | profile held (MB), before issue 15 | "
+             "profile peak above no patch (MB), before | syncs per step, no patch / cached |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| {r['model']} | {r['device']} | {r['all_compute_overhead']:+.1%} | "
+            f"| {r['model']} | {r['device']}, {r['comfyui']}, {r['patcher']} | {r['all_compute_overhead']:+.1%}, "
+            f"{'yes' if r['all_compute_bit_identical'] else 'NO'} | "
             f"{r['achieved_speedup_every_2']:.2f}x / {r['ideal_speedup_every_2']:.2f}x = "
             f"{r['achieved_over_ideal']:.3f} | {r['achieved_speedup_every_2_cache_on_cpu']:.2f}x | "
             f"{r['cache_held_mb']:.1f} | {r['profile_held_mb']:.2f}, {r['profile_before_issue15_held_mb']:.1f} | "
@@ -318,9 +344,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="the Flux-shaped stack's picture side in pixels (a CPU takes minutes at 512)")
     parser.add_argument("--flux-blocks", default="4,8",
                         help="double,single blocks of the Flux-shaped stack (4,8: 10 GB of weights in fp32)")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto", help="auto: the GPU, where torch sees one")
+    parser.add_argument("--classic-patcher", action="store_true",
+                        help="leave dynamic VRAM off (on CUDA, ComfyUI 0.33 turns it on by default, as this script does)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    pack = load_pack()
+    pack = load_pack(cpu=args.device == "cpu" or not torch.cuda.is_available(), dynamic_vram=not args.classic_patcher)
     import comfy.model_management
     import comfy.utils
 

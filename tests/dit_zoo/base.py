@@ -88,7 +88,7 @@ class TinyDit:
 
         unet_config = dict(self.unet_config)
         for params, defaults in self.host_fields.items():
-            unet_config = load_pack().demo_models.host_fields.with_host_fields(unet_config, params, defaults)
+            unet_config = load_pack().demo_models.host_compat.with_host_fields(unet_config, params, defaults)
         model_config = getattr(comfy.supported_models, self.config)(unet_config)
         model_config.set_inference_dtype(torch.float32, None)
         model = self.make_model(model_config) if self.make_model else model_config.get_model({}, "",
