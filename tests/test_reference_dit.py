@@ -61,10 +61,15 @@ def test_loader_gives_comfyui_flux_classes_with_the_committed_weights(reference)
     state = reference_dit.load_state()
     weights = dit.state_dict()
     encoder = reference.text_encoder.state_dict()
-    assert {f"diffusion_model.{k}" for k in weights} | {f"text_encoder.{k}" for k in encoder} == set(state)
-    for key, value in state.items():
-        loaded = weights if key.startswith("diffusion_model.") else encoder
-        assert torch.equal(loaded[key.split(".", 1)[1]], value), key
+    # The file's keys as the host converts a checkpoint's (ComfyUI 0.33's Flux names RMSNorm scales "weight").
+    expected = model.model_config.process_unet_state_dict(
+        {k.removeprefix("diffusion_model."): v for k, v in state.items() if k.startswith("diffusion_model.")})
+    encoder_state = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
+    assert set(weights) == set(expected) and set(encoder) == set(encoder_state)
+    assert len(expected) + len(encoder_state) == len(state)
+    for loaded, saved in ((weights, expected), (encoder, encoder_state)):
+        for key, value in saved.items():
+            assert torch.equal(loaded[key], value), key
     assert reference_dit.WEIGHTS_PATH.stat().st_size <= 20 * 2**20
     ((context, extras),) = reference.conditioning(PROMPT)
     assert context.shape == (1, 16, reference_dit.CONTEXT_DIM) and extras["pooled_output"].shape == (1, 64)
