@@ -31,7 +31,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1
 
 # The runtime on real hardware (issue 15): overhead, achieved / ideal speed-up, cache and profile memory,
-# syncs per step; full-size SD1.5 and a Flux-shaped stack, sized for about 8 minutes on one GPU (not yet run on one).
+# syncs per step; full-size SD1.5 and a Flux-shaped stack, about 2 minutes on an H200 (docs/benchmark/gpu_h200).
 bench-gpu: setup
 	$(PYTHON) scripts/bench_gpu.py --out out/bench-gpu
 

@@ -1,7 +1,9 @@
 """The runtime's cost on real hardware: overhead, achieved speed-up, cache and profile memory, syncs.
 
-Sized for one GPU in about 8 minutes (``make bench-gpu``; not yet run on one); it also runs on a CPU, where peak
-memory comes from torch's profiler memory timeline and syncs are not measured.
+About 2 minutes on an H200 (``make bench-gpu``; figures in docs/benchmark/gpu_h200); it also runs on a CPU, where peak
+memory comes from torch's profiler memory timeline and syncs are not measured. On CUDA it starts ComfyUI as its
+main.py does, with dynamic VRAM (ModelPatcherDynamic) where the host has it (``--classic-patcher`` leaves it off),
+and each row says which ComfyUI and patcher it ran on.
 
 Models, with seeded random weights (the figures measure the runtime, not pictures):
   * ``sd15``: the full-size SD1.5 UNet, fp16 on a GPU (fp32 on a CPU), 512x512 (a 64x64 latent),
