@@ -347,10 +347,18 @@ function* allNodes(graph = rootGraph(), prefix = "") {
 }
 
 function linkOrigin(node, inputName) {
-  const input = node.inputs?.find((i) => i.name === inputName);
-  if (input?.link == null) return null;
-  const links = node.graph?.links ?? rootGraph()?.links;
-  const link = links?.get ? links.get(input.link) : links?.[input.link];
+  const slot = node.inputs?.findIndex((i) => i.name === inputName) ?? -1;
+  if (slot < 0) return null;
+  let link;
+  if (typeof node.getInputLink === "function") {
+    // Every frontend has it; newer ones (1.58) deprecate reading input.link.
+    link = node.graph ? node.getInputLink(slot) : null;
+  } else {
+    const id = node.inputs[slot].link;
+    if (id == null) return null;
+    const links = node.graph?.links ?? rootGraph()?.links;
+    link = links?.get ? links.get(id) : links?.[id];
+  }
   return link ? `${link.origin_id}:${link.origin_slot}` : null;
 }
 

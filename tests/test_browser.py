@@ -8,9 +8,9 @@
 5. Switch to the Vue node renderer ("Nodes 2.0"): the pictures are there too.
 6. Put Apply Block Cache into a subgraph and queue: its run summary (sent for node "12:5") reaches it.
 
-It runs on two frontends: the one ComfyUI pins (comfyui-frontend-package 1.32.9) and the newest,
-which scripts/setup.sh installs apart (FRONTEND_LATEST_VERSION) and the server serves with
---front-end-root. Screenshots go to tests/artifacts/<frontend>/. BLOCK_CACHE_THUMBNAILS=1
+It runs on two frontends: the one the host pins (comfyui-frontend-package 1.32.9 on ComfyUI 0.3.75,
+1.49.6 on 0.33.0) and the newest, which scripts/setup.sh installs apart (FRONTEND_LATEST_VERSION)
+and the server serves with --front-end-root. Screenshots go to tests/artifacts/<frontend>/. BLOCK_CACHE_THUMBNAILS=1
 (`make thumbnails`) also writes the example workflows' thumbnails and the README's screenshots
 (docs/), from the pinned frontend.
 """
@@ -101,6 +101,9 @@ def page(server):
 def _open(page, url: str) -> None:
     page.goto(url, timeout=LONG)
     page.wait_for_function("() => window.app?.graph && window.app.extensionManager?.setting", timeout=LONG)
+    # Newer frontends (1.49) publish window.app before they restore the last session's workflow tabs, behind
+    # the loading spinner: a graph loaded before the spinner ends is replaced by the restored one.
+    page.wait_for_function("() => window.app.extensionManager.spinner !== true", timeout=LONG)
     page.wait_for_function("() => window.app.extensions?.some(e => e.name === 'block_cache.pictures')")
     page.evaluate(CLOSE_BANNER)
 

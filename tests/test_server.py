@@ -101,3 +101,24 @@ def test_profile_build_apply_sample_then_load(server):
     outputs = server.wait_for(queued["prompt_id"], timeout=300)
     assert outputs["save_latent"]["latents"] and "estimated speed-up" in outputs["schedule"]["text"][0]
     assert "re-timed onto this run's 15 steps" in server.log()
+
+
+def test_the_reference_model_samples_an_empty_latent_image_at_its_own_size(server):
+    """An EmptyLatentImage is sampled at 1/8 of its size on every host, as the workflows expect (256x256 -> the
+    reference models' 32x32 pixels). ComfyUI 0.33 resizes an empty latent to the model's spacial_downscale_ratio:
+    with the pixel-space ratio of 1 the workflows' 256x256 was sampled at 256x256 pixels, 64 times the work
+    (150-250 s a step on a CPU; demo_models/reference_model.pixel_latent_format). 64x64 keeps a regression quick."""
+    from safetensors.torch import load_file
+
+    for size in ("reference", "reference_dit"):
+        graph = _graph(1, {})
+        graph["model"]["inputs"]["size"] = size
+        graph["latent"]["inputs"].update(width=64, height=64)
+        graph["sample"]["inputs"]["model"] = ["model", 0]
+        del graph["apply"]
+        graph["save_latent"]["inputs"]["filename_prefix"] = f"empty_{size}"
+        queued = server.post("/prompt", {"prompt": graph})
+        outputs = server.wait_for(queued["prompt_id"], timeout=120)
+        saved = outputs["save_latent"]["latents"][0]
+        latent = load_file(server.base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+        assert tuple(latent.shape) == (1, 3, 8, 8), (size, tuple(latent.shape))
