@@ -44,6 +44,7 @@ from .schedule import (
     schedule_of_profile,
     validate_step_options,
 )
+from .validation import Measurement, measurement
 
 # The highest target that kept every evaluation set of the reference model and `make demo` at 30+ dB
 # mean PSNR (2.5 left the demo's prompt at 28 dB): docs/benchmark.md.
@@ -294,23 +295,28 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
 
 
 def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
-                       measure: Callable[[Rung], float]) -> tuple[Rung | None, list[tuple[Rung, float]]]:
-    """The fastest rung slower than ``rung`` whose measured PSNR reaches ``floor`` (None: none does, so only
-    computing everything will), and every measurement taken. Fidelity grows with the compute steps, so a
-    bisection over the slower rungs measures about log2 of their number; computing every step (the
-    uncached run) needs no measurement."""
+                       measure: Callable[[Rung], Measurement]) -> tuple[Rung | None, list[tuple[Rung, Measurement]]]:
+    """The fastest rung slower than ``rung`` whose expected PSNR on other prompts (the low end of its
+    measured range) reaches ``floor`` (None: none does, so only computing everything will), and every
+    measurement taken. Fidelity grows with the compute steps, so a bisection over the slower rungs
+    measures about log2 of their number; computing every step (the uncached run) needs no measurement."""
     slower = [candidate for candidate in ladder if rung.computes < candidate.computes < steps]
-    measured: list[tuple[Rung, float]] = []
+    measured: list[tuple[Rung, Measurement]] = []
     low, high, found = 0, len(slower), None
     while low < high:
         middle = (low + high) // 2
-        value = float(measure(slower[middle]))
+        value = measurement(measure(slower[middle]))
         measured.append((slower[middle], value))
-        if value >= floor:
+        if value.low >= floor:
             found, high = slower[middle], middle
         else:
             low = middle + 1
     return found, measured
+
+
+def _tried(label: str, rung: Rung, value: Measurement) -> dict[str, Any]:
+    return {"label": label, "steps": list(rung.steps), "order": rung.order, "predicted_error": rung.error,
+            "measured_psnr": value.mean, "expected_low": value.low, "expected_high": value.high}
 
 
 def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dict[str, Any]) -> CacheSchedule:
@@ -327,16 +333,19 @@ def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dic
 
 
 def build_target_schedule(profile: BlockProfile, options: TargetOptions,
-                          measure: Callable[[CacheSchedule], float] | None = None,
-                          choose_by_measure: bool = False, metric: str = "") -> CacheSchedule:
+                          measure: Callable[[CacheSchedule], Measurement | float] | None = None,
+                          choose_by_measure: bool = False, metric: str = "",
+                          fewer_steps: Callable[[int], Measurement | float] | None = None) -> CacheSchedule:
     """The schedule for ``options.speedup``: the error model's best at that cost.
 
-    ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled run again
-    with it; ``metric`` says of what) validates the choice: its value is recorded. With
-    ``choose_by_measure``, every equal-cost candidate is measured and the best measured one is taken. On the
-    reference model the error model chose about as well as four measured pictures did (docs/benchmark.md): a
-    few pictures are a noisy judge. With ``options.min_psnr``, a choice measured below it steps down the
-    ladder to the fastest rung that reaches it (``step_down_to_floor``), or to computing everything.
+    ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
+    with it, block_caching/validation.py; ``metric`` says of what) validates the choice: its value is
+    recorded. With ``choose_by_measure``, every equal-cost candidate is measured and the best measured one is
+    taken. On the reference model the error model chose about as well as four measured pictures did
+    (docs/benchmark.md): a few pictures are a noisy judge. With ``options.min_psnr``, a choice whose expected
+    PSNR on other prompts (the low end of its measured range) is below it steps down the ladder to the
+    fastest rung that reaches it (``step_down_to_floor``), or to computing everything. ``fewer_steps`` (the
+    same measure of uncached sampling with fewer steps) compares the choice with fewer steps at its cost.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)
@@ -344,24 +353,30 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     steps = profile.grid.steps
     stepped_from: Rung | None = None
     tried: list[dict[str, Any]] = []
+    chosen: Measurement | None = None
     if measure is not None and rung.computes < steps:
         options_tried = candidates(found, profile, rung.computes) if choose_by_measure else [
             (f"searched, order {rung.order}", rung)]
-        best_value = -math.inf
         for label, candidate in options_tried:
-            value = float(measure(_schedule(profile, found.layers, candidate, {})))
-            tried.append({"label": label, "steps": list(candidate.steps), "order": candidate.order,
-                          "predicted_error": candidate.error, "measured_psnr": value})
-            if value > best_value:
-                best_value, rung = value, candidate
-        if options.min_psnr and best_value < options.min_psnr:
+            value = measurement(measure(_schedule(profile, found.layers, candidate, {})))
+            tried.append(_tried(label, candidate, value))
+            if chosen is None or value.mean > chosen.mean:
+                chosen, rung = value, candidate
+        if options.min_psnr and chosen is not None and chosen.low < options.min_psnr:
             stepped_from = rung
             floor_rung, measured = step_down_to_floor(ladder, rung, options.min_psnr, steps,
                                                       lambda r: measure(_schedule(profile, found.layers, r, {})))
             for candidate, value in measured:
-                tried.append({"label": f"stepped down, {candidate.computes} compute steps", "steps": list(candidate.steps),
-                              "order": candidate.order, "predicted_error": candidate.error, "measured_psnr": value})
+                tried.append(_tried(f"stepped down, {candidate.computes} compute steps", candidate, value))
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
+            chosen = next((value for candidate, value in measured if candidate is floor_rung), None)
+    versus = None
+    if fewer_steps is not None and chosen is not None and rung.computes < steps:
+        # Uncached sampling at the schedule's cost: as many steps as its FLOPs buy (at least 1).
+        count = max(1, min(steps - 1, round(steps * rung.flop_fraction)))
+        value = measurement(fewer_steps(count))
+        versus = {"steps": count, "speedup": steps / count, "measured_psnr": value.mean, "expected_low": value.low,
+                  "expected_high": value.high, "better": value.mean >= chosen.mean}
     builder: dict[str, Any] = {
         "method": "speedup_target",
         "speedup_target": options.speedup,
@@ -383,6 +398,11 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         "stepped_down_from": None if stepped_from is None else {
             "computes": stepped_from.computes, "order": stepped_from.order,
             "speedup": 1.0 / stepped_from.flop_fraction, "steps": list(stepped_from.steps)},
+        # The chosen schedule's measurement: mean and the range expected on other prompts (None: not measured).
+        "expected_psnr": None if chosen is None else {"mean": chosen.mean, "low": chosen.low, "high": chosen.high,
+                                                       "pictures": len(chosen.pictures)},
+        # Uncached sampling with fewer steps at the same cost, measured alike (None: not compared).
+        "fewer_steps": versus,
         "ladder": [{"computes": r.computes, "order": r.order, "error": r.error, "flop_fraction": r.flop_fraction,
                     "steps": list(r.steps)} for r in ladder],
         "notes": found.notes,

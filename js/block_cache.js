@@ -278,9 +278,11 @@ function refreshTarget(node, force = false) {
   const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
   const measured = (ladder.measured ?? []).find((m) => m.order === result.rung.order && same(m.steps, result.rung.steps));
   if (measured) {
-    lines.push(`measured on the profiled run: ${measured.psnr.toFixed(1)} dB ${measured.metric} PSNR against uncached`);
+    const range = measured.low != null && measured.high != null
+      ? `; expected ${measured.low.toFixed(1)}-${measured.high.toFixed(1)} dB on other prompts` : "";
+    lines.push(`measured: ${measured.psnr.toFixed(1)} dB ${measured.metric} PSNR against uncached${range}`);
   }
-  if (floored) lines.push(`stepped down from the ${speedup}x target: it measured below the ${floor.min_psnr} dB floor`);
+  if (floored) lines.push(`stepped down from the ${speedup}x target: it is expected below the ${floor.min_psnr} dB floor`);
   else if (result.flopFraction > 1 / speedup + 1e-12) lines.push(`${speedup}x is beyond these options: the fastest schedule`);
   const otherOptions = LADDER_OPTIONS.some((n) => values[n] !== undefined && String(values[n]) !== String(ladder.options[n]));
   if (otherOptions) lines.push("(preview for the options of the last run: queue to use the new ones)");

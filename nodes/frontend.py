@@ -111,6 +111,7 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
                      "flop_fraction": schedule.flop_fraction}},
         # What validation measured on the profiled run (shown while the preview is that schedule).
         "measured": [{"steps": t["steps"], "order": t["order"], "psnr": t["measured_psnr"],
+                      "low": t.get("expected_low"), "high": t.get("expected_high"),
                       "metric": builder["measured_metric"]} for t in builder["measured"]],
         "options": {name: builder[name] for name in ("speedup_target", "forecast_order", "cache_kinds",
                                                      "always_compute_first", "always_compute_last",

@@ -61,18 +61,20 @@ class ProfileBlockChanges(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, vae=None) -> io.NodeOutput:
-        def sample(with_model):
-            (out,) = comfy_nodes.common_ksampler(with_model, seed, steps, cfg, sampler_name, scheduler, positive,
+        def sample(with_model, run_steps=steps, run_seed=seed):
+            (out,) = comfy_nodes.common_ksampler(with_model, run_seed, run_steps, cfg, sampler_name, scheduler, positive,
                                                  negative, latent_image, denoise=denoise)
             return out
 
+        steps_profiled = steps
         profiled_model, holder = attach_profiler(model)
         latent = sample(profiled_model)
         profile = collect_profile(holder, model, sampler=sampler_name, scheduler=scheduler, cfg=cfg,
                                   denoise=denoise, latent_shape=tuple(latent_image["samples"].shape), seed=seed)
         # Build Cache Schedule can sample this run again to measure a schedule's real error.
         decode = None if vae is None else (lambda samples: vae.decode(samples).movedim(-1, 1))
-        replay = ProfileReplay(model, lambda with_model: sample(with_model)["samples"], latent["samples"], decode)
+        replay = ProfileReplay(model, lambda with_model, steps=None, seed_offset=0: sample(
+            with_model, steps or steps_profiled, seed + seed_offset)["samples"], latent["samples"], decode)
         profile = dataclasses.replace(profile, replays=(replay,))
         heatmap, summary = _profile_outputs(profile)
         # The node draws the heatmap itself from the payload (js/block_cache.js); no preview PNG.

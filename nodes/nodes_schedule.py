@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
+from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, all_compute_schedule, build_schedule
 from ..block_caching.target_schedule import (
     DEFAULT_FORECAST_ORDER,
     DEFAULT_MIN_PSNR,
@@ -15,7 +15,7 @@ from ..block_caching.target_schedule import (
     TargetOptions,
     build_target_schedule,
 )
-from ..block_caching.validation import measure_metric, replay_measure
+from ..block_caching.validation import HeldOutRuns, measure_metric
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import ladder_payload, profile_payload, schedule_payload
@@ -24,6 +24,7 @@ from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_pict
 logger = logging.getLogger(__name__)
 
 VALIDATION = ("measure PSNR", "choose by measured PSNR", "off")
+FEWER_STEPS = ("compare", "use fewer steps when better", "off")
 _PROFILE_TOOLTIP = "From Profile Block Changes (or Merge Block Profiles)."
 _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
 _LAST_TOOLTIP = "Steps at the end that always compute every layer."
@@ -71,58 +72,91 @@ class BuildCacheSchedule(io.ComfyNode):
                                        "the closest; with few profiled pictures this is a noisy judge. 'off' is "
                                        "instant."),
                 io.Float.Input("min_psnr", default=DEFAULT_MIN_PSNR, min=0.0, max=60.0, step=0.5, optional=True,
-                               tooltip="A quality floor, in dB of PSNR against the uncached output, measured on the "
-                                       "profiled run (with validation on): a schedule measured below it steps down "
-                                       "to the fastest one with more compute steps that reaches it, and the node "
-                                       "says so. Pictures of other prompts can land a few dB lower. 0: off, the "
-                                       "speed-up is kept whatever it costs."),
+                               tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "
+                                       "on): the schedule is measured on the profiled prompts with another seed, and "
+                                       "where the low end of the PSNR expected on other prompts is below the floor, "
+                                       "it steps down to the fastest schedule with more compute steps that reaches "
+                                       "it; the node says so. 0: off, the speed-up is kept whatever it costs."),
+                io.Combo.Input("fewer_steps", options=list(FEWER_STEPS), default=FEWER_STEPS[0], optional=True,
+                               tooltip="With validation on, also sample the profiled prompts uncached with as many "
+                                       "steps as the schedule's cost buys, and say which keeps the picture better. "
+                                       "'use fewer steps when better' then outputs a schedule that computes "
+                                       "everything and that step count on 'steps' (wire it into the sampler's "
+                                       "steps). 'off' saves that run."),
             ],
-            outputs=schedule_outputs(),
+            outputs=[*schedule_outputs(),
+                     io.Int.Output(display_name="steps",
+                                   tooltip="The sampler steps to use: the profiled count, or fewer where 'fewer_steps' "
+                                           "switched to them. Wire it into the sampler's steps.")],
         )
 
     @classmethod
     def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
-                max_consecutive_reuse, validation=VALIDATION[0], min_psnr=DEFAULT_MIN_PSNR) -> io.NodeOutput:
+                max_consecutive_reuse, validation=VALIDATION[0], min_psnr=DEFAULT_MIN_PSNR,
+                fewer_steps=FEWER_STEPS[0]) -> io.NodeOutput:
         options = TargetOptions(speedup=float(speedup), forecast_order=forecast_order, cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                 max_consecutive_reuse=max_consecutive_reuse, min_psnr=float(min_psnr))
-        measure = None
+        runs = None
         notes = []
         metric = measure_metric(profile.replays)
         if validation != VALIDATION[2]:
             if profile.replays:
-                measure = replay_measure(profile.replays)
+                runs = HeldOutRuns(profile.replays)
             else:
                 notes.append("validation skipped: this profile cannot sample its run again (loaded as JSON, or "
                              "recorded under another sampler by Record Block Changes).")
-        if measure is None and min_psnr:
-            notes.append(f"the {min_psnr:g} dB floor was not applied: it needs validation (the profiled run "
+        if runs is None and min_psnr:
+            notes.append(f"the {min_psnr:g} dB floor was not applied: it needs validation (the profiled prompts "
                          "sampled again).")
-        schedule = build_target_schedule(profile, options, measure, choose_by_measure=validation == VALIDATION[1],
-                                         metric=metric)
+        if runs is None and fewer_steps != FEWER_STEPS[2]:
+            notes.append("fewer steps were not compared: that needs validation.")
+        schedule = build_target_schedule(
+            profile, options, runs.schedule if runs else None, choose_by_measure=validation == VALIDATION[1],
+            metric=metric, fewer_steps=runs.fewer_steps if runs and fewer_steps != FEWER_STEPS[2] else None)
         builder = schedule.builder
+        steps = schedule.grid.steps
         lines = [schedule.summary(),
                  f"computes at steps {builder['compute_steps']}; forecast order {builder['chosen_order']}"]
         for tried in builder["measured"]:
             chosen = tried["steps"] == builder["compute_steps"] and tried["order"] == builder["chosen_order"]
             lines.append(f"{'chosen' if chosen else 'tried'}: {tried['label']}, {metric} PSNR "
-                         f"{tried['measured_psnr']:.1f} dB against uncached (measured on the profiled run)")
+                         f"{tried['measured_psnr']:.1f} dB against uncached on the profiled prompts with another "
+                         f"seed; expected {tried['expected_low']:.1f}-{tried['expected_high']:.1f} dB on other prompts")
         if builder["measured"] and metric == "latent":
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
         stepped = builder["stepped_down_from"]
         if stepped is not None:
             lines.append(f"the {speedup:g}x target ({stepped['speedup']:.2f}x, {stepped['computes']} compute steps) "
-                         f"measured below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
-                         + ("" if len(builder["compute_steps"]) < schedule.grid.steps else
+                         f"is expected below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
+                         + ("" if len(builder["compute_steps"]) < steps else
                             ", computing everything (no faster schedule reached the floor)")
                          + ". Lower min_psnr to keep more speed.")
         elif not builder["reached"]:
             lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
+        ladder = ladder_payload(schedule)
+        versus = builder["fewer_steps"]
+        sampler_steps = steps
+        if versus is not None:
+            cached = builder["expected_psnr"]["mean"]
+            verdict = (f"{versus['steps']} uncached steps ({versus['speedup']:.2f}x) measured {versus['measured_psnr']:.1f} "
+                       f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {cached:.1f} dB")
+            if not versus["better"]:
+                lines.append(f"better than fewer steps at this cost: {verdict}.")
+            elif fewer_steps == FEWER_STEPS[1]:
+                schedule = all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
+                                                profile.total_flops)
+                sampler_steps = versus["steps"]
+                lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Switched: this schedule computes everything; "
+                             f"sample with {sampler_steps} steps (the 'steps' output).")
+            else:
+                lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Sample with {versus['steps']} steps "
+                             "uncached instead, or set fewer_steps to 'use fewer steps when better'.")
         lines += builder["notes"] + notes
         for line in lines[1:]:
             logger.info("Build Cache Schedule: %s", line)
-        return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule),
-                             ui={"text": ["\n".join(lines)], "block_cache_ladder": [ladder_payload(schedule)],
+        return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule), sampler_steps,
+                             ui={"text": ["\n".join(lines)], "block_cache_ladder": [ladder],
                                  "block_cache_schedule": [schedule_payload(schedule)]})
 
 

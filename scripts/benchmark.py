@@ -283,8 +283,11 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     profile = patching.collect_profile(holder, model, sampler=sampler, scheduler=scheduler, cfg=args.cfg, denoise=1.0,
                                        latent_shape=tuple(profile_latent["samples"].shape))
     # As Profile Block Changes does: the builder may sample the profiled run again to measure candidates.
-    replay = validation.ProfileReplay(model, lambda m: sample(m, profile_positive, profile_latent, PROFILE_SET[1]),
-                                      profiled_out, _pictures)
+    profiled_steps = steps
+    replay = validation.ProfileReplay(
+        model, lambda m, steps=None, seed_offset=0: sample(m, profile_positive, profile_latent,
+                                                           PROFILE_SET[1] + seed_offset, steps or profiled_steps),
+        profiled_out, _pictures)
     profile = dataclasses.replace(profile, replays=(replay,))
     sets = {key: batch(prompt_seed, args.prompts, args.seeds) for key, (prompt_seed, _) in EVAL_SETS.items()}
     uncached = {key: _pictures(sample(model, sets[key][1], sets[key][2], EVAL_SETS[key][1])) for key in sets}

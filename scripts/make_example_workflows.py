@@ -31,8 +31,8 @@ SCHEDULE_KEY = "block_cache_schedule"
 LADDER_KEY = "block_cache_ladder"
 BUILD = "BlockCacheBuildTargetSchedule"
 # Build Cache Schedule's defaults: speedup, forecast_order, cache_kinds, first, last, max_consecutive_reuse,
-# validation, min_psnr.
-BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR", 30.0]
+# validation, min_psnr, fewer_steps.
+BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR", 30.0, "compare"]
 DEMO = "block_cache_demo_model_no_checkpoint"
 # The transformer reference model (a trained Flux) samples as Flux workflows do: euler/simple.
 DIT_DEMO = "block_cache_demo_dit_no_checkpoint"
@@ -63,7 +63,7 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
                            ("latent_image", "LATENT"), ("vae", "VAE")],
                           [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
     BUILD: ([("profile", "BLOCK_PROFILE")],
-            [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"), ("json", "STRING")]),
+            [("schedule", "CACHE_SCHEDULE"), ("schedule_image", "IMAGE"), ("json", "STRING"), ("steps", "INT")]),
     "BlockCacheApply": ([("model", "MODEL"), ("schedule", "CACHE_SCHEDULE")], [("MODEL", "MODEL")]),
     "BlockCacheSaveSchedule": ([("schedule", "CACHE_SCHEDULE")], []),
     "BlockCacheLoadSchedule": ([], [("schedule", "CACHE_SCHEDULE")]),
@@ -573,9 +573,9 @@ def make_bundled_schedule() -> dict[str, Any]:
     model, reference_vae = loaded.patcher.clone(), loaded.vae
     positive, negative = loaded.conditioning(DEMO_PROMPT), loaded.conditioning("")
     latent = demo_models.reference_model.empty_latent(1)  # what EmptyLatentImage 256x256 becomes for this model
-    def sample(with_model):
-        (out,) = comfy_nodes.common_ksampler(with_model, DEMO_SEED, DEMO_STEPS, DEMO_CFG, "euler", "normal",
-                                             positive, negative, latent)
+    def sample(with_model, steps=None, seed_offset=0):
+        (out,) = comfy_nodes.common_ksampler(with_model, DEMO_SEED + seed_offset, steps or DEMO_STEPS, DEMO_CFG,
+                                             "euler", "normal", positive, negative, latent)
         return out["samples"]
 
     profiled, holder = pack.block_caching.patching.attach_profiler(model)

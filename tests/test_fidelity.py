@@ -79,9 +79,32 @@ def test_small_pictures_use_the_largest_window_that_fits(pack):
 
 
 def test_validation_measures_with_the_same_psnr(pack, pictures):
+    """Validation's held-out measurement: per picture, the same PSNR (of latents: the reference's range as the
+    peak), against the uncached pictures of the held-out seed."""
     uncached, cached = pictures
-    latent_psnr = pack.block_caching.validation.latent_psnr(cached, uncached)
+    validation = pack.block_caching.validation
+    seeds = []
+
+    def sample(model, steps=None, seed_offset=0):
+        seeds.append(seed_offset)
+        return cached if model == "cached" else uncached
+
+    replay = validation.ProfileReplay("uncached", sample, reference=uncached)
+    measured = validation.HeldOutRuns((replay,)).measure(lambda _: "cached")
     peak = float(uncached.max() - uncached.min())
     direct = [10 * math.log10(peak ** 2 / float(((cached[i].double() - uncached[i].double()) ** 2).mean()))
               for i in range(3)]
-    assert latent_psnr == pytest.approx(sum(direct) / 3, abs=1e-6)
+    assert measured.pictures == pytest.approx(direct, abs=1e-6) and measured.mean == pytest.approx(sum(direct) / 3)
+    assert seeds == [validation.HELD_OUT_SEED_OFFSET] * 2 and validation.HELD_OUT_SEED_OFFSET != 0
+
+
+def test_expected_range_widens_with_spread_and_narrows_with_pictures(pack):
+    measurement = pack.block_caching.validation.Measurement
+    z, floor_sd = pack.block_caching.validation.EXPECTED_RANGE_Z, pack.block_caching.validation.MIN_PICTURE_SD
+    agreeing = measurement((30.0, 30.0, 30.0, 30.0))  # a spread below the floor counts as the floor
+    assert agreeing.low == pytest.approx(30.0 - z * floor_sd / 2) and agreeing.high == pytest.approx(30.0 + z * floor_sd / 2)
+    spread = measurement((20.0, 40.0, 25.0, 35.0))
+    assert spread.mean == 30.0 and spread.low < agreeing.low
+    more = measurement((30.0,) * 16)
+    assert agreeing.low < more.low < 30.0
+    assert pack.block_caching.validation.measurement(31.5).low == 31.5, "a plain number is known exactly"

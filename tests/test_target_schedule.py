@@ -147,9 +147,10 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
     model, conds, latent, profile = profiled
     node = pack.nodes.nodes_schedule.BuildCacheSchedule
     result = node.execute(profile, 2.0, "auto", "all", 1, 0, 0)
-    schedule, picture, text = result.result
+    schedule, picture, text, steps = result.result
     ui = result.ui
     ladder = ui["block_cache_ladder"][0]
+    assert steps == profile.grid.steps  # this profile cannot be replayed: nothing was compared
     assert "uncached steps" in ui["text"][0] and picture.shape[0] == 1
     assert json.loads(text)["layers"][0]["forecast_order"] in (0, 1, 2)
     assert len(ladder["cached"]) == len(schedule.layers) and ladder["options"]["speedup_target"] == 2.0
@@ -236,15 +237,20 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack):
     out, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
     (replay,) = profile.replays
     assert torch.equal(replay.reference, out["samples"])
+    assert torch.equal(replay.sample(model), out["samples"]), "the replay is the profiled run"
     measure = pack.block_caching.validation.replay_measure(profile.replays)
     all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    assert measure(all_compute) == 100.0
+    assert measure(all_compute).pictures == (100.0,), "on the held-out seed too, all-compute is the uncached run"
     cached = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5))
-    assert 5.0 < measure(cached) < 100.0
+    measured = measure(cached)
+    assert 5.0 < measured.mean < 100.0 and measured.low < measured.mean < measured.high
     result = pack.nodes.nodes_schedule.BuildCacheSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
-                                                                    "measure PSNR")
+                                                                    "measure PSNR", 0.0)
     text = result.ui["text"][0]
-    assert "chosen: " in text and "dB against uncached" in text
+    assert "chosen: " in text and "dB against uncached" in text and "expected" in text
+    versus = result.result[0].builder["fewer_steps"]
+    assert versus["steps"] == round(10 / result.result[0].estimated_speedup)
+    assert ("better than fewer steps" in text) != versus["better"] and result.result[3] == 10
     merged = pack.block_caching.profile.merge_profiles([profile, profile])
     assert len(merged.replays) == 2
     loaded = pack.schedule_files.schema.profile_from_dict(pack.schedule_files.schema.profile_to_dict(profile))

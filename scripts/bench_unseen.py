@@ -1,0 +1,201 @@
+"""What the Build node measures on the profiled prompts against what unseen prompts get (issue 22).
+
+For each sampler setting of a reference model: one profile on the profiling prompts, then for every
+rung of the speed-up ladder (and for fewer steps at every step count) the PSNR of each picture
+against its uncached picture, on the profiled prompts (what validation measures) and on the
+disjoint evaluation sets A and B (16 prompt x seed pairs each). Writes every per-picture value to
+``--out/unseen_<model>.json``; ``--report`` turns such files into the tables of
+docs/benchmark/unseen/README.md. The profiling, tuning (A) and checking (B) prompts are disjoint.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_unseen.py --model dit --out out/unseen
+    .venv/bin/python scripts/bench_unseen.py --report out/unseen
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from comfy_bootstrap import load_pack  # noqa: E402
+
+MIN_SPEEDUP, MAX_SPEEDUP = 1.15, 4.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_pack()
+    import benchmark
+
+    torch.set_num_threads(args.threads)
+    module_name, loader, settings, _ = benchmark.MODELS[args.model]
+    reference = getattr(benchmark._module(module_name), loader)()
+    results: dict[str, Any] = {"model": args.model, "settings": {}}
+    for name in (args.settings.split(",") if args.settings else settings):
+        results["settings"][name] = measure_setting(args, benchmark, reference, name, *settings[name])
+    return results
+
+
+def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, name: str, sampler: str,
+                    scheduler: str, steps: int) -> dict[str, Any]:
+    import nodes as comfy_nodes
+
+    reference_module = benchmark._module(benchmark.MODELS[args.model][0])
+    reference_data = benchmark._module("reference_data")
+    patching, target = benchmark._module("patching"), benchmark._module("target_schedule")
+    model = reference.patcher
+    negative = reference.conditioning("")
+    started = time.perf_counter()
+
+    def batch(prompt_seed: int, count: int, repeats: int) -> tuple[Any, dict]:
+        prompts = reference_data.benchmark_prompts(count, seed=prompt_seed)
+        items = [p for p in prompts for _ in range(repeats)]
+        latent = {"samples": torch.zeros(len(items), 3, reference_module.RESOLUTION, reference_module.RESOLUTION)}
+        return reference.conditioning_batch(items), latent
+
+    def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps) -> torch.Tensor:
+        (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, sampler, scheduler, positive, negative, latent)
+        return out["samples"]
+
+    profile_positive, profile_latent = batch(benchmark.PROFILE_SET[0], args.profile_prompts, 1)
+    profiled, holder = patching.attach_profiler(model)
+    sample(profiled, profile_positive, profile_latent, benchmark.PROFILE_SET[1])
+    profile = patching.collect_profile(holder, model, sampler=sampler, scheduler=scheduler, cfg=args.cfg,
+                                       denoise=1.0, latent_shape=tuple(profile_latent["samples"].shape))
+    # The profiled prompts again with another noise seed: out of sample for the search, as validation can be.
+    sets = {"profiled": (profile_positive, profile_latent, benchmark.PROFILE_SET[1]),
+            "heldout": (profile_positive, profile_latent, benchmark.PROFILE_SET[1] + 1)}
+    for key, (prompt_seed, seed) in benchmark.EVAL_SETS.items():
+        sets[key] = (*batch(prompt_seed, args.prompts, args.seeds), seed)
+    uncached = {key: benchmark._pictures(sample(model, *value)) for key, value in sets.items()}
+
+    def measure(m: Any, n: int) -> dict[str, list[float]]:
+        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(m, *value, n)), uncached[key])]
+                for key, value in sets.items()}
+
+    def show(label: str, row: dict[str, Any]) -> None:
+        print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
+              + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
+
+    ladder, layers, _ = target.build_ladder(profile, target.TargetOptions())
+    rows = []
+    for rung in ladder:
+        speedup = 1.0 / rung.flop_fraction
+        if not MIN_SPEEDUP <= speedup <= MAX_SPEEDUP:
+            continue
+        patched, _ = patching.apply_block_cache(model, target._schedule(profile, layers, rung, {}))
+        rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
+                     "steps": list(rung.steps), "speedup": speedup, "psnr": measure(patched, steps)})
+        show(f"rung {rung.computes}", rows[-1])
+    for n in range(max(2, math.ceil(steps / MAX_SPEEDUP)), steps):
+        rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
+        show(f"{n} steps", rows[-1])
+    return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg, "rows": rows,
+            "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def report(folder: Path) -> str:
+    lines = []
+    for path in sorted(folder.glob("unseen_*.json")):
+        data = json.loads(path.read_text())
+        for name, setting in data["settings"].items():
+            lines += [f"### {data['model']} {name} ({setting['sampler']}/{setting['scheduler']} {setting['steps']})", "",
+                      "| method | FLOP speed-up | profiled mean (sd) | held-out seed mean (sd) | A mean / worst | B mean / worst | gap A, B (profiled; held-out) |",
+                      "|---|---|---|---|---|---|---|"]
+            for row in setting["rows"]:
+                p = row["psnr"]
+                profiled = p["profiled"]
+                sd = statistics.stdev(profiled) if len(profiled) > 1 else float("nan")
+                gap_a = statistics.mean(profiled) - statistics.mean(p["A"])
+                gap_b = statistics.mean(profiled) - statistics.mean(p["B"])
+                label = (f"Block Cache, {row['computes']} compute steps, order {row['order']}"
+                         if row["family"] == "block_cache" else f"fewer steps: {row['computes']}")
+                heldout = p.get("heldout")
+                held = (f"{statistics.mean(heldout):.1f} ({statistics.stdev(heldout):.1f})" if heldout else "–")
+                held_gap = (f"; {statistics.mean(heldout) - statistics.mean(p['A']):+.1f}, "
+                            f"{statistics.mean(heldout) - statistics.mean(p['B']):+.1f}" if heldout else "")
+                lines.append(f"| {label} | {row['speedup']:.2f}x | {statistics.mean(profiled):.1f} ({sd:.1f}) | "
+                             f"{held} | {statistics.mean(p['A']):.1f} / {min(p['A']):.1f} | "
+                             f"{statistics.mean(p['B']):.1f} / {min(p['B']):.1f} | {gap_a:+.1f}, {gap_b:+.1f}{held_gap} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
+    """The Build node's floor on these measurements: the target's rung, stepped down to the fastest rung whose
+    held-out range reaches the floor, per range width (z); with what sets A and B then get."""
+    import statistics as st
+
+    def low(values: list[float], z: float, min_sd: float) -> float:
+        sd = max(st.stdev(values), min_sd) if len(values) > 1 else min_sd
+        return st.mean(values) - z * sd / math.sqrt(len(values))
+
+    lines = [f"Floor {floor:g} dB, target {target:g}x: the rung chosen per rule, and sets A / B (mean PSNR)", "",
+             "| setting | rule | chosen | held-out mean, low | A | B | fewer steps at that cost: held-out, A, B |",
+             "|---|---|---|---|---|---|---|"]
+    for path in sorted(folder.glob("unseen_*.json")):
+        data = json.loads(path.read_text())
+        for name, setting in data["settings"].items():
+            rungs = sorted((r for r in setting["rows"] if r["family"] == "block_cache"), key=lambda r: r["computes"])
+            fewer = {r["computes"]: r for r in setting["rows"] if r["family"] == "fewer_steps"}
+            start = next((r for r in reversed(rungs) if r["speedup"] >= target), rungs[0])
+            for label, key, z, min_sd in (("profiled run (before)", "profiled", 0.0, 0.0),
+                                          ("held-out seed, mean", "heldout", 0.0, 0.0),
+                                          ("held-out seed, z 0.5", "heldout", 0.5, 3.0),
+                                          ("held-out seed, z 1", "heldout", 1.0, 3.0),
+                                          ("held-out seed, z 1.5", "heldout", 1.5, 3.0)):
+                if key not in start["psnr"]:
+                    continue
+                chosen = next((r for r in rungs if r["computes"] >= start["computes"]
+                               and low(r["psnr"][key], z, min_sd) >= floor), None)
+                if chosen is None:
+                    lines.append(f"| {data['model']} {name} | {label} | everything | | | | |")
+                    continue
+                p = chosen["psnr"]
+                count = max(1, round(setting["steps"] / chosen["speedup"]))
+                f = fewer.get(count)
+                versus = (f"{count} steps: {st.mean(f['psnr']['heldout']):.1f}, {st.mean(f['psnr']['A']):.1f}, "
+                          f"{st.mean(f['psnr']['B']):.1f}" if f and "heldout" in f["psnr"] else "")
+                lines.append(f"| {data['model']} {name} | {label} | {chosen['speedup']:.2f}x | "
+                             f"{st.mean(p[key]):.1f}, {low(p[key], z, min_sd):.1f} | {st.mean(p['A']):.1f} | "
+                             f"{st.mean(p['B']):.1f} | {versus} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("unet", "dit"), default="dit")
+    parser.add_argument("--settings", default="")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--profile-prompts", type=int, default=4)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("out/unseen"))
+    parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
+    args = parser.parse_args()
+    if args.report is not None:
+        sys.stdout.write(report(args.report) + "\n\n" + floor_rule(args.report) + "\n")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(args)
+    path = args.out / f"unseen_{args.model}.json"
+    if path.exists():  # keep other settings' results
+        previous = json.loads(path.read_text())
+        previous["settings"].update(results["settings"])
+        results = previous
+    path.write_text(json.dumps(results, indent=1))
+    sys.stdout.write(report(args.out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
