@@ -14,7 +14,7 @@ from typing import Any
 
 from ..block_maps.block_map import BlockMap
 from ..block_maps.mapping import block_map_for_patcher
-from ..errors import ScheduleMismatchError
+from ..errors import ScheduleMismatchError, UnsupportedModelError
 from ..provenance import provenance
 from ..runtime.run import RunExtension
 from ..runtime.time_grid import StepGrid, normalized_times
@@ -100,6 +100,11 @@ def collect_profile(holder: ProfilerHolder, model: Any, *, sampler: str | None =
     recorder = holder.last_recording
     if recorder is None or stats is None or stats.sample_sigmas is None:
         raise RuntimeError("no profiling run was recorded; the sampler did not run the profiled model")
+    if stats.evaluations and not stats.computed.any():
+        raise UnsupportedModelError(
+            f"the profiled run called none of the {len(stats.layer_names)} mapped layers of {holder.block_map.model_class} "
+            "(a stage of the model whose blocks are not in its block map, such as TRELLIS.2's sparse shape and "
+            "texture stages): there is nothing to profile or cache in this run.")
     model_sampling = model.get_model_object("model_sampling")
     sigmas = stats.sample_sigmas
     if denoise is None:

@@ -456,3 +456,17 @@ def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
     for got, want in zip(reused, computed, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     run.close()
+
+
+def test_a_profiled_run_that_calls_no_mapped_layer_is_an_error(pack, tiny_model, conds, latent):
+    """A run whose model calls none of the mapped layers (a model stage the map does not list) gives no profile
+    of NaNs: collecting it says why."""
+    import comfy.patcher_extension
+
+    profiling, holder = pack.block_caching.patching.attach_profiler(tiny_model)
+    profiling.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_bypass",
+                                   lambda executor, x, *args, **kwargs: torch.zeros_like(x))
+    sample(profiling, *conds, latent, steps=3)
+    assert holder.last_run.evaluations > 0 and not holder.last_run.computed.any()
+    with pytest.raises(pack.errors.UnsupportedModelError, match="called none of the"):
+        pack.block_caching.patching.collect_profile(holder, tiny_model)
