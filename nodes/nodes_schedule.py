@@ -65,12 +65,12 @@ class BuildCacheSchedule(io.ComfyNode):
                              tooltip="The longest run of steps a layer may be forecast before it must compute; "
                                      "0 lets the search choose, up to 7."),
                 io.Combo.Input("validation", options=list(VALIDATION), default=VALIDATION[0],
-                               tooltip="'measure PSNR' samples the profiled run again with the chosen schedule (one "
-                                       "run at the target's speed) and shows how close it stays to the uncached "
-                                       "output. 'choose by measured PSNR' samples every schedule of that cost (up to "
-                                       "4: the search's best per forecast order and evenly spaced steps) and keeps "
-                                       "the closest; with few profiled pictures this is a noisy judge. 'off' is "
-                                       "instant."),
+                               tooltip="'measure PSNR' samples the profiled prompts with another seed, uncached and "
+                                       "with the chosen schedule (one run at full cost, one at the target's), and "
+                                       "shows how close the pictures stay and the range expected on other prompts. "
+                                       "'choose by measured PSNR' samples every schedule of that cost (up to 4: the "
+                                       "search's best per forecast order and evenly spaced steps) and keeps the "
+                                       "closest; with few profiled pictures this is a noisy judge. 'off' is instant."),
                 io.Float.Input("min_psnr", default=DEFAULT_MIN_PSNR, min=0.0, max=60.0, step=0.5, optional=True,
                                tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "
                                        "on): the schedule is measured on the profiled prompts with another seed, and "

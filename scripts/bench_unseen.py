@@ -14,6 +14,7 @@ docs/benchmark/unseen/README.md. The profiling, tuning (A) and checking (B) prom
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -84,7 +85,12 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
               + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
 
-    ladder, layers, _ = target.build_ladder(profile, target.TargetOptions())
+    found = target.search(profile, target.TargetOptions())
+    if args.orders:  # another set of forecast orders for the ladder (an experiment)
+        orders = tuple(int(o) for o in args.orders.split(","))
+        found = dataclasses.replace(found, per_order={
+            order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap) for order in orders})
+    ladder, layers = target.ladder_of(found, profile), found.layers
     rows = []
     for rung in ladder:
         speedup = 1.0 / rung.flop_fraction
@@ -94,7 +100,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
                      "steps": list(rung.steps), "speedup": speedup, "psnr": measure(patched, steps)})
         show(f"rung {rung.computes}", rows[-1])
-    for n in range(max(2, math.ceil(steps / MAX_SPEEDUP)), steps):
+    for n in ([] if args.skip_fewer else range(max(2, math.ceil(steps / MAX_SPEEDUP)), steps)):
         rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
         show(f"{n} steps", rows[-1])
     return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg, "rows": rows,
@@ -128,6 +134,27 @@ def report(folder: Path) -> str:
                              f"{statistics.mean(p['B']):.1f} / {min(p['B']):.1f} | {gap_a:+.1f}, {gap_b:+.1f}{held_gap} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def curves(folder: Path) -> list[Path]:
+    """One plot per setting: mean PSNR on sets A and B against FLOP speed-up, every rung and step count."""
+    from plotting import Series, plot
+
+    written = []
+    for path in sorted(folder.glob("unseen_*.json")):
+        data = json.loads(path.read_text())
+        for name, setting in data["settings"].items():
+            series = []
+            for family, label in (("block_cache", "Block Cache rungs"), ("fewer_steps", "fewer steps")):
+                rows = sorted((r for r in setting["rows"] if r["family"] == family), key=lambda r: r["speedup"])
+                for key in ("A", "B"):
+                    series.append(Series(f"{label}, set {key}", [r["speedup"] for r in rows],
+                                         [statistics.mean(r["psnr"][key]) for r in rows]))
+            out = folder / f"curve_{data['model']}_{name}.png"
+            plot(series, str(out), title=f"{data['model']} {name}: mean PSNR on unseen prompts",
+                 xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
+            written.append(out)
+    return written
 
 
 def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
@@ -180,15 +207,19 @@ def main() -> None:
     parser.add_argument("--profile-prompts", type=int, default=4)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--orders", default="", help="forecast orders the ladder may use, e.g. 0,1,2 (default: auto's)")
+    parser.add_argument("--skip-fewer", action="store_true", help="only the ladder's rungs")
+    parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--out", type=Path, default=Path("out/unseen"))
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
     args = parser.parse_args()
     if args.report is not None:
         sys.stdout.write(report(args.report) + "\n\n" + floor_rule(args.report) + "\n")
+        curves(args.report)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(args)
-    path = args.out / f"unseen_{args.model}.json"
+    path = args.out / f"unseen_{args.model}{args.tag}.json"
     if path.exists():  # keep other settings' results
         previous = json.loads(path.read_text())
         previous["settings"].update(results["settings"])

@@ -232,3 +232,31 @@ def expected_computations(schedule: Any, model: Any, eval_sigmas: list[float], r
     mask = expected_run_mask(schedule, model, run_sigmas)
     steps = time_grid.normalized_times(sampling, torch.as_tensor(run_sigmas).reshape(-1)[:-1])
     return computations_on(mask, steps, time_grid.normalized_times(sampling, torch.tensor(eval_sigmas)))
+
+
+def build_or_skip(entry: Any) -> Any:
+    """A zoo entry's model; the test is skipped, with the reason, on a host too old for it."""
+    import pytest
+
+    missing = entry.missing_on_host()
+    if missing:
+        pytest.skip(missing)
+    return entry.build(seed=0)
+
+
+def assert_refused(pack: Any, model: Any, qualified_class: str) -> str:
+    """Block Cache refuses ``model`` (whose diffusion model is ``qualified_class``): the block map and the
+    profiler raise UnsupportedModelError naming the class and the refusal table's reason. Returns the reason."""
+    import pytest
+
+    diffusion_model = model.model.diffusion_model
+    families = pack.block_maps.dit_families
+    assert f"{type(diffusion_model).__module__}.{type(diffusion_model).__qualname__}" == qualified_class
+    refusal = families.refusal_of(diffusion_model)
+    assert refusal is not None and refusal == families.REFUSED_MODELS[qualified_class]
+    with pytest.raises(pack.errors.UnsupportedModelError) as raised:
+        pack.block_maps.mapping.block_map_for_patcher(model)
+    assert refusal.reason in str(raised.value) and type(diffusion_model).__name__ in str(raised.value)
+    with pytest.raises(pack.errors.UnsupportedModelError):
+        pack.block_caching.patching.attach_profiler(model)
+    return refusal.reason

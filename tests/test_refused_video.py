@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dit_zoo import TinyDit
-from helpers import sample
+from helpers import assert_refused, build_or_skip, sample
 
 # 32 wide (2 heads of 16); every block keeps separate video/text weights (mm_layers = num_layers).
 _SEEDVR2 = {"image_model": "seedvr2", "vid_dim": 32, "heads": 2, "head_dim": 16, "num_layers": 2, "mm_layers": 2,
@@ -28,33 +28,15 @@ SEEDVR2 = TinyDit("SeedVR2 (refused)", "seedvr2", "SeedVR2", _SEEDVR2, _VIDEO, (
 REFUSED = {SEEDVR2.id: "comfy.ldm.seedvr.model.NaDiT"}
 
 
-def _build(entry: TinyDit):
-    missing = entry.missing_on_host()
-    if missing:
-        pytest.skip(missing)
-    return entry.build(seed=0)
-
-
 @pytest.mark.parametrize("entry", [SEEDVR2], ids=lambda e: e.id)
 def test_refused_with_its_reason(pack, entry):
-    model = _build(entry)
-    diffusion_model = model.model.diffusion_model
-    families = pack.block_maps.dit_families
-    assert f"{type(diffusion_model).__module__}.{type(diffusion_model).__qualname__}" == REFUSED[entry.id]
-    refusal = families.refusal_of(diffusion_model)
-    assert refusal == families.REFUSED_MODELS[REFUSED[entry.id]]
-    reason = refusal.reason
+    reason = assert_refused(pack, build_or_skip(entry), REFUSED[entry.id])
     assert "one sampling step" in reason
-    with pytest.raises(pack.errors.UnsupportedModelError) as raised:
-        pack.block_maps.mapping.block_map_for_patcher(model)
-    assert reason in str(raised.value) and type(diffusion_model).__name__ in str(raised.value)
-    with pytest.raises(pack.errors.UnsupportedModelError):
-        pack.block_caching.patching.attach_profiler(model)
 
 
 def test_seedvr2_samples_uncached_in_one_step():
     """The refused model still samples as ComfyUI runs it: one step, the fixed positive embedding."""
-    model = _build(SEEDVR2)
+    model = build_or_skip(SEEDVR2)
     positive, negative = SEEDVR2.conds()
     out = sample(model, positive, negative, SEEDVR2.latent(), steps=1, cfg=1.0)
     assert out.shape == _VIDEO and torch.isfinite(out).all()
