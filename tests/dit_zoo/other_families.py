@@ -22,7 +22,9 @@ _PREDICT2 = {"image_model": "cosmos_predict2", "max_img_h": 16, "max_img_w": 16,
              "max_fps": 30, "use_adaln_lora": True, "adaln_lora_dim": 8}
 
 # seconds_start/seconds_total embedders are fixed at 768 wide, so are the text tokens and global cond.
-_STABLE_AUDIO = {"audio_model": "dit1.0", "io_channels": 64, "embed_dim": 64, "depth": 2, "num_heads": 1,
+# Cross-attention keys come from the 768-wide prompt tokens in heads of embed_dim / num_heads (64 here, as in
+# the real model): newer hosts run them as grouped heads, so the query heads (768 / 64) must be a multiple.
+_STABLE_AUDIO = {"audio_model": "dit1.0", "io_channels": 64, "embed_dim": 768, "depth": 2, "num_heads": 12,
                  "cond_token_dim": 768, "global_cond_dim": 1536, "project_cond_tokens": False,
                  "transformer_type": "continuous_transformer"}
 
