@@ -41,7 +41,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"model": args.model, "settings": {}}
     for name in (args.settings.split(",") if args.settings else settings):
         results["settings"][name] = measure_setting(args, benchmark, reference, name, *settings[name])
+        save(args, results)  # each setting as it is done: a long run can be stopped between them
     return results
+
+
+def save(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Writes the results, keeping other settings' results already in the file."""
+    path = args.out / f"unseen_{args.model}{args.tag}.json"
+    merged = json.loads(path.read_text()) if path.exists() else {"model": args.model, "settings": {}}
+    merged["settings"].update(results["settings"])
+    path.write_text(json.dumps(merged, indent=1))
 
 
 def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, name: str, sampler: str,
@@ -92,7 +101,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap) for order in orders})
     ladder, layers = target.ladder_of(found, profile), found.layers
     rows = []
-    for rung in ladder:
+    for rung in ladder[::-1][::args.stride][::-1]:
         speedup = 1.0 / rung.flop_fraction
         if not MIN_SPEEDUP <= speedup <= MAX_SPEEDUP:
             continue
@@ -100,7 +109,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
                      "steps": list(rung.steps), "speedup": speedup, "psnr": measure(patched, steps)})
         show(f"rung {rung.computes}", rows[-1])
-    for n in ([] if args.skip_fewer else range(max(2, math.ceil(steps / MAX_SPEEDUP)), steps)):
+    for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
         rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
         show(f"{n} steps", rows[-1])
     return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg, "rows": rows,
@@ -133,6 +142,31 @@ def report(folder: Path) -> str:
                              f"{held} | {statistics.mean(p['A']):.1f} / {min(p['A']):.1f} | "
                              f"{statistics.mean(p['B']):.1f} / {min(p['B']):.1f} | {gap_a:+.1f}, {gap_b:+.1f}{held_gap} |")
             lines.append("")
+    return "\n".join(lines)
+
+
+def gaps(folder: Path, low: float = 1.3, high: float = 3.0) -> str:
+    """Per setting: how far the profiled run's and the held-out seed's mean PSNR read above the unseen sets'
+    (mean of A and B), over the Block Cache rungs and the step counts between ``low``x and ``high``x."""
+    lines = [f"How far the Build node's measurement reads above unseen prompts (its mean minus the mean of sets A "
+             f"and B), over the rungs and step counts between {low:g}x and {high:g}x: mean (min to max), dB", "",
+             "| setting | Block Cache: profiled run | Block Cache: held-out seed | fewer steps: profiled run | "
+             "fewer steps: held-out seed |", "|---|---|---|---|---|"]
+
+    def summary(values: list[float]) -> str:
+        return f"{statistics.mean(values):+.1f} ({min(values):+.1f} to {max(values):+.1f})" if values else "–"
+
+    for path in sorted(folder.glob("unseen_*.json")):
+        data = json.loads(path.read_text())
+        for name, setting in data["settings"].items():
+            cells = []
+            for family in ("block_cache", "fewer_steps"):
+                rows = [r for r in setting["rows"] if r["family"] == family and low <= r["speedup"] <= high]
+                for key in ("profiled", "heldout"):
+                    cells.append(summary([statistics.mean(r["psnr"][key])
+                                          - (statistics.mean(r["psnr"]["A"]) + statistics.mean(r["psnr"]["B"])) / 2
+                                          for r in rows if key in r["psnr"]]))
+            lines.append(f"| {data['model']} {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -210,21 +244,16 @@ def main() -> None:
     parser.add_argument("--orders", default="", help="forecast orders the ladder may use, e.g. 0,1,2 (default: auto's)")
     parser.add_argument("--skip-fewer", action="store_true", help="only the ladder's rungs")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
+    parser.add_argument("--stride", type=int, default=1, help="every n-th rung and step count (long runs: ddim 50)")
     parser.add_argument("--out", type=Path, default=Path("out/unseen"))
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
     args = parser.parse_args()
     if args.report is not None:
-        sys.stdout.write(report(args.report) + "\n\n" + floor_rule(args.report) + "\n")
+        sys.stdout.write(report(args.report) + "\n\n" + gaps(args.report) + "\n\n" + floor_rule(args.report) + "\n")
         curves(args.report)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run(args)
-    path = args.out / f"unseen_{args.model}{args.tag}.json"
-    if path.exists():  # keep other settings' results
-        previous = json.loads(path.read_text())
-        previous["settings"].update(results["settings"])
-        results = previous
-    path.write_text(json.dumps(results, indent=1))
+    run(args)
     sys.stdout.write(report(args.out) + "\n")
 
 
