@@ -170,6 +170,25 @@ def gaps(folder: Path, low: float = 1.3, high: float = 3.0) -> str:
     return "\n".join(lines)
 
 
+def pareto(folder: Path, floors: tuple[float, ...] = (35.0, 30.0, 27.0)) -> str:
+    """Per setting and set: the best FLOP speed-up whose mean PSNR stays at or above each floor, Block Cache's
+    rungs against fewer steps, and their ratio (the issue's measure: above 1 the cache wins)."""
+    lines = ["Best FLOP speed-up at mean PSNR >= " + " / ".join(f"{f:g}" for f in floors) + " dB: Block Cache, "
+             "fewer steps, ratio", "", "| setting | set | Block Cache | fewer steps | ratio |", "|---|---|---|---|---|"]
+    for path in sorted(folder.glob("unseen_*.json")):
+        data = json.loads(path.read_text())
+        for name, setting in data["settings"].items():
+            for part in ("A", "B"):
+                best = {family: [max([1.0] + [r["speedup"] for r in setting["rows"] if r["family"] == family
+                                              and statistics.mean(r["psnr"][part]) >= floor]) for floor in floors]
+                        for family in ("block_cache", "fewer_steps")}
+                cache, fewer = best["block_cache"], best["fewer_steps"]
+                lines.append(f"| {data['model']} {name} | {part} | " + " / ".join(f"{v:.2f}x" for v in cache)
+                             + " | " + " / ".join(f"{v:.2f}x" for v in fewer) + " | "
+                             + " / ".join(f"{c / f:.2f}" for c, f in zip(cache, fewer, strict=True)) + " |")
+    return "\n".join(lines)
+
+
 def curves(folder: Path) -> list[Path]:
     """One plot per setting: mean PSNR on sets A and B against FLOP speed-up, every rung and step count."""
     from plotting import Series, plot
@@ -249,7 +268,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
     args = parser.parse_args()
     if args.report is not None:
-        sys.stdout.write(report(args.report) + "\n\n" + gaps(args.report) + "\n\n" + floor_rule(args.report) + "\n")
+        sys.stdout.write("\n\n".join((report(args.report), pareto(args.report), gaps(args.report),
+                                         floor_rule(args.report))) + "\n")
         curves(args.report)
         return
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ def test_object_info_lists_the_nodes_with_tooltips(server):
     assert list(profile_inputs) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
                                     "negative", "latent_image", "denoise"]
     assert info["BlockCacheProfile"]["output"] == ["LATENT", "BLOCK_PROFILE", "IMAGE"]
-    for build in ("BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule"):
-        assert info[build]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING"]
+    # The target builder's fourth output is the step count to sample with (fewer steps when they win).
+    assert info["BlockCacheBuildTargetSchedule"]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING", "INT"]
+    assert info["BlockCacheBuildSchedule"]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING"]
     target_inputs = info["BlockCacheBuildTargetSchedule"]["input"]["required"]
     # The speed-up is the first control, a slider; the threshold rule keeps its old inputs for saved workflows.
     assert list(target_inputs)[:2] == ["profile", "speedup"] and target_inputs["speedup"][1]["display"] == "slider"
