@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -32,8 +33,8 @@ from comfy.patcher_extension import WrappersMP
 from ..block_maps.block_map import LayerSpec
 from ..errors import BlockCacheError
 from ..runtime.run import WRAPPER_KEY, run_context
-from ..runtime.wrappers import bind
 from .cache import BlockCacheHolder, LayerCache
+from .patching import apply_block_cache
 from .scale_shift import ScaleShiftTable, channel_dim
 from .schedule import CacheSchedule
 
@@ -201,8 +202,6 @@ def calibration_predict_noise_wrapper(session: CalibrationSession, executor: Any
 def attach_calibration(model: Any, schedule: CacheSchedule, learning_rate: float,
                        train: bool = True) -> tuple[Any, CalibrationSession]:
     """A clone of ``model`` that samples with ``schedule`` and trains its corrections as it goes."""
-    from .patching import apply_block_cache
-
     patched, holder = apply_block_cache(model, schedule)
     table = schedule.scale_shift
     if table is None:
@@ -211,7 +210,7 @@ def attach_calibration(model: Any, schedule: CacheSchedule, learning_rate: float
         table = table.detached()
     session = CalibrationSession(holder, table, learning_rate, train)
     # Registered after the holder's wrappers, so it runs inside them: one evaluation, two passes.
-    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, bind(calibration_predict_noise_wrapper, session))
+    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, functools.partial(calibration_predict_noise_wrapper, session))
     return patched, session
 
 

@@ -40,7 +40,6 @@ from ..runtime.run import RunContext, RunMethod
 
 logger = logging.getLogger(__name__)
 
-PAPER_ALPHA = 0.003
 DEFAULT_TAU_CUTOFF = 0.5
 
 

@@ -4,7 +4,7 @@ The payloads travel in a node's ``ui`` dict (the websocket ``executed`` message)
 in the node's properties by the frontend, so the drawings survive saving and reloading a
 workflow. They go into every saved workflow and picture's metadata, so the profile's change
 matrix is sent to 3 significant digits and only while it stays under MAX_PROFILE_PAYLOAD_BYTES;
-the full profile stays in the user's schedules folder. Only this node layer talks to the
+the full profile travels only on the node's BLOCK_PROFILE output. Only this node layer talks to the
 server; the runtime and method packages stay free of it.
 """
 

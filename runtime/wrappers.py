@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import comfy.model_patcher
@@ -135,10 +134,7 @@ def install_runtime(model: Any, block_map: BlockMap, holder: RunHolder) -> Any:
         module = diffusion_model.get_submodule(spec.name)
         patched.add_object_patch(spec.patch_key, LayerForward(holder, index, spec, module, original, diffusion_model))
     for wrapper_type, wrapper in _WRAPPERS:
-        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, bind(wrapper, holder))
+        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, functools.partial(wrapper, holder))
     return patched
 
 
-def bind(wrapper: Callable[..., Any], holder: Any) -> Callable[..., Any]:
-    """A wrapper with its holder bound, in the ``wrapper(executor, *args, **kwargs)`` form."""
-    return functools.partial(wrapper, holder)

@@ -22,6 +22,22 @@ comfy.utils.PROGRESS_BAR_ENABLED = False
 from helpers import sample  # noqa: E402,F401  (re-exported for tests)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: minutes on a 2-core CPU; runs only with --run-slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow (make test PYTEST_ARGS=--run-slow)"))
+
+
 @pytest.fixture(scope="session")
 def pack():
     return PACK

@@ -9,7 +9,6 @@ without Block Cache; a caching schedule must cache and keep the other feature wo
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 
 import comfy.cldm.cldm
@@ -218,9 +217,8 @@ def test_host_compile_guards_survive_a_wrapper_key_going_away(tiny_model, conds,
     assert torch.isfinite(sample(_compiled(tiny_model, "eager"), *conds, latent, steps=4)).all()
 
 
-@pytest.mark.skipif(os.environ.get("BLOCK_CACHE_SLOW_TESTS") != "1" or not shutil.which("cc"),
-                    reason="inductor compiles C++ for ~90 s on a 2-core CPU (needs a C compiler); "
-                           "set BLOCK_CACHE_SLOW_TESTS=1")
+@pytest.mark.slow  # inductor compiles C++ for ~90 s on a 2-core CPU
+@pytest.mark.skipif(not shutil.which("cc"), reason="inductor needs a C compiler")
 def test_torch_compile_inductor_before_and_after_apply(pack, tiny_model, conds, latent, schedules, fresh_dynamo):
     """The node's default backend. Inductor fuses and reorders float ops, so outputs differ from eager
     by rounding (at most 1.0e-3 on outputs of magnitude ~400 here); counts must still match exactly."""
