@@ -25,6 +25,7 @@ layers at each step, the error tracks the picture's PSNR (Spearman 0.92 over 33 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .profile import TRAJECTORY_ELEMENTS, BlockProfile
 from .schedule import (
     CacheSchedule,
     LayerSchedule,
+    all_compute_schedule,
     computed_flop_fraction,
     schedule_of_profile,
     validate_step_options,
@@ -408,3 +410,85 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         "notes": found.notes,
     }
     return _schedule(profile, found.layers, rung, builder)
+
+
+def combined_step_count(steps: int, speedup: float) -> int:
+    """The sampler steps for fewer steps with the cache: the two share the speed-up evenly (each gives its
+    square root), where each loses least (docs/benchmark/unseen: fewer steps with the cache)."""
+    return max(2, min(steps - 1, round(steps / math.sqrt(speedup))))
+
+
+def build_combined_schedule(profile: BlockProfile, options: TargetOptions,
+                            profile_at: Callable[[int], BlockProfile],
+                            measure: Callable[[CacheSchedule], Measurement | float]) -> CacheSchedule | None:
+    """Fewer sampler steps and the cache together for ``options.speedup``: a profile at
+    ``combined_step_count`` steps (``profile_at``), and the speed-up target's schedule for it at the speed-up
+    the fewer steps leave, floor included; ``measure`` compares it with the profiled count's uncached
+    pictures. None where the profiled run is too short to sample with fewer steps."""
+    steps = profile.grid.steps
+    count = combined_step_count(steps, options.speedup)
+    if steps < 3 or count >= steps:
+        return None
+    fewer = profile_at(count)
+    remaining = max(1.0, options.speedup * count / steps)
+    schedule = build_target_schedule(fewer, dataclasses.replace(options, speedup=remaining), measure)
+    schedule.builder["combined"] = {"profiled_steps": steps, "steps": count,
+                                    "speedup": steps * schedule.estimated_speedup / count}
+    return schedule
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """One way to sample at about the asked cost, measured against the profiled count's uncached pictures."""
+
+    label: str
+    steps: int  # the sampler steps it needs
+    schedule: CacheSchedule
+    speedup: float  # FLOPs against the uncached run at the profiled step count
+    mean: float  # measured PSNR
+    low: float  # the low end of the range expected on other prompts
+
+
+def best_choice(choices: list[SamplingChoice], speedup: float, min_psnr: float) -> SamplingChoice:
+    """Of the choices expected to reach ``min_psnr`` on other prompts (all of them where none does or the floor
+    is 0): the one measured best among those that reach ``speedup`` (within 5 %), else among those within 5 %
+    of the fastest."""
+    reaching = [c for c in choices if c.low >= min_psnr] or choices
+    fast = [c for c in reaching if c.speedup >= 0.95 * speedup]
+    if not fast:
+        fastest = max(c.speedup for c in reaching)
+        fast = [c for c in reaching if c.speedup >= 0.95 * fastest]
+    return max(fast, key=lambda c: c.mean)
+
+
+def sampling_choices(profile: BlockProfile, options: TargetOptions, schedule: CacheSchedule,
+                     profile_at: Callable[[int], BlockProfile],
+                     measure: Callable[[CacheSchedule], Measurement | float]) -> tuple[list[SamplingChoice], str]:
+    """What ``best_choice`` picks from for a built ``schedule`` (``build_target_schedule`` with a measure and
+    fewer steps compared): the cache at the profiled steps, uncached fewer steps at its cost, and fewer steps
+    with the cache (``build_combined_schedule``), each where it was measured; and a note where the
+    combination was not (empty otherwise)."""
+    steps, builder = schedule.grid.steps, schedule.builder
+    choices = []
+    if builder.get("expected_psnr") is not None:
+        measured = builder["expected_psnr"]
+        choices.append(SamplingChoice(f"Block Cache at {steps} steps", steps, schedule, schedule.estimated_speedup,
+                                      measured["mean"], measured["low"]))
+    elif schedule.compute_mask().all():
+        choices.append(SamplingChoice(f"uncached at {steps} steps", steps, schedule, 1.0, 100.0, 100.0))
+    versus = builder.get("fewer_steps")
+    if versus is not None:
+        choices.append(SamplingChoice(
+            f"uncached at {versus['steps']} steps", versus["steps"],
+            all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops, profile.total_flops),
+            versus["speedup"], versus["measured_psnr"], versus["expected_low"]))
+    combined = build_combined_schedule(profile, options, profile_at, measure)
+    if combined is None:
+        return choices, f"fewer steps with the cache: not tried ({steps} steps are too few to sample with fewer)."
+    if combined.builder["expected_psnr"] is None:
+        return choices, (f"fewer steps with the cache: at {combined.grid.steps} steps no schedule reached the "
+                         f"{options.min_psnr:g} dB floor.")
+    measured, info = combined.builder["expected_psnr"], combined.builder["combined"]
+    choices.append(SamplingChoice(f"Block Cache at {info['steps']} steps", info["steps"], combined, info["speedup"],
+                                  measured["mean"], measured["low"]))
+    return choices, ""

@@ -11,6 +11,7 @@ mean, and the range the mean of other prompts' pictures can be expected in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from .fidelity import psnr
-from .patching import apply_block_cache
+from .patching import apply_block_cache, attach_profiler, collect_profile
+from .profile import BlockProfile, merge_profiles
 from .schedule import CacheSchedule
 
 # The noise seed validation samples with, as an offset from the profiled run's.
@@ -111,12 +113,30 @@ class HeldOutRuns:
         return Measurement(tuple(values))
 
     def schedule(self, schedule: CacheSchedule) -> Measurement:
-        """A schedule's PSNR against the uncached pictures (of the decoded pictures where the run has a decoder)."""
-        return self.measure(lambda replay: apply_block_cache(replay.model, schedule)[0])
+        """A schedule's PSNR against the uncached pictures (of the decoded pictures where the run has a decoder),
+        sampled with the schedule's own step count (a schedule for fewer steps than the profiled run is
+        compared with the profiled count's uncached pictures)."""
+        return self.measure(lambda replay: apply_block_cache(replay.model, schedule)[0], steps=schedule.grid.steps)
 
     def fewer_steps(self, steps: int) -> Measurement:
         """Uncached sampling with ``steps`` instead of the profiled count."""
         return self.measure(lambda replay: replay.model, steps=steps)
+
+
+def profile_again(profile: BlockProfile, steps: int) -> BlockProfile:
+    """The profile of the profiled runs sampled again with ``steps`` (same prompts, seed and sampler), merged
+    over its replays; it keeps the replays, so its schedules are measured against the original runs."""
+    grid = profile.grid
+    if not profile.replays:
+        raise ValueError("this profile cannot sample its run again (loaded as JSON, or recorded by Record Block "
+                         "Changes), so it cannot be profiled at another step count")
+    profiles = []
+    for replay in profile.replays:
+        profiled, holder = attach_profiler(replay.model)
+        replay.sample(profiled, steps=steps)
+        profiles.append(collect_profile(holder, replay.model, sampler=grid.sampler, scheduler=grid.scheduler,
+                                        cfg=grid.cfg, denoise=grid.denoise, latent_shape=grid.latent_shape))
+    return dataclasses.replace(merge_profiles(profiles), replays=profile.replays)
 
 
 def replay_measure(replays: tuple[ProfileReplay, ...]) -> Callable[[CacheSchedule], Measurement]:

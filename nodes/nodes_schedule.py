@@ -13,9 +13,11 @@ from ..block_caching.target_schedule import (
     DEFAULT_SPEEDUP,
     FORECAST_ORDER_CHOICES,
     TargetOptions,
+    best_choice,
     build_target_schedule,
+    sampling_choices,
 )
-from ..block_caching.validation import HeldOutRuns, measure_metric
+from ..block_caching.validation import HeldOutRuns, measure_metric, profile_again
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import ladder_payload, profile_payload, schedule_payload
@@ -24,7 +26,7 @@ from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_pict
 logger = logging.getLogger(__name__)
 
 VALIDATION = ("measure PSNR", "choose by measured PSNR", "off")
-FEWER_STEPS = ("compare", "use fewer steps when better", "off")
+FEWER_STEPS = ("compare", "use fewer steps when better", "off", "best of cache, fewer steps, or both")
 _PROFILE_TOOLTIP = "From Profile Block Changes (or Merge Block Profiles)."
 _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
 _LAST_TOOLTIP = "Steps at the end that always compute every layer."
@@ -82,12 +84,16 @@ class BuildCacheSchedule(io.ComfyNode):
                                        "steps as the schedule's cost buys, and say which keeps the picture better. "
                                        "'use fewer steps when better' then outputs a schedule that computes "
                                        "everything and that step count on 'steps' (wire it into the sampler's "
-                                       "steps). 'off' saves that run."),
+                                       "steps). 'best of cache, fewer steps, or both' also profiles and measures "
+                                       "fewer steps with the cache (about 1/sqrt(speedup) of the steps, the cache "
+                                       "giving the rest: two more runs) and outputs whichever is fastest above "
+                                       "the floor, with its step count on 'steps'. 'off' saves that run."),
             ],
             outputs=[*schedule_outputs(),
                      io.Int.Output(display_name="steps",
                                    tooltip="The sampler steps to use: the profiled count, or fewer where 'fewer_steps' "
-                                           "switched to them. Wire it into the sampler's steps.")],
+                                           "switched to them (the schedule is built for that count). Wire it into "
+                                           "the sampler's steps.")],
         )
 
     @classmethod
@@ -137,7 +143,11 @@ class BuildCacheSchedule(io.ComfyNode):
         ladder = ladder_payload(schedule)
         versus = builder["fewer_steps"]
         sampler_steps = steps
-        if versus is not None:
+        if fewer_steps == FEWER_STEPS[3] and runs is not None:
+            schedule, sampler_steps, best_lines = _best_of_three(profile, options, runs, schedule)
+            lines += best_lines
+            ladder = ladder_payload(schedule)
+        elif versus is not None:
             cached = builder["expected_psnr"]["mean"]
             verdict = (f"{versus['steps']} uncached steps ({versus['speedup']:.2f}x) measured {versus['measured_psnr']:.1f} "
                        f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {cached:.1f} dB")
@@ -158,6 +168,27 @@ class BuildCacheSchedule(io.ComfyNode):
         return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule), sampler_steps,
                              ui={"text": ["\n".join(lines)], "block_cache_ladder": [ladder],
                                  "block_cache_schedule": [schedule_payload(schedule)]})
+
+
+def _best_of_three(profile, options: TargetOptions, runs: HeldOutRuns, schedule) -> tuple[object, int, list[str]]:
+    """The cache at the profiled steps, uncached fewer steps and the two together, each measured on the
+    held-out seed against the profiled count's uncached pictures; ``best_choice`` picks one."""
+    steps = schedule.grid.steps
+    choices, note = sampling_choices(profile, options, schedule, lambda count: profile_again(profile, count),
+                                     runs.schedule)
+    lines = [note] if note else []
+    if not choices:
+        return schedule, steps, lines
+    best = best_choice(choices, options.speedup, options.min_psnr)
+    for choice in choices:
+        lines.append(f"{'CHOSEN' if choice is best else 'not chosen'}: {choice.label}, {choice.speedup:.2f}x, "
+                     f"{choice.mean:.1f} dB measured (expected {choice.low:.1f}+ dB on other prompts)")
+    if best.schedule is not schedule:
+        lines.append(f"output schedule: {best.schedule.summary()}")
+    if best.steps != steps:
+        lines.append(f"SAMPLE WITH {best.steps} STEPS: wire the 'steps' output into the sampler (this schedule "
+                     f"is built for {best.steps} steps; at {steps} it would be re-timed).")
+    return best.schedule, best.steps, lines
 
 
 class BuildThresholdSchedule(io.ComfyNode):

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from comfy_bootstrap import load_pack  # noqa: E402
 
 MIN_SPEEDUP, MAX_SPEEDUP = 1.15, 4.0
+MAX_COMBINED_CACHE_SPEEDUP = 1.8  # the cache's share of a combined row: where it loses least
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,7 +50,12 @@ def save(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Writes the results, keeping other settings' results already in the file."""
     path = args.out / f"unseen_{args.model}{args.tag}.json"
     merged = json.loads(path.read_text()) if path.exists() else {"model": args.model, "settings": {}}
-    merged["settings"].update(results["settings"])
+    for name, setting in results["settings"].items():
+        if args.combined and name in merged["settings"]:  # combined rows join the setting's other rows
+            kept = [r for r in merged["settings"][name]["rows"] if r["family"] != "combined"]
+            merged["settings"][name]["rows"] = kept + setting["rows"]
+        else:
+            merged["settings"][name] = setting
     path.write_text(json.dumps(merged, indent=1))
 
 
@@ -75,10 +81,14 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         return out["samples"]
 
     profile_positive, profile_latent = batch(benchmark.PROFILE_SET[0], args.profile_prompts, 1)
-    profiled, holder = patching.attach_profiler(model)
-    sample(profiled, profile_positive, profile_latent, benchmark.PROFILE_SET[1])
-    profile = patching.collect_profile(holder, model, sampler=sampler, scheduler=scheduler, cfg=args.cfg,
-                                       denoise=1.0, latent_shape=tuple(profile_latent["samples"].shape))
+
+    def profile_at(n: int) -> Any:
+        profiled, holder = patching.attach_profiler(model)
+        sample(profiled, profile_positive, profile_latent, benchmark.PROFILE_SET[1], n)
+        return patching.collect_profile(holder, model, sampler=sampler, scheduler=scheduler, cfg=args.cfg,
+                                        denoise=1.0, latent_shape=tuple(profile_latent["samples"].shape))
+
+    profile = profile_at(steps)
     # The profiled prompts again with another noise seed: out of sample for the search, as validation can be.
     sets = {"profiled": (profile_positive, profile_latent, benchmark.PROFILE_SET[1]),
             "heldout": (profile_positive, profile_latent, benchmark.PROFILE_SET[1] + 1)}
@@ -94,6 +104,10 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
               + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
 
+    if args.combined:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": combined_rows(args, steps, profile_at, target, patching, model, measure, show),
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
     found = target.search(profile, target.TargetOptions())
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         orders = tuple(int(o) for o in args.orders.split(","))
@@ -116,6 +130,27 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
 
 
+def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target: Any, patching: Any, model: Any,
+                  measure: Any, show: Any) -> list[dict[str, Any]]:
+    """Fewer sampler steps and Block Cache together: for each step count n < ``steps``, a profile at n steps
+    and the ladder's mild rungs (at most MAX_COMBINED_CACHE_SPEEDUP), measured against the ``steps``-step
+    uncached pictures. The speed-up counts both: steps / (n * the rung's FLOP fraction)."""
+    rows = []
+    low, high = (int(v) for v in args.combined.split("-"))
+    for n in range(high, low - 1, -1):
+        profile = profile_at(n)
+        found = target.search(profile, target.TargetOptions())
+        for rung in target.ladder_of(found, profile):
+            cache_speedup, speedup = 1.0 / rung.flop_fraction, steps / (n * rung.flop_fraction)
+            if not (MIN_SPEEDUP <= cache_speedup <= MAX_COMBINED_CACHE_SPEEDUP and speedup <= MAX_SPEEDUP):
+                continue
+            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+            rows.append({"family": "combined", "sampler_steps": n, "computes": rung.computes, "order": rung.order,
+                         "steps": list(rung.steps), "speedup": speedup, "psnr": measure(patched, n)})
+            show(f"{n} steps, rung {rung.computes}", rows[-1])
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
 def report(folder: Path) -> str:
@@ -132,8 +167,10 @@ def report(folder: Path) -> str:
                 sd = statistics.stdev(profiled) if len(profiled) > 1 else float("nan")
                 gap_a = statistics.mean(profiled) - statistics.mean(p["A"])
                 gap_b = statistics.mean(profiled) - statistics.mean(p["B"])
-                label = (f"Block Cache, {row['computes']} compute steps, order {row['order']}"
-                         if row["family"] == "block_cache" else f"fewer steps: {row['computes']}")
+                label = {"block_cache": f"Block Cache, {row['computes']} compute steps, order {row.get('order')}",
+                         "combined": f"{row.get('sampler_steps')} steps + Block Cache, {row['computes']} compute "
+                                     f"steps, order {row.get('order')}",
+                         }.get(row["family"], f"fewer steps: {row['computes']}")
                 heldout = p.get("heldout")
                 held = (f"{statistics.mean(heldout):.1f} ({statistics.stdev(heldout):.1f})" if heldout else "–")
                 held_gap = (f"; {statistics.mean(heldout) - statistics.mean(p['A']):+.1f}, "
@@ -171,22 +208,43 @@ def gaps(folder: Path, low: float = 1.3, high: float = 3.0) -> str:
 
 
 def pareto(folder: Path, floors: tuple[float, ...] = (35.0, 30.0, 27.0)) -> str:
-    """Per setting and set: the best FLOP speed-up whose mean PSNR stays at or above each floor, Block Cache's
-    rungs against fewer steps, and their ratio (the issue's measure: above 1 the cache wins)."""
-    lines = ["Best FLOP speed-up at mean PSNR >= " + " / ".join(f"{f:g}" for f in floors) + " dB: Block Cache, "
-             "fewer steps, ratio", "", "| setting | set | Block Cache | fewer steps | ratio |", "|---|---|---|---|---|"]
+    """Per setting and set: the best FLOP speed-up whose mean PSNR stays at or above each floor, for Block
+    Cache's rungs, for fewer steps with Block Cache (where measured) and for fewer steps; and the ratios to
+    fewer steps (the issue's measure: above 1 the cache wins)."""
+    lines = ["Best FLOP speed-up at mean PSNR >= " + " / ".join(f"{f:g}" for f in floors) + " dB, and its ratio "
+             "to fewer steps' (combined: fewer steps + Block Cache, where measured)", "",
+             "| setting | set | Block Cache | combined | fewer steps | Block Cache ÷ fewer steps | combined ÷ fewer steps |",
+             "|---|---|---|---|---|---|---|"]
+
+    def best(rows: list[dict[str, Any]], part: str) -> list[float]:
+        return [max([1.0] + [r["speedup"] for r in rows if statistics.mean(r["psnr"][part]) >= f]) for f in floors]
+
+    def cells(values: list[float], suffix: str = "x") -> str:
+        return " / ".join(f"{v:.2f}{suffix}" for v in values)
+
     for path in sorted(folder.glob("unseen_*.json")):
         data = json.loads(path.read_text())
         for name, setting in data["settings"].items():
+            by_family = {family: [r for r in setting["rows"] if r["family"] == family]
+                         for family in ("block_cache", "combined", "fewer_steps")}
             for part in ("A", "B"):
-                best = {family: [max([1.0] + [r["speedup"] for r in setting["rows"] if r["family"] == family
-                                              and statistics.mean(r["psnr"][part]) >= floor]) for floor in floors]
-                        for family in ("block_cache", "fewer_steps")}
-                cache, fewer = best["block_cache"], best["fewer_steps"]
-                lines.append(f"| {data['model']} {name} | {part} | " + " / ".join(f"{v:.2f}x" for v in cache)
-                             + " | " + " / ".join(f"{v:.2f}x" for v in fewer) + " | "
-                             + " / ".join(f"{c / f:.2f}" for c, f in zip(cache, fewer, strict=True)) + " |")
+                cache, fewer = best(by_family["block_cache"], part), best(by_family["fewer_steps"], part)
+                combined = best(by_family["combined"], part) if by_family["combined"] else None
+                ratio = [c / f for c, f in zip(cache, fewer, strict=True)]
+                ratio_combined = [c / f for c, f in zip(combined, fewer, strict=True)] if combined else None
+                lines.append(f"| {data['model']} {name} | {part} | {cells(cache)} | "
+                             f"{cells(combined) if combined else '–'} | {cells(fewer)} | {cells(ratio, '')} | "
+                             f"{cells(ratio_combined, '') if ratio_combined else '–'} |")
     return "\n".join(lines)
+
+
+def frontier(rows: list[dict[str, Any]], part: str) -> list[dict[str, Any]]:
+    """The rows no other row beats on both speed-up (within 2 %) and mean PSNR on ``part``, by speed-up."""
+    def mean(r: dict[str, Any]) -> float:
+        return statistics.mean(r["psnr"][part])
+
+    return sorted((r for r in rows if not any(o["speedup"] >= 0.98 * r["speedup"] and mean(o) > mean(r) for o in rows)),
+                  key=lambda r: r["speedup"])
 
 
 def curves(folder: Path) -> list[Path]:
@@ -198,11 +256,13 @@ def curves(folder: Path) -> list[Path]:
         data = json.loads(path.read_text())
         for name, setting in data["settings"].items():
             series = []
-            for family, label in (("block_cache", "Block Cache rungs"), ("fewer_steps", "fewer steps")):
+            for family, label in (("block_cache", "Block Cache rungs"), ("fewer_steps", "fewer steps"),
+                                  ("combined", "fewer steps + Block Cache (best)")):
                 rows = sorted((r for r in setting["rows"] if r["family"] == family), key=lambda r: r["speedup"])
-                for key in ("A", "B"):
-                    series.append(Series(f"{label}, set {key}", [r["speedup"] for r in rows],
-                                         [statistics.mean(r["psnr"][key]) for r in rows]))
+                for key in ("A", "B") if rows else ():
+                    shown = frontier(rows, key) if family == "combined" else rows
+                    series.append(Series(f"{label}, set {key}", [r["speedup"] for r in shown],
+                                         [statistics.mean(r["psnr"][key]) for r in shown]))
             out = folder / f"curve_{data['model']}_{name}.png"
             plot(series, str(out), title=f"{data['model']} {name}: mean PSNR on unseen prompts",
                  xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
@@ -241,7 +301,8 @@ def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
                     lines.append(f"| {data['model']} {name} | {label} | everything | | | | |")
                     continue
                 p = chosen["psnr"]
-                count = max(1, round(setting["steps"] / chosen["speedup"]))
+                # The measured step count nearest the rung's cost (a --stride run measured every n-th).
+                count = min(fewer, key=lambda n: abs(n - setting["steps"] / chosen["speedup"]), default=0)
                 f = fewer.get(count)
                 versus = (f"{count} steps: {st.mean(f['psnr']['heldout']):.1f}, {st.mean(f['psnr']['A']):.1f}, "
                           f"{st.mean(f['psnr']['B']):.1f}" if f and "heldout" in f["psnr"] else "")
@@ -263,6 +324,8 @@ def main() -> None:
     parser.add_argument("--orders", default="", help="forecast orders the ladder may use, e.g. 0,1,2 (default: auto's)")
     parser.add_argument("--skip-fewer", action="store_true", help="only the ladder's rungs")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
+    parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
+                        "11-17; measures only these rows and adds them to the results file")
     parser.add_argument("--stride", type=int, default=1, help="every n-th rung and step count (long runs: ddim 50)")
     parser.add_argument("--out", type=Path, default=Path("out/unseen"))
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")

@@ -82,6 +82,7 @@ FAMILY_LABELS = {
     "block_cache": "Block Cache (speed-up target)",
     "block_cache_measured": "Block Cache, chosen by measured PSNR",
     "block_cache_floor": "Block Cache default, 30 dB floor (the Build node's)",
+    "block_cache_best": "Block Cache default, best of cache / fewer steps / both",
     "block_cache_order0": "Block Cache, order 0 (no forecast)",
     "block_cache_threshold": "Block Cache threshold (Eq. 7)",
     "fewer_steps": "fewer steps",
@@ -199,6 +200,16 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
               f"{schedule.builder['chosen_order']}" + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
     methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x", "block_cache_floor",
                           chosen, apply(schedule), knob=schedule.estimated_speedup))
+    # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor.
+    runs = validation.HeldOutRuns(profile.replays)
+    floored = target.build_target_schedule(profile, floor_options, runs.schedule, fewer_steps=runs.fewer_steps)
+    choices, _ = target.sampling_choices(profile, floor_options, floored,
+                                         lambda count: validation.profile_again(profile, count), runs.schedule)
+    best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
+    methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
+                          f"{best.label}, {best.speedup:.2f}x",
+                          lambda best=best: (patching.apply_block_cache(model, best.schedule)[0], best.steps),
+                          knob=best.speedup))
     for speedup in ORDER0_SPEEDUPS:
         schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order="0"),
                                                 measure)
@@ -529,7 +540,7 @@ def pareto_markdown(result: dict[str, Any]) -> str:
 
 FAMILY_COLOURS = {
     "block_cache": (214, 39, 40), "block_cache_measured": (255, 152, 150), "block_cache_order0": (140, 86, 75),
-    "block_cache_floor": (120, 0, 0),
+    "block_cache_floor": (120, 0, 0), "block_cache_best": (255, 0, 255),
     "block_cache_threshold": (196, 156, 148), "fewer_steps": (0, 0, 0), "fora": (31, 119, 180),
     "taylorseer": (23, 190, 207), "deepcache": (148, 103, 189), "fbcache": (188, 189, 34), "teacache": (127, 127, 127),
     "easycache": (44, 160, 44), "lazycache": (152, 223, 138), "faster_diffusion": (255, 127, 14),
@@ -543,7 +554,7 @@ def quality_plot(result: dict[str, Any], path: Path) -> None:
                       key=lambda r: (r["flop_fraction"], -r["psnr_A"]))
         if not rows:
             continue
-        line = family not in ("faster_diffusion", "block_cache_floor")
+        line = family not in ("faster_diffusion", "block_cache_floor", "block_cache_best")
         series.append(Series(label, [1 / r["flop_fraction"] for r in rows], [min(r["psnr_A"], 60.0) for r in rows],
                              line=line, colour=FAMILY_COLOURS[family]))
     plot(series, str(path), title=f"{MODELS[result.get('model', 'unet')][3]}, {result['sampler']}/{result['scheduler']} {result['steps']}: "

@@ -255,3 +255,58 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack):
     assert len(merged.replays) == 2
     loaded = pack.schedule_files.schema.profile_from_dict(pack.schedule_files.schema.profile_to_dict(profile))
     assert loaded.replays == () and loaded.trajectory is None
+
+
+def test_best_choice_takes_the_fastest_above_the_floor_then_the_best_measured(pack):
+    target = pack.block_caching.target_schedule
+    choice = target.SamplingChoice
+
+    def choices(*rows):
+        return [choice(label, 20, None, speedup, mean, low) for label, speedup, mean, low in rows]
+
+    # A 2.25x target that the floor stepped down: none reaches it, so the fastest above the floor.
+    rows = choices(("cache", 1.66, 33.0, 31.0), ("fewer", 1.67, 34.0, 32.0), ("both", 2.0, 31.5, 30.2))
+    assert target.best_choice(rows, 2.25, 30.0).label == "both"
+    assert target.best_choice(rows, 2.25, 31.0).label == "fewer", "both is below the floor; fewer is as fast, better"
+    assert target.best_choice(rows, 2.25, 40.0).label == "both", "none reaches the floor: the fastest"
+    # Every choice reaches the target: the best measured, however much faster another is.
+    rows = choices(("cache", 3.15, 41.6, 38.6), ("fewer", 3.33, 25.3, 22.3), ("both", 3.25, 32.5, 29.5))
+    assert target.best_choice(rows, 2.5, 0.0).label == "cache"
+    assert [target.combined_step_count(20, s) for s in (1.0, 2.0, 2.25, 4.0)] == [19, 14, 13, 10]
+    assert target.combined_step_count(3, 100.0) == 2
+
+
+def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_count(pack):
+    """profile_again profiles the replayed run at another step count and keeps the replays; a schedule for
+    those steps is measured against the profiled count's uncached pictures (an all-compute one exactly as
+    uncached fewer steps); the Build node's fourth fewer_steps mode builds the combination and outputs
+    the chosen one's step count with a schedule built for it."""
+    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    prompt = pack.demo_models.builtin_models.prompt_conditioning
+    positive, negative = prompt("a red square", 32), prompt("blurry", 32)
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    node = pack.nodes.nodes_profile.ProfileBlockChanges
+    _, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
+    validation = pack.block_caching.validation
+    fewer = validation.profile_again(profile, 6)
+    assert fewer.grid.steps == 6 and fewer.replays == profile.replays
+    assert fewer.grid.sampler == "euler" and fewer.grid.cfg == profile.grid.cfg
+    runs = validation.HeldOutRuns(profile.replays)
+    all_compute = pack.block_caching.schedule.all_compute_schedule(fewer.block_map, fewer.grid)
+    assert runs.schedule(all_compute).pictures == runs.fewer_steps(6).pictures
+    with pytest.raises(ValueError, match="cannot sample its run again"):
+        validation.profile_again(pack.schedule_files.schema.profile_from_dict(
+            pack.schedule_files.schema.profile_to_dict(profile)), 6)
+    modes = pack.nodes.nodes_schedule.FEWER_STEPS
+    result = pack.nodes.nodes_schedule.BuildCacheSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
+                                                                    "measure PSNR", 0.0, modes[3])
+    schedule, _, _, steps = result.result
+    text = result.ui["text"][0]
+    assert text.count("CHOSEN: ") == 1 and "Block Cache at 6 steps" in text and "uncached at 3 steps" in text
+    assert schedule.grid.steps == steps, "the schedule is built for the step count it outputs"
+    combined = pack.block_caching.target_schedule.build_combined_schedule(
+        profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5),
+        lambda count: validation.profile_again(profile, count), runs.schedule)
+    info = combined.builder["combined"]
+    assert combined.grid.steps == info["steps"] == 6 and info["profiled_steps"] == 10
+    assert info["speedup"] == pytest.approx(10 * combined.estimated_speedup / 6)
