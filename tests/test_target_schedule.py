@@ -225,16 +225,23 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
         target.TargetOptions(min_psnr=-1.0).validate()
 
 
-def test_profile_node_replays_its_run_exactly_and_measures(pack):
-    """The Profile node's replay samples the profiled run again: with an all-compute schedule it gives the
-    profiled output bit for bit (PSNR capped at 100), a caching schedule scores less; the Build node
-    reports what it measured."""
+@pytest.fixture
+def profiled_by_node(pack):
+    """A tiny UNet, and the output and profile of Profile Block Changes on it (10 euler steps)."""
     model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
     prompt = pack.demo_models.builtin_models.prompt_conditioning
     positive, negative = prompt("a red square", 32), prompt("blurry", 32)
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     node = pack.nodes.nodes_profile.ProfileBlockChanges
     out, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
+    return model, out, profile
+
+
+def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_node):
+    """The Profile node's replay samples the profiled run again: with an all-compute schedule it gives the
+    profiled output bit for bit (PSNR capped at 100), a caching schedule scores less; the Build node
+    reports what it measured."""
+    model, out, profile = profiled_by_node
     (replay,) = profile.replays
     assert torch.equal(replay.reference, out["samples"])
     assert torch.equal(replay.sample(model), out["samples"]), "the replay is the profiled run"
@@ -276,17 +283,12 @@ def test_best_choice_takes_the_fastest_above_the_floor_then_the_best_measured(pa
     assert target.combined_step_count(3, 100.0) == 2
 
 
-def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_count(pack):
+def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_count(pack, profiled_by_node):
     """profile_again profiles the replayed run at another step count and keeps the replays; a schedule for
     those steps is measured against the profiled count's uncached pictures (an all-compute one exactly as
     uncached fewer steps); the Build node's fourth fewer_steps mode builds the combination and outputs
     the chosen one's step count with a schedule built for it."""
-    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = pack.demo_models.builtin_models.prompt_conditioning
-    positive, negative = prompt("a red square", 32), prompt("blurry", 32)
-    latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    node = pack.nodes.nodes_profile.ProfileBlockChanges
-    _, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
+    _, _, profile = profiled_by_node
     validation = pack.block_caching.validation
     fewer = validation.profile_again(profile, 6)
     assert fewer.grid.steps == 6 and fewer.replays == profile.replays
