@@ -459,6 +459,75 @@ function chain(prototype, name, fn) {
   };
 }
 
+// Per node id: what the node does with its executed message, when a saved graph is loaded
+// (configured), and when one of its widgets changes.
+const NODE_HANDLERS = {
+  BlockCacheProfile: {
+    executed(node, message) {
+      const profile = message?.[PROFILE_KEY]?.[0];
+      if (!profile) return;
+      node.properties[PROFILE_KEY] = profile;
+      showProfile(node);
+    },
+    configured: (node) => showProfile(node),
+  },
+  [TARGET_NODE]: {
+    executed(node, message) {
+      const ladder = message?.[LADDER_KEY]?.[0];
+      if (ladder) node.properties[LADDER_KEY] = ladder;
+      refreshTarget(node, true);
+    },
+    configured: (node) => refreshTarget(node, true),
+    widgetChanged: (node) => refreshTarget(node),
+  },
+  [THRESHOLD_NODE]: {
+    executed(node, message) {
+      const profile = message?.[PROFILE_KEY]?.[0];
+      const schedule = message?.[SCHEDULE_KEY]?.[0];
+      if (profile) node.properties[PROFILE_KEY] = profile;
+      if (schedule) node.properties[SCHEDULE_KEY] = { ...schedule, compute: undefined, layers: undefined };
+      if (schedule && !profile?.change) node.properties[SCHEDULE_KEY] = schedule; // no live preview possible
+      refreshBuild(node, true);
+    },
+    configured: (node) => refreshBuild(node, true),
+    widgetChanged: (node) => refreshBuild(node),
+  },
+  BlockCacheLoadSchedule: {
+    executed(node, message) {
+      const schedule = message?.[SCHEDULE_KEY]?.[0];
+      if (!schedule) return;
+      node.properties[SCHEDULE_KEY] = schedule;
+      showSchedule(node, schedule);
+    },
+    configured(node) {
+      if (node.properties?.[SCHEDULE_KEY]) showSchedule(node, node.properties[SCHEDULE_KEY]);
+    },
+  },
+  BlockCacheApply: {
+    executed(node, message) {
+      const note = message?.text?.join("\n") ?? "";
+      node.properties[NOTE_KEY] = note || undefined;
+      if (!note) pictureWidget(node).text.textContent = "";
+      showRun(node);
+    },
+    configured: (node) => showRun(node),
+  },
+};
+
+// The nodes of TEXT_NODES: their text, kept so it shows again on reload.
+const TEXT_HANDLERS = {
+  executed(node, message) {
+    const text = message?.text?.join("\n");
+    if (!text) return;
+    node.properties[TEXT_KEY] = text;
+    pictureWidget(node).text.textContent = text;
+  },
+  configured(node) {
+    const text = node.properties?.[TEXT_KEY];
+    if (text) pictureWidget(node).text.textContent = text;
+  },
+};
+
 app.registerExtension({
   name: "block_cache.pictures",
   setup() {
@@ -467,74 +536,21 @@ app.registerExtension({
     api.addEventListener("execution_success", () => onExecuting({ detail: null }));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    const name = nodeData.name;
-    if (name === "BlockCacheProfile") {
+    const handlers = NODE_HANDLERS[nodeData.name] ?? (TEXT_NODES.has(nodeData.name) ? TEXT_HANDLERS : undefined);
+    if (!handlers) return;
+    if (handlers.executed) {
       chain(nodeType.prototype, "onExecuted", function (message) {
-        const profile = message?.[PROFILE_KEY]?.[0];
-        if (!profile) return;
-        this.properties[PROFILE_KEY] = profile;
-        showProfile(this);
+        handlers.executed(this, message);
       });
+    }
+    if (handlers.configured) {
       chain(nodeType.prototype, "onConfigure", function () {
-        showProfile(this);
+        handlers.configured(this);
       });
-    } else if (name === TARGET_NODE) {
-      chain(nodeType.prototype, "onExecuted", function (message) {
-        const ladder = message?.[LADDER_KEY]?.[0];
-        if (ladder) this.properties[LADDER_KEY] = ladder;
-        refreshTarget(this, true);
-      });
-      chain(nodeType.prototype, "onConfigure", function () {
-        refreshTarget(this, true);
-      });
+    }
+    if (handlers.widgetChanged) {
       chain(nodeType.prototype, "onWidgetChanged", function () {
-        refreshTarget(this);
-      });
-    } else if (name === THRESHOLD_NODE) {
-      chain(nodeType.prototype, "onExecuted", function (message) {
-        const profile = message?.[PROFILE_KEY]?.[0];
-        const schedule = message?.[SCHEDULE_KEY]?.[0];
-        if (profile) this.properties[PROFILE_KEY] = profile;
-        if (schedule) this.properties[SCHEDULE_KEY] = { ...schedule, compute: undefined, layers: undefined };
-        if (schedule && !profile?.change) this.properties[SCHEDULE_KEY] = schedule; // no live preview possible
-        refreshBuild(this, true);
-      });
-      chain(nodeType.prototype, "onConfigure", function () {
-        refreshBuild(this, true);
-      });
-      chain(nodeType.prototype, "onWidgetChanged", function () {
-        refreshBuild(this);
-      });
-    } else if (name === "BlockCacheLoadSchedule") {
-      chain(nodeType.prototype, "onExecuted", function (message) {
-        const schedule = message?.[SCHEDULE_KEY]?.[0];
-        if (!schedule) return;
-        this.properties[SCHEDULE_KEY] = schedule;
-        showSchedule(this, schedule);
-      });
-      chain(nodeType.prototype, "onConfigure", function () {
-        if (this.properties?.[SCHEDULE_KEY]) showSchedule(this, this.properties[SCHEDULE_KEY]);
-      });
-    } else if (name === "BlockCacheApply") {
-      chain(nodeType.prototype, "onExecuted", function (message) {
-        const note = message?.text?.join("\n") ?? "";
-        this.properties[NOTE_KEY] = note || undefined;
-        if (!note) pictureWidget(this).text.textContent = "";
-        showRun(this);
-      });
-      chain(nodeType.prototype, "onConfigure", function () {
-        showRun(this);
-      });
-    } else if (TEXT_NODES.has(name)) {
-      chain(nodeType.prototype, "onExecuted", function (message) {
-        const text = message?.text?.join("\n");
-        if (!text) return;
-        this.properties[TEXT_KEY] = text;
-        pictureWidget(this).text.textContent = text;
-      });
-      chain(nodeType.prototype, "onConfigure", function () {
-        const text = this.properties?.[TEXT_KEY];
-        if (text) pictureWidget(this).text.textContent = text;
+        handlers.widgetChanged(this);
       });
     }
   },

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_VERSION = 1
 RUN_EVENT = "block_cache.run"
+# The keys of the payloads in a node's ``ui`` dict; js/block_cache.js reads them under the same names.
+PROFILE_UI_KEY = "block_cache_profile"
+SCHEDULE_UI_KEY = "block_cache_schedule"
+LADDER_UI_KEY = "block_cache_ladder"
 # A profile whose change matrix would be larger than this (as the browser saves it) is sent
 # without it; the node then shows the server's picture. A 1024x1024 Flux profile (57 blocks,
 # 28 steps) takes about 12 KB with the matrix.

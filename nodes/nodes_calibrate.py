@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..block_caching.calibration import DEFAULT_ITERATIONS, DEFAULT_LEARNING_RATE, CalibrationOptions, calibrate
-from .frontend import schedule_payload
+from .frontend import SCHEDULE_UI_KEY, schedule_payload
 from .heatmap import render_loss_curve
 from .types import CATEGORY, CacheScheduleSocket
 
@@ -88,4 +88,4 @@ class CalibrateBlockCache(io.ComfyNode):
         summary = (f"{len(result.schedule.scale_shift.entries)} corrected streams, {iterations} iterations in "
                    f"{result.seconds:.0f} s; {title.split(': ', 1)[1]}")
         return io.NodeOutput(result.schedule, curve,
-                             ui={"text": [summary], "block_cache_schedule": [schedule_payload(result.schedule)]})
+                             ui={"text": [summary], SCHEDULE_UI_KEY: [schedule_payload(result.schedule)]})

@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..errors import ScheduleFileError
 from ..schedule_files.storage import list_schedules, load_schedule, resolve, save_schedule, schedule_directory
-from .frontend import schedule_payload
+from .frontend import SCHEDULE_UI_KEY, schedule_payload
 from .types import CATEGORY, CacheScheduleSocket
 
 # Schedules shipped with the pack (read-only; the example workflows use them). Listed after the
@@ -86,4 +86,4 @@ class LoadCacheSchedule(io.ComfyNode):
     def execute(cls, schedule_file) -> io.NodeOutput:
         schedule = load_schedule(directory_of(schedule_file), schedule_file)
         return io.NodeOutput(schedule, ui={"text": [schedule.summary()],
-                                           "block_cache_schedule": [schedule_payload(schedule)]})
+                                           SCHEDULE_UI_KEY: [schedule_payload(schedule)]})

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..block_caching.patching import attach_profiler, collect_profile
 from ..block_caching.profile import merge_profiles
 from ..block_caching.validation import ProfileReplay
-from .frontend import profile_payload
+from .frontend import PROFILE_UI_KEY, profile_payload
 from .heatmap import render_profile
 from .types import CATEGORY, BlockProfileSocket, ProfileRecordingSocket
 
@@ -79,7 +79,7 @@ class ProfileBlockChanges(io.ComfyNode):
         heatmap, summary = _profile_outputs(profile)
         # The node draws the heatmap itself from the payload (js/block_cache.js); no preview PNG.
         return io.NodeOutput(latent, profile, heatmap,
-                             ui={"text": [summary], "block_cache_profile": [profile_payload(profile)]})
+                             ui={"text": [summary], PROFILE_UI_KEY: [profile_payload(profile)]})
 
 
 def _profile_outputs(profile) -> tuple[torch.Tensor, str]:
@@ -149,7 +149,7 @@ class CollectBlockProfile(io.ComfyNode):
                                "it to a sampler and this node's latent input to that sampler's output.") from error
         heatmap, summary = _profile_outputs(profile)
         return io.NodeOutput(latent, profile, heatmap,
-                             ui={"text": [summary], "block_cache_profile": [profile_payload(profile)]})
+                             ui={"text": [summary], PROFILE_UI_KEY: [profile_payload(profile)]})
 
 
 class MergeBlockProfiles(io.ComfyNode):

@@ -20,7 +20,7 @@ from ..block_caching.target_schedule import (
 from ..block_caching.validation import HeldOutRuns, measure_metric, profile_again
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
-from .frontend import ladder_payload, profile_payload, schedule_payload
+from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload
 from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_picture
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,8 @@ class BuildCacheSchedule(io.ComfyNode):
         for line in lines[1:]:
             logger.info("Build Cache Schedule: %s", line)
         return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule), sampler_steps,
-                             ui={"text": ["\n".join(lines)], "block_cache_ladder": [ladder],
-                                 "block_cache_schedule": [schedule_payload(schedule)]})
+                             ui={"text": ["\n".join(lines)], LADDER_UI_KEY: [ladder],
+                                 SCHEDULE_UI_KEY: [schedule_payload(schedule)]})
 
 
 def _best_of_three(profile, options: TargetOptions, runs: HeldOutRuns, schedule) -> tuple[object, int, list[str]]:
@@ -238,5 +238,5 @@ class BuildThresholdSchedule(io.ComfyNode):
         # The profile goes to the browser too: the node rebuilds the schedule there, live, as the
         # threshold or an option moves (js/schedule_builder.js), and draws it instead of a preview PNG.
         return io.NodeOutput(schedule, picture, schedule_to_json(schedule),
-                             ui={"text": [schedule.summary()], "block_cache_profile": [profile_payload(profile)],
-                                 "block_cache_schedule": [schedule_payload(schedule)]})
+                             ui={"text": [schedule.summary()], PROFILE_UI_KEY: [profile_payload(profile)],
+                                 SCHEDULE_UI_KEY: [schedule_payload(schedule)]})
