@@ -1,7 +1,7 @@
 """Block Caching's profiling run method: every layer computes, and the recorder sketches each change.
 
 ``attach_profiler`` (block_caching/patching.py) installs a ``ProfilerHolder``; in each of its
-runs a ``ProfileRecording`` hands the first computation of every step to a ``ProfileRecorder``
+runs a ``ProfilingRun`` hands the first computation of every step to a ``ProfileRecorder``
 (block_caching/profile.py), measures the layers' FLOPs at the first evaluation, and how far each
 step moves the latent (the error model's step weights).
 """
@@ -30,19 +30,19 @@ class ProfilerHolder(RunHolder):
         super().__init__(block_map, name)
         self.last_recording: ProfileRecorder | None = None
 
-    def start_layer_method(self, run: RunContext) -> ProfileRecording:
-        return ProfileRecording(ProfileRecorder(self.block_map))
+    def start_layer_method(self, run: RunContext) -> ProfilingRun:
+        return ProfilingRun(ProfileRecorder(self.block_map))
 
     def finish_run(self, run: RunContext, completed: bool) -> None:
         recording = run.layer_method
-        self.last_recording = recording.recorder if isinstance(recording, ProfileRecording) else None
+        self.last_recording = recording.recorder if isinstance(recording, ProfilingRun) else None
         if completed:
             stats = run.stats
             logger.info("%s: profiled %d layers over %d steps (%d model evaluations).",
                         self.name, len(stats.layer_names), stats.steps, stats.evaluations)
 
 
-class ProfileRecording(LayerMethod):
+class ProfilingRun(LayerMethod):
     """One profiling run: every layer computes; the first evaluation of each step is recorded."""
 
     def __init__(self, recorder: ProfileRecorder) -> None:

@@ -9,13 +9,13 @@ from .nodes_demo import LoadDemoModel
 from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
 from .nodes_profile import CollectBlockProfile, MergeBlockProfiles, ProfileBlockChanges, RecordBlockChanges
-from .nodes_schedule import BuildCacheSchedule, BuildThresholdSchedule
+from .nodes_schedule import BuildTargetSchedule, BuildThresholdSchedule
 
 NODES: list[type[io.ComfyNode]] = [
     ProfileBlockChanges,
     RecordBlockChanges,
     CollectBlockProfile,
-    BuildCacheSchedule,
+    BuildTargetSchedule,
     BuildThresholdSchedule,
     ApplyBlockCache,
     SaveCacheSchedule,

@@ -32,7 +32,10 @@ _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1
 _LAST_TOOLTIP = "Steps at the end that always compute every layer."
 
 
-class BuildCacheSchedule(io.ComfyNode):
+class BuildTargetSchedule(io.ComfyNode):
+    """Build Cache Schedule from a speed-up target (node id BlockCacheBuildTargetSchedule; the id stays for
+    saved workflows)."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -192,7 +195,8 @@ def _best_of_three(profile, options: TargetOptions, runs: HeldOutRuns, schedule)
 
 
 class BuildThresholdSchedule(io.ComfyNode):
-    """The paper's per-layer rule, for experts (and the node id that workflows before the speed-up target use)."""
+    """The paper's per-layer rule, for experts (node id BlockCacheBuildSchedule: the id that workflows made before
+    the speed-up target use)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

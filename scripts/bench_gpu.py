@@ -182,7 +182,7 @@ class _BaselineProfiler:
 
     def __init__(self, pack: Any) -> None:
         self.cache = pack.block_caching.cache
-        self.recording_class = pack.block_caching.profiler.ProfileRecording
+        self.recording_class = pack.block_caching.profiler.ProfilingRun
         self.original = self.recording_class.call_layer
         self.held: dict[tuple, torch.Tensor] = {}
         self.peak_bytes = 0

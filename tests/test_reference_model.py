@@ -125,7 +125,7 @@ SKETCH_MAX_DEVIATION = 0.10
 
 def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, reference, monkeypatch):
     cache_module, profiler_module = pack.block_caching.cache, pack.block_caching.profiler
-    recording_call_layer = profiler_module.ProfileRecording.call_layer
+    recording_call_layer = profiler_module.ProfilingRun.call_layer
     previous, sums, counts = {}, {}, {}
 
     def call_layer_full_too(recording, run, layer, call, occurrence, module, forward, args, kwargs):
@@ -149,7 +149,7 @@ def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, refe
             previous[(layer_index, key, occurrence)] = (step, current)
         return out
 
-    monkeypatch.setattr(profiler_module.ProfileRecording, "call_layer", call_layer_full_too)
+    monkeypatch.setattr(profiler_module.ProfilingRun, "call_layer", call_layer_full_too)
     patching = pack.block_caching.patching
     model = reference.patcher
     profiled, holder = patching.attach_profiler(model)

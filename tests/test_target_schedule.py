@@ -145,7 +145,7 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
     from helpers import sample
 
     model, conds, latent, profile = profiled
-    node = pack.nodes.nodes_schedule.BuildCacheSchedule
+    node = pack.nodes.nodes_schedule.BuildTargetSchedule
     result = node.execute(profile, 2.0, "auto", "all", 1, 0, 0)
     schedule, picture, text, steps = result.result
     ui = result.ui
@@ -251,7 +251,7 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
     cached = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5))
     measured = measure(cached)
     assert 5.0 < measured.mean < 100.0 and measured.low < measured.mean < measured.high
-    result = pack.nodes.nodes_schedule.BuildCacheSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
+    result = pack.nodes.nodes_schedule.BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
                                                                     "measure PSNR", 0.0)
     text = result.ui["text"][0]
     assert "chosen: " in text and "dB against uncached" in text and "expected" in text
@@ -300,7 +300,7 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
         validation.profile_again(pack.schedule_files.schema.profile_from_dict(
             pack.schedule_files.schema.profile_to_dict(profile)), 6)
     modes = pack.nodes.nodes_schedule.FEWER_STEPS
-    result = pack.nodes.nodes_schedule.BuildCacheSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
+    result = pack.nodes.nodes_schedule.BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
                                                                     "measure PSNR", 0.0, modes[3])
     schedule, _, _, steps = result.result
     text = result.ui["text"][0]
