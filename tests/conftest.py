@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 comfy.utils.PROGRESS_BAR_ENABLED = False
 
-from helpers import sample  # noqa: E402,F401  (re-exported for tests)
+from helpers import profile_schedules, sample  # noqa: E402,F401  (sample: re-exported for tests)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -46,6 +46,12 @@ def pack():
 @pytest.fixture
 def tiny_model():
     return PACK.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+
+
+@pytest.fixture
+def schedules(tiny_model, conds, latent):
+    """(all-compute schedule, caching schedule) from a real profile of the tiny UNet."""
+    return profile_schedules(PACK, tiny_model, conds, latent)
 
 
 @pytest.fixture

@@ -260,3 +260,38 @@ def assert_refused(pack: Any, model: Any, qualified_class: str) -> str:
     with pytest.raises(pack.errors.UnsupportedModelError):
         pack.block_caching.patching.attach_profiler(model)
     return refusal.reason
+
+
+def profile_schedules(pack, model, conds, latent, steps=8, cfg=5.0):
+    """(all-compute schedule, caching schedule) built from a real profile of ``model``."""
+    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, cfg=cfg)
+    caching = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
+    assert not caching.compute_mask().all()
+    return pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid), caching
+
+
+def _lora_patches(model, seed=3, scale=0.05):
+    """LoRA-style weight differences on every attention projection, through ModelPatcher.add_patches."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = {}
+    for key, weight in model.model.state_dict().items():
+        if key.endswith(("to_q.weight", "to_k.weight", "to_v.weight")):
+            patches[key] = (torch.randn(weight.shape, generator=generator) * scale,)
+    assert patches
+    return patches
+
+
+def with_lora(model):
+    lora = model.clone()
+    lora.add_patches(_lora_patches(model), 1.0)
+    return lora
+
+
+def patched_layers(module: torch.nn.Module) -> list[str]:
+    """Submodules whose ``forward`` is one of our layer patches. (ComfyUI's unpatch_model restores an
+    object patch by setting the backed-up bound method back, so an instance ``forward`` alone means
+    nothing.)"""
+    from comfy_bootstrap import load_pack
+
+    patch_type = load_pack().runtime.run.LayerForward
+    return [name for name, m in module.named_modules() if isinstance(m.__dict__.get("forward"), patch_type)]

@@ -17,8 +17,7 @@ import comfy.model_patcher
 import numpy as np
 import pytest
 import torch
-from helpers import count_layer_computations, sample
-from test_compatibility import profile_schedules
+from helpers import count_layer_computations, profile_schedules, sample
 
 
 class DynamicLoadSequence(comfy.model_patcher.ModelPatcher):

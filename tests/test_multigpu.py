@@ -17,8 +17,7 @@ import comfy.model_patcher
 import numpy as np
 import pytest
 import torch
-from helpers import count_layer_computations, sample, split_cond_calls
-from test_compatibility import profile_schedules
+from helpers import count_layer_computations, profile_schedules, sample, split_cond_calls
 
 if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
     pytest.skip("this ComfyUI has no native multi-GPU (deepclone_multigpu came after 0.3.75)", allow_module_level=True)

@@ -1,64 +1,38 @@
-"""Block Cache beside other patches and in awkward graph shapes, on real ComfyUI code.
+"""Block Cache beside other packs' patches: LoRA, attention patches (IPAdapter-style), Flux block
+replacement, post-CFG passes (PAG, SLG), ControlNet / T2I-Adapter, and core EasyCache / LazyCache.
 
-Where it is defined, an all-compute schedule must give exactly the output of the same graph
-without Block Cache; a caching schedule must keep the other patch working.
+Where it is defined, an all-compute schedule must give exactly the output of the same graph without
+Block Cache; a caching schedule must cache and keep the other feature working. The ``schedules``
+fixture (conftest.py) is (all-compute, caching) from a real profile of the tiny UNet.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import comfy.cldm.cldm
+import comfy.controlnet
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.patcher_extension
 import comfy.samplers
+import comfy.t2i_adapter.adapter
 import numpy as np
 import pytest
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 from dit_zoo import ZOO
 from helpers import (
-    InterruptAt,
-    count_layer_computations,
-    has_block_cache,
-    live_tensor_bytes,
-    profile_by_sampling,
-    run_of,
-    runs_holding_tensors,
+    patched_layers,
+    profile_schedules,
     sample,
+    with_lora,
 )
 
+WrappersMP = comfy.patcher_extension.WrappersMP
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
-
-
-def profile_schedules(pack, model, conds, latent, steps=8, cfg=5.0):
-    """(all-compute schedule, caching schedule) built from a real profile of ``model``."""
-    profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, cfg=cfg)
-    caching = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
-    assert not caching.compute_mask().all()
-    return pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid), caching
-
-
-@pytest.fixture
-def schedules(pack, tiny_model, conds, latent):
-    return profile_schedules(pack, tiny_model, conds, latent)
-
-
-def _lora_patches(model, seed=3, scale=0.05):
-    """LoRA-style weight differences on every attention projection, through ModelPatcher.add_patches."""
-    generator = torch.Generator().manual_seed(seed)
-    patches = {}
-    for key, weight in model.model.state_dict().items():
-        if key.endswith(("to_q.weight", "to_k.weight", "to_v.weight")):
-            patches[key] = (torch.randn(weight.shape, generator=generator) * scale,)
-    assert patches
-    return patches
-
-
-def with_lora(model):
-    lora = model.clone()
-    lora.add_patches(_lora_patches(model), 1.0)
-    return lora
 
 
 # -- LoRA ---------------------------------------------------------------------------------------
@@ -154,95 +128,6 @@ def test_dit_block_replace_patch_chains_with_block_cache(pack):
     sample(cached, *conds, latent, steps=4, cfg=FLUX.cfg)
     assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
 
-
-# -- graph shapes -------------------------------------------------------------------------------
-
-def test_one_patched_model_in_two_samplers_gives_the_same_result_twice(pack, tiny_model, conds, latent, schedules):
-    _, caching = schedules
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    first = sample(patched, *conds, latent)
-    first_stats = holder.last_run
-    second = sample(patched, *conds, latent)
-    assert torch.equal(first, second)
-    np.testing.assert_array_equal(first_stats.computed, holder.last_run.computed)
-
-
-def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent, schedules):
-    _, caching = schedules
-    reference = sample(tiny_model, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    sample(patched, *conds, latent)
-    # The next graph has the Apply node bypassed: the loader's model goes straight to the sampler.
-    names = [layer.name for layer in caching.layers]
-    with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
-        assert torch.equal(sample(tiny_model, *conds, latent), reference)
-    assert all(counts[name] == 8 for name in names)
-    assert not has_block_cache(tiny_model)
-
-
-def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model, conds, latent, schedules):
-    all_compute, caching = schedules
-    exact, exact_holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
-    cached, cached_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    reference = sample(tiny_model, *conds, latent)
-    cached_out = sample(cached, *conds, latent)
-    assert torch.equal(sample(exact, *conds, latent), reference)
-    assert torch.equal(sample(cached, *conds, latent), cached_out)
-    assert exact_holder.last_run.reused.sum() == 0 and cached_holder.last_run.reused.sum() > 0
-    assert exact_holder is not cached_holder
-
-
-def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, conds, latent, schedules):
-    all_compute, caching = schedules
-    twice, holder = pack.block_caching.patching.apply_block_cache(
-        pack.block_caching.patching.apply_block_cache(tiny_model, caching)[0], all_compute)
-    assert torch.equal(sample(twice, *conds, latent), sample(tiny_model, *conds, latent))
-    assert holder.last_run.reused.sum() == 0
-
-
-# -- cancellation and memory ----------------------------------------------------------------------
-
-def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, latent, schedules):
-    _, caching = schedules
-    clean, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    expected = sample(clean, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    interrupted = patched.clone()
-    interrupt = InterruptAt(4)
-    runs = []
-
-    def keep_run(executor, *args, **kwargs):
-        runs.append(run_of(args, kwargs))
-        return executor(*args, **kwargs)
-
-    interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_interrupt", interrupt)
-    interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_keep_run", keep_run)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        sample(interrupted, *conds, latent)
-    assert interrupt.seen == 4 and runs[-1] is not None
-    assert not runs_holding_tensors(holder), "the run state must be dropped"
-    assert runs[-1].layer_method.cache == {}, "the interrupted run's cached tensors must be freed"
-    # The next run with the same patched model is clean: exactly a fresh model's result.
-    assert torch.equal(sample(patched, *conds, latent), expected)
-    # And the loader's model is unpatched again.
-    assert torch.equal(sample(tiny_model, *conds, latent), sample(tiny_model.clone(), *conds, latent))
-
-
-def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, schedules):
-    _, caching = schedules
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    sample(patched, *conds, latent)
-
-    before = live_tensor_bytes()
-    peaks = []
-    for _ in range(20):
-        sample(patched, *conds, latent)
-        peaks.append(holder.last_run.peak_cache_bytes)
-    after = live_tensor_bytes()
-    assert len(set(peaks)) == 1 and peaks[0] > 0, "every run caches the same amount"
-    assert after - before <= 0, f"{after - before} bytes of tensors stayed alive after 20 runs"
-
-
 # -- post-CFG passes (Perturbed-Attention Guidance, Skip-Layer Guidance) ----------------------------
 
 def _discarded_perturbed_pass(calls):
@@ -295,36 +180,97 @@ def test_perturbed_attention_guidance_all_compute_is_exact(pack, tiny_model, con
     cached, holder = pack.block_caching.patching.apply_block_cache(pag_model, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
 
+# -- ControlNet / T2I-Adapter ------------------------------------------------------------------------
 
-# -- model-sampling nodes, FreeU --------------------------------------------------------------
-
-def _model_sampling_v_zsnr(model):
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-
-    return ModelSamplingDiscrete().patch(model, "v_prediction", True)[0]
-
-
-def _freeu(model):
-    from comfy_extras.nodes_freelunch import FreeU
-
-    return FreeU().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+def _tiny_controlnet(pack, model):
+    """A ControlNet (comfy.cldm) with the tiny UNet's own config, seeded, as load_controlnet wraps it."""
+    config = dict(model.model.model_config.unet_config)
+    config.pop("out_channels")
+    control_model = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, operations=comfy.ops.disable_weight_init)
+    pack.demo_models.builtin_models.seeded_init_(control_model, 5)
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
 
 
-@pytest.mark.parametrize("other", [_model_sampling_v_zsnr, _freeu], ids=["ModelSamplingDiscrete", "FreeU"])
-def test_model_patch_nodes_before_and_after_apply_all_compute_is_exact(pack, tiny_model, conds, latent, other):
-    patched_other = other(tiny_model)
-    reference = sample(patched_other, *conds, latent)
-    assert not torch.equal(reference, sample(tiny_model, *conds, latent))
-    # Profile the model as the graph has it, so the schedule's grid is that model's own.
-    all_compute, caching = profile_schedules(pack, patched_other, conds, latent)
-    before, _ = pack.block_caching.patching.apply_block_cache(patched_other, all_compute)
-    assert torch.equal(sample(before, *conds, latent), reference)
-    after = other(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0])
-    assert torch.equal(sample(after, *conds, latent), reference)
-    cached, holder = pack.block_caching.patching.apply_block_cache(patched_other, caching)
-    assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
-    assert not holder.last_run.retimed, "the schedule's grid must match the patched model's own sigmas"
+def _tiny_t2i_adapter(pack, model):
+    """An SDXL-layout T2I-Adapter (cin 768: 3 channels x 16x16 pixel unshuffle), two 64-channel levels:
+    its features land on the tiny UNet's input block 3 and its middle block, both 64 x 8 x 8."""
+    adapter = comfy.t2i_adapter.adapter.Adapter(channels=[64, 64], nums_rb=1, cin=768, ksize=1, sk=True,
+                                                use_conv=False, xl=True)
+    pack.demo_models.builtin_models.seeded_init_(adapter, 6)
+    return comfy.controlnet.T2IAdapter(adapter, adapter.input_channels, 8, "nearest-exact")
 
+
+# Control tensors added to the UNet per model call: ControlNet to the middle block and the 4 skip
+# connections of the output blocks; this T2I-Adapter to input block 3 and the middle block.
+CONTROLS = {"ControlNet": (_tiny_controlnet, 5), "T2IAdapter": (_tiny_t2i_adapter, 2)}
+
+
+def _controlled(conds, control, strength=0.3):
+    """The conditioning as core's Apply ControlNet node makes it, from a seeded 128x128 hint image."""
+    import nodes
+
+    image = torch.rand((1, 128, 128, 3), generator=torch.Generator().manual_seed(1))
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(*conds, control, image, strength, 0.0, 1.0)
+
+
+@pytest.fixture
+def applied_controls(monkeypatch):
+    """Every control tensor the UNet adds (openaimodel.apply_control, which runs after each block
+    whether its layers computed or were served from the cache), as (where, shape) pairs."""
+    applied = []
+    original = openaimodel.apply_control
+
+    def counting(h, control, name):
+        if control is not None and control.get(name) and control[name][-1] is not None:
+            assert control[name][-1].shape[1:] == h.shape[1:], "a control tensor that does not fit its block"
+            applied.append((name, tuple(h.shape)))
+        return original(h, control, name)
+
+    monkeypatch.setattr(openaimodel, "apply_control", counting)
+    return applied
+
+
+@pytest.mark.parametrize("kind", CONTROLS)
+def test_control_all_compute_is_exact(pack, tiny_model, conds, latent, schedules, applied_controls, kind):
+    build, per_call = CONTROLS[kind]
+    all_compute, _ = schedules
+    controlled = _controlled(conds, build(pack, tiny_model))
+    reference = sample(tiny_model, *controlled, latent)
+    reference_applied = len(applied_controls)
+    assert reference_applied == 8 * per_call, "one batched cond+uncond call per step, every control applied"
+    assert not torch.equal(reference, sample(tiny_model, *conds, latent)), "the control must change the output"
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    applied_controls.clear()
+    assert torch.equal(sample(patched, *controlled, latent), reference)
+    assert len(applied_controls) == reference_applied and holder.last_run.reused.sum() == 0
+
+
+@pytest.mark.parametrize("kind", CONTROLS)
+def test_control_reaches_the_computing_layers_of_a_caching_run(pack, tiny_model, conds, latent, schedules,
+                                                                applied_controls, kind):
+    build, per_call = CONTROLS[kind]
+    _, caching = schedules
+    control = build(pack, tiny_model)
+    controlled = _controlled(conds, control)
+    plain, plain_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    without_control = sample(plain, *conds, latent)
+    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    applied_controls.clear()
+    out = sample(patched, *controlled, latent)
+    stats = holder.last_run
+    assert stats.reused.sum() > 0 and torch.isfinite(out).all()
+    np.testing.assert_array_equal(stats.computed, plain_holder.last_run.computed)
+    # The UNet adds the control after every block at every evaluation, cached layers or not.
+    assert len(applied_controls) == stats.evaluations * per_call
+    assert not torch.equal(out, without_control), "the control must reach the caching run's output"
+    # Same patched model again: same result (the ControlNet's own hint cache is core's, per run).
+    assert torch.equal(sample(patched, *controlled, latent), out)
+    # Restored: the loader's model samples the controlled graph as before Block Cache was applied,
+    # and neither it nor the control model keeps any of our layer patches.
+    reference = sample(tiny_model.clone(), *controlled, latent)
+    assert torch.equal(sample(tiny_model, *controlled, latent), reference)
+    assert not patched_layers(tiny_model.model)
+    assert not patched_layers(getattr(control, "control_model", None) or control.t2i_model)
 
 # -- stacking with ComfyUI's own EasyCache / LazyCache ------------------------------------------------
 
