@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..block_maps.block_map import BlockMap, LayerSpec, ResidualForm, ReuseMode
-from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder, RunStats
-from ..runtime.time_grid import StepGrid, normalized_times, retime_mask
+from ..block_maps.block_map import BlockMap, ReuseMode
+from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder
 from .forecast import combine, lagrange_weights, push_point
-from .schedule import CacheSchedule, computed_flop_fraction
+from .layer_calls import residual_branches, stream_inputs
+from .plan import LayerPlan
+from .run_summary import log_run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -40,71 +41,6 @@ ONE_EVALUATION_PER_STEP = frozenset({
     "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "lcm", "ipndm", "ipndm_v", "deis",
     "res_multistep", "res_multistep_cfg_pp", "unipc", "unipc_bh2", "gradient_estimation",
 })
-
-
-@dataclass
-class LayerPlan:
-    """What the runtime needs of a schedule, as arrays."""
-
-    grid: StepGrid
-    reuse: tuple[ReuseMode, ...]
-    layer_flops: tuple[float, ...]
-    total_flops: float
-    cumulative_computes: np.ndarray  # [layers, steps]: computes at or before each step
-    reuses_ever: np.ndarray  # [layers]: the layer is reused somewhere, so its cache is worth keeping
-    orders: tuple[int, ...]  # per layer: forecast order of its reuse (0: reuse as cached)
-    stores: np.ndarray  # [layers, steps]: a computation at the step is kept, for a reuse that can follow
-
-    @classmethod
-    def from_schedule(cls, schedule: CacheSchedule) -> LayerPlan:
-        return cls.from_mask(schedule.grid, schedule.compute_mask(), tuple(layer.reuse for layer in schedule.layers),
-                             schedule.layer_flops, schedule.total_flops,
-                             tuple(layer.forecast_order for layer in schedule.layers))
-
-    @classmethod
-    def from_mask(cls, grid: StepGrid, mask: np.ndarray, reuse: tuple[ReuseMode, ...], layer_flops: tuple[float, ...],
-                  total_flops: float, orders: tuple[int, ...]) -> LayerPlan:
-        return cls(grid=grid, reuse=reuse, layer_flops=layer_flops, total_flops=total_flops,
-                   cumulative_computes=np.cumsum(mask, axis=1), reuses_ever=~mask.all(axis=1), orders=orders,
-                   stores=stores_for(mask, orders))
-
-    def compute_mask(self) -> np.ndarray:
-        return np.diff(self.cumulative_computes, axis=1, prepend=0).astype(bool)
-
-    def on_run_grid(self, model_sampling: Any, run_grid: StepGrid) -> LayerPlan:
-        """This plan moved onto a run's own steps (``retime_mask``): computations keep their density."""
-        grid_bounds = [*self.grid.taus, *normalized_times(model_sampling, torch.tensor(self.grid.sigmas[-1:]))]
-        run_bounds = [*run_grid.taus, *normalized_times(model_sampling, torch.tensor(run_grid.sigmas[-1:]))]
-        mask = retime_mask(self.compute_mask(), grid_bounds, run_bounds)
-        return LayerPlan.from_mask(run_grid, mask, self.reuse, self.layer_flops, self.total_flops, self.orders)
-
-    def decisions(self, previous_step: int | None, step: int) -> np.ndarray:
-        """Per layer: compute now? A layer computes when the schedule has a compute point
-        in the steps since the previous evaluation, ``(previous_step, step]``. A layer the
-        schedule computes at every step is never cached, at any evaluation: so an all-compute
-        schedule is the uncached model, also for samplers that evaluate twice per step."""
-        layers = self.cumulative_computes.shape[0]
-        if previous_step is None or step < previous_step:
-            return np.ones(layers, dtype=bool)  # first evaluation, or time ran backwards (restart samplers)
-        if step == previous_step:
-            return ~self.reuses_ever
-        return (self.cumulative_computes[:, step] > self.cumulative_computes[:, previous_step]) | ~self.reuses_ever
-
-
-def stores_for(mask: np.ndarray, orders: tuple[int, ...]) -> np.ndarray:
-    """Which computations a reuse can read: for each reuse step, the last ``order + 1`` computations
-    before it (the forecast's points). The others are not stored, so all-compute stretches cost nothing."""
-    stores = np.zeros_like(mask, dtype=bool)
-    for layer, order in enumerate(orders):
-        needed = 0  # computations still wanted by the next reuse ahead
-        for step in range(mask.shape[1] - 1, -1, -1):
-            if not mask[layer, step]:
-                needed = order + 1
-            elif needed:
-                stores[layer, step] = True
-                needed -= 1
-    return stores
-
 
 
 @dataclass
@@ -362,75 +298,7 @@ def _predicted(entries: list[_CacheEntry], stream_index: int, tau: float,
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def stream_inputs(spec: LayerSpec, args: tuple, kwargs: dict, copy: bool) -> list[Any]:
-    values = [spec.batch_first(stream.input_of(args, kwargs)) for stream in spec.streams]
-    if copy:
-        values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
-    return values
-
-
-def residual_branches(spec: LayerSpec, module: torch.nn.Module, inputs: list[Any], out: Any, residual_wanted: bool,
-              chunks: int) -> list[tuple[torch.Tensor | None, bool]] | None:
-    """Per stream: (residual branch or output copy, is residual); None if the call cannot be cached.
-
-    A stream is cached as a residual where the layer has a residual form and, for an identity
-    residual, keeps the stream's shape; otherwise as its output.
-    """
-    try:
-        outputs = [spec.batch_first(output) for output in spec.split_output(out)]
-    except (KeyError, IndexError, TypeError):
-        return None  # the block returned something its signature does not describe
-    result: list[tuple[torch.Tensor | None, bool]] = []
-    for current, output in zip(inputs, outputs, strict=True):
-        if output is None:
-            result.append((None, False))
-            continue
-        if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] % chunks != 0:
-            return None  # not a batch of the call's cond chunks: nothing per chunk to cache
-        residual = residual_wanted and isinstance(current, torch.Tensor) and (
-            spec.residual is ResidualForm.SKIP_CONNECTION or
-            (spec.residual is ResidualForm.IDENTITY and current.shape == output.shape))
-        if residual:
-            result.append(((output - spec.residual_base(module, current)).detach(), True))
-        else:
-            result.append((output.detach().clone(), False))
-    return result
-
-
 def _sampler_key(name: str) -> str:
     """Comparable sampler names: KSampler's 'ddim' runs sample_euler; 'uni_pc' runs sample_unipc."""
     key = name.replace("_", "")
     return "euler" if key == "ddim" else key
-
-
-def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
-    total = stats.total
-    skipped = int(stats.reused.sum())
-    estimate = run_speedup_estimate(holder, stats)
-    orders = sorted({order for order, reused in zip(holder.plan.orders, holder.plan.reuses_ever, strict=True)
-                     if reused})
-    forecast = ""
-    if any(orders):
-        forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}) "
-                    f"{stats.peak_history_bytes / 2**20:.1f} MB")
-    logger.info(
-        "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
-        "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s)%s; %d computations "
-        "were stored for a reuse.",
-        holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
-        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate,
-        stats.peak_cache_bytes / 2**20, holder.cache_device, forecast, stats.stores)
-
-
-def run_speedup_estimate(holder: RunHolder, stats: RunStats) -> float:
-    """FLOP-weighted speed-up of a finished run, from what it really computed."""
-    plan = getattr(holder, "plan", None)  # a profiler's runs compute everything
-    calls = stats.computed + stats.reused
-    if plan is None or plan.total_flops <= 0 or calls.max(initial=0) == 0:
-        return 1.0
-    # One column holding each layer's computed share of its calls.
-    compute_rate = (stats.computed / np.maximum(calls, 1))[:, None]
-    fraction = computed_flop_fraction(compute_rate, plan.layer_flops, plan.total_flops)
-    return 1.0 / fraction if fraction > 0 else 1.0
-
-

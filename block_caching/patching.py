@@ -19,7 +19,8 @@ from ..provenance import provenance
 from ..runtime.run import RunExtension
 from ..runtime.time_grid import StepGrid, normalized_times
 from ..runtime.wrappers import install_runtime
-from .cache import CACHE_ON_MODEL_DEVICE, BlockCacheHolder, LayerPlan
+from .cache import CACHE_ON_MODEL_DEVICE, BlockCacheHolder
+from .plan import LayerPlan
 from .profile import BlockProfile
 from .profiler import ProfilerHolder
 from .schedule import CacheSchedule

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..block_maps.block_map import LayerSpec, ResidualForm
 from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder
-from .cache import residual_branches, stream_inputs
+from .layer_calls import layer_outputs, residual_branches, stream_inputs
 from .profile import ProfileRecorder
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class ProfilingRun(LayerMethod):
                 self._observe_identity(run, index, keys, occurrence, spec, inputs, out)
             else:
                 branches = residual_branches(spec, module, inputs, out, True, len(keys))
-                if branches is not None:
-                    outputs = [spec.batch_first(o) for o in spec.split_output(out)]
+                outputs = layer_outputs(spec, out) if branches is not None else None
+                if outputs is not None:
                     with run.lock:
                         self.recorder.observe(index, run.run_step, keys, occurrence, [b for b, _ in branches],
                                               outputs)
@@ -99,9 +99,8 @@ class ProfilingRun(LayerMethod):
 
     def _observe_identity(self, run: RunContext, index: int, keys: list[Any], occurrence: int, spec: LayerSpec,
                           input_sketches: list[tuple[torch.Tensor, torch.Size] | None], out: Any) -> None:
-        try:
-            outputs = [spec.batch_first(output) for output in spec.split_output(out)]
-        except (KeyError, IndexError, TypeError):
+        outputs = layer_outputs(spec, out)
+        if outputs is None:
             return  # the block returned something its signature does not describe
         branches: list[torch.Tensor | None] = []
         output_sketches: list[torch.Tensor | None] = []

@@ -15,8 +15,9 @@ import logging
 import math
 from typing import Any
 
-from ..block_caching.cache import BlockCacheHolder, run_speedup_estimate
+from ..block_caching.cache import BlockCacheHolder
 from ..block_caching.profile import BlockProfile
+from ..block_caching.run_summary import run_speedup_estimate
 from ..block_caching.schedule import CacheSchedule
 from ..runtime.run import RunStats
 

@@ -181,22 +181,22 @@ class _BaselineProfiler:
     to the next."""
 
     def __init__(self, pack: Any) -> None:
-        self.cache = pack.block_caching.cache
+        self.layer_calls = pack.block_caching.layer_calls
         self.recording_class = pack.block_caching.profiler.ProfilingRun
         self.original = self.recording_class.call_layer
         self.held: dict[tuple, torch.Tensor] = {}
         self.peak_bytes = 0
 
     def __enter__(self) -> _BaselineProfiler:
-        baseline, original, cache = self, self.original, self.cache
+        baseline, original, layer_calls = self, self.original, self.layer_calls
 
         def call_layer(recording, run, layer, call, occurrence, module, forward, args, kwargs):
             if not run.first_of_step:
                 return original(recording, run, layer, call, occurrence, module, forward, args, kwargs)
             spec, keys = layer.spec, call.chunk_keys
-            inputs = cache.stream_inputs(spec, args, kwargs, copy=spec.mutates_inputs)
+            inputs = layer_calls.stream_inputs(spec, args, kwargs, copy=spec.mutates_inputs)
             out = original(recording, run, layer, call, occurrence, module, forward, args, kwargs)
-            branches = cache.residual_branches(spec, module, inputs, out, True, len(keys)) or []
+            branches = layer_calls.residual_branches(spec, module, inputs, out, True, len(keys)) or []
             for stream, (branch, _) in enumerate(branches):
                 if branch is None:
                     continue

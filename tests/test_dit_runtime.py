@@ -43,7 +43,7 @@ def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "mode
     schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, compute_at_second_step)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
-    holder = pack.block_caching.cache.BlockCacheHolder(block_map, plan=pack.block_caching.cache.LayerPlan.from_schedule(schedule),
+    holder = pack.block_caching.cache.BlockCacheHolder(block_map, plan=pack.block_caching.plan.LayerPlan.from_schedule(schedule),
                                            cache_device=cache_device)
     run = pack.runtime.run.RunContext(holder, model_sampling, sigmas)
     index = block_map.index()[LAYER]

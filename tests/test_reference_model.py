@@ -124,7 +124,7 @@ SKETCH_MAX_DEVIATION = 0.10
 
 
 def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, reference, monkeypatch):
-    cache_module, profiler_module = pack.block_caching.cache, pack.block_caching.profiler
+    layer_calls, profiler_module = pack.block_caching.layer_calls, pack.block_caching.profiler
     recording_call_layer = profiler_module.ProfilingRun.call_layer
     previous, sums, counts = {}, {}, {}
 
@@ -133,9 +133,9 @@ def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, refe
         if not run.first_of_step:
             return recording_call_layer(recording, run, layer, call, occurrence, module, forward, args, kwargs)
         spec, keys = layer.spec, call.chunk_keys
-        inputs = cache_module.stream_inputs(spec, args, kwargs, copy=True)
+        inputs = layer_calls.stream_inputs(spec, args, kwargs, copy=True)
         out = recording_call_layer(recording, run, layer, call, occurrence, module, forward, args, kwargs)
-        branches = cache_module.residual_branches(spec, module, inputs, out, True, len(keys))
+        branches = layer_calls.residual_branches(spec, module, inputs, out, True, len(keys))
         streams = [b for b, _ in branches or [] if b is not None]
         per = streams[0].shape[0] // len(keys) if streams else 0
         step, layer_index = run.run_step, layer.layer_index

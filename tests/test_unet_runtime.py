@@ -39,7 +39,7 @@ def test_only_computations_a_reuse_can_read_are_stored(pack, tiny_model, conds, 
     _, schedule = built
     mask = schedule.compute_mask()
     assert not mask.all() and mask[:, 1:].any(), "the schedule must cache and compute after step 0"
-    expected = pack.block_caching.cache.stores_for(mask, tuple(layer.forecast_order for layer in schedule.layers))
+    expected = pack.block_caching.plan.stores_for(mask, tuple(layer.forecast_order for layer in schedule.layers))
     # order 0: exactly the computations followed by a reuse at the next step
     assert all(layer.forecast_order == 0 for layer in schedule.layers)
     following_reuse = mask & np.concatenate([~mask[:, 1:], np.zeros((mask.shape[0], 1), dtype=bool)], axis=1)
