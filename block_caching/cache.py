@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from ..block_maps.block_map import BlockMap, ReuseMode
-from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder
+from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder, RunStats
 from .forecast import combine, lagrange_weights, push_point
 from .layer_calls import residual_branches, stream_inputs
 from .plan import LayerPlan
-from .run_summary import log_run_summary
+from .run_summary import run_speedup_estimate
 
 logger = logging.getLogger(__name__)
 
@@ -302,3 +302,22 @@ def _sampler_key(name: str) -> str:
     """Comparable sampler names: KSampler's 'ddim' runs sample_euler; 'uni_pc' runs sample_unipc."""
     key = name.replace("_", "")
     return "euler" if key == "ddim" else key
+
+
+def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
+    total = stats.total
+    skipped = int(stats.reused.sum())
+    estimate = run_speedup_estimate(holder, stats)
+    orders = sorted({order for order, reused in zip(holder.plan.orders, holder.plan.reuses_ever, strict=True)
+                     if reused})
+    forecast = ""
+    if any(orders):
+        forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}) "
+                    f"{stats.peak_history_bytes / 2**20:.1f} MB")
+    logger.info(
+        "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
+        "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s)%s; %d computations "
+        "were stored for a reuse.",
+        holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
+        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate,
+        stats.peak_cache_bytes / 2**20, holder.cache_device, forecast, stats.stores)
