@@ -432,9 +432,8 @@ def build_combined_schedule(profile: BlockProfile, options: TargetOptions,
     fewer = profile_at(count)
     remaining = max(1.0, options.speedup * count / steps)
     schedule = build_target_schedule(fewer, dataclasses.replace(options, speedup=remaining), measure)
-    schedule.builder["combined"] = {"profiled_steps": steps, "steps": count,
-                                    "speedup": steps * schedule.estimated_speedup / count}
-    return schedule
+    combined = {"profiled_steps": steps, "steps": count, "speedup": steps * schedule.estimated_speedup / count}
+    return dataclasses.replace(schedule, builder={**schedule.builder, "combined": combined})
 
 
 @dataclass(frozen=True)
