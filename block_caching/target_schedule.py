@@ -485,8 +485,9 @@ def sampling_choices(profile: BlockProfile, options: TargetOptions, schedule: Ca
     if combined is None:
         return choices, f"fewer steps with the cache: not tried ({steps} steps are too few to sample with fewer)."
     if combined.builder["expected_psnr"] is None:
-        return choices, (f"fewer steps with the cache: at {combined.grid.steps} steps no schedule reached the "
-                         f"{options.min_psnr:g} dB floor.")
+        reason = (f"no schedule reached the {options.min_psnr:g} dB floor" if options.min_psnr else
+                  "the speed-up left for the cache computes every step")
+        return choices, f"fewer steps with the cache: not offered ({reason} at {combined.grid.steps} steps)."
     measured, info = combined.builder["expected_psnr"], combined.builder["combined"]
     choices.append(SamplingChoice(f"Block Cache at {info['steps']} steps", info["steps"], combined, info["speedup"],
                                   measured["mean"], measured["low"]))
