@@ -174,7 +174,8 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
         return lambda: (patching.apply_block_cache(model, schedule)[0], steps)
 
-    measure = validation.replay_measure(profile.replays)
+    runs = validation.HeldOutRuns(profile.replays)  # the held-out uncached pictures, sampled once for all rows
+    measure = runs.schedule
     ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
     # Every rung the speed-up slider can reach in the benchmark's range, and the default.
     default_rung = target.choose_rung(ladder, target.DEFAULT_SPEEDUP)
@@ -194,17 +195,16 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
             methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
     # The Build node as it comes: the default target, stepped down where the profiled run measures below the floor.
     floor_options = target.TargetOptions(min_psnr=target.DEFAULT_MIN_PSNR)
-    schedule = target.build_target_schedule(profile, floor_options, measure)
+    schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=runs.fewer_steps)
     stepped = schedule.builder["stepped_down_from"]
     chosen = (f"{schedule.estimated_speedup:.2f}x: steps {schedule.builder['compute_steps']}, order "
               f"{schedule.builder['chosen_order']}" + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
     methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x", "block_cache_floor",
                           chosen, apply(schedule), knob=schedule.estimated_speedup))
-    # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor.
-    runs = validation.HeldOutRuns(profile.replays)
-    floored = target.build_target_schedule(profile, floor_options, runs.schedule, fewer_steps=runs.fewer_steps)
-    choices, _ = target.sampling_choices(profile, floor_options, floored,
-                                         lambda count: validation.profile_again(profile, count), runs.schedule)
+    # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
+    # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
+    choices, _ = target.sampling_choices(profile, floor_options, schedule,
+                                         lambda count: validation.profile_again(profile, count), measure)
     best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
     methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
                           f"{best.label}, {best.speedup:.2f}x",
