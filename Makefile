@@ -7,7 +7,8 @@ PYTHON := $(VENV)/bin/python
 export COMFYUI_PATH ?=
 export BLOCK_CACHE_HOST := $(HOST)
 export BLOCK_CACHE_VENV := $(CURDIR)/$(VENV)
-.PHONY: setup demo test lint bench bench-dit bench-gpu train-reference train-reference-dit workflows thumbnails browser-test
+.PHONY: setup demo test lint bench bench-dit bench-video bench-gpu train-reference train-reference-dit \
+	train-reference-video workflows thumbnails browser-test
 
 setup:
 	bash scripts/setup.sh
@@ -26,7 +27,9 @@ lint: setup
 # quality_vs_speedup_<setting>.png per sampler setting to out/bench (about 2-3 hours on one CPU thread);
 # `train-reference` retrains models/reference/ (about an hour).
 # `bench-dit` and `train-reference-dit`: the same for the transformer (Flux) reference model in
-# models/reference_dit/ (benchmark about 40 minutes, training about 50).
+# models/reference_dit/ (benchmark about 40 minutes, training about 50); `bench-video` and
+# `train-reference-video` for the video (Wan) reference model in models/reference_video/ (docs/benchmark-video.md;
+# benchmark about 45 minutes for 30 steps and 75 for 50, training 65).
 bench: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --out out/bench --threads 1
 
@@ -38,6 +41,9 @@ bench-gpu: setup
 bench-dit: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --model dit --out out/bench_dit --threads 1
 
+bench-video: setup
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/benchmark.py --model video --out out/bench_video --threads 1 --max-rungs 6
+
 train-reference: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_model.py --minutes 55 --threads 1
 	$(PYTHON) scripts/make_reference_card.py --log out/train/loss.csv
@@ -45,6 +51,10 @@ train-reference: setup
 train-reference-dit: setup
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_dit.py --threads 1
 	$(PYTHON) scripts/make_reference_card.py --model dit --log out/train_dit/loss.csv
+
+train-reference-video: setup
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_reference_video.py --threads 1
+	$(PYTHON) scripts/make_reference_card.py --model video --log out/train_video/loss.csv --steps 30 --seeds 2
 
 # Frontend (issue 4). Regenerate the example workflows (--schedule also re-profiles the bundled
 # schedule), run the real-browser test alone (on the pinned and the newest frontend), or retake the

@@ -51,11 +51,13 @@ class Scene:
         if position:
             words += ["at", self.position]
         if background:
-            words += ["on", "a", self.background_colour]
-            if self.background != "plain":
-                words.append(self.background)
-            words.append("background")
+            words.append(self.background_phrase())
         return " ".join(words)
+
+    def background_phrase(self) -> str:
+        """E.g. "on a blue striped background"."""
+        texture = "" if self.background == "plain" else f" {self.background}"
+        return f"on a {self.background_colour}{texture} background"
 
 
 def random_scene(generator: torch.Generator) -> Scene:
@@ -86,14 +88,35 @@ def _shape_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: floa
 
 def render(scene: Scene, generator: torch.Generator | None = None) -> torch.Tensor:
     """The scene as a 3xSIZExSIZE tensor in [-1, 1]; the generator jitters position, size and phase."""
-    def jitter(scale: float) -> float:
-        return 0.0 if generator is None else float(torch.rand((), generator=generator) * 2 - 1) * scale
+    return draw(scene, Jitter.draw(generator))
 
+
+@dataclass(frozen=True)
+class Jitter:
+    """Random offsets of one picture (or of every frame of one clip): texture phase, centre and size."""
+
+    phase: float = 0.0
+    dx: float = 0.0
+    dy: float = 0.0
+    size: float = 0.0
+
+    @classmethod
+    def draw(cls, generator: torch.Generator | None) -> Jitter:
+        def jitter(scale: float) -> float:
+            return 0.0 if generator is None else float(torch.rand((), generator=generator) * 2 - 1) * scale
+
+        return cls(phase=jitter(4.0), dx=jitter(2.0), dy=jitter(2.0), size=jitter(0.15))
+
+
+def draw(scene: Scene, jitter: Jitter, *, centre: tuple[float, float] | None = None,
+         colour: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """``scene`` drawn with ``jitter``; ``centre`` (fractions of the picture) and ``colour`` (RGB in [0, 1])
+    replace the scene's own, for the frames of a clip."""
     ys, xs = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32) + 0.5,
                             torch.arange(SIZE, dtype=torch.float32) + 0.5, indexing="ij")
     background = torch.tensor(COLOURS[scene.background_colour]).view(3, 1, 1).expand(3, SIZE, SIZE)
     darker = background * 0.45 + 0.05
-    phase = jitter(4.0)
+    phase = jitter.phase
     if scene.background == "striped":
         pattern = (torch.floor((xs + phase) / 4) % 2).unsqueeze(0)
     elif scene.background == "checkered":
@@ -104,15 +127,15 @@ def render(scene: Scene, generator: torch.Generator | None = None) -> torch.Tens
         pattern = torch.zeros(1, SIZE, SIZE)
     picture = background * (1 - pattern) + darker * pattern
 
-    cx, cy = POSITIONS[scene.position]
-    cx, cy = cx * SIZE + jitter(2.0), cy * SIZE + jitter(2.0)
-    radius = SIZES[scene.size] * (1 + jitter(0.15))
+    cx, cy = centre or POSITIONS[scene.position]
+    cx, cy = cx * SIZE + jitter.dx, cy * SIZE + jitter.dy
+    radius = SIZES[scene.size] * (1 + jitter.size)
     coverage = (0.5 - _shape_distance(scene.shape, xs - cx, ys - cy, radius)).clamp(0, 1).unsqueeze(0)
-    colour = torch.tensor(COLOURS[scene.colour]).view(3, 1, 1).expand(3, SIZE, SIZE)
+    fill = torch.tensor(colour or COLOURS[scene.colour]).view(3, 1, 1).expand(3, SIZE, SIZE)
     if scene.fill == "striped":  # diagonal stripes of the colour and white
         stripes = (torch.floor((xs + ys) / 3) % 2).unsqueeze(0)
-        colour = colour * (1 - stripes) + stripes * 0.95
-    picture = picture * (1 - coverage) + colour * coverage
+        fill = fill * (1 - stripes) + stripes * 0.95
+    picture = picture * (1 - coverage) + fill * coverage
     return picture * 2 - 1
 
 

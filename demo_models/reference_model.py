@@ -47,18 +47,18 @@ UNET_CONFIG: dict[str, Any] = {
 VOCABULARY: tuple[str, ...] = ("<pad>", "<bos>", "<unk>", "a", "at", "on", "background", *reference_data.SIZES,
                                *reference_data.COLOURS, *reference_data.SHAPES, *reference_data.BACKGROUNDS[1:],
                                "top", "bottom", "left", "right", "center")
-_WORD_ID = {word: index for index, word in enumerate(VOCABULARY)}
 
 
-def tokenize(prompts: list[str]) -> torch.Tensor:
+def tokenize(prompts: list[str], vocabulary: tuple[str, ...] = VOCABULARY) -> torch.Tensor:
     """Token ids (B x MAX_TOKENS): <bos>, the words (unknown ones as <unk>), then padding."""
+    word_id = _word_ids(vocabulary)
     ids = torch.zeros(len(prompts), MAX_TOKENS, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         words = re.findall(r"[a-z]+", prompt.lower())
-        unknown = sorted({w for w in words if w not in _WORD_ID})
+        unknown = sorted({w for w in words if w not in word_id})
         if unknown:
             logger.info("Reference model: words not in its vocabulary are ignored as <unk>: %s", ", ".join(unknown))
-        tokens = [1] + [_WORD_ID.get(w, 2) for w in words]
+        tokens = [1] + [word_id.get(w, 2) for w in words]
         if len(tokens) > MAX_TOKENS:
             logger.warning("Reference model: prompt cut to %d words: %r", MAX_TOKENS - 1, prompt)
         tokens = tokens[:MAX_TOKENS]
@@ -66,12 +66,18 @@ def tokenize(prompts: list[str]) -> torch.Tensor:
     return ids
 
 
+@functools.cache
+def _word_ids(vocabulary: tuple[str, ...]) -> dict[str, int]:
+    return {word: index for index, word in enumerate(vocabulary)}
+
+
 class TokenEncoder(torch.nn.Module):
     """Word and position embeddings and a two-layer transformer: the cross-attention context."""
 
-    def __init__(self, dim: int = CONTEXT_DIM, layers: int = 2, heads: int = 4) -> None:
+    def __init__(self, dim: int = CONTEXT_DIM, layers: int = 2, heads: int = 4,
+                 vocabulary: tuple[str, ...] = VOCABULARY) -> None:
         super().__init__()
-        self.embed = torch.nn.Embedding(len(VOCABULARY), dim)
+        self.embed = torch.nn.Embedding(len(vocabulary), dim)
         self.position = torch.nn.Parameter(torch.zeros(1, MAX_TOKENS, dim))
         layer = torch.nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -96,11 +102,11 @@ def pixel_latent_format() -> Any:
     ratio 8 keeps what older hosts do (256x256 -> 32x32); EmptyChromaRadianceLatentImage, which
     names no ratio, is left as it is. Hosts without the attribute ignore it.
     """
-    return _pixel_latent_format_class()()
+    return pixel_latent_format_class()()
 
 
 @functools.cache
-def _pixel_latent_format_class() -> type:
+def pixel_latent_format_class() -> type:
     import comfy.latent_formats
 
     class ReferencePixelSpace(comfy.latent_formats.ChromaRadiance):
@@ -137,7 +143,8 @@ def load_state(path: Path | str = WEIGHTS_PATH) -> dict[str, torch.Tensor]:
     return read_weights(path, "scripts/train_reference_model.py")
 
 
-def load_weights(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[Any, TokenEncoder]:
+def load_weights(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 vocabulary: tuple[str, ...] = VOCABULARY) -> tuple[Any, TokenEncoder]:
     """The ModelPatcher around ``model`` and the token encoder, both holding exactly ``state``'s weights
     (``diffusion_model.*`` and ``text_encoder.*``)."""
     import comfy.model_management
@@ -152,7 +159,7 @@ def load_weights(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype)
                                           strict=True)
     model.diffusion_model.to(dtype)
     patcher = core_patcher(model, comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device())
-    text_encoder = TokenEncoder()
+    text_encoder = TokenEncoder(vocabulary=vocabulary)
     text_encoder.load_state_dict(part("text_encoder."), strict=True)
     text_encoder.eval()
     return patcher, text_encoder

@@ -20,6 +20,14 @@ Block Cache only in *when* a layer computes and *how* it stands in:
   the profiling prompts (``fit_teacache_polynomial``). TeaCache's degree 4 overfits the 19 points of
   one 20-step run and goes negative between them; degree 2 does not.
 
+* TeaCache on Wan (TeaCache4Wan2.1): the same rule, its indicator the first block's timestep
+  modulation ``e0`` (what TeaCache reads on Wan with ``use_ret_steps``).
+* MagCache (Ma et al. 2025, Zehong-Ma/ComfyUI-MagCache's Wan rule): the ratio of the whole stack's
+  residual magnitude from one step to the next, calibrated once on an uncached run
+  (``fit_magnitude_ratios``), is multiplied up over the skipped steps; the error |1 - product| is
+  accumulated, and every block reuses its cached residual while the error stays below a threshold
+  and at most K steps in a row are skipped. The first 20% of the steps always compute.
+
 ComfyUI's own EasyCache and LazyCache nodes are used as they ship (comfy_extras/nodes_easycache.py).
 """
 
@@ -130,6 +138,11 @@ def flux_modulated_input(module: Any, kwargs: dict) -> Any:
     return (1 + modulation.scale) * module.img_norm1(kwargs["img"]) + modulation.shift
 
 
+def wan_time_modulation(module: Any, kwargs: dict) -> Any:
+    """TeaCache's Wan indicator: the timestep modulation ``e0`` the first block is given."""
+    return kwargs["e"]
+
+
 def _relative_l1(current: Any, previous: Any) -> float:
     return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
 
@@ -194,6 +207,64 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
 
     _decide_at_first_layer(patched, holder, decide)
     _reset_per_run(patched, state, "bench_teacache", previous=None, accumulated=0.0, evaluation=None, compute=True)
+    return patched, holder
+
+
+def fit_magnitude_ratios(model: Any, sample: Callable[[Any], Any], first: str, last: str) -> list[float]:
+    """MagCache's calibration: per step of one uncached ``sample(model)`` run, the mean over tokens of the
+    ratio of the stack's residual norm (``last``'s output minus ``first``'s input) to the previous step's."""
+    dit = model.get_model_object("diffusion_model")
+    inputs: list[Any] = []
+    residuals: list[Any] = []
+    hooks = [
+        dit.get_submodule(first).register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone())),
+        dit.get_submodule(last).register_forward_hook(
+            lambda module, args, output: residuals.append((output - inputs[-1]).detach().float())),
+    ]
+    try:
+        sample(model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ratios = [1.0]
+    for previous, current in zip(residuals, residuals[1:], strict=False):
+        ratios.append(float((current.norm(dim=-1) / previous.norm(dim=-1).clamp_min(1e-12)).mean()))
+    return ratios
+
+
+def magcache(patching: Any, model: Any, base: Any, threshold: float, ratios: list[float], max_skips: int = 2,
+             retention: float = 0.2) -> tuple[Any, Any]:
+    """MagCache on the pack's runtime: the calibrated magnitude ratios decide for every layer, per step."""
+    steps = base.grid.steps
+    if len(ratios) != steps:
+        raise ValueError(f"MagCache's ratios are per step: {len(ratios)} for a {steps}-step run")
+    layers = [dataclasses.replace(layer, compute=(True,) + (False,) * (steps - 1), forecast_order=0)
+              for layer in base.layers]
+    schedule = dataclasses.replace(base, layers=tuple(layers), builder={"method": "magcache"})
+    patched, holder = patching.apply_block_cache(model, schedule)
+    initial = {"ratio": 1.0, "error": 0.0, "skipped": 0, "evaluation": None, "compute": True}
+    state: dict[str, Any] = dict(initial)
+
+    def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
+        if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
+            run.layer_method.compute_now[:] = state["compute"]
+            return first_layer(*args, **kwargs)
+        state["evaluation"] = run.stats.evaluations
+        step = run.layer_method.evaluation_step
+        compute_all = True
+        if step >= retention * steps:
+            state["ratio"] *= ratios[step]
+            state["error"] += abs(1.0 - state["ratio"])
+            state["skipped"] += 1
+            compute_all = not (state["error"] < threshold and state["skipped"] <= max_skips)
+        if compute_all:
+            state.update(ratio=1.0, error=0.0, skipped=0)
+        state["compute"] = compute_all
+        run.layer_method.compute_now[:] = compute_all
+        return first_layer(*args, **kwargs)
+
+    _decide_at_first_layer(patched, holder, decide)
+    _reset_per_run(patched, state, "bench_magcache", **initial)
     return patched, holder
 
 

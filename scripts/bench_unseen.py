@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import benchmark
 
     torch.set_num_threads(args.threads)
-    module_name, loader, settings, _ = benchmark.MODELS[args.model]
-    reference = getattr(benchmark._module(module_name), loader)()
+    setup = benchmark.MODELS[args.model]
+    settings = setup.settings
+    reference = getattr(benchmark._module(setup.module), setup.loader)()
     results: dict[str, Any] = {"model": args.model, "settings": {}}
     for name in (args.settings.split(",") if args.settings else settings):
         results["settings"][name] = measure_setting(args, benchmark, reference, name, *settings[name])
@@ -63,7 +64,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                     scheduler: str, steps: int) -> dict[str, Any]:
     import nodes as comfy_nodes
 
-    reference_module = benchmark._module(benchmark.MODELS[args.model][0])
+    reference_module = benchmark._module(benchmark.MODELS[args.model].module)
     reference_data = benchmark._module("reference_data")
     patching, target = benchmark._module("patching"), benchmark._module("target_schedule")
     model = reference.patcher

@@ -25,6 +25,16 @@ Flux, demo_models/reference_dit.py) at euler/simple 20 and 28 steps: DeepCache (
 gives way to a TeaCache-style rule (bench_peers.py), Faster Diffusion uses its DiT encoder split,
 and Part 2 (a UNet) is skipped.
 
+With ``--model video`` it runs on the video reference model (a trained Wan 2.1,
+demo_models/reference_video.py, 8-frame clips) at euler/simple 30 and 50 steps. PSNR and SSIM are
+per clip (all frames), plus the worst frame's PSNR and a temporal figure: the PSNR of the
+frame-to-frame differences against the uncached clip's. TeaCache reads Wan's time modulation, and
+MagCache's Wan rule joins (bench_peers.py); a two-expert row samples the run as Wan 2.2 does, in two
+KSamplerAdvanced segments split at Wan 2.2's boundary sigma (the same trained model as both experts),
+each segment with its own profile and schedule at the default target. The ablations measured on
+the image models (measured choice, order 0, threshold rule) are left out for time. It also writes
+preview.gif: uncached, the default and fewer steps at its cost, side by side.
+
 Writes results.json, table.md and one quality_vs_speedup_<setting>.png per setting to --out.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/benchmark.py --out out/bench      (make bench)
@@ -62,19 +72,56 @@ DIT_SETTINGS: dict[str, tuple[str, str, int]] = {
     "euler20": ("euler", "simple", 20),
     "euler28": ("euler", "simple", 28),
 }
-# Per --model: (demo_models module, loader, sampler settings, description for the tables).
-MODELS: dict[str, tuple[str, str, dict[str, tuple[str, str, int]], str]] = {
-    "unet": ("reference_model", "load_reference_model", SETTINGS, "Reference model (UNet)"),
-    "dit": ("reference_dit", "load_reference_dit", DIT_SETTINGS, "Transformer reference model (Flux)"),
+VIDEO_SETTINGS: dict[str, tuple[str, str, int]] = {
+    "euler30": ("euler", "simple", 30),
+    "euler50": ("euler", "simple", 50),
 }
+WAN22_BOUNDARY_SIGMA = 0.875  # Wan 2.2 T2V hands over from the high- to the low-noise expert here
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleGrid:
+    """The settings of the other rules that a model's benchmark sweeps."""
+
+    intervals: tuple[int, ...] = (2, 3, 4)  # FORA, TaylorSeer, DeepCache
+    taylor_orders: tuple[int, ...] = (1, 2)
+    fbcache: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    teacache: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3)  # on the fitted scale: about 0.03-0.2 per step
+    easycache: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)  # EasyCache's and LazyCache's reuse_threshold
+    magcache: tuple[tuple[float, int], ...] = ()  # (threshold, K); its Wan default is 0.12, 2
+
+
+# Video costs 8 frames a clip: the grid keeps the settings that skipped anything on a trial run and drops the
+# settings every other row ruled out (TaylorSeer order 2, interval 4).
+VIDEO_RULES = RuleGrid(intervals=(2, 3), taylor_orders=(1,), fbcache=(0.3, 0.6), teacache=(0.15, 0.2, 0.3),
+                       easycache=(0.1, 0.2, 0.4), magcache=((0.06, 2), (0.12, 2), (0.24, 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSetup:
+    module: str  # in demo_models
+    loader: str
+    settings: dict[str, tuple[str, str, int]]
+    description: str
+    prompts: str  # the demo_models module whose benchmark_prompts() gives the prompt sets
+    video: bool = False
+    rules: RuleGrid = RuleGrid()
+
+
+MODELS: dict[str, ReferenceSetup] = {
+    "unet": ReferenceSetup("reference_model", "load_reference_model", SETTINGS, "Reference model (UNet)",
+                           "reference_data"),
+    "dit": ReferenceSetup("reference_dit", "load_reference_dit", DIT_SETTINGS, "Transformer reference model (Flux)",
+                          "reference_data"),
+    "video": ReferenceSetup("reference_video", "load_reference_video", VIDEO_SETTINGS,
+                            "Video reference model (Wan 2.1, 8 frames)", "reference_clips", video=True,
+                            rules=VIDEO_RULES),
+}
+VIDEO_SKIPPED = {"block_cache_measured", "block_cache_order0", "block_cache_threshold"}
 MIN_SPEEDUP, MAX_SPEEDUP = 1.4, 6.0  # the range of Block Cache's ladder that is swept
 MAX_RUNGS = 14
 ORDER0_SPEEDUPS = (2.0, 3.0)
 FLOORS = (35.0, 30.0, 27.0)
-INTERVALS = (2, 3, 4)
-PEER_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
-FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
-TEACACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)  # on the fitted scale: about 0.03-0.2 per step
 # Prompt sets (reference_data.benchmark_prompts seeds) and sampling seeds: disjoint for profile, A and B.
 PROFILE_SET = (99, 1001)
 EVAL_SETS = {"A": (1234, 1), "B": (4242, 2)}
@@ -91,21 +138,24 @@ FAMILY_LABELS = {
     "deepcache": "DeepCache rule",
     "fbcache": "First Block Cache rule",
     "teacache": "TeaCache rule",
+    "magcache": "MagCache rule",
     "easycache": "EasyCache (core)",
     "lazycache": "LazyCache (core)",
     "faster_diffusion": "Faster Diffusion",
+    "block_cache_two_experts": "Block Cache default, two experts (Wan 2.2 layout)",
 }
 # The rows the goal compares against (everything that is not Block Cache's own builder).
 # Where each module named in the scripts lives in the pack.
 PACKAGES = {
-    **dict.fromkeys(("reference_model", "reference_dit", "reference_data", "builtin_models"), "demo_models"),
+    **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
+                     "builtin_models"), "demo_models"),
     **dict.fromkeys(("patching", "schedule", "target_schedule", "validation", "cache", "profile", "fidelity"),
                     "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
     "mapping": "block_maps",
 }
-OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "easycache", "lazycache",
-          "faster_diffusion")
+OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "magcache", "easycache",
+          "lazycache", "faster_diffusion")
 
 
 def _module(name: str) -> Any:
@@ -141,6 +191,22 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return value.flatten(1).mean(1)
 
 
+def clip_metrics(clips: torch.Tensor, uncached: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per picture or clip (B x C x [T x] H x W in [0, 1]): PSNR, SSIM (the mean over frames), and for
+    clips the worst frame's PSNR and the temporal PSNR (of the frame-to-frame differences)."""
+    if clips.ndim == 4:
+        return {"psnr": psnr(clips, uncached), "ssim": ssim(clips, uncached)}
+    frames = clips.shape[2]
+
+    def as_frames(x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(2, 1).flatten(0, 1)
+
+    per_frame = psnr(as_frames(clips), as_frames(uncached)).view(-1, frames)
+    motion, uncached_motion = clips.diff(dim=2), uncached.diff(dim=2)
+    return {"psnr": psnr(clips, uncached), "ssim": ssim(as_frames(clips), as_frames(uncached)).view(-1, frames).mean(1),
+            "psnr_worst_frame": per_frame.min(1).values, "temporal_psnr": psnr(motion, uncached_motion)}
+
+
 def _pictures(latent: torch.Tensor) -> torch.Tensor:
     """The pixel-space VAE's decode: [-1, 1] -> [0, 1] (comfy/sd.py VAE.process_output)."""
     return ((latent.float() + 1) / 2).clamp(0, 1)
@@ -155,9 +221,12 @@ class Method:
     setting: str  # the knob, e.g. "2.39x" or "12 steps"
     make: Callable[[], tuple[Any, int]]  # -> (model to sample with, steps)
     knob: float = 0.0  # for ordering a family's curve
+    # Samples (positive, latent, seed) itself, where one model and one sampler call do not (two experts).
+    sample: Callable[[Any, dict, int], torch.Tensor] | None = None
 
 
-def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: str) -> list[Method]:
+def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sampler: str, scheduler: str,
+             max_rungs: int = MAX_RUNGS) -> list[Method]:
     import comfy_extras.nodes_easycache as easycache
 
     patching = _module("patching")
@@ -168,7 +237,8 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     mapping = _module("mapping")
     model = reference.patcher
     methods = [Method("no cache", "none", "", lambda: (model, steps))]
-    for n in _fewer_steps(steps):
+    rules = setup.rules
+    for n in _fewer_steps(steps, setup.video):
         methods.append(Method(f"fewer steps {n}", "fewer_steps", f"{n} steps", lambda n=n: (model, n), knob=n))
 
     def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
@@ -181,7 +251,7 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     default_rung = target.choose_rung(ladder, target.DEFAULT_SPEEDUP)
     rungs = [1.0 / r.flop_fraction for r in ladder if MIN_SPEEDUP <= 1.0 / r.flop_fraction <= MAX_SPEEDUP
              and r.computes != default_rung.computes]
-    stride = max(1, math.ceil(len(rungs) / MAX_RUNGS))  # long grids: every stride-th rung
+    stride = max(1, math.ceil(len(rungs) / max_rungs))  # long grids: every stride-th rung
     targets = sorted(set(rungs[::stride]) | {target.DEFAULT_SPEEDUP})
     for index, speedup in enumerate(targets):
         default = speedup == target.DEFAULT_SPEEDUP
@@ -223,29 +293,40 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     base = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=0.0, cache_kinds="all"))
     unet = profile.block_map.family == "unet"
     outer = bench_peers.outer_layer_names(model, mapping) if unet else set()
-    for k in INTERVALS:
+    for k in rules.intervals:
         methods.append(Method(f"FORA every {k}", "fora", f"every {k}", apply(bench_peers.interval_schedule(base, k)),
                               knob=k))
-        for order in (1, 2):
+        for order in rules.taylor_orders:
             methods.append(Method(f"TaylorSeer every {k} order {order}", "taylorseer", f"every {k}, order {order}",
                                   apply(bench_peers.interval_schedule(base, k, order=order)), knob=k + order / 10))
         if unet:  # DeepCache's rule is defined on a UNet's skip branch
             methods.append(Method(f"DeepCache every {k}", "deepcache", f"every {k}",
                                   apply(bench_peers.interval_schedule(base, k, keep=lambda name: name in outer)),
                                   knob=k))
-    for threshold in FBCACHE_THRESHOLDS:
+    for threshold in rules.fbcache:
         methods.append(Method(f"First Block Cache {threshold:g}", "fbcache", f"threshold {threshold:g}",
                               lambda t=threshold: (bench_peers.first_block_cache(patching, model, base, t)[0], steps),
                               knob=threshold))
-    if not unet:  # its indicator is Flux's modulated input of the first double block
+    if not unet:  # its indicator: Flux's modulated input of the first double block, Wan's time modulation
+        layer, indicator = (("blocks.0", bench_peers.wan_time_modulation) if setup.video
+                            else ("double_blocks.0", bench_peers.flux_modulated_input))
         # Fitted on the profiling prompts' uncached run, as TeaCache fits its polynomial per model.
-        coefficients = bench_peers.fit_teacache_polynomial(model, profile.replays[0].sample)
-        for threshold in TEACACHE_THRESHOLDS:
-            methods.append(Method(f"TeaCache {threshold:g}", "teacache", f"rel_l1_thresh {threshold:g}",
-                                  lambda t=threshold: (bench_peers.teacache(patching, model, base, t, coefficients)[0],
-                                                       steps), knob=threshold))
+        coefficients = bench_peers.fit_teacache_polynomial(model, profile.replays[0].sample, layer, indicator)
+        for threshold in rules.teacache:
+            methods.append(Method(
+                f"TeaCache {threshold:g}", "teacache", f"rel_l1_thresh {threshold:g}",
+                lambda t=threshold: (bench_peers.teacache(patching, model, base, t, coefficients, indicator)[0], steps),
+                knob=threshold))
+    if setup.video:  # MagCache's Wan rule, calibrated on the profiling prompts' uncached run as MagCache is
+        blocks = len(model.get_model_object("diffusion_model").blocks)
+        ratios = bench_peers.fit_magnitude_ratios(model, profile.replays[0].sample, "blocks.0", f"blocks.{blocks - 1}")
+        for threshold, max_skips in rules.magcache:
+            methods.append(Method(
+                f"MagCache {threshold:g} K={max_skips}", "magcache", f"magcache_thresh {threshold:g}, K {max_skips}",
+                lambda t=threshold, k=max_skips: (bench_peers.magcache(patching, model, base, t, ratios, k)[0], steps),
+                knob=threshold + max_skips / 100))
     for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
-        for threshold in PEER_THRESHOLDS:
+        for threshold in rules.easycache:
             methods.append(Method(f"{node.__name__.removesuffix('Node')} {threshold:g}", family,
                                   f"reuse_threshold {threshold:g}",
                                   lambda n=node, t=threshold: (bench_peers.easycache(model, n, t), steps),
@@ -259,7 +340,67 @@ def _methods(reference: Any, profile: Any, steps: int, sampler: str, scheduler: 
     return methods
 
 
-def _fewer_steps(steps: int) -> list[int]:
+def two_experts_method(reference: Any, profile: Any, positive: Any, latent: dict, negative: Any, cfg: float,
+                       sampler: str, scheduler: str, steps: int) -> Method:
+    """Wan 2.2's layout: a high-noise expert samples the steps above the boundary sigma, a low-noise expert
+    the rest, in two KSamplerAdvanced segments (here one trained model as both). Each expert is profiled
+    on its own segment of the profiling prompts' run and cached by the default target's schedule for it."""
+    import comfy.samplers
+    import nodes as comfy_nodes
+
+    patching, target = _module("patching"), _module("target_schedule")
+    model = reference.patcher
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).tolist()
+    split = next(i for i, sigma in enumerate(sigmas) if sigma < WAN22_BOUNDARY_SIGMA)
+
+    def segments(high: Any, low: Any, positive: Any, latent: dict, seed: int) -> torch.Tensor:
+        (first,) = comfy_nodes.common_ksampler(high, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                               start_step=0, last_step=split, force_full_denoise=False)
+        (out,) = comfy_nodes.common_ksampler(low, seed, steps, cfg, sampler, scheduler, positive, negative, first,
+                                             disable_noise=True, start_step=split, last_step=steps,
+                                             force_full_denoise=True)
+        return out["samples"]
+
+    (recording_high, high_holder), (recording_low, low_holder) = patching.attach_profiler(model), \
+        patching.attach_profiler(model)
+    segments(recording_high, recording_low, positive, latent, PROFILE_SET[1])
+    experts = [patching.apply_block_cache(model, target.build_target_schedule(
+        patching.collect_profile(holder, model), target.TargetOptions()))[0] for holder in (high_holder, low_holder)]
+    label = f"steps 0-{split - 1} and {split}-{steps - 1}, each its own {target.DEFAULT_SPEEDUP:g}x schedule"
+    return Method(FAMILY_LABELS["block_cache_two_experts"], "block_cache_two_experts", label, lambda: (model, steps),
+                  sample=lambda positive, latent, seed: segments(*experts, positive, latent, seed))
+
+
+def _preview_gif(path: Path, rows: list[dict[str, Any]], clips: dict[str, torch.Tensor], uncached: torch.Tensor,
+                 count: int = 4, scale: int = 4) -> None:
+    """An animated GIF of the first ``count`` clips of set A: uncached, the Build node's default, and the
+    fewer-steps row nearest its cost, side by side."""
+    from PIL import Image, ImageDraw
+
+    default = next(r for r in rows if r["family"] == "block_cache_floor")
+    fewer = min((r for r in rows if r["family"] == "fewer_steps"),
+                key=lambda r: abs(math.log(r["flop_fraction"] / default["flop_fraction"])))
+    columns = [("uncached", uncached), (f"cache {1 / default['flop_fraction']:.2f}x", _pictures(clips[default["method"]])),
+               (f"{fewer['steps']} steps {1 / fewer['flop_fraction']:.2f}x", _pictures(clips[fewer["method"]]))]
+    count = min(count, uncached.shape[0])
+    size, header = uncached.shape[-1] * scale, 14
+    frames = []
+    for t in range(uncached.shape[2]):
+        canvas = Image.new("RGB", (size * len(columns), header + size * count), "white")
+        draw = ImageDraw.Draw(canvas)
+        for c, (label, video) in enumerate(columns):
+            draw.text((c * size + 3, 1), label, fill="black")
+            for r in range(count):
+                frame = (video[r, :, t].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+                tile = Image.fromarray(frame).resize((size, size), Image.NEAREST)
+                canvas.paste(tile, (c * size, header + r * size))
+        frames.append(canvas)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
+
+
+def _fewer_steps(steps: int, coarse: bool = False) -> list[int]:
+    if coarse:  # about 9 counts spread over the range that the caches' rows reach
+        return sorted({round(steps * f) for f in (0.16, 0.2, 0.26, 0.33, 0.4, 0.5, 0.6, 0.75, 0.9)})
     if steps <= 25:
         return list(range(3, steps))
     return sorted({n for n in (5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 22, 25, 28, 32, 36, 40, 45) if n < steps})
@@ -268,21 +409,20 @@ def _fewer_steps(steps: int) -> list[int]:
 def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     import nodes as comfy_nodes
 
-    module_name, loader, settings, _ = MODELS[args.model]
-    sampler, scheduler, steps = settings[name]
-    reference_module = _module(module_name)
-    reference_data = _module("reference_data")
+    setup = MODELS[args.model]
+    sampler, scheduler, steps = setup.settings[name]
+    reference_module = _module(setup.module)
+    prompt_source = _module(setup.prompts)
     patching = _module("patching")
     validation = _module("validation")
-    reference = getattr(reference_module, loader)()
+    reference = getattr(reference_module, setup.loader)()
     model = reference.patcher
     negative = reference.conditioning("")
 
     def batch(prompt_seed: int, count: int, repeats: int) -> tuple[list[str], Any, dict]:
-        prompts = reference_data.benchmark_prompts(count, seed=prompt_seed)
+        prompts = prompt_source.benchmark_prompts(count, seed=prompt_seed)
         items = [p for p in prompts for _ in range(repeats)]
-        latent = {"samples": torch.zeros(len(items), 3, reference_module.RESOLUTION, reference_module.RESOLUTION)}
-        return prompts, reference.conditioning_batch(items), latent
+        return prompts, reference.conditioning_batch(items), reference_module.empty_latent(len(items))
 
     def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps) -> torch.Tensor:
         (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, sampler, scheduler, positive, negative, latent)
@@ -320,29 +460,45 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     sample(model, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1])  # warm-up
     time_no_cache()
     rows = []
-    methods = _methods(reference, profile, steps, sampler, scheduler)
+    methods = _methods(setup, reference, profile, steps, sampler, scheduler, args.max_rungs)
+    if setup.video:
+        methods = [m for m in methods if m.family not in VIDEO_SKIPPED]
+        methods.append(two_experts_method(reference, profile, profile_positive, profile_latent, negative, args.cfg,
+                                          sampler, scheduler, steps))
     if args.families:  # a re-run of some rows; "none" (the uncached row) is always kept
         methods = [m for m in methods if m.family in {"none", *args.families.split(",")}]
+    outputs_a: dict[str, torch.Tensor] = {}
     for index, method in enumerate(methods):
         if index and index % 8 == 0:
             time_no_cache()
         m, n = method.make()
-        flops, out_b = flops_of(m, n)
+        if method.sample is None:
+            flops, out_b = flops_of(m, n)
+        else:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                out_b = method.sample(sets["B"][1], sets["B"][2], EVAL_SETS["B"][1])
+            flops = float(counter.get_total_flops())
         start = time.perf_counter()
-        out_a = sample(m, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1], n)
+        if method.sample is None:
+            out_a = sample(m, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1], n)
+        else:
+            out_a = method.sample(sets["A"][1], sets["A"][2], EVAL_SETS["A"][1])
         seconds = time.perf_counter() - start
+        outputs_a[method.name] = out_a
         row = {"method": method.name, "family": method.family, "setting": method.setting, "knob": method.knob,
                "steps": n, "flop_fraction": flops / full_flops, "seconds": seconds,
                "wall_speedup": no_cache_seconds[-1] / seconds}
         for key, out in (("A", out_a), ("B", out_b)):
-            pictures = _pictures(out)
-            values = psnr(pictures, uncached[key])
-            row[f"psnr_{key}"] = float(values.mean())
-            row[f"psnr_min_{key}"] = float(values.min())
-            row[f"ssim_{key}"] = float(ssim(pictures, uncached[key]).mean())
+            metrics = clip_metrics(_pictures(out), uncached[key])
+            row[f"psnr_min_{key}"] = float(metrics["psnr"].min())
+            for metric, values in metrics.items():
+                row[f"{metric}_{key}"] = float(values.mean())
         rows.append(row)
         print(f"[{name}] {method.name}: {1 / row['flop_fraction']:.2f}x FLOPs, {row['wall_speedup']:.2f}x wall, "
               f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
+    if setup.video:
+        _preview_gif(args.out / f"preview_{name}.gif", rows, outputs_a, uncached["A"])
     return {"setting": name, "model": args.model, "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": args.cfg,
             "rows": rows, "pareto": {key: pareto(rows, key) for key in EVAL_SETS},
@@ -461,18 +617,24 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {result['sampler']}/{result['scheduler']} {result['steps']} steps, cfg {result['cfg']:g}",
             "",
-            f"{MODELS[result.get('model', 'unet')][3]}, 32x32 pixels; two disjoint evaluation sets of {result['pairs']} prompt x seed pairs "
+            f"{MODELS[result.get('model', 'unet')].description}, 32x32 pixels; two disjoint evaluation sets of {result['pairs']} prompt x seed pairs "
             f"(A, B), profile on {len(result['profile_prompts'])} other prompts. FLOPs by FlopCounterMode around the "
             "sampling call; wall = uncached time / method time on set A (same run, one CPU thread).",
             "",
-            "| method | FLOP speed-up | wall speed-up | PSNR A (mean / min) | SSIM A | PSNR B (mean / min) | SSIM B |",
-            "|---|---:|---:|---:|---:|---:|---:|",
         ]
+        video = "temporal_psnr_A" in result["rows"][0]
+        if video:
+            lines += ["PSNR and SSIM per clip (all 8 frames); worst frame: the mean over clips of each clip's "
+                      "worst frame; temporal: PSNR of the frame-to-frame differences against the uncached clip's.", ""]
+        extra = " worst frame A | temporal A |" if video else ""
+        lines += ["| method | FLOP speed-up | wall speed-up | PSNR A (mean / min) | SSIM A |" + extra
+                  + " PSNR B (mean / min) | SSIM B |", "|---|---:|---:|---:|---:|" + "---:|" * (4 if video else 2)]
         for row in result["rows"]:
             if row["family"] == "none":
                 continue
+            cells = f" {_db(row['psnr_worst_frame_A'])} | {_db(row['temporal_psnr_A'])} |" if video else ""
             lines.append(f"| {row['method']} | {1 / row['flop_fraction']:.2f}x | {row['wall_speedup']:.2f}x | "
-                         f"{_db(row['psnr_A'])} / {_db(row['psnr_min_A'])} | {row['ssim_A']:.3f} | "
+                         f"{_db(row['psnr_A'])} / {_db(row['psnr_min_A'])} | {row['ssim_A']:.3f} |{cells} "
                          f"{_db(row['psnr_B'])} / {_db(row['psnr_min_B'])} | {row['ssim_B']:.3f} |")
         lines += ["", pareto_markdown(result), ""]
     full = results.get("full_size")
@@ -544,6 +706,7 @@ FAMILY_COLOURS = {
     "block_cache_threshold": (196, 156, 148), "fewer_steps": (0, 0, 0), "fora": (31, 119, 180),
     "taylorseer": (23, 190, 207), "deepcache": (148, 103, 189), "fbcache": (188, 189, 34), "teacache": (127, 127, 127),
     "easycache": (44, 160, 44), "lazycache": (152, 223, 138), "faster_diffusion": (255, 127, 14),
+    "magcache": (65, 65, 65), "block_cache_two_experts": (255, 187, 120),
 }
 
 
@@ -554,10 +717,10 @@ def quality_plot(result: dict[str, Any], path: Path) -> None:
                       key=lambda r: (r["flop_fraction"], -r["psnr_A"]))
         if not rows:
             continue
-        line = family not in ("faster_diffusion", "block_cache_floor", "block_cache_best")
+        line = family not in ("faster_diffusion", "block_cache_floor", "block_cache_best", "block_cache_two_experts")
         series.append(Series(label, [1 / r["flop_fraction"] for r in rows], [min(r["psnr_A"], 60.0) for r in rows],
                              line=line, colour=FAMILY_COLOURS[family]))
-    plot(series, str(path), title=f"{MODELS[result.get('model', 'unet')][3]}, {result['sampler']}/{result['scheduler']} {result['steps']}: "
+    plot(series, str(path), title=f"{MODELS[result.get('model', 'unet')].description}, {result['sampler']}/{result['scheduler']} {result['steps']}: "
          "PSNR vs the uncached pictures (set A) against FLOP speed-up", xlabel="FLOP speed-up vs no cache",
          ylabel="PSNR dB (mean, capped 60)")
 
@@ -565,10 +728,14 @@ def quality_plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="unet",
-                        help="unet: the UNet reference model; dit: the transformer (Flux) reference model")
+                        help="unet: the UNet reference model; dit: the transformer (Flux) reference model; video: "
+                             "the video (Wan) reference model")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--settings", default=None,
-                        help="comma-separated; unet: " + ", ".join(SETTINGS) + "; dit: " + ", ".join(DIT_SETTINGS))
+                        help="comma-separated; " + "; ".join(f"{name}: " + ", ".join(setup.settings)
+                                                             for name, setup in MODELS.items()))
+    parser.add_argument("--max-rungs", type=int, default=MAX_RUNGS, help="Block Cache's target sweep: at most "
+                                                                         "this many rungs of the ladder")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--profile-prompts", type=int, default=4)
@@ -583,7 +750,7 @@ def main() -> None:
     parser.add_argument("--families", default="", help="comma-separated: only these method families, e.g. "
                                                          "teacache (default: all of " + ", ".join(FAMILY_LABELS) + ")")
     args = parser.parse_args()
-    settings = MODELS[args.model][2]
+    settings = MODELS[args.model].settings
     args.settings = args.settings or ",".join(settings)
     unknown = [name for name in args.settings.split(",") if name not in settings]
     if unknown:

@@ -37,6 +37,10 @@ DEMO = "block_cache_demo_model_no_checkpoint"
 # The transformer reference model (a trained Flux) samples as Flux workflows do: euler/simple.
 DIT_DEMO = "block_cache_demo_dit_no_checkpoint"
 DIT_SCHEDULER, DIT_CFG = "simple", 5.0
+# The video reference model (a trained Wan 2.1) samples as Wan workflows do: euler/simple, 30 steps.
+VIDEO_DEMO = "block_cache_demo_video_no_checkpoint"
+VIDEO_STEPS = 30
+VIDEO_PROMPT = "a large red circle at left moving right on a blue striped background"
 
 # Socket inputs and outputs of the node types the examples use: (name, type).
 SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
@@ -390,16 +394,19 @@ def faster_diffusion_sd15() -> dict[str, Any]:
 
 
 def _demo_sources(g: Graph, size: str = "reference") -> tuple[int, int]:
-    model = g.add("BlockCacheDemoModel", (0, 120), [size, 0, DEMO_PROMPT, ""], (320, 190))
-    # 256x256 gives the reference model's 32x32 pixel latent (ComfyUI's pixel-space latent format).
-    latent = g.add("EmptyLatentImage", (0, 350), [256, 256, 1], (320, 110))
+    video = size == "reference_video"
+    model = g.add("BlockCacheDemoModel", (0, 120), [size, 0, VIDEO_PROMPT if video else DEMO_PROMPT, ""], (320, 190))
+    # 256x256 gives the reference models' 32x32 pixel latent (ComfyUI's pixel-space latent format); for the
+    # video model, length 29 gives its 8 frames (Wan's 4x frame compression, undone by its latent format).
+    latent = (g.add("EmptyHunyuanLatentVideo", (0, 350), [256, 256, 29, 1], (320, 130)) if video
+              else g.add("EmptyLatentImage", (0, 350), [256, 256, 1], (320, 110)))
     return model, latent
 
 
 def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, scheduler: str = "normal",
-               cfg: float = DEMO_CFG) -> None:
+               cfg: float = DEMO_CFG, steps: int = DEMO_STEPS) -> None:
     """A cached and an uncached KSampler, decoded side by side."""
-    widgets = [DEMO_SEED, "fixed", DEMO_STEPS, cfg, "euler", scheduler, 1.0]
+    widgets = [DEMO_SEED, "fixed", steps, cfg, "euler", scheduler, 1.0]
     cached = g.add("KSampler", (x, 120), widgets, (300, 262), title="KSampler (cached)", colour=CACHED)
     uncached = g.add("KSampler", (x, 420), list(widgets), (300, 262), title="KSampler (uncached)")
     for sampler in (cached, uncached):
@@ -428,10 +435,10 @@ def _demo_tail(g: Graph, model: int, latent: int, apply: int, x: int, scheduler:
 
 
 def _demo_profile_and_build(g: Graph, model: int, latent: int, cfg: float = DEMO_CFG,
-                            scheduler: str = "normal") -> tuple[int, int]:
+                            scheduler: str = "normal", steps: int = DEMO_STEPS) -> tuple[int, int]:
     """Profile Block Changes on the demo model's sources, and Build Cache Schedule from its profile."""
     profile_id = g.add("BlockCacheProfile", (350, 120),
-                       [DEMO_SEED, "fixed", DEMO_STEPS, cfg, "euler", scheduler, 1.0], (360, 520))
+                       [DEMO_SEED, "fixed", steps, cfg, "euler", scheduler, 1.0], (360, 520))
     build = g.add(BUILD, (740, 120), list(BUILD_WIDGETS), (420, 520), colour=CACHED)
     for source, port, name in ((model, 0, "model"), (model, 1, "positive"), (model, 2, "negative"),
                                (latent, 0, "latent_image"), (model, 3, "vae")):
@@ -480,6 +487,24 @@ def demo_dit() -> dict[str, Any]:
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
     _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG)
+    return g.to_json()
+
+
+def demo_video() -> dict[str, Any]:
+    """Runs anywhere: the built-in video reference model (ComfyUI's Wan 2.1 class), no checkpoint."""
+    g = Graph()
+    note = ("## Block Cache on video: built-in Wan model, no checkpoint needed\n\nThe pack's small trained video "
+            "reference model is ComfyUI's own Wan 2.1 class (WanAttentionBlocks, 3D RoPE) with Wan's flow-matching "
+            "sampling: 8-frame 32x32 clips of shapes that move or change colour. It profiles, builds and caches "
+            "exactly as a Wan checkpoint does, on CPU in seconds: the heatmap has one row per block. The previews "
+            "show the 8 frames.\n\n" + _TUNE)
+    model, latent = _demo_sources(g, "reference_video")
+    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
+    profile_id, build = _demo_profile_and_build(g, model, latent, DIT_CFG, DIT_SCHEDULER, VIDEO_STEPS)
+    apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
+    g.link(model, 0, apply, "model")
+    g.link(build, 0, apply, "schedule")
+    _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG, VIDEO_STEPS)
     return g.to_json()
 
 
@@ -547,6 +572,7 @@ def schedule_file_payload(path: Path) -> dict[str, Any]:
 WORKFLOWS = {
     "block_cache_demo_model_no_checkpoint": demo,
     DIT_DEMO: demo_dit,
+    VIDEO_DEMO: demo_video,
     "block_cache_sd15_txt2img": sd15,
     "block_cache_sdxl_txt2img": sdxl,
     "block_cache_apply_saved_schedule": saved_schedule,

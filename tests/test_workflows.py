@@ -22,6 +22,7 @@ WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}  # never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 RUNNABLE = {"block_cache_demo_model_no_checkpoint", "block_cache_demo_dit_no_checkpoint",
+            "block_cache_demo_video_no_checkpoint",
             "block_cache_apply_saved_schedule", "block_cache_calibrate_demo_model"}
 
 
