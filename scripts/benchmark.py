@@ -91,10 +91,10 @@ class RuleGrid:
     magcache: tuple[tuple[float, int], ...] = ()  # (threshold, K); its Wan default is 0.12, 2
 
 
-# Video costs 8 frames a clip: the grid keeps the settings that skipped anything on a trial run and drops the
-# settings every other row ruled out (TaylorSeer order 2, interval 4).
-VIDEO_RULES = RuleGrid(intervals=(2, 3), taylor_orders=(1,), fbcache=(0.3, 0.6), teacache=(0.15, 0.2, 0.3),
-                       easycache=(0.1, 0.2, 0.4), magcache=((0.06, 2), (0.12, 2), (0.24, 2)))
+# Video costs 8 frames a clip: fewer settings of the rules the image benchmarks ruled out (TaylorSeer order 2,
+# interval 4), EasyCache's lowest threshold (it skipped nothing on a trial run), First Block Cache's low ones.
+VIDEO_RULES = RuleGrid(intervals=(2, 3), taylor_orders=(1,), fbcache=(0.3, 0.6), teacache=(0.05, 0.1, 0.15, 0.2, 0.3),
+                       easycache=(0.1, 0.2, 0.4), magcache=((0.03, 2), (0.06, 2), (0.12, 2), (0.24, 2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,7 +497,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
         rows.append(row)
         print(f"[{name}] {method.name}: {1 / row['flop_fraction']:.2f}x FLOPs, {row['wall_speedup']:.2f}x wall, "
               f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
-    if setup.video:
+    if setup.video and any(r["family"] == "block_cache_floor" for r in rows):  # not in a --families re-run
         _preview_gif(args.out / f"preview_{name}.gif", rows, outputs_a, uncached["A"])
     return {"setting": name, "model": args.model, "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": args.cfg,
@@ -522,6 +522,19 @@ def pareto(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
                                         "wall_speedup": r["wall_speedup"], "psnr": r[f"psnr_{key}"]}
                                for family, r in best.items()}
     return table
+
+
+def merge_runs(results: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with the rows of ``other`` (a second run of some families on the same prompts, seeds and
+    uncached pictures) in place of its own rows of those families, and the Pareto tables made again."""
+    for name, result in other["fidelity"].items():
+        merged = results["fidelity"][name]
+        families = {row["family"] for row in result["rows"]} - {"none"}
+        merged["rows"] = ([row for row in merged["rows"] if row["family"] not in families]
+                          + [row for row in result["rows"] if row["family"] in families])
+        merged["pareto"] = {key: pareto(merged["rows"], key) for key in EVAL_SETS}
+        merged["merged_families"] = sorted(families)
+    return results
 
 
 def verdict(pareto_table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -747,6 +760,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="no sampling: put the rows of a second run (its --out folder, e.g. one made with "
+                             "--families teacache) in place of this --out's rows of the same families, and write the "
+                             "tables and plots again")
     parser.add_argument("--families", default="", help="comma-separated: only these method families, e.g. "
                                                          "teacache (default: all of " + ", ".join(FAMILY_LABELS) + ")")
     args = parser.parse_args()
@@ -763,6 +780,15 @@ def main() -> None:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results = merge_runs(json.loads((args.out / "results.json").read_text()),
+                             json.loads((args.merge / "results.json").read_text()))
+        for name, result in results["fidelity"].items():
+            quality_plot(result, args.out / f"quality_vs_speedup_{name}.png")
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        (args.out / "table.md").write_text(markdown(results))
+        print(f"merged {args.merge} into {args.out}")
+        return
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                                           f"{args.threads} threads, CPU", "fidelity": {}}
     if not args.skip_reference:
