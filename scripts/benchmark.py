@@ -524,19 +524,6 @@ def pareto(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
     return table
 
 
-def merge_runs(results: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """``results`` with the rows of ``other`` (a second run of some families on the same prompts, seeds and
-    uncached pictures) in place of its own rows of those families, and the Pareto tables made again."""
-    for name, result in other["fidelity"].items():
-        merged = results["fidelity"][name]
-        families = {row["family"] for row in result["rows"]} - {"none"}
-        merged["rows"] = ([row for row in merged["rows"] if row["family"] not in families]
-                          + [row for row in result["rows"] if row["family"] in families])
-        merged["pareto"] = {key: pareto(merged["rows"], key) for key in EVAL_SETS}
-        merged["merged_families"] = sorted(families)
-    return results
-
-
 def verdict(pareto_table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per floor: Block Cache's best against the best other row, and their ratio."""
     lines = []
@@ -760,10 +747,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--merge", type=Path, default=None,
-                        help="no sampling: put the rows of a second run (its --out folder, e.g. one made with "
-                             "--families teacache) in place of this --out's rows of the same families, and write the "
-                             "tables and plots again")
     parser.add_argument("--families", default="", help="comma-separated: only these method families, e.g. "
                                                          "teacache (default: all of " + ", ".join(FAMILY_LABELS) + ")")
     args = parser.parse_args()
@@ -780,15 +763,6 @@ def main() -> None:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        results = merge_runs(json.loads((args.out / "results.json").read_text()),
-                             json.loads((args.merge / "results.json").read_text()))
-        for name, result in results["fidelity"].items():
-            quality_plot(result, args.out / f"quality_vs_speedup_{name}.png")
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "table.md").write_text(markdown(results))
-        print(f"merged {args.merge} into {args.out}")
-        return
     results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                                           f"{args.threads} threads, CPU", "fidelity": {}}
     if not args.skip_reference:
