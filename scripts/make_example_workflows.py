@@ -472,40 +472,37 @@ def demo(payloads: dict | None = None) -> dict[str, Any]:
     return g.to_json()
 
 
-def demo_dit() -> dict[str, Any]:
-    """Runs anywhere: the built-in transformer reference model (ComfyUI's Flux class), no checkpoint."""
+def _demo_on(size: str, note: str, steps: int = DEMO_STEPS) -> dict[str, Any]:
+    """A no-checkpoint demo on one of the built-in flow-matching reference models (euler/simple)."""
     g = Graph()
-    note = ("## Block Cache on a transformer: built-in Flux model, no checkpoint needed\n\nThe pack's small "
-            "trained transformer reference model is ComfyUI's own Flux class (double- and single-stream blocks, "
-            "RoPE) with Flux's flow-matching sampling, 32x32 pixels, coloured shapes on textured backgrounds. It "
-            "profiles, builds and caches exactly as a Flux checkpoint does, on CPU in seconds: the heatmap has one "
-            "row per double and single block.\n\n" + _TUNE)
-    model, latent = _demo_sources(g, "reference_dit")
-    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
-    profile_id, build = _demo_profile_and_build(g, model, latent, DIT_CFG, DIT_SCHEDULER)
+    model, latent = _demo_sources(g, size)
+    g.add("MarkdownNote", (0, -200), [note + "\n\n" + _TUNE], (NOTE_W * 2, 260))
+    _, build = _demo_profile_and_build(g, model, latent, DIT_CFG, DIT_SCHEDULER, steps)
     apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
     g.link(model, 0, apply, "model")
     g.link(build, 0, apply, "schedule")
-    _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG)
+    _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG, steps)
     return g.to_json()
+
+
+def demo_dit() -> dict[str, Any]:
+    """Runs anywhere: the built-in transformer reference model (ComfyUI's Flux class), no checkpoint."""
+    return _demo_on("reference_dit", (
+        "## Block Cache on a transformer: built-in Flux model, no checkpoint needed\n\nThe pack's small "
+        "trained transformer reference model is ComfyUI's own Flux class (double- and single-stream blocks, "
+        "RoPE) with Flux's flow-matching sampling, 32x32 pixels, coloured shapes on textured backgrounds. It "
+        "profiles, builds and caches exactly as a Flux checkpoint does, on CPU in seconds: the heatmap has one "
+        "row per double and single block."))
 
 
 def demo_video() -> dict[str, Any]:
     """Runs anywhere: the built-in video reference model (ComfyUI's Wan 2.1 class), no checkpoint."""
-    g = Graph()
-    note = ("## Block Cache on video: built-in Wan model, no checkpoint needed\n\nThe pack's small trained video "
-            "reference model is ComfyUI's own Wan 2.1 class (WanAttentionBlocks, 3D RoPE) with Wan's flow-matching "
-            "sampling: 8-frame 32x32 clips of shapes that move or change colour. It profiles, builds and caches "
-            "exactly as a Wan checkpoint does, on CPU in seconds: the heatmap has one row per block. The previews "
-            "show the 8 frames.\n\n" + _TUNE)
-    model, latent = _demo_sources(g, "reference_video")
-    g.add("MarkdownNote", (0, -200), [note], (NOTE_W * 2, 260))
-    profile_id, build = _demo_profile_and_build(g, model, latent, DIT_CFG, DIT_SCHEDULER, VIDEO_STEPS)
-    apply = g.add("BlockCacheApply", (1190, 120), APPLY_WIDGETS, (380, 180), colour=CACHED)
-    g.link(model, 0, apply, "model")
-    g.link(build, 0, apply, "schedule")
-    _demo_tail(g, model, latent, apply, 1600, DIT_SCHEDULER, DIT_CFG, VIDEO_STEPS)
-    return g.to_json()
+    return _demo_on("reference_video", (
+        "## Block Cache on video: built-in Wan model, no checkpoint needed\n\nThe pack's small trained video "
+        "reference model is ComfyUI's own Wan 2.1 class (WanAttentionBlocks, 3D RoPE) with Wan's flow-matching "
+        "sampling: 8-frame 32x32 clips of shapes that move or change colour. It profiles, builds and caches "
+        "exactly as a Wan checkpoint does, on CPU in seconds: the heatmap has one row per block. The previews "
+        "show the 8 frames."), VIDEO_STEPS)
 
 
 def calibrate_demo() -> dict[str, Any]:
