@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference_data import COLOURS, POSITIONS, Jitter, Scene, draw, random_scene
+from .reference_data import COLOURS, POSITIONS, Jitter, Scene, draw, random_scene, training_caption
 
 FRAMES = 8
 # Direction (x, y) of each motion, in fractions of the picture per clip; y grows downwards.
@@ -68,9 +68,7 @@ def training_batch(batch_size: int, generator: torch.Generator, *, drop_caption:
     for _ in range(batch_size):
         clip = random_clip(generator)
         clips.append(render_clip(clip, generator))
-        keep = (torch.rand(4, generator=generator) >= torch.tensor([drop_caption, drop_part, drop_part, drop_part]))
-        captions.append(clip.caption(size=bool(keep[1]), position=bool(keep[2]), background=bool(keep[3]))
-                        if keep[0] else "")
+        captions.append(training_caption(clip, generator, drop_caption, drop_part))
     return torch.stack(clips), captions
 
 

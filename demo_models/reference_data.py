@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -139,6 +140,19 @@ def draw(scene: Scene, jitter: Jitter, *, centre: tuple[float, float] | None = N
     return picture * 2 - 1
 
 
+class Captioned(Protocol):
+    def caption(self, *, size: bool = True, position: bool = True, background: bool = True) -> str: ...
+
+
+def training_caption(subject: Captioned, generator: torch.Generator, drop_caption: float, drop_part: float) -> str:
+    """``subject``'s caption as training sees it: empty (for CFG) or with its size, position and background
+    clauses each left out at random (a scene, or a clip of ``reference_clips``)."""
+    keep = torch.rand(4, generator=generator) >= torch.tensor([drop_caption, drop_part, drop_part, drop_part])
+    if not keep[0]:
+        return ""
+    return subject.caption(size=bool(keep[1]), position=bool(keep[2]), background=bool(keep[3]))
+
+
 def training_batch(batch_size: int, generator: torch.Generator, *, drop_caption: float = 0.1,
                    drop_part: float = 0.2) -> tuple[torch.Tensor, list[str]]:
     """Pictures (Bx3xSIZExSIZE) and their captions; some captions are shortened or empty (for CFG)."""
@@ -146,11 +160,7 @@ def training_batch(batch_size: int, generator: torch.Generator, *, drop_caption:
     for _ in range(batch_size):
         scene = random_scene(generator)
         pictures.append(render(scene, generator))
-        keep = (torch.rand(4, generator=generator) >= torch.tensor([drop_caption, drop_part, drop_part, drop_part]))
-        if not keep[0]:
-            captions.append("")
-        else:
-            captions.append(scene.caption(size=bool(keep[1]), position=bool(keep[2]), background=bool(keep[3])))
+        captions.append(training_caption(scene, generator, drop_caption, drop_part))
     return torch.stack(pictures), captions
 
 
