@@ -5,20 +5,22 @@ lives; each run gets a ``LayerCache`` from it, which at every evaluation decides
 the plan (moved onto the run's own steps where they differ) whether to compute or reuse, which
 computations to store, and serves the layer calls: a reused layer stands in with its cached
 value, or a forecast from its last computations (block_caching/forecast.py), corrected by the
-schedule's scale-shift table where it has one (or the calibration training on this run).
+schedule's scale-shift table where it has one, or by a ``ReuseTrainer`` (Calibrate's training)
+that an extension of the run sets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..block_maps.block_map import BlockMap, ReuseMode
+from ..block_maps.block_map import BlockMap, LayerSpec, ReuseMode
 from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder, RunStats
 from .forecast import combine, lagrange_weights, push_point
 from .layer_calls import residual_branches, stream_inputs
@@ -41,6 +43,23 @@ ONE_EVALUATION_PER_STEP = frozenset({
     "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "lcm", "ipndm", "ipndm_v", "deis",
     "res_multistep", "res_multistep_cfg_pp", "unipc", "unipc_bh2", "gradient_estimation",
 })
+
+
+class ReuseTrainer(Protocol):
+    """What trains the correction of reused outputs on a run (block_caching/calibration.py): the cache
+    hands it the layer calls of the evaluation's teacher pass and every reused output of the student's."""
+
+    teacher_pass: bool  # the current pass is the uncached teacher's: every layer computes
+    corrections: list[list[Any]] | None  # what reused tensors are corrected by while it trains
+
+    def record_target(self, index: int, keys: tuple, occurrence: int, spec: LayerSpec, out: Any) -> None:
+        """A teacher's output of a layer the student will reuse."""
+
+    def observe_reuse(self, index: int, keys: tuple, occurrence: int, spec: LayerSpec, reused: Any) -> Any:
+        """The student's reused output: its loss is kept; returns it detached."""
+
+    def grad_context(self) -> contextlib.AbstractContextManager[None]:
+        """Where reused outputs are rebuilt, so that the loss reaches the correction."""
 
 
 @dataclass
@@ -93,11 +112,8 @@ class LayerCache(LayerMethod):
         self.holder = holder
         self.plan = holder.plan  # on the run's steps: the schedule's own plan on its own grid, else re-timed
         self.cache_on_cpu = holder.cache_device == CACHE_ON_CPU
-        self.calibration: Any = None  # block_caching.calibration.CalibrationSession, while one trains on this run
-        self.evaluation_step: int | None = None  # the step of ``plan.grid``
+        self.trainer: ReuseTrainer | None = None  # set by an extension that trains the correction on this run
         self.schedule_step: int | None = None  # the step of the schedule's grid (scale-shift rows)
-        self.previous_step: int | None = None
-        self.compute_now: np.ndarray | None = None
         self.store_now: np.ndarray | None = None
         # A sampler that may evaluate one step twice (Heun) keeps every computation a reuse could read.
         self.repeats_steps = run.sampler_name not in ONE_EVALUATION_PER_STEP
@@ -119,27 +135,23 @@ class LayerCache(LayerMethod):
 
     @property
     def corrections(self) -> list[list[Any]] | None:
-        calibration = self.calibration
-        return calibration.corrections if calibration is not None else self.holder.corrections
+        trainer = self.trainer
+        return trainer.corrections if trainer is not None else self.holder.corrections
+
+    def decisions(self, run: RunContext, previous_step: int | None, step: int) -> np.ndarray:
+        return self.plan.decisions(previous_step, step)  # the plan is on the run's steps
 
     def begin_evaluation(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor) -> None:
-        plan = self.plan
-        step = plan.grid.step_of(run.evaluation_tau)
-        if step == self.previous_step:
+        step = run.run_step
+        if step == run.previous_run_step:
             self.repeats_steps = True
-        self.compute_now = plan.decisions(self.previous_step, step)
-        self.store_now = plan.reuses_ever if self.repeats_steps else plan.stores[:, step]
-        retimed = plan is not self.holder.plan
+        self.store_now = self.plan.reuses_ever if self.repeats_steps else self.plan.stores[:, step]
+        retimed = self.plan is not self.holder.plan
         self.schedule_step = self.holder.plan.grid.step_of(run.evaluation_tau) if retimed else step
-        self.evaluation_step = step
-
-    def end_evaluation(self, run: RunContext) -> None:
-        self.previous_step = self.evaluation_step
 
     def reset(self, run: RunContext) -> None:
         self.cache.clear()
         self.cache_bytes = self.history_bytes = 0
-        self.previous_step = None
 
     def close(self, run: RunContext) -> None:
         self.cache.clear()
@@ -149,21 +161,22 @@ class LayerCache(LayerMethod):
                    module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         index = layer.layer_index
         keys = call.chunk_keys
-        calibration = self.calibration
-        if calibration is not None and calibration.teacher_pass:
+        trainer = self.trainer
+        computes = run.computes
+        if trainer is not None and trainer.teacher_pass:
             # The uncached teacher: everything computes; the outputs the student will reuse are targets.
             out = forward(*args, **kwargs)
-            if not self.compute_now[index]:
-                calibration.record_target(index, tuple(keys), occurrence, layer.spec, out)
+            if not computes[index]:
+                trainer.record_target(index, tuple(keys), occurrence, layer.spec, out)
             return out
-        if not self.compute_now[index]:
-            if calibration is None:
+        if not computes[index]:
+            if trainer is None:
                 reused = self._reuse(run, layer, module, args, kwargs, keys, occurrence)
             else:
-                with calibration.grad_context():
+                with trainer.grad_context():
                     reused = self._reuse(run, layer, module, args, kwargs, keys, occurrence)
                 if reused is not None:
-                    reused = calibration.observe_reuse(index, tuple(keys), occurrence, layer.spec, reused)
+                    reused = trainer.observe_reuse(index, tuple(keys), occurrence, layer.spec, reused)
             if reused is not None:
                 with run.lock:
                     run.stats.reused[index] += 1

@@ -12,6 +12,8 @@ Per iteration, one sampling run on the schedule's grid (a prompt and a fresh see
    rows only (the layer's output is detached before the next layer sees it, so no gradient
    runs through the model), and Adam updates them, with a step size decaying linearly to 0.
 
+The session is a run extension of the cache (runtime/run.py): each run's ``StudentTeacherRun`` makes
+the session the cache's ``ReuseTrainer`` and runs every evaluation twice, teacher then student.
 Everything runs on a clone made by ``apply_block_cache``; the model passed in is never changed.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -28,11 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from comfy.patcher_extension import WrappersMP
 
-from ..block_maps.block_map import LayerSpec
+from ..block_maps.block_map import BlockMap, LayerSpec
 from ..errors import BlockCacheError
-from ..runtime.run import WRAPPER_KEY, run_context
+from ..runtime.run import RunContext, RunExtension, RunMethod
 from .cache import BlockCacheHolder, LayerCache
 from .patching import apply_block_cache
 from .scale_shift import ScaleShiftTable, channel_dim
@@ -75,12 +75,11 @@ class CalibrationResult:
     scheduler: str = ""
 
 
-class CalibrationSession:
-    """The training state of one Calibrate run; its wrapper hands it to each run's cache (``LayerCache``)."""
+class CalibrationSession(RunExtension):
+    """The training state of one Calibrate run, over all its sampling runs: the ``ReuseTrainer`` of each
+    run's cache (``LayerCache``)."""
 
-    def __init__(self, holder: BlockCacheHolder, table: ScaleShiftTable, learning_rate: float,
-                 train: bool = True) -> None:
-        self.holder = holder
+    def __init__(self, table: ScaleShiftTable, learning_rate: float, train: bool = True) -> None:
         self.table = table
         self.learning_rate = learning_rate
         self.train = train  # False: measure the loss only
@@ -95,8 +94,22 @@ class CalibrationSession:
                 entry.scale = entry.scale.detach().clone().requires_grad_(True)
                 entry.shift = entry.shift.detach().clone().requires_grad_(True)
                 self._optimize(entry.scale, entry.shift)
+        self.block_map: BlockMap | None = None
         # What reused tensors are corrected by while this session trains (the holder's stay as they are).
-        self.corrections = table.bind(holder.block_map)
+        self.corrections: list[list[Any]] | None = None
+
+    def bind(self, holder: BlockCacheHolder, schedule: CacheSchedule) -> CalibrationSession:
+        """Installed on ``holder`` (apply_block_cache's options): its corrections follow the holder's layers."""
+        self.block_map = holder.block_map
+        self.corrections = self.table.bind(holder.block_map)
+        return self
+
+    def start(self, run: RunContext) -> RunMethod | None:
+        cache = run.layer_method
+        if not isinstance(cache, LayerCache):
+            return None
+        cache.trainer = self
+        return StudentTeacherRun(self)
 
     def set_learning_rate(self, learning_rate: float) -> None:
         self.learning_rate = learning_rate
@@ -133,7 +146,7 @@ class CalibrationSession:
                     entry.scale.requires_grad_(True)
                     entry.shift.requires_grad_(True)
                     self._optimize(entry.scale, entry.shift)
-                    self.corrections = self.table.bind(self.holder.block_map)
+                    self.corrections = self.table.bind(self.block_map)
         self.targets[(index, keys, occurrence)] = targets
 
     def observe_reuse(self, index: int, keys: tuple, occurrence: int, spec: LayerSpec, reused: Any) -> Any:
@@ -177,40 +190,40 @@ def _channel_axis(spec: LayerSpec, element: torch.Tensor) -> int:
     return channel_dim(spec) % element.ndim
 
 
-def calibration_predict_noise_wrapper(session: CalibrationSession, executor: Any, *args: Any, **kwargs: Any) -> Any:
-    """Inside the holder's own PREDICT_NOISE wrapper: the teacher pass, then the student's."""
-    run = run_context(args[2] if len(args) > 2 else kwargs.get("model_options"))
-    cache = run.layer_method if run is not None and run.holder is session.holder else None
-    if not isinstance(cache, LayerCache):
-        return executor(*args, **kwargs)
-    cache.calibration = session
-    if not run.in_evaluation or cache.compute_now is None or cache.compute_now.all():
-        return executor(*args, **kwargs)  # nothing is reused at this step: nothing to learn
-    session.teacher_pass = True
-    try:
-        executor(*args, **kwargs)
-    finally:
-        session.teacher_pass = False
-        run.passes = {}  # the student's model calls are the evaluation's first again
-    out = executor(*args, **kwargs)
-    loss = session.learn()
-    if loss is not None:
-        session.iteration_losses.append(loss)
-    return out
+class StudentTeacherRun(RunMethod):
+    """One sampling run of a calibration: every evaluation that reuses a layer runs twice, the uncached
+    teacher's pass first, then the student's, whose loss is learnt from."""
+
+    def __init__(self, session: CalibrationSession) -> None:
+        self.session = session
+
+    def around_evaluation(self, run: RunContext, evaluate: Callable[[], torch.Tensor]) -> torch.Tensor:
+        computes = run.computes
+        if computes is None or computes.all():
+            return evaluate()  # nothing is reused at this step: nothing to learn
+        session = self.session
+        session.teacher_pass = True
+        try:
+            evaluate()
+        finally:
+            session.teacher_pass = False
+        out = evaluate()
+        loss = session.learn()
+        if loss is not None:
+            session.iteration_losses.append(loss)
+        return out
 
 
 def attach_calibration(model: Any, schedule: CacheSchedule, learning_rate: float,
                        train: bool = True) -> tuple[Any, CalibrationSession]:
     """A clone of ``model`` that samples with ``schedule`` and trains its corrections as it goes."""
-    patched, holder = apply_block_cache(model, schedule)
     table = schedule.scale_shift
     if table is None:
         table = ScaleShiftTable(schedule.fingerprint, schedule.block_map.fingerprint, schedule.grid.steps)
     else:
         table = table.detached()
-    session = CalibrationSession(holder, table, learning_rate, train)
-    # Registered after the holder's wrappers, so it runs inside them: one evaluation, two passes.
-    patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, functools.partial(calibration_predict_noise_wrapper, session))
+    session = CalibrationSession(table, learning_rate, train)
+    patched, _ = apply_block_cache(model, schedule, options=[session])
     return patched, session
 
 

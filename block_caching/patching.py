@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..block_maps.block_map import BlockMap
 from ..block_maps.mapping import block_map_for_patcher
@@ -64,11 +64,21 @@ def _scheduled_block_map(schedule: CacheSchedule, model_map: BlockMap) -> BlockM
     return dataclasses.replace(model_map, layers=tuple(specs))
 
 
+class MethodOption(Protocol):
+    """A method's option of Apply (noise injection, parallel decoding, a calibration's training): what
+    it installs on the holder, if anything, as a run extension."""
+
+    def bind(self, holder: BlockCacheHolder, schedule: CacheSchedule) -> RunExtension | None:
+        """The extension for this holder and schedule; None when off or when it does not apply (logged)."""
+        ...
+
+
 def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = CACHE_ON_MODEL_DEVICE,
-                      extensions: Sequence[RunExtension] = ()) -> tuple[Any, BlockCacheHolder]:
+                      options: Sequence[MethodOption] = ()) -> tuple[Any, BlockCacheHolder]:
     """A clone of ``model`` that samples with ``schedule``, and the holder of its configuration.
 
-    ``extensions`` act in every run besides the cache (Faster Diffusion's prior noise injection).
+    ``options`` act in every run besides the cache, in this order (runtime/run.py): Faster
+    Diffusion's prior noise injection and parallel decoding, a calibration's training.
     """
     model_map = block_map_for_patcher(model)
     block_map = _scheduled_block_map(schedule, model_map)  # in schedule order
@@ -77,7 +87,10 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
     holder = BlockCacheHolder(block_map, LayerPlan.from_schedule(schedule), cache_device=cache_device)
     if schedule.scale_shift is not None:
         holder.corrections = schedule.scale_shift.bind(block_map)
-    holder.extensions.extend(extensions)
+    for option in options:
+        extension = option.bind(holder, schedule)
+        if extension is not None:
+            holder.extensions.append(extension)
     return install_runtime(model, block_map, holder), holder
 
 

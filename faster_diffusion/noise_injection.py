@@ -15,10 +15,9 @@ for SD (exactly the paper's z_t), ``x`` for flow models. So here:
 * "t < 0.5 T" is normalized time (the model's timestep over its timestep at sigma_max) below the
   cut-off, the same time axis every Block Cache schedule uses.
 
-Where. A run extension of the cache (runtime/run.py): at the start of each evaluation, in the
-runtime's PREDICT_NOISE wrapper, it adds the term *in place* to the tensor the sampler passes, at
-the first evaluation of each new step. KSampler passes its own state
-tensor there (unless a denoise mask is in use), so the solver continues from the injected latent,
+Where. A run extension of the cache (runtime/run.py): at the start of each evaluation, it adds the
+term *in place* to the tensor the sampler passes, at the first evaluation of each new step. KSampler
+passes its own state tensor there (unless a denoise mask is in use), so the solver continues from the injected latent,
 exactly like the paper's ``latents = latents + alpha * init_latents`` before the UNet call, for the
 one-evaluation-per-step samplers (euler/ddim, euler_ancestral, dpmpp_2m, lcm, uni_pc, ...). No
 sampler code is touched. Caveats: for samplers with extra evaluations (heun, dpm_2, ...) the term
@@ -36,7 +35,9 @@ from typing import Any
 
 import torch
 
-from ..runtime.run import RunContext, RunMethod
+from ..block_caching.cache import BlockCacheHolder
+from ..block_caching.schedule import CacheSchedule
+from ..runtime.run import RunContext, RunExtension, RunMethod
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ DEFAULT_TAU_CUTOFF = 0.5
 
 
 @dataclass(frozen=True)
-class NoiseInjection:
+class NoiseInjection(RunExtension):
     alpha: float = 0.0  # 0: off (nothing is installed)
     tau_cutoff: float = DEFAULT_TAU_CUTOFF  # inject at steps whose normalized time is below this
 
@@ -58,9 +59,14 @@ class NoiseInjection:
         if not (isinstance(self.tau_cutoff, (int, float)) and 0.0 <= self.tau_cutoff <= 1.0):
             raise ValueError(f"noise injection cut-off must be in [0, 1], got {self.tau_cutoff!r}")
 
-    def start(self, run: RunContext) -> NoiseInjector | None:
-        """This run's injector (a run extension of the cache); None when off."""
-        return NoiseInjector(self, run.model_sampling, run.holder.name) if self.enabled else None
+    def bind(self, holder: BlockCacheHolder, schedule: CacheSchedule) -> NoiseInjection | None:
+        """Apply's option: installed as a run extension of the cache when on."""
+        self.validate()
+        return self if self.enabled else None
+
+    def start(self, run: RunContext) -> NoiseInjector:
+        """This run's injector."""
+        return NoiseInjector(self, run.model_sampling, run.holder.name)
 
 
 class NoiseInjector(RunMethod):

@@ -11,12 +11,12 @@ What it takes here, and how it is done:
   ``input_blocks.0.0``) feeds the last decoder block's first skip; encoder propagation recomputes it
   from the current latent at every step. With parallel decoding it is treated as part of the
   encoder: its output is cached at key steps (per cond chunk, like the encoder layers) and reused at
-  the other steps, as in the paper, where the whole down path is skipped. The object patch
-  ``ConvInReuse`` on ``diffusion_model.input_blocks.0.0.forward`` does it. (Sequential encoder
-  propagation without this option keeps recomputing conv_in.)
-* **The coming timesteps.** Known from the run's sigma schedule (``transformer_options
-  ['sample_sigmas']``). A DIFFUSION_MODEL wrapper, registered with the pack's key, acts on every
-  evaluation where the runtime reuses the encoder (a non-key evaluation):
+  the other steps, as in the paper, where the whole down path is skipped: conv_in is one of the
+  extension's ``patched_layers``, whose calls the runtime hands to the run's ``ParallelDecoder``.
+  (Sequential encoder propagation without this option keeps recomputing conv_in.)
+* **The coming timesteps.** Known from the run's steps and the layer method's planned decisions
+  (the run context's ``planned_computes``). Around every diffusion-model call (the runtime's
+  DIFFUSION_MODEL hook) of an evaluation where the encoder is reused (a non-key evaluation):
 
   1. its sigma has a stashed output (for this call's cond chunks): that output is returned and the
      diffusion model is not called at all;
@@ -42,8 +42,8 @@ What it takes here, and how it is done:
 Not batched, sequential instead (logged once): calls with ControlNet/T2I-Adapter residuals (they are
 computed from the current latent at each step), schedules with scale-shift corrections (per step),
 models whose timestep is not ``model_sampling.timestep(sigma)``, and calls where another node's
-DIFFUSION_MODEL wrapper runs inside this one (core EasyCache applied after Block Cache): it would see
-a batch of several steps. Calibration runs are left alone. Only UNet encoder-propagation schedules
+DIFFUSION_MODEL wrapper runs inside the runtime's (core EasyCache applied after Block Cache): it would
+see a batch of several steps. Calibrate installs no parallel decoding. Only UNet encoder-propagation schedules
 apply; other schedules and models are left as they are (logged). Patches that read
 ``transformer_options['sigmas']`` see the first batched step's sigma for the whole batch.
 
@@ -54,23 +54,21 @@ batched passes.
 
 from __future__ import annotations
 
-import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from comfy.patcher_extension import WrappersMP
 
 from ..block_caching.cache import BlockCacheHolder, LayerCache
 from ..block_caching.schedule import CacheSchedule
-from ..runtime.run import WRAPPER_KEY, RunContext, active_call, run_context
+from ..runtime.run import ModelCall, RunContext, RunExtension, RunMethod
 
 logger = logging.getLogger(__name__)
 
 CONV_IN = "input_blocks.0.0"
-CONV_IN_KEY = f"diffusion_model.{CONV_IN}.forward"
 # Two sigmas within this relative distance are the same step (sampler sigmas are the schedule's own
 # float32 values, so in practice they are equal).
 SIGMA_RTOL = 1e-5
@@ -92,6 +90,21 @@ class ParallelDecoding:
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 0:
             raise ValueError(f"parallel decoding max_steps must be an integer >= 0 (0: no limit), "
                              f"got {self.max_steps!r}")
+
+    def bind(self, holder: BlockCacheHolder, schedule: CacheSchedule) -> ParallelDecodingPatch | None:
+        """Apply's option: the run extension, when on and the schedule and model allow it (logged if not)."""
+        self.validate()
+        if not self.enabled:
+            return None
+        reason = not_applicable_reason(schedule, holder)
+        if reason is not None:
+            logger.info("%s: parallel decoding was requested but does not apply: %s. Sampling runs without it.",
+                        holder.name, reason)
+            return None
+        logger.info("%s: parallel decoding on: conv_in is reused with the encoder; the decoder passes of the non-key "
+                    "steps after each key step run as one batch%s.", holder.name,
+                    f" of at most {self.max_steps} steps" if self.max_steps else "")
+        return ParallelDecodingPatch(holder, self)
 
 
 @dataclass
@@ -134,9 +147,12 @@ def _encoder_layers(holder: BlockCacheHolder) -> np.ndarray:
     return stages & holder.plan.reuses_ever
 
 
-class ParallelDecodingPatch:
-    """What ``enable_parallel_decoding`` installed: read-only during sampling. Each run gets its own
-    ``ParallelDecoder`` (in the run context's attachments); the last one stays here for display and tests."""
+class ParallelDecodingPatch(RunExtension):
+    """Parallel decoding installed on a holder: read-only during sampling. Each run gets its own
+    ``ParallelDecoder``; the last one stays here for display and tests."""
+
+    patched_layers = (CONV_IN,)
+    wraps_diffusion_model = True
 
     def __init__(self, holder: BlockCacheHolder, config: ParallelDecoding) -> None:
         config.validate()
@@ -151,14 +167,21 @@ class ParallelDecodingPatch:
     def last_stats(self) -> ParallelStats | None:
         return self.last_run.stats if self.last_run is not None else None
 
+    def start(self, run: RunContext) -> ParallelDecoder | None:
+        return ParallelDecoder(self, run) if isinstance(run.layer_method, LayerCache) else None
 
-class ParallelDecoder:
+
+def installed_on(holder: BlockCacheHolder) -> ParallelDecodingPatch | None:
+    """The parallel decoding an Apply installed on ``holder`` (its last run's figures), if any."""
+    return next((e for e in holder.extensions if isinstance(e, ParallelDecodingPatch)), None)
+
+
+class ParallelDecoder(RunMethod):
     """One run's parallel decoding: conv_in cache, the stash, counters."""
 
-    def __init__(self, patch: ParallelDecodingPatch, run: RunContext, cache: LayerCache) -> None:
+    def __init__(self, patch: ParallelDecodingPatch, run: RunContext) -> None:
         self.patch = patch
         self.run = run
-        self.cache = cache  # the run's Block Caching method: its plan and each evaluation's decisions
         self.config = patch.config
         self.name = patch.name
         self.encoder = patch.encoder
@@ -166,9 +189,6 @@ class ParallelDecoder:
         self.active = True
         self.model_sampling = run.model_sampling
         self.sample_sigmas: list[float] = [float(s) for s in run.run_grid.sigmas]
-        # The run's plan (re-timed onto the run's steps where it differs), and per run step its step.
-        self.plan = cache.plan
-        self.grid_steps = [self.plan.grid.step_of(tau) for tau in run.run_grid.taus]
         self.conv_in_cache: dict[Any, torch.Tensor] = {}
         self.stash: dict[int, dict[Any, torch.Tensor]] = {}  # run step -> chunk key -> output rows
         self.served_entries: set[tuple[int, Any]] = set()
@@ -176,6 +196,9 @@ class ParallelDecoder:
         self.stash_evaluation = -1
         self.stats = ParallelStats()
         self._logged: set[str] = set()
+
+    def close(self, run: RunContext) -> None:
+        self.finish_run()
 
     def finish_run(self) -> ParallelStats:
         stats = self.stats
@@ -203,17 +226,12 @@ class ParallelDecoder:
         self.stash_evaluation = -1
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _run_state(self) -> RunContext | None:
-        """The run context when this decoder should act on the current call, else None."""
-        run = self.run
-        if not self.active or not run.in_evaluation or self.cache.compute_now is None:
-            return None
-        if self.cache.calibration is not None:
-            return None  # calibration runs teacher and student on one evaluation; stay out of the way
-        return run
+    def _acting(self, run: RunContext) -> bool:
+        """Whether this decoder acts on the current call: inside an evaluation with the cache's decisions."""
+        return self.active and run.in_evaluation and run.computes is not None
 
     def _key_evaluation(self, run: RunContext) -> bool:
-        return bool(self.cache.compute_now[self.encoder].any())
+        return bool(run.computes[self.encoder].any())
 
     def _step_index(self, sigma: float) -> int | None:
         """The run step of the current evaluation if ``sigma`` is that step's own sigma (not a midpoint)."""
@@ -226,16 +244,15 @@ class ParallelDecoder:
     def _coming_steps(self, first: int, memory_limit: int) -> list[int]:
         """``first`` and the following run steps the runtime will run without the encoder, at most
         ``max_steps`` and ``memory_limit`` of them."""
-        plan = self.plan
         steps = [first]
         limit = min(self.config.max_steps or memory_limit, memory_limit)
-        for step in range(first + 1, len(self.grid_steps)):
+        for step in range(first + 1, len(self.sample_sigmas) - 1):
             if limit and len(steps) >= limit:
                 break
             if self.sample_sigmas[step] <= 0.0:
                 break
-            decisions = plan.decisions(self.grid_steps[step - 1], self.grid_steps[step])
-            if decisions[self.encoder].any():
+            decisions = self.run.planned_computes(step - 1, step)
+            if decisions is None or decisions[self.encoder].any():
                 break  # a key step: the encoder runs again there
             steps.append(step)
         return steps
@@ -290,18 +307,18 @@ class ParallelDecoder:
         for chunk, key in enumerate(keys):
             self._put(step, key, out[chunk * per:(chunk + 1) * per].detach().clone())
 
-    def _count_served(self, run: Any) -> None:
+    def _count_served(self, run: RunContext) -> None:
         # The per-step layer counts sequential decoding would show for this call.
         run.stats.computed[self.decoder] += 1
         run.stats.reused[self.encoder] += 1
         self.stats.served += 1
 
     # -- conv_in ------------------------------------------------------------------------------------
-    def conv_in(self, original: Any, args: tuple, kwargs: dict) -> Any:
-        run = self._run_state()
-        call = active_call()
-        if run is None or call is None:
-            return original(*args, **kwargs)
+    def call_patched_layer(self, run: RunContext, call: ModelCall, name: str, module: torch.nn.Module,
+                           forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """conv_in's call: reused at a non-key evaluation, cached per chunk at a key one."""
+        if not self._acting(run):
+            return forward(*args, **kwargs)
         keys = call.chunk_keys
         x = args[0] if args else next(iter(kwargs.values()))
         if not self._key_evaluation(run):
@@ -309,7 +326,7 @@ class ParallelDecoder:
             if cached is not None:
                 self.stats.conv_in_reused += 1
                 return cached
-        out = original(*args, **kwargs)
+        out = forward(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.shape[0] % len(keys) == 0:
             per = out.shape[0] // len(keys)
             for chunk, key in enumerate(keys):
@@ -329,16 +346,15 @@ class ParallelDecoder:
         return out
 
     # -- the diffusion model ------------------------------------------------------------------------
-    def diffusion_model(self, executor: Any, args: tuple, kwargs: dict) -> Any:
-        run = self._run_state()
-        call = active_call()
-        if run is None or call is None or len(args) < 6 or not isinstance(args[5], dict):
-            return executor(*args, **kwargs)
+    def around_diffusion_model(self, run: RunContext, call: ModelCall, proceed: Callable[..., Any], args: tuple,
+                               kwargs: dict, others_inside: bool) -> Any:
+        if not self._acting(run) or len(args) < 6 or not isinstance(args[5], dict):
+            return proceed(*args, **kwargs)
         x, transformer_options = args[0], args[5]
         sigmas = transformer_options.get("sigmas")
         keys = list(call.chunk_keys)
         if not isinstance(sigmas, torch.Tensor) or x.shape[0] % len(keys) != 0:
-            return executor(*args, **kwargs)
+            return proceed(*args, **kwargs)
         sigma = float(sigmas.reshape(-1)[0])
         step = self._step_index(sigma)
         if self._key_evaluation(run):
@@ -346,26 +362,26 @@ class ParallelDecoder:
             if self.stash_evaluation != evaluation:
                 self._drop_all()  # new encoder features: everything stashed is stale
                 self.stash_evaluation = evaluation
-            out = executor(*args, **kwargs)
+            out = proceed(*args, **kwargs)
             if self.config.batched and step is not None and isinstance(out, torch.Tensor):
                 self._stash_output(step, keys, out)  # Heun evaluates this sigma again
                 self.served_entries.update((step, key) for key in keys)  # not work done ahead: never "unused"
             return out
         if not self.config.batched:
-            return executor(*args, **kwargs)
+            return proceed(*args, **kwargs)
         if step is None:
             self._note("sigma off the schedule", f"a sampler evaluated at sigma {sigma:.4g}, which is not a step "
                                                   "of the schedule (a midpoint or a restart)")
-            return executor(*args, **kwargs)
+            return proceed(*args, **kwargs)
         served = self._serve(step, keys, x)
         if served is not None:
             self._count_served(run)
             return served
-        reason = self._cannot_batch(executor, args, keys, x)
+        reason = self._cannot_batch(others_inside, args, keys, x)
         if reason is not None:
             self._note(*reason)
-            return executor(*args, **kwargs)
-        return self._decode_batch(run, call.base_model, executor, args, kwargs, step, keys)
+            return proceed(*args, **kwargs)
+        return self._decode_batch(run, call.base_model, proceed, args, kwargs, step, keys)
 
     def _serve(self, step: int, keys: list[Any], x: torch.Tensor) -> torch.Tensor | None:
         self._drop_before(step)
@@ -380,23 +396,23 @@ class ParallelDecoder:
         self.served_entries.update((step, key) for key in keys)
         return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
-    def _cannot_batch(self, executor: Any, args: tuple, keys: list[Any], x: torch.Tensor) -> tuple[str, Any] | None:
-        wrappers, index = getattr(executor, "wrappers", None), getattr(executor, "idx", None)
-        if isinstance(wrappers, list) and isinstance(index, int) and len(wrappers) > index + 1:
+    def _cannot_batch(self, others_inside: bool, args: tuple, keys: list[Any],
+                      x: torch.Tensor) -> tuple[str, Any] | None:
+        if others_inside:
             return ("inner wrapper", "another node's DIFFUSION_MODEL wrapper runs inside this one and would see "
                                      "a batch of several steps (apply that node before Apply Block Cache)")
         if args[4] is not None:
             return ("control", "ControlNet / T2I-Adapter residuals are computed from each step's latent, so "
                                "later steps cannot be decoded ahead")
-        if self.cache.corrections is not None:
+        if self.patch.holder.corrections is not None:
             return ("scale-shift", "the schedule's scale-shift corrections depend on the step")
         parts = [self.conv_in_cache.get(key) for key in keys]
         if any(part is None for part in parts) or sum(part.shape[0] for part in parts) != x.shape[0]:
             return ("no conv_in cache", None)  # a chunk new since the key step: it computes its encoder now
         return None
 
-    def _decode_batch(self, run: RunContext, base_model: Any, executor: Any, args: tuple, kwargs: dict, first: int,
-                      keys: list[Any]) -> torch.Tensor:
+    def _decode_batch(self, run: RunContext, base_model: Any, proceed: Callable[..., Any], args: tuple, kwargs: dict,
+                      first: int, keys: list[Any]) -> torch.Tensor:
         x, timesteps, context, y, control, transformer_options = args[:6]
         rows = x.shape[0]
         memory_limit = self._memory_limit(base_model, x)
@@ -415,7 +431,7 @@ class ParallelDecoder:
                                                                                   dtype=timesteps.dtype)
         if not torch.allclose(batch_timesteps[:rows], timesteps.reshape(-1), rtol=1e-5, atol=1e-6):
             self._note("timesteps", "the model's timesteps are not model_sampling.timestep(sigma)")
-            return executor(*args, **kwargs)
+            return proceed(*args, **kwargs)
 
         def tile(value: Any) -> Any:
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows:
@@ -431,7 +447,7 @@ class ParallelDecoder:
         batch_args = (tile(x), batch_timesteps, tile(context), tile(y), control, options, *args[6:])
         batch_kwargs = {name: tile(value) for name, value in kwargs.items()}
         with run.model_call(keys * repeat, base_model):
-            out = executor(*batch_args, **batch_kwargs)
+            out = proceed(*batch_args, **batch_kwargs)
         self.stats.batched_calls += 1
         self.stats.batched_steps += repeat
         self.stats.batch_sizes.append(rows * repeat)
@@ -441,92 +457,6 @@ class ParallelDecoder:
         self._stash_output(first, keys, out[:rows])
         self.served_entries.update((first, key) for key in keys)
         return out[:rows].clone()
-
-
-class ConvInReuse:
-    """The object patch on conv_in's ``forward``: reused like an encoder layer under parallel decoding."""
-
-    def __init__(self, patch: ParallelDecodingPatch, original: Any, replaced_a_patch: bool) -> None:
-        self.patch = patch
-        self.original = original
-        self.replaced_a_patch = replaced_a_patch
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = active_call()
-        decoder = call.run.attachments.get(self.patch) if call is not None else None
-        if decoder is None:
-            return self.original(*args, **kwargs)
-        return decoder.conv_in(self.original, args, kwargs)
-
-    def __repr__(self) -> str:
-        return "<Block Cache conv_in reuse (parallel decoding)>"
-
-
-# -- wrappers (registered with WRAPPER_KEY) -------------------------------------------------------------
-
-def parallel_outer_sample_wrapper(patch: ParallelDecodingPatch, executor: Any, *args: Any, **kwargs: Any) -> Any:
-    """Inside the cache's own: gives the run's context a decoder for this run, and finishes it."""
-    run = run_context(executor.class_obj.model_options)
-    if run is None or run.holder is not patch.holder or not isinstance(run.layer_method, LayerCache):
-        return executor(*args, **kwargs)
-    decoder = run.attachments[patch] = ParallelDecoder(patch, run, run.layer_method)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        decoder.finish_run()
-        del run.attachments[patch]
-
-
-def parallel_diffusion_model_wrapper(patch: ParallelDecodingPatch, executor: Any, *args: Any, **kwargs: Any) -> Any:
-    call = active_call()
-    decoder = call.run.attachments.get(patch) if call is not None else None
-    if decoder is None:
-        return executor(*args, **kwargs)
-    return decoder.diffusion_model(executor, args, kwargs)
-
-
-def remove_parallel_decoding(model: Any) -> None:
-    """Takes a previous Apply's parallel decoding off ``model`` (a clone the caller owns)."""
-    model.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    current = model.object_patches.get(CONV_IN_KEY)
-    if isinstance(current, ConvInReuse):
-        while isinstance(current.original, ConvInReuse):
-            current = current.original
-        if current.replaced_a_patch:
-            model.add_object_patch(CONV_IN_KEY, current.original)
-        else:
-            del model.object_patches[CONV_IN_KEY]
-
-
-def enable_parallel_decoding(model: Any, holder: BlockCacheHolder, schedule: CacheSchedule,
-                             config: ParallelDecoding) -> tuple[Any, ParallelDecodingPatch | None]:
-    """A clone of ``model`` (patched by ``apply_block_cache`` with ``holder``) with parallel decoding.
-
-    When ``config`` is off, or the schedule or model does not allow it (logged), the clone has only
-    a previous Apply's parallel decoding removed, and the returned patch is None.
-    """
-    config.validate()
-    patched = model.clone()
-    remove_parallel_decoding(patched)
-    if not config.enabled:
-        return patched, None
-    reason = not_applicable_reason(schedule, holder)
-    if reason is not None:
-        logger.info("%s: parallel decoding was requested but does not apply: %s. Sampling runs without it.",
-                    holder.name, reason)
-        return patched, None
-    patch = ParallelDecodingPatch(holder, config)
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                 functools.partial(parallel_outer_sample_wrapper, patch))
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 functools.partial(parallel_diffusion_model_wrapper, patch))
-    replaced_a_patch = CONV_IN_KEY in patched.object_patches
-    original = patched.get_model_object(CONV_IN_KEY)
-    patched.add_object_patch(CONV_IN_KEY, ConvInReuse(patch, original, replaced_a_patch))
-    logger.info("%s: parallel decoding on: conv_in is reused with the encoder; the decoder passes of the non-key "
-                "steps after each key step run as one batch%s.", holder.name,
-                f" of at most {config.max_steps} steps" if config.max_steps else "")
-    return patched, patch
 
 
 def _compact(values: list[int]) -> str:

@@ -10,7 +10,7 @@ from ..block_caching.cache import CACHE_DEVICES, CACHE_ON_MODEL_DEVICE
 from ..block_caching.patching import apply_block_cache
 from ..errors import UnsupportedModelError
 from ..faster_diffusion.noise_injection import DEFAULT_TAU_CUTOFF, NoiseInjection
-from ..faster_diffusion.parallel_decoding import ParallelDecoding, enable_parallel_decoding
+from ..faster_diffusion.parallel_decoding import ParallelDecoding
 from .frontend import send_run_summaries, warn_never_reused
 from .types import CATEGORY, CacheScheduleSocket
 
@@ -74,15 +74,14 @@ class ApplyBlockCache(io.ComfyNode):
         parallel = ParallelDecoding(enabled=bool(parallel_decoding), max_steps=int(parallel_decoding_max_steps))
         parallel.validate()
         try:
+            # A previous Apply's options (parallel decoding included) go with its install.
             patched, holder = apply_block_cache(model, schedule, cache_device=cache_device,
-                                                extensions=[injection] if injection.enabled else [])
+                                                options=[injection, parallel])
         except UnsupportedModelError as error:
             # Not an error that should stop the graph: the model runs as it is, and the node says so.
             message = f"Block Cache is OFF for this model; it runs uncached. {error}"
             logger.warning("Apply Block Cache: %s", message)
             return io.NodeOutput(model, ui={"text": [message]})
-        # Also takes a previous Apply's parallel decoding off when it is not wanted here.
-        patched, _ = enable_parallel_decoding(patched, holder, schedule, parallel)
         holder.run_listeners.append(warn_never_reused)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
         skipped = holder.block_map.skipped

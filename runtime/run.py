@@ -1,30 +1,36 @@
 """One sampling run: its context, its model calls, and the methods that act in it.
 
-The runtime knows no method. A ``RunHolder`` is what one node installed (the block map, read-only
-while sampling); each sampling run gets a ``RunContext``, which maps every solver evaluation onto
-the run's steps once (tau, the step, one host sync) and hands the evaluation's boundaries and the
-patched layers' calls to the run's ``RunMethod`` objects:
+The runtime knows no method. A ``RunHolder`` is what one node installed (the block map and the
+run extensions, read-only while sampling); each sampling run gets a ``RunContext``, which maps
+every solver evaluation onto the run's steps once (tau, the step, one host sync) and hands the
+run's boundaries and calls to the run's ``RunMethod`` objects, in one declared order: the holder's
+layer method first, then each extension's method in the order the extensions were installed.
 
-* the holder's *layer method* (Block Caching's cache or profile recording) answers every layer
-  call: compute, or stand in with something else;
-* run extensions (Faster Diffusion's noise injection) act at the evaluation boundaries.
+* the holder's *layer method* (Block Caching's cache or profile recording) answers every mapped
+  layer call (compute, or stand in with something else) and says which layers compute in each
+  evaluation (``RunContext.computes``);
+* run extensions (Faster Diffusion's noise injection and parallel decoding, calibration) act at the
+  evaluation boundaries, around each evaluation, around each diffusion-model call, and on the extra
+  layers they name (``RunExtension.patched_layers``).
 
-Each patched layer's ``forward`` is a ``LayerForward`` object patch: inside a run it hands its
-calls to the context, everywhere else it is the forward it replaced. Other wrappers of the same
-node (parallel decoding) keep their per-run state in ``RunContext.attachments``. The context is
-published in the run's ``transformer_options`` under ``WRAPPER_KEY``; layer patches reach it
-through the current ``ModelCall`` (a ContextVar), so conds run in parallel threads keep apart.
+Around-hooks nest in that order: the first method's is the outermost. Only runtime/wrappers.py
+registers ComfyUI wrappers and object patches. Each patched layer's ``forward`` is a
+``LayerForward`` (or ``ExtensionLayerForward``) object patch: inside a run it hands its calls to
+the context, everywhere else it is the forward it replaced. The context is published in the run's
+``transformer_options`` under ``WRAPPER_KEY``; layer patches reach it through the current
+``ModelCall`` (a ContextVar), so conds run in parallel threads keep apart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,10 +72,27 @@ class RunStats:
 
 class RunMethod:
     """One method's state for one run. The run context calls these at its boundaries; each default
-    does nothing."""
+    does nothing (or, for the around-hooks, just proceeds)."""
 
     def begin_evaluation(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor) -> None:
-        """A solver evaluation starts (``run`` has its tau and step); ``x`` may be changed in place."""
+        """A solver evaluation starts (``run`` has its tau, step and ``computes``); ``x`` may be changed in place."""
+
+    def around_evaluation(self, run: RunContext, evaluate: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The evaluation's denoised output. Each call of ``evaluate`` is a fresh pass of all model calls
+        (calibration runs a teacher pass before the student's)."""
+        return evaluate()
+
+    def around_diffusion_model(self, run: RunContext, call: ModelCall, proceed: Callable[..., Any], args: tuple,
+                               kwargs: dict, others_inside: bool) -> Any:
+        """One diffusion-model call (ComfyUI's arguments); ``others_inside``: another node's
+        DIFFUSION_MODEL wrapper runs inside the runtime's. Only for extensions that ask for it
+        (``RunExtension.wraps_diffusion_model``)."""
+        return proceed(*args, **kwargs)
+
+    def call_patched_layer(self, run: RunContext, call: ModelCall, name: str, module: torch.nn.Module,
+                           forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """A call of one of the extension's ``patched_layers`` inside an evaluation."""
+        return forward(*args, **kwargs)
 
     def end_evaluation(self, run: RunContext) -> None:
         """The evaluation is over, whether it completed or not."""
@@ -82,11 +105,16 @@ class RunMethod:
         """The latent changed shape, dtype or device: drop what was kept for the old one."""
 
     def close(self, run: RunContext) -> None:
-        """The run is over: free everything, leave the figures in ``run.stats``."""
+        """The run is over: free everything, leave the figures in ``run.stats`` or the method's own."""
 
 
 class LayerMethod(RunMethod):
     """The run method that answers the patched layers' calls (one per run: the holder's)."""
+
+    def decisions(self, run: RunContext, previous_step: int | None, step: int) -> np.ndarray | None:
+        """Per layer: computed at an evaluation of run step ``step`` after one of ``previous_step``
+        (None: the first, or after a reset)? None: every layer computes."""
+        return None
 
     def call_layer(self, run: RunContext, layer: LayerForward, call: ModelCall, occurrence: int,
                    module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -98,10 +126,17 @@ class LayerMethod(RunMethod):
         return executor(*args, **kwargs)
 
 
-class RunExtension(Protocol):
-    """A method's configuration that acts in the holder's runs besides its layer method."""
+class RunExtension:
+    """A method's configuration, installed on a holder, that acts in its runs besides the layer method."""
 
-    def start(self, run: RunContext) -> RunMethod | None: ...
+    # Modules of the diffusion model (by name) whose forward this extension's run method answers.
+    patched_layers: tuple[str, ...] = ()
+    # Whether its run method acts around each diffusion-model call (a DIFFUSION_MODEL wrapper is installed).
+    wraps_diffusion_model: bool = False
+
+    def start(self, run: RunContext) -> RunMethod | None:
+        """This run's method; None when it has nothing to do in this run."""
+        raise NotImplementedError
 
 
 class RunHolder:
@@ -157,14 +192,19 @@ class RunContext:
         # Guidance) call the model again with the same cond uuid; each such pass is a chunk of its own.
         self.passes: dict[Any, int] = {}
         self.latent_signature: tuple | None = None
-        # Per-run state of wrappers installed beside the holder's (parallel decoding), by their patch.
-        self.attachments: dict[Any, Any] = {}
+        # Per layer: computed in the current evaluation (the layer method's decisions; None: all).
+        self.computes: np.ndarray | None = None
         # Multi-GPU runs the conds of one evaluation in one thread per device: the methods take this lock
         # to count and to change their tables (the computations themselves run outside it).
         self.lock = threading.Lock()
         self.layer_method = holder.start_layer_method(self)
-        extensions = [extension.start(self) for extension in holder.extensions]
-        self.methods: list[RunMethod] = [self.layer_method, *(m for m in extensions if m is not None)]
+        # Each extension's method of this run, in the holder's order.
+        self.extension_methods: dict[RunExtension, RunMethod] = {}
+        for extension in holder.extensions:
+            method = extension.start(self)
+            if method is not None:
+                self.extension_methods[extension] = method
+        self.methods: list[RunMethod] = [self.layer_method, *self.extension_methods.values()]
 
     def close(self) -> RunStats:
         """Frees everything the methods kept; the run's figures stay in the returned stats."""
@@ -188,11 +228,36 @@ class RunContext:
         self.run_step = self.run_grid.step_of(tau)
         self.first_of_step = self.previous_run_step is None or self.run_step != self.previous_run_step
         self.evaluation_tau = tau
+        self.computes = self.layer_method.decisions(self, self.previous_run_step, self.run_step)
         self.passes = {}
         self.in_evaluation = True
         self.stats.evaluations += 1
         for method in self.methods:
             method.begin_evaluation(self, x, sigma)
+
+    def planned_computes(self, previous_step: int | None, step: int) -> np.ndarray | None:
+        """``computes`` of a coming evaluation at run step ``step`` after one at ``previous_step``."""
+        return self.layer_method.decisions(self, previous_step, step)
+
+    def evaluate(self, model_evaluation: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The current evaluation's output, through every method's ``around_evaluation``."""
+
+        def fresh_pass() -> torch.Tensor:
+            self.passes = {}  # the pass's model calls are the evaluation's first again
+            return model_evaluation()
+
+        evaluate = fresh_pass
+        for method in reversed(self.methods):
+            evaluate = functools.partial(method.around_evaluation, self, evaluate)
+        return evaluate()
+
+    def call_diffusion_model(self, call: ModelCall, executor: Callable[..., Any], args: tuple, kwargs: dict,
+                             others_inside: bool) -> Any:
+        """One diffusion-model call, through every method's ``around_diffusion_model``."""
+        proceed = executor
+        for method in reversed(self.methods):
+            proceed = _around_diffusion_model(method, self, call, proceed, others_inside)
+        return proceed(*args, **kwargs)
 
     def observe_denoised(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
         for method in self.methods:
@@ -201,6 +266,7 @@ class RunContext:
     def end_evaluation(self) -> None:
         self.previous_run_step = self.run_step
         self.in_evaluation = False
+        self.computes = None
         for method in self.methods:
             method.end_evaluation(self)
 
@@ -216,6 +282,20 @@ class RunContext:
         occurrence = call.occurrences.get(index, 0)
         call.occurrences[index] = occurrence + 1
         return self.layer_method.call_layer(self, layer, call, occurrence, module, forward, args, kwargs)
+
+    def call_patched_layer(self, layer: ExtensionLayerForward, call: ModelCall, args: tuple, kwargs: dict) -> Any:
+        module, forward = layer.resolve(call.base_model)
+        method = self.extension_methods.get(layer.extension)
+        if method is None or not self.in_evaluation:
+            return forward(*args, **kwargs)
+        return method.call_patched_layer(self, call, layer.name, module, forward, args, kwargs)
+
+
+def _around_diffusion_model(method: RunMethod, run: RunContext, call: ModelCall, inner: Callable[..., Any],
+                            others_inside: bool) -> Callable[..., Any]:
+    def proceed(*args: Any, **kwargs: Any) -> Any:
+        return method.around_diffusion_model(run, call, inner, args, kwargs, others_inside)
+    return proceed
 
 
 @dataclass
@@ -252,45 +332,78 @@ def active_call() -> ModelCall | None:
     return _ACTIVE_CALL.get()
 
 
-class LayerForward:
-    """The object patch that replaces one layer's ``forward``.
+class ForwardPatch:
+    """An object patch that replaces one module's ``forward`` for the runs of its holder.
 
-    It keeps the forward it replaced (the layer's own, or another pack's patch) and calls it
-    whenever the layer must compute, so patches chain rather than overwrite. Outside a run of its
+    It keeps the forward it replaced (the module's own, or another pack's patch) and calls it
+    whenever the module must compute, so patches chain rather than overwrite. Outside a run of its
     holder it is that forward, untouched.
     """
 
-    def __init__(self, holder: RunHolder, layer_index: int, spec: LayerSpec,
-                 module: torch.nn.Module, original: Callable[..., Any], diffusion_model: torch.nn.Module) -> None:
+    def __init__(self, holder: RunHolder, name: str, module: torch.nn.Module, original: Callable[..., Any],
+                 diffusion_model: torch.nn.Module, replaced_a_patch: bool = False) -> None:
         self.holder = holder
-        self.layer_index = layer_index
-        self.spec = spec
+        self.name = name  # the module's name in the diffusion model
         self.module = module
         self.original = original
         self.diffusion_model = diffusion_model  # the model the patch was made on
+        self.replaced_a_patch = replaced_a_patch  # ``original`` is another object patch (restored on removal)
         self._other_module_logged = False
 
     def resolve(self, base_model: Any) -> tuple[torch.nn.Module, Callable[..., Any]]:
-        """The layer module this call runs on, and its forward. A clone moved onto other modules
-        (multi-GPU, dynamic VRAM) carries this patch too: there the layer is looked up by name."""
+        """The module this call runs on, and its forward. A clone moved onto other modules
+        (multi-GPU, dynamic VRAM) carries this patch too: there the module is looked up by name."""
         diffusion_model = getattr(base_model, "diffusion_model", None)
         if diffusion_model is None or diffusion_model is self.diffusion_model:
             return self.module, self.original
-        module = diffusion_model.get_submodule(self.spec.name)
+        module = diffusion_model.get_submodule(self.name)
         if not self._other_module_logged:
             self._other_module_logged = True
             logger.info("%s: %s runs on another copy of the model (multi-GPU or dynamic VRAM); its own forward "
-                        "is used there.", self.holder.name, self.spec.name)
+                        "is used there.", self.holder.name, self.name)
         return module, type(module).forward.__get__(module)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def active_call(self) -> ModelCall | None:
+        """The model call of a run of this patch's holder, if one is running in this thread."""
         call = _ACTIVE_CALL.get()
-        if call is None or call.run.holder is not self.holder:
+        return call if call is not None and call.run.holder is self.holder else None
+
+
+class LayerForward(ForwardPatch):
+    """The object patch on a mapped layer's ``forward``: the holder's layer method answers it."""
+
+    def __init__(self, holder: RunHolder, layer_index: int, spec: LayerSpec, module: torch.nn.Module,
+                 original: Callable[..., Any], diffusion_model: torch.nn.Module, replaced_a_patch: bool = False) -> None:
+        super().__init__(holder, spec.name, module, original, diffusion_model, replaced_a_patch)
+        self.layer_index = layer_index
+        self.spec = spec
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.active_call()
+        if call is None:
             return self.original(*args, **kwargs)
         return call.run.call_layer(self, call, args, kwargs)
 
     def __repr__(self) -> str:
-        return f"<Block Cache forward of {self.spec.name}>"
+        return f"<Block Cache forward of {self.name}>"
+
+
+class ExtensionLayerForward(ForwardPatch):
+    """The object patch on a module an extension names (parallel decoding's conv_in): its run method answers it."""
+
+    def __init__(self, holder: RunHolder, extension: RunExtension, name: str, module: torch.nn.Module,
+                 original: Callable[..., Any], diffusion_model: torch.nn.Module, replaced_a_patch: bool = False) -> None:
+        super().__init__(holder, name, module, original, diffusion_model, replaced_a_patch)
+        self.extension = extension
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.active_call()
+        if call is None:
+            return self.original(*args, **kwargs)
+        return call.run.call_patched_layer(self, call, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Block Cache forward of {self.name} ({type(self.extension).__name__})>"
 
 
 def run_context(options: dict | None) -> RunContext | None:

@@ -1,12 +1,16 @@
-"""Installing the runtime on a ComfyUI ModelPatcher: layer object patches and keyed wrappers only.
+"""Installing the runtime on a ComfyUI ModelPatcher: object patches and keyed wrappers only, one
+wrapper per type, all under ``WRAPPER_KEY``. The only module of the pack that registers or removes them.
 
 * OUTER_SAMPLE creates the run's context, publishes it in the run's ``transformer_options`` and
   frees it at the end, whatever happens;
-* PREDICT_NOISE marks each solver evaluation (the context maps its sigma onto the steps once);
+* PREDICT_NOISE marks each solver evaluation (the context maps its sigma onto the steps once) and
+  runs it through the methods' ``around_evaluation``;
 * APPLY_MODEL opens a ``ModelCall`` scope (the cond chunks the call carries and the model it runs
-  on), which the layer patches read.
+  on), which the layer patches read;
+* DIFFUSION_MODEL, only where an extension asks for it, runs each diffusion-model call through the
+  methods' ``around_diffusion_model``.
 
-Outside a run the layer patches call the forward they replaced, untouched.
+Outside a run the object patches call the forward they replaced, untouched.
 """
 
 from __future__ import annotations
@@ -14,13 +18,24 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import comfy.model_patcher
 from comfy.patcher_extension import WrappersMP
 
 from ..block_maps.block_map import BlockMap
-from .run import WRAPPER_KEY, LayerForward, RunContext, RunHolder, run_context, sampler_name_of
+from .run import (
+    WRAPPER_KEY,
+    ExtensionLayerForward,
+    ForwardPatch,
+    LayerForward,
+    RunContext,
+    RunHolder,
+    active_call,
+    run_context,
+    sampler_name_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +83,7 @@ def predict_noise_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
     try:
         run.begin_evaluation(x, timestep)  # inside: a method failing at the start still ends the evaluation
-        denoised = executor(*args, **kwargs)
+        denoised = run.evaluate(functools.partial(executor, *args, **kwargs))
         run.observe_denoised(x, timestep, denoised)
         return denoised
     finally:
@@ -110,31 +125,65 @@ def context_window_frames(transformer_options: dict) -> tuple | None:
     return ("frames", *getattr(window, "index_list", ()), getattr(window, "causal_anchor_index", None))
 
 
+def diffusion_model_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """Runs each diffusion-model call of a run through the methods that act around it."""
+    call = active_call()
+    if call is None or call.run.holder is not holder:
+        return executor(*args, **kwargs)
+    wrappers, index = getattr(executor, "wrappers", None), getattr(executor, "idx", None)
+    others_inside = isinstance(wrappers, list) and isinstance(index, int) and len(wrappers) > index + 1
+    return call.run.call_diffusion_model(call, executor, args, kwargs, others_inside)
+
+
 _WRAPPERS = (
     (WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
     (WrappersMP.PREDICT_NOISE, predict_noise_wrapper),
     (WrappersMP.APPLY_MODEL, apply_model_wrapper),
+    (WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper),
 )
 
 
+def remove_runtime(patched: Any) -> None:
+    """Takes a previous install off ``patched`` (a clone the caller owns): its wrappers, and its object
+    patches, giving back the patches of other packs they replaced."""
+    for wrapper_type, _ in _WRAPPERS:
+        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    for key, current in list(patched.object_patches.items()):
+        if isinstance(current, ForwardPatch):
+            if current.replaced_a_patch:
+                patched.add_object_patch(key, current.original)
+            else:
+                del patched.object_patches[key]
+
+
+def _patch_forward(patched: Any, name: str, make: Callable[..., ForwardPatch]) -> None:
+    key = f"diffusion_model.{name}.forward"
+    replaced_a_patch = key in patched.object_patches
+    module = patched.get_model_object("diffusion_model").get_submodule(name)
+    patched.add_object_patch(key, make(module=module, original=patched.get_model_object(key),
+                                       replaced_a_patch=replaced_a_patch))
+
+
 def install_runtime(model: Any, block_map: BlockMap, holder: RunHolder) -> Any:
-    """A clone of ``model`` whose ``block_map`` layers run through ``holder``'s runs.
+    """A clone of ``model`` whose ``block_map`` layers, and the layers its extensions name, run through
+    ``holder``'s runs.
 
     A second install on an already patched model replaces the first instead of stacking on it;
     the model passed in is never changed.
     """
     patched = model.clone()
-    for wrapper_type, _ in _WRAPPERS:
-        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    remove_runtime(patched)
     diffusion_model = patched.get_model_object("diffusion_model")
     for index, spec in enumerate(block_map.layers):
-        original = patched.get_model_object(spec.patch_key)
-        while isinstance(original, LayerForward):
-            original = original.original
-        module = diffusion_model.get_submodule(spec.name)
-        patched.add_object_patch(spec.patch_key, LayerForward(holder, index, spec, module, original, diffusion_model))
+        _patch_forward(patched, spec.name, functools.partial(LayerForward, holder, index, spec,
+                                                             diffusion_model=diffusion_model))
+    for extension in holder.extensions:
+        for name in extension.patched_layers:
+            _patch_forward(patched, name, functools.partial(ExtensionLayerForward, holder, extension, name,
+                                                            diffusion_model=diffusion_model))
+    wraps_diffusion_model = any(extension.wraps_diffusion_model for extension in holder.extensions)
     for wrapper_type, wrapper in _WRAPPERS:
-        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, functools.partial(wrapper, holder))
+        if wrapper_type != WrappersMP.DIFFUSION_MODEL or wraps_diffusion_model:
+            patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, functools.partial(wrapper, holder))
     return patched
-
 

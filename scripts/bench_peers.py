@@ -77,7 +77,7 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
 
     def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
         if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
-            run.layer_method.compute_now[1:] = state["compute"]
+            run.computes[1:] = state["compute"]
             return first_layer(*args, **kwargs)
         state["evaluation"] = run.stats.evaluations
         # The first stream (a UNet's x, a DiT's image tokens); copied, as DiT blocks add to it in place.
@@ -92,7 +92,7 @@ def first_block_cache(patching: Any, model: Any, base: Any, threshold: float) ->
         else:
             change = float((residual - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
         compute_all = change >= threshold
-        run.layer_method.compute_now[1:] = compute_all
+        run.computes[1:] = compute_all
         state["compute"] = compute_all
         if compute_all:
             state["previous"] = residual.clone()
@@ -187,12 +187,12 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
 
     def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
         if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
-            run.layer_method.compute_now[:] = state["compute"]
+            run.computes[:] = state["compute"]
             return first_layer(*args, **kwargs)
         state["evaluation"] = run.stats.evaluations
         current = indicator(first_layer.module, kwargs).detach()
         previous = state["previous"]
-        step = run.layer_method.evaluation_step
+        step = run.run_step
         if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
             compute_all = True
         else:
@@ -202,7 +202,7 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
             state["accumulated"] = 0.0
         state["previous"] = current
         state["compute"] = compute_all
-        run.layer_method.compute_now[:] = compute_all
+        run.computes[:] = compute_all
         return first_layer(*args, **kwargs)
 
     _decide_at_first_layer(patched, holder, decide)
@@ -247,10 +247,10 @@ def magcache(patching: Any, model: Any, base: Any, threshold: float, ratios: lis
 
     def decide(run: Any, first_layer: Any, args: tuple, kwargs: dict) -> Any:
         if state["evaluation"] == run.stats.evaluations:  # cond and uncond in two calls: decided at the first
-            run.layer_method.compute_now[:] = state["compute"]
+            run.computes[:] = state["compute"]
             return first_layer(*args, **kwargs)
         state["evaluation"] = run.stats.evaluations
-        step = run.layer_method.evaluation_step
+        step = run.run_step
         compute_all = True
         if step >= retention * steps:
             state["ratio"] *= ratios[step]
@@ -260,7 +260,7 @@ def magcache(patching: Any, model: Any, base: Any, threshold: float, ratios: lis
         if compute_all:
             state.update(ratio=1.0, error=0.0, skipped=0)
         state["compute"] = compute_all
-        run.layer_method.compute_now[:] = compute_all
+        run.computes[:] = compute_all
         return first_layer(*args, **kwargs)
 
     _decide_at_first_layer(patched, holder, decide)

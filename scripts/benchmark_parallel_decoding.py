@@ -110,8 +110,9 @@ def run_config(name: str, args: argparse.Namespace, reference: Any) -> dict[str,
     encoder_propagation, _ = patching.apply_block_cache(model, schedule)
 
     def with_decoding(**config: Any) -> tuple[Any, Any]:
-        patched, holder = patching.apply_block_cache(model, schedule)
-        return pd.enable_parallel_decoding(patched, holder, schedule, pd.ParallelDecoding(enabled=True, **config))
+        patched, holder = patching.apply_block_cache(model, schedule,
+                                                     options=[pd.ParallelDecoding(enabled=True, **config)])
+        return patched, pd.installed_on(holder)
 
     seq_conv, seq_decoder = with_decoding(batched=False)
     parallel, par_decoder = with_decoding()

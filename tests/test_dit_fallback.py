@@ -449,7 +449,7 @@ def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
         computed = patch(streams, emb)
     run.end_evaluation()
     run.begin_evaluation(torch.zeros(1, 4, 8, 8), torch.tensor([0.5]))
-    run.layer_method.compute_now[:] = False
+    run.computes[:] = False
     with pack.runtime.run.activate(pack.runtime.run.ModelCall(run, [None])):
         reused = patch(streams, emb)
     assert run.stats.reused[1] == 1

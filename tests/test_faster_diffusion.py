@@ -179,7 +179,7 @@ def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
     schedule = _schedule(pack, tiny_model, key_steps="uniform stride", stride=3)
     plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     off_injection = pack.faster_diffusion.noise_injection.NoiseInjection(0.0)
-    off, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, extensions=[off_injection])
+    off, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, options=[off_injection])
     assert torch.equal(sample(off, *conds, latent), sample(plain, *conds, latent))
     assert holder.last_run.injected_steps == []
 
@@ -190,7 +190,7 @@ def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent
     runs = {}
     for alpha in (0.0, 0.05):
         injection = pack.faster_diffusion.noise_injection.NoiseInjection(alpha=alpha, tau_cutoff=0.5)
-        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, extensions=[injection])
+        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, options=[injection])
         xs = _record_x(patched)
         sigmas = record_evaluation_sigmas(patched)
         runs[alpha] = (sample(patched, *conds, latent), xs, sigmas, holder.last_run)

@@ -61,3 +61,30 @@ def test_root_modules_import_no_package():
 def test_only_the_demo_node_loads_demo_models():
     users = {path.name for path in (PACK_ROOT / "nodes").glob("*.py") if "demo_models" in _pack_imports(path)}
     assert users == {"nodes_demo.py"}
+
+
+# ModelPatcher calls that install or remove patches: only the runtime's installer makes them.
+PATCHER_MUTATIONS = {"add_wrapper", "add_wrapper_with_key", "remove_wrappers_with_key", "add_callback",
+                     "add_callback_with_key", "add_object_patch", "set_model_patch", "set_model_patch_replace"}
+INSTALLER = Path("runtime") / "wrappers.py"
+
+
+def _patcher_mutations(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = {node.func.attr for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in PATCHER_MUTATIONS}
+    found |= {"object_patches" for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr == "object_patches"}
+    found |= {"WrappersMP" for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and any(alias.name == "WrappersMP" for alias in node.names)}
+    return found
+
+
+def test_only_the_runtime_installer_registers_wrappers_and_patches():
+    """Methods plug into the runtime's hooks (runtime/run.py); none registers a wrapper or patch itself."""
+    files = [path for package in ALLOWED for path in sorted((PACK_ROOT / package).glob("*.py"))]
+    files += [PACK_ROOT / "__init__.py", *(PACK_ROOT / f"{name}.py" for name in ROOT_MODULES)]
+    registering = {str(path.relative_to(PACK_ROOT)): sorted(found) for path in files
+                   if (found := _patcher_mutations(path))}
+    assert set(registering) == {str(INSTALLER)}, registering
+    assert {"add_wrapper_with_key", "remove_wrappers_with_key", "add_object_patch"} <= set(registering[str(INSTALLER)])

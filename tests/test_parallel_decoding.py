@@ -29,6 +29,7 @@ from helpers import (
 )
 
 RELATIVE_TOLERANCE = 1e-4
+CONV_IN_KEY = "diffusion_model.input_blocks.0.0.forward"
 KEYS = (0, 4)  # 8 steps: the encoder runs at steps 0 and 4; steps 1-3 and 5-7 are decoded in two batches
 
 
@@ -46,10 +47,9 @@ def _schedule(pack, model, steps=8, sampler="euler", keys=KEYS):
 
 
 def _apply(pack, pd, model, schedule, **config):
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
-    patched, decoder = pd.enable_parallel_decoding(patched, holder, schedule, pd.ParallelDecoding(enabled=True,
-                                                                                                  **config))
-    return patched, holder, decoder
+    patched, holder = pack.block_caching.patching.apply_block_cache(
+        model, schedule, options=[pd.ParallelDecoding(enabled=True, **config)])
+    return patched, holder, pd.installed_on(holder)
 
 
 def _assert_close(actual, expected):
@@ -177,9 +177,9 @@ def test_with_noise_injection(pack, pd, tiny_model, conds, latent):
     injection = pack.faster_diffusion.noise_injection.NoiseInjection(alpha=0.05, tau_cutoff=0.5)
     outputs = {}
     for label, config in (("sequential", {"batched": False}), ("parallel", {})):
-        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, extensions=[injection])
-        patched, decoder = pd.enable_parallel_decoding(patched, holder, schedule,
-                                                       pd.ParallelDecoding(enabled=True, **config))
+        patched, holder = pack.block_caching.patching.apply_block_cache(
+            tiny_model, schedule, options=[injection, pd.ParallelDecoding(enabled=True, **config)])
+        decoder = pd.installed_on(holder)
         outputs[label] = sample(patched, *conds, latent)
         assert holder.last_run.injected_steps == [4, 5, 6, 7]
     _assert_close(outputs["parallel"], outputs["sequential"])
@@ -295,7 +295,7 @@ class _CountConv:
 def _assert_unpatched(model, pd, conds, latent):
     """The loader's model carries nothing of ours, and once it is used again (ComfyUI then unpatches the
     clone it had loaded) its conv_in and layers run their own forward."""
-    assert pd.CONV_IN_KEY not in model.object_patches and not model.object_patches
+    assert CONV_IN_KEY not in model.object_patches and not model.object_patches
     assert not model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
     out = sample(model, *conds, latent)
     unet = model.model.diffusion_model
@@ -327,7 +327,7 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
     stash_sizes = []
 
     def watch(executor, *args, **kwargs):
-        stash_sizes.append(len(run_of(args, kwargs).attachments[decoder].stash))
+        stash_sizes.append(len(run_of(args, kwargs).extension_methods[decoder].stash))
         return executor(*args, **kwargs)
 
     interrupted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_watch", watch)
@@ -348,13 +348,13 @@ def test_not_applicable_to_block_caching_schedules(pack, pd, tiny_model, conds, 
     block_map = pack.block_maps.mapping.block_map_for_patcher(tiny_model)
     grid = pack.faster_diffusion.schedule.grid_for_model(tiny_model, 8, "euler", "normal")
     schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     with caplog.at_level(logging.INFO):
-        result, decoder = pd.enable_parallel_decoding(patched, holder, schedule, pd.ParallelDecoding(enabled=True))
-    assert decoder is None
+        result, holder = pack.block_caching.patching.apply_block_cache(
+            tiny_model, schedule, options=[pd.ParallelDecoding(enabled=True)])
+    assert pd.installed_on(holder) is None
     assert any("parallel decoding was requested but does not apply" in r.getMessage() for r in caplog.records)
     assert not result.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
-    assert pd.CONV_IN_KEY not in result.object_patches
+    assert CONV_IN_KEY not in result.object_patches
     assert torch.equal(sample(result, *conds, latent), sample(tiny_model, *conds, latent))
 
 
@@ -367,10 +367,10 @@ def test_apply_node_option_is_off_by_default_and_a_second_apply_removes_it(pack,
     assert not default.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
     (on,) = node.execute(tiny_model, schedule, parallel_decoding=True).result
     assert on.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
-    assert isinstance(on.object_patches[pd.CONV_IN_KEY], pd.ConvInReuse)
+    assert isinstance(on.object_patches[CONV_IN_KEY], pack.runtime.run.ExtensionLayerForward)
     (again,) = node.execute(on, schedule).result  # a second Apply without the option
     assert not again.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
-    assert pd.CONV_IN_KEY not in again.object_patches
+    assert CONV_IN_KEY not in again.object_patches
     assert torch.equal(sample(again, *conds, latent), sample(default, *conds, latent))
     with pytest.raises(ValueError, match="max_steps"):
         pd.ParallelDecoding(enabled=True, max_steps=-1).validate()

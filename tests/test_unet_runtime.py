@@ -185,7 +185,7 @@ def test_latent_change_inside_a_run_resets_cache(pack, tiny_model, conds, latent
     run.layer_method.cache[(0, None)] = object()
     run.begin_evaluation(torch.zeros(2, 4, 8, 8), sigmas[1:2])
     assert run.layer_method.cache == {} and run.stats.cache_resets == 1
-    assert run.layer_method.compute_now.all(), "after a reset everything computes"
+    assert run.computes.all(), "after a reset everything computes"
     run.close()
 
 
