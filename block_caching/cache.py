@@ -63,6 +63,17 @@ class ReuseTrainer(Protocol):
 
 
 @dataclass
+class CacheStats:
+    """What one run's cache did: Block Caching's own figures of the run (``RunStats.figures['cache']``)."""
+
+    retimed: bool = False  # the plan was moved onto this run's steps
+    peak_cache_bytes: int = 0  # the most memory the cached tensors held at once
+    peak_history_bytes: int = 0  # of it, the most that forecast history (points beyond the newest) held
+    stores: int = 0  # layer calls whose output was cached (a reuse could follow)
+    offloaded: int = 0  # cached tensors copied to CPU memory
+
+
+@dataclass
 class _CacheEntry:
     """One layer call's cached streams, for one cond chunk."""
 
@@ -108,8 +119,11 @@ class BlockCacheHolder(RunHolder):
 class LayerCache(LayerMethod):
     """One run's cache: the plan on the run's steps, each evaluation's decisions, the cached tensors."""
 
+    name = "cache"
+
     def __init__(self, holder: BlockCacheHolder, run: RunContext) -> None:
         self.holder = holder
+        self.stats = CacheStats()
         self.plan = holder.plan  # on the run's steps: the schedule's own plan on its own grid, else re-timed
         self.cache_on_cpu = holder.cache_device == CACHE_ON_CPU
         self.trainer: ReuseTrainer | None = None  # set by an extension that trains the correction on this run
@@ -125,7 +139,7 @@ class LayerCache(LayerMethod):
         sampler_name = run.sampler_name
         other_sampler = bool(grid.sampler and sampler_name and _sampler_key(grid.sampler) != _sampler_key(sampler_name))
         if other_sampler or not grid.same_as(step_taus):
-            run.stats.retimed = True
+            self.stats.retimed = True
             if step_taus and not grid.same_as(step_taus):
                 self.plan = holder.plan.on_run_grid(run.model_sampling, run.run_grid)
             logger.info(
@@ -156,6 +170,9 @@ class LayerCache(LayerMethod):
     def close(self, run: RunContext) -> None:
         self.cache.clear()
         self.cache_bytes = self.history_bytes = 0
+
+    def figures(self) -> CacheStats:
+        return self.stats
 
     def call_layer(self, run: RunContext, layer: LayerForward, call: ModelCall, occurrence: int,
                    module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -263,7 +280,7 @@ class LayerCache(LayerMethod):
                 if self.cache_on_cpu:
                     part = offload_to_cpu(part, spare[stream] if spare is not None else None)
                     with run.lock:
-                        run.stats.offloaded += 1
+                        self.stats.offloaded += 1
                 elif chunks > 1:
                     part = part.clone()  # a slice would pin the whole batch
                 tensors.append(part)
@@ -278,9 +295,9 @@ class LayerCache(LayerMethod):
                 self.history_bytes += entry.history_bytes
                 self.cache[(index, key, occurrence)] = entry
         with run.lock:
-            run.stats.stores += 1
-            run.stats.peak_history_bytes = max(run.stats.peak_history_bytes, self.history_bytes)
-            run.stats.peak_cache_bytes = max(run.stats.peak_cache_bytes, self.cache_bytes)
+            self.stats.stores += 1
+            self.stats.peak_history_bytes = max(self.stats.peak_history_bytes, self.history_bytes)
+            self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache_bytes)
 
 
 
@@ -317,20 +334,26 @@ def _sampler_key(name: str) -> str:
     return "euler" if key == "ddim" else key
 
 
+def cache_stats(stats: RunStats) -> CacheStats:
+    """The cache's figures of a finished run of a Block Cache holder."""
+    return stats.figures[LayerCache.name]
+
+
 def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
     total = stats.total
     skipped = int(stats.reused.sum())
     estimate = run_speedup_estimate(holder, stats)
+    cache = cache_stats(stats)
     orders = sorted({order for order, reused in zip(holder.plan.orders, holder.plan.reuses_ever, strict=True)
                      if reused})
     forecast = ""
     if any(orders):
         forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}) "
-                    f"{stats.peak_history_bytes / 2**20:.1f} MB")
+                    f"{cache.peak_history_bytes / 2**20:.1f} MB")
     logger.info(
         "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
         "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s)%s; %d computations "
         "were stored for a reuse.",
         holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
-        stats.evaluations, ", schedule re-timed" if stats.retimed else "", estimate,
-        stats.peak_cache_bytes / 2**20, holder.cache_device, forecast, stats.stores)
+        stats.evaluations, ", schedule re-timed" if cache.retimed else "", estimate,
+        cache.peak_cache_bytes / 2**20, holder.cache_device, forecast, cache.stores)

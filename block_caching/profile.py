@@ -88,7 +88,7 @@ class BlockProfile:
     sample_count: int  # how many (batch item x cond chunk) series were averaged
     provenance: dict[str, Any] = field(default_factory=dict)
     # In memory only (not in the JSON): what the speed-up target builder measures errors on, and how to
-    # sample the profiled runs again (block_caching/validation.py ProfileReplay) to measure a schedule's real error.
+    # sample the profiled runs again (block_caching/replay.py ProfileReplay) to measure a schedule's real error.
     trajectory: Trajectory | None = None
     replays: tuple[Any, ...] = ()
 

@@ -38,6 +38,7 @@ from ..block_maps.block_map import CACHE_KIND_CHOICES, ReuseMode
 from ..errors import ScheduleBuildError
 from .forecast import MAX_FORECAST_ORDER, lagrange_weights
 from .profile import TRAJECTORY_ELEMENTS, BlockProfile
+from .replay import Measurement, measurement
 from .schedule import (
     CacheSchedule,
     LayerSchedule,
@@ -46,13 +47,22 @@ from .schedule import (
     schedule_of_profile,
     validate_step_options,
 )
-from .validation import Measurement, measurement
+from .target_build import (
+    AUTO_ORDER_LABEL,
+    CombinedSteps,
+    ExpectedPsnr,
+    FewerStepsComparison,
+    LadderRung,
+    SteppedDown,
+    TargetBuild,
+    Tried,
+)
 
 # The highest target that kept every evaluation set of the reference model and `make demo` at 30+ dB
 # mean PSNR (2.5 left the demo's prompt at 28 dB): docs/benchmark.md.
 DEFAULT_SPEEDUP = 2.25
-FORECAST_ORDER_CHOICES = ("auto", "0", "1", "2")
-DEFAULT_FORECAST_ORDER = "auto"
+FORECAST_ORDER_CHOICES = (AUTO_ORDER_LABEL, *(str(order) for order in range(MAX_FORECAST_ORDER + 1)))
+DEFAULT_FORECAST_ORDER = AUTO_ORDER_LABEL
 # The Build node's quality floor: where the chosen schedule's PSNR, measured on the profiled run, falls below
 # it, the schedule steps down the ladder (more compute steps) until it is reached. 30 dB is where the
 # reference models' pictures start to differ visibly from the uncached ones (docs/benchmark.md).
@@ -65,7 +75,7 @@ DEFAULT_MAX_GAP = 8
 @dataclass(frozen=True)
 class TargetOptions:
     speedup: float = DEFAULT_SPEEDUP
-    forecast_order: str = DEFAULT_FORECAST_ORDER  # one of FORECAST_ORDER_CHOICES
+    forecast_order: int | None = None  # None: the order with the least error at the chosen rung
     cache_kinds: str = "all"
     always_compute_first: int = 1
     always_compute_last: int = 0
@@ -75,17 +85,19 @@ class TargetOptions:
     def validate(self) -> None:
         if not (isinstance(self.speedup, (int, float)) and math.isfinite(self.speedup) and self.speedup >= 1.0):
             raise ValueError(f"speedup must be a finite number >= 1, got {self.speedup!r}")
-        if self.forecast_order not in FORECAST_ORDER_CHOICES:
-            raise ValueError(f"forecast_order must be one of {', '.join(FORECAST_ORDER_CHOICES)}, "
-                             f"got {self.forecast_order!r}")
+        order = self.forecast_order
+        if order is not None and (isinstance(order, bool) or not isinstance(order, int)
+                                  or not 0 <= order <= MAX_FORECAST_ORDER):
+            raise ValueError(f"forecast_order must be None (auto) or an integer from 0 to {MAX_FORECAST_ORDER}, "
+                             f"got {order!r}")
         if not (isinstance(self.min_psnr, (int, float)) and math.isfinite(self.min_psnr) and self.min_psnr >= 0.0):
             raise ValueError(f"min_psnr must be a finite number >= 0 (0: off), got {self.min_psnr!r}")
         validate_step_options(self)
 
     def orders(self) -> tuple[int, ...]:
-        if self.forecast_order == "auto":
+        if self.forecast_order is None:
             return tuple(range(1, MAX_FORECAST_ORDER + 1))
-        return (int(self.forecast_order),)
+        return (self.forecast_order,)
 
 
 @dataclass(frozen=True)
@@ -316,9 +328,8 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
     return found, measured
 
 
-def _tried(label: str, rung: Rung, value: Measurement) -> dict[str, Any]:
-    return {"label": label, "steps": list(rung.steps), "order": rung.order, "predicted_error": rung.error,
-            "measured_psnr": value.mean, "expected_low": value.low, "expected_high": value.high}
+def _tried(label: str, rung: Rung, value: Measurement) -> Tried:
+    return Tried(label, rung.steps, rung.order, rung.error, value.mean, value.low, value.high)
 
 
 def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dict[str, Any]) -> CacheSchedule:
@@ -341,7 +352,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     """The schedule for ``options.speedup``: the error model's best at that cost.
 
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
-    with it, block_caching/validation.py; ``metric`` says of what) validates the choice: its value is
+    with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
     recorded. With ``choose_by_measure``, every equal-cost candidate is measured and the best measured one is
     taken. On the reference model the error model chose about as well as four measured pictures did
     (docs/benchmark.md): a few pictures are a noisy judge. With ``options.min_psnr``, a choice whose expected
@@ -354,7 +365,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     rung = choose_rung(ladder, options.speedup)
     steps = profile.grid.steps
     stepped_from: Rung | None = None
-    tried: list[dict[str, Any]] = []
+    tried: list[Tried] = []
     chosen: Measurement | None = None
     if measure is not None and rung.computes < steps:
         options_tried = candidates(found, profile, rung.computes) if choose_by_measure else [
@@ -377,39 +388,32 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         # Uncached sampling at the schedule's cost: as many steps as its FLOPs buy (at least 1).
         count = max(1, min(steps - 1, round(steps * rung.flop_fraction)))
         value = measurement(fewer_steps(count))
-        versus = {"steps": count, "speedup": steps / count, "measured_psnr": value.mean, "expected_low": value.low,
-                  "expected_high": value.high, "better": value.mean >= chosen.mean}
-    builder: dict[str, Any] = {
-        "method": "speedup_target",
-        "speedup_target": options.speedup,
-        "forecast_order": options.forecast_order,
-        "cache_kinds": options.cache_kinds,
-        "always_compute_first": options.always_compute_first,
-        "always_compute_last": options.always_compute_last,
-        "max_consecutive_reuse": options.max_consecutive_reuse,
-        "cached_layers": [profile.block_map.layers[i].name for i in found.layers],
-        "compute_steps": list(rung.steps),
-        "chosen_order": rung.order,
-        "chosen_by": "measured" if choose_by_measure and tried else "predicted",
-        "predicted_error": rung.error,
-        "measured": tried,
-        "measured_metric": metric if tried else "",
-        "reached": rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
-        "min_psnr": options.min_psnr,
-        # Where the floor moved the choice: the target's rung, before stepping down (None: it did not).
-        "stepped_down_from": None if stepped_from is None else {
-            "computes": stepped_from.computes, "order": stepped_from.order,
-            "speedup": 1.0 / stepped_from.flop_fraction, "steps": list(stepped_from.steps)},
-        # The chosen schedule's measurement: mean and the range expected on other prompts (None: not measured).
-        "expected_psnr": None if chosen is None else {"mean": chosen.mean, "low": chosen.low, "high": chosen.high,
-                                                       "pictures": len(chosen.pictures)},
-        # Uncached sampling with fewer steps at the same cost, measured alike (None: not compared).
-        "fewer_steps": versus,
-        "ladder": [{"computes": r.computes, "order": r.order, "error": r.error, "flop_fraction": r.flop_fraction,
-                    "steps": list(r.steps)} for r in ladder],
-        "notes": found.notes,
-    }
-    return _schedule(profile, found.layers, rung, builder)
+        versus = FewerStepsComparison(count, steps / count, value.mean, value.low, value.high, value.mean >= chosen.mean)
+    build = TargetBuild(
+        speedup_target=options.speedup,
+        forecast_order=options.forecast_order,
+        cache_kinds=options.cache_kinds,
+        always_compute_first=options.always_compute_first,
+        always_compute_last=options.always_compute_last,
+        max_consecutive_reuse=options.max_consecutive_reuse,
+        min_psnr=options.min_psnr,
+        cached_layers=tuple(profile.block_map.layers[i].name for i in found.layers),
+        compute_steps=rung.steps,
+        chosen_order=rung.order,
+        chosen_by="measured" if choose_by_measure and tried else "predicted",
+        predicted_error=rung.error,
+        reached=rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
+        ladder=tuple(LadderRung(r.computes, r.order, r.error, r.flop_fraction, r.steps) for r in ladder),
+        measured=tuple(tried),
+        measured_metric=metric if tried else "",
+        stepped_down_from=None if stepped_from is None else SteppedDown(
+            stepped_from.computes, stepped_from.order, 1.0 / stepped_from.flop_fraction, stepped_from.steps),
+        expected_psnr=None if chosen is None else ExpectedPsnr(chosen.mean, chosen.low, chosen.high,
+                                                               len(chosen.pictures)),
+        fewer_steps=versus,
+        notes=tuple(found.notes),
+    )
+    return _schedule(profile, found.layers, rung, build.to_json())
 
 
 def combined_step_count(steps: int, speedup: float) -> int:
@@ -432,8 +436,9 @@ def build_combined_schedule(profile: BlockProfile, options: TargetOptions,
     fewer = profile_at(count)
     remaining = max(1.0, options.speedup * count / steps)
     schedule = build_target_schedule(fewer, dataclasses.replace(options, speedup=remaining), measure)
-    combined = {"profiled_steps": steps, "steps": count, "speedup": steps * schedule.estimated_speedup / count}
-    return dataclasses.replace(schedule, builder={**schedule.builder, "combined": combined})
+    combined = CombinedSteps(steps, count, steps * schedule.estimated_speedup / count)
+    build = dataclasses.replace(TargetBuild.of(schedule), combined=combined)
+    return dataclasses.replace(schedule, builder=build.to_json())
 
 
 @dataclass(frozen=True)
@@ -467,28 +472,29 @@ def sampling_choices(profile: BlockProfile, options: TargetOptions, schedule: Ca
     fewer steps compared): the cache at the profiled steps, uncached fewer steps at its cost, and fewer steps
     with the cache (``build_combined_schedule``), each where it was measured; and a note where the
     combination was not (empty otherwise)."""
-    steps, builder = schedule.grid.steps, schedule.builder
+    steps, build = schedule.grid.steps, TargetBuild.of(schedule)
     choices = []
-    if builder.get("expected_psnr") is not None:
-        measured = builder["expected_psnr"]
+    if build.expected_psnr is not None:
+        measured = build.expected_psnr
         choices.append(SamplingChoice(f"Block Cache at {steps} steps", steps, schedule, schedule.estimated_speedup,
-                                      measured["mean"], measured["low"]))
+                                      measured.mean, measured.low))
     elif schedule.compute_mask().all():
         choices.append(SamplingChoice(f"uncached at {steps} steps", steps, schedule, 1.0, 100.0, 100.0))
-    versus = builder.get("fewer_steps")
+    versus = build.fewer_steps
     if versus is not None:
         choices.append(SamplingChoice(
-            f"uncached at {versus['steps']} steps", versus["steps"],
+            f"uncached at {versus.steps} steps", versus.steps,
             all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops, profile.total_flops),
-            versus["speedup"], versus["measured_psnr"], versus["expected_low"]))
+            versus.speedup, versus.measured_psnr, versus.expected_low))
     combined = build_combined_schedule(profile, options, profile_at, measure)
     if combined is None:
         return choices, f"fewer steps with the cache: not tried ({steps} steps are too few to sample with fewer)."
-    if combined.builder["expected_psnr"] is None:
+    combined_build = TargetBuild.of(combined)
+    if combined_build.expected_psnr is None or combined_build.combined is None:
         reason = (f"no schedule reached the {options.min_psnr:g} dB floor" if options.min_psnr else
                   "the speed-up left for the cache computes every step")
         return choices, f"fewer steps with the cache: not offered ({reason} at {combined.grid.steps} steps)."
-    measured, info = combined.builder["expected_psnr"], combined.builder["combined"]
-    choices.append(SamplingChoice(f"Block Cache at {info['steps']} steps", info["steps"], combined, info["speedup"],
-                                  measured["mean"], measured["low"]))
+    measured, info = combined_build.expected_psnr, combined_build.combined
+    choices.append(SamplingChoice(f"Block Cache at {info.steps} steps", info.steps, combined, info.speedup,
+                                  measured.mean, measured.low))
     return choices, ""

@@ -70,13 +70,15 @@ class NoiseInjection(RunExtension):
 
 
 class NoiseInjector(RunMethod):
-    """One run's injection: z_T, and which step was last injected."""
+    """One run's injection: z_T, and which step was last injected. Its figures: the steps injected."""
 
-    def __init__(self, config: NoiseInjection, model_sampling: Any, name: str = "Block Cache") -> None:
+    name = "noise injection"
+
+    def __init__(self, config: NoiseInjection, model_sampling: Any, holder_name: str = "Block Cache") -> None:
         config.validate()
         self.config = config
         self.model_sampling = model_sampling
-        self.name = name
+        self.holder_name = holder_name
         self.z_T: torch.Tensor | None = None
         self.last_step: int | None = None
         self.injected_steps: list[int] = []
@@ -86,14 +88,13 @@ class NoiseInjector(RunMethod):
             self.before_evaluation(x, sigma, run.run_step, run.evaluation_tau)
 
     def close(self, run: RunContext) -> None:
-        run.stats.injected_steps = self.finish_run()
-
-    def finish_run(self) -> list[int]:
-        """Frees the latent-sized copy; returns the steps injected."""
+        """Frees the latent-sized copy; the steps injected stay, as its figures."""
         if self.injected_steps:
-            logger.info("%s: prior noise injection (alpha %g) at %d steps, from step %d.", self.name,
+            logger.info("%s: prior noise injection (alpha %g) at %d steps, from step %d.", self.holder_name,
                         self.config.alpha, len(self.injected_steps), self.injected_steps[0])
         self.z_T = None
+
+    def figures(self) -> list[int]:
         return self.injected_steps
 
     def before_evaluation(self, x: torch.Tensor, timestep: torch.Tensor, step: int, tau: float) -> bool:

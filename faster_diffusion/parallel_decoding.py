@@ -177,13 +177,15 @@ def installed_on(holder: BlockCacheHolder) -> ParallelDecodingPatch | None:
 
 
 class ParallelDecoder(RunMethod):
-    """One run's parallel decoding: conv_in cache, the stash, counters."""
+    """One run's parallel decoding: conv_in cache, the stash, counters (its figures)."""
+
+    name = "parallel decoding"
 
     def __init__(self, patch: ParallelDecodingPatch, run: RunContext) -> None:
         self.patch = patch
         self.run = run
         self.config = patch.config
-        self.name = patch.name
+        self.holder_name = patch.name
         self.encoder = patch.encoder
         self.decoder = patch.decoder
         self.active = True
@@ -200,6 +202,9 @@ class ParallelDecoder(RunMethod):
     def close(self, run: RunContext) -> None:
         self.finish_run()
 
+    def figures(self) -> ParallelStats:
+        return self.stats
+
     def finish_run(self) -> ParallelStats:
         stats = self.stats
         self._drop_all()
@@ -211,7 +216,7 @@ class ParallelDecoder(RunMethod):
             logger.info(
                 "%s: parallel decoding ran %d batched decoder calls for %d step slots (batch rows %s), served %d "
                 "model calls from them, %d non-key calls ran sequentially%s; %d stashed outputs unused; the stash "
-                "held at most %.1f MB%s.", self.name, stats.batched_calls, stats.batched_steps,
+                "held at most %.1f MB%s.", self.holder_name, stats.batched_calls, stats.batched_steps,
                 _compact(stats.batch_sizes), stats.served, stats.sequential, f" ({reasons})" if reasons else "",
                 stats.unused, stats.peak_stash_bytes / 2**20,
                 f"; {stats.memory_capped} batched calls were shortened to fit free memory" if stats.memory_capped
@@ -270,7 +275,7 @@ class ParallelDecoder(RunMethod):
             if "memory" not in self._logged:
                 self._logged.add("memory")
                 logger.info("%s: parallel decoding: free memory unknown; batched calls hold at most %d steps.",
-                            self.name, SAFE_DEFAULT_STEPS)
+                            self.holder_name, SAFE_DEFAULT_STEPS)
             return SAFE_DEFAULT_STEPS
         if per_rows <= 0:
             return SAFE_DEFAULT_STEPS
@@ -281,7 +286,7 @@ class ParallelDecoder(RunMethod):
         self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
         if message is not None and reason not in self._logged:
             self._logged.add(reason)
-            logger.info("%s: parallel decoding: %s; such calls run sequentially.", self.name, message)
+            logger.info("%s: parallel decoding: %s; such calls run sequentially.", self.holder_name, message)
 
     def _put(self, step: int, key: Any, rows: torch.Tensor) -> None:
         chunks = self.stash.setdefault(step, {})
@@ -422,7 +427,7 @@ class ParallelDecoder(RunMethod):
             if "memory cap" not in self._logged:
                 self._logged.add("memory cap")
                 logger.info("%s: parallel decoding: batched calls capped at %d steps (%d rows) to fit the free "
-                            "memory ComfyUI reports.", self.name, memory_limit, memory_limit * rows)
+                            "memory ComfyUI reports.", self.holder_name, memory_limit, memory_limit * rows)
         repeat = len(steps)
         sigma_type = transformer_options["sigmas"]
         step_sigmas = torch.tensor([self.sample_sigmas[s] for s in steps], dtype=sigma_type.dtype)

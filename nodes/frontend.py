@@ -15,10 +15,11 @@ import logging
 import math
 from typing import Any
 
-from ..block_caching.cache import BlockCacheHolder
+from ..block_caching.cache import BlockCacheHolder, cache_stats
 from ..block_caching.profile import BlockProfile
 from ..block_caching.run_summary import run_speedup_estimate
 from ..block_caching.schedule import CacheSchedule
+from ..block_caching.target_build import LadderRung, TargetBuild, forecast_order_label
 from ..runtime.run import RunStats
 
 logger = logging.getLogger(__name__)
@@ -92,13 +93,13 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     """A speed-up target schedule's ladder: the best compute steps for every count of them, so the node
     redraws the schedule for another speed-up at once (js/block_cache.js picks the rung as
     block_caching/target_schedule.py choose_rung does)."""
-    builder = schedule.builder
-    cacheable = set(builder["cached_layers"])
-    chosen = {"steps": builder["compute_steps"], "order": builder["chosen_order"]}
+    build = TargetBuild.of(schedule)
+    cacheable = set(build.cached_layers)
+    chosen = {"steps": list(build.compute_steps), "order": build.chosen_order}
 
-    def measured(rung: dict[str, Any]) -> bool:
+    def measured(rung: LadderRung) -> bool:
         """The rung the node chose by measurement: its preview is what was measured to be best."""
-        return builder["chosen_by"] == "measured" and rung["computes"] == len(chosen["steps"])
+        return build.chosen_by == "measured" and rung.computes == len(build.compute_steps)
 
     return {
         "version": PAYLOAD_VERSION,
@@ -106,21 +107,20 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "steps": schedule.grid.steps,
         "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
         "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
-        "rungs": [{"computes": r["computes"], "steps": chosen["steps"] if measured(r) else r["steps"],
-                   "order": chosen["order"] if measured(r) else r["order"], "flop_fraction": r["flop_fraction"]}
-                  for r in builder["ladder"]],
+        "rungs": [{"computes": r.computes, "steps": chosen["steps"] if measured(r) else list(r.steps),
+                   "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction}
+                  for r in build.ladder],
         # Where the quality floor stepped the target down: the schedule the node gave at that target.
-        "floor": None if builder.get("stepped_down_from") is None else {
-            "min_psnr": builder["min_psnr"], "target": builder["speedup_target"],
-            "rung": {"computes": len(chosen["steps"]), "steps": chosen["steps"], "order": chosen["order"],
-                     "flop_fraction": schedule.flop_fraction}},
+        "floor": None if build.stepped_down_from is None else {
+            "min_psnr": build.min_psnr, "target": build.speedup_target,
+            "rung": {"computes": len(build.compute_steps), **chosen, "flop_fraction": schedule.flop_fraction}},
         # What validation measured on the profiled run (shown while the preview is that schedule).
-        "measured": [{"steps": t["steps"], "order": t["order"], "psnr": t["measured_psnr"],
-                      "low": t.get("expected_low"), "high": t.get("expected_high"),
-                      "metric": builder["measured_metric"]} for t in builder["measured"]],
-        "options": {name: builder[name] for name in ("speedup_target", "forecast_order", "cache_kinds",
-                                                     "always_compute_first", "always_compute_last",
-                                                     "max_consecutive_reuse")},
+        "measured": [{"steps": list(t.steps), "order": t.order, "psnr": t.measured_psnr, "low": t.expected_low,
+                      "high": t.expected_high, "metric": build.measured_metric} for t in build.measured],
+        "options": {"speedup_target": build.speedup_target, "forecast_order": forecast_order_label(build.forecast_order),
+                    "cache_kinds": build.cache_kinds, "always_compute_first": build.always_compute_first,
+                    "always_compute_last": build.always_compute_last,
+                    "max_consecutive_reuse": build.max_consecutive_reuse},
     }
 
 
@@ -128,7 +128,7 @@ def never_reused(holder: BlockCacheHolder, stats: RunStats) -> list[str]:
     """Layers the schedule reuses that this run computed at every call: their calls never fit the cache
     (an output their signature does not describe, or not one batch of the cond chunks). Runs whose plan
     is not the schedule's own (re-timed) are not judged: a sparse re-timing may leave no reuse."""
-    if holder.plan is None or stats.retimed:
+    if holder.plan is None or cache_stats(stats).retimed:
         return []
     return [name for name, planned, computed, reused in zip(stats.layer_names, holder.plan.reuses_ever,
                                                               stats.computed, stats.reused, strict=True)
@@ -153,7 +153,7 @@ def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict
         "steps": stats.steps,
         "evaluations": stats.evaluations,
         "seconds": stats.seconds,
-        "retimed": stats.retimed,
+        "retimed": cache_stats(stats).retimed,
         "estimated_speedup": run_speedup_estimate(holder, stats),
         "never_reused": never_reused(holder, stats),
     }

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..block_caching.patching import attach_profiler, collect_profile
 from ..block_caching.profile import merge_profiles
-from ..block_caching.validation import ProfileReplay
+from ..block_caching.replay import ProfileReplay
 from .frontend import PROFILE_UI_KEY, profile_payload
 from .heatmap import render_profile
 from .types import CATEGORY, BlockProfileSocket, ProfileRecordingSocket

@@ -6,7 +6,9 @@ import logging
 
 from comfy_api.latest import io
 
+from ..block_caching.replay import HeldOutRuns, measure_metric, profile_again
 from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, all_compute_schedule, build_schedule
+from ..block_caching.target_build import TargetBuild, parse_forecast_order
 from ..block_caching.target_schedule import (
     DEFAULT_FORECAST_ORDER,
     DEFAULT_MIN_PSNR,
@@ -17,7 +19,6 @@ from ..block_caching.target_schedule import (
     build_target_schedule,
     sampling_choices,
 )
-from ..block_caching.validation import HeldOutRuns, measure_metric, profile_again
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload
@@ -103,7 +104,8 @@ class BuildTargetSchedule(io.ComfyNode):
     def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
                 max_consecutive_reuse, validation=VALIDATION[0], min_psnr=DEFAULT_MIN_PSNR,
                 fewer_steps=FEWER_STEPS[0]) -> io.NodeOutput:
-        options = TargetOptions(speedup=float(speedup), forecast_order=forecast_order, cache_kinds=cache_kinds,
+        options = TargetOptions(speedup=float(speedup), forecast_order=parse_forecast_order(forecast_order),
+                                cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                 max_consecutive_reuse=max_consecutive_reuse, min_psnr=float(min_psnr))
         runs = None
@@ -123,49 +125,49 @@ class BuildTargetSchedule(io.ComfyNode):
         schedule = build_target_schedule(
             profile, options, runs.schedule if runs else None, choose_by_measure=validation == VALIDATION[1],
             metric=metric, fewer_steps=runs.fewer_steps if runs and fewer_steps != FEWER_STEPS[2] else None)
-        builder = schedule.builder
+        build = TargetBuild.of(schedule)
         steps = schedule.grid.steps
         lines = [schedule.summary(),
-                 f"computes at steps {builder['compute_steps']}; forecast order {builder['chosen_order']}"]
-        for tried in builder["measured"]:
-            chosen = tried["steps"] == builder["compute_steps"] and tried["order"] == builder["chosen_order"]
-            lines.append(f"{'chosen' if chosen else 'tried'}: {tried['label']}, {metric} PSNR "
-                         f"{tried['measured_psnr']:.1f} dB against uncached on the profiled prompts with another "
-                         f"seed; expected {tried['expected_low']:.1f}-{tried['expected_high']:.1f} dB on other prompts")
-        if builder["measured"] and metric == "latent":
+                 f"computes at steps {list(build.compute_steps)}; forecast order {build.chosen_order}"]
+        for tried in build.measured:
+            chosen = tried.steps == build.compute_steps and tried.order == build.chosen_order
+            lines.append(f"{'chosen' if chosen else 'tried'}: {tried.label}, {metric} PSNR "
+                         f"{tried.measured_psnr:.1f} dB against uncached on the profiled prompts with another "
+                         f"seed; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} dB on other prompts")
+        if build.measured and metric == "latent":
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
-        stepped = builder["stepped_down_from"]
+        stepped = build.stepped_down_from
         if stepped is not None:
-            lines.append(f"the {speedup:g}x target ({stepped['speedup']:.2f}x, {stepped['computes']} compute steps) "
+            lines.append(f"the {speedup:g}x target ({stepped.speedup:.2f}x, {stepped.computes} compute steps) "
                          f"is expected below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
-                         + ("" if len(builder["compute_steps"]) < steps else
+                         + ("" if len(build.compute_steps) < steps else
                             ", computing everything (no faster schedule reached the floor)")
                          + ". Lower min_psnr to keep more speed.")
-        elif not builder["reached"]:
+        elif not build.reached:
             lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
         ladder = ladder_payload(schedule)
-        versus = builder["fewer_steps"]
+        versus = build.fewer_steps
         sampler_steps = steps
         if fewer_steps == FEWER_STEPS[3] and runs is not None:
             schedule, sampler_steps, best_lines = _best_of_three(profile, options, runs, schedule)
             lines += best_lines
             ladder = ladder_payload(schedule)
-        elif versus is not None:
-            cached = builder["expected_psnr"]["mean"]
-            verdict = (f"{versus['steps']} uncached steps ({versus['speedup']:.2f}x) measured {versus['measured_psnr']:.1f} "
+        elif versus is not None and build.expected_psnr is not None:
+            cached = build.expected_psnr.mean
+            verdict = (f"{versus.steps} uncached steps ({versus.speedup:.2f}x) measured {versus.measured_psnr:.1f} "
                        f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {cached:.1f} dB")
-            if not versus["better"]:
+            if not versus.better:
                 lines.append(f"better than fewer steps at this cost: {verdict}.")
             elif fewer_steps == FEWER_STEPS[1]:
                 schedule = all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
                                                 profile.total_flops)
-                sampler_steps = versus["steps"]
+                sampler_steps = versus.steps
                 lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Switched: this schedule computes everything; "
                              f"sample with {sampler_steps} steps (the 'steps' output).")
             else:
-                lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Sample with {versus['steps']} steps "
+                lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Sample with {versus.steps} steps "
                              "uncached instead, or set fewer_steps to 'use fewer steps when better'.")
-        lines += builder["notes"] + notes
+        lines += [*build.notes, *notes]
         for line in lines[1:]:
             logger.info("Build Cache Schedule: %s", line)
         return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule), sampler_steps,

@@ -45,25 +45,21 @@ WRAPPER_KEY = "block_cache"
 
 @dataclass
 class RunStats:
-    """What one sampling run computed; kept on the holder after the run for display and tests."""
+    """What one sampling run computed; kept on the holder after the run for display and tests. The
+    runtime's own figures, and each method's under its name (``RunMethod.name``)."""
 
     layer_names: tuple[str, ...]
     computed: np.ndarray  # [layers] real layer computations
     reused: np.ndarray  # [layers] calls served without computing
     evaluations: int = 0
     steps: int = 0
-    retimed: bool = False  # the plan was moved onto this run's steps
-    cache_resets: int = 0
+    cache_resets: int = 0  # the latent changed inside the run: every method dropped what it kept
     seconds: float = 0.0  # wall time of the sampling run
-    peak_cache_bytes: int = 0  # the most memory the cached tensors held at once
-    peak_history_bytes: int = 0  # of it, the most that forecast history (points beyond the newest) held
-    stores: int = 0  # layer calls whose output was cached (a reuse could follow)
-    offloaded: int = 0  # cached tensors copied to CPU memory
     sample_sigmas: torch.Tensor | None = None  # the run's sigmas, on the CPU
     sampler: str = ""  # the k-diffusion sampler's name, where known
     cfg: float | None = None  # the guider's CFG scale, where it has one
     latent_shape: tuple[int, ...] = ()
-    injected_steps: list[int] = field(default_factory=list)  # prior noise injection's steps (Faster Diffusion)
+    figures: dict[str, Any] = field(default_factory=dict)  # each method's ``figures()``, by its name
 
     @property
     def total(self) -> int:
@@ -73,6 +69,8 @@ class RunStats:
 class RunMethod:
     """One method's state for one run. The run context calls these at its boundaries; each default
     does nothing (or, for the around-hooks, just proceeds)."""
+
+    name = ""  # where its figures are kept in ``RunStats.figures``
 
     def begin_evaluation(self, run: RunContext, x: torch.Tensor, sigma: torch.Tensor) -> None:
         """A solver evaluation starts (``run`` has its tau, step and ``computes``); ``x`` may be changed in place."""
@@ -105,7 +103,11 @@ class RunMethod:
         """The latent changed shape, dtype or device: drop what was kept for the old one."""
 
     def close(self, run: RunContext) -> None:
-        """The run is over: free everything, leave the figures in ``run.stats`` or the method's own."""
+        """The run is over: free everything (``figures`` is read after)."""
+
+    def figures(self) -> Any:
+        """This method's own figures of the run, kept in ``RunStats.figures`` (None: it has none)."""
+        return None
 
 
 class LayerMethod(RunMethod):
@@ -210,6 +212,9 @@ class RunContext:
         """Frees everything the methods kept; the run's figures stay in the returned stats."""
         for method in self.methods:
             method.close(self)
+            figures = method.figures()
+            if figures is not None:
+                self.stats.figures[method.name] = figures
         return self.stats
 
     def begin_evaluation(self, x: torch.Tensor, sigma: torch.Tensor) -> None:

@@ -271,7 +271,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
     calls = (cached_holder.last_run.computed + cached_holder.last_run.reused) // steps
     scheduled = every_two.compute_mask().sum(axis=1) * calls
     cache_peak = _peak_above(device, lambda: _sample(case, cached, steps, device))
-    cache_bytes = cached_holder.last_run.peak_cache_bytes
+    cache_bytes = cached_holder.last_run.figures["cache"].peak_cache_bytes
     offloaded, offloaded_holder = patching.apply_block_cache(model, every_two, cache_device=cache.CACHE_ON_CPU)
     t_offloaded = timed(offloaded)
     syncs_plain = _syncs_per_step(device, lambda: _sample(case, model, steps, device), steps)
@@ -290,7 +290,7 @@ def measure(pack: Any, case: Case, device: torch.device, steps: int, repeats: in
         "cache_held_mb": cache_bytes / mb,
         "cache_peak_above_no_patch_mb": None if cache_peak is None or plain_peak is None
         else (cache_peak - plain_peak) / mb,
-        "cache_on_cpu_offloaded_tensors": offloaded_holder.last_run.offloaded,
+        "cache_on_cpu_offloaded_tensors": offloaded_holder.last_run.figures["cache"].offloaded,
         "syncs_per_step_no_patch": syncs_plain, "syncs_per_step_cached": syncs_cached,
     }
 

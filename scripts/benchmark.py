@@ -281,7 +281,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
                           lambda best=best: (patching.apply_block_cache(model, best.schedule)[0], best.steps),
                           knob=best.speedup))
     for speedup in ORDER0_SPEEDUPS:
-        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order="0"),
+        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order=0),
                                                 measure)
         methods.append(Method(f"Block Cache {speedup:g}x order 0", "block_cache_order0", f"{speedup:g}x",
                               apply(schedule), knob=speedup))
@@ -602,7 +602,7 @@ def full_size_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"case": name, "speedup": achieved, "speedup_runs": ratios[name], "flop_fraction": fraction,
                      "ideal_speedup": 1.0 / fraction, "achieved_over_ideal": achieved * fraction,
                      "overhead": 1.0 / achieved - 1.0 if name == "all-compute" else None,
-                     "peak_cache_mb": stats.peak_cache_bytes / 2**20})
+                     "peak_cache_mb": stats.figures["cache"].peak_cache_bytes / 2**20})
     parameters = sum(p.numel() for p in base.diffusion_model.parameters())
     return {"rows": rows, "all_compute_bit_identical": identical, "steps": args.full_steps,
             "resolution": args.full_resolution, "rounds": args.full_rounds,

@@ -606,9 +606,9 @@ def make_bundled_schedule() -> dict[str, Any]:
     profile = pack.block_caching.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
                                             denoise=1.0, latent_shape=tuple(latent["samples"].shape), seed=DEMO_SEED)
     # As the node does by default: the chosen schedule is measured on the profiled run.
-    replay = pack.block_caching.validation.ProfileReplay(model, sample, reference,
+    replay = pack.block_caching.replay.ProfileReplay(model, sample, reference,
                                            lambda samples: reference_vae.decode(samples).movedim(-1, 1))
-    measure = pack.block_caching.validation.replay_measure((replay,))
+    measure = pack.block_caching.replay.replay_measure((replay,))
     schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(min_psnr=pack.block_caching.target_schedule.DEFAULT_MIN_PSNR), measure,
                                                           metric=replay.metric)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")

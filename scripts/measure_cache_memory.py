@@ -80,7 +80,7 @@ def _child(config: str, blocks: int, frames: int, height: int, width: int) -> di
         "seconds": seconds,
         "tokens": tokens,
         "reused": int(holder.last_run.reused.sum()) if holder and holder.last_run else 0,
-        "peak_cache_mb": holder.last_run.peak_cache_bytes / 2**20 if holder and holder.last_run else 0.0,
+        "peak_cache_mb": holder.last_run.figures["cache"].peak_cache_bytes / 2**20 if holder and holder.last_run else 0.0,
     }
 
 

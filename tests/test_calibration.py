@@ -246,7 +246,7 @@ def test_calibration_corrects_forecast_reuse(pack, calibration, tiny_model, cond
     parameters give the uncorrected forecast bit for bit, and training lowers the error of the forecasts."""
     profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
     schedule = pack.block_caching.target_schedule.build_target_schedule(
-        profile, pack.block_caching.target_schedule.TargetOptions(speedup=3.0, forecast_order="1"))
+        profile, pack.block_caching.target_schedule.TargetOptions(speedup=3.0, forecast_order=1))
     assert {layer.forecast_order for layer in schedule.layers if not all(layer.compute)} == {1}
     options = calibration.CalibrationOptions(iterations=6, learning_rate=0.05, seed=100)
     result = calibration.calibrate(tiny_model, schedule, [conds], latent["samples"], options)

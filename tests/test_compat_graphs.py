@@ -108,7 +108,7 @@ def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, sche
     peaks = []
     for _ in range(20):
         sample(patched, *conds, latent)
-        peaks.append(holder.last_run.peak_cache_bytes)
+        peaks.append(holder.last_run.figures["cache"].peak_cache_bytes)
     after = live_tensor_bytes()
     assert len(set(peaks)) == 1 and peaks[0] > 0, "every run caches the same amount"
     assert after - before <= 0, f"{after - before} bytes of tensors stayed alive after 20 runs"

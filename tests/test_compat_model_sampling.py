@@ -51,7 +51,7 @@ def test_model_patch_nodes_before_and_after_apply_all_compute_is_exact(pack, tin
     assert torch.equal(sample(after, *conds, latent), reference)
     cached, holder = pack.block_caching.patching.apply_block_cache(patched_other, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
-    assert not holder.last_run.retimed, "the schedule's grid must match the patched model's own sigmas"
+    assert not holder.last_run.figures["cache"].retimed, "the schedule's grid must match the patched model's own sigmas"
 
 # -- ModelSamplingSD3 / ModelSamplingFlux on tiny flow models -----------------------------------------
 
@@ -106,7 +106,7 @@ def test_flow_shift_nodes_before_and_after_apply(pack, node):
     for same_model, holder in (pack.block_caching.patching.apply_block_cache(patch(model, same), caching),
                                (patch(applied, same), after_holder)):
         assert torch.equal(sample(same_model, *conds, latent, steps=steps, cfg=cfg), expected)
-        assert not holder.last_run.retimed and holder.last_run.reused.sum() > 0
+        assert not holder.last_run.figures["cache"].retimed and holder.last_run.reused.sum() > 0
 
     # Another shift moves every step's sigma: the schedule is re-timed by noise level, before and after.
     outputs = []
@@ -115,7 +115,7 @@ def test_flow_shift_nodes_before_and_after_apply(pack, node):
         eval_sigmas = record_evaluation_sigmas(shifted_model)
         outputs.append(sample(shifted_model, *conds, latent, steps=steps, cfg=cfg))
         stats = holder.last_run
-        assert stats.retimed and stats.reused.sum() > 0 and torch.isfinite(outputs[-1]).all()
+        assert stats.figures["cache"].retimed and stats.reused.sum() > 0 and torch.isfinite(outputs[-1]).all()
         np.testing.assert_array_equal(stats.computed, _expected_computes_by_sigma(caching, eval_sigmas,
                                                                                 holder.last_sample_sigmas))
     assert torch.equal(outputs[0], outputs[1])

@@ -433,7 +433,7 @@ def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
                                                                                           cache_kinds="all"))
     patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
     out = sample(patched, *conds, av.latent(), steps=STEPS, cfg=av.cfg)
-    assert holder.last_run.reused.sum() > 0 and holder.last_run.stores > 0, "the blocks were cached and reused"
+    assert holder.last_run.reused.sum() > 0 and holder.last_run.figures["cache"].stores > 0, "the blocks were cached and reused"
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
     # A reused block rebuilds both streams: with the cache computed at the same step, the output is the
     # computed one (each stream's input + its cached residual).

@@ -133,13 +133,13 @@ def test_cpu_cache_device_gives_the_same_output(pack):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "test_watch", watch)
         outputs.append(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg))
         stats = holder.last_run
-        assert stats.reused.sum() > 0 and stats.stores > 0 and cached
+        assert stats.reused.sum() > 0 and stats.figures["cache"].stores > 0 and cached
         if device == pack.block_caching.cache.CACHE_ON_CPU:
             # every stored tensor went through the CPU copy (pinned where CUDA is there)
-            assert stats.offloaded >= stats.stores  # one per chunk and stream of each stored call
+            assert stats.figures["cache"].offloaded >= stats.figures["cache"].stores  # one per chunk and stream of each stored call
             assert all(t.device.type == "cpu" and t.is_pinned() == torch.cuda.is_available() for t in cached)
         else:
-            assert stats.offloaded == 0
+            assert stats.figures["cache"].offloaded == 0
     assert torch.equal(outputs[0], outputs[1])
     with pytest.raises(ValueError, match="cache_device must be one of"):
         pack.block_caching.patching.apply_block_cache(model, schedule, cache_device="gpu0")
@@ -162,4 +162,4 @@ def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, 
     counted = np.array([counts[name] for name in names])
     np.testing.assert_array_equal(counted, expected_computations(schedule, model, eval_sigmas,
                                                                  holder.last_sample_sigmas))
-    assert holder.last_run.retimed
+    assert holder.last_run.figures["cache"].retimed

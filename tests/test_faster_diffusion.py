@@ -125,7 +125,7 @@ def test_retimed_to_another_step_count(pack, tiny_model, conds, latent):
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, steps=12)
-    assert holder.last_run.retimed and len(eval_sigmas) == 12
+    assert holder.last_run.figures["cache"].retimed and len(eval_sigmas) == 12
     run_mask = expected_run_mask(schedule, tiny_model, holder.last_sample_sigmas)
     stages = {spec.name: spec.stage for spec in schedule.block_map.layers}
     encoder_computes = {int(row.sum()) for row, name in zip(run_mask, names, strict=True) if stages[name] != "output"}
@@ -181,7 +181,7 @@ def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
     off_injection = pack.faster_diffusion.noise_injection.NoiseInjection(0.0)
     off, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, options=[off_injection])
     assert torch.equal(sample(off, *conds, latent), sample(plain, *conds, latent))
-    assert holder.last_run.injected_steps == []
+    assert "noise injection" not in holder.last_run.figures
 
 
 def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent):
@@ -198,7 +198,7 @@ def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent
     out, xs, _, stats = runs[0.05]
     taus = pack.runtime.time_grid.normalized_times(tiny_model.get_model_object("model_sampling"), torch.tensor(sigmas))
     late = [i for i, tau in enumerate(taus) if tau < 0.5]
-    assert stats.injected_steps == late and 0 < len(late) < len(taus)
+    assert stats.figures["noise injection"] == late and 0 < len(late) < len(taus)
     for i in range(len(taus)):
         assert torch.equal(xs[i], base_xs[i]) == (i < late[0]), i
     # the first injected evaluation sees exactly the paper's z_t + alpha z_T, written in x's scale

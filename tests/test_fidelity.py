@@ -82,7 +82,7 @@ def test_validation_measures_with_the_same_psnr(pack, pictures):
     """Validation's held-out measurement: per picture, the same PSNR (of latents: the reference's range as the
     peak), against the uncached pictures of the held-out seed."""
     uncached, cached = pictures
-    validation = pack.block_caching.validation
+    validation = pack.block_caching.replay
     seeds = []
 
     def sample(model, steps=None, seed_offset=0):
@@ -99,12 +99,12 @@ def test_validation_measures_with_the_same_psnr(pack, pictures):
 
 
 def test_expected_range_widens_with_spread_and_narrows_with_pictures(pack):
-    measurement = pack.block_caching.validation.Measurement
-    z, floor_sd = pack.block_caching.validation.EXPECTED_RANGE_Z, pack.block_caching.validation.MIN_PICTURE_SD
+    measurement = pack.block_caching.replay.Measurement
+    z, floor_sd = pack.block_caching.replay.EXPECTED_RANGE_Z, pack.block_caching.replay.MIN_PICTURE_SD
     agreeing = measurement((30.0, 30.0, 30.0, 30.0))  # a spread below the floor counts as the floor
     assert agreeing.low == pytest.approx(30.0 - z * floor_sd / 2) and agreeing.high == pytest.approx(30.0 + z * floor_sd / 2)
     spread = measurement((20.0, 40.0, 25.0, 35.0))
     assert spread.mean == 30.0 and spread.low < agreeing.low
     more = measurement((30.0,) * 16)
     assert agreeing.low < more.low < 30.0
-    assert pack.block_caching.validation.measurement(31.5).low == 31.5, "a plain number is known exactly"
+    assert pack.block_caching.replay.measurement(31.5).low == 31.5, "a plain number is known exactly"

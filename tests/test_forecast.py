@@ -155,7 +155,7 @@ def test_history_memory_is_measured_and_logged(pack, linear, caplog):
             caplog.clear()
             sample(patched, *conds, latent, steps=STEPS, cfg=4.0)
         stats = holder.last_run
-        peaks[order] = (stats.peak_cache_bytes, stats.peak_history_bytes)
+        peaks[order] = (stats.figures["cache"].peak_cache_bytes, stats.figures["cache"].peak_history_bytes)
         if order:
             assert f"forecast history (order {order})" in caplog.text
         else:

@@ -181,7 +181,7 @@ def test_with_noise_injection(pack, pd, tiny_model, conds, latent):
             tiny_model, schedule, options=[injection, pd.ParallelDecoding(enabled=True, **config)])
         decoder = pd.installed_on(holder)
         outputs[label] = sample(patched, *conds, latent)
-        assert holder.last_run.injected_steps == [4, 5, 6, 7]
+        assert holder.last_run.figures["noise injection"] == [4, 5, 6, 7]
     _assert_close(outputs["parallel"], outputs["sequential"])
     assert decoder.last_stats.served == 4
     plain, _, _ = _apply(pack, pd, tiny_model, schedule)

@@ -107,7 +107,7 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
         out = _advanced(cached["low"][0], conds, first_cached, split, STEPS, add_noise=False)
     for name, counts in (("high", high_counts), ("low", low_counts)):
         stats = cached[name][1].last_run
-        assert not stats.retimed, "each expert runs exactly the segment its schedule was built on"
+        assert not stats.figures["cache"].retimed, "each expert runs exactly the segment its schedule was built on"
         expected = schedules[name].compute_mask().sum(axis=1)
         np.testing.assert_array_equal([counts[n] for n in names], expected)
         np.testing.assert_array_equal(stats.computed, expected)
@@ -115,5 +115,5 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
     # A segment's schedule on a whole run: outside its segment every layer computes.
     whole, holder = pack.block_caching.patching.apply_block_cache(low, schedules["low"])
     sample(whole, *conds, latent, steps=STEPS)
-    assert holder.last_run.retimed
+    assert holder.last_run.figures["cache"].retimed
     assert (holder.last_run.computed >= split).all(), "the steps before the low-noise segment compute everything"

@@ -117,14 +117,14 @@ def test_options_shape_the_schedule(pack, profiled):
     capped = build(profile, target.TargetOptions(speedup=2.0, max_consecutive_reuse=1))
     chosen = capped.builder["compute_steps"]
     assert max(b - a for a, b in zip(chosen, [*chosen[1:], 12], strict=True)) <= 2
-    zero = build(profile, target.TargetOptions(speedup=2.0, forecast_order="0"))
+    zero = build(profile, target.TargetOptions(speedup=2.0, forecast_order=0))
     assert zero.builder["chosen_order"] == 0
     attention = build(profile, target.TargetOptions(speedup=1.2, cache_kinds="attention"))
     kinds = {layer.kind.value for layer in attention.layers if not all(layer.compute)}
     assert kinds <= {"attention"}
     impossible = build(profile, target.TargetOptions(speedup=10.0, cache_kinds="attention"))
     assert not impossible.builder["reached"]
-    for bad in (dict(speedup=0.5), dict(speedup=math.nan), dict(forecast_order="3"), dict(cache_kinds="lstm")):
+    for bad in (dict(speedup=0.5), dict(speedup=math.nan), dict(forecast_order=3), dict(cache_kinds="lstm")):
         with pytest.raises(ValueError):
             build(profile, target.TargetOptions(**bad))
 
@@ -245,7 +245,7 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
     (replay,) = profile.replays
     assert torch.equal(replay.reference, out["samples"])
     assert torch.equal(replay.sample(model), out["samples"]), "the replay is the profiled run"
-    measure = pack.block_caching.validation.replay_measure(profile.replays)
+    measure = pack.block_caching.replay.replay_measure(profile.replays)
     all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
     assert measure(all_compute).pictures == (100.0,), "on the held-out seed too, all-compute is the uncached run"
     cached = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5))
@@ -289,7 +289,7 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
     uncached fewer steps); the Build node's fourth fewer_steps mode builds the combination and outputs
     the chosen one's step count with a schedule built for it."""
     _, _, profile = profiled_by_node
-    validation = pack.block_caching.validation
+    validation = pack.block_caching.replay
     fewer = validation.profile_again(profile, 6)
     assert fewer.grid.steps == 6 and fewer.replays == profile.replays
     assert fewer.grid.sampler == "euler" and fewer.grid.cfg == profile.grid.cfg

@@ -47,14 +47,14 @@ def test_only_computations_a_reuse_can_read_are_stored(pack, tiny_model, conds, 
     all_compute = pack.block_caching.schedule.all_compute_schedule(schedule.block_map, schedule.grid)
     patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
     sample(patched, *conds, latent)
-    assert holder.last_run.stores == 0 and holder.last_run.peak_cache_bytes == 0
+    assert holder.last_run.figures["cache"].stores == 0 and holder.last_run.figures["cache"].peak_cache_bytes == 0
     patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent)
-    assert holder.last_run.stores == int(expected.sum()) < int((mask & ~mask.all(1, keepdims=True)).sum())
+    assert holder.last_run.figures["cache"].stores == int(expected.sum()) < int((mask & ~mask.all(1, keepdims=True)).sum())
     # Heun evaluates a step twice and reuses there: everything reusable is kept, as before.
     patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent, sampler="heun")
-    assert holder.last_run.stores > int(expected.sum())
+    assert holder.last_run.figures["cache"].stores > int(expected.sum())
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "uni_pc"])
@@ -210,7 +210,7 @@ def test_retiming_other_steps_and_samplers(pack, tiny_model, conds, latent, capl
     with caplog.at_level(logging.INFO), count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, steps=steps, sampler=sampler)
     assert torch.isfinite(out).all()
-    assert holder.last_run.retimed
+    assert holder.last_run.figures["cache"].retimed
     assert sum("re-timed onto" in r.message for r in caplog.records) == 1
     np.testing.assert_array_equal([counts[n] for n in names], expected_computations(schedule, tiny_model, eval_sigmas, holder.last_sample_sigmas))
     assert holder.last_run.reused.sum() > 0

@@ -1,0 +1,249 @@
+"""What the speed-up target builder chose, and why: its typed result.
+
+``build_target_schedule`` (block_caching/target_schedule.py) makes one ``TargetBuild`` and writes it
+into the schedule's ``builder`` JSON once (``to_json``); the Build node, the frontend's ladder and the
+best-of choice read it back typed (``TargetBuild.of``). The JSON keys are the schedule files' own and
+stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BlockCacheError
+from .schedule import CacheSchedule
+
+METHOD = "speedup_target"
+AUTO_ORDER_LABEL = "auto"
+
+
+def forecast_order_label(order: int | None) -> str:
+    """The forecast order as the node and the JSON write it: 'auto' (None), or the order."""
+    return AUTO_ORDER_LABEL if order is None else str(order)
+
+
+def parse_forecast_order(label: str) -> int | None:
+    """The node's forecast-order choice: None for 'auto' (the order with the least error), else the order."""
+    if label == AUTO_ORDER_LABEL:
+        return None
+    try:
+        return int(label)
+    except ValueError:
+        raise ValueError(f"forecast_order must be '{AUTO_ORDER_LABEL}' or an order such as '1', got {label!r}") from None
+
+
+@dataclass(frozen=True)
+class LadderRung:
+    """The best schedule with ``computes`` compute steps (the error model's; for the JSON and the frontend)."""
+
+    computes: int
+    order: int
+    error: float
+    flop_fraction: float
+    steps: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"computes": self.computes, "order": self.order, "error": self.error,
+                "flop_fraction": self.flop_fraction, "steps": list(self.steps)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LadderRung:
+        return cls(int(data["computes"]), int(data["order"]), float(data["error"]), float(data["flop_fraction"]),
+                   tuple(int(s) for s in data["steps"]))
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One schedule validation measured: its PSNR on the profiled run, and the range expected on other prompts."""
+
+    label: str
+    steps: tuple[int, ...]
+    order: int
+    predicted_error: float
+    measured_psnr: float
+    expected_low: float | None  # None: measured before ranges were recorded
+    expected_high: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "steps": list(self.steps), "order": self.order,
+                "predicted_error": self.predicted_error, "measured_psnr": self.measured_psnr,
+                "expected_low": self.expected_low, "expected_high": self.expected_high}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Tried:
+        low, high = data.get("expected_low"), data.get("expected_high")
+        return cls(str(data["label"]), tuple(int(s) for s in data["steps"]), int(data["order"]),
+                   float(data["predicted_error"]), float(data["measured_psnr"]),
+                   None if low is None else float(low), None if high is None else float(high))
+
+
+@dataclass(frozen=True)
+class ExpectedPsnr:
+    """The chosen schedule's measurement: its mean, and the range expected on other prompts."""
+
+    mean: float
+    low: float
+    high: float
+    pictures: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "pictures": self.pictures}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExpectedPsnr:
+        return cls(float(data["mean"]), float(data["low"]), float(data["high"]), int(data["pictures"]))
+
+
+@dataclass(frozen=True)
+class FewerStepsComparison:
+    """Uncached sampling with as many steps as the schedule's FLOPs buy, measured alike."""
+
+    steps: int
+    speedup: float
+    measured_psnr: float
+    expected_low: float
+    expected_high: float
+    better: bool  # fewer steps measured at least as well as the schedule
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "speedup": self.speedup, "measured_psnr": self.measured_psnr,
+                "expected_low": self.expected_low, "expected_high": self.expected_high, "better": self.better}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FewerStepsComparison:
+        return cls(int(data["steps"]), float(data["speedup"]), float(data["measured_psnr"]),
+                   float(data["expected_low"]), float(data["expected_high"]), bool(data["better"]))
+
+
+@dataclass(frozen=True)
+class SteppedDown:
+    """The target's own rung, before the quality floor stepped down from it."""
+
+    computes: int
+    order: int
+    speedup: float
+    steps: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"computes": self.computes, "order": self.order, "speedup": self.speedup, "steps": list(self.steps)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SteppedDown:
+        return cls(int(data["computes"]), int(data["order"]), float(data["speedup"]),
+                   tuple(int(s) for s in data["steps"]))
+
+
+@dataclass(frozen=True)
+class CombinedSteps:
+    """Fewer sampler steps with the cache: the step count sampled, and the speed-up against the profiled count."""
+
+    profiled_steps: int
+    steps: int
+    speedup: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profiled_steps": self.profiled_steps, "steps": self.steps, "speedup": self.speedup}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CombinedSteps:
+        return cls(int(data["profiled_steps"]), int(data["steps"]), float(data["speedup"]))
+
+
+@dataclass(frozen=True)
+class TargetBuild:
+    """The speed-up target builder's result: the options, the chosen rung, the ladder, what was measured."""
+
+    speedup_target: float
+    forecast_order: int | None  # asked for (None: auto)
+    cache_kinds: str
+    always_compute_first: int
+    always_compute_last: int
+    max_consecutive_reuse: int
+    min_psnr: float
+    cached_layers: tuple[str, ...]
+    compute_steps: tuple[int, ...]
+    chosen_order: int
+    chosen_by: str  # "measured" or "predicted"
+    predicted_error: float
+    reached: bool  # the chosen rung reaches the target
+    ladder: tuple[LadderRung, ...]
+    measured: tuple[Tried, ...] = ()
+    measured_metric: str = ""  # what the measurements are PSNRs of ("image" or "latent")
+    stepped_down_from: SteppedDown | None = None  # where the floor moved the choice (None: it did not)
+    expected_psnr: ExpectedPsnr | None = None  # the chosen schedule's measurement (None: not measured)
+    fewer_steps: FewerStepsComparison | None = None  # None: not compared
+    notes: tuple[str, ...] = ()
+    combined: CombinedSteps | None = None  # built for fewer sampler steps than profiled
+
+    def to_json(self) -> dict[str, Any]:
+        """The schedule's ``builder`` JSON."""
+        data: dict[str, Any] = {
+            "method": METHOD,
+            "speedup_target": self.speedup_target,
+            "forecast_order": forecast_order_label(self.forecast_order),
+            "cache_kinds": self.cache_kinds,
+            "always_compute_first": self.always_compute_first,
+            "always_compute_last": self.always_compute_last,
+            "max_consecutive_reuse": self.max_consecutive_reuse,
+            "cached_layers": list(self.cached_layers),
+            "compute_steps": list(self.compute_steps),
+            "chosen_order": self.chosen_order,
+            "chosen_by": self.chosen_by,
+            "predicted_error": self.predicted_error,
+            "measured": [tried.to_json() for tried in self.measured],
+            "measured_metric": self.measured_metric,
+            "reached": self.reached,
+            "min_psnr": self.min_psnr,
+            "stepped_down_from": None if self.stepped_down_from is None else self.stepped_down_from.to_json(),
+            "expected_psnr": None if self.expected_psnr is None else self.expected_psnr.to_json(),
+            "fewer_steps": None if self.fewer_steps is None else self.fewer_steps.to_json(),
+            "ladder": [rung.to_json() for rung in self.ladder],
+            "notes": list(self.notes),
+        }
+        if self.combined is not None:
+            data["combined"] = self.combined.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TargetBuild:
+        def optional(key: str, kind: Any) -> Any:
+            value = data.get(key)
+            return None if value is None else kind.from_json(value)
+
+        return cls(
+            speedup_target=float(data["speedup_target"]),
+            forecast_order=parse_forecast_order(str(data["forecast_order"])),
+            cache_kinds=str(data["cache_kinds"]),
+            always_compute_first=int(data["always_compute_first"]),
+            always_compute_last=int(data["always_compute_last"]),
+            max_consecutive_reuse=int(data["max_consecutive_reuse"]),
+            min_psnr=float(data.get("min_psnr", 0.0)),
+            cached_layers=tuple(str(name) for name in data["cached_layers"]),
+            compute_steps=tuple(int(s) for s in data["compute_steps"]),
+            chosen_order=int(data["chosen_order"]),
+            chosen_by=str(data.get("chosen_by", "predicted")),
+            predicted_error=float(data["predicted_error"]),
+            reached=bool(data["reached"]),
+            ladder=tuple(LadderRung.from_json(rung) for rung in data["ladder"]),
+            measured=tuple(Tried.from_json(tried) for tried in data.get("measured", ())),
+            measured_metric=str(data.get("measured_metric", "")),
+            stepped_down_from=optional("stepped_down_from", SteppedDown),
+            expected_psnr=optional("expected_psnr", ExpectedPsnr),
+            fewer_steps=optional("fewer_steps", FewerStepsComparison),
+            notes=tuple(str(note) for note in data.get("notes", ())),
+            combined=optional("combined", CombinedSteps),
+        )
+
+    @classmethod
+    def of(cls, schedule: CacheSchedule) -> TargetBuild:
+        """The build of a speed-up target schedule; raises for any other schedule."""
+        builder = schedule.builder or {}
+        if builder.get("method") != METHOD:
+            raise BlockCacheError(f"This schedule was not built for a speed-up target (its builder is "
+                                  f"{builder.get('method') or 'unknown'}): rebuild it with Build Cache Schedule.")
+        try:
+            return cls.from_json(builder)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BlockCacheError(f"This schedule's speed-up target record is incomplete ({error!r}): rebuild it "
+                                  "with Build Cache Schedule.") from error
