@@ -13,6 +13,10 @@ import comfy.patcher_extension
 import nodes as comfy_nodes
 import numpy as np
 import torch
+from comfyui_block_cache.block_caching.patching import attach_profiler, collect_profile
+from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.errors import UnsupportedModelError
 
 
 def sample(model: Any, positive: Any, negative: Any, latent: dict, *, seed: int = 7, steps: int = 8,
@@ -27,9 +31,9 @@ def sample(model: Any, positive: Any, negative: Any, latent: dict, *, seed: int 
 def profile_by_sampling(pack: Any, model: Any, conds: tuple, latent: dict, *, steps: int = 8, cfg: float = 5.0,
                         sampler: str = "euler") -> tuple[Any, torch.Tensor]:
     """Profile Block Changes' own path: a profiled KSampler run. Returns (profile, its sampled output)."""
-    profiling, holder = pack.block_caching.patching.attach_profiler(model)
+    profiling, holder = attach_profiler(model)
     out = sample(profiling, *conds, latent, steps=steps, cfg=cfg, sampler=sampler)
-    profile = pack.block_caching.patching.collect_profile(holder, model, sampler=sampler, scheduler="normal", cfg=cfg, denoise=1.0,
+    profile = collect_profile(holder, model, sampler=sampler, scheduler="normal", cfg=cfg, denoise=1.0,
                                             latent_shape=tuple(latent["samples"].shape))
     return profile, out
 
@@ -254,20 +258,20 @@ def assert_refused(pack: Any, model: Any, qualified_class: str) -> str:
     assert f"{type(diffusion_model).__module__}.{type(diffusion_model).__qualname__}" == qualified_class
     refusal = families.refusal_of(diffusion_model)
     assert refusal is not None and refusal == families.REFUSED_MODELS[qualified_class]
-    with pytest.raises(pack.errors.UnsupportedModelError) as raised:
-        pack.block_maps.mapping.block_map_for_patcher(model)
+    with pytest.raises(UnsupportedModelError) as raised:
+        block_map_for_patcher(model)
     assert refusal.reason in str(raised.value) and type(diffusion_model).__name__ in str(raised.value)
-    with pytest.raises(pack.errors.UnsupportedModelError):
-        pack.block_caching.patching.attach_profiler(model)
+    with pytest.raises(UnsupportedModelError):
+        attach_profiler(model)
     return refusal.reason
 
 
 def profile_schedules(pack, model, conds, latent, steps=8, cfg=5.0):
     """(all-compute schedule, caching schedule) built from a real profile of ``model``."""
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, cfg=cfg)
-    caching = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=1.0, cache_kinds="all"))
+    caching = build_schedule(profile, BuildOptions(threshold=1.0, cache_kinds="all"))
     assert not caching.compute_mask().all()
-    return pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid), caching
+    return all_compute_schedule(profile.block_map, profile.grid), caching
 
 
 def _lora_patches(model, seed=3, scale=0.05):

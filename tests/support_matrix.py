@@ -16,6 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -55,7 +57,7 @@ def _short(qualified: str) -> str:
 
 
 def _blocks(pack, entry) -> str:
-    block_map = pack.block_maps.mapping.block_map_for_patcher(entry.build(seed=0))
+    block_map = block_map_for_patcher(entry.build(seed=0))
     per_list: dict[str, str] = {}
     for layer in block_map.layers:
         per_list.setdefault(layer.stage, _streams(layer))

@@ -13,6 +13,8 @@ import comfy.model_base
 import numpy as np
 import pytest
 from comfy_bootstrap import load_pack
+from comfyui_block_cache.block_maps.dit_families import BLOCK_SIGNATURES
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
 from dit_zoo import ZOO, zoo_params
 from helpers import profile_by_sampling
 
@@ -43,7 +45,7 @@ def test_a_written_signature_names_inputs_of_its_block(pack, block_class):
     cls = _resolve(block_class)
     if cls is None:
         pytest.skip(f"this ComfyUI has no {block_class}")
-    signature = pack.block_maps.dit_families.BLOCK_SIGNATURES[block_class]
+    signature = BLOCK_SIGNATURES[block_class]
     parameters = [p.name for p in list(inspect.signature(cls.forward).parameters.values())[1:]]
     if signature.positions is None:
         missing = [name for name in signature.outputs if name is not None and name not in parameters]
@@ -103,7 +105,7 @@ def test_blocks_without_a_batch_axis_are_profiled_per_sample(pack, entry):
     """MiniMax H3's blocks run on (tokens, hidden): the profile averages one series per cond chunk, not
     one per token."""
     model = entry.build(seed=0)
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     assert all(layer.batch_dim is None for layer in block_map.layers)
     profile, _ = profile_by_sampling(pack, model, entry.conds(), entry.latent(), steps=3, cfg=entry.cfg)
     assert profile.sample_count == 2  # cond and uncond, each its own model call

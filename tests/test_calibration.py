@@ -7,6 +7,13 @@ import json
 
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.scale_shift import FILE_FORMAT, ScaleShiftTable
+from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.block_caching.target_schedule import TargetOptions, build_target_schedule
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
+from comfyui_block_cache.errors import BlockCacheError, ScheduleFileError
+from comfyui_block_cache.schedule_files.storage import load_schedule, save_schedule
 from dit_zoo import ZOO
 from helpers import is_identity, profile_by_sampling, runs_holding_tensors, sample
 
@@ -24,7 +31,7 @@ def calibration(pack):
 def aggressive(pack, tiny_model, conds, latent):
     """A schedule that reuses most layer evaluations, and the uncached output it approximates."""
     profile, uncached = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
+    schedule = build_schedule(profile, BuildOptions(threshold=2.0, cache_kinds="all"))
     assert schedule.compute_mask().mean() < 0.4
     return schedule, uncached
 
@@ -37,7 +44,7 @@ def calibrated(pack, calibration, tiny_model, conds, latent, aggressive):
 
 
 def _sample(pack, model, schedule, conds, latent):
-    patched, _ = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched, _ = apply_block_cache(model, schedule)
     return sample(patched, *conds, latent, steps=STEPS)
 
 
@@ -96,12 +103,12 @@ def test_corrections_are_a_no_op_where_a_layer_computes(pack, tiny_model, conds,
 def test_parameters_round_trip_through_safetensors_and_the_schedule_file(pack, tiny_model, conds, latent, calibrated,
                                                                          tmp_path):
     schedule = calibrated.schedule
-    path = pack.schedule_files.storage.save_schedule(tmp_path, "calibrated", schedule)
+    path = save_schedule(tmp_path, "calibrated", schedule)
     parameters = tmp_path / "calibrated.scale_shift.safetensors"
     assert parameters.is_file()
     document = json.loads(path.read_text())
     assert document["calibration"] == {"file": parameters.name, "fingerprint": schedule.fingerprint}
-    loaded = pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
+    loaded = load_schedule(tmp_path, "calibrated.json")
     assert loaded.scale_shift is not None and loaded.layers == schedule.layers
     assert loaded.scale_shift.entries.keys() == schedule.scale_shift.entries.keys()
     for key, entry in schedule.scale_shift.entries.items():
@@ -111,7 +118,7 @@ def test_parameters_round_trip_through_safetensors_and_the_schedule_file(pack, t
     assert torch.equal(_sample(pack, tiny_model, loaded, conds, latent),
                        _sample(pack, tiny_model, schedule, conds, latent))
     # An uncalibrated schedule writes no parameters and no reference.
-    plain = pack.schedule_files.storage.save_schedule(tmp_path, "plain", dataclasses.replace(schedule, scale_shift=None))
+    plain = save_schedule(tmp_path, "plain", dataclasses.replace(schedule, scale_shift=None))
     assert "calibration" not in json.loads(plain.read_text())
     assert not (tmp_path / "plain.scale_shift.safetensors").exists()
 
@@ -126,50 +133,50 @@ def test_mismatched_parameters_give_clear_errors_and_patch_nothing(pack, tiny_mo
         dataclasses.replace(layer, compute=(True,) * STEPS) if i == 0 else layer
         for i, layer in enumerate(aggressive[0].layers)), scale_shift=table)
     with pytest.raises(errors.ScheduleMismatchError, match="another schedule"):
-        pack.block_caching.patching.apply_block_cache(tiny_model, other)
+        apply_block_cache(tiny_model, other)
     # Parameters of a model with another structure.
     foreign = table.detached()
     foreign.model_fingerprint = "0" * 16
     with pytest.raises(errors.ScheduleMismatchError, match="another structure"):
-        pack.block_caching.patching.apply_block_cache(tiny_model, dataclasses.replace(schedule, scale_shift=foreign))
+        apply_block_cache(tiny_model, dataclasses.replace(schedule, scale_shift=foreign))
     # Channel counts that do not fit the model: found at the first reuse, the run fails clearly.
     narrow = _with_table(schedule, lambda e, _: (e.scale[:, :1].clone(), e.shift[:, :1].clone()))
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, narrow)
+    patched, holder = apply_block_cache(tiny_model, narrow)
     with pytest.raises(errors.ScheduleMismatchError, match="channels"):
         sample(patched, *conds, latent, steps=STEPS)
     assert not runs_holding_tensors(holder)  # run state freed
     assert not tiny_model.object_patches and not tiny_model.model_options["transformer_options"].get("wrappers")
     # Files: a missing parameter file, a schedule edited after calibration, a corrupt file, a hostile name.
-    path = pack.schedule_files.storage.save_schedule(tmp_path, "calibrated", schedule)
+    path = save_schedule(tmp_path, "calibrated", schedule)
     parameters = tmp_path / "calibrated.scale_shift.safetensors"
     saved = parameters.read_bytes()
     parameters.unlink()
     with pytest.raises(errors.ScheduleFileError, match="missing"):
-        pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
+        load_schedule(tmp_path, "calibrated.json")
     parameters.write_bytes(b"not safetensors" * 10)
     with pytest.raises(errors.ScheduleFileError, match="safetensors"):
-        pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
+        load_schedule(tmp_path, "calibrated.json")
     parameters.write_bytes(saved)
     document = json.loads(path.read_text())
     document["layers"][0]["compute"] = "1" * STEPS if document["layers"][0]["compute"] != "1" * STEPS else \
         "1" + "0" * (STEPS - 1)
     path.write_text(json.dumps(document))
     with pytest.raises(errors.ScheduleFileError, match="changed after it was calibrated"):
-        pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
+        load_schedule(tmp_path, "calibrated.json")
     for hostile in ("../../x.scale_shift.safetensors", "/etc/passwd", "x.json", 5, "a" * 500):
         document["calibration"]["file"] = hostile
         path.write_text(json.dumps(document))
         with pytest.raises(errors.ScheduleFormatError, match="calibration.file"):
-            pack.schedule_files.storage.load_schedule(tmp_path, "calibrated.json")
+            load_schedule(tmp_path, "calibrated.json")
 
 
 def test_damaged_parameter_files_are_rejected(pack, calibrated, tmp_path):
     table = calibrated.schedule.scale_shift
     tensors = {f"{name}#{stream}.{part}": getattr(entry, part)
                for (name, stream), entry in table.entries.items() for part in ("scale", "shift")}
-    metadata = {"format": pack.block_caching.scale_shift.FILE_FORMAT, "version": "1", "steps": str(STEPS),
+    metadata = {"format": FILE_FORMAT, "version": "1", "steps": str(STEPS),
                 "schedule_fingerprint": table.schedule_fingerprint, "model_fingerprint": table.model_fingerprint}
-    from_tensors = pack.block_caching.scale_shift.ScaleShiftTable.from_tensors
+    from_tensors = ScaleShiftTable.from_tensors
     assert from_tensors(tensors, metadata, "ok").entries.keys() == table.entries.keys()
     first = next(iter(tensors))
     cases = {
@@ -182,7 +189,7 @@ def test_damaged_parameter_files_are_rejected(pack, calibrated, tmp_path):
         "matching": (metadata, {k: v for k, v in tensors.items() if k != first}),
     }
     for problem, (meta, data) in cases.items():
-        with pytest.raises(pack.errors.ScheduleFileError, match=problem):
+        with pytest.raises(ScheduleFileError, match=problem):
             from_tensors(data, meta, "damaged.scale_shift.safetensors")
 
 
@@ -190,7 +197,7 @@ def test_calibrate_refuses_a_schedule_that_reuses_nothing(pack, calibration, tin
     schedule, _ = aggressive
     everything = dataclasses.replace(schedule, layers=tuple(
         dataclasses.replace(layer, compute=(True,) * STEPS) for layer in schedule.layers))
-    with pytest.raises(pack.errors.BlockCacheError, match="reuses nothing"):
+    with pytest.raises(BlockCacheError, match="reuses nothing"):
         calibration.calibrate(tiny_model, everything, [conds], latent["samples"], calibration.CalibrationOptions())
     with pytest.raises(ValueError, match="learning_rate"):
         calibration.calibrate(tiny_model, schedule, [conds], latent["samples"],
@@ -203,12 +210,12 @@ def test_calibrate_node_in_inference_mode_like_comfyui_runs_it(pack):
     # ComfyUI's execution.py runs every node in inference mode: the loader's weights, the conditioning
     # and the schedule are all made there, and the weights are inference tensors that require grad.
     with torch.inference_mode():
-        tiny_model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
-        prompt = pack.demo_models.builtin_models.prompt_conditioning
+        tiny_model = build_unet_patcher("tiny", seed=0)
+        prompt = prompt_conditioning
         conds = (prompt("a red square", 32), prompt("blurry", 32))
         latent = {"samples": torch.zeros(1, 4, 16, 16)}
         profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-        schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=2.0, cache_kinds="all"))
+        schedule = build_schedule(profile, BuildOptions(threshold=2.0, cache_kinds="all"))
         assert any(layer.reuse.value == "residual" and layer.kind.value == "resblock" for layer in schedule.layers)
         positive = conds[0] + conds[0]  # two entries: two prompts, used in turn
         output = node.execute(tiny_model, schedule, positive, conds[1], latent, 3, 4, 0.05, 0, 0.0)
@@ -227,7 +234,7 @@ def test_calibration_on_a_dit_with_two_streams(pack, calibration):
     model = flux.build(seed=0)
     conds = flux.conds()
     profile, _ = profile_by_sampling(pack, model, conds, flux.latent(), steps=6, cfg=1.0)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=3.0))
+    schedule = build_schedule(profile, BuildOptions(threshold=3.0))
     options = calibration.CalibrationOptions(iterations=6, learning_rate=0.05)
     result = calibration.calibrate(model, schedule, [conds], flux.latent()["samples"], options)
     table = result.schedule.scale_shift
@@ -235,8 +242,8 @@ def test_calibration_on_a_dit_with_two_streams(pack, calibration):
     assert streams == {0, 1}
     assert result.losses[-1] < result.losses[0]
     identity = _with_table(result.schedule, lambda e, _: (torch.zeros_like(e.scale), torch.zeros_like(e.shift)))
-    patched_plain, _ = pack.block_caching.patching.apply_block_cache(model, schedule)
-    patched_identity, _ = pack.block_caching.patching.apply_block_cache(model, identity)
+    patched_plain, _ = apply_block_cache(model, schedule)
+    patched_identity, _ = apply_block_cache(model, identity)
     assert torch.equal(sample(patched_identity, *conds, flux.latent(), steps=6, cfg=1.0),
                        sample(patched_plain, *conds, flux.latent(), steps=6, cfg=1.0))
 
@@ -245,8 +252,8 @@ def test_calibration_corrects_forecast_reuse(pack, calibration, tiny_model, cond
     """On a speed-up target schedule (forecast order 1) the correction applies to the forecast: identity
     parameters give the uncorrected forecast bit for bit, and training lowers the error of the forecasts."""
     profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-    schedule = pack.block_caching.target_schedule.build_target_schedule(
-        profile, pack.block_caching.target_schedule.TargetOptions(speedup=3.0, forecast_order=1))
+    schedule = build_target_schedule(
+        profile, TargetOptions(speedup=3.0, forecast_order=1))
     assert {layer.forecast_order for layer in schedule.layers if not all(layer.compute)} == {1}
     options = calibration.CalibrationOptions(iterations=6, learning_rate=0.05, seed=100)
     result = calibration.calibrate(tiny_model, schedule, [conds], latent["samples"], options)

@@ -13,6 +13,7 @@ import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
 from dit_zoo.base import host_version
 from helpers import (
     patched_layers,
@@ -44,7 +45,7 @@ def _check_compile(pack, tiny_model, conds, latent, schedules, backend, toleranc
     all_compute, caching = schedules
     steps = 4
     reference = sample(tiny_model, *conds, latent, steps=steps)
-    uncompiled_cached, uncompiled_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    uncompiled_cached, uncompiled_holder = apply_block_cache(tiny_model, caching)
     cached_reference = sample(uncompiled_cached, *conds, latent, steps=steps)
     cache_effect = float((cached_reference - reference).abs().max())
     assert cache_effect > 100 * max(tolerance, 1e-6), "caching must change the output far beyond the tolerance"
@@ -52,9 +53,9 @@ def _check_compile(pack, tiny_model, conds, latent, schedules, backend, toleranc
     for order in ("compile, then Apply", "Apply, then compile"):
         for schedule, expected in ((all_compute, reference), (caching, cached_reference)):
             if order == "compile, then Apply":
-                model, holder = pack.block_caching.patching.apply_block_cache(_compiled(tiny_model, backend), schedule)
+                model, holder = apply_block_cache(_compiled(tiny_model, backend), schedule)
             else:
-                model, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+                model, holder = apply_block_cache(tiny_model, schedule)
                 model = _compiled(model, backend)
             out = sample(model, *conds, latent, steps=steps)
             difference = float((out - expected).abs().max())

@@ -13,6 +13,7 @@ import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
 from helpers import (
     InterruptAt,
     count_layer_computations,
@@ -30,7 +31,7 @@ WrappersMP = comfy.patcher_extension.WrappersMP
 
 def test_one_patched_model_in_two_samplers_gives_the_same_result_twice(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     first = sample(patched, *conds, latent)
     first_stats = holder.last_run
     second = sample(patched, *conds, latent)
@@ -41,7 +42,7 @@ def test_one_patched_model_in_two_samplers_gives_the_same_result_twice(pack, tin
 def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     reference = sample(tiny_model, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     sample(patched, *conds, latent)
     # The next graph has the Apply node bypassed: the loader's model goes straight to the sampler.
     names = [layer.name for layer in caching.layers]
@@ -53,8 +54,8 @@ def test_bypassed_apply_leaves_no_caching_behind(pack, tiny_model, conds, latent
 
 def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model, conds, latent, schedules):
     all_compute, caching = schedules
-    exact, exact_holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
-    cached, cached_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    exact, exact_holder = apply_block_cache(tiny_model, all_compute)
+    cached, cached_holder = apply_block_cache(tiny_model, caching)
     reference = sample(tiny_model, *conds, latent)
     cached_out = sample(cached, *conds, latent)
     assert torch.equal(sample(exact, *conds, latent), reference)
@@ -65,8 +66,8 @@ def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model,
 
 def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, conds, latent, schedules):
     all_compute, caching = schedules
-    twice, holder = pack.block_caching.patching.apply_block_cache(
-        pack.block_caching.patching.apply_block_cache(tiny_model, caching)[0], all_compute)
+    twice, holder = apply_block_cache(
+        apply_block_cache(tiny_model, caching)[0], all_compute)
     assert torch.equal(sample(twice, *conds, latent), sample(tiny_model, *conds, latent))
     assert holder.last_run.reused.sum() == 0
 
@@ -75,9 +76,9 @@ def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, co
 
 def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    clean, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    clean, _ = apply_block_cache(tiny_model, caching)
     expected = sample(clean, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     interrupted = patched.clone()
     interrupt = InterruptAt(4)
     runs = []
@@ -101,7 +102,7 @@ def test_interrupt_mid_sampling_leaves_nothing_behind(pack, tiny_model, conds, l
 
 def test_no_memory_growth_over_twenty_runs(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     sample(patched, *conds, latent)
 
     before = live_tensor_bytes()

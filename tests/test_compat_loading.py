@@ -16,6 +16,9 @@ import comfy.patcher_extension
 import numpy as np
 import torch
 from comfy_bootstrap import load_pack
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher
 from helpers import (
     live_tensor_bytes,
     patched_layers,
@@ -64,17 +67,17 @@ def test_partial_loading_with_lowvram_patches(pack, tiny_model, conds, latent, s
     assert torch.equal(reference, full_reference)
 
     record.clear()
-    exact, _ = pack.block_caching.patching.apply_block_cache(_partially_loaded(with_lora(tiny_model), record), all_compute)
+    exact, _ = apply_block_cache(_partially_loaded(with_lora(tiny_model), record), all_compute)
     assert torch.equal(sample(exact, *conds, latent), reference)
     assert record["lowvram"] and record["object_patched"], "our layer patches survive partially_load"
 
-    full_cached, full_holder = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), caching)
+    full_cached, full_holder = apply_block_cache(with_lora(tiny_model), caching)
     expected = sample(full_cached, *conds, latent)
     assert full_holder.last_run.reused.sum() > 0
     # Caching, with Apply before the partial-load clone and after it: the fully loaded result, the same counts.
-    applied, applied_holder = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), caching)
+    applied, applied_holder = apply_block_cache(with_lora(tiny_model), caching)
     for model, holder in ((_partially_loaded(applied, record), applied_holder),
-                          pack.block_caching.patching.apply_block_cache(_partially_loaded(with_lora(tiny_model), record),
+                          apply_block_cache(_partially_loaded(with_lora(tiny_model), record),
                                                                caching)):
         record.clear()
         assert torch.equal(sample(model, *conds, latent), expected)
@@ -112,13 +115,13 @@ def _on_a_copy_of_the_model(patcher):
 def test_clone_on_another_copy_of_the_model_runs_its_own_layers(pack, tiny_model, conds, latent, schedules, caplog):
     """The object patches travel with such a clone; each must run the layer of the model it is called on."""
     _, caching = schedules
-    all_compute = pack.block_caching.schedule.all_compute_schedule(caching.block_map, caching.grid)
-    exact, _ = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    all_compute = all_compute_schedule(caching.block_map, caching.grid)
+    exact, _ = apply_block_cache(tiny_model, all_compute)
     with caplog.at_level(logging.INFO):
         out = sample(_on_a_copy_of_the_model(exact), *conds, latent)
     assert "runs on another copy of the model" in caplog.text
     assert torch.equal(out, sample(_on_a_copy_of_the_model(tiny_model), *conds, latent))
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     expected = sample(patched, *conds, latent)
     reused = holder.last_run.reused.sum()
     assert reused > 0
@@ -130,7 +133,7 @@ def test_clone_on_another_copy_of_the_model_runs_its_own_layers(pack, tiny_model
 
 def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     first = sample(patched, *conds, latent)
     first_stats = holder.last_run
     # Offloaded between runs (the loader detaches it to the offload device, as when another model loads).
@@ -145,8 +148,8 @@ def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, c
     finally:
         _move(tiny_model, torch.float32)
     np.testing.assert_array_equal(holder.last_run.computed, first_stats.computed)
-    model64 = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0, dtype=torch.float64)
-    patched64, _ = pack.block_caching.patching.apply_block_cache(model64, caching)
+    model64 = build_unet_patcher("tiny", seed=0, dtype=torch.float64)
+    patched64, _ = apply_block_cache(model64, caching)
     assert torch.equal(out64, sample(patched64, *conds, latent))
     # Back in float32: the first run's result again; no state carried over, nothing left alive.
     before = live_tensor_bytes()
@@ -169,7 +172,7 @@ def test_latent_dtype_change_inside_a_run_resets_the_cache(pack, tiny_model, con
 
     outer = tiny_model.clone()
     outer.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "test_float64", to_float64_later)
-    patched, holder = pack.block_caching.patching.apply_block_cache(outer, caching)
+    patched, holder = apply_block_cache(outer, caching)
     computed_per_evaluation = []
 
     def record(executor, *args, **kwargs):
@@ -185,6 +188,6 @@ def test_latent_dtype_change_inside_a_run_resets_the_cache(pack, tiny_model, con
     assert torch.isfinite(out).all() and stats.cache_resets == 1 and stats.reused.sum() > 0
     layers = len(caching.layers)
     assert (computed_per_evaluation[3] == 1).all() and computed_per_evaluation[3].sum() == layers
-    plain, plain_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    plain, plain_holder = apply_block_cache(tiny_model, caching)
     sample(plain, *conds, latent)
     assert stats.computed.sum() > plain_holder.last_run.computed.sum(), "the reset recomputed cached layers"

@@ -12,6 +12,7 @@ import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
 from dit_zoo import ZOO
 from helpers import (
     computations_on,
@@ -45,11 +46,11 @@ def test_model_patch_nodes_before_and_after_apply_all_compute_is_exact(pack, tin
     assert not torch.equal(reference, sample(tiny_model, *conds, latent))
     # Profile the model as the graph has it, so the schedule's grid is that model's own.
     all_compute, caching = profile_schedules(pack, patched_other, conds, latent)
-    before, _ = pack.block_caching.patching.apply_block_cache(patched_other, all_compute)
+    before, _ = apply_block_cache(patched_other, all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    after = other(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0])
+    after = other(apply_block_cache(tiny_model, all_compute)[0])
     assert torch.equal(sample(after, *conds, latent), reference)
-    cached, holder = pack.block_caching.patching.apply_block_cache(patched_other, caching)
+    cached, holder = apply_block_cache(patched_other, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
     assert not holder.last_run.figures["cache"].retimed, "the schedule's grid must match the patched model's own sigmas"
 
@@ -94,23 +95,23 @@ def test_flow_shift_nodes_before_and_after_apply(pack, node):
     assert np.allclose(caching.grid.taus, caching.grid.sigmas[:-1], atol=1e-6), "flow time is sigma"
     for setting in (same, other):
         reference = sample(patch(model, setting), *conds, latent, steps=steps, cfg=cfg)
-        before, _ = pack.block_caching.patching.apply_block_cache(patch(model, setting), all_compute)
+        before, _ = apply_block_cache(patch(model, setting), all_compute)
         assert torch.equal(sample(before, *conds, latent, steps=steps, cfg=cfg), reference)
-        after = patch(pack.block_caching.patching.apply_block_cache(model, all_compute)[0], setting)
+        after = patch(apply_block_cache(model, all_compute)[0], setting)
         assert torch.equal(sample(after, *conds, latent, steps=steps, cfg=cfg), reference)
 
     # The node at the model's own shift: the schedule fits as it is and gives the unpatched result.
-    unpatched, _ = pack.block_caching.patching.apply_block_cache(model, caching)
+    unpatched, _ = apply_block_cache(model, caching)
     expected = sample(unpatched, *conds, latent, steps=steps, cfg=cfg)
-    applied, after_holder = pack.block_caching.patching.apply_block_cache(model, caching)
-    for same_model, holder in (pack.block_caching.patching.apply_block_cache(patch(model, same), caching),
+    applied, after_holder = apply_block_cache(model, caching)
+    for same_model, holder in (apply_block_cache(patch(model, same), caching),
                                (patch(applied, same), after_holder)):
         assert torch.equal(sample(same_model, *conds, latent, steps=steps, cfg=cfg), expected)
         assert not holder.last_run.figures["cache"].retimed and holder.last_run.reused.sum() > 0
 
     # Another shift moves every step's sigma: the schedule is re-timed by noise level, before and after.
     outputs = []
-    for shifted_model, holder in (pack.block_caching.patching.apply_block_cache(patch(model, other), caching),
+    for shifted_model, holder in (apply_block_cache(patch(model, other), caching),
                                   (patch(applied, other), after_holder)):
         eval_sigmas = record_evaluation_sigmas(shifted_model)
         outputs.append(sample(shifted_model, *conds, latent, steps=steps, cfg=cfg))

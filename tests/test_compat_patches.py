@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 from comfy.ldm.modules.attention import optimized_attention
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.demo_models.builtin_models import seeded_init_
 from dit_zoo import ZOO
 from helpers import (
     patched_layers,
@@ -41,22 +43,22 @@ def test_lora_before_and_after_apply_all_compute_is_exact(pack, tiny_model, cond
     all_compute, _ = schedules
     reference = sample(with_lora(tiny_model), *conds, latent)
     assert not torch.equal(reference, sample(tiny_model, *conds, latent)), "the LoRA must change the output"
-    before, _ = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), all_compute)
+    before, _ = apply_block_cache(with_lora(tiny_model), all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    after, _ = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    after, _ = apply_block_cache(tiny_model, all_compute)
     after = with_lora(after)
     assert torch.equal(sample(after, *conds, latent), reference)
 
 
 def test_lora_with_a_caching_schedule_caches_and_keeps_the_lora(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
-    plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
-    lora_cached, holder = pack.block_caching.patching.apply_block_cache(with_lora(tiny_model), caching)
+    plain, _ = apply_block_cache(tiny_model, caching)
+    lora_cached, holder = apply_block_cache(with_lora(tiny_model), caching)
     out_plain = sample(plain, *conds, latent)
     out_lora = sample(lora_cached, *conds, latent)
     assert holder.last_run.reused.sum() > 0 and not torch.equal(out_plain, out_lora)
     # Applying the LoRA after Block Cache gives the same as before it.
-    after = with_lora(pack.block_caching.patching.apply_block_cache(tiny_model, caching)[0])
+    after = with_lora(apply_block_cache(tiny_model, caching)[0])
     assert torch.equal(sample(after, *conds, latent), out_lora)
 
 
@@ -82,16 +84,16 @@ def test_attention_patches_before_and_after_apply_all_compute_is_exact(pack, tin
     reference = sample(_attention_patches(tiny_model.clone(), calls), *conds, latent)
     assert calls["attn1_replace"] > 0 and calls["attn2_patch"] > 0
     assert not torch.equal(reference, sample(tiny_model, *conds, latent))
-    before, _ = pack.block_caching.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), all_compute)
+    before, _ = apply_block_cache(_attention_patches(tiny_model.clone(), calls), all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    after, _ = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    after, _ = apply_block_cache(tiny_model, all_compute)
     assert torch.equal(sample(_attention_patches(after.clone(), calls), *conds, latent), reference)
 
 
 def test_attention_replace_runs_whenever_its_layer_computes(pack, tiny_model, conds, latent, schedules):
     _, caching = schedules
     calls = {"attn2_patch": 0, "attn1_replace": 0}
-    patched, holder = pack.block_caching.patching.apply_block_cache(_attention_patches(tiny_model.clone(), calls), caching)
+    patched, holder = apply_block_cache(_attention_patches(tiny_model.clone(), calls), caching)
     sample(patched, *conds, latent)
     index = holder.block_map.index()["input_blocks.1.1"]
     # One replace call per real computation of that SpatialTransformer (one transformer block).
@@ -116,15 +118,15 @@ def test_dit_block_replace_patch_chains_with_block_cache(pack):
     reference = sample(replaced, *conds, latent, steps=4, cfg=FLUX.cfg)
     assert calls and not torch.equal(reference, sample(model, *conds, latent, steps=4, cfg=FLUX.cfg))
     all_compute, caching = profile_schedules(pack, model, FLUX.conds(), latent, steps=4, cfg=FLUX.cfg)
-    patched, _ = pack.block_caching.patching.apply_block_cache(replaced, all_compute)
+    patched, _ = apply_block_cache(replaced, all_compute)
     assert torch.equal(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg), reference)
     # Set after our node, on its output: the same.
-    after = pack.block_caching.patching.apply_block_cache(model, all_compute)[0].clone()
+    after = apply_block_cache(model, all_compute)[0].clone()
     after.set_model_patch_replace(double_block_replace, "dit", "double_block", 1)
     assert torch.equal(sample(after, *conds, latent, steps=4, cfg=FLUX.cfg), reference)
     # Caching: the replace function still wraps the block at every evaluation; the block inside it caches.
     calls.clear()
-    cached, holder = pack.block_caching.patching.apply_block_cache(replaced, caching)
+    cached, holder = apply_block_cache(replaced, caching)
     sample(cached, *conds, latent, steps=4, cfg=FLUX.cfg)
     assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
 
@@ -153,12 +155,12 @@ def test_extra_post_cfg_passes_keep_their_own_cache(pack, tiny_model, conds, lat
     _, caching = schedules
     caching = dataclasses.replace(caching, layers=tuple(
         dataclasses.replace(layer, forecast_order=order if not all(layer.compute) else 0) for layer in caching.layers))
-    reference_model, _ = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    reference_model, _ = apply_block_cache(tiny_model, caching)
     reference = sample(reference_model, *conds, latent)
     calls = []
     with_pass = tiny_model.clone()
     with_pass.set_model_sampler_post_cfg_function(_discarded_perturbed_pass(calls))
-    patched, holder = pack.block_caching.patching.apply_block_cache(with_pass, caching)
+    patched, holder = apply_block_cache(with_pass, caching)
     out = sample(patched, *conds, latent)
     assert len(calls) == holder.last_run.evaluations and holder.last_run.reused.sum() > 0
     # Had the perturbed pass shared the cond's cache, reused layers would carry its broken attention.
@@ -172,12 +174,12 @@ def test_perturbed_attention_guidance_all_compute_is_exact(pack, tiny_model, con
     (pag_model,) = PerturbedAttentionGuidance.execute(tiny_model, 2.0).result
     reference = sample(pag_model, *conds, latent)
     assert not torch.equal(reference, sample(tiny_model, *conds, latent))
-    before, _ = pack.block_caching.patching.apply_block_cache(pag_model, all_compute)
+    before, _ = apply_block_cache(pag_model, all_compute)
     assert torch.equal(sample(before, *conds, latent), reference)
-    (after,) = PerturbedAttentionGuidance.execute(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0],
+    (after,) = PerturbedAttentionGuidance.execute(apply_block_cache(tiny_model, all_compute)[0],
                                                   2.0).result
     assert torch.equal(sample(after, *conds, latent), reference)
-    cached, holder = pack.block_caching.patching.apply_block_cache(pag_model, caching)
+    cached, holder = apply_block_cache(pag_model, caching)
     assert torch.isfinite(sample(cached, *conds, latent)).all() and holder.last_run.reused.sum() > 0
 
 # -- ControlNet / T2I-Adapter ------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def _tiny_controlnet(pack, model):
     config = dict(model.model.model_config.unet_config)
     config.pop("out_channels")
     control_model = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, operations=comfy.ops.disable_weight_init)
-    pack.demo_models.builtin_models.seeded_init_(control_model, 5)
+    seeded_init_(control_model, 5)
     return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
 
 
@@ -196,7 +198,7 @@ def _tiny_t2i_adapter(pack, model):
     its features land on the tiny UNet's input block 3 and its middle block, both 64 x 8 x 8."""
     adapter = comfy.t2i_adapter.adapter.Adapter(channels=[64, 64], nums_rb=1, cin=768, ksize=1, sk=True,
                                                 use_conv=False, xl=True)
-    pack.demo_models.builtin_models.seeded_init_(adapter, 6)
+    seeded_init_(adapter, 6)
     return comfy.controlnet.T2IAdapter(adapter, adapter.input_channels, 8, "nearest-exact")
 
 
@@ -239,7 +241,7 @@ def test_control_all_compute_is_exact(pack, tiny_model, conds, latent, schedules
     reference_applied = len(applied_controls)
     assert reference_applied == 8 * per_call, "one batched cond+uncond call per step, every control applied"
     assert not torch.equal(reference, sample(tiny_model, *conds, latent)), "the control must change the output"
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    patched, holder = apply_block_cache(tiny_model, all_compute)
     applied_controls.clear()
     assert torch.equal(sample(patched, *controlled, latent), reference)
     assert len(applied_controls) == reference_applied and holder.last_run.reused.sum() == 0
@@ -252,9 +254,9 @@ def test_control_reaches_the_computing_layers_of_a_caching_run(pack, tiny_model,
     _, caching = schedules
     control = build(pack, tiny_model)
     controlled = _controlled(conds, control)
-    plain, plain_holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    plain, plain_holder = apply_block_cache(tiny_model, caching)
     without_control = sample(plain, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, caching)
+    patched, holder = apply_block_cache(tiny_model, caching)
     applied_controls.clear()
     out = sample(patched, *controlled, latent)
     stats = holder.last_run
@@ -287,10 +289,10 @@ def test_stacking_with_core_step_caches(pack, tiny_model, conds, latent, schedul
         return node.execute(model, 0.2, 0.15, 0.95, False).result[0]
 
     reference = sample(theirs(tiny_model), *conds, latent)
-    ours_then_theirs = theirs(pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)[0])
+    ours_then_theirs = theirs(apply_block_cache(tiny_model, all_compute)[0])
     assert torch.equal(sample(ours_then_theirs, *conds, latent), reference)
-    theirs_then_ours, _ = pack.block_caching.patching.apply_block_cache(theirs(tiny_model), all_compute)
+    theirs_then_ours, _ = apply_block_cache(theirs(tiny_model), all_compute)
     assert torch.equal(sample(theirs_then_ours, *conds, latent), reference)
-    both, holder = pack.block_caching.patching.apply_block_cache(theirs(tiny_model), caching)
+    both, holder = apply_block_cache(theirs(tiny_model), caching)
     out = sample(both, *conds, latent)
     assert torch.isfinite(out).all() and holder.last_run.computed.sum() > 0

@@ -13,6 +13,8 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
 from dit_zoo import ZOO
 from helpers import count_layer_computations, profile_by_sampling, sample
 
@@ -93,7 +95,7 @@ def profiled(pack):
 
 def _order0_alternating(pack, profile):
     """Every block reuses at every other step (the first computed), reusing the residual as cached."""
-    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    all_compute = all_compute_schedule(profile.block_map, profile.grid)
     layers = tuple(dataclasses.replace(layer, forecast_order=0,
                                        compute=tuple(step == 0 or (step + index) % 2 == 0
                                                      for step in range(profile.grid.steps)))
@@ -105,12 +107,12 @@ def _order0_alternating(pack, profile):
 def test_all_compute_is_bit_identical_under_context_windows(pack, profiled, schedule):
     model, conds, profile = profiled
     reference = sample(_with_windows(model, schedule), *conds, _latent(), steps=STEPS, cfg=WAN.cfg)
-    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    windows_then_cache, holder = pack.block_caching.patching.apply_block_cache(_with_windows(model, schedule),
+    all_compute = all_compute_schedule(profile.block_map, profile.grid)
+    windows_then_cache, holder = apply_block_cache(_with_windows(model, schedule),
                                                                                all_compute)
     assert torch.equal(sample(windows_then_cache, *conds, _latent(), steps=STEPS, cfg=WAN.cfg), reference)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
-    cache_then_windows = _with_windows(pack.block_caching.patching.apply_block_cache(model, all_compute)[0], schedule)
+    cache_then_windows = _with_windows(apply_block_cache(model, all_compute)[0], schedule)
     assert torch.equal(sample(cache_then_windows, *conds, _latent(), steps=STEPS, cfg=WAN.cfg), reference)
 
 
@@ -125,7 +127,7 @@ def test_each_window_reuses_only_its_own_frames(pack, profiled, schedule):
     expected = sample(_with_windows(oracle.patch(model, names), schedule), *conds, _latent(), steps=STEPS,
                       cfg=WAN.cfg)
 
-    patched, holder = pack.block_caching.patching.apply_block_cache(_with_windows(model, schedule), caching)
+    patched, holder = apply_block_cache(_with_windows(model, schedule), caching)
     with count_layer_computations(model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, _latent(), steps=STEPS, cfg=WAN.cfg)
     assert torch.equal(out, expected)

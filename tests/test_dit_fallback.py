@@ -20,6 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
+from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.demo_models.builtin_models import SMALL_UNET_CONFIGS
+from comfyui_block_cache.errors import UnsupportedModelError
+from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
+from comfyui_block_cache.runtime.run import LayerForward, ModelCall, RunContext, activate
 from dit_zoo import TinyDit
 from helpers import count_layer_computations, has_block_cache, profile_by_sampling, sample
 from torch import nn
@@ -138,7 +145,7 @@ def _base_model_with(diffusion_model_class):
 
 
 def _tiny_unet_config(pack) -> dict:
-    return dict(pack.demo_models.builtin_models.SMALL_UNET_CONFIGS["tiny"])  # its UNet is replaced
+    return dict(SMALL_UNET_CONFIGS["tiny"])  # its UNet is replaced
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +167,7 @@ def generic_run(pack, generic):
 def test_fallback_finds_the_block_list_by_structure(pack, generic_run, caplog):
     model, *_ = generic_run  # profiled: the profiler's patches are still on the loaded blocks
     with caplog.at_level(logging.INFO):
-        block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+        block_map = block_map_for_patcher(model)
     assert block_map.family == "generic (TinyGenericDit)" and block_map.model_class == "TinyGenericDit"
     # Only the like blocks: not the list of plain Linear heads.
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
@@ -181,8 +188,8 @@ def test_fallback_profile_measures_every_block(generic_run):
 
 def test_fallback_all_compute_schedule_is_bit_identical(pack, generic, generic_run):
     model, conds, reference, profile = generic_run
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
+    patched, holder = apply_block_cache(model, schedule)
     out = sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
     assert torch.equal(out, reference), f"max diff {(out - reference).abs().max():.3g}"
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
@@ -190,11 +197,11 @@ def test_fallback_all_compute_schedule_is_bit_identical(pack, generic, generic_r
 
 def test_fallback_caches_the_blocks_and_counts_match(pack, generic, generic_run):
     model, conds, reference, profile = generic_run
-    options = pack.block_caching.schedule.BuildOptions(threshold=10.0, cache_kinds="attention")
-    schedule = pack.block_caching.schedule.build_schedule(profile, options)
+    options = BuildOptions(threshold=10.0, cache_kinds="attention")
+    schedule = build_schedule(profile, options)
     mask = schedule.compute_mask()
     assert mask[:, 0].all() and not mask.all()
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched, holder = apply_block_cache(model, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, generic.latent(), steps=STEPS, cfg=generic.cfg)
@@ -210,8 +217,8 @@ def test_fallback_caches_the_blocks_and_counts_match(pack, generic, generic_run)
 
 def _assert_unsupported(pack, model_patcher, model_class: str, model_type: str) -> None:
     families = importlib.import_module(f"{pack.__name__}.block_maps.dit_families")
-    with pytest.raises(pack.errors.UnsupportedModelError) as error:
-        pack.block_caching.patching.attach_profiler(model_patcher)
+    with pytest.raises(UnsupportedModelError) as error:
+        attach_profiler(model_patcher)
     message = str(error.value)
     assert f"in {model_class} (model type {model_type})" in message
     assert all(family.name in message for family in families.DIT_FAMILIES)
@@ -298,7 +305,7 @@ class TinyMixedDit(TinyGenericDit):
 
 
 def _apply_node(pack):
-    return pack.nodes.nodes_apply.ApplyBlockCache
+    return ApplyBlockCache
 
 
 def test_unsupported_model_is_reported_and_left_unpatched(pack, tiny_model, caplog):
@@ -309,7 +316,7 @@ def test_unsupported_model_is_reported_and_left_unpatched(pack, tiny_model, capl
     # Any schedule: the model is refused before the schedule is looked at.
     profile, _ = profile_by_sampling(pack, tiny_model, entry.conds(), {"samples": torch.zeros(1, 4, 16, 16)},
                                      steps=STEPS)
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
     with caplog.at_level(logging.WARNING):
         output = _apply_node(pack).execute(model, schedule)
     (returned,) = output.result
@@ -329,7 +336,7 @@ def test_blocks_that_cannot_be_cached_are_reported_with_reason_and_fix(pack, cap
                     make_model=_base_model_with(TinyMixedDit))
     model = entry.build(seed=0)
     conds = entry.conds()
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
     skipped = {layer.name: layer for layer in block_map.skipped}
     assert sorted(skipped) == ["opaque_blocks.0", "opaque_blocks.1", "pair_blocks.0", "pair_blocks.1"]
@@ -338,7 +345,7 @@ def test_blocks_that_cannot_be_cached_are_reported_with_reason_and_fix(pack, cap
     assert all("BLOCK_SIGNATURES in block_maps/dit_families.py" in layer.fix for layer in skipped.values())
 
     profile, _ = profile_by_sampling(pack, model, conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=10.0))
+    schedule = build_schedule(profile, BuildOptions(threshold=10.0))
     with caplog.at_level(logging.WARNING):
         output = _apply_node(pack).execute(model, schedule)
     (patched,) = output.result
@@ -355,7 +362,7 @@ def test_blocks_that_cannot_be_cached_are_reported_with_reason_and_fix(pack, cap
 
 def test_a_fully_cacheable_model_shows_no_note(pack, tiny_model, conds, latent):
     profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=STEPS)
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
     output = _apply_node(pack).execute(tiny_model, schedule)
     assert output.ui["text"] == [""] and has_block_cache(output.result[0])
 
@@ -388,11 +395,11 @@ def test_scheduled_reuse_that_never_happens_is_reported(pack, generic, generic_r
     entry = TinyDit("generic (TinyHiddenPairDit)", "generic-hidden", "SD15", _tiny_unet_config(pack), (1, 4, 8, 8),
                     (6, 32), make_model=_base_model_with(TinyHiddenPairDit))
     model = entry.build(seed=0)
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"] and not block_map.skipped
     # Every block scheduled to reuse at every other step.
     *_, profile = generic_run  # its grid (same sampler and steps); its layers have the same names
-    base = pack.block_caching.schedule.all_compute_schedule(block_map, profile.grid)
+    base = all_compute_schedule(block_map, profile.grid)
     schedule = dataclasses.replace(base, layers=tuple(
         dataclasses.replace(layer, compute=tuple(step % 2 == 0 for step in range(profile.grid.steps)))
         for layer in base.layers))
@@ -417,7 +424,7 @@ def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
                  make_model=_base_model_with(TinyAudioVideoDit))
     model, conds = av.build(seed=0), av.conds()
     with caplog.at_level(logging.INFO):
-        block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+        block_map = block_map_for_patcher(model)
     assert [layer.name for layer in block_map.layers] == ["blocks.0", "blocks.1", "blocks.2"]
     assert not block_map.skipped
     for layer in block_map.layers:
@@ -426,31 +433,31 @@ def test_blocks_carrying_a_tuple_of_streams_are_cached_per_stream(pack, caplog):
     reference = sample(model, *conds, av.latent(), steps=STEPS, cfg=av.cfg)
     profile, _ = profile_by_sampling(pack, model, conds, av.latent(), steps=STEPS, cfg=av.cfg)
     assert np.isfinite(np.array(profile.change)[:, 1:]).all()
-    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    exact, _ = pack.block_caching.patching.apply_block_cache(model, all_compute)
+    all_compute = all_compute_schedule(profile.block_map, profile.grid)
+    exact, _ = apply_block_cache(model, all_compute)
     assert torch.equal(sample(exact, *conds, av.latent(), steps=STEPS, cfg=av.cfg), reference)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=10.0,
+    schedule = build_schedule(profile, BuildOptions(threshold=10.0,
                                                                                           cache_kinds="all"))
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched, holder = apply_block_cache(model, schedule)
     out = sample(patched, *conds, av.latent(), steps=STEPS, cfg=av.cfg)
     assert holder.last_run.reused.sum() > 0 and holder.last_run.figures["cache"].stores > 0, "the blocks were cached and reused"
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
     # A reused block rebuilds both streams: with the cache computed at the same step, the output is the
     # computed one (each stream's input + its cached residual).
-    run = pack.runtime.run.RunContext(holder, model.get_model_object("model_sampling"), torch.tensor([1.0, 0.5, 0.0]))
+    run = RunContext(holder, model.get_model_object("model_sampling"), torch.tensor([1.0, 0.5, 0.0]))
     block = model.model.diffusion_model.blocks[1]
     spec = holder.block_map.layers[1]
-    patch = pack.runtime.run.LayerForward(holder, 1, spec, block, block.forward, None)
+    patch = LayerForward(holder, 1, spec, block, block.forward, None)
     streams = (torch.randn(1, 56, 32), torch.randn(1, 8, 32))
     emb = torch.randn(1, 32)
-    call = pack.runtime.run.ModelCall(run, [None])
+    call = ModelCall(run, [None])
     run.begin_evaluation(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]))
-    with pack.runtime.run.activate(call):
+    with activate(call):
         computed = patch(streams, emb)
     run.end_evaluation()
     run.begin_evaluation(torch.zeros(1, 4, 8, 8), torch.tensor([0.5]))
     run.computes[:] = False
-    with pack.runtime.run.activate(pack.runtime.run.ModelCall(run, [None])):
+    with activate(ModelCall(run, [None])):
         reused = patch(streams, emb)
     assert run.stats.reused[1] == 1
     for got, want in zip(reused, computed, strict=True):
@@ -463,10 +470,10 @@ def test_a_profiled_run_that_calls_no_mapped_layer_is_an_error(pack, tiny_model,
     of NaNs: collecting it says why."""
     import comfy.patcher_extension
 
-    profiling, holder = pack.block_caching.patching.attach_profiler(tiny_model)
+    profiling, holder = attach_profiler(tiny_model)
     profiling.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_bypass",
                                    lambda executor, x, *args, **kwargs: torch.zeros_like(x))
     sample(profiling, *conds, latent, steps=3)
     assert holder.last_run.evaluations > 0 and not holder.last_run.computed.any()
-    with pytest.raises(pack.errors.UnsupportedModelError, match="called none of the"):
-        pack.block_caching.patching.collect_profile(holder, tiny_model)
+    with pytest.raises(UnsupportedModelError, match="called none of the"):
+        collect_profile(holder, tiny_model)

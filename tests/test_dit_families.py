@@ -15,6 +15,11 @@ import comfy.sample
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.runtime.run import LayerForward
+from comfyui_block_cache.schedule_files.schema import schedule_from_json, schedule_to_json
 from dit_zoo import ZOO, zoo_params
 from helpers import count_layer_computations, profile_by_sampling, runs_holding_tensors, sample, split_cond_calls
 
@@ -41,7 +46,7 @@ def profiled(pack):
 
 def alternating_schedule(pack, profile):
     """Every block reuses at every other step (first step computed), so something is always cached."""
-    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
+    all_compute = all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
                                                           profile.total_flops)
     layers = tuple(
         dataclasses.replace(layer, compute=tuple(step == 0 or (step + index) % 2 == 0
@@ -61,7 +66,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, entry) -> None:
 @pytest.mark.parametrize("entry", zoo_params())
 def test_block_map_names_the_family(pack, entry, profiled):
     model, *_ = profiled(entry)
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     assert block_map.family == entry.family
     assert block_map.layers and all(layer.kind.value == "transformer" for layer in block_map.layers)
 
@@ -81,8 +86,8 @@ def test_profile_is_the_unpatched_output_and_measures_every_block(pack, entry, p
 @pytest.mark.parametrize("entry", zoo_params())
 def test_all_compute_schedule_is_bit_identical(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
+    patched, holder = apply_block_cache(model, schedule)
     assert_close(sample(patched, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg), reference, entry)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
 
@@ -91,7 +96,7 @@ def test_all_compute_schedule_is_bit_identical(pack, entry, profiled):
 def test_real_block_computations_match_the_schedule(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
     schedule = alternating_schedule(pack, profile)
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched, holder = apply_block_cache(model, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
@@ -106,7 +111,7 @@ def test_real_block_computations_match_the_schedule(pack, entry, profiled):
 @pytest.mark.parametrize("entry", zoo_params())
 def test_caching_run_through_comfy_sample_restores_the_model(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, alternating_schedule(pack, profile))
+    patched, holder = apply_block_cache(model, alternating_schedule(pack, profile))
     latent = entry.latent()["samples"]
     noise = comfy.sample.prepare_noise(latent, 7)
     positive, negative = conds
@@ -119,18 +124,18 @@ def test_caching_run_through_comfy_sample_restores_the_model(pack, entry, profil
     diffusion_model = model.model.diffusion_model
     for layer in holder.block_map.layers:
         patched_forward = diffusion_model.get_submodule(layer.name).__dict__.get("forward")
-        assert not isinstance(patched_forward, pack.runtime.run.LayerForward), layer.name
+        assert not isinstance(patched_forward, LayerForward), layer.name
 
 
 @pytest.mark.parametrize("entry", zoo_params())
 def test_profile_build_apply(pack, entry, profiled):
     model, conds, reference, profile, _ = profiled(entry)
-    options = pack.block_caching.schedule.BuildOptions(threshold=10.0, cache_kinds="attention")
-    schedule = pack.block_caching.schedule.build_schedule(profile, options)
+    options = BuildOptions(threshold=10.0, cache_kinds="attention")
+    schedule = build_schedule(profile, options)
     mask = schedule.compute_mask()
     assert mask[:, 0].all() and not mask.all()
-    restored = pack.schedule_files.schema.schedule_from_json(pack.schedule_files.schema.schedule_to_json(schedule))
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, restored)
+    restored = schedule_from_json(schedule_to_json(schedule))
+    patched, holder = apply_block_cache(model, restored)
     out = sample(patched, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
     assert torch.isfinite(out).all()
     calls_per_evaluation = (holder.last_run.computed + holder.last_run.reused) // STEPS
@@ -147,10 +152,10 @@ def test_batch_of_two(pack, entry, profiled):
     model, conds, _, profile, _ = profiled(entry)
     latent = entry.latent(batch=2)
     reference = sample(model, *conds, latent, steps=STEPS, cfg=entry.cfg)
-    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    patched, _ = pack.block_caching.patching.apply_block_cache(model, all_compute)
+    all_compute = all_compute_schedule(profile.block_map, profile.grid)
+    patched, _ = apply_block_cache(model, all_compute)
     assert_close(sample(patched, *conds, latent, steps=STEPS, cfg=entry.cfg), reference, entry)
-    cached, holder = pack.block_caching.patching.apply_block_cache(model, alternating_schedule(pack, profile))
+    cached, holder = apply_block_cache(model, alternating_schedule(pack, profile))
     out = sample(cached, *conds, latent, steps=STEPS, cfg=entry.cfg)
     assert out.shape[0] == 2 and torch.isfinite(out).all() and holder.last_run.reused.sum() > 0
 
@@ -159,9 +164,9 @@ def test_batch_of_two(pack, entry, profiled):
 def test_cfg_split_and_batched_make_the_same_decisions(pack, entry, profiled):
     model, conds, _, profile, _ = profiled(entry)
     schedule = alternating_schedule(pack, profile)
-    batched, batched_holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    batched, batched_holder = apply_block_cache(model, schedule)
     batched_out = sample(batched, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
-    split, split_holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    split, split_holder = apply_block_cache(model, schedule)
     split_cond_calls(split)
     split_out = sample(split, *conds, entry.latent(), steps=STEPS, cfg=entry.cfg)
     np.testing.assert_array_equal(split_holder.last_run.computed, 2 * batched_holder.last_run.computed)

@@ -9,6 +9,13 @@ import comfy.samplers
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.cache import CACHE_DEVICES, CACHE_ON_CPU, BlockCacheHolder
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.plan import LayerPlan
+from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.runtime.run import LayerForward, RunContext
+from comfyui_block_cache.runtime.time_grid import StepGrid
 from dit_zoo import ZOO
 from helpers import profile_by_sampling, run_of, sample
 
@@ -36,16 +43,16 @@ def flux(pack):
 
 
 def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "model device"):
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     model_sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 2).cpu()
-    grid = pack.runtime.time_grid.StepGrid.from_sigmas(model_sampling, sigmas)
-    schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
+    grid = StepGrid.from_sigmas(model_sampling, sigmas)
+    schedule = all_compute_schedule(block_map, grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, compute_at_second_step)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
-    holder = pack.block_caching.cache.BlockCacheHolder(block_map, plan=pack.block_caching.plan.LayerPlan.from_schedule(schedule),
+    holder = BlockCacheHolder(block_map, plan=LayerPlan.from_schedule(schedule),
                                            cache_device=cache_device)
-    run = pack.runtime.run.RunContext(holder, model_sampling, sigmas)
+    run = RunContext(holder, model_sampling, sigmas)
     index = block_map.index()[LAYER]
     return run, sigmas, index
 
@@ -54,7 +61,7 @@ def _patch(pack, run, block, index):
     """The layer's patch, called inside one model call of ``run`` per evaluation (as APPLY_MODEL opens them)."""
     runtime = pack.runtime.run
     spec = run.holder.block_map.layers[index]
-    patch = pack.runtime.run.LayerForward(run.holder, index, spec, block, block.forward, None)
+    patch = LayerForward(run.holder, index, spec, block, block.forward, None)
     calls = {}
 
     def call(*args, **kwargs):
@@ -118,10 +125,10 @@ def test_cpu_cache_device_gives_the_same_output(pack):
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=4, cfg=FLUX.cfg)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=10.0))
+    schedule = build_schedule(profile, BuildOptions(threshold=10.0))
     outputs = []
-    for device in pack.block_caching.cache.CACHE_DEVICES:
-        patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule, cache_device=device)
+    for device in CACHE_DEVICES:
+        patched, holder = apply_block_cache(model, schedule, cache_device=device)
         cached = []
 
         def watch(executor, *args, cached=cached, **kwargs):
@@ -134,7 +141,7 @@ def test_cpu_cache_device_gives_the_same_output(pack):
         outputs.append(sample(patched, *conds, latent, steps=4, cfg=FLUX.cfg))
         stats = holder.last_run
         assert stats.reused.sum() > 0 and stats.figures["cache"].stores > 0 and cached
-        if device == pack.block_caching.cache.CACHE_ON_CPU:
+        if device == CACHE_ON_CPU:
             # every stored tensor went through the CPU copy (pinned where CUDA is there)
             assert stats.figures["cache"].offloaded >= stats.figures["cache"].stores  # one per chunk and stream of each stored call
             assert all(t.device.type == "cpu" and t.is_pinned() == torch.cuda.is_available() for t in cached)
@@ -142,7 +149,7 @@ def test_cpu_cache_device_gives_the_same_output(pack):
             assert stats.figures["cache"].offloaded == 0
     assert torch.equal(outputs[0], outputs[1])
     with pytest.raises(ValueError, match="cache_device must be one of"):
-        pack.block_caching.patching.apply_block_cache(model, schedule, cache_device="gpu0")
+        apply_block_cache(model, schedule, cache_device="gpu0")
 
 
 @pytest.mark.parametrize("sampler,steps", [("heun", 3), ("euler", 7), ("dpmpp_2m", 5)])
@@ -152,9 +159,9 @@ def test_schedule_is_retimed_onto_other_samplers_and_step_counts(pack, sampler, 
     model = FLUX.build(seed=0)
     conds, latent = FLUX.conds(), FLUX.latent()
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=6, cfg=FLUX.cfg)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.6))
+    schedule = build_schedule(profile, BuildOptions(threshold=0.6))
     assert not schedule.compute_mask().all()
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched, holder = apply_block_cache(model, schedule)
     eval_sigmas = record_evaluation_sigmas(patched)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(model.model.diffusion_model, names) as counts:

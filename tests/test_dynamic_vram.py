@@ -17,6 +17,10 @@ import comfy.model_patcher
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher
+from comfyui_block_cache.runtime.run import LayerForward
 from helpers import count_layer_computations, profile_schedules, sample
 
 
@@ -38,12 +42,12 @@ class DynamicLoadSequence(comfy.model_patcher.ModelPatcher):
 def dynamic_model(pack):
     comfy.model_management.unload_all_models()
     DynamicLoadSequence.loads = []
-    built = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    built = build_unet_patcher("tiny", seed=0)
     return DynamicLoadSequence(built.model, load_device=built.load_device, offload_device=built.offload_device)
 
 
 def _layer_patches_on(pack, model) -> list[str]:
-    patch_type = pack.runtime.run.LayerForward
+    patch_type = LayerForward
     return [name for name, module in model.model.named_modules()
             if isinstance(module.__dict__.get("forward"), patch_type)]
 
@@ -51,7 +55,7 @@ def _layer_patches_on(pack, model) -> list[str]:
 def test_all_compute_is_exact_prompt_after_prompt(pack, dynamic_model, conds, latent):
     all_compute, _ = profile_schedules(pack, dynamic_model, conds, latent)
     reference = sample(dynamic_model, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(dynamic_model, all_compute)
+    patched, holder = apply_block_cache(dynamic_model, all_compute)
     for prompt in range(3):
         loads = len(DynamicLoadSequence.loads)
         assert torch.equal(sample(patched, *conds, latent), reference), f"prompt {prompt}"
@@ -64,9 +68,9 @@ def test_all_compute_is_exact_prompt_after_prompt(pack, dynamic_model, conds, la
 
 def test_caching_schedule_counts_and_output_hold_over_reloads(pack, dynamic_model, conds, latent):
     _, caching = profile_schedules(pack, dynamic_model, conds, latent)
-    other_schedule = pack.block_caching.schedule.all_compute_schedule(caching.block_map, caching.grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(dynamic_model, caching)
-    other, _ = pack.block_caching.patching.apply_block_cache(dynamic_model, other_schedule)
+    other_schedule = all_compute_schedule(caching.block_map, caching.grid)
+    patched, holder = apply_block_cache(dynamic_model, caching)
+    other, _ = apply_block_cache(dynamic_model, other_schedule)
     names = [layer.name for layer in caching.layers]
     outputs = []
     for _ in range(2):

@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps.block_map import ReuseMode
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.faster_diffusion.noise_injection import NoiseInjection
+from comfyui_block_cache.nodes.nodes_faster_diffusion import FasterDiffusionSchedule
+from comfyui_block_cache.runtime.time_grid import StepGrid, normalized_times
 from dit_zoo import ZOO
 from helpers import count_layer_computations, record_evaluation_sigmas, sample
 
@@ -18,12 +25,12 @@ def _fd(pack):
 def _schedule(pack, model, steps=8, sampler="euler", **options):
     fd = _fd(pack)
     grid = fd.grid_for_model(model, steps, sampler, "normal")
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     return fd.build_faster_diffusion_schedule(block_map, grid, fd.FasterDiffusionOptions(**options))
 
 
 def _grid(pack, taus):
-    return pack.runtime.time_grid.StepGrid(sigmas=(0.0,) * (len(taus) + 1), taus=tuple(taus))
+    return StepGrid(sigmas=(0.0,) * (len(taus) + 1), taus=tuple(taus))
 
 
 def _uniform_grid(pack, steps):
@@ -77,7 +84,7 @@ def test_unet_split_and_schema_round_trip(pack, tiny_model):
     stages = {spec.name: spec.stage for spec in schedule.block_map.layers}
     mask = schedule.compute_mask()
     for layer, row in zip(schedule.layers, mask, strict=True):
-        assert layer.reuse is pack.block_maps.block_map.ReuseMode.OUTPUT
+        assert layer.reuse is ReuseMode.OUTPUT
         expected = [s in (0, 3, 6) for s in range(8)] if stages[layer.name] != "output" else [True] * 8
         assert row.tolist() == expected, layer.name
     assert schedule.builder["method"] == "faster_diffusion" and schedule.builder["key_steps"] == [0, 3, 6]
@@ -92,7 +99,7 @@ def test_unet_split_and_schema_round_trip(pack, tiny_model):
 def test_real_computations_follow_key_steps(pack, tiny_model, conds, latent, sampler):
     keys = (0, 2, 5)
     schedule = _schedule(pack, tiny_model, sampler=sampler, key_steps="custom", custom_key_steps=keys)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, sampler=sampler)
@@ -109,7 +116,7 @@ def test_real_computations_follow_key_steps(pack, tiny_model, conds, latent, sam
 def test_every_step_a_key_step_is_bit_identical(pack, tiny_model, conds, latent):
     schedule = _schedule(pack, tiny_model, key_steps="uniform stride", stride=1)
     assert schedule.compute_mask().all()
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     assert torch.equal(sample(patched, *conds, latent), sample(tiny_model, *conds, latent))
     assert holder.last_run.reused.sum() == 0
 
@@ -120,7 +127,7 @@ def test_retimed_to_another_step_count(pack, tiny_model, conds, latent):
     from helpers import expected_run_mask
 
     schedule = _schedule(pack, tiny_model, steps=8, key_steps="custom", custom_key_steps=(0, 2, 5))
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     eval_sigmas = record_evaluation_sigmas(patched)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
@@ -139,12 +146,12 @@ def test_retimed_to_another_step_count(pack, tiny_model, conds, latent):
 
 def test_dit_encoder_ratio(pack):
     model = FLUX.build(seed=0)
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     ratio = 0.5
     schedule = _schedule(pack, model, steps=4, key_steps="custom", custom_key_steps=(0, 2), encoder_ratio=ratio)
     encoder = round(ratio * len(block_map.layers))
     assert 0 < encoder < len(block_map.layers) and schedule.builder["encoder_layers"] == encoder
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, schedule)
+    patched, holder = apply_block_cache(model, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(model.model.diffusion_model, names) as counts:
         out = sample(patched, *FLUX.conds(), FLUX.latent(), steps=4, cfg=1.0)
@@ -153,7 +160,7 @@ def test_dit_encoder_ratio(pack):
 
 
 def test_node_builds_a_schedule(pack, tiny_model):
-    node = pack.nodes.nodes_faster_diffusion.FasterDiffusionSchedule
+    node = FasterDiffusionSchedule
     schedule, picture, text = node.execute(tiny_model, 20, "dpmpp_2m", "karras", "paper (auto)", 5, "", 0.64).result
     assert schedule.builder["key_steps"] == [0, 1, 2, 3, 5, 10, 15]
     assert schedule.grid.steps == 20 and picture.ndim == 4 and '"faster_diffusion"' in text
@@ -177,26 +184,26 @@ def _record_x(model) -> list[torch.Tensor]:
 
 def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
     schedule = _schedule(pack, tiny_model, key_steps="uniform stride", stride=3)
-    plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
-    off_injection = pack.faster_diffusion.noise_injection.NoiseInjection(0.0)
-    off, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, options=[off_injection])
+    plain, _ = apply_block_cache(tiny_model, schedule)
+    off_injection = NoiseInjection(0.0)
+    off, holder = apply_block_cache(tiny_model, schedule, options=[off_injection])
     assert torch.equal(sample(off, *conds, latent), sample(plain, *conds, latent))
     assert "noise injection" not in holder.last_run.figures
 
 
 def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent):
-    schedule = pack.block_caching.schedule.all_compute_schedule(pack.block_maps.mapping.block_map_for_patcher(tiny_model),
+    schedule = all_compute_schedule(block_map_for_patcher(tiny_model),
                                                   _fd(pack).grid_for_model(tiny_model, 8, "euler", "normal"))
     runs = {}
     for alpha in (0.0, 0.05):
-        injection = pack.faster_diffusion.noise_injection.NoiseInjection(alpha=alpha, tau_cutoff=0.5)
-        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule, options=[injection])
+        injection = NoiseInjection(alpha=alpha, tau_cutoff=0.5)
+        patched, holder = apply_block_cache(tiny_model, schedule, options=[injection])
         xs = _record_x(patched)
         sigmas = record_evaluation_sigmas(patched)
         runs[alpha] = (sample(patched, *conds, latent), xs, sigmas, holder.last_run)
     base_out, base_xs, sigmas, _ = runs[0.0]
     out, xs, _, stats = runs[0.05]
-    taus = pack.runtime.time_grid.normalized_times(tiny_model.get_model_object("model_sampling"), torch.tensor(sigmas))
+    taus = normalized_times(tiny_model.get_model_object("model_sampling"), torch.tensor(sigmas))
     late = [i for i, tau in enumerate(taus) if tau < 0.5]
     assert stats.figures["noise injection"] == late and 0 < len(late) < len(taus)
     for i in range(len(taus)):

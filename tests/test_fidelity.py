@@ -13,12 +13,16 @@ import kornia
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.fidelity import PSNR_CAP_DB, ssim
+from comfyui_block_cache.block_caching.replay import EXPECTED_RANGE_Z, MIN_PICTURE_SD, Measurement
+from comfyui_block_cache.demo_models.reference_model import load_reference_model
+from comfyui_block_cache.nodes.nodes_compare import ComparePictures
 
 
 @pytest.fixture(scope="module")
 def pictures(pack) -> tuple[torch.Tensor, torch.Tensor]:
     """(uncached, cached): three 32x32 pictures of the reference model, and the same with growing errors."""
-    reference = pack.demo_models.reference_model.load_reference_model()
+    reference = load_reference_model()
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(3, 3, 32, 32, generator=generator)
     uncached = reference.vae.decode(latent).float().clamp(0, 1)  # (batch, height, width, channels), as IMAGE
@@ -33,7 +37,7 @@ def _direct_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_node_figures_match_a_direct_computation(pack, pictures, caplog):
     uncached, cached = pictures
-    node = pack.nodes.nodes_compare.ComparePictures
+    node = ComparePictures
     with caplog.at_level(logging.INFO):
         output = node.execute(uncached, cached, 8.0)
     difference, mean_psnr, mean_ssim = output.result
@@ -57,9 +61,9 @@ def test_node_figures_match_a_direct_computation(pack, pictures, caplog):
 
 def test_identical_pictures_give_the_cap_and_ssim_one(pack, pictures):
     uncached, _ = pictures
-    difference, mean_psnr, mean_ssim = pack.nodes.nodes_compare.ComparePictures.execute(
+    difference, mean_psnr, mean_ssim = ComparePictures.execute(
         uncached, uncached.clone(), 8.0).result
-    assert mean_psnr == pack.block_caching.fidelity.PSNR_CAP_DB == 100.0
+    assert mean_psnr == PSNR_CAP_DB == 100.0
     assert mean_ssim == pytest.approx(1.0, abs=1e-12)
     assert float(difference.abs().max()) == 0.0
 
@@ -67,7 +71,7 @@ def test_identical_pictures_give_the_cap_and_ssim_one(pack, pictures):
 def test_pictures_of_another_size_are_refused(pack, pictures):
     uncached, cached = pictures
     with pytest.raises(ValueError, match="same count and size"):
-        pack.nodes.nodes_compare.ComparePictures.execute(uncached, cached[:2], 8.0)
+        ComparePictures.execute(uncached, cached[:2], 8.0)
 
 
 def test_small_pictures_use_the_largest_window_that_fits(pack):
@@ -75,7 +79,7 @@ def test_small_pictures_use_the_largest_window_that_fits(pack):
     a = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     b = (a + 0.05).clamp(0, 1)
     expected = float(kornia.metrics.ssim(b.double(), a.double(), 7, padding="valid").mean())
-    assert pack.block_caching.fidelity.ssim(b, a) == pytest.approx([expected], abs=1e-9)
+    assert ssim(b, a) == pytest.approx([expected], abs=1e-9)
 
 
 def test_validation_measures_with_the_same_psnr(pack, pictures):
@@ -99,8 +103,8 @@ def test_validation_measures_with_the_same_psnr(pack, pictures):
 
 
 def test_expected_range_widens_with_spread_and_narrows_with_pictures(pack):
-    measurement = pack.block_caching.replay.Measurement
-    z, floor_sd = pack.block_caching.replay.EXPECTED_RANGE_Z, pack.block_caching.replay.MIN_PICTURE_SD
+    measurement = Measurement
+    z, floor_sd = EXPECTED_RANGE_Z, MIN_PICTURE_SD
     agreeing = measurement((30.0, 30.0, 30.0, 30.0))  # a spread below the floor counts as the floor
     assert agreeing.low == pytest.approx(30.0 - z * floor_sd / 2) and agreeing.high == pytest.approx(30.0 + z * floor_sd / 2)
     spread = measurement((20.0, 40.0, 25.0, 35.0))

@@ -15,6 +15,12 @@ import comfy.samplers
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.forecast import push_point
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.demo_models.builtin_models import SMALL_UNET_CONFIGS
+from comfyui_block_cache.runtime.time_grid import StepGrid
 from dit_zoo import TinyDit
 from helpers import sample, split_cond_calls
 from torch import nn
@@ -59,7 +65,7 @@ def _make(model_config):
 @pytest.fixture(scope="module")
 def linear(pack):
     entry = TinyDit("generic (LinearInTimeModel)", "linear-in-time", "SD15",
-                    dict(pack.demo_models.builtin_models.SMALL_UNET_CONFIGS["tiny"]), (2, 4, 8, 8), (6, 32),
+                    dict(SMALL_UNET_CONFIGS["tiny"]), (2, 4, 8, 8), (6, 32),
                     make_model=_make)
     model = entry.build(seed=3)
     return model, entry.conds(), entry.latent(batch=2)
@@ -68,10 +74,10 @@ def linear(pack):
 def _schedule(pack, model, compute_steps, order):
     """Every block computes at ``compute_steps`` of a 6-step euler/normal grid and is forecast with ``order``."""
     sampling = model.get_model_object("model_sampling")
-    grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", STEPS),
+    grid = StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", STEPS),
                                                sampler="euler", scheduler="normal")
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
-    base = pack.block_caching.schedule.all_compute_schedule(block_map, grid, (1.0,) * len(block_map.layers), 4.0)
+    block_map = block_map_for_patcher(model)
+    base = all_compute_schedule(block_map, grid, (1.0,) * len(block_map.layers), 4.0)
     row = tuple(step in compute_steps for step in range(STEPS))
     layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order) for layer in base.layers)
     return dataclasses.replace(base, layers=layers)
@@ -90,7 +96,7 @@ def test_lagrange_weights_reproduce_polynomials(pack):
 
 
 def test_history_keeps_order_plus_one_points_with_distinct_times(pack):
-    push = pack.block_caching.forecast.push_point
+    push = push_point
     a, b, c, d = ([torch.full((1, 2), float(v))] for v in range(4))
     points, taus = push([], [], a, 0.9, order=1)
     points, taus = push(points, taus, b, 0.7, order=1)
@@ -115,7 +121,7 @@ def test_forecast_is_exact_on_a_residual_linear_in_time(pack, linear, sampler, s
     scale = float(reference.abs().max())
     errors = {}
     for order in (0, 1, 2):
-        patched, holder = pack.block_caching.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
+        patched, holder = apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
         if split:
             split_cond_calls(patched)
         out = sample(patched, *conds, latent, steps=steps, sampler=sampler, cfg=4.0)
@@ -132,14 +138,14 @@ def test_order_0_and_forecast_at_the_newest_point_are_plain_reuse(pack, tiny_mod
     newest, older = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     assert torch.equal(forecast.combine([newest, older], forecast.lagrange_weights([0.5, 0.7], 0.5)), newest)
     sampling = tiny_model.get_model_object("model_sampling")
-    grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", 8))
-    block_map = pack.block_maps.mapping.block_map_for_patcher(tiny_model)
-    schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
+    grid = StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", 8))
+    block_map = block_map_for_patcher(tiny_model)
+    schedule = all_compute_schedule(block_map, grid)
     rows = tuple(dataclasses.replace(layer, compute=tuple(s % 2 == 0 for s in range(8))) for layer in schedule.layers)
     outputs = []
     for order in (0, 1):
         layers = tuple(dataclasses.replace(layer, forecast_order=order) for layer in rows)
-        patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, dataclasses.replace(schedule, layers=layers))
+        patched, holder = apply_block_cache(tiny_model, dataclasses.replace(schedule, layers=layers))
         outputs.append(sample(patched, *conds, latent, sampler="heun", steps=8))
         assert holder.last_run.reused.sum() > 0
     assert not torch.equal(outputs[0], outputs[1])  # order 1 does forecast between computations
@@ -150,7 +156,7 @@ def test_history_memory_is_measured_and_logged(pack, linear, caplog):
     model, conds, latent = linear
     peaks = {}
     for order in (0, 1, 2):
-        patched, holder = pack.block_caching.patching.apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
+        patched, holder = apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order))
         with caplog.at_level(logging.INFO):
             caplog.clear()
             sample(patched, *conds, latent, steps=STEPS, cfg=4.0)
@@ -176,14 +182,14 @@ def test_forecast_on_both_streams_of_a_flux_double_block(pack):
     conds, latent = entry.conds(), entry.latent()
     reference = sample(model, *conds, latent, steps=STEPS, cfg=entry.cfg)
     sampling = model.get_model_object("model_sampling")
-    grid = pack.runtime.time_grid.StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "simple", STEPS))
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
-    base = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
+    grid = StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "simple", STEPS))
+    block_map = block_map_for_patcher(model)
+    base = all_compute_schedule(block_map, grid)
     row = tuple(step in (0, 1, 3) for step in range(STEPS))
     outputs = {}
     for order in (0, 1):
         layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order) for layer in base.layers)
-        patched, holder = pack.block_caching.patching.apply_block_cache(model, dataclasses.replace(base, layers=layers))
+        patched, holder = apply_block_cache(model, dataclasses.replace(base, layers=layers))
         outputs[order] = sample(patched, *conds, latent, steps=STEPS, cfg=entry.cfg, scheduler="simple")
         assert holder.last_run.reused.sum() > 0
     double = [i for i, spec in enumerate(block_map.layers) if len(spec.streams) == 2]

@@ -21,6 +21,11 @@ import time
 
 import pytest
 from comfy_bootstrap import PACK_ROOT
+from comfyui_block_cache.block_caching.profile import BlockProfile
+from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
+from comfyui_block_cache.nodes.frontend import display_value, ladder_payload, profile_payload
+from comfyui_block_cache.runtime.time_grid import StepGrid
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed (.ci/run installs it)")
@@ -60,7 +65,7 @@ def _value(rng: random.Random, style: str) -> float:
 
 def _sent(pack, value: float) -> float:
     """A change value as the browser receives it (NaN: unmeasured, sent as null)."""
-    shown = pack.nodes.frontend.display_value(value)
+    shown = display_value(value)
     return math.nan if shown is None else shown
 
 
@@ -76,11 +81,11 @@ def _profile(pack, rng: random.Random, layers: int, steps: int):
                   for _ in range(layers))
     total = rng.choice([sum(flops) * rng.uniform(1.0, 3.0), sum(flops) * 0.5, 0.0, sum(flops) + 0.1,
                         rng.uniform(1e9, 1e12)])
-    grid = pack.runtime.time_grid.StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
+    grid = StepGrid(sigmas=tuple(float(steps - i) for i in range(steps)) + (0.0,),
                                    taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
                                    scheduler="normal")
     block_map = bm.BlockMap("unet", "SD15", "UNetModel", specs, "0123456789abcdef")
-    return pack.block_caching.profile.BlockProfile(block_map, grid, change, flops, total, 1)
+    return BlockProfile(block_map, grid, change, flops, total, 1)
 
 
 def _option_grid(steps: int) -> list[dict]:
@@ -98,7 +103,7 @@ def _random_options(rng: random.Random, steps: int) -> dict:
 
 
 def test_javascript_builder_matches_python_exactly(pack, tmp_path):
-    payload = pack.nodes.frontend.profile_payload
+    payload = profile_payload
     rng = random.Random(20240617)
     profiles = []
     cases: list[tuple[int, dict]] = []
@@ -114,7 +119,7 @@ def test_javascript_builder_matches_python_exactly(pack, tmp_path):
     started = time.perf_counter()
     expected = []
     for index, options in cases:
-        schedule = pack.block_caching.schedule.build_schedule(profiles[index], pack.block_caching.schedule.BuildOptions(**options))
+        schedule = build_schedule(profiles[index], BuildOptions(**options))
         mask = schedule.compute_mask()
         expected.append({"mask": "|".join("".join("1" if c else "0" for c in row) for row in mask),
                          "computed": int(mask.sum()), "total": int(mask.size),
@@ -148,12 +153,12 @@ def test_javascript_builder_matches_python_exactly(pack, tmp_path):
 def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options):
     profile = _profile(pack, random.Random(1), 3, 5)
     with pytest.raises(ValueError):
-        pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(**options))
+        build_schedule(profile, BuildOptions(**options))
     shutil.copy(PACK_ROOT / "js" / "schedule_builder.js", tmp_path / "schedule_builder.mjs")
     (tmp_path / "runner.mjs").write_text(RUNNER)
     # JSON has no Infinity: send a threshold the runner turns back into it.
     sent = {**options, "threshold": "Infinity"} if options.get("threshold") == float("inf") else options
-    (tmp_path / "f.json").write_text(json.dumps({"profiles": [pack.nodes.frontend.profile_payload(profile)],
+    (tmp_path / "f.json").write_text(json.dumps({"profiles": [profile_payload(profile)],
                                                  "cases": [[0, sent]]}))
     subprocess.run([NODE, str(tmp_path / "runner.mjs"), str(tmp_path / "f.json"), str(tmp_path / "o.json")],
                    check=True, timeout=60)
@@ -172,11 +177,11 @@ def _flux_sized_profile(pack, steps: int, blocks: int = 57):
     change = tuple((math.nan,) + tuple(rng.expovariate(rng.choice([5.0, 30.0])) for _ in range(steps - 1))
                    for _ in names)
     flops = tuple(rng.uniform(4e11, 6e11) for _ in names)
-    grid = pack.runtime.time_grid.StepGrid(sigmas=tuple(1.0 - i / steps for i in range(steps)) + (0.0,),
+    grid = StepGrid(sigmas=tuple(1.0 - i / steps for i in range(steps)) + (0.0,),
                                    taus=tuple(1.0 - i / steps for i in range(steps)), sampler="euler",
                                    scheduler="simple")
     block_map = bm.BlockMap("generic (Flux)", "Flux", "Flux", specs, "0123456789abcdef")
-    return pack.block_caching.profile.BlockProfile(block_map, grid, change, flops, sum(flops) * 1.02, 2)
+    return BlockProfile(block_map, grid, change, flops, sum(flops) * 1.02, 2)
 
 
 def test_a_flux_profile_payload_stays_small(pack):
@@ -218,14 +223,14 @@ def test_javascript_target_preview_matches_python(pack, tmp_path):
     import torch
     from helpers import profile_by_sampling
     target = pack.block_caching.target_schedule
-    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = pack.demo_models.builtin_models.prompt_conditioning
+    model = build_unet_patcher("tiny", seed=0)
+    prompt = prompt_conditioning
     conds = prompt("a red square", 32), prompt("blurry", 32)
     ladders, cases, expected = [], [], []
     for steps, kinds, first in ((10, "all", 1), (16, "attention+resblock", 2), (7, "attention", 1)):
         profile, _ = profile_by_sampling(pack, model, conds, {"samples": torch.zeros(1, 4, 16, 16)}, steps=steps)
         options = target.TargetOptions(speedup=2.0, cache_kinds=kinds, always_compute_first=first)
-        ladders.append(pack.nodes.frontend.ladder_payload(target.build_target_schedule(profile, options)))
+        ladders.append(ladder_payload(target.build_target_schedule(profile, options)))
         for speedup in (1.0, 1.05, 1.3, 1.77, 2.0, 2.5, 3.1, 4.0, 6.0, 10.0):
             schedule = target.build_target_schedule(profile, target.TargetOptions(
                 speedup=speedup, cache_kinds=kinds, always_compute_first=first))

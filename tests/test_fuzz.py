@@ -14,6 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
+from comfyui_block_cache.errors import ScheduleFileError
+from comfyui_block_cache.schedule_files.schema import (
+    MAX_DOCUMENT_BYTES,
+    profile_from_dict,
+    profile_to_dict,
+    schedule_from_dict,
+    schedule_from_json,
+    schedule_to_dict,
+)
+from comfyui_block_cache.schedule_files.storage import load_schedule, save_schedule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,12 +46,12 @@ json_values = st.recursive(json_leaves, lambda children: st.one_of(
 def valid(pack):
     """A real schedule and profile document of the tiny UNet (profiled once)."""
     from helpers import profile_by_sampling
-    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
-    conds = (pack.demo_models.builtin_models.prompt_conditioning("a", 32), pack.demo_models.builtin_models.prompt_conditioning("b", 32))
+    model = build_unet_patcher("tiny", seed=0)
+    conds = (prompt_conditioning("a", 32), prompt_conditioning("b", 32))
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=6)
-    schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=0.5, cache_kinds="all"))
-    return pack.schedule_files.schema.schedule_to_dict(schedule), pack.schedule_files.schema.profile_to_dict(profile)
+    schedule = build_schedule(profile, BuildOptions(threshold=0.5, cache_kinds="all"))
+    return schedule_to_dict(schedule), profile_to_dict(profile)
 
 
 def _paths(doc, prefix=()):
@@ -89,7 +101,7 @@ def test_mutated_schedule_documents(pack, valid, data):
     paths = list(_paths(schedule_doc))
     path = data.draw(st.sampled_from(paths))
     doc = _replace(schedule_doc, path, data.draw(json_values))
-    result = _parse_or_clear_error(pack, pack.schedule_files.schema.schedule_from_dict, doc)
+    result = _parse_or_clear_error(pack, schedule_from_dict, doc)
     if result is not None:
         _check_schedule(result)
 
@@ -100,7 +112,7 @@ def test_mutated_profile_documents(pack, valid, data):
     _, profile_doc = valid
     path = data.draw(st.sampled_from(list(_paths(profile_doc))))
     doc = _replace(profile_doc, path, data.draw(json_values))
-    result = _parse_or_clear_error(pack, pack.schedule_files.schema.profile_from_dict, doc)
+    result = _parse_or_clear_error(pack, profile_from_dict, doc)
     if result is not None:
         assert all(len(row) == result.grid.steps for row in result.change)
 
@@ -108,8 +120,8 @@ def test_mutated_profile_documents(pack, valid, data):
 @SETTINGS
 @given(doc=json_values)
 def test_random_documents(pack, doc):
-    assert _parse_or_clear_error(pack, pack.schedule_files.schema.schedule_from_dict, doc) is None
-    assert _parse_or_clear_error(pack, pack.schedule_files.schema.profile_from_dict, doc) is None
+    assert _parse_or_clear_error(pack, schedule_from_dict, doc) is None
+    assert _parse_or_clear_error(pack, profile_from_dict, doc) is None
 
 
 @SETTINGS
@@ -117,19 +129,19 @@ def test_random_documents(pack, doc):
 def test_truncated_and_corrupted_json(pack, valid, cut, junk):
     text = json.dumps(valid[0]).encode()
     truncated = text[:cut % len(text)] + junk
-    assert _parse_or_clear_error(pack, pack.schedule_files.schema.schedule_from_json, truncated) is None
+    assert _parse_or_clear_error(pack, schedule_from_json, truncated) is None
 
 
 def test_deep_nesting_and_huge_documents(pack, valid):
     errors = pack.errors
     with pytest.raises(errors.ScheduleFormatError):
-        pack.schedule_files.schema.schedule_from_json("[" * 100_000 + "]" * 100_000)
+        schedule_from_json("[" * 100_000 + "]" * 100_000)
     with pytest.raises(errors.ScheduleFormatError):
-        pack.schedule_files.schema.schedule_from_json(b" " * (pack.schedule_files.schema.MAX_DOCUMENT_BYTES + 1))
+        schedule_from_json(b" " * (MAX_DOCUMENT_BYTES + 1))
     huge = copy.deepcopy(valid[0])
     huge["grid"]["steps"] = 10**12
     with pytest.raises(errors.ScheduleFormatError):
-        pack.schedule_files.schema.schedule_from_dict(huge)
+        schedule_from_dict(huge)
 
 
 name_parts = st.sampled_from(["..", ".", "/", "\\", "~", "%2e%2e", "\x00", "x", "a b", "-", "_", ".json", "C:",
@@ -145,16 +157,16 @@ def test_file_names_never_escape_the_folder(pack, valid, tmp_path_factory, name)
     root = tmp_path_factory.mktemp("fuzz")
     folder = root / "user" / "block_cache"
     outside_before = sorted(p for p in root.rglob("*"))
-    schedule = pack.schedule_files.schema.schedule_from_dict(valid[0])
+    schedule = schedule_from_dict(valid[0])
     try:
-        path = pack.schedule_files.storage.save_schedule(folder, name, schedule, overwrite=True)
-    except pack.errors.ScheduleFileError:
+        path = save_schedule(folder, name, schedule, overwrite=True)
+    except ScheduleFileError:
         path = None
     if path is not None:
         assert path.parent == folder.resolve() and path.is_file()
-        assert pack.schedule_files.storage.load_schedule(folder, name).grid.steps == schedule.grid.steps
+        assert load_schedule(folder, name).grid.steps == schedule.grid.steps
     else:
-        with pytest.raises(pack.errors.ScheduleFileError):
-            pack.schedule_files.storage.load_schedule(folder, name)
+        with pytest.raises(ScheduleFileError):
+            load_schedule(folder, name)
     written = {p for p in root.rglob("*") if p.is_file()} - set(outside_before)
     assert all(Path(p).resolve().parent == folder.resolve() for p in written), written

@@ -23,6 +23,8 @@ if not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"):
     pytest.skip("this ComfyUI has no native multi-GPU (deepclone_multigpu came after 0.3.75)", allow_module_level=True)
 
 import comfy.multigpu  # noqa: E402
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher
 
 SECOND_DEVICE = torch.device("cpu", 0)
 
@@ -30,7 +32,7 @@ SECOND_DEVICE = torch.device("cpu", 0)
 @pytest.fixture
 def model(pack):
     comfy.model_management.unload_all_models()
-    build = pack.demo_models.builtin_models.build_unet_patcher
+    build = build_unet_patcher
     patcher = build("tiny", seed=0)
     patcher.cached_patcher_init = (build, ("tiny", 0))  # what a core loader registers for deep clones
     return patcher
@@ -66,7 +68,7 @@ def test_all_compute_on_two_devices_is_the_uncached_run(pack, model, conds, late
     threads_and_models.clear()
     reference = sample(on_two_devices(model), *conds, latent)
     assert len(threads_and_models) == 2 and len({m for _, m in threads_and_models}) == 2, "two threads, two models"
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, all_compute)
+    patched, holder = apply_block_cache(model, all_compute)
     assert torch.equal(sample(on_two_devices(patched), *conds, latent), reference)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
 
@@ -75,11 +77,11 @@ def test_caching_on_two_devices_is_caching_with_one_call_per_cond(pack, model, c
     """Cond and uncond run in two threads on two models: the cache keeps each cond's own residuals, so the
     result is that of one device calling the model once per cond, bit for bit, with the same counts."""
     _, caching = profile_schedules(pack, model, conds, latent)
-    one_device, one_holder = pack.block_caching.patching.apply_block_cache(model, caching)
+    one_device, one_holder = apply_block_cache(model, caching)
     split_cond_calls(one_device)
     expected = sample(one_device, *conds, latent)
 
-    patched, holder = pack.block_caching.patching.apply_block_cache(model, caching)
+    patched, holder = apply_block_cache(model, caching)
     two_devices = on_two_devices(patched)
     threads_and_models.clear()
     names = [layer.name for layer in caching.layers]

@@ -18,6 +18,14 @@ import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.demo_models.reference_model import empty_latent, load_reference_model
+from comfyui_block_cache.faster_diffusion.noise_injection import NoiseInjection
+from comfyui_block_cache.faster_diffusion.schedule import grid_for_model
+from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
+from comfyui_block_cache.runtime.run import ExtensionLayerForward
 from helpers import (
     InterruptAt,
     count_layer_computations,
@@ -41,13 +49,13 @@ def pd(pack):
 def _schedule(pack, model, steps=8, sampler="euler", keys=KEYS):
     fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, steps, sampler, "normal")
-    block_map = pack.block_maps.mapping.block_map_for_patcher(model)
+    block_map = block_map_for_patcher(model)
     options = fd.FasterDiffusionOptions(key_steps="custom", custom_key_steps=keys)
     return fd.build_faster_diffusion_schedule(block_map, grid, options)
 
 
 def _apply(pack, pd, model, schedule, **config):
-    patched, holder = pack.block_caching.patching.apply_block_cache(
+    patched, holder = apply_block_cache(
         model, schedule, options=[pd.ParallelDecoding(enabled=True, **config)])
     return patched, holder, pd.installed_on(holder)
 
@@ -92,7 +100,7 @@ def test_parallel_equals_sequential_encoder_propagation(pack, pd, tiny_model, co
     np.testing.assert_array_equal(par_holder.last_run.computed, seq_holder.last_run.computed)
     np.testing.assert_array_equal(par_holder.last_run.reused, seq_holder.last_run.reused)
     # conv_in reuse is what makes the decoder independent of x_t: without it the output differs
-    plain, _ = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    plain, _ = apply_block_cache(tiny_model, schedule)
     assert not torch.allclose(sample(plain, *conds, latent, sampler=sampler), expected, rtol=0, atol=1e-3)
 
 
@@ -148,16 +156,16 @@ def test_batches_are_capped_by_free_memory(pack, pd, tiny_model, conds, latent, 
 
 def test_reference_model_parallel_equals_sequential(pack, pd):
     """The trained reference model (real weights), paper DPM-Solver keys on 20 dpmpp_2m steps."""
-    reference = pack.demo_models.reference_model.load_reference_model()
+    reference = load_reference_model()
     model = reference.patcher.clone()
     fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, 20, "dpmpp_2m", "karras")
-    schedule = fd.build_faster_diffusion_schedule(pack.block_maps.mapping.block_map_for_patcher(model), grid)
+    schedule = fd.build_faster_diffusion_schedule(block_map_for_patcher(model), grid)
     assert schedule.builder["key_steps"] == [0, 1, 2, 3, 5, 10, 15]
     positive = [[reference.encode(["a large red circle at center on a blue background",
                                    "a small green square at top left on a white striped background"]), {}]]
     negative = reference.conditioning("")
-    latent = pack.demo_models.reference_model.empty_latent(2)
+    latent = empty_latent(2)
     sequential, _, _ = _apply(pack, pd, model, schedule, batched=False)
     parallel, _, decoder = _apply(pack, pd, model, schedule)
     kwargs = dict(steps=20, sampler="dpmpp_2m", scheduler="karras")
@@ -174,10 +182,10 @@ def test_with_noise_injection(pack, pd, tiny_model, conds, latent):
     """Stashed outputs are the diffusion model's (eps), turned into denoised with the latent each step
     arrives with, so prior noise injection still reaches the solver."""
     schedule = _schedule(pack, tiny_model)
-    injection = pack.faster_diffusion.noise_injection.NoiseInjection(alpha=0.05, tau_cutoff=0.5)
+    injection = NoiseInjection(alpha=0.05, tau_cutoff=0.5)
     outputs = {}
     for label, config in (("sequential", {"batched": False}), ("parallel", {})):
-        patched, holder = pack.block_caching.patching.apply_block_cache(
+        patched, holder = apply_block_cache(
             tiny_model, schedule, options=[injection, pd.ParallelDecoding(enabled=True, **config)])
         decoder = pd.installed_on(holder)
         outputs[label] = sample(patched, *conds, latent)
@@ -345,11 +353,11 @@ def test_interrupt_mid_sampling_leaves_no_stash(pack, pd, tiny_model, conds, lat
 # -- option handling ---------------------------------------------------------------------------------------
 
 def test_not_applicable_to_block_caching_schedules(pack, pd, tiny_model, conds, latent, caplog):
-    block_map = pack.block_maps.mapping.block_map_for_patcher(tiny_model)
-    grid = pack.faster_diffusion.schedule.grid_for_model(tiny_model, 8, "euler", "normal")
-    schedule = pack.block_caching.schedule.all_compute_schedule(block_map, grid)
+    block_map = block_map_for_patcher(tiny_model)
+    grid = grid_for_model(tiny_model, 8, "euler", "normal")
+    schedule = all_compute_schedule(block_map, grid)
     with caplog.at_level(logging.INFO):
-        result, holder = pack.block_caching.patching.apply_block_cache(
+        result, holder = apply_block_cache(
             tiny_model, schedule, options=[pd.ParallelDecoding(enabled=True)])
     assert pd.installed_on(holder) is None
     assert any("parallel decoding was requested but does not apply" in r.getMessage() for r in caplog.records)
@@ -359,7 +367,7 @@ def test_not_applicable_to_block_caching_schedules(pack, pd, tiny_model, conds, 
 
 
 def test_apply_node_option_is_off_by_default_and_a_second_apply_removes_it(pack, pd, tiny_model, conds, latent):
-    node = pack.nodes.nodes_apply.ApplyBlockCache
+    node = ApplyBlockCache
     inputs = {i.id: i for i in node.define_schema().inputs}
     assert inputs["parallel_decoding"].default is False and "UNet" in inputs["parallel_decoding"].tooltip
     schedule = _schedule(pack, tiny_model)
@@ -367,7 +375,7 @@ def test_apply_node_option_is_off_by_default_and_a_second_apply_removes_it(pack,
     assert not default.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
     (on,) = node.execute(tiny_model, schedule, parallel_decoding=True).result
     assert on.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
-    assert isinstance(on.object_patches[CONV_IN_KEY], pack.runtime.run.ExtensionLayerForward)
+    assert isinstance(on.object_patches[CONV_IN_KEY], ExtensionLayerForward)
     (again,) = node.execute(on, schedule).result  # a second Apply without the option
     assert not again.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
     assert CONV_IN_KEY not in again.object_patches

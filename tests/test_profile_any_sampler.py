@@ -8,6 +8,9 @@ import nodes as comfy_nodes
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.nodes.nodes_profile import CollectBlockProfile, ProfileBlockChanges, RecordBlockChanges
 from helpers import count_layer_computations, sample
 
 STEPS = 8
@@ -16,16 +19,16 @@ SEED = 7
 
 
 def _record(pack, model):
-    return pack.nodes.nodes_profile.RecordBlockChanges.execute(model).result
+    return RecordBlockChanges.execute(model).result
 
 
 def _collect(pack, recording, latent):
-    return pack.nodes.nodes_profile.CollectBlockProfile.execute(recording, latent).result[1]
+    return CollectBlockProfile.execute(recording, latent).result[1]
 
 
 def _profile_node(pack, model, conds, latent):
     positive, negative = conds
-    result = pack.nodes.nodes_profile.ProfileBlockChanges.execute(model, SEED, STEPS, CFG, "euler", "normal",
+    result = ProfileBlockChanges.execute(model, SEED, STEPS, CFG, "euler", "normal",
                                                                   positive, negative, latent, 1.0).result
     return result[0], result[1]
 
@@ -93,13 +96,13 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
     assert profiles["high"].grid.taus[0] == pytest.approx(1.0) and profiles["low"].grid.taus[0] < 0.6
     schedules = {}
     for name, profile in profiles.items():
-        schedule = pack.block_caching.schedule.build_schedule(profile, pack.block_caching.schedule.BuildOptions(threshold=10.0, cache_kinds="all"))
+        schedule = build_schedule(profile, BuildOptions(threshold=10.0, cache_kinds="all"))
         mask = schedule.compute_mask()
         assert mask[:, 0].all() and not mask.all(), f"the {name} expert's schedule caches within its segment"
         schedules[name] = schedule
     cached = {}
     for name, model in (("high", high), ("low", low)):
-        cached[name] = pack.block_caching.patching.apply_block_cache(model, schedules[name])
+        cached[name] = apply_block_cache(model, schedules[name])
     names = [layer.name for layer in schedules["high"].layers]
     with count_layer_computations(high.model.diffusion_model, names) as high_counts, \
             count_layer_computations(low.model.diffusion_model, names) as low_counts:
@@ -113,7 +116,7 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
         np.testing.assert_array_equal(stats.computed, expected)
     assert out["samples"].shape == uncached["samples"].shape and torch.isfinite(out["samples"]).all()
     # A segment's schedule on a whole run: outside its segment every layer computes.
-    whole, holder = pack.block_caching.patching.apply_block_cache(low, schedules["low"])
+    whole, holder = apply_block_cache(low, schedules["low"])
     sample(whole, *conds, latent, steps=STEPS)
     assert holder.last_run.figures["cache"].retimed
     assert (holder.last_run.computed >= split).all(), "the steps before the low-noise segment compute everything"

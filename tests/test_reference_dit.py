@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 import torch
 from comfy_bootstrap import PACK_MODULE
+from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.nodes.nodes_demo import LoadDemoModel
 from helpers import count_layer_computations, sample
 
 reference_dit = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_dit")
@@ -35,9 +39,9 @@ def run(pack, reference):
     conds = reference.conditioning_batch(reference_data.benchmark_prompts(2, seed=99)), reference.conditioning("")
     latent = reference_dit.empty_latent(2)
     plain = sample(reference.patcher, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
-    profiling, holder = pack.block_caching.patching.attach_profiler(reference.patcher)
+    profiling, holder = attach_profiler(reference.patcher)
     profiled = sample(profiling, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
-    profile = pack.block_caching.patching.collect_profile(holder, reference.patcher, sampler="euler", scheduler="simple",
+    profile = collect_profile(holder, reference.patcher, sampler="euler", scheduler="simple",
                                                  cfg=5.0, denoise=1.0, latent_shape=(2, 3, 32, 32))
     return conds, latent, plain, profile, profiled
 
@@ -101,7 +105,7 @@ def test_prompt_matters(reference):
 
 
 def test_block_map_finds_every_double_and_single_block(pack, reference):
-    block_map = pack.block_maps.mapping.block_map_for_patcher(reference.patcher)
+    block_map = block_map_for_patcher(reference.patcher)
     assert block_map.family == "Flux (dev, schnell, Kontext, Flux.2)"
     assert [layer.name for layer in block_map.layers] == (
         [f"double_blocks.{i}" for i in range(DOUBLE)] + [f"single_blocks.{i}" for i in range(SINGLE)])
@@ -117,8 +121,8 @@ def test_profile_is_the_uncached_run_and_measures_every_block(run):
 
 def test_all_compute_schedule_is_bit_identical(pack, reference, run):
     conds, latent, plain, profile, _ = run
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(reference.patcher, schedule)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
+    patched, holder = apply_block_cache(reference.patcher, schedule)
     out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
     assert torch.equal(out, plain)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() == (DOUBLE + SINGLE) * STEPS
@@ -126,10 +130,10 @@ def test_all_compute_schedule_is_bit_identical(pack, reference, run):
 
 def test_a_caching_schedule_skips_exactly_its_blocks(pack, reference, run):
     conds, latent, plain, profile, _ = run
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, False, True, True)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
-    patched, holder = pack.block_caching.patching.apply_block_cache(reference.patcher, schedule)
+    patched, holder = apply_block_cache(reference.patcher, schedule)
     names = [layer.name for layer in layers]
     with count_layer_computations(reference.patcher.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
@@ -139,7 +143,7 @@ def test_a_caching_schedule_skips_exactly_its_blocks(pack, reference, run):
 
 
 def test_demo_node_reference_dit_choice(pack):
-    node = pack.nodes.nodes_demo.LoadDemoModel
+    node = LoadDemoModel
     model, positive, negative, vae = node.execute("reference_dit", 0, "a small blue ring", "").result
     assert isinstance(model.model.diffusion_model, comfy.ldm.flux.model.Flux)
     assert positive[0][1]["pooled_output"].shape == (1, reference_dit.CONTEXT_DIM)

@@ -12,6 +12,9 @@ import importlib
 import pytest
 import torch
 from comfy_bootstrap import PACK_MODULE
+from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
+from comfyui_block_cache.block_caching.run_summary import run_speedup_estimate
+from comfyui_block_cache.block_caching.target_schedule import DEFAULT_SPEEDUP, TargetOptions, build_target_schedule
 from helpers import sample
 
 reference_model = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model")
@@ -45,19 +48,19 @@ def _profile(pack, reference, steps: int):
     prompts = reference_data.benchmark_prompts(4, seed=99)
     positive, negative = [[reference.encode(prompts), {}]], reference.conditioning("")
     latent = reference_model.empty_latent(len(prompts))
-    profiled, holder = pack.block_caching.patching.attach_profiler(reference.patcher)
+    profiled, holder = attach_profiler(reference.patcher)
     sample(profiled, positive, negative, latent, steps=steps, seed=1001)
-    return pack.block_caching.patching.collect_profile(holder, reference.patcher, sampler="euler", scheduler="normal", cfg=5.0,
+    return collect_profile(holder, reference.patcher, sampler="euler", scheduler="normal", cfg=5.0,
                                          denoise=1.0, latent_shape=tuple(latent["samples"].shape))
 
 
 def test_default_schedule_keeps_the_picture_and_beats_fewer_steps(pack, reference, evaluation):
     model = reference.patcher
-    schedule = pack.block_caching.target_schedule.build_target_schedule(_profile(pack, reference, 20),
-                                                          pack.block_caching.target_schedule.TargetOptions())
-    assert schedule.estimated_speedup >= pack.block_caching.target_schedule.DEFAULT_SPEEDUP
+    schedule = build_target_schedule(_profile(pack, reference, 20),
+                                                          TargetOptions())
+    assert schedule.estimated_speedup >= DEFAULT_SPEEDUP
     uncached = sample(model, *evaluation, steps=20, seed=3)
-    cached_model, _ = pack.block_caching.patching.apply_block_cache(model, schedule)
+    cached_model, _ = apply_block_cache(model, schedule)
     cached = _psnr(sample(cached_model, *evaluation, steps=20, seed=3), uncached)
     fewer_steps = round(schedule.equivalent_steps)
     fewer = _psnr(sample(model, *evaluation, steps=fewer_steps, seed=3), uncached)
@@ -73,7 +76,7 @@ def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, referenc
     model = reference.patcher
     built_at_20 = target.build_target_schedule(_profile(pack, reference, 20), target.TargetOptions())
     uncached = sample(model, *evaluation, steps=steps, seed=3)
-    retimed_model, holder = pack.block_caching.patching.apply_block_cache(model, built_at_20)
+    retimed_model, holder = apply_block_cache(model, built_at_20)
     retimed = _psnr(sample(retimed_model, *evaluation, steps=steps, seed=3), uncached)
     stats = holder.last_run
     assert stats.figures["cache"].retimed and stats.reused.sum() > 0
@@ -83,9 +86,9 @@ def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, referenc
     rung = next(r for r in ladder if r.computes == computes)
     native = target.build_target_schedule(native_profile, target.TargetOptions(speedup=1 / rung.flop_fraction - 1e-9))
     assert len(native.builder["compute_steps"]) == computes
-    native_model, native_holder = pack.block_caching.patching.apply_block_cache(model, native)
+    native_model, native_holder = apply_block_cache(model, native)
     built_for_run = _psnr(sample(native_model, *evaluation, steps=steps, seed=3), uncached)
     # The same cost: re-timing keeps the share of steps computed.
-    assert abs(pack.block_caching.run_summary.run_speedup_estimate(holder, stats) -
-               pack.block_caching.run_summary.run_speedup_estimate(native_holder, native_holder.last_run)) < 0.05
+    assert abs(run_speedup_estimate(holder, stats) -
+               run_speedup_estimate(native_holder, native_holder.last_run)) < 0.05
     assert retimed >= built_for_run - MAX_RETIMING_LOSS_DB, (retimed, built_for_run, native.builder["compute_steps"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_bootstrap import PACK_MODULE
+from comfyui_block_cache.nodes.nodes_demo import LoadDemoModel
 from helpers import sample
 
 reference_model = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model")
@@ -69,7 +70,7 @@ def test_prompt_matters(reference):
 
 
 def test_demo_node_reference_choice(pack):
-    node = pack.nodes.nodes_demo.LoadDemoModel
+    node = LoadDemoModel
     schema = node.define_schema()
     assert schema.inputs[0].default == "reference"
     assert all(getattr(i, "tooltip", None) for i in schema.inputs)

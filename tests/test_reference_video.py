@@ -16,6 +16,10 @@ import numpy as np
 import pytest
 import torch
 from comfy_bootstrap import PACK_MODULE
+from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.nodes.nodes_demo import LoadDemoModel
 from helpers import count_layer_computations, sample
 
 reference_video = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_video")
@@ -40,9 +44,9 @@ def run(pack, reference):
     conds = reference.conditioning_batch(reference_clips.benchmark_prompts(2, seed=99)), reference.conditioning("")
     latent = reference_video.empty_latent(2)
     plain = sample(reference.patcher, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
-    profiling, holder = pack.block_caching.patching.attach_profiler(reference.patcher)
+    profiling, holder = attach_profiler(reference.patcher)
     profiled = sample(profiling, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
-    profile = pack.block_caching.patching.collect_profile(holder, reference.patcher)
+    profile = collect_profile(holder, reference.patcher)
     return conds, latent, plain, profile, profiled
 
 
@@ -132,7 +136,7 @@ def test_the_denoiser_recovers_clips_and_their_motion(reference):
 
 
 def test_block_map_finds_every_block(pack, reference):
-    block_map = pack.block_maps.mapping.block_map_for_patcher(reference.patcher)
+    block_map = block_map_for_patcher(reference.patcher)
     assert block_map.family == "Wan 2.1 / 2.2"
     assert [layer.name for layer in block_map.layers] == [f"blocks.{i}" for i in range(BLOCKS)]
 
@@ -147,8 +151,8 @@ def test_profile_is_the_uncached_run_and_measures_every_block(run):
 
 def test_all_compute_schedule_is_bit_identical(pack, reference, run):
     conds, latent, plain, profile, _ = run
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(reference.patcher, schedule)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
+    patched, holder = apply_block_cache(reference.patcher, schedule)
     out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
     assert torch.equal(out, plain)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() == BLOCKS * STEPS
@@ -156,10 +160,10 @@ def test_all_compute_schedule_is_bit_identical(pack, reference, run):
 
 def test_a_caching_schedule_skips_exactly_its_blocks(pack, reference, run):
     conds, latent, plain, profile, _ = run
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
     layers = tuple(dataclasses.replace(layer, compute=(True, False, True, True)) for layer in schedule.layers)
     schedule = dataclasses.replace(schedule, layers=layers)
-    patched, holder = pack.block_caching.patching.apply_block_cache(reference.patcher, schedule)
+    patched, holder = apply_block_cache(reference.patcher, schedule)
     names = [layer.name for layer in layers]
     with count_layer_computations(reference.patcher.model.diffusion_model, names) as counts:
         out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=3)
@@ -182,7 +186,7 @@ def test_clips_are_seeded_and_their_captions_use_the_model_s_words():
 
 
 def test_demo_node_reference_video_choice(pack):
-    node = pack.nodes.nodes_demo.LoadDemoModel
+    node = LoadDemoModel
     model, positive, negative, vae = node.execute("reference_video", 0, "a small blue ring turning red", "").result
     assert isinstance(model.model.diffusion_model, comfy.ldm.wan.model.WanModel)
     assert positive[0][0].shape == (1, reference_model.MAX_TOKENS, reference_model.CONTEXT_DIM)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from comfyui_block_cache.block_caching.patching import attach_profiler
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.errors import UnsupportedModelError
 from dit_zoo import TinyDit, zoo_params
 
 # Qwen3-VL text decoder and vision tower cut down to 2 layers / 1 block; the 32x32 RGB patch embedding is
@@ -42,13 +45,13 @@ def test_refused_model_names_its_reason(pack, entry):
     refusal = _families(pack).refusal_of(diffusion_model)
     assert refusal is not None and EXPECTED_REASON[entry.id] in refusal.reason
     reason = refusal.reason
-    with pytest.raises(pack.errors.UnsupportedModelError) as error:
-        pack.block_maps.mapping.block_map_for_patcher(model)
+    with pytest.raises(UnsupportedModelError) as error:
+        block_map_for_patcher(model)
     message = str(error.value)
     assert f"{model_class} (model type {entry.config}) is not cached" in message and reason in message
     # The node's path (the profiler and the cache attach through the block map) says the same.
-    with pytest.raises(pack.errors.UnsupportedModelError, match="key/value cache"):
-        pack.block_caching.patching.attach_profiler(model)
+    with pytest.raises(UnsupportedModelError, match="key/value cache"):
+        attach_profiler(model)
 
 
 @pytest.mark.parametrize("entry", zoo_params(REFUSED))

@@ -15,6 +15,11 @@ import logging
 
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import attach_profiler
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.errors import UnsupportedModelError
+from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
 from dit_zoo import TinyDit
 from helpers import profile_by_sampling
 
@@ -65,14 +70,14 @@ def test_refused_as_not_a_diffusion_model(pack, config_name):
     assert refusal == families.REFUSED_MODELS[class_name]
     reason = refusal.reason
     assert reason.startswith("not a diffusion model") and kind in reason and "never by a sampler" in reason
-    with pytest.raises(pack.errors.UnsupportedModelError) as raised:
-        pack.block_maps.mapping.block_map_for_patcher(model)
+    with pytest.raises(UnsupportedModelError) as raised:
+        block_map_for_patcher(model)
     message = str(raised.value)
     assert reason in message and type(diffusion_model).__name__ in message and f"model type {config_name}" in message
     # The message is the refusal alone, not the unknown-family search (no list of supported families).
     assert "Supported families" not in message
-    with pytest.raises(pack.errors.UnsupportedModelError):
-        pack.block_caching.patching.attach_profiler(model)
+    with pytest.raises(UnsupportedModelError):
+        attach_profiler(model)
 
 
 def test_apply_node_says_why_and_returns_the_model(pack, tiny_model, conds, latent, caplog):
@@ -80,9 +85,9 @@ def test_apply_node_says_why_and_returns_the_model(pack, tiny_model, conds, late
     model = _build_on_meta("RT_DETR_v4")
     # Any schedule: the model is refused before the schedule is looked at.
     profile, _ = profile_by_sampling(pack, tiny_model, conds, latent, steps=2)
-    schedule = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    schedule = all_compute_schedule(profile.block_map, profile.grid)
     with caplog.at_level(logging.WARNING):
-        output = pack.nodes.nodes_apply.ApplyBlockCache.execute(model, schedule)
+        output = ApplyBlockCache.execute(model, schedule)
     (returned,) = output.result
     text = output.ui["text"][0]
     assert returned is model and not model.object_patches

@@ -9,6 +9,26 @@ import random
 
 import pytest
 import torch
+from comfyui_block_cache.block_caching.profile import merge_profiles
+from comfyui_block_cache.block_caching.replay import replay_measure
+from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_caching.target_schedule import (
+    TargetOptions,
+    build_combined_schedule,
+    build_target_schedule,
+)
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
+from comfyui_block_cache.errors import ScheduleBuildError
+from comfyui_block_cache.nodes.frontend import ladder_payload
+from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
+from comfyui_block_cache.nodes.nodes_profile import ProfileBlockChanges
+from comfyui_block_cache.nodes.nodes_schedule import FEWER_STEPS, BuildTargetSchedule
+from comfyui_block_cache.schedule_files.schema import (
+    profile_from_dict,
+    profile_to_dict,
+    schedule_from_json,
+    schedule_to_json,
+)
 from helpers import profile_by_sampling
 
 
@@ -64,8 +84,8 @@ def test_search_finds_the_least_error_for_every_count(pack, seed, steps, order, 
 
 @pytest.fixture(scope="module")
 def profiled(pack):
-    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = pack.demo_models.builtin_models.prompt_conditioning
+    model = build_unet_patcher("tiny", seed=0)
+    prompt = prompt_conditioning
     conds = prompt("a red square", 32), prompt("blurry", 32)
     latent = {"samples": torch.zeros(2, 4, 16, 16)}
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=12)
@@ -103,8 +123,8 @@ def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup)
         ladder = {r["computes"]: r for r in builder["ladder"]}
         more = ladder.get(len(builder["compute_steps"]) + 1)
         assert more is None or more["flop_fraction"] > 1.0 / speedup
-    text = pack.schedule_files.schema.schedule_to_json(schedule)
-    assert pack.schedule_files.schema.schedule_from_json(text).layers == schedule.layers
+    text = schedule_to_json(schedule)
+    assert schedule_from_json(text).layers == schedule.layers
 
 
 def test_options_shape_the_schedule(pack, profiled):
@@ -133,11 +153,11 @@ def test_a_profile_without_trajectory_says_what_to_do(pack, profiled):
     import dataclasses
 
     *_, profile = profiled
-    loaded = pack.schedule_files.schema.profile_from_dict(json.loads(json.dumps(pack.schedule_files.schema.profile_to_dict(profile))))
+    loaded = profile_from_dict(json.loads(json.dumps(profile_to_dict(profile))))
     assert loaded.trajectory is None
-    with pytest.raises(pack.errors.ScheduleBuildError, match="Profile again"):
-        pack.block_caching.target_schedule.build_target_schedule(loaded, pack.block_caching.target_schedule.TargetOptions())
-    merged = pack.block_caching.profile.merge_profiles([profile, dataclasses.replace(profile)])
+    with pytest.raises(ScheduleBuildError, match="Profile again"):
+        build_target_schedule(loaded, TargetOptions())
+    merged = merge_profiles([profile, dataclasses.replace(profile)])
     assert merged.trajectory.sketches[0].shape[1] == 2 * profile.trajectory.sketches[0].shape[1]
 
 
@@ -145,7 +165,7 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
     from helpers import sample
 
     model, conds, latent, profile = profiled
-    node = pack.nodes.nodes_schedule.BuildTargetSchedule
+    node = BuildTargetSchedule
     result = node.execute(profile, 2.0, "auto", "all", 1, 0, 0)
     schedule, picture, text, steps = result.result
     ui = result.ui
@@ -154,7 +174,7 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
     assert "uncached steps" in ui["text"][0] and picture.shape[0] == 1
     assert json.loads(text)["layers"][0]["forecast_order"] in (0, 1, 2)
     assert len(ladder["cached"]) == len(schedule.layers) and ladder["options"]["speedup_target"] == 2.0
-    patched = pack.nodes.nodes_apply.ApplyBlockCache.execute(model, schedule).result[0]
+    patched = ApplyBlockCache.execute(model, schedule).result[0]
     out = sample(patched, *conds, latent, steps=12)
     assert torch.isfinite(out).all()
 
@@ -185,7 +205,7 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
     best = max(tried, key=lambda t: t["measured_psnr"])
     assert builder["compute_steps"] == best["steps"] and builder["chosen_order"] == best["order"]
     # The preview's rung at this cost is the measured choice.
-    ladder = pack.nodes.frontend.ladder_payload(schedule)
+    ladder = ladder_payload(schedule)
     rung = next(r for r in ladder["rungs"] if r["computes"] == len(best["steps"]))
     assert rung["steps"] == best["steps"] and rung["order"] == best["order"]
 
@@ -228,11 +248,11 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
 @pytest.fixture
 def profiled_by_node(pack):
     """A tiny UNet, and the output and profile of Profile Block Changes on it (10 euler steps)."""
-    model = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
-    prompt = pack.demo_models.builtin_models.prompt_conditioning
+    model = build_unet_patcher("tiny", seed=0)
+    prompt = prompt_conditioning
     positive, negative = prompt("a red square", 32), prompt("blurry", 32)
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
-    node = pack.nodes.nodes_profile.ProfileBlockChanges
+    node = ProfileBlockChanges
     out, profile, _ = node.execute(model, 3, 10, 5.0, "euler", "normal", positive, negative, latent, 1.0).result
     return model, out, profile
 
@@ -245,22 +265,22 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
     (replay,) = profile.replays
     assert torch.equal(replay.reference, out["samples"])
     assert torch.equal(replay.sample(model), out["samples"]), "the replay is the profiled run"
-    measure = pack.block_caching.replay.replay_measure(profile.replays)
-    all_compute = pack.block_caching.schedule.all_compute_schedule(profile.block_map, profile.grid)
+    measure = replay_measure(profile.replays)
+    all_compute = all_compute_schedule(profile.block_map, profile.grid)
     assert measure(all_compute).pictures == (100.0,), "on the held-out seed too, all-compute is the uncached run"
-    cached = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5))
+    cached = build_target_schedule(profile, TargetOptions(speedup=2.5))
     measured = measure(cached)
     assert 5.0 < measured.mean < 100.0 and measured.low < measured.mean < measured.high
-    result = pack.nodes.nodes_schedule.BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
+    result = BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
                                                                     "measure PSNR", 0.0)
     text = result.ui["text"][0]
     assert "chosen: " in text and "dB against uncached" in text and "expected" in text
     versus = result.result[0].builder["fewer_steps"]
     assert versus["steps"] == round(10 / result.result[0].estimated_speedup)
     assert ("better than fewer steps" in text) != versus["better"] and result.result[3] == 10
-    merged = pack.block_caching.profile.merge_profiles([profile, profile])
+    merged = merge_profiles([profile, profile])
     assert len(merged.replays) == 2
-    loaded = pack.schedule_files.schema.profile_from_dict(pack.schedule_files.schema.profile_to_dict(profile))
+    loaded = profile_from_dict(profile_to_dict(profile))
     assert loaded.replays == () and loaded.trajectory is None
 
 
@@ -294,20 +314,20 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
     assert fewer.grid.steps == 6 and fewer.replays == profile.replays
     assert fewer.grid.sampler == "euler" and fewer.grid.cfg == profile.grid.cfg
     runs = validation.HeldOutRuns(profile.replays)
-    all_compute = pack.block_caching.schedule.all_compute_schedule(fewer.block_map, fewer.grid)
+    all_compute = all_compute_schedule(fewer.block_map, fewer.grid)
     assert runs.schedule(all_compute).pictures == runs.fewer_steps(6).pictures
     with pytest.raises(ValueError, match="cannot sample its run again"):
-        validation.profile_again(pack.schedule_files.schema.profile_from_dict(
-            pack.schedule_files.schema.profile_to_dict(profile)), 6)
-    modes = pack.nodes.nodes_schedule.FEWER_STEPS
-    result = pack.nodes.nodes_schedule.BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
+        validation.profile_again(profile_from_dict(
+            profile_to_dict(profile)), 6)
+    modes = FEWER_STEPS
+    result = BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
                                                                     "measure PSNR", 0.0, modes[3])
     schedule, _, _, steps = result.result
     text = result.ui["text"][0]
     assert text.count("CHOSEN: ") == 1 and "Block Cache at 6 steps" in text and "uncached at 3 steps" in text
     assert schedule.grid.steps == steps, "the schedule is built for the step count it outputs"
-    combined = pack.block_caching.target_schedule.build_combined_schedule(
-        profile, pack.block_caching.target_schedule.TargetOptions(speedup=2.5),
+    combined = build_combined_schedule(
+        profile, TargetOptions(speedup=2.5),
         lambda count: validation.profile_again(profile, count), runs.schedule)
     info = combined.builder["combined"]
     assert combined.grid.steps == info["steps"] == 6 and info["profiled_steps"] == 10

@@ -7,6 +7,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.plan import stores_for
+from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
+from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
+from comfyui_block_cache.nodes.nodes_profile import ProfileBlockChanges
+from comfyui_block_cache.runtime.run import RunContext
 from helpers import (
     count_layer_computations,
     expected_computations,
@@ -24,8 +30,8 @@ SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2s_a
 
 def profile_and_build(pack, model, conds, latent, *, steps=8, sampler="euler", threshold=0.5, kinds="all"):
     profile, _ = profile_by_sampling(pack, model, conds, latent, steps=steps, sampler=sampler)
-    options = pack.block_caching.schedule.BuildOptions(threshold=threshold, cache_kinds=kinds)
-    return profile, pack.block_caching.schedule.build_schedule(profile, options)
+    options = BuildOptions(threshold=threshold, cache_kinds=kinds)
+    return profile, build_schedule(profile, options)
 
 
 @pytest.fixture
@@ -39,20 +45,20 @@ def test_only_computations_a_reuse_can_read_are_stored(pack, tiny_model, conds, 
     _, schedule = built
     mask = schedule.compute_mask()
     assert not mask.all() and mask[:, 1:].any(), "the schedule must cache and compute after step 0"
-    expected = pack.block_caching.plan.stores_for(mask, tuple(layer.forecast_order for layer in schedule.layers))
+    expected = stores_for(mask, tuple(layer.forecast_order for layer in schedule.layers))
     # order 0: exactly the computations followed by a reuse at the next step
     assert all(layer.forecast_order == 0 for layer in schedule.layers)
     following_reuse = mask & np.concatenate([~mask[:, 1:], np.zeros((mask.shape[0], 1), dtype=bool)], axis=1)
     np.testing.assert_array_equal(expected, following_reuse)
-    all_compute = pack.block_caching.schedule.all_compute_schedule(schedule.block_map, schedule.grid)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    all_compute = all_compute_schedule(schedule.block_map, schedule.grid)
+    patched, holder = apply_block_cache(tiny_model, all_compute)
     sample(patched, *conds, latent)
     assert holder.last_run.figures["cache"].stores == 0 and holder.last_run.figures["cache"].peak_cache_bytes == 0
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent)
     assert holder.last_run.figures["cache"].stores == int(expected.sum()) < int((mask & ~mask.all(1, keepdims=True)).sum())
     # Heun evaluates a step twice and reuses there: everything reusable is kept, as before.
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent, sampler="heun")
     assert holder.last_run.figures["cache"].stores > int(expected.sum())
 
@@ -60,9 +66,9 @@ def test_only_computations_a_reuse_can_read_are_stored(pack, tiny_model, conds, 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "uni_pc"])
 def test_all_compute_schedule_is_bit_identical(pack, tiny_model, conds, latent, built, sampler):
     _, schedule = built
-    all_compute = pack.block_caching.schedule.all_compute_schedule(schedule.block_map, schedule.grid)
+    all_compute = all_compute_schedule(schedule.block_map, schedule.grid)
     reference = sample(tiny_model, *conds, latent, sampler=sampler)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, all_compute)
+    patched, holder = apply_block_cache(tiny_model, all_compute)
     assert torch.equal(sample(patched, *conds, latent, sampler=sampler), reference)
     assert holder.last_run.reused.sum() == 0 and holder.last_run.computed.sum() > 0
 
@@ -71,7 +77,7 @@ def test_all_compute_schedule_is_bit_identical(pack, tiny_model, conds, latent, 
 def test_real_computations_match_schedule(pack, tiny_model, conds, latent, built, sampler):
     _, schedule = built
     assert not schedule.compute_mask().all(), "the schedule must cache something for this test to mean anything"
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     eval_sigmas = record_evaluation_sigmas(patched)
     names = [layer.name for layer in schedule.layers]
     diffusion_model = tiny_model.model.diffusion_model
@@ -89,9 +95,9 @@ def test_real_computations_match_schedule(pack, tiny_model, conds, latent, built
 
 def test_cfg_batched_and_split_agree(pack, tiny_model, conds, latent, built):
     _, schedule = built
-    batched_model, batched_holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    batched_model, batched_holder = apply_block_cache(tiny_model, schedule)
     batched = sample(batched_model, *conds, latent)
-    split_model, split_holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    split_model, split_holder = apply_block_cache(tiny_model, schedule)
     split_cond_calls(split_model)
     split = sample(split_model, *conds, latent)
     # Same decisions; each call carries one chunk, so twice the layer calls.
@@ -110,9 +116,9 @@ def test_cfg_batched_and_split_agree(pack, tiny_model, conds, latent, built):
 def test_cfg_conds_of_different_lengths_split_naturally(pack, tiny_model, latent, built):
     """Conds of lengths ComfyUI cannot concatenate (77 vs 78 tokens) go in separate calls."""
     _, schedule = built
-    prompt = pack.demo_models.builtin_models.prompt_conditioning
+    prompt = prompt_conditioning
     positive, negative = prompt("a", 32, tokens=77), prompt("b", 32, tokens=78)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     out = sample(patched, positive, negative, latent)
     assert torch.isfinite(out).all()
     np.testing.assert_array_equal(holder.last_run.computed, 2 * schedule.compute_mask().sum(axis=1))
@@ -120,9 +126,9 @@ def test_cfg_conds_of_different_lengths_split_naturally(pack, tiny_model, latent
 
 def test_nothing_left_after_sampling(pack, tiny_model, conds, latent, built):
     _, schedule = built
-    fresh = pack.demo_models.builtin_models.build_unet_patcher("tiny", seed=0)
+    fresh = build_unet_patcher("tiny", seed=0)
     reference = sample(fresh, *conds, latent)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     sample(patched, *conds, latent)
     assert not runs_holding_tensors(holder), "the run state (and every cached tensor) is freed at the end of the run"
     assert not has_block_cache(tiny_model), "the input model is never patched"
@@ -140,7 +146,7 @@ def test_interrupted_run_frees_state(pack, tiny_model, conds, latent, built):
     import comfy.model_management
 
     _, schedule = built
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     calls = {"n": 0}
 
     def interrupt(executor, *args, **kwargs):
@@ -155,7 +161,7 @@ def test_interrupted_run_frees_state(pack, tiny_model, conds, latent, built):
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         sample(patched, *conds, latent)
     assert not runs_holding_tensors(holder)
-    clean_model, clean_holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    clean_model, clean_holder = apply_block_cache(tiny_model, schedule)
     first = sample(clean_model, *conds, latent)
     second = sample(clean_model, *conds, latent)
     assert torch.equal(first, second), "the next runs start clean"
@@ -163,7 +169,7 @@ def test_interrupted_run_frees_state(pack, tiny_model, conds, latent, built):
 
 def test_resolution_and_batch_changes_between_runs(pack, tiny_model, conds, built):
     _, schedule = built
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     for shape in [(1, 4, 16, 16), (2, 4, 16, 16), (1, 4, 24, 16), (1, 4, 16, 16)]:
         latent = {"samples": torch.zeros(shape)}
         out = sample(patched, *conds, latent)
@@ -171,15 +177,15 @@ def test_resolution_and_batch_changes_between_runs(pack, tiny_model, conds, buil
         assert holder.last_run.reused.sum() > 0
     # the same inputs as the first run give the first run's output again: no stale cache
     again = sample(patched, *conds, {"samples": torch.zeros(1, 4, 16, 16)})
-    fresh_model, _ = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    fresh_model, _ = apply_block_cache(tiny_model, schedule)
     assert torch.equal(again, sample(fresh_model, *conds, {"samples": torch.zeros(1, 4, 16, 16)}))
 
 
 def test_latent_change_inside_a_run_resets_cache(pack, tiny_model, conds, latent, built):
     _, schedule = built
-    _, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    _, holder = apply_block_cache(tiny_model, schedule)
     sigmas = torch.linspace(14.6, 0.0, schedule.grid.steps + 1)
-    run = pack.runtime.run.RunContext(holder, tiny_model.get_model_object("model_sampling"), sigmas)
+    run = RunContext(holder, tiny_model.get_model_object("model_sampling"), sigmas)
     run.begin_evaluation(torch.zeros(2, 4, 16, 16), sigmas[:1])
     run.end_evaluation()
     run.layer_method.cache[(0, None)] = object()
@@ -191,7 +197,7 @@ def test_latent_change_inside_a_run_resets_cache(pack, tiny_model, conds, latent
 
 def test_ksampler_advanced_start_end_steps(pack, tiny_model, conds, latent, built):
     _, schedule = built
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     start = sample(patched, *conds, latent, steps=8, start_step=0, last_step=4, force_full_denoise=False)
     assert holder.last_run.steps == 4
     end = sample(patched, *conds, {"samples": start}, steps=8, start_step=4, last_step=8, disable_noise=True)
@@ -204,7 +210,7 @@ def test_ksampler_advanced_start_end_steps(pack, tiny_model, conds, latent, buil
 @pytest.mark.parametrize(("steps", "sampler"), [(30, "euler"), (20, "heun"), (12, "dpmpp_2m")])
 def test_retiming_other_steps_and_samplers(pack, tiny_model, conds, latent, caplog, steps, sampler):
     _, schedule = profile_and_build(pack, tiny_model, conds, latent, steps=20)
-    patched, holder = pack.block_caching.patching.apply_block_cache(tiny_model, schedule)
+    patched, holder = apply_block_cache(tiny_model, schedule)
     eval_sigmas = record_evaluation_sigmas(patched)
     names = [layer.name for layer in schedule.layers]
     with caplog.at_level(logging.INFO), count_layer_computations(tiny_model.model.diffusion_model, names) as counts:
@@ -223,7 +229,7 @@ def test_profile_latent_equals_ksampler(pack, tiny_model, conds, latent):
     batch = {"samples": torch.zeros(2, 4, 16, 16)}
     (ksampler_latent,) = comfy_nodes.KSampler().sample(tiny_model, 3, 6, 4.0, "dpmpp_2m", "karras", positive,
                                                        negative, batch, denoise=1.0)
-    node = pack.nodes.nodes_profile.ProfileBlockChanges
+    node = ProfileBlockChanges
     result = node.execute(tiny_model, 3, 6, 4.0, "dpmpp_2m", "karras", positive, negative, batch, 1.0)
     latent_out, profile, heatmap = result.result
     assert torch.equal(latent_out["samples"], ksampler_latent["samples"])
@@ -248,6 +254,6 @@ def test_block_cache_chains_with_existing_object_patch(pack, tiny_model, conds, 
 
     other = tiny_model.clone()
     other.add_object_patch(key, other_pack_forward)
-    patched, holder = pack.block_caching.patching.apply_block_cache(other, schedule)
+    patched, holder = apply_block_cache(other, schedule)
     sample(patched, *conds, latent)
     assert calls["n"] == holder.last_run.computed[1] > 0
