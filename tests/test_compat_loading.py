@@ -144,7 +144,7 @@ def test_model_moved_between_dtypes_and_devices_between_runs(pack, tiny_model, c
     _move(tiny_model, torch.float64)
     try:
         out64 = sample(patched, *conds, latent)
-        assert holder.last_run.figures["cache"].peak_cache_bytes == 2 * first_stats.peak_cache_bytes, "float64 cache, fresh"
+        assert holder.last_run.figures["cache"].peak_cache_bytes == 2 * first_stats.figures["cache"].peak_cache_bytes, "float64 cache, fresh"
     finally:
         _move(tiny_model, torch.float32)
     np.testing.assert_array_equal(holder.last_run.computed, first_stats.computed)
