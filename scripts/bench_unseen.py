@@ -115,6 +115,13 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                 "rows": output_forecast_rows(args, profile, target, model, measure, show),
                 "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
     found = target.search(profile, target.TargetOptions())
+    if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
+        first, last = (int(v) for v in args.always_compute.split(","))
+        layers = found.layers[first:len(found.layers) - last]
+        error_model = target.StepErrorModel(profile, layers)
+        found = dataclasses.replace(found, layers=layers, model=error_model, per_order={
+            order: target.best_schedules(error_model, steps, order, found.forced, found.max_gap)
+            for order in found.per_order})
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         orders = tuple(int(o) for o in args.orders.split(","))
         found = dataclasses.replace(found, per_order={
@@ -395,6 +402,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--orders", default="", help="forecast orders the ladder may use, e.g. 0,1,2 (default: auto's)")
     parser.add_argument("--skip-fewer", action="store_true", help="only the ladder's rungs")
+    parser.add_argument("--always-compute", default="", help="an experiment: FIRST,LAST cached blocks that always "
+                                                                 "compute, e.g. 1,0 (DBCache's F1B0)")
     parser.add_argument("--output-forecast", action="store_true",
                         help="an experiment: the whole model's output forecast at the rungs' reuse steps")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
