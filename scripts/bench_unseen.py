@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import statistics
@@ -26,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from comfy_bootstrap import load_pack  # noqa: E402
+from comfy_bootstrap import PACK_MODULE, load_pack  # noqa: E402
 
 MIN_SPEEDUP, MAX_SPEEDUP = 1.15, 4.0
 MAX_COMBINED_CACHE_SPEEDUP = 1.8  # the cache's share of a combined row: where it loses least
@@ -109,7 +110,18 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
                 "rows": combined_rows(args, steps, profile_at, target, patching, model, measure, show),
                 "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    if args.output_forecast:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": output_forecast_rows(args, profile, target, model, measure, show),
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
     found = target.search(profile, target.TargetOptions())
+    if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
+        first, last = (int(v) for v in args.always_compute.split(","))
+        layers = found.layers[first:len(found.layers) - last]
+        error_model = target.StepErrorModel(profile, layers)
+        found = dataclasses.replace(found, layers=layers, model=error_model, per_order={
+            order: target.best_schedules(error_model, steps, order, found.forced, found.max_gap)
+            for order in found.per_order})
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         orders = tuple(int(o) for o in args.orders.split(","))
         found = dataclasses.replace(found, per_order={
@@ -152,6 +164,70 @@ def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target:
     return rows
 
 
+def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, variable: str) -> Any:
+    """An experiment (issue 22, "forecast in the sampler's own variable"), benchmark only: the whole
+    diffusion model computes at ``compute_steps`` only; at the other steps its output is forecast from
+    its last ``order + 1`` computations by Lagrange extrapolation in sigma, either of the model's output
+    itself (``variable`` "output": a flow model's velocity) or of the denoised picture ("denoised"), per
+    cond chunk. Order 0 of either is one longer Euler step: the same as fewer steps."""
+    import comfy.patcher_extension
+
+    lagrange_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").lagrange_weights
+    state: dict[str, Any] = {}
+    computes = set(compute_steps)
+
+    def outer(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        state.clear()
+        return executor(*args, **kwargs)
+
+    def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        x = args[0]
+        transformer_options = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict))
+        sigma = float(transformer_options["sigmas"].reshape(-1)[0])
+        sigmas = [float(v) for v in transformer_options["sample_sigmas"]]
+        step = min(range(len(sigmas) - 1), key=lambda i: abs(sigmas[i] - sigma))
+        key = tuple(transformer_options.get("cond_or_uncond") or ())
+        points = state.setdefault(key, [])
+        if step in computes or not points:
+            out = executor(*args, **kwargs)
+            value = out if variable == "output" else x - sigma * out  # denoised of a flow (CONST) model
+            points.insert(0, (sigma, value.detach().clone()))
+            del points[order + 1:]
+            return out
+        known = points[:order + 1]
+        weights = lagrange_weights([point[0] for point in known], sigma)
+        value = sum(w * point[1] for w, point in zip(weights, known, strict=True))
+        return value if variable == "output" else (x - value) / sigma
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_output_forecast", outer)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_output_forecast",
+                                 diffusion_model)
+    return patched
+
+
+def output_forecast_rows(args: argparse.Namespace, profile: Any, target: Any, model: Any, measure: Any,
+                         show: Any) -> list[dict[str, Any]]:
+    """The output forecast on the compute steps of the ladder's rungs (orders 1 and 2, both variables), and
+    the rungs as Block Cache schedules for comparison. Its speed-up is steps / computes: nothing of the
+    model runs at a forecast step."""
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions())
+    rows = []
+    for rung in target.ladder_of(found, profile)[::-1][::args.stride][::-1]:
+        speedup = steps / rung.computes
+        if not MIN_SPEEDUP <= speedup <= MAX_SPEEDUP:
+            continue
+        for variable in ("output", "denoised"):
+            for order in (1, 2):
+                patched = output_forecast(model, rung.steps, order, variable)
+                rows.append({"family": "output_forecast", "variable": variable, "computes": rung.computes,
+                             "order": order, "steps": list(rung.steps), "speedup": speedup,
+                             "psnr": measure(patched, steps)})
+                show(f"output forecast ({variable}, order {order}) at rung {rung.computes}", rows[-1])
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
 def report(folder: Path) -> str:
@@ -169,6 +245,8 @@ def report(folder: Path) -> str:
                 gap_a = statistics.mean(profiled) - statistics.mean(p["A"])
                 gap_b = statistics.mean(profiled) - statistics.mean(p["B"])
                 label = {"block_cache": f"Block Cache, {row['computes']} compute steps, order {row.get('order')}",
+                         "output_forecast": f"output forecast ({row.get('variable')}, order {row.get('order')}), "
+                                            f"{row['computes']} compute steps",
                          "combined": f"{row.get('sampler_steps')} steps + Block Cache, {row['computes']} compute "
                                      f"steps, order {row.get('order')}",
                          }.get(row["family"], f"fewer steps: {row['computes']}")
@@ -324,6 +402,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--orders", default="", help="forecast orders the ladder may use, e.g. 0,1,2 (default: auto's)")
     parser.add_argument("--skip-fewer", action="store_true", help="only the ladder's rungs")
+    parser.add_argument("--always-compute", default="", help="an experiment: FIRST,LAST cached blocks that always "
+                                                                 "compute, e.g. 1,0 (DBCache's F1B0)")
+    parser.add_argument("--output-forecast", action="store_true",
+                        help="an experiment: the whole model's output forecast at the rungs' reuse steps")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
