@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from comfyui_block_cache.block_caching.patching import attach_profiler, collect_profile
 from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
+from comfyui_block_cache.block_maps import dit_families as families
 from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
 from comfyui_block_cache.errors import UnsupportedModelError
 
@@ -254,7 +255,6 @@ def assert_refused(pack: Any, model: Any, qualified_class: str) -> str:
     import pytest
 
     diffusion_model = model.model.diffusion_model
-    families = pack.block_maps.dit_families
     assert f"{type(diffusion_model).__module__}.{type(diffusion_model).__qualname__}" == qualified_class
     refusal = families.refusal_of(diffusion_model)
     assert refusal is not None and refusal == families.REFUSED_MODELS[qualified_class]

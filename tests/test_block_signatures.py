@@ -13,6 +13,7 @@ import comfy.model_base
 import numpy as np
 import pytest
 from comfy_bootstrap import load_pack
+from comfyui_block_cache.block_maps import dit_families as families
 from comfyui_block_cache.block_maps.dit_families import BLOCK_SIGNATURES
 from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
 from dit_zoo import ZOO, zoo_params
@@ -86,7 +87,6 @@ def _model_base_classes() -> list[type]:
 
 @pytest.mark.parametrize("model_class", _model_base_classes(), ids=lambda cls: cls.__name__)
 def test_every_diffusion_model_of_the_host_is_mapped_or_refused(pack, model_class):
-    families = pack.block_maps.dit_families
     diffusion_class = _diffusion_model_class(model_class)
     assert diffusion_class is not None, f"no unet_model found for {model_class.__name__}"
     names = [_qualified(cls) for cls in diffusion_class.__mro__]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from comfyui_block_cache import errors
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.scale_shift import FILE_FORMAT, ScaleShiftTable
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
@@ -125,7 +126,6 @@ def test_parameters_round_trip_through_safetensors_and_the_schedule_file(pack, t
 
 def test_mismatched_parameters_give_clear_errors_and_patch_nothing(pack, tiny_model, conds, latent, aggressive,
                                                                    calibrated, tmp_path):
-    errors = pack.errors
     schedule = calibrated.schedule
     table = schedule.scale_shift
     # Parameters of another schedule (a different threshold gives other masks).

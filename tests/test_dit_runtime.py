@@ -14,6 +14,7 @@ from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.plan import LayerPlan
 from comfyui_block_cache.block_caching.schedule import BuildOptions, all_compute_schedule, build_schedule
 from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.runtime import run as runtime
 from comfyui_block_cache.runtime.run import LayerForward, RunContext
 from comfyui_block_cache.runtime.time_grid import StepGrid
 from dit_zoo import ZOO
@@ -59,7 +60,6 @@ def _holder(pack, model, compute_at_second_step: bool, cache_device: str = "mode
 
 def _patch(pack, run, block, index):
     """The layer's patch, called inside one model call of ``run`` per evaluation (as APPLY_MODEL opens them)."""
-    runtime = pack.runtime.run
     spec = run.holder.block_map.layers[index]
     patch = LayerForward(run.holder, index, spec, block, block.forward, None)
     calls = {}

@@ -9,21 +9,19 @@ from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
 from comfyui_block_cache.block_maps.block_map import ReuseMode
 from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
+from comfyui_block_cache.faster_diffusion import schedule as fd
 from comfyui_block_cache.faster_diffusion.noise_injection import NoiseInjection
 from comfyui_block_cache.nodes.nodes_faster_diffusion import FasterDiffusionSchedule
 from comfyui_block_cache.runtime.time_grid import StepGrid, normalized_times
+from comfyui_block_cache.schedule_files import schema
 from dit_zoo import ZOO
 from helpers import count_layer_computations, record_evaluation_sigmas, sample
 
 FLUX = next(e for e in ZOO if e.id == "flux-dev")
 
 
-def _fd(pack):
-    return pack.faster_diffusion.schedule
-
 
 def _schedule(pack, model, steps=8, sampler="euler", **options):
-    fd = _fd(pack)
     grid = fd.grid_for_model(model, steps, sampler, "normal")
     block_map = block_map_for_patcher(model)
     return fd.build_faster_diffusion_schedule(block_map, grid, fd.FasterDiffusionOptions(**options))
@@ -40,7 +38,6 @@ def _uniform_grid(pack, steps):
 # -- key steps -------------------------------------------------------------------------------------
 
 def test_paper_presets_on_their_own_grids(pack):
-    fd = _fd(pack)
     assert fd.PAPER_DPM_SOLVER_20.indices == (0, 1, 2, 3, 5, 10, 15)  # counts {20,...,5} -> 20 - count
     for preset, expected in ((fd.PAPER_DDIM_50, (0, 1, 2, 3, 5, 10, 15, 25, 35)),
                              (fd.PAPER_DPM_SOLVER_20, (0, 1, 2, 3, 5, 10, 15))):
@@ -50,7 +47,6 @@ def test_paper_presets_on_their_own_grids(pack):
 
 
 def test_presets_map_to_other_step_counts_by_normalized_time(pack):
-    fd = _fd(pack)
     options = fd.FasterDiffusionOptions(key_steps=fd.PAPER_DDIM_50.name)
     # 100 uniform steps: the same times, so every index doubles
     assert fd.resolve_key_steps(_uniform_grid(pack, 100), options) == (0, 2, 4, 6, 10, 20, 30, 50, 70)
@@ -64,7 +60,6 @@ def test_presets_map_to_other_step_counts_by_normalized_time(pack):
 
 
 def test_uniform_and_custom_key_steps(pack):
-    fd = _fd(pack)
     grid = _uniform_grid(pack, 10)
     assert fd.resolve_key_steps(grid, fd.FasterDiffusionOptions(key_steps=fd.KEY_STEPS_UNIFORM, stride=4)) == (0, 4, 8)
     custom = fd.FasterDiffusionOptions(key_steps=fd.KEY_STEPS_CUSTOM, custom_key_steps=fd.parse_key_steps("7, 3 5"))
@@ -88,7 +83,6 @@ def test_unet_split_and_schema_round_trip(pack, tiny_model):
         expected = [s in (0, 3, 6) for s in range(8)] if stages[layer.name] != "output" else [True] * 8
         assert row.tolist() == expected, layer.name
     assert schedule.builder["method"] == "faster_diffusion" and schedule.builder["key_steps"] == [0, 3, 6]
-    schema = pack.schedule_files.schema
     loaded = schema.schedule_from_json(schema.schedule_to_json(schedule))
     np.testing.assert_array_equal(loaded.compute_mask(), mask)
     assert [layer.reuse for layer in loaded.layers] == [layer.reuse for layer in schedule.layers]
@@ -193,7 +187,7 @@ def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
 
 def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent):
     schedule = all_compute_schedule(block_map_for_patcher(tiny_model),
-                                                  _fd(pack).grid_for_model(tiny_model, 8, "euler", "normal"))
+                                                  fd.grid_for_model(tiny_model, 8, "euler", "normal"))
     runs = {}
     for alpha in (0.0, 0.05):
         injection = NoiseInjection(alpha=alpha, tau_cutoff=0.5)

@@ -13,6 +13,7 @@ import kornia
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching import replay as replay_module
 from comfyui_block_cache.block_caching.fidelity import PSNR_CAP_DB, ssim
 from comfyui_block_cache.block_caching.replay import EXPECTED_RANGE_Z, MIN_PICTURE_SD, Measurement
 from comfyui_block_cache.demo_models.reference_model import load_reference_model
@@ -86,20 +87,19 @@ def test_validation_measures_with_the_same_psnr(pack, pictures):
     """Validation's held-out measurement: per picture, the same PSNR (of latents: the reference's range as the
     peak), against the uncached pictures of the held-out seed."""
     uncached, cached = pictures
-    validation = pack.block_caching.replay
     seeds = []
 
     def sample(model, steps=None, seed_offset=0):
         seeds.append(seed_offset)
         return cached if model == "cached" else uncached
 
-    replay = validation.ProfileReplay("uncached", sample, reference=uncached)
-    measured = validation.HeldOutRuns((replay,)).measure(lambda _: "cached")
+    replay = replay_module.ProfileReplay("uncached", sample, reference=uncached)
+    measured = replay_module.HeldOutRuns((replay,)).measure(lambda _: "cached")
     peak = float(uncached.max() - uncached.min())
     direct = [10 * math.log10(peak ** 2 / float(((cached[i].double() - uncached[i].double()) ** 2).mean()))
               for i in range(3)]
     assert measured.pictures == pytest.approx(direct, abs=1e-6) and measured.mean == pytest.approx(sum(direct) / 3)
-    assert seeds == [validation.HELD_OUT_SEED_OFFSET] * 2 and validation.HELD_OUT_SEED_OFFSET != 0
+    assert seeds == [replay_module.HELD_OUT_SEED_OFFSET] * 2 and replay_module.HELD_OUT_SEED_OFFSET != 0
 
 
 def test_expected_range_widens_with_spread_and_narrows_with_pictures(pack):
@@ -111,4 +111,4 @@ def test_expected_range_widens_with_spread_and_narrows_with_pictures(pack):
     assert spread.mean == 30.0 and spread.low < agreeing.low
     more = measurement((30.0,) * 16)
     assert agreeing.low < more.low < 30.0
-    assert pack.block_caching.replay.measurement(31.5).low == 31.5, "a plain number is known exactly"
+    assert replay_module.measurement(31.5).low == 31.5, "a plain number is known exactly"

@@ -15,6 +15,7 @@ import comfy.samplers
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching import forecast
 from comfyui_block_cache.block_caching.forecast import push_point
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
@@ -84,7 +85,6 @@ def _schedule(pack, model, compute_steps, order):
 
 
 def test_lagrange_weights_reproduce_polynomials(pack):
-    forecast = pack.block_caching.forecast
     assert forecast.lagrange_weights([0.7], 0.3) == [1.0]
     taus = [0.55, 0.8, 0.95]  # newest first, unevenly spaced
     for degree in range(3):
@@ -134,7 +134,6 @@ def test_forecast_is_exact_on_a_residual_linear_in_time(pack, linear, sampler, s
 def test_order_0_and_forecast_at_the_newest_point_are_plain_reuse(pack, tiny_model, conds, latent):
     """Order 0 is today's reuse; an order-1 forecast asked for at the time of its newest point returns that
     point bit for bit (Heun's corrector evaluation at a computed step)."""
-    forecast = pack.block_caching.forecast
     newest, older = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     assert torch.equal(forecast.combine([newest, older], forecast.lagrange_weights([0.5, 0.7], 0.5)), newest)
     sampling = tiny_model.get_model_object("model_sampling")

@@ -21,9 +21,12 @@ import time
 
 import pytest
 from comfy_bootstrap import PACK_ROOT
+from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.profile import BlockProfile
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.block_maps import block_map as bm
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
+from comfyui_block_cache.nodes import frontend
 from comfyui_block_cache.nodes.frontend import display_value, ladder_payload, profile_payload
 from comfyui_block_cache.runtime.time_grid import StepGrid
 
@@ -70,7 +73,6 @@ def _sent(pack, value: float) -> float:
 
 
 def _profile(pack, rng: random.Random, layers: int, steps: int):
-    bm = pack.block_maps.block_map
     style = rng.choice(["uniform", "ties", "wild", "expo", "expo"])
     kinds = [bm.LayerKind(rng.choice(LAYER_KINDS)) for _ in range(layers)]
     specs = tuple(bm.LayerSpec(f"input_blocks.{i + 1}.1", kind, "input", bm.ResidualForm.IDENTITY)
@@ -168,7 +170,6 @@ def test_javascript_builder_rejects_what_python_rejects(pack, tmp_path, options)
 def _flux_sized_profile(pack, steps: int, blocks: int = 57):
     """A profile shaped like a 1024x1024 Flux dev one: 19 double and 38 single blocks, smooth change values
     at full precision, Flux's FLOP counts, two cond chunks per batch item."""
-    bm = pack.block_maps.block_map
     rng = random.Random(57)
     names = [f"double_blocks.{i}" for i in range(19)] + [f"single_blocks.{i}" for i in range(blocks - 19)]
     specs = tuple(bm.LayerSpec(name, bm.LayerKind.TRANSFORMER, name.split(".")[0], bm.ResidualForm.IDENTITY,
@@ -186,7 +187,6 @@ def _flux_sized_profile(pack, steps: int, blocks: int = 57):
 
 def test_a_flux_profile_payload_stays_small(pack):
     """What node.properties keeps of a profile goes into every saved workflow and PNG: at most 50 KB."""
-    frontend = pack.nodes.frontend
     profile = _flux_sized_profile(pack, 28)
     payload = frontend.profile_payload(profile)
     size = frontend.payload_bytes(payload)
@@ -222,7 +222,6 @@ def test_javascript_target_preview_matches_python(pack, tmp_path):
     build_target_schedule gives for that speed-up, on real ladders of the tiny UNet."""
     import torch
     from helpers import profile_by_sampling
-    target = pack.block_caching.target_schedule
     model = build_unet_patcher("tiny", seed=0)
     prompt = prompt_conditioning
     conds = prompt("a red square", 32), prompt("blurry", 32)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_block_cache import errors
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
 from comfyui_block_cache.errors import ScheduleFileError
@@ -77,7 +78,6 @@ def _replace(doc, path, value):
 
 
 def _parse_or_clear_error(pack, reader, doc):
-    errors = pack.errors
     try:
         result = reader(doc)
     except errors.ScheduleFormatError as error:
@@ -133,7 +133,6 @@ def test_truncated_and_corrupted_json(pack, valid, cut, junk):
 
 
 def test_deep_nesting_and_huge_documents(pack, valid):
-    errors = pack.errors
     with pytest.raises(errors.ScheduleFormatError):
         schedule_from_json("[" * 100_000 + "]" * 100_000)
     with pytest.raises(errors.ScheduleFormatError):

@@ -22,6 +22,7 @@ from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
 from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
 from comfyui_block_cache.demo_models.reference_model import empty_latent, load_reference_model
+from comfyui_block_cache.faster_diffusion import schedule as fd
 from comfyui_block_cache.faster_diffusion.noise_injection import NoiseInjection
 from comfyui_block_cache.faster_diffusion.schedule import grid_for_model
 from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
@@ -47,7 +48,6 @@ def pd(pack):
 
 
 def _schedule(pack, model, steps=8, sampler="euler", keys=KEYS):
-    fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, steps, sampler, "normal")
     block_map = block_map_for_patcher(model)
     options = fd.FasterDiffusionOptions(key_steps="custom", custom_key_steps=keys)
@@ -158,7 +158,6 @@ def test_reference_model_parallel_equals_sequential(pack, pd):
     """The trained reference model (real weights), paper DPM-Solver keys on 20 dpmpp_2m steps."""
     reference = load_reference_model()
     model = reference.patcher.clone()
-    fd = pack.faster_diffusion.schedule
     grid = fd.grid_for_model(model, 20, "dpmpp_2m", "karras")
     schedule = fd.build_faster_diffusion_schedule(block_map_for_patcher(model), grid)
     assert schedule.builder["key_steps"] == [0, 1, 2, 3, 5, 10, 15]

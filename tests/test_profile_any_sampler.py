@@ -10,6 +10,7 @@ import pytest
 import torch
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.demo_models import builtin_models as builtin
 from comfyui_block_cache.nodes.nodes_profile import CollectBlockProfile, ProfileBlockChanges, RecordBlockChanges
 from helpers import count_layer_computations, sample
 
@@ -84,7 +85,6 @@ def test_collect_without_a_run_says_what_to_connect(pack, tiny_model, latent):
 def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds, latent):
     """Wan 2.2's layout: a high-noise expert samples steps 0-3, a low-noise expert steps 4-7, in two
     KSamplerAdvanced segments. Each is profiled and scheduled on its own segment."""
-    builtin = pack.demo_models.builtin_models
     high, low = builtin.build_unet_patcher("tiny", seed=0), builtin.build_unet_patcher("tiny", seed=1)
     split = 4
     recording_high, high_recording = _record(pack, high)

@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 from comfy_bootstrap import PACK_MODULE
+from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
 from comfyui_block_cache.block_caching.run_summary import run_speedup_estimate
 from comfyui_block_cache.block_caching.target_schedule import DEFAULT_SPEEDUP, TargetOptions, build_target_schedule
@@ -72,7 +73,6 @@ def test_default_schedule_keeps_the_picture_and_beats_fewer_steps(pack, referenc
 def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, reference, evaluation, steps):
     """Built at 20 steps and run at ``steps``: against a schedule built on a profile at ``steps`` with the
     same number of compute steps (the same cost), the picture is at most 1 dB further from uncached."""
-    target = pack.block_caching.target_schedule
     model = reference.patcher
     built_at_20 = target.build_target_schedule(_profile(pack, reference, 20), target.TargetOptions())
     uncached = sample(model, *evaluation, steps=steps, seed=3)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_bootstrap import PACK_MODULE
+from comfyui_block_cache.block_caching import layer_calls, patching
+from comfyui_block_cache.block_caching import profiler as profiler_module
 from comfyui_block_cache.nodes.nodes_demo import LoadDemoModel
 from helpers import sample
 
@@ -125,7 +127,6 @@ SKETCH_MAX_DEVIATION = 0.10
 
 
 def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, reference, monkeypatch):
-    layer_calls, profiler_module = pack.block_caching.layer_calls, pack.block_caching.profiler
     recording_call_layer = profiler_module.ProfilingRun.call_layer
     previous, sums, counts = {}, {}, {}
 
@@ -151,7 +152,6 @@ def test_sketched_profile_is_within_tolerance_of_the_full_computation(pack, refe
         return out
 
     monkeypatch.setattr(profiler_module.ProfilingRun, "call_layer", call_layer_full_too)
-    patching = pack.block_caching.patching
     model = reference.patcher
     profiled, holder = patching.attach_profiler(model)
     prompts = reference_data.benchmark_prompts(2, seed=99)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from comfyui_block_cache.block_caching.patching import attach_profiler
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
+from comfyui_block_cache.block_maps import dit_families as families
 from comfyui_block_cache.block_maps.mapping import block_map_for_patcher
 from comfyui_block_cache.errors import UnsupportedModelError
 from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
@@ -65,7 +66,6 @@ def test_refused_as_not_a_diffusion_model(pack, config_name):
     _, class_name, kind = MODELS[config_name]
     diffusion_model = model.get_model_object("diffusion_model")
     assert f"{type(diffusion_model).__module__}.{type(diffusion_model).__qualname__}" == class_name
-    families = pack.block_maps.dit_families
     refusal = families.refusal_of(diffusion_model)
     assert refusal == families.REFUSED_MODELS[class_name]
     reason = refusal.reason

@@ -10,6 +10,7 @@ import torch
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.profile import BlockProfile, merge_profiles
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.block_maps import block_map as bm
 from comfyui_block_cache.block_maps.mapping import build_block_map
 from comfyui_block_cache.demo_models.builtin_models import build_full_unet
 from comfyui_block_cache.errors import (
@@ -30,7 +31,6 @@ from comfyui_block_cache.schedule_files.storage import list_schedules, load_sche
 
 
 def make_profile(pack, change_rows, kinds=None):
-    bm = pack.block_maps.block_map
     kinds = kinds or [bm.LayerKind.ATTENTION] * len(change_rows)
     specs = tuple(bm.LayerSpec(f"input_blocks.{i + 1}.1", kind, "input", bm.ResidualForm.IDENTITY)
                   for i, kind in enumerate(kinds))
@@ -54,7 +54,6 @@ def test_eq7_accumulate_and_threshold(pack):
 def test_builder_options(pack):
     nan = float("nan")
     small = [nan] + [0.01] * 9
-    bm = pack.block_maps.block_map
     profile = make_profile(pack, [small, small], kinds=[bm.LayerKind.ATTENTION, bm.LayerKind.RESBLOCK])
     build = build_schedule
     opts = BuildOptions

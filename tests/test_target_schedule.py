@@ -9,6 +9,8 @@ import random
 
 import pytest
 import torch
+from comfyui_block_cache.block_caching import replay as replay_module
+from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.profile import merge_profiles
 from comfyui_block_cache.block_caching.replay import replay_measure
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
@@ -70,7 +72,6 @@ def brute_force(model: TableModel, steps: int, order: int, forced: list[bool], m
     (0, 7, 0, 1, 0, 7), (1, 8, 1, 1, 0, 3), (2, 8, 2, 2, 1, 4), (3, 9, 1, 1, 2, 9), (4, 6, 2, 1, 0, 2),
 ])
 def test_search_finds_the_least_error_for_every_count(pack, seed, steps, order, first, last, max_gap):
-    target = pack.block_caching.target_schedule
     model = TableModel(seed)
     forced = [s < first or s >= steps - last for s in range(steps)]
     found = target.best_schedules(model, steps, order, forced, max_gap)
@@ -104,7 +105,6 @@ def test_profile_trajectory_and_step_weights(profiled):
 
 @pytest.mark.parametrize("speedup", [1.0, 1.5, 2.5, 4.0])
 def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup):
-    target = pack.block_caching.target_schedule
     *_, profile = profiled
     schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
     assert schedule.flop_fraction <= 1.0 / speedup + 1e-9
@@ -128,7 +128,6 @@ def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup)
 
 
 def test_options_shape_the_schedule(pack, profiled):
-    target = pack.block_caching.target_schedule
     *_, profile = profiled
     build = target.build_target_schedule
     protected = build(profile, target.TargetOptions(speedup=2.0, always_compute_first=3, always_compute_last=2))
@@ -180,7 +179,6 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
 
 
 def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
-    target = pack.block_caching.target_schedule
     *_, profile = profiled
     scores = {}
 
@@ -218,7 +216,6 @@ def _computes(schedule) -> int:
 def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, profiled):
     """A schedule measured below min_psnr is replaced by the fastest slower rung that reaches it, found by
     bisection; a floor nothing reaches computes everything; 0 keeps the target's choice."""
-    target = pack.block_caching.target_schedule
     *_, profile = profiled
     measured = []
 
@@ -285,7 +282,6 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
 
 
 def test_best_choice_takes_the_fastest_above_the_floor_then_the_best_measured(pack):
-    target = pack.block_caching.target_schedule
     choice = target.SamplingChoice
 
     def choices(*rows):
@@ -309,15 +305,14 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
     uncached fewer steps); the Build node's fourth fewer_steps mode builds the combination and outputs
     the chosen one's step count with a schedule built for it."""
     _, _, profile = profiled_by_node
-    validation = pack.block_caching.replay
-    fewer = validation.profile_again(profile, 6)
+    fewer = replay_module.profile_again(profile, 6)
     assert fewer.grid.steps == 6 and fewer.replays == profile.replays
     assert fewer.grid.sampler == "euler" and fewer.grid.cfg == profile.grid.cfg
-    runs = validation.HeldOutRuns(profile.replays)
+    runs = replay_module.HeldOutRuns(profile.replays)
     all_compute = all_compute_schedule(fewer.block_map, fewer.grid)
     assert runs.schedule(all_compute).pictures == runs.fewer_steps(6).pictures
     with pytest.raises(ValueError, match="cannot sample its run again"):
-        validation.profile_again(profile_from_dict(
+        replay_module.profile_again(profile_from_dict(
             profile_to_dict(profile)), 6)
     modes = FEWER_STEPS
     result = BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
@@ -328,7 +323,7 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
     assert schedule.grid.steps == steps, "the schedule is built for the step count it outputs"
     combined = build_combined_schedule(
         profile, TargetOptions(speedup=2.5),
-        lambda count: validation.profile_again(profile, count), runs.schedule)
+        lambda count: replay_module.profile_again(profile, count), runs.schedule)
     info = combined.builder["combined"]
     assert combined.grid.steps == info["steps"] == 6 and info["profiled_steps"] == 10
     assert info["speedup"] == pytest.approx(10 * combined.estimated_speedup / 6)
