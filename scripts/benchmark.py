@@ -149,7 +149,7 @@ FAMILY_LABELS = {
 PACKAGES = {
     **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
                      "builtin_models"), "demo_models"),
-    **dict.fromkeys(("patching", "schedule", "target_schedule", "validation", "cache", "profile", "fidelity"),
+    **dict.fromkeys(("patching", "schedule", "target_schedule", "replay", "cache", "profile", "fidelity"),
                     "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
     "mapping": "block_maps",
@@ -232,7 +232,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     patching = _module("patching")
     schedule_mod = _module("schedule")
     target = _module("target_schedule")
-    validation = _module("validation")
+    replay_module = _module("replay")
     faster_diffusion = _module("faster_diffusion")
     mapping = _module("mapping")
     model = reference.patcher
@@ -244,7 +244,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
         return lambda: (patching.apply_block_cache(model, schedule)[0], steps)
 
-    runs = validation.HeldOutRuns(profile.replays)  # the held-out uncached pictures, sampled once for all rows
+    runs = replay_module.HeldOutRuns(profile.replays)  # the held-out uncached pictures, sampled once for all rows
     measure = runs.schedule
     ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
     # Every rung the speed-up slider can reach in the benchmark's range, and the default.
@@ -274,7 +274,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
     # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
     choices, _ = target.sampling_choices(profile, floor_options, schedule,
-                                         lambda count: validation.profile_again(profile, count), measure)
+                                         lambda count: replay_module.profile_again(profile, count), measure)
     best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
     methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
                           f"{best.label}, {best.speedup:.2f}x",
@@ -414,7 +414,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     reference_module = _module(setup.module)
     prompt_source = _module(setup.prompts)
     patching = _module("patching")
-    validation = _module("validation")
+    replay_module = _module("replay")
     reference = getattr(reference_module, setup.loader)()
     model = reference.patcher
     negative = reference.conditioning("")
@@ -435,7 +435,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
                                        latent_shape=tuple(profile_latent["samples"].shape))
     # As Profile Block Changes does: the builder may sample the profiled run again to measure candidates.
     profiled_steps = steps
-    replay = validation.ProfileReplay(
+    replay = replay_module.ProfileReplay(
         model, lambda m, steps=None, seed_offset=0: sample(m, profile_positive, profile_latent,
                                                            PROFILE_SET[1] + seed_offset, steps or profiled_steps),
         profiled_out, _pictures)
