@@ -34,23 +34,53 @@ def parse_forecast_order(label: str) -> int | None:
 
 
 @dataclass(frozen=True)
+class PartialStep:
+    """Some cached layers reuse at one of a rung's compute steps (a fine rung, between two whole-step rungs)."""
+
+    step: int
+    layers: tuple[int, ...]  # block-map indices of the layers that reuse there
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "layers": list(self.layers)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> PartialStep | None:
+        if data is None:
+            return None
+        return cls(int(data["step"]), tuple(int(layer) for layer in data["layers"]))
+
+
+def rung_label(computes: int, partial: PartialStep | None) -> str:
+    """How the node and the logs name a rung: its compute steps, and a fine rung's partial step (1-based)."""
+    if partial is None:
+        return f"{computes} compute steps"
+    return f"{computes} compute steps, {len(partial.layers)} layers reused at step {partial.step + 1}"
+
+
+def _partial_json(partial: PartialStep | None) -> dict[str, Any] | None:
+    return None if partial is None else partial.to_json()
+
+
+@dataclass(frozen=True)
 class LadderRung:
-    """The best schedule with ``computes`` compute steps (the error model's; for the JSON and the frontend)."""
+    """The best schedule with ``computes`` compute steps, or a fine rung between two of them (``partial``): the
+    error model's, for the JSON and the frontend."""
 
     computes: int
     order: int
     error: float
     flop_fraction: float
     steps: tuple[int, ...]
+    partial: PartialStep | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"computes": self.computes, "order": self.order, "error": self.error,
-                "flop_fraction": self.flop_fraction, "steps": list(self.steps)}
+                "flop_fraction": self.flop_fraction, "steps": list(self.steps), "partial": _partial_json(self.partial)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LadderRung:
         return cls(int(data["computes"]), int(data["order"]), float(data["error"]), float(data["flop_fraction"]),
-                   tuple(int(s) for s in data["steps"]))
+                   tuple(int(s) for s in data["steps"]), PartialStep.from_json(data.get("partial")))
 
 
 @dataclass(frozen=True)
@@ -64,18 +94,21 @@ class Tried:
     measured_psnr: float
     expected_low: float | None  # None: measured before ranges were recorded
     expected_high: float | None
+    partial: PartialStep | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "steps": list(self.steps), "order": self.order,
                 "predicted_error": self.predicted_error, "measured_psnr": self.measured_psnr,
-                "expected_low": self.expected_low, "expected_high": self.expected_high}
+                "expected_low": self.expected_low, "expected_high": self.expected_high,
+                "partial": _partial_json(self.partial)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tried:
         low, high = data.get("expected_low"), data.get("expected_high")
         return cls(str(data["label"]), tuple(int(s) for s in data["steps"]), int(data["order"]),
                    float(data["predicted_error"]), float(data["measured_psnr"]),
-                   None if low is None else float(low), None if high is None else float(high))
+                   None if low is None else float(low), None if high is None else float(high),
+                   PartialStep.from_json(data.get("partial")))
 
 
 @dataclass(frozen=True)
@@ -124,14 +157,16 @@ class SteppedDown:
     order: int
     speedup: float
     steps: tuple[int, ...]
+    partial: PartialStep | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"computes": self.computes, "order": self.order, "speedup": self.speedup, "steps": list(self.steps)}
+        return {"computes": self.computes, "order": self.order, "speedup": self.speedup, "steps": list(self.steps),
+                "partial": _partial_json(self.partial)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SteppedDown:
         return cls(int(data["computes"]), int(data["order"]), float(data["speedup"]),
-                   tuple(int(s) for s in data["steps"]))
+                   tuple(int(s) for s in data["steps"]), PartialStep.from_json(data.get("partial")))
 
 
 @dataclass(frozen=True)
@@ -175,6 +210,7 @@ class TargetBuild:
     fewer_steps: FewerStepsComparison | None = None  # None: not compared
     notes: tuple[str, ...] = ()
     combined: CombinedSteps | None = None  # built for fewer sampler steps than profiled
+    chosen_partial: PartialStep | None = None  # the chosen rung is a fine one
 
     def to_json(self) -> dict[str, Any]:
         """The schedule's ``builder`` JSON."""
@@ -188,6 +224,7 @@ class TargetBuild:
             "max_consecutive_reuse": self.max_consecutive_reuse,
             "cached_layers": list(self.cached_layers),
             "compute_steps": list(self.compute_steps),
+            "chosen_partial": _partial_json(self.chosen_partial),
             "chosen_order": self.chosen_order,
             "chosen_by": self.chosen_by,
             "predicted_error": self.predicted_error,
@@ -233,6 +270,7 @@ class TargetBuild:
             fewer_steps=optional("fewer_steps", FewerStepsComparison),
             notes=tuple(str(note) for note in data.get("notes", ())),
             combined=optional("combined", CombinedSteps),
+            chosen_partial=PartialStep.from_json(data.get("chosen_partial")),
         )
 
     @classmethod

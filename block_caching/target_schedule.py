@@ -11,10 +11,11 @@ Which steps compute is chosen by the error measured on the profile, not by a thr
   (``Trajectory.step_weights``; an error in the model's output at a big step moves the picture
   more).
 * A dynamic program over (compute count, last computations) finds, for every count of compute
-  steps, the steps that minimize the summed error: the *ladder*, one best schedule per count.
-* The target picks the rung: the most compute steps whose FLOP-weighted speed-up still reaches
-  the target. The forecast order is the one with the least error at that rung (``auto``) or
-  the one asked for.
+  steps, the steps that minimize the summed error: the *ladder*, one best schedule per count, and
+  between neighbouring counts two *fine* rungs that reuse some layers at one more step
+  (``fine_rungs``).
+* The target picks the rung: the slowest whose FLOP-weighted speed-up still reaches the target.
+  The forecast order is the one with the least error at that rung (``auto``) or the one asked for.
 
 Why synchronized and not per layer: per-layer errors are not comparable (an error in the last
 output layer reaches the picture whole, one in a deep layer is filtered), and a per-layer
@@ -53,9 +54,11 @@ from .target_build import (
     ExpectedPsnr,
     FewerStepsComparison,
     LadderRung,
+    PartialStep,
     SteppedDown,
     TargetBuild,
     Tried,
+    rung_label,
 )
 
 # The highest target that kept every evaluation set of the reference model and `make demo` at 30+ dB
@@ -102,13 +105,31 @@ class TargetOptions:
 
 @dataclass(frozen=True)
 class Rung:
-    """The best schedule with a given number of compute steps."""
+    """The best schedule with a given number of compute steps; a *fine* rung also reuses some of the cached
+    layers at one of those steps (``partial``), which puts it between two whole-step rungs."""
 
     computes: int
     steps: tuple[int, ...]  # the compute steps
     order: int
     error: float  # predicted: summed weighted forecast error
     flop_fraction: float
+    partial: PartialStep | None = None
+
+    def compute_row(self, layer: int, steps: int) -> tuple[bool, ...]:
+        """Where the cached ``layer`` (a block-map index) computes."""
+        computed = set(self.steps)
+        if self.partial is not None and layer in self.partial.layers:
+            computed.discard(self.partial.step)
+        return tuple(step in computed for step in range(steps))
+
+    @property
+    def label(self) -> str:
+        return rung_label(self.computes, self.partial)
+
+
+# A fine rung reuses these shares of the cached layers at one compute step of a whole-step rung, so two
+# fine rungs split the FLOPs between neighbouring whole-step rungs in three (issue 22's "no cliff").
+FINE_RUNG_SHARES = (1 / 3, 2 / 3)
 
 
 class StepErrorModel:
@@ -135,9 +156,22 @@ class StepErrorModel:
             self._values = None
             self._blocks = [b.double() for b in blocks]
         self._norms = [n.double() for n in norms]  # per layer: [steps, samples]
-        self._cache: dict[tuple[int, tuple[int, ...]], float] = {}
+        self._cache: dict[tuple[int, tuple[int, ...]], tuple[float, tuple[float, ...]]] = {}
+
+    @property
+    def layer_count(self) -> int:
+        return len(self._norms)
 
     def error(self, step: int, history: tuple[int, ...]) -> float:
+        return self._measured(step, history)[0]
+
+    def layer_errors(self, step: int, history: tuple[int, ...]) -> tuple[float, ...]:
+        """Each cached layer's part of ``error(step, history)``, in the order of the model's layers."""
+        raw = self._measured(step, history)[1]
+        return tuple(value * self.weights[step] for value in raw)
+
+    def _measured(self, step: int, history: tuple[int, ...]) -> tuple[float, tuple[float, ...]]:
+        """(the weighted error, the unweighted per-layer errors), measured once per (step, history)."""
         key = (step, history)
         cached = self._cache.get(key)
         if cached is not None:
@@ -147,16 +181,16 @@ class StepErrorModel:
             forecast = sum(w * self._values[h] for w, h in zip(weights, history, strict=True))
             deviation = (forecast - self._values[step]).abs()
             per_layer = torch.split(deviation, self._sizes, dim=1)
-            total = sum(float((part.sum(1) / norm[step]).mean()) for part, norm in zip(per_layer, self._norms,
-                                                                                        strict=True))
+            raw = tuple(float((part.sum(1) / norm[step]).mean()) for part, norm in zip(per_layer, self._norms,
+                                                                                       strict=True))
         else:
-            total = 0.0
-            for block, norm in zip(self._blocks, self._norms, strict=True):
-                forecast = sum(w * block[h] for w, h in zip(weights, history, strict=True))
-                total += float(((forecast - block[step]).abs().sum(1) / norm[step]).mean())
-        value = total * self.weights[step]
-        self._cache[key] = value
-        return value
+            raw = tuple(
+                float(((sum(w * block[h] for w, h in zip(weights, history, strict=True)) - block[step]).abs().sum(1)
+                       / norm[step]).mean())
+                for block, norm in zip(self._blocks, self._norms, strict=True))
+        result = (sum(raw) * self.weights[step], raw)
+        self._cache[key] = result
+        return result
 
 
 def best_schedules(model: StepErrorModel, steps: int, order: int, forced: list[bool], max_gap: int
@@ -242,14 +276,78 @@ def search(profile: BlockProfile, options: TargetOptions) -> Search:
     return Search(per_order, layers, forced, max_gap, model, notes)
 
 
-def ladder_of(found: Search, profile: BlockProfile) -> list[Rung]:
+def whole_step_ladder(found: Search, profile: BlockProfile) -> list[Rung]:
     """Every count's best schedule over the orders searched (ties keep the lower order)."""
     ladder: dict[int, Rung] = {}
     for order, results in found.per_order.items():
         for count, (error, chosen) in results.items():
             if count not in ladder or error < ladder[count].error:
-                ladder[count] = Rung(count, chosen, order, error, _flop_fraction(profile, found.layers, chosen))
+                ladder[count] = _with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0))
     return [ladder[c] for c in sorted(ladder)]
+
+
+def ladder_of(found: Search, profile: BlockProfile) -> list[Rung]:
+    """The whole-step rungs and the fine rungs between them, from the fastest to the slowest."""
+    whole = whole_step_ladder(found, profile)
+    return sorted(whole + fine_rungs(found, profile, whole), key=lambda rung: (rung.flop_fraction, rung.error))
+
+
+def fine_rungs(found: Search, profile: BlockProfile, whole: list[Rung]) -> list[Rung]:
+    """Between neighbouring whole-step rungs: a rung whose cached layers, all but a run of neighbours
+    (FINE_RUNG_SHARES of them), compute at one more step than the faster rung.
+
+    Built from the slower rung: of its compute steps and the runs of that many neighbouring layers, the one
+    whose reuse there adds the least predicted error. Only layers that reuse their residual qualify: a
+    layer reused whole (a down- or upsampler) would throw away what the layers before it computed. Dropping
+    one step may change which steps are best for the faster whole rung, so the fine rungs fill the FLOPs
+    between the two, not their schedules.
+    """
+    steps, layers, model = profile.grid.steps, found.layers, found.model
+    count = len(layers)
+    residual = [ReuseMode.RESIDUAL in profile.block_map.layers[layer].reuse_modes for layer in layers]
+    sizes = sorted({min(count - 1, max(1, round(share * count))) for share in FINE_RUNG_SHARES}) if count > 1 else []
+    result = []
+    for rung in whole:
+        if rung.computes >= steps:
+            continue
+        base = _layer_error_totals(model, steps, rung.steps, rung.order)
+        best: dict[int, tuple[float, PartialStep]] = {}
+        for step in rung.steps:
+            fewer = tuple(s for s in rung.steps if s != step)
+            if found.forced[step] or not _gaps_fit(fewer, steps, found.max_gap):
+                continue
+            added = [after - before for after, before in
+                     zip(_layer_error_totals(model, steps, fewer, rung.order), base, strict=True)]
+            for size in sizes:
+                for start in range(count - size + 1):
+                    if not all(residual[start:start + size]):
+                        continue
+                    extra = sum(added[start:start + size])
+                    if size not in best or extra < best[size][0]:
+                        best[size] = (extra, PartialStep(step, tuple(layers[start:start + size])))
+        for extra, partial in best.values():
+            result.append(_with_flop_fraction(profile, layers, Rung(rung.computes, rung.steps, rung.order,
+                                                                    sum(base) + extra, 0.0, partial)))
+    return result
+
+
+def _gaps_fit(compute_steps: tuple[int, ...], steps: int, max_gap: int) -> bool:
+    """Whether no two compute steps, nor the last and the end, are more than ``max_gap`` apart."""
+    bounds = (*compute_steps, steps)
+    return all(b - a <= max_gap for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+def _layer_error_totals(model: StepErrorModel, steps: int, compute_steps: tuple[int, ...], order: int
+                        ) -> list[float]:
+    """Per cached layer: the error model's summed error of computing at ``compute_steps`` only."""
+    totals = [0.0] * model.layer_count
+    for step in range(steps):
+        if step in compute_steps:
+            continue
+        history = tuple(c for c in reversed(compute_steps) if c < step)[: order + 1]
+        for i, value in enumerate(model.layer_errors(step, history)):
+            totals[i] += value
+    return totals
 
 
 def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Rung], list[int], list[str]]:
@@ -277,7 +375,7 @@ def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[s
             continue
         seen.add((chosen, order))
         error = predicted_error(found.model, steps, chosen, order)
-        result.append((label, Rung(count, chosen, order, error, _flop_fraction(profile, found.layers, chosen))))
+        result.append((label, _with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0))))
     return result
 
 
@@ -292,19 +390,22 @@ def predicted_error(model: StepErrorModel, steps: int, compute_steps: tuple[int,
     return total
 
 
-def _flop_fraction(profile: BlockProfile, layers: list[int], compute_steps: tuple[int, ...]) -> float:
+def _with_flop_fraction(profile: BlockProfile, layers: list[int], rung: Rung) -> Rung:
+    return dataclasses.replace(rung, flop_fraction=_flop_fraction(profile, layers, rung))
+
+
+def _flop_fraction(profile: BlockProfile, layers: list[int], rung: Rung) -> float:
     mask = np.ones((len(profile.block_map.layers), profile.grid.steps), dtype=bool)
-    row = np.zeros(profile.grid.steps, dtype=bool)
-    row[list(compute_steps)] = True
-    mask[layers] = row
+    for layer in layers:
+        mask[layer] = rung.compute_row(layer, profile.grid.steps)
     return computed_flop_fraction(mask, profile.layer_flops, profile.total_flops)
 
 
 def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
-    """The rung with the most compute steps that still reaches ``speedup``, else the fastest."""
+    """The slowest rung that still reaches ``speedup`` (the most FLOPs within it), else the fastest."""
     reaching = [rung for rung in ladder if rung.flop_fraction <= 1.0 / speedup + 1e-12]
     if reaching:
-        return max(reaching, key=lambda rung: rung.computes)
+        return max(reaching, key=lambda rung: (rung.flop_fraction, -rung.error))
     return min(ladder, key=lambda rung: rung.flop_fraction)
 
 
@@ -314,7 +415,9 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
     measured range) reaches ``floor`` (None: none does, so only computing everything will), and every
     measurement taken. Fidelity grows with the compute steps, so a bisection over the slower rungs
     measures about log2 of their number; computing every step (the uncached run) needs no measurement."""
-    slower = [candidate for candidate in ladder if rung.computes < candidate.computes < steps]
+    slower = sorted((candidate for candidate in ladder
+                     if candidate.flop_fraction > rung.flop_fraction and candidate.computes < steps),
+                    key=lambda candidate: candidate.flop_fraction)
     measured: list[tuple[Rung, Measurement]] = []
     low, high, found = 0, len(slower), None
     while low < high:
@@ -329,15 +432,15 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
 
 
 def _tried(label: str, rung: Rung, value: Measurement) -> Tried:
-    return Tried(label, rung.steps, rung.order, rung.error, value.mean, value.low, value.high)
+    return Tried(label, rung.steps, rung.order, rung.error, value.mean, value.low, value.high, rung.partial)
 
 
 def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dict[str, Any]) -> CacheSchedule:
     cached = set(layers)
-    compute_row = tuple(step in set(rung.steps) for step in range(profile.grid.steps))
     layer_schedules = []
     for index, spec in enumerate(profile.block_map.layers):
         reuse = ReuseMode.RESIDUAL if ReuseMode.RESIDUAL in spec.reuse_modes else ReuseMode.OUTPUT
+        compute_row = rung.compute_row(index, profile.grid.steps)
         if index in cached and not all(compute_row):
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, compute_row, forecast_order=rung.order))
         else:
@@ -368,8 +471,8 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     tried: list[Tried] = []
     chosen: Measurement | None = None
     if measure is not None and rung.computes < steps:
-        options_tried = candidates(found, profile, rung.computes) if choose_by_measure else [
-            (f"searched, order {rung.order}", rung)]
+        options_tried = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else [
+            (f"searched, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}"), rung)]
         for label, candidate in options_tried:
             value = measurement(measure(_schedule(profile, found.layers, candidate, {})))
             tried.append(_tried(label, candidate, value))
@@ -380,7 +483,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
             floor_rung, measured = step_down_to_floor(ladder, rung, options.min_psnr, steps,
                                                       lambda r: measure(_schedule(profile, found.layers, r, {})))
             for candidate, value in measured:
-                tried.append(_tried(f"stepped down, {candidate.computes} compute steps", candidate, value))
+                tried.append(_tried(f"stepped down, {candidate.label}", candidate, value))
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
             chosen = next((value for candidate, value in measured if candidate is floor_rung), None)
     versus = None
@@ -399,15 +502,17 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         min_psnr=options.min_psnr,
         cached_layers=tuple(profile.block_map.layers[i].name for i in found.layers),
         compute_steps=rung.steps,
+        chosen_partial=rung.partial,
         chosen_order=rung.order,
         chosen_by="measured" if choose_by_measure and tried else "predicted",
         predicted_error=rung.error,
         reached=rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
-        ladder=tuple(LadderRung(r.computes, r.order, r.error, r.flop_fraction, r.steps) for r in ladder),
+        ladder=tuple(LadderRung(r.computes, r.order, r.error, r.flop_fraction, r.steps, r.partial) for r in ladder),
         measured=tuple(tried),
         measured_metric=metric if tried else "",
         stepped_down_from=None if stepped_from is None else SteppedDown(
-            stepped_from.computes, stepped_from.order, 1.0 / stepped_from.flop_fraction, stepped_from.steps),
+            stepped_from.computes, stepped_from.order, 1.0 / stepped_from.flop_fraction, stepped_from.steps,
+            stepped_from.partial),
         expected_psnr=None if chosen is None else ExpectedPsnr(chosen.mean, chosen.low, chosen.high,
                                                                len(chosen.pictures)),
         fewer_steps=versus,

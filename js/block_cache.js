@@ -273,10 +273,14 @@ function refreshTarget(node, force = false) {
   drawSchedule(widget.canvas, ladder.layers, ladder.steps, result.mask,
     `schedule for ${speedup}x (${ladder.options.cache_kinds})`);
   const lines = [formatEstimate(result),
-    `the cost of ${result.equivalentSteps.toFixed(1)} uncached steps; computes at steps ${result.rung.steps.join(", ")}; ` +
-      `forecast order ${result.rung.order}`];
+    `the cost of ${result.equivalentSteps.toFixed(1)} uncached steps; computes at steps ${result.rung.steps.join(", ")}` +
+      (result.rung.partial ? ` (${result.rung.partial.layers.length} layers reuse at step ${result.rung.partial.step + 1})` : "") +
+      `; forecast order ${result.rung.order}`];
   const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
-  const measured = (ladder.measured ?? []).find((m) => m.order === result.rung.order && same(m.steps, result.rung.steps));
+  const samePartial = (a, b) => (a ?? null) === null ? (b ?? null) === null
+    : (b ?? null) !== null && a.step === b.step && same(a.layers, b.layers);
+  const measured = (ladder.measured ?? []).find((m) => m.order === result.rung.order && same(m.steps, result.rung.steps)
+    && samePartial(m.partial, result.rung.partial));
   if (measured) {
     const range = measured.low != null && measured.high != null
       ? `; expected ${measured.low.toFixed(1)}-${measured.high.toFixed(1)} dB on other prompts` : "";

@@ -106,14 +106,16 @@ export function summaryText(result, steps) {
 }
 
 /**
- * block_caching/target_schedule.py choose_rung: the rung of a speed-up target ladder with the most compute
- * steps whose FLOP fraction reaches the target, else the fastest rung.
+ * block_caching/target_schedule.py choose_rung: the slowest rung of a speed-up target ladder whose FLOP fraction
+ * still reaches the target (ties: the least predicted error), else the fastest rung.
  */
 export function chooseRung(rungs, speedup) {
   const limit = 1.0 / speedup + 1e-12;
   let best = null;
   for (const rung of rungs) {
-    if (rung.flop_fraction <= limit && (best === null || rung.computes > best.computes)) best = rung;
+    if (rung.flop_fraction > limit) continue;
+    if (best === null || rung.flop_fraction > best.flop_fraction
+        || (rung.flop_fraction === best.flop_fraction && rung.error < best.error)) best = rung;
   }
   if (best !== null) return best;
   for (const rung of rungs) if (best === null || rung.flop_fraction < best.flop_fraction) best = rung;
@@ -125,12 +127,21 @@ export function targetSchedule(ladder, speedup) {
   return rungSchedule(ladder, chooseRung(ladder.rungs, speedup));
 }
 
-/** The schedule of one rung ({computes, steps, order, flop_fraction}) of a ladder payload. */
+/**
+ * The schedule of one rung ({computes, steps, order, flop_fraction, partial}) of a ladder payload; a fine rung's
+ * partial ({step, layers}) names the cached layers that reuse at one of its compute steps.
+ */
 export function rungSchedule(ladder, rung) {
   const cached = new Set(ladder.cached);
   const row = new Array(ladder.steps).fill(false);
   for (const step of rung.steps) row[step] = true;
-  const mask = ladder.layers.map((_, i) => (cached.has(i) ? row.slice() : new Array(ladder.steps).fill(true)));
+  const partial = new Set(rung.partial?.layers ?? []);
+  const mask = ladder.layers.map((_, i) => {
+    if (!cached.has(i)) return new Array(ladder.steps).fill(true);
+    const own = row.slice();
+    if (partial.has(i)) own[rung.partial.step] = false;
+    return own;
+  });
   let computed = 0;
   for (const line of mask) for (const on of line) if (on) computed += 1;
   return {

@@ -95,11 +95,13 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     block_caching/target_schedule.py choose_rung does)."""
     build = TargetBuild.of(schedule)
     cacheable = set(build.cached_layers)
-    chosen = {"steps": list(build.compute_steps), "order": build.chosen_order}
+    partial = None if build.chosen_partial is None else build.chosen_partial.to_json()
+    chosen = {"steps": list(build.compute_steps), "order": build.chosen_order, "partial": partial}
 
     def measured(rung: LadderRung) -> bool:
-        """The rung the node chose by measurement: its preview is what was measured to be best."""
-        return build.chosen_by == "measured" and rung.computes == len(build.compute_steps)
+        """The rung the node chose by measurement (a whole-step one): its preview is what was measured best."""
+        return (build.chosen_by == "measured" and rung.partial is None and partial is None
+                and rung.computes == len(build.compute_steps))
 
     return {
         "version": PAYLOAD_VERSION,
@@ -108,7 +110,8 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
         "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
         "rungs": [{"computes": r.computes, "steps": chosen["steps"] if measured(r) else list(r.steps),
-                   "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction}
+                   "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction,
+                   "error": r.error, "partial": None if r.partial is None else r.partial.to_json()}
                   for r in build.ladder],
         # Where the quality floor stepped the target down: the schedule the node gave at that target.
         "floor": None if build.stepped_down_from is None else {
@@ -116,7 +119,8 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
             "rung": {"computes": len(build.compute_steps), **chosen, "flop_fraction": schedule.flop_fraction}},
         # What validation measured on the profiled run (shown while the preview is that schedule).
         "measured": [{"steps": list(t.steps), "order": t.order, "psnr": t.measured_psnr, "low": t.expected_low,
-                      "high": t.expected_high, "metric": build.measured_metric} for t in build.measured],
+                      "high": t.expected_high, "metric": build.measured_metric,
+                      "partial": None if t.partial is None else t.partial.to_json()} for t in build.measured],
         "options": {"speedup_target": build.speedup_target, "forecast_order": forecast_order_label(build.forecast_order),
                     "cache_kinds": build.cache_kinds, "always_compute_first": build.always_compute_first,
                     "always_compute_last": build.always_compute_last,

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..block_caching.replay import HeldOutRuns, measure_metric, profile_again
 from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, all_compute_schedule, build_schedule
-from ..block_caching.target_build import TargetBuild, parse_forecast_order
+from ..block_caching.target_build import TargetBuild, parse_forecast_order, rung_label
 from ..block_caching.target_schedule import (
     DEFAULT_FORECAST_ORDER,
     DEFAULT_MIN_PSNR,
@@ -127,10 +127,14 @@ class BuildTargetSchedule(io.ComfyNode):
             metric=metric, fewer_steps=runs.fewer_steps if runs and fewer_steps != FEWER_STEPS[2] else None)
         build = TargetBuild.of(schedule)
         steps = schedule.grid.steps
+        partial = build.chosen_partial
+        reused = ("" if partial is None else f" ({', '.join(schedule.layers[i].name for i in partial.layers)} reuse "
+                  f"at step {partial.step + 1})")
         lines = [schedule.summary(),
-                 f"computes at steps {list(build.compute_steps)}; forecast order {build.chosen_order}"]
+                 f"computes at steps {list(build.compute_steps)}{reused}; forecast order {build.chosen_order}"]
         for tried in build.measured:
-            chosen = tried.steps == build.compute_steps and tried.order == build.chosen_order
+            chosen = (tried.steps == build.compute_steps and tried.order == build.chosen_order
+                      and tried.partial == partial)
             lines.append(f"{'chosen' if chosen else 'tried'}: {tried.label}, {metric} PSNR "
                          f"{tried.measured_psnr:.1f} dB against uncached on the profiled prompts with another "
                          f"seed; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} dB on other prompts")
@@ -138,7 +142,7 @@ class BuildTargetSchedule(io.ComfyNode):
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
         stepped = build.stepped_down_from
         if stepped is not None:
-            lines.append(f"the {speedup:g}x target ({stepped.speedup:.2f}x, {stepped.computes} compute steps) "
+            lines.append(f"the {speedup:g}x target ({stepped.speedup:.2f}x, {rung_label(stepped.computes, stepped.partial)}) "
                          f"is expected below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
                          + ("" if len(build.compute_steps) < steps else
                             ", computing everything (no faster schedule reached the floor)")

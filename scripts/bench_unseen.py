@@ -130,12 +130,13 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     rows = []
     for rung in ladder[::-1][::args.stride][::-1]:
         speedup = 1.0 / rung.flop_fraction
-        if not MIN_SPEEDUP <= speedup <= MAX_SPEEDUP:
+        if not max(MIN_SPEEDUP, args.min_speedup) <= speedup <= MAX_SPEEDUP:
             continue
         patched, _ = patching.apply_block_cache(model, target._schedule(profile, layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
-                     "steps": list(rung.steps), "speedup": speedup, "psnr": measure(patched, steps)})
-        show(f"rung {rung.computes}", rows[-1])
+                     "steps": list(rung.steps), "partial": None if rung.partial is None else rung.partial.to_json(),
+                     "speedup": speedup, "psnr": measure(patched, steps)})
+        show(rung.label, rows[-1])
     for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
         rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
         show(f"{n} steps", rows[-1])
@@ -244,7 +245,9 @@ def report(folder: Path) -> str:
                 sd = statistics.stdev(profiled) if len(profiled) > 1 else float("nan")
                 gap_a = statistics.mean(profiled) - statistics.mean(p["A"])
                 gap_b = statistics.mean(profiled) - statistics.mean(p["B"])
-                label = {"block_cache": f"Block Cache, {row['computes']} compute steps, order {row.get('order')}",
+                partial = row.get("partial")
+                fine = "" if not partial else f", {len(partial['layers'])} layers reused at step {partial['step'] + 1}"
+                label = {"block_cache": f"Block Cache, {row['computes']} compute steps{fine}, order {row.get('order')}",
                          "output_forecast": f"output forecast ({row.get('variable')}, order {row.get('order')}), "
                                             f"{row['computes']} compute steps",
                          "combined": f"{row.get('sampler_steps')} steps + Block Cache, {row['computes']} compute "
@@ -333,6 +336,8 @@ def curves(folder: Path) -> list[Path]:
     written = []
     for path in sorted(folder.glob("unseen_*.json")):
         data = json.loads(path.read_text())
+        if path.stem != f"unseen_{data['model']}":  # an experiment's file (--tag): not the curve
+            continue
         for name, setting in data["settings"].items():
             series = []
             for family, label in (("block_cache", "Block Cache rungs"), ("fewer_steps", "fewer steps"),
@@ -344,6 +349,33 @@ def curves(folder: Path) -> list[Path]:
                                          [statistics.mean(r["psnr"][key]) for r in shown]))
             out = folder / f"curve_{data['model']}_{name}.png"
             plot(series, str(out), title=f"{data['model']} {name}: mean PSNR on unseen prompts",
+                 xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
+            written.append(out)
+    return written
+
+
+def fine_curves(folder: Path) -> list[Path]:
+    """Per fine_<model>.json (a ``--tag _fine`` run: whole-step and fine rungs) and setting: mean PSNR on sets
+    A and B against FLOP speed-up for the whole-step rungs alone, with the fine rungs, and fewer steps (from
+    unseen_<model>.json)."""
+    from plotting import Series, plot
+
+    written = []
+    for path in sorted(folder.glob("fine_*.json")):
+        data = json.loads(path.read_text())
+        plain = json.loads((folder / f"unseen_{data['model']}.json").read_text())
+        for name, setting in data["settings"].items():
+            rows = sorted((r for r in setting["rows"] if r["family"] == "block_cache"), key=lambda r: r["speedup"])
+            fewer = sorted((r for r in plain["settings"][name]["rows"] if r["family"] == "fewer_steps"),
+                           key=lambda r: r["speedup"])
+            series = []
+            for key in ("A", "B"):
+                for label, shown in (("whole-step rungs", [r for r in rows if not r.get("partial")]),
+                                     ("with fine rungs", rows), ("fewer steps", fewer)):
+                    series.append(Series(f"{label}, set {key}", [r["speedup"] for r in shown],
+                                         [statistics.mean(r["psnr"][key]) for r in shown]))
+            out = folder / f"curve_fine_{data['model']}_{name}.png"
+            plot(series, str(out), title=f"{data['model']} {name}: whole-step and fine rungs on unseen prompts",
                  xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
             written.append(out)
     return written
@@ -366,6 +398,8 @@ def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
         for name, setting in data["settings"].items():
             rungs = sorted((r for r in setting["rows"] if r["family"] == "block_cache"), key=lambda r: r["computes"])
             fewer = {r["computes"]: r for r in setting["rows"] if r["family"] == "fewer_steps"}
+            if not rungs or "heldout" not in rungs[0]["psnr"]:  # an experiment's file: no ladder measured
+                continue
             start = next((r for r in reversed(rungs) if r["speedup"] >= target), rungs[0])
             for label, key, z, min_sd in (("profiled run (before)", "profiled", 0.0, 0.0),
                                           ("held-out seed, mean", "heldout", 0.0, 0.0),
@@ -409,6 +443,8 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
+    parser.add_argument("--min-speedup", type=float, default=MIN_SPEEDUP,
+                        help="only the rungs at least this fast (fills in a --stride run's fast end)")
     parser.add_argument("--stride", type=int, default=1, help="every n-th rung and step count (long runs: ddim 50)")
     parser.add_argument("--out", type=Path, default=Path("out/unseen"))
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
@@ -417,6 +453,7 @@ def main() -> None:
         sys.stdout.write("\n\n".join((report(args.report), pareto(args.report), gaps(args.report),
                                          floor_rule(args.report))) + "\n")
         curves(args.report)
+        fine_curves(args.report)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     run(args)

@@ -250,7 +250,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     # Every rung the speed-up slider can reach in the benchmark's range, and the default.
     default_rung = target.choose_rung(ladder, target.DEFAULT_SPEEDUP)
     rungs = [1.0 / r.flop_fraction for r in ladder if MIN_SPEEDUP <= 1.0 / r.flop_fraction <= MAX_SPEEDUP
-             and r.computes != default_rung.computes]
+             and r != default_rung]
     stride = max(1, math.ceil(len(rungs) / max_rungs))  # long grids: every stride-th rung
     targets = sorted(set(rungs[::stride]) | {target.DEFAULT_SPEEDUP})
     for index, speedup in enumerate(targets):
@@ -261,14 +261,14 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
                 continue  # the ablation at every other point is enough
             schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup - 1e-9), measure,
                                                     choose_by_measure=family == "block_cache_measured")
-            chosen = f"{label}: steps {schedule.builder['compute_steps']}, order {schedule.builder['chosen_order']}"
+            chosen = f"{label}: {_chosen_rung(schedule)}"
             methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
     # The Build node as it comes: the default target, stepped down where the profiled run measures below the floor.
     floor_options = target.TargetOptions(min_psnr=target.DEFAULT_MIN_PSNR)
     schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=runs.fewer_steps)
     stepped = schedule.builder["stepped_down_from"]
-    chosen = (f"{schedule.estimated_speedup:.2f}x: steps {schedule.builder['compute_steps']}, order "
-              f"{schedule.builder['chosen_order']}" + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
+    chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
+              + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
     methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x", "block_cache_floor",
                           chosen, apply(schedule), knob=schedule.estimated_speedup))
     # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
@@ -396,6 +396,14 @@ def _preview_gif(path: Path, rows: list[dict[str, Any]], clips: dict[str, torch.
                 canvas.paste(tile, (c * size, header + r * size))
         frames.append(canvas)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
+
+
+def _chosen_rung(schedule: Any) -> str:
+    """A speed-up target schedule's rung: its compute steps, a fine rung's partial step, its forecast order."""
+    builder = schedule.builder
+    partial = builder.get("chosen_partial")
+    fine = "" if not partial else f" ({len(partial['layers'])} layers reused at step {partial['step'] + 1})"
+    return f"steps {builder['compute_steps']}{fine}, order {builder['chosen_order']}"
 
 
 def _fewer_steps(steps: int, coarse: bool = False) -> list[int]:

@@ -19,6 +19,7 @@ from comfyui_block_cache.block_caching.target_schedule import (
     build_combined_schedule,
     build_target_schedule,
 )
+from comfyui_block_cache.block_maps.block_map import ReuseMode
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
 from comfyui_block_cache.errors import ScheduleBuildError
 from comfyui_block_cache.nodes.frontend import ladder_payload
@@ -108,23 +109,69 @@ def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup)
     *_, profile = profiled
     schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
     assert schedule.flop_fraction <= 1.0 / speedup + 1e-9
-    rows = {layer.compute for layer in schedule.layers if not all(layer.compute)}
-    assert len(rows) <= 1, "every cached layer computes at the same steps"
     builder = schedule.builder
     assert builder["method"] == "speedup_target" and builder["reached"]
-    if speedup == 1.0:
-        assert schedule.compute_mask().all()
-    else:
-        (row,) = rows
-        assert [s for s, c in enumerate(row) if c] == builder["compute_steps"]
-        assert {layer.forecast_order for layer in schedule.layers if not all(layer.compute)} == {
-            builder["chosen_order"]}
-        # The most compute steps that still reach the target: one more would miss it.
-        ladder = {r["computes"]: r for r in builder["ladder"]}
-        more = ladder.get(len(builder["compute_steps"]) + 1)
-        assert more is None or more["flop_fraction"] > 1.0 / speedup
     text = schedule_to_json(schedule)
     assert schedule_from_json(text).layers == schedule.layers
+    assert schedule_from_json(text).builder == json.loads(json.dumps(builder)), "the builder's record round-trips"
+    if speedup == 1.0:
+        assert schedule.compute_mask().all()
+        return
+    steps = schedule.grid.steps
+    full = tuple(s in builder["compute_steps"] for s in range(steps))
+    partial = builder["chosen_partial"]
+    cached = [i for i, layer in enumerate(schedule.layers) if layer.name in builder["cached_layers"]]
+    for index in cached:
+        # Every cached layer computes at the rung's steps; a fine rung's partial layers skip its one step.
+        expected = list(full)
+        if partial is not None and index in partial["layers"]:
+            expected[partial["step"]] = False
+        assert schedule.layers[index].compute == tuple(expected), schedule.layers[index].name
+        assert schedule.layers[index].forecast_order == builder["chosen_order"]
+    assert all(all(layer.compute) for i, layer in enumerate(schedule.layers) if i not in cached)
+    # The slowest rung that still reaches the target: every slower rung of the ladder misses it.
+    slower = [r for r in builder["ladder"] if r["flop_fraction"] > schedule.flop_fraction + 1e-12]
+    assert all(r["flop_fraction"] > 1.0 / speedup for r in slower)
+
+
+def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
+    """Each fine rung reuses a run of neighbouring cached layers at one unforced compute step of a whole-step
+    rung: its FLOPs lie between that rung's and one step fewer, and it keeps the gap limit."""
+    *_, profile = profiled
+    options = target.TargetOptions(always_compute_first=2, max_consecutive_reuse=3)
+    found = target.search(profile, options)
+    whole = target.whole_step_ladder(found, profile)
+    ladder = target.ladder_of(found, profile)
+    fine = [rung for rung in ladder if rung.partial is not None]
+    assert fine and len(ladder) == len(whole) + len(fine)
+    assert [r.flop_fraction for r in ladder] == sorted(r.flop_fraction for r in ladder)
+    by_count = {rung.computes: rung for rung in whole}
+    step_share = (1.0 - _flop_fraction_with_every_step_cached(profile, found)) / profile.grid.steps
+    sizes = {len(rung.partial.layers) for rung in fine}
+    assert sizes <= {round(len(found.layers) / 3), round(2 * len(found.layers) / 3)}
+    for rung in fine:
+        base = by_count[rung.computes]
+        assert rung.steps == base.steps and rung.order == base.order
+        assert base.flop_fraction - step_share - 1e-12 < rung.flop_fraction < base.flop_fraction
+        assert rung.partial.step in base.steps and not found.forced[rung.partial.step]
+        window = rung.partial.layers
+        # Only layers that reuse their residual: one reused whole would discard what was computed before it.
+        assert all(ReuseMode.RESIDUAL in profile.block_map.layers[i].reuse_modes for i in window)
+        assert list(window) == found.layers[found.layers.index(window[0]):found.layers.index(window[0]) + len(window)]
+        schedule = target._schedule(profile, found.layers, rung, {})
+        assert schedule.flop_fraction == pytest.approx(rung.flop_fraction, abs=1e-12)
+        for index in window:
+            row = schedule.layers[index].compute
+            gaps = [b - a for a, b in itertools.pairwise([s for s, c in enumerate(row) if c] + [len(row)])]
+            assert max(gaps) <= found.max_gap
+
+
+def _flop_fraction_with_every_step_cached(profile, found) -> float:
+    rung = target.Rung(1, (0,), 0, 0.0, 0.0)
+    fraction_one = target._flop_fraction(profile, found.layers, rung)
+    # One compute step of the cached layers costs (1 - fraction_one) / (steps - 1) of the whole.
+    return 1.0 - (1.0 - fraction_one) * profile.grid.steps / (profile.grid.steps - 1)
+
 
 
 def test_options_shape_the_schedule(pack, profiled):
@@ -189,11 +236,14 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
         scores[key] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
         return scores[key]
 
-    validated = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0), measure)
+    # A target exactly at a whole-step rung's cost (a fine rung's choice is not compared with others).
+    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    speedup = 1.0 / next(r for r in ladder if r.partial is None and 1.8 < 1.0 / r.flop_fraction < 3.0).flop_fraction
+    validated = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), measure)
     assert validated.builder["chosen_by"] == "predicted" and len(validated.builder["measured"]) == 1
-    assert validated.layers == target.build_target_schedule(profile, target.TargetOptions(speedup=2.0)).layers
+    assert validated.layers == target.build_target_schedule(profile, target.TargetOptions(speedup=speedup)).layers
     scores.clear()
-    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0), measure,
+    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), measure,
                                             choose_by_measure=True)
     builder = schedule.builder
     tried = builder["measured"]
@@ -204,7 +254,7 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
     assert builder["compute_steps"] == best["steps"] and builder["chosen_order"] == best["order"]
     # The preview's rung at this cost is the measured choice.
     ladder = ladder_payload(schedule)
-    rung = next(r for r in ladder["rungs"] if r["computes"] == len(best["steps"]))
+    rung = next(r for r in ladder["rungs"] if r["computes"] == len(best["steps"]) and r["partial"] is None)
     assert rung["steps"] == best["steps"] and rung["order"] == best["order"]
 
 
@@ -319,7 +369,10 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
                                                                     "measure PSNR", 0.0, modes[3])
     schedule, _, _, steps = result.result
     text = result.ui["text"][0]
-    assert text.count("CHOSEN: ") == 1 and "Block Cache at 6 steps" in text and "uncached at 3 steps" in text
+    fewer_count = round(10 * BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0, "measure PSNR",
+                                                         0.0).result[0].flop_fraction)
+    assert text.count("CHOSEN: ") == 1 and "Block Cache at 6 steps" in text
+    assert f"uncached at {fewer_count} steps" in text
     assert schedule.grid.steps == steps, "the schedule is built for the step count it outputs"
     combined = build_combined_schedule(
         profile, TargetOptions(speedup=2.5),
