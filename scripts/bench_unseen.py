@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
@@ -109,6 +111,10 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     if args.combined:
         return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
                 "rows": combined_rows(args, steps, profile_at, target, patching, model, measure, show),
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    if args.chains:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": chain_rows(args, profile, target, patching, model, measure, show),
                 "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
     if args.output_forecast:
         return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
@@ -205,6 +211,77 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_output_forecast",
                                  diffusion_model)
     return patched
+
+
+def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any, measure: Any,
+                show: Any) -> list[dict[str, Any]]:
+    """An experiment: from each whole-step rung, a chain of schedules, each link reusing one more run of a
+    third of the cached layers at one more of the rung's compute steps, the one whose reuse adds the least
+    predicted error per FLOP saved (a fine rung is the first link; the chain goes on past the next rung)."""
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions())
+    layers, error_model = found.layers, found.model
+    size = max(1, round(len(layers) / 3))
+    flops = [float(profile.layer_flops[layer]) for layer in layers]
+    low, high = (float(v) for v in args.chains.split("-"))
+
+    def layer_total(index: int, computed: frozenset[int], order: int) -> float:
+        total = 0.0
+        ordered = sorted(computed)
+        for step in range(steps):
+            if step in computed:
+                continue
+            history = tuple(c for c in reversed(ordered) if c < step)[: order + 1]
+            total += error_model.layer_errors(step, history)[index]
+        return total
+
+    def fits(computed: frozenset[int]) -> bool:
+        bounds = (*sorted(computed), steps)
+        return all(b - a <= found.max_gap for a, b in zip(bounds, bounds[1:], strict=False))
+
+    rows = []
+    for base in target.whole_step_ladder(found, profile):
+        if not low <= 1.0 / base.flop_fraction <= high:
+            continue
+        computed = [frozenset(base.steps) for _ in layers]
+        for link in range(1, args.chain_links + 1):
+            best = None
+            for step in base.steps:
+                if found.forced[step]:
+                    continue
+                for start in range(len(layers) - size + 1):
+                    window = range(start, start + size)
+                    if any(step not in computed[i] or not fits(computed[i] - {step}) for i in window):
+                        continue
+                    added = sum(layer_total(i, computed[i] - {step}, base.order)
+                                - layer_total(i, computed[i], base.order) for i in window)
+                    cost = added / sum(flops[i] for i in window)
+                    if best is None or cost < best[0]:
+                        best = (cost, step, window)
+            if best is None:
+                break
+            _, step, window = best
+            for i in window:
+                computed[i] = computed[i] - {step}
+            mask = np.ones((len(profile.block_map.layers), steps), dtype=bool)
+            layer_schedules = []
+            for index, spec in enumerate(profile.block_map.layers):
+                if index in layers:
+                    row = tuple(s in computed[layers.index(index)] for s in range(steps))
+                    mask[index] = row
+                    layer_schedules.append(target.LayerSchedule(spec.name, spec.kind, target.ReuseMode.RESIDUAL, row,
+                                                                forecast_order=base.order))
+                else:
+                    reuse = (target.ReuseMode.RESIDUAL if target.ReuseMode.RESIDUAL in spec.reuse_modes
+                             else target.ReuseMode.OUTPUT)
+                    layer_schedules.append(target.LayerSchedule(spec.name, spec.kind, reuse, (True,) * steps))
+            fraction = target.computed_flop_fraction(mask, profile.layer_flops, profile.total_flops)
+            patched, _ = patching.apply_block_cache(model, target.schedule_of_profile(profile, layer_schedules, {}))
+            rows.append({"family": "chain", "computes": base.computes, "links": link, "order": base.order,
+                         "steps": list(base.steps), "speedup": 1.0 / fraction, "psnr": measure(patched, steps)})
+            show(f"chain from {base.computes} compute steps, link {link} (step {step + 1}, layers {window.start}-"
+                 f"{window.stop - 1})", rows[-1])
+    return rows
 
 
 def output_forecast_rows(args: argparse.Namespace, profile: Any, target: Any, model: Any, measure: Any,
@@ -440,6 +517,9 @@ def main() -> None:
                                                                  "compute, e.g. 1,0 (DBCache's F1B0)")
     parser.add_argument("--output-forecast", action="store_true",
                         help="an experiment: the whole model's output forecast at the rungs' reuse steps")
+    parser.add_argument("--chains", default="", help="an experiment: chains of partial reuse from the whole-step "
+                        "rungs with speed-ups LOW-HIGH, e.g. 1.4-2.6")
+    parser.add_argument("--chain-links", type=int, default=5)
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
