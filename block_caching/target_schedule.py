@@ -293,10 +293,11 @@ def ladder_of(found: Search, profile: BlockProfile) -> list[Rung]:
 
 
 def fine_rungs(found: Search, profile: BlockProfile, whole: list[Rung]) -> list[Rung]:
-    """Between neighbouring whole-step rungs: a rung whose cached layers, all but a run of neighbours
-    (FINE_RUNG_SHARES of them), compute at one more step than the faster rung.
+    """Between neighbouring whole-step rungs: each whole-step rung with a run of neighbouring cached layers
+    (a FINE_RUNG_SHARES share of them) reused at one of its compute steps, so it costs less than that rung
+    and more than the next faster one.
 
-    Built from the slower rung: of its compute steps and the runs of that many neighbouring layers, the one
+    Of the rung's compute steps and the runs of that many neighbouring layers, the one
     whose reuse there adds the least predicted error. Only layers that reuse their residual qualify: a
     layer reused whole (a down- or upsampler) would throw away what the layers before it computed. Dropping
     one step may change which steps are best for the faster whole rung, so the fine rungs fill the FLOPs

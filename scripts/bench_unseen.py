@@ -408,8 +408,6 @@ def frontier(rows: list[dict[str, Any]], part: str) -> list[dict[str, Any]]:
 
 def curves(folder: Path) -> list[Path]:
     """One plot per setting: mean PSNR on sets A and B against FLOP speed-up, every rung and step count."""
-    from plotting import Series, plot
-
     written = []
     for path in sorted(folder.glob("unseen_*.json")):
         data = json.loads(path.read_text())
@@ -421,22 +419,30 @@ def curves(folder: Path) -> list[Path]:
                                   ("combined", "fewer steps + Block Cache (best)")):
                 rows = sorted((r for r in setting["rows"] if r["family"] == family), key=lambda r: r["speedup"])
                 for key in ("A", "B") if rows else ():
-                    shown = frontier(rows, key) if family == "combined" else rows
-                    series.append(Series(f"{label}, set {key}", [r["speedup"] for r in shown],
-                                         [statistics.mean(r["psnr"][key]) for r in shown]))
-            out = folder / f"curve_{data['model']}_{name}.png"
-            plot(series, str(out), title=f"{data['model']} {name}: mean PSNR on unseen prompts",
-                 xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
-            written.append(out)
+                    series.append(_psnr_series(f"{label}, set {key}",
+                                               frontier(rows, key) if family == "combined" else rows, key))
+            written.append(_plot_curve(series, folder / f"curve_{data['model']}_{name}.png",
+                                       f"{data['model']} {name}: mean PSNR on unseen prompts"))
     return written
+
+
+def _psnr_series(label: str, rows: list[dict[str, Any]], key: str) -> Any:
+    from plotting import Series
+
+    return Series(label, [r["speedup"] for r in rows], [statistics.mean(r["psnr"][key]) for r in rows])
+
+
+def _plot_curve(series: list[Any], out: Path, title: str) -> Path:
+    from plotting import plot
+
+    plot(series, str(out), title=title, xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
+    return out
 
 
 def fine_curves(folder: Path) -> list[Path]:
     """Per fine_<model>.json (a ``--tag _fine`` run: whole-step and fine rungs) and setting: mean PSNR on sets
     A and B against FLOP speed-up for the whole-step rungs alone, with the fine rungs, and fewer steps (from
     unseen_<model>.json)."""
-    from plotting import Series, plot
-
     written = []
     for path in sorted(folder.glob("fine_*.json")):
         data = json.loads(path.read_text())
@@ -445,16 +451,11 @@ def fine_curves(folder: Path) -> list[Path]:
             rows = sorted((r for r in setting["rows"] if r["family"] == "block_cache"), key=lambda r: r["speedup"])
             fewer = sorted((r for r in plain["settings"][name]["rows"] if r["family"] == "fewer_steps"),
                            key=lambda r: r["speedup"])
-            series = []
-            for key in ("A", "B"):
-                for label, shown in (("whole-step rungs", [r for r in rows if not r.get("partial")]),
-                                     ("with fine rungs", rows), ("fewer steps", fewer)):
-                    series.append(Series(f"{label}, set {key}", [r["speedup"] for r in shown],
-                                         [statistics.mean(r["psnr"][key]) for r in shown]))
-            out = folder / f"curve_fine_{data['model']}_{name}.png"
-            plot(series, str(out), title=f"{data['model']} {name}: whole-step and fine rungs on unseen prompts",
-                 xlabel="FLOP speed-up", ylabel="mean PSNR (dB)")
-            written.append(out)
+            series = [_psnr_series(f"{label}, set {key}", shown, key) for key in ("A", "B")
+                      for label, shown in (("whole-step rungs", [r for r in rows if not r.get("partial")]),
+                                           ("with fine rungs", rows), ("fewer steps", fewer))]
+            written.append(_plot_curve(series, folder / f"curve_fine_{data['model']}_{name}.png",
+                                       f"{data['model']} {name}: whole-step and fine rungs on unseen prompts"))
     return written
 
 
