@@ -167,11 +167,10 @@ class StepErrorModel:
 
     def layer_errors(self, step: int, history: tuple[int, ...]) -> tuple[float, ...]:
         """Each cached layer's part of ``error(step, history)``, in the order of the model's layers."""
-        raw = self._measured(step, history)[1]
-        return tuple(value * self.weights[step] for value in raw)
+        return self._measured(step, history)[1]
 
     def _measured(self, step: int, history: tuple[int, ...]) -> tuple[float, tuple[float, ...]]:
-        """(the weighted error, the unweighted per-layer errors), measured once per (step, history)."""
+        """(the weighted error, its per-layer parts), measured once per (step, history)."""
         key = (step, history)
         cached = self._cache.get(key)
         if cached is not None:
@@ -188,7 +187,8 @@ class StepErrorModel:
                 float(((sum(w * block[h] for w, h in zip(weights, history, strict=True)) - block[step]).abs().sum(1)
                        / norm[step]).mean())
                 for block, norm in zip(self._blocks, self._norms, strict=True))
-        result = (sum(raw) * self.weights[step], raw)
+        weight = self.weights[step]
+        result = (sum(raw) * weight, tuple(value * weight for value in raw))
         self._cache[key] = result
         return result
 
