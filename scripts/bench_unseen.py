@@ -93,6 +93,10 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                                         denoise=1.0, latent_shape=tuple(profile_latent["samples"].shape))
 
     profile = profile_at(steps)
+    if args.error_feedback:  # measured in the error model only: nothing is sampled again
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": error_feedback_rows(profile, target), "seconds": time.perf_counter() - started,
+                "profiled_pictures": len(profile_latent["samples"])}
     # The profiled prompts again with another noise seed: out of sample for the search, as validation can be.
     sets = {"profiled": (profile_positive, profile_latent, benchmark.PROFILE_SET[1]),
             "heldout": (profile_positive, profile_latent, benchmark.PROFILE_SET[1] + 1)}
@@ -211,6 +215,54 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_output_forecast",
                                  diffusion_model)
     return patched
+
+
+FEEDBACK_WEIGHTS = (0.25, 0.5, 1.0)
+
+
+def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
+    """An experiment in the spirit of FoCa's forecast-then-calibrate, measured where the search measures: on
+    the profile's trajectory, each whole-step rung's summed weighted forecast error (order 1) against the
+    same forecast corrected by the error it made at the last computed step (``weight`` times that error,
+    constant or scaled by the distance from that step), as a ratio (below 1: the correction helps)."""
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions(forecast_order=1))
+    model = found.model
+    values, taus = model._values, model.taus
+
+    def forecast(history: list[int], at: int) -> torch.Tensor:
+        weights = target.lagrange_weights([taus[h] for h in history], taus[at])
+        return sum(w * values[h] for w, h in zip(weights, history, strict=True))
+
+    def total(compute: list[int], weight: float, scaled: bool) -> float:
+        error = 0.0
+        for step in range(steps):
+            if step in compute:
+                continue
+            history = [c for c in reversed(compute) if c < step][:2]
+            value = forecast(history, step)
+            earlier = [c for c in reversed(compute) if c < history[0]][:2] if len(history) == 2 else []
+            if weight and len(earlier) == 2:
+                seen = values[history[0]] - forecast(earlier, history[0])
+                scale = (taus[step] - taus[history[0]]) / (taus[history[0]] - taus[earlier[0]]) if scaled else 1.0
+                value = value + weight * scale * seen
+            parts = torch.split((value - values[step]).abs(), model._sizes, dim=1)
+            error += sum(float((part.sum(1) / norm[step]).mean())
+                         for part, norm in zip(parts, model._norms, strict=True)) * model.weights[step]
+        return error
+
+    rows = []
+    for rung in target.whole_step_ladder(found, profile):
+        speedup = 1.0 / rung.flop_fraction
+        if not 1.5 <= speedup <= MAX_SPEEDUP:
+            continue
+        base = total(list(rung.steps), 0.0, False)
+        ratios = {f"{weight:g} {'scaled' if scaled else 'constant'}": total(list(rung.steps), weight, scaled) / base
+                  for weight in FEEDBACK_WEIGHTS for scaled in (False, True)}
+        rows.append({"family": "error_feedback", "computes": rung.computes, "speedup": speedup, "error": base,
+                     "ratios": ratios})
+        print(f"{speedup:.2f}x: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    return rows
 
 
 def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any, measure: Any,
@@ -521,6 +573,8 @@ def main() -> None:
     parser.add_argument("--chains", default="", help="an experiment: chains of partial reuse from the whole-step "
                         "rungs with speed-ups LOW-HIGH, e.g. 1.4-2.6")
     parser.add_argument("--chain-links", type=int, default=5)
+    parser.add_argument("--error-feedback", action="store_true", help="an experiment: the forecast corrected by "
+                        "the error seen at the last computed step, measured in the error model (no sampling)")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
