@@ -146,7 +146,9 @@ def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
     assert fine and len(ladder) == len(whole) + len(fine)
     assert [r.flop_fraction for r in ladder] == sorted(r.flop_fraction for r in ladder)
     by_count = {rung.computes: rung for rung in whole}
-    step_share = (1.0 - _flop_fraction_with_every_step_cached(profile, found)) / profile.grid.steps
+    # One step of every cached layer: computing at step 0 only leaves steps - 1 of them out.
+    only_first = target._flop_fraction(profile, found.layers, target.Rung(1, (0,), 0, 0.0, 0.0))
+    step_share = (1.0 - only_first) / (profile.grid.steps - 1)
     sizes = {len(rung.partial.layers) for rung in fine}
     assert sizes <= {round(len(found.layers) / 3), round(2 * len(found.layers) / 3)}
     for rung in fine:
@@ -164,13 +166,6 @@ def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
             row = schedule.layers[index].compute
             gaps = [b - a for a, b in itertools.pairwise([s for s, c in enumerate(row) if c] + [len(row)])]
             assert max(gaps) <= found.max_gap
-
-
-def _flop_fraction_with_every_step_cached(profile, found) -> float:
-    rung = target.Rung(1, (0,), 0, 0.0, 0.0)
-    fraction_one = target._flop_fraction(profile, found.layers, rung)
-    # One compute step of the cached layers costs (1 - fraction_one) / (steps - 1) of the whole.
-    return 1.0 - (1.0 - fraction_one) * profile.grid.steps / (profile.grid.steps - 1)
 
 
 
