@@ -57,7 +57,8 @@ def rung_label(computes: int, partial: PartialStep | None) -> str:
     return f"{computes} compute steps, {len(partial.layers)} layers reused at step {partial.step + 1}"
 
 
-def _partial_json(partial: PartialStep | None) -> dict[str, Any] | None:
+def partial_to_json(partial: PartialStep | None) -> dict[str, Any] | None:
+    """A rung's partial step as the JSON and the frontend payload write it (None: a whole-step rung)."""
     return None if partial is None else partial.to_json()
 
 
@@ -75,7 +76,7 @@ class LadderRung:
 
     def to_json(self) -> dict[str, Any]:
         return {"computes": self.computes, "order": self.order, "error": self.error,
-                "flop_fraction": self.flop_fraction, "steps": list(self.steps), "partial": _partial_json(self.partial)}
+                "flop_fraction": self.flop_fraction, "steps": list(self.steps), "partial": partial_to_json(self.partial)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LadderRung:
@@ -100,7 +101,7 @@ class Tried:
         return {"label": self.label, "steps": list(self.steps), "order": self.order,
                 "predicted_error": self.predicted_error, "measured_psnr": self.measured_psnr,
                 "expected_low": self.expected_low, "expected_high": self.expected_high,
-                "partial": _partial_json(self.partial)}
+                "partial": partial_to_json(self.partial)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tried:
@@ -161,7 +162,7 @@ class SteppedDown:
 
     def to_json(self) -> dict[str, Any]:
         return {"computes": self.computes, "order": self.order, "speedup": self.speedup, "steps": list(self.steps),
-                "partial": _partial_json(self.partial)}
+                "partial": partial_to_json(self.partial)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SteppedDown:
@@ -224,7 +225,7 @@ class TargetBuild:
             "max_consecutive_reuse": self.max_consecutive_reuse,
             "cached_layers": list(self.cached_layers),
             "compute_steps": list(self.compute_steps),
-            "chosen_partial": _partial_json(self.chosen_partial),
+            "chosen_partial": partial_to_json(self.chosen_partial),
             "chosen_order": self.chosen_order,
             "chosen_by": self.chosen_by,
             "predicted_error": self.predicted_error,

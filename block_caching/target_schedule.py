@@ -342,10 +342,7 @@ def _layer_error_totals(model: StepErrorModel, steps: int, compute_steps: tuple[
                         ) -> list[float]:
     """Per cached layer: the error model's summed error of computing at ``compute_steps`` only."""
     totals = [0.0] * model.layer_count
-    for step in range(steps):
-        if step in compute_steps:
-            continue
-        history = tuple(c for c in reversed(compute_steps) if c < step)[: order + 1]
+    for step, history in _reuse_histories(steps, compute_steps, order):
         for i, value in enumerate(model.layer_errors(step, history)):
             totals[i] += value
     return totals
@@ -383,12 +380,15 @@ def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[s
 def predicted_error(model: StepErrorModel, steps: int, compute_steps: tuple[int, ...], order: int) -> float:
     """The error model's summed error of a schedule (what the search minimizes)."""
     total = 0.0
-    for step in range(steps):
-        if step in compute_steps:
-            continue
-        history = tuple(c for c in reversed(compute_steps) if c < step)[: order + 1]
+    for step, history in _reuse_histories(steps, compute_steps, order):
         total += model.error(step, history)
     return total
+
+
+def _reuse_histories(steps: int, compute_steps: tuple[int, ...], order: int) -> list[tuple[int, tuple[int, ...]]]:
+    """Each reuse step of a schedule, with the computations its forecast reads (newest first)."""
+    return [(step, tuple(c for c in reversed(compute_steps) if c < step)[: order + 1])
+            for step in range(steps) if step not in compute_steps]
 
 
 def _with_flop_fraction(profile: BlockProfile, layers: list[int], rung: Rung) -> Rung:

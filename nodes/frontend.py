@@ -19,7 +19,7 @@ from ..block_caching.cache import BlockCacheHolder, cache_stats
 from ..block_caching.profile import BlockProfile
 from ..block_caching.run_summary import run_speedup_estimate
 from ..block_caching.schedule import CacheSchedule
-from ..block_caching.target_build import LadderRung, TargetBuild, forecast_order_label
+from ..block_caching.target_build import LadderRung, TargetBuild, forecast_order_label, partial_to_json
 from ..runtime.run import RunStats
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     block_caching/target_schedule.py choose_rung does)."""
     build = TargetBuild.of(schedule)
     cacheable = set(build.cached_layers)
-    partial = None if build.chosen_partial is None else build.chosen_partial.to_json()
+    partial = partial_to_json(build.chosen_partial)
     chosen = {"steps": list(build.compute_steps), "order": build.chosen_order, "partial": partial}
 
     def measured(rung: LadderRung) -> bool:
@@ -111,7 +111,7 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
         "rungs": [{"computes": r.computes, "steps": chosen["steps"] if measured(r) else list(r.steps),
                    "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction,
-                   "error": r.error, "partial": None if r.partial is None else r.partial.to_json()}
+                   "error": r.error, "partial": partial_to_json(r.partial)}
                   for r in build.ladder],
         # Where the quality floor stepped the target down: the schedule the node gave at that target.
         "floor": None if build.stepped_down_from is None else {
@@ -120,7 +120,7 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         # What validation measured on the profiled run (shown while the preview is that schedule).
         "measured": [{"steps": list(t.steps), "order": t.order, "psnr": t.measured_psnr, "low": t.expected_low,
                       "high": t.expected_high, "metric": build.measured_metric,
-                      "partial": None if t.partial is None else t.partial.to_json()} for t in build.measured],
+                      "partial": partial_to_json(t.partial)} for t in build.measured],
         "options": {"speedup_target": build.speedup_target, "forecast_order": forecast_order_label(build.forecast_order),
                     "cache_kinds": build.cache_kinds, "always_compute_first": build.always_compute_first,
                     "always_compute_last": build.always_compute_last,

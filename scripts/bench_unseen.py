@@ -144,7 +144,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             continue
         patched, _ = patching.apply_block_cache(model, target._schedule(profile, layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
-                     "steps": list(rung.steps), "partial": None if rung.partial is None else rung.partial.to_json(),
+                     "steps": list(rung.steps), "partial": benchmark._module("target_build").partial_to_json(rung.partial),
                      "speedup": speedup, "psnr": measure(patched, steps)})
         show(rung.label, rows[-1])
     for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
@@ -278,18 +278,10 @@ def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: An
     low, high = (float(v) for v in args.chains.split("-"))
 
     def layer_total(index: int, computed: frozenset[int], order: int) -> float:
-        total = 0.0
-        ordered = sorted(computed)
-        for step in range(steps):
-            if step in computed:
-                continue
-            history = tuple(c for c in reversed(ordered) if c < step)[: order + 1]
-            total += error_model.layer_errors(step, history)[index]
-        return total
+        return target._layer_error_totals(error_model, steps, tuple(sorted(computed)), order)[index]
 
     def fits(computed: frozenset[int]) -> bool:
-        bounds = (*sorted(computed), steps)
-        return all(b - a <= found.max_gap for a, b in zip(bounds, bounds[1:], strict=False))
+        return target._gaps_fit(tuple(sorted(computed)), steps, found.max_gap)
 
     rows = []
     for base in target.whole_step_ladder(found, profile):
@@ -379,6 +371,7 @@ def report(folder: Path) -> str:
                 label = {"block_cache": f"Block Cache, {row['computes']} compute steps{fine}, order {row.get('order')}",
                          "output_forecast": f"output forecast ({row.get('variable')}, order {row.get('order')}), "
                                             f"{row['computes']} compute steps",
+                         "chain": f"chain from {row['computes']} compute steps, link {row.get('links')}",
                          "combined": f"{row.get('sampler_steps')} steps + Block Cache, {row['computes']} compute "
                                      f"steps, order {row.get('order')}",
                          }.get(row["family"], f"fewer steps: {row['computes']}")
