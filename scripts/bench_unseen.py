@@ -67,18 +67,17 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                     scheduler: str, steps: int) -> dict[str, Any]:
     import nodes as comfy_nodes
 
-    reference_module = benchmark._module(benchmark.MODELS[args.model].module)
-    reference_data = benchmark._module("reference_data")
+    setup = benchmark.MODELS[args.model]
+    reference_module, prompt_source = benchmark._module(setup.module), benchmark._module(setup.prompts)
     patching, target = benchmark._module("patching"), benchmark._module("target_schedule")
     model = reference.patcher
     negative = reference.conditioning("")
     started = time.perf_counter()
 
     def batch(prompt_seed: int, count: int, repeats: int) -> tuple[Any, dict]:
-        prompts = reference_data.benchmark_prompts(count, seed=prompt_seed)
+        prompts = prompt_source.benchmark_prompts(count, seed=prompt_seed)
         items = [p for p in prompts for _ in range(repeats)]
-        latent = {"samples": torch.zeros(len(items), 3, reference_module.RESOLUTION, reference_module.RESOLUTION)}
-        return reference.conditioning_batch(items), latent
+        return reference.conditioning_batch(items), reference_module.empty_latent(len(items))
 
     def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps) -> torch.Tensor:
         (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, sampler, scheduler, positive, negative, latent)
@@ -104,9 +103,9 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         sets[key] = (*batch(prompt_seed, args.prompts, args.seeds), seed)
     uncached = {key: benchmark._pictures(sample(model, *value)) for key, value in sets.items()}
 
-    def measure(m: Any, n: int) -> dict[str, list[float]]:
-        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(m, *value, n)), uncached[key])]
-                for key, value in sets.items()}
+    def measure(m: Any, n: int, keys: tuple[str, ...] = tuple(sets)) -> dict[str, list[float]]:
+        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(m, *sets[key], n)), uncached[key])]
+                for key in keys}
 
     def show(label: str, row: dict[str, Any]) -> None:
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
@@ -120,6 +119,18 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
                 "rows": chain_rows(args, profile, target, patching, model, measure, show),
                 "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    if args.layer_orders:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": layer_order_rows(args, profile, target, patching, model, measure, show),
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    if args.greedy_measured:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": greedy_measured_rows(args, profile, target, patching, model, measure, show),
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    if args.step_sensitivity:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
+                "rows": step_sensitivity_rows(profile, target, patching, model, measure, show),
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
     if args.output_forecast:
         return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
                 "rows": output_forecast_rows(args, profile, target, model, measure, show),
@@ -132,6 +143,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         found = dataclasses.replace(found, layers=layers, model=error_model, per_order={
             order: target.best_schedules(error_model, steps, order, found.forced, found.max_gap)
             for order in found.per_order})
+    if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
+        found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         orders = tuple(int(o) for o in args.orders.split(","))
         found = dataclasses.replace(found, per_order={
@@ -140,7 +153,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     rows = []
     for rung in ladder[::-1][::args.stride][::-1]:
         speedup = 1.0 / rung.flop_fraction
-        if not max(MIN_SPEEDUP, args.min_speedup) <= speedup <= MAX_SPEEDUP:
+        if not max(MIN_SPEEDUP, args.min_speedup) <= speedup <= args.max_speedup:
             continue
         patched, _ = patching.apply_block_cache(model, target._schedule(profile, layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
@@ -265,6 +278,122 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
     return rows
 
 
+LAYER_ORDER_GROUPS = ("first third", "last third", "all")
+
+
+def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                     measure: Any, show: Any) -> list[dict[str, Any]]:
+    """An experiment: forecast order 0 (reuse as is) on some of the cached layers of each whole-step rung, the
+    others at the rung's own order. Every variant is measured on every set (family ``layer_orders``); the one
+    with the best held-out-seed PSNR, what the Build node could measure, is the rung's ``block_cache`` row."""
+    found = target.search(profile, target.TargetOptions())
+    layers = found.layers
+    third = max(1, len(layers) // 3)
+    groups = {"first third": layers[:third], "last third": layers[-third:], "all": layers}
+    rows = []
+    for rung in target.whole_step_ladder(found, profile):
+        speedup = 1.0 / rung.flop_fraction
+        if not max(MIN_SPEEDUP, args.min_speedup) <= speedup <= args.max_speedup:
+            continue
+        schedule = target._schedule(profile, layers, rung, {})
+        variants = []
+        for group in ("none", *LAYER_ORDER_GROUPS):
+            names = {profile.block_map.layers[i].name for i in groups.get(group, ())}
+            if group != "none" and rung.order == 0:
+                continue  # the same schedule again
+            varied = dataclasses.replace(schedule, layers=tuple(
+                dataclasses.replace(layer, forecast_order=0) if layer.name in names else layer
+                for layer in schedule.layers))
+            patched, _ = patching.apply_block_cache(model, varied)
+            variants.append({"family": "layer_orders", "computes": rung.computes, "order": rung.order,
+                             "order0_layers": group, "steps": list(rung.steps), "partial": None, "speedup": speedup,
+                             "psnr": measure(patched, profile.grid.steps)})
+            show(f"{rung.computes} compute steps, order 0 on {group}", variants[-1])
+        chosen = max(variants, key=lambda row: statistics.mean(row["psnr"]["heldout"]))
+        rows += variants + [{**chosen, "family": "block_cache"}]
+        show(f"{rung.computes} compute steps, chosen by the held-out seed: order 0 on {chosen['order0_layers']}",
+             rows[-1])
+    return rows
+
+
+def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                         measure: Any, show: Any) -> list[dict[str, Any]]:
+    """An experiment, the search by pictures instead of the error model: from computing every step, take away
+    one compute step at a time, the one whose reuse (every cached layer, order-1 forecast) keeps the profiled
+    pictures closest to their uncached pictures (least mean squared error, each candidate sampled); each
+    schedule on the way is then measured on the held-out seed and sets A and B. About steps^2 / 2 samplings of
+    the profiled prompts: a bound on what choosing steps by measurement can do, not a node's cost."""
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions(forecast_order=1))
+    compute, rows = tuple(range(steps)), []
+
+    def rung_of(chosen: tuple[int, ...]) -> Any:
+        return target._with_flop_fraction(profile, found.layers, target.Rung(len(chosen), chosen, 1, 0.0, 0.0))
+
+    while True:
+        best: tuple[float, tuple[int, ...]] | None = None
+        for step in compute:
+            trial = tuple(c for c in compute if c != step)
+            if found.forced[step] or not target._gaps_fit(trial, steps, found.max_gap):
+                continue
+            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung_of(trial), {}))
+            mse = statistics.mean(10 ** (-v / 10) for v in measure(patched, steps, ("profiled",))["profiled"])
+            if best is None or mse < best[0]:
+                best = (mse, trial)
+        if best is None:
+            break
+        compute = best[1]
+        rung = rung_of(compute)
+        speedup = 1.0 / rung.flop_fraction
+        if speedup > args.max_speedup:
+            break
+        if speedup < max(MIN_SPEEDUP, args.min_speedup):
+            continue
+        patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+        rows.append({"family": "block_cache", "computes": rung.computes, "order": 1, "steps": list(compute),
+                     "partial": None, "speedup": speedup, "psnr": measure(patched, steps)})
+        show(f"greedy by pictures, {rung.computes} compute steps", rows[-1])
+    return rows
+
+
+def with_measured_sensitivity(found: Any, target: Any, steps: int, path: Path, setting: str) -> Any:
+    """The search again, each step's error weighted by what reusing that step alone measured (a
+    ``--step-sensitivity`` file): the measured picture error over the predicted one; the first steps, which
+    that run does not measure, take the first measured step's ratio."""
+    rows = json.loads(path.read_text())["settings"][setting]["rows"]
+    ratios = {row["step"]: row["mse"] / max(row["predicted"], 1e-12) for row in rows}
+    first = ratios[min(ratios)]
+    model = found.model
+    model.weights = [w * ratios.get(step, first) for step, w in enumerate(model.weights)]
+    model._cache.clear()
+    return dataclasses.replace(found, per_order={
+        order: target.best_schedules(model, steps, order, found.forced, found.max_gap) for order in found.per_order})
+
+
+def step_sensitivity_rows(profile: Any, target: Any, patching: Any, model: Any, measure: Any,
+                          show: Any) -> list[dict[str, Any]]:
+    """An experiment: does the error model rank the steps as the pictures do? For each step with two
+    computed steps before it, every cached layer reused there alone (order-1 forecast from the two steps
+    before), its predicted error against the measured picture error (mean squared error, from the PSNR)
+    on the profiled prompts and the held-out seed."""
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions(forecast_order=1))
+    rows = []
+    for step in range(2, steps):
+        compute = tuple(s for s in range(steps) if s != step)
+        rung = target.Rung(steps - 1, compute, 1, 0.0, 1.0)
+        patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+        predicted = found.model.error(step, (step - 1, step - 2))
+        psnr = measure(patched, steps, ("profiled", "heldout"))
+        mse = statistics.mean(10 ** (-v / 10) for values in psnr.values() for v in values)
+        rows.append({"family": "step_sensitivity", "computes": steps - 1, "step": step, "speedup": 1.0,
+                     "predicted": predicted, "mse": mse, "psnr": psnr})
+        print(f"step {step + 1}: weight {found.model.weights[step]:.4f}, predicted {predicted:.5f}, "
+              f"measured mse {mse:.2e} ({10 * math.log10(1 / mse):.1f} dB), ratio {mse / max(predicted, 1e-12):.2e}",
+              flush=True)
+    return rows
+
+
 def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any, measure: Any,
                 show: Any) -> list[dict[str, Any]]:
     """An experiment: from each whole-step rung, a chain of schedules, each link reusing one more run of a
@@ -368,7 +497,10 @@ def report(folder: Path) -> str:
                 gap_b = statistics.mean(profiled) - statistics.mean(p["B"])
                 partial = row.get("partial")
                 fine = "" if not partial else f", {len(partial['layers'])} layers reused at step {partial['step'] + 1}"
+                if "order0_layers" in row:
+                    fine += f", order 0 on {row['order0_layers']}"
                 label = {"block_cache": f"Block Cache, {row['computes']} compute steps{fine}, order {row.get('order')}",
+                         "layer_orders": f"variant: {row['computes']} compute steps{fine}, order {row.get('order')}",
                          "output_forecast": f"output forecast ({row.get('variable')}, order {row.get('order')}), "
                                             f"{row['computes']} compute steps",
                          "chain": f"chain from {row['computes']} compute steps, link {row.get('links')}",
@@ -519,7 +651,8 @@ def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
     for path in sorted(folder.glob("unseen_*.json")):
         data = json.loads(path.read_text())
         for name, setting in data["settings"].items():
-            rungs = sorted((r for r in setting["rows"] if r["family"] == "block_cache"), key=lambda r: r["computes"])
+            # Fastest first: fine rungs share a compute count with the whole-step rung they are made from.
+            rungs = sorted((r for r in setting["rows"] if r["family"] == "block_cache"), key=lambda r: -r["speedup"])
             fewer = {r["computes"]: r for r in setting["rows"] if r["family"] == "fewer_steps"}
             if not rungs or "heldout" not in rungs[0]["psnr"]:  # an experiment's file: no ladder measured
                 continue
@@ -531,7 +664,7 @@ def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
                                           ("held-out seed, z 1.5", "heldout", 1.5, 3.0)):
                 if key not in start["psnr"]:
                     continue
-                chosen = next((r for r in rungs if r["computes"] >= start["computes"]
+                chosen = next((r for r in rungs if r["speedup"] <= start["speedup"]
                                and low(r["psnr"][key], z, min_sd) >= floor), None)
                 if chosen is None:
                     lines.append(f"| {data['model']} {name} | {label} | everything | | | | |")
@@ -550,7 +683,7 @@ def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("unet", "dit"), default="dit")
+    parser.add_argument("--model", choices=("unet", "dit", "video"), default="dit")
     parser.add_argument("--settings", default="")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
@@ -568,9 +701,18 @@ def main() -> None:
     parser.add_argument("--chain-links", type=int, default=5)
     parser.add_argument("--error-feedback", action="store_true", help="an experiment: the forecast corrected by "
                         "the error seen at the last computed step, measured in the error model (no sampling)")
+    parser.add_argument("--layer-orders", action="store_true", help="an experiment: forecast order 0 on a third "
+                        "or all of the cached layers of each whole-step rung, chosen by the held-out seed")
+    parser.add_argument("--greedy-measured", action="store_true", help="an experiment: compute steps taken away "
+                        "one at a time by the profiled pictures' measured error instead of the error model")
+    parser.add_argument("--step-sensitivity", action="store_true", help="an experiment: each step reused alone, "
+                        "the error model's prediction against the measured picture error")
+    parser.add_argument("--sensitivity", type=Path, default=None, help="an experiment: a --step-sensitivity "
+                        "results file; the ladder's search weights each step by its measured sensitivity")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
+    parser.add_argument("--max-speedup", type=float, default=MAX_SPEEDUP, help="only the rungs at most this fast")
     parser.add_argument("--min-speedup", type=float, default=MIN_SPEEDUP,
                         help="only the rungs at least this fast (fills in a --stride run's fast end)")
     parser.add_argument("--stride", type=int, default=1, help="every n-th rung and step count (long runs: ddim 50)")
@@ -585,7 +727,8 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     run(args)
-    sys.stdout.write(report(args.out) + "\n")
+    if not (args.step_sensitivity or args.error_feedback):  # their rows are not pictures of sets A and B
+        sys.stdout.write(report(args.out) + "\n")
 
 
 if __name__ == "__main__":
