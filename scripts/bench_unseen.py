@@ -92,10 +92,13 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                                         denoise=1.0, latent_shape=tuple(profile_latent["samples"].shape))
 
     profile = profile_at(steps)
+
+    def setting_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg, "rows": rows,
+                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+
     if args.error_feedback:  # measured in the error model only: nothing is sampled again
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": error_feedback_rows(profile, target), "seconds": time.perf_counter() - started,
-                "profiled_pictures": len(profile_latent["samples"])}
+        return setting_result(error_feedback_rows(profile, target))
     # The profiled prompts again with another noise seed: out of sample for the search, as validation can be.
     sets = {"profiled": (profile_positive, profile_latent, benchmark.PROFILE_SET[1]),
             "heldout": (profile_positive, profile_latent, benchmark.PROFILE_SET[1] + 1)}
@@ -111,30 +114,17 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
               + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
 
-    if args.combined:
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": combined_rows(args, steps, profile_at, target, patching, model, measure, show),
-                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
-    if args.chains:
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": chain_rows(args, profile, target, patching, model, measure, show),
-                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
-    if args.layer_orders:
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": layer_order_rows(args, profile, target, patching, model, measure, show),
-                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
-    if args.greedy_measured:
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": greedy_measured_rows(args, profile, target, patching, model, measure, show),
-                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
-    if args.step_sensitivity:
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": step_sensitivity_rows(profile, target, patching, model, measure, show),
-                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
-    if args.output_forecast:
-        return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
-                "rows": output_forecast_rows(args, profile, target, model, measure, show),
-                "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    experiments = {  # each measures its own rows instead of the ladder's
+        "combined": lambda: combined_rows(args, steps, profile_at, target, patching, model, measure, show),
+        "chains": lambda: chain_rows(args, profile, target, patching, model, measure, show),
+        "layer_orders": lambda: layer_order_rows(args, profile, target, patching, model, measure, show),
+        "greedy_measured": lambda: greedy_measured_rows(args, profile, target, patching, model, measure, show),
+        "step_sensitivity": lambda: step_sensitivity_rows(profile, target, patching, model, measure, show),
+        "output_forecast": lambda: output_forecast_rows(args, profile, target, model, measure, show),
+    }
+    for flag, rows_of in experiments.items():
+        if getattr(args, flag):
+            return setting_result(rows_of())
     found = target.search(profile, target.TargetOptions())
     if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
         first, last = (int(v) for v in args.always_compute.split(","))
@@ -163,8 +153,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
         rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
         show(f"{n} steps", rows[-1])
-    return {"sampler": sampler, "scheduler": scheduler, "steps": steps, "cfg": args.cfg, "rows": rows,
-            "seconds": time.perf_counter() - started, "profiled_pictures": len(profile_latent["samples"])}
+    return setting_result(rows)
 
 
 def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target: Any, patching: Any, model: Any,
@@ -508,7 +497,8 @@ def report(folder: Path) -> str:
                                      f"steps, order {row.get('order')}",
                          }.get(row["family"], f"fewer steps: {row['computes']}")
                 heldout = p.get("heldout")
-                held = (f"{statistics.mean(heldout):.1f} ({statistics.stdev(heldout):.1f})" if heldout else "–")
+                held = (f"{statistics.mean(heldout):.1f} ({statistics.stdev(heldout) if len(heldout) > 1 else math.nan:.1f})"
+                        if heldout else "–")
                 held_gap = (f"; {statistics.mean(heldout) - statistics.mean(p['A']):+.1f}, "
                             f"{statistics.mean(heldout) - statistics.mean(p['B']):+.1f}" if heldout else "")
                 lines.append(f"| {label} | {row['speedup']:.2f}x | {statistics.mean(profiled):.1f} ({sd:.1f}) | "
