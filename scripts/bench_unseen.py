@@ -35,6 +35,16 @@ MIN_SPEEDUP, MAX_SPEEDUP = 1.15, 4.0
 MAX_COMBINED_CACHE_SPEEDUP = 1.8  # the cache's share of a combined row: where it loses least
 
 
+def in_band(args: argparse.Namespace, speedup: float) -> bool:
+    """Whether a rung's speed-up lies in the range this run measures (--min-speedup to --max-speedup)."""
+    return max(MIN_SPEEDUP, args.min_speedup) <= speedup <= args.max_speedup
+
+
+def mean_squared_error(psnrs: list[float]) -> float:
+    """The mean over pictures of the squared error behind each PSNR (pictures in [0, 1])."""
+    return statistics.mean(10 ** (-v / 10) for v in psnrs)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_pack()
     import benchmark
@@ -143,7 +153,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     rows = []
     for rung in ladder[::-1][::args.stride][::-1]:
         speedup = 1.0 / rung.flop_fraction
-        if not max(MIN_SPEEDUP, args.min_speedup) <= speedup <= args.max_speedup:
+        if not in_band(args, speedup):
             continue
         patched, _ = patching.apply_block_cache(model, target._schedule(profile, layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
@@ -282,14 +292,14 @@ def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     rows = []
     for rung in target.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
-        if not max(MIN_SPEEDUP, args.min_speedup) <= speedup <= args.max_speedup:
+        if not in_band(args, speedup):
             continue
         schedule = target._schedule(profile, layers, rung, {})
         variants = []
         for group in ("none", *LAYER_ORDER_GROUPS):
-            names = {profile.block_map.layers[i].name for i in groups.get(group, ())}
             if group != "none" and rung.order == 0:
                 continue  # the same schedule again
+            names = {profile.block_map.layers[i].name for i in groups.get(group, ())}
             varied = dataclasses.replace(schedule, layers=tuple(
                 dataclasses.replace(layer, forecast_order=0) if layer.name in names else layer
                 for layer in schedule.layers))
@@ -326,7 +336,7 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
             if found.forced[step] or not target._gaps_fit(trial, steps, found.max_gap):
                 continue
             patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung_of(trial), {}))
-            mse = statistics.mean(10 ** (-v / 10) for v in measure(patched, steps, ("profiled",))["profiled"])
+            mse = mean_squared_error(measure(patched, steps, ("profiled",))["profiled"])
             if best is None or mse < best[0]:
                 best = (mse, trial)
         if best is None:
@@ -336,7 +346,7 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
         speedup = 1.0 / rung.flop_fraction
         if speedup > args.max_speedup:
             break
-        if speedup < max(MIN_SPEEDUP, args.min_speedup):
+        if not in_band(args, speedup):
             continue
         patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": 1, "steps": list(compute),
@@ -374,7 +384,7 @@ def step_sensitivity_rows(profile: Any, target: Any, patching: Any, model: Any, 
         patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
         predicted = found.model.error(step, (step - 1, step - 2))
         psnr = measure(patched, steps, ("profiled", "heldout"))
-        mse = statistics.mean(10 ** (-v / 10) for values in psnr.values() for v in values)
+        mse = mean_squared_error([v for values in psnr.values() for v in values])
         rows.append({"family": "step_sensitivity", "computes": steps - 1, "step": step, "speedup": 1.0,
                      "predicted": predicted, "mse": mse, "psnr": psnr})
         print(f"step {step + 1}: weight {found.model.weights[step]:.4f}, predicted {predicted:.5f}, "
