@@ -85,6 +85,14 @@ class Measurement:
     def high(self) -> float:
         return self.mean + EXPECTED_RANGE_Z * self.standard_error
 
+    def beats(self, other: Measurement) -> bool:
+        """Whether these pictures, the same ones as ``other``'s sampled another way, are closer to their
+        uncached pictures by more than the noise: the mean per-picture gain exceeds EXPECTED_RANGE_Z of its
+        standard errors (a paired comparison: the prompts' own spread cancels)."""
+        gains = [mine - theirs for mine, theirs in zip(self.pictures, other.pictures, strict=True)]
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        return statistics.fmean(gains) > EXPECTED_RANGE_Z * spread / math.sqrt(len(gains))
+
     def describe(self) -> str:
         return (f"{self.mean:.1f} dB over {len(self.pictures)} held-out pictures, expected "
                 f"{self.low:.1f}-{self.high:.1f} dB on other prompts")

@@ -50,16 +50,25 @@ class PartialStep:
         return cls(int(data["step"]), tuple(int(layer) for layer in data["layers"]))
 
 
-def rung_label(computes: int, partial: PartialStep | None) -> str:
-    """How the node and the logs name a rung: its compute steps, and a fine rung's partial step (1-based)."""
-    if partial is None:
-        return f"{computes} compute steps"
-    return f"{computes} compute steps, {len(partial.layers)} layers reused at step {partial.step + 1}"
+def rung_label(computes: int, partial: PartialStep | None, as_is_layers: tuple[int, ...] = ()) -> str:
+    """How the node and the logs name a rung: its compute steps, a fine rung's partial step (1-based), and the
+    layers reused as they are (forecast order 0)."""
+    label = f"{computes} compute steps"
+    if partial is not None:
+        label += f", {len(partial.layers)} layers reused at step {partial.step + 1}"
+    if as_is_layers:
+        label += f", {len(as_is_layers)} layers reused as they are"
+    return label
 
 
 def partial_to_json(partial: PartialStep | None) -> dict[str, Any] | None:
     """A rung's partial step as the JSON and the frontend payload write it (None: a whole-step rung)."""
     return None if partial is None else partial.to_json()
+
+
+def _layer_indices(data: list[Any] | None) -> tuple[int, ...]:
+    """Block-map indices from the JSON (absent in schedules saved before per-layer orders: none)."""
+    return tuple(int(layer) for layer in data or ())
 
 
 @dataclass(frozen=True)
@@ -96,12 +105,13 @@ class Tried:
     expected_low: float | None  # None: measured before ranges were recorded
     expected_high: float | None
     partial: PartialStep | None = None
+    as_is_layers: tuple[int, ...] = ()  # block-map indices forecast with order 0 whatever ``order`` is
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "steps": list(self.steps), "order": self.order,
                 "predicted_error": self.predicted_error, "measured_psnr": self.measured_psnr,
                 "expected_low": self.expected_low, "expected_high": self.expected_high,
-                "partial": partial_to_json(self.partial)}
+                "partial": partial_to_json(self.partial), "as_is_layers": list(self.as_is_layers)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tried:
@@ -109,7 +119,7 @@ class Tried:
         return cls(str(data["label"]), tuple(int(s) for s in data["steps"]), int(data["order"]),
                    float(data["predicted_error"]), float(data["measured_psnr"]),
                    None if low is None else float(low), None if high is None else float(high),
-                   PartialStep.from_json(data.get("partial")))
+                   PartialStep.from_json(data.get("partial")), _layer_indices(data.get("as_is_layers")))
 
 
 @dataclass(frozen=True)
@@ -159,15 +169,17 @@ class SteppedDown:
     speedup: float
     steps: tuple[int, ...]
     partial: PartialStep | None = None
+    as_is_layers: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"computes": self.computes, "order": self.order, "speedup": self.speedup, "steps": list(self.steps),
-                "partial": partial_to_json(self.partial)}
+                "partial": partial_to_json(self.partial), "as_is_layers": list(self.as_is_layers)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SteppedDown:
         return cls(int(data["computes"]), int(data["order"]), float(data["speedup"]),
-                   tuple(int(s) for s in data["steps"]), PartialStep.from_json(data.get("partial")))
+                   tuple(int(s) for s in data["steps"]), PartialStep.from_json(data.get("partial")),
+                   _layer_indices(data.get("as_is_layers")))
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,7 @@ class TargetBuild:
     notes: tuple[str, ...] = ()
     combined: CombinedSteps | None = None  # built for fewer sampler steps than profiled
     chosen_partial: PartialStep | None = None  # the chosen rung is a fine one
+    chosen_as_is_layers: tuple[int, ...] = ()  # cached layers forecast with order 0 (chosen by measurement)
 
     def to_json(self) -> dict[str, Any]:
         """The schedule's ``builder`` JSON."""
@@ -226,6 +239,7 @@ class TargetBuild:
             "cached_layers": list(self.cached_layers),
             "compute_steps": list(self.compute_steps),
             "chosen_partial": partial_to_json(self.chosen_partial),
+            "chosen_as_is_layers": list(self.chosen_as_is_layers),
             "chosen_order": self.chosen_order,
             "chosen_by": self.chosen_by,
             "predicted_error": self.predicted_error,
@@ -272,6 +286,7 @@ class TargetBuild:
             notes=tuple(str(note) for note in data.get("notes", ())),
             combined=optional("combined", CombinedSteps),
             chosen_partial=PartialStep.from_json(data.get("chosen_partial")),
+            chosen_as_is_layers=_layer_indices(data.get("chosen_as_is_layers")),
         )
 
     @classmethod

@@ -270,17 +270,20 @@ function refreshTarget(node, force = false) {
   const floor = ladder.floor;
   const floored = Boolean(floor) && speedup === floor.target && Number(values.min_psnr ?? floor.min_psnr) === floor.min_psnr;
   const result = floored ? rungSchedule(ladder, floor.rung) : targetSchedule(ladder, speedup > 0 ? speedup : 1);
+  // Layers the measured choice reuses as they are (order 0); absent from payloads before per-layer orders.
+  const asIs = result.rung.as_is_layers ?? [];
   drawSchedule(widget.canvas, ladder.layers, ladder.steps, result.mask,
     `schedule for ${speedup}x (${ladder.options.cache_kinds})`);
   const lines = [formatEstimate(result),
     `the cost of ${result.equivalentSteps.toFixed(1)} uncached steps; computes at steps ${result.rung.steps.join(", ")}` +
       (result.rung.partial ? ` (${result.rung.partial.layers.length} layers reuse at step ${result.rung.partial.step + 1})` : "") +
-      `; forecast order ${result.rung.order}`];
+      `; forecast order ${result.rung.order}` +
+      (asIs.length ? `, 0 (reused as they are) on ${asIs.map((i) => ladder.layers[i].name).join(", ")}` : "")];
   const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
   const samePartial = (a, b) => (a ?? null) === null ? (b ?? null) === null
     : (b ?? null) !== null && a.step === b.step && same(a.layers, b.layers);
   const measured = (ladder.measured ?? []).find((m) => m.order === result.rung.order && same(m.steps, result.rung.steps)
-    && samePartial(m.partial, result.rung.partial));
+    && samePartial(m.partial, result.rung.partial) && same(m.as_is_layers ?? [], asIs));
   if (measured) {
     const range = measured.low != null && measured.high != null
       ? `; expected ${measured.low.toFixed(1)}-${measured.high.toFixed(1)} dB on other prompts` : "";

@@ -96,11 +96,12 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     build = TargetBuild.of(schedule)
     cacheable = set(build.cached_layers)
     partial = partial_to_json(build.chosen_partial)
-    chosen = {"steps": list(build.compute_steps), "order": build.chosen_order, "partial": partial}
+    chosen = {"steps": list(build.compute_steps), "order": build.chosen_order, "partial": partial,
+              "as_is_layers": list(build.chosen_as_is_layers)}
 
     def measured(rung: LadderRung) -> bool:
-        """The rung the node chose by measurement (a whole-step one): its preview is what was measured best."""
-        return (build.chosen_by == "measured" and rung.partial is None and partial is None
+        """The rung the node chose by measurement: its preview is what was measured best."""
+        return (build.chosen_by == "measured" and rung.partial == build.chosen_partial
                 and rung.computes == len(build.compute_steps))
 
     return {
@@ -111,7 +112,8 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
         "rungs": [{"computes": r.computes, "steps": chosen["steps"] if measured(r) else list(r.steps),
                    "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction,
-                   "error": r.error, "partial": partial_to_json(r.partial)}
+                   "error": r.error, "partial": partial_to_json(r.partial),
+                   "as_is_layers": chosen["as_is_layers"] if measured(r) else []}
                   for r in build.ladder],
         # Where the quality floor stepped the target down: the schedule the node gave at that target.
         "floor": None if build.stepped_down_from is None else {
@@ -120,7 +122,8 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         # What validation measured on the profiled run (shown while the preview is that schedule).
         "measured": [{"steps": list(t.steps), "order": t.order, "psnr": t.measured_psnr, "low": t.expected_low,
                       "high": t.expected_high, "metric": build.measured_metric,
-                      "partial": partial_to_json(t.partial)} for t in build.measured],
+                      "partial": partial_to_json(t.partial), "as_is_layers": list(t.as_is_layers)}
+                     for t in build.measured],
         "options": {"speedup_target": build.speedup_target, "forecast_order": forecast_order_label(build.forecast_order),
                     "cache_kinds": build.cache_kinds, "always_compute_first": build.always_compute_first,
                     "always_compute_last": build.always_compute_last,

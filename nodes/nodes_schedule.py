@@ -74,9 +74,13 @@ class BuildTargetSchedule(io.ComfyNode):
                                tooltip="'measure PSNR' samples the profiled prompts with another seed, uncached and "
                                        "with the chosen schedule (one run at full cost, one at the target's), and "
                                        "shows how close the pictures stay and the range expected on other prompts. "
-                                       "'choose by measured PSNR' samples every schedule of that cost (up to 4: the "
-                                       "search's best per forecast order and evenly spaced steps) and keeps the "
-                                       "closest; with few profiled pictures this is a noisy judge. 'off' is instant."),
+                                       "'choose by measured PSNR' also samples the other schedules of that cost "
+                                       "(up to 3: the search's best per forecast order and evenly spaced steps) "
+                                       "and, with forecast order 'auto', the kept one with order 0 (reuse as is) "
+                                       "on the first third, the last third or all of the cached layers (3 more "
+                                       "runs); one replaces the search's choice only where its pictures are closer "
+                                       "by more than their noise (few profiled pictures are a noisy judge). 'off' "
+                                       "is instant."),
                 io.Float.Input("min_psnr", default=DEFAULT_MIN_PSNR, min=0.0, max=60.0, step=0.5, optional=True,
                                tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "
                                        "on): the schedule is measured on the profiled prompts with another seed, and "
@@ -130,11 +134,13 @@ class BuildTargetSchedule(io.ComfyNode):
         partial = build.chosen_partial
         reused = ("" if partial is None else f" ({', '.join(schedule.layers[i].name for i in partial.layers)} reuse "
                   f"at step {partial.step + 1})")
-        lines = [schedule.summary(),
-                 f"computes at steps {list(build.compute_steps)}{reused}; forecast order {build.chosen_order}"]
+        as_is = build.chosen_as_is_layers
+        orders = f"forecast order {build.chosen_order}" + ("" if not as_is else (
+            f", 0 (reused as they are) on {', '.join(schedule.layers[i].name for i in as_is)}"))
+        lines = [schedule.summary(), f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
         for tried in build.measured:
             chosen = (tried.steps == build.compute_steps and tried.order == build.chosen_order
-                      and tried.partial == partial)
+                      and tried.partial == partial and tried.as_is_layers == as_is)
             lines.append(f"{'chosen' if chosen else 'tried'}: {tried.label}, {metric} PSNR "
                          f"{tried.measured_psnr:.1f} dB against uncached on the profiled prompts with another "
                          f"seed; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} dB on other prompts")
@@ -142,7 +148,8 @@ class BuildTargetSchedule(io.ComfyNode):
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
         stepped = build.stepped_down_from
         if stepped is not None:
-            lines.append(f"the {speedup:g}x target ({stepped.speedup:.2f}x, {rung_label(stepped.computes, stepped.partial)}) "
+            label = rung_label(stepped.computes, stepped.partial, stepped.as_is_layers)
+            lines.append(f"the {speedup:g}x target ({stepped.speedup:.2f}x, {label}) "
                          f"is expected below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
                          + ("" if len(build.compute_steps) < steps else
                             ", computing everything (no faster schedule reached the floor)")

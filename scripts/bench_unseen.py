@@ -128,6 +128,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "combined": lambda: combined_rows(args, steps, profile_at, target, patching, model, measure, show),
         "chains": lambda: chain_rows(args, profile, target, patching, model, measure, show),
         "layer_orders": lambda: layer_order_rows(args, profile, target, patching, model, measure, show),
+        "node_choice": lambda: node_choice_rows(args, profile, target, patching, model, measure, show),
         "greedy_measured": lambda: greedy_measured_rows(args, profile, target, patching, model, measure, show),
         "step_sensitivity": lambda: step_sensitivity_rows(profile, target, patching, model, measure, show),
         "output_forecast": lambda: output_forecast_rows(args, profile, target, model, measure, show),
@@ -312,6 +313,33 @@ def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
         rows += variants + [{**chosen, "family": "block_cache"}]
         show(f"{rung.computes} compute steps, chosen by the held-out seed: order 0 on {chosen['order0_layers']}",
              rows[-1])
+    return rows
+
+
+def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                     measure: Any, show: Any) -> list[dict[str, Any]]:
+    """The Build node's own choice at each target of --node-choice (its floor, --floor): its validation
+    measures on the profiled prompts with the held-out seed, as the node does, 'measure PSNR' (family
+    ``node_measure``) and 'choose by measured PSNR' (``node_choose``, per-layer orders included); the schedule
+    it gives is then measured on every set."""
+    def held_out(schedule: Any) -> Any:
+        patched, _ = patching.apply_block_cache(model, schedule)
+        return target.Measurement(tuple(measure(patched, schedule.grid.steps, ("heldout",))["heldout"]))
+
+    rows = []
+    for speedup in (float(v) for v in args.node_choice.split(",")):
+        for family, choose in (("node_measure", False), ("node_choose", True)):
+            schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, min_psnr=args.floor),
+                                                    held_out, choose_by_measure=choose)
+            build = target.TargetBuild.of(schedule)
+            patched, _ = patching.apply_block_cache(model, schedule)
+            rows.append({"family": family, "target": speedup, "computes": len(build.compute_steps),
+                         "order": build.chosen_order, "steps": list(build.compute_steps),
+                         "partial": None if build.chosen_partial is None else build.chosen_partial.to_json(),
+                         "as_is_layers": list(build.chosen_as_is_layers), "speedup": schedule.estimated_speedup,
+                         "samplings": len(build.measured), "psnr": measure(patched, profile.grid.steps)})
+            show(f"target {speedup:g}, {family}, {len(build.compute_steps)} compute steps, as is "
+                 f"{list(build.chosen_as_is_layers)}", rows[-1])
     return rows
 
 
@@ -505,6 +533,11 @@ def report(folder: Path) -> str:
                          "chain": f"chain from {row['computes']} compute steps, link {row.get('links')}",
                          "combined": f"{row.get('sampler_steps')} steps + Block Cache, {row['computes']} compute "
                                      f"steps, order {row.get('order')}",
+                         "node_measure": f"node, target {row.get('target')}, 'measure PSNR': {row['computes']} compute "
+                                         f"steps{fine}, order {row.get('order')}",
+                         "node_choose": f"node, target {row.get('target')}, 'choose by measured PSNR': "
+                                        f"{row['computes']} compute steps{fine}, order {row.get('order')}, "
+                                        f"{len(row.get('as_is_layers') or [])} layers as is",
                          }.get(row["family"], f"fewer steps: {row['computes']}")
                 heldout = p.get("heldout")
                 held = (f"{statistics.mean(heldout):.1f} ({statistics.stdev(heldout) if len(heldout) > 1 else math.nan:.1f})"
@@ -703,6 +736,9 @@ def main() -> None:
                         "the error seen at the last computed step, measured in the error model (no sampling)")
     parser.add_argument("--layer-orders", action="store_true", help="an experiment: forecast order 0 on a third "
                         "or all of the cached layers of each whole-step rung, chosen by the held-out seed")
+    parser.add_argument("--node-choice", default="", help="the Build node's choice at these targets, e.g. 2,2.25: "
+                        "'measure PSNR' and 'choose by measured PSNR' (families node_measure, node_choose)")
+    parser.add_argument("--floor", type=float, default=30.0, help="--node-choice's min_psnr")
     parser.add_argument("--greedy-measured", action="store_true", help="an experiment: compute steps taken away "
                         "one at a time by the profiled pictures' measured error instead of the error model")
     parser.add_argument("--step-sensitivity", action="store_true", help="an experiment: each step reused alone, "

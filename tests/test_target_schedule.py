@@ -225,32 +225,108 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
     scores = {}
 
     def measure(schedule):
-        row = next(layer.compute for layer in schedule.layers if not all(layer.compute))
-        order = next(layer.forecast_order for layer in schedule.layers if not all(layer.compute))
-        key = (tuple(s for s, c in enumerate(row) if c), order)
-        scores[key] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
-        return scores[key]
+        scores[_schedule_key(schedule)] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
+        return scores[_schedule_key(schedule)]
 
-    # A target exactly at a whole-step rung's cost (a fine rung's choice is not compared with others).
-    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
-    speedup = 1.0 / next(r for r in ladder if r.partial is None and 1.8 < 1.0 / r.flop_fraction < 3.0).flop_fraction
+    speedup = _whole_rung_speedup(profile)
     validated = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), measure)
     assert validated.builder["chosen_by"] == "predicted" and len(validated.builder["measured"]) == 1
     assert validated.layers == target.build_target_schedule(profile, target.TargetOptions(speedup=speedup)).layers
     scores.clear()
-    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), measure,
-                                            choose_by_measure=True)
+    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order=1),
+                                            measure, choose_by_measure=True)
     builder = schedule.builder
     tried = builder["measured"]
     assert builder["chosen_by"] == "measured" and len(tried) == len(scores) >= 2
     assert {len(t["steps"]) for t in tried} == {len(builder["compute_steps"])}, "candidates cost the same"
     assert any(t["label"].startswith("evenly spaced") for t in tried)
+    assert not any(t["as_is_layers"] for t in tried), "an asked forecast order is kept on every layer"
     best = max(tried, key=lambda t: t["measured_psnr"])
     assert builder["compute_steps"] == best["steps"] and builder["chosen_order"] == best["order"]
     # The preview's rung at this cost is the measured choice.
     ladder = ladder_payload(schedule)
     rung = next(r for r in ladder["rungs"] if r["computes"] == len(best["steps"]) and r["partial"] is None)
     assert rung["steps"] == best["steps"] and rung["order"] == best["order"]
+
+
+def _schedule_key(schedule) -> tuple:
+    """A schedule's compute steps and its cached layers' forecast orders."""
+    reused = [layer for layer in schedule.layers if not all(layer.compute)]
+    steps = tuple(s for s, c in enumerate(reused[0].compute) if c)
+    return steps, tuple(layer.forecast_order for layer in reused)
+
+
+def _whole_rung_speedup(profile) -> float:
+    """A target exactly at a whole-step rung's cost (a fine rung's choice is not compared with others)."""
+    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    return 1.0 / next(r for r in ladder if r.partial is None and 1.8 < 1.0 / r.flop_fraction < 3.0).flop_fraction
+
+
+def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_better(pack, profiled):
+    """With an 'auto' order, 'choose by measured PSNR' also measures the kept schedule with order 0 on the first
+    third, the last third and all of the cached layers; one replaces it only where its per-picture gain is
+    above the pictures' noise (a paired comparison), and the schedule, the JSON and the preview say which."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    speedup = _whole_rung_speedup(profile)
+    plain = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), lambda s: 30.0,
+                                         choose_by_measure=True)
+    cached = [i for i, layer in enumerate(plain.layers) if not all(layer.compute)]
+    third = len(cached) // 3
+    assert third >= 1
+    base_order = plain.builder["chosen_order"]
+
+    def scored(gains_by_group):
+        """A measure: 4 pictures at 30 dB, plus per-picture gains for the variants named (by their as-is layers)."""
+        groups = {"first": cached[:third], "last": cached[-third:], "all": cached}
+
+        def measure(schedule):
+            as_is = [i for i in cached if schedule.layers[i].forecast_order == 0]
+            name = next((n for n, layers in groups.items() if as_is and as_is == layers), None)
+            return Measurement(tuple(30.0 + g for g in gains_by_group.get(name, (0.0,) * 4)))
+        return measure
+
+    # Last third: +2 dB on every picture (clearly better); all: +3 dB on average, but noise (+9, -3, +9, -3).
+    schedule = target.build_target_schedule(
+        profile, target.TargetOptions(speedup=speedup), scored({"last": (2.0,) * 4, "all": (9.0, -3.0, 9.0, -3.0)}),
+        choose_by_measure=True)
+    builder = schedule.builder
+    assert builder["chosen_as_is_layers"] == cached[-third:]
+    assert [schedule.layers[i].forecast_order for i in cached] == [base_order] * (len(cached) - third) + [0] * third
+    variants = [t for t in builder["measured"] if t["as_is_layers"]]
+    assert [t["as_is_layers"] for t in variants] == [cached[:third], cached[-third:], cached]
+    assert all(t["steps"] == builder["compute_steps"] and t["order"] == base_order for t in variants)
+    assert builder["expected_psnr"]["mean"] == 32.0
+    assert target.TargetBuild.of(schedule_from_json(schedule_to_json(schedule))).chosen_as_is_layers == tuple(
+        cached[-third:])
+    payload = ladder_payload(schedule)
+    rung = next(r for r in payload["rungs"] if r["computes"] == len(builder["compute_steps"]) and not r["partial"])
+    assert rung["as_is_layers"] == cached[-third:]
+    assert sum(1 for m in payload["measured"] if m["as_is_layers"] == cached[-third:]) == 1
+    # Only noise: the schedule keeps its order on every layer.
+    noisy = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup),
+                                         scored({"all": (9.0, -3.0, 9.0, -3.0)}), choose_by_measure=True)
+    assert noisy.builder["chosen_as_is_layers"] == [] and noisy.layers == plain.layers
+    assert [t["label"].endswith("within the pictures' noise)") for t in noisy.builder["measured"]][-3:] == [
+        False, False, True]
+    # The floor also judges the search's own schedule: a variant's reading is the best of several.
+    floored = target.build_target_schedule(
+        profile, target.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"last": (5.0,) * 4}),
+        choose_by_measure=True)
+    stepped = floored.builder["stepped_down_from"]
+    assert stepped["as_is_layers"] == cached[-third:] and floored.compute_mask().all()
+
+
+def test_a_paired_gain_beats_only_above_its_noise(pack):
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    base = Measurement((30.0, 25.0, 40.0, 35.0))
+    assert Measurement((31.0, 26.0, 41.0, 36.0)).beats(base)  # +1 on every picture: no noise
+    assert not Measurement((38.0, 20.0, 48.0, 30.0)).beats(base)  # +3 on average, +8 / -5 alternating
+    assert not base.beats(base)
+    with pytest.raises(ValueError):
+        Measurement((31.0,)).beats(base)  # not the same pictures
 
 
 def _computes(schedule) -> int:
@@ -320,6 +396,14 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
     versus = result.result[0].builder["fewer_steps"]
     assert versus["steps"] == round(10 / result.result[0].estimated_speedup)
     assert ("better than fewer steps" in text) != versus["better"] and result.result[3] == 10
+    chosen = BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0, "choose by measured PSNR", 0.0, "off")
+    schedule, text = chosen.result[0], chosen.ui["text"][0]
+    lines = text.splitlines()
+    assert sum(line.startswith("chosen: ") for line in lines) == 1
+    assert len([line for line in lines if ", order 0 on the " in line]) == 3, text
+    as_is = schedule.builder["chosen_as_is_layers"]
+    assert [schedule.layers[i].forecast_order for i in as_is] == [0] * len(as_is)
+    assert ("reused as they are) on " in text) == bool(as_is)
     merged = merge_profiles([profile, profile])
     assert len(merged.replays) == 2
     loaded = profile_from_dict(profile_to_dict(profile))
