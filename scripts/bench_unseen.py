@@ -8,6 +8,7 @@ disjoint evaluation sets A and B (16 prompt x seed pairs each). Writes every per
 docs/benchmark/unseen/README.md. The profiling, tuning (A) and checking (B) prompts are disjoint.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_unseen.py --model dit --out out/unseen
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_unseen.py --model video --node-choice 2.25,2.5 --out out/x
     .venv/bin/python scripts/bench_unseen.py --report out/unseen
 """
 
