@@ -88,9 +88,10 @@ class Measurement:
     def beats(self, other: Measurement) -> bool:
         """Whether these pictures, the same ones as ``other``'s sampled another way, are closer to their
         uncached pictures by more than the noise: the mean per-picture gain exceeds EXPECTED_RANGE_Z of its
-        standard errors (a paired comparison: the prompts' own spread cancels)."""
+        standard errors (a paired comparison: the prompts' own spread cancels). One picture cannot show its
+        noise: its gain must exceed ``min_sd``."""
         gains = [mine - theirs for mine, theirs in zip(self.pictures, other.pictures, strict=True)]
-        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        spread = statistics.stdev(gains) if len(gains) > 1 else self.min_sd
         return statistics.fmean(gains) > EXPECTED_RANGE_Z * spread / math.sqrt(len(gains))
 
     def describe(self) -> str:

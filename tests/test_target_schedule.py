@@ -327,6 +327,11 @@ def test_a_paired_gain_beats_only_above_its_noise(pack):
     assert not base.beats(base)
     with pytest.raises(ValueError):
         Measurement((31.0,)).beats(base)  # not the same pictures
+    # One picture cannot show its noise: the gain must exceed the least spread taken (3 dB), or any gain
+    # where it is known exactly.
+    assert not Measurement((32.0,)).beats(Measurement((30.0,)))
+    assert Measurement((34.0,)).beats(Measurement((30.0,)))
+    assert Measurement((30.5,), min_sd=0.0).beats(Measurement((30.0,), min_sd=0.0))
 
 
 def _computes(schedule) -> int:
