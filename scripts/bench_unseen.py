@@ -330,6 +330,8 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     rows = []
     for speedup in (float(v) for v in args.node_choice.split(",")):
         for family, choose in (("node_measure", False), ("node_choose", True)):
+            if family not in args.node_families.split(","):
+                continue
             schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, min_psnr=args.floor),
                                                     held_out, choose_by_measure=choose)
             build = target.TargetBuild.of(schedule)
@@ -740,6 +742,7 @@ def main() -> None:
     parser.add_argument("--node-choice", default="", help="the Build node's choice at these targets, e.g. 2,2.25: "
                         "'measure PSNR' and 'choose by measured PSNR' (families node_measure, node_choose)")
     parser.add_argument("--floor", type=float, default=30.0, help="--node-choice's min_psnr")
+    parser.add_argument("--node-families", default="node_measure,node_choose", help="--node-choice's validations")
     parser.add_argument("--greedy-measured", action="store_true", help="an experiment: compute steps taken away "
                         "one at a time by the profiled pictures' measured error instead of the error model")
     parser.add_argument("--step-sensitivity", action="store_true", help="an experiment: each step reused alone, "
