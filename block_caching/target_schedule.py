@@ -452,8 +452,8 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
         kept = better_of(kept, [(label, candidate) for label, candidate in candidates(found, profile, rung.computes)
                                 if (candidate.steps, candidate.order) != (rung.steps, rung.order)])
     if choose_by_measure and per_layer_orders:
-        kept = better_of(kept, [(f"{kept[2]}, {label}", variant)
-                                for label, variant in as_is_variants(found, profile, kept[0])])
+        kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
+                                for group, variant in as_is_variants(found, profile, kept[0])])
     return kept[0], kept[1], own
 
 
@@ -481,7 +481,7 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
 
 def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tuple[str, Rung]]:
     """``rung`` with order 0 on each AS_IS_GROUPS group of the cached layers (groups that coincide, with few
-    layers, once), labelled by the group; none for a rung whose order is 0 already."""
+    layers, once), with the group's name; none for a rung whose order is 0 already."""
     if rung.order == 0:
         return []
     layers = found.layers
@@ -495,9 +495,13 @@ def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tup
         seen.add(as_is)
         variant = dataclasses.replace(rung, as_is_layers=as_is)
         error = rung_error(found.model, profile.grid.steps, layers, variant)
-        variants.append((f"order 0 on the {'cached layers' if name == 'all' else name + ' of the cached layers'}",
-                         dataclasses.replace(variant, error=error)))
+        variants.append((name, dataclasses.replace(variant, error=error)))
     return variants
+
+
+def _group_words(group: str) -> str:
+    """An AS_IS_GROUPS group as the node's text names it."""
+    return "the cached layers" if group == "all" else f"the {group} of the cached layers"
 
 
 def rung_error(model: StepErrorModel, steps: int, layers: list[int], rung: Rung) -> float:

@@ -279,7 +279,6 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
     return rows
 
 
-LAYER_ORDER_GROUPS = ("first third", "last third", "all")
 
 
 def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
@@ -288,24 +287,14 @@ def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     others at the rung's own order. Every variant is measured on every set (family ``layer_orders``); the one
     with the best held-out-seed PSNR, what the Build node could measure, is the rung's ``block_cache`` row."""
     found = target.search(profile, target.TargetOptions())
-    layers = found.layers
-    third = max(1, len(layers) // 3)
-    groups = {"first third": layers[:third], "last third": layers[-third:], "all": layers}
     rows = []
     for rung in target.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
         if not in_band(args, speedup):
             continue
-        schedule = target._schedule(profile, layers, rung, {})
         variants = []
-        for group in ("none", *LAYER_ORDER_GROUPS):
-            if group != "none" and rung.order == 0:
-                continue  # the same schedule again
-            names = {profile.block_map.layers[i].name for i in groups.get(group, ())}
-            varied = dataclasses.replace(schedule, layers=tuple(
-                dataclasses.replace(layer, forecast_order=0) if layer.name in names else layer
-                for layer in schedule.layers))
-            patched, _ = patching.apply_block_cache(model, varied)
+        for group, varied in [("none", rung), *target.as_is_variants(found, profile, rung)]:
+            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, varied, {}))
             variants.append({"family": "layer_orders", "computes": rung.computes, "order": rung.order,
                              "order0_layers": group, "steps": list(rung.steps), "partial": None, "speedup": speedup,
                              "psnr": measure(patched, profile.grid.steps)})
