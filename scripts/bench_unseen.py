@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from comfy_bootstrap import PACK_MODULE, load_pack  # noqa: E402
 
 MIN_SPEEDUP, MAX_SPEEDUP = 1.15, 4.0
+CALIBRATION_SET = (777, 3001)  # prompt seed, first noise seed: disjoint from the profiling and evaluation sets
 MAX_COMBINED_CACHE_SPEEDUP = 1.8  # the cache's share of a combined row: where it loses least
 
 
@@ -133,6 +134,14 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "greedy_measured": lambda: greedy_measured_rows(args, profile, target, patching, model, measure, show),
         "step_sensitivity": lambda: step_sensitivity_rows(profile, target, patching, model, measure, show),
         "output_forecast": lambda: output_forecast_rows(args, profile, target, model, measure, show),
+        "even_steps": lambda: even_step_rows(args, profile, target, patching, model, measure, show),
+        "teacache_steps": lambda: teacache_step_rows(
+            args, profile, target, patching, model, measure, show,
+            lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
+        "calibrate": lambda: calibration_rows(args, profile, target, patching, model, measure, show,
+                                              benchmark._module("calibration"),
+                                              [(batch(CALIBRATION_SET[0], args.prompts, 1)[0], negative)],
+                                              batch(CALIBRATION_SET[0], args.prompts, 1)[1]),
     }
     for flag, rows_of in experiments.items():
         if getattr(args, flag):
@@ -332,6 +341,108 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
                          "samplings": len(build.measured), "psnr": measure(patched, profile.grid.steps)})
             show(f"target {speedup:g}, {family}, {len(build.compute_steps)} compute steps, as is "
                  f"{list(build.chosen_as_is_layers)}", rows[-1])
+    return rows
+
+
+def calibration_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                     measure: Any, show: Any, calibration: Any, prompts: list[tuple[Any, Any]],
+                     latent: dict) -> list[dict[str, Any]]:
+    """An experiment: Block Caching's learned scale-shift correction (Calibrate Block Cache's training) on
+    each whole-step rung in the band, trained on prompts disjoint from every other set (``CALIBRATION_SET``,
+    one batch per iteration, a fresh noise seed each); the rung without (``block_cache``) and with it
+    (``calibrated``) measured on every set."""
+    found = target.search(profile, target.TargetOptions())
+    options = calibration.CalibrationOptions(iterations=args.calibrate, seed=CALIBRATION_SET[1])
+    rows = []
+    for rung in target.whole_step_ladder(found, profile):
+        speedup = 1.0 / rung.flop_fraction
+        if not in_band(args, speedup):
+            continue
+        schedule = target._schedule(profile, found.layers, rung, {})
+        row = {"computes": rung.computes, "order": rung.order, "steps": list(rung.steps), "partial": None,
+               "speedup": speedup}
+        patched, _ = patching.apply_block_cache(model, schedule)
+        rows.append({**row, "family": "block_cache", "psnr": measure(patched, profile.grid.steps)})
+        show(f"{rung.computes} compute steps", rows[-1])
+        result = calibration.calibrate(model, schedule, prompts, latent["samples"], options)
+        patched, _ = patching.apply_block_cache(model, result.schedule)
+        rows.append({**row, "family": "calibrated", "iterations": args.calibrate,
+                     "losses": [round(v, 6) for v in result.losses], "psnr": measure(patched, profile.grid.steps)})
+        show(f"{rung.computes} compute steps, calibrated ({args.calibrate} iterations, loss "
+             f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f})", rows[-1])
+    return rows
+
+
+def teacache_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                       measure: Any, show: Any, sample_profiled: Any) -> list[dict[str, Any]]:
+    """An experiment (video only): the steps the TeaCache rule for Wan computes at each --teacache-steps
+    threshold, as a fixed Block Cache schedule at forecast orders 0 and 1, against the ladder's rung of the
+    same count. Wan's indicator (the time modulation ``e0``) depends on the step alone, so the rule's
+    decisions are the same for every prompt: replayed here from one uncached run of the profiled prompts,
+    with the polynomial fitted on that run as the benchmark fits it."""
+    import bench_peers
+
+    steps = profile.grid.steps
+    indicators: list[Any] = []
+    dit = model.get_model_object("diffusion_model")
+    hook = dit.get_submodule("blocks.0").register_forward_pre_hook(
+        lambda module, hook_args, kwargs: indicators.append(kwargs["e"].detach().clone()), with_kwargs=True)
+    try:
+        sample_profiled(model)
+    finally:
+        hook.remove()
+    per_step = indicators[::len(indicators) // steps]  # one per step when cond and uncond come in two calls
+    coefficients = bench_peers.fit_teacache_polynomial(model, sample_profiled, "blocks.0",
+                                                       bench_peers.wan_time_modulation)
+    found = target.search(profile, target.TargetOptions())
+    whole = {rung.computes: rung for rung in target.whole_step_ladder(found, profile)}
+    rows = []
+    for threshold in (float(v) for v in args.teacache_steps.split(",")):
+        accumulated, chosen = 0.0, [0]
+        for step in range(1, steps):
+            accumulated += max(0.0, float(np.polyval(coefficients, bench_peers._relative_l1(
+                per_step[step], per_step[step - 1]))))
+            if step == steps - 1 or accumulated >= threshold:
+                accumulated = 0.0
+                chosen.append(step)
+        print(f"TeaCache {threshold:g}: computes {len(chosen)} steps: {[s + 1 for s in chosen]}", flush=True)
+        for order in (0, 1):
+            rung = target._with_flop_fraction(profile, found.layers,
+                                              target.Rung(len(chosen), tuple(chosen), order, 0.0, 0.0))
+            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+            rows.append({"family": f"teacache_steps_order{order}", "threshold": threshold, "computes": len(chosen),
+                         "order": order, "steps": chosen, "speedup": 1.0 / rung.flop_fraction,
+                         "psnr": measure(patched, steps)})
+            show(f"TeaCache {threshold:g}'s steps, order {order}", rows[-1])
+        if len(chosen) in whole:
+            rung = whole[len(chosen)]
+            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+            rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
+                         "steps": list(rung.steps), "speedup": 1.0 / rung.flop_fraction,
+                         "psnr": measure(patched, steps)})
+            show(f"the ladder's {rung.computes} compute steps {[s + 1 for s in rung.steps]}", rows[-1])
+    return rows
+
+
+def even_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                   measure: Any, show: Any) -> list[dict[str, Any]]:
+    """An experiment: for each whole-step rung in the band, the same count of compute steps spread evenly from
+    the first step to the last (both computed, as TeaCache's rule does), at the rung's order; both measured."""
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions())
+    rows = []
+    for rung in target.whole_step_ladder(found, profile):
+        speedup = 1.0 / rung.flop_fraction
+        if not in_band(args, speedup) or rung.computes < 2:
+            continue
+        even = tuple(sorted({round(i * (steps - 1) / (rung.computes - 1)) for i in range(rung.computes)}))
+        for family, chosen in (("block_cache", rung.steps), ("even_with_last", even)):
+            varied = target._with_flop_fraction(profile, found.layers,
+                                                target.Rung(len(chosen), tuple(chosen), rung.order, 0.0, 0.0))
+            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, varied, {}))
+            rows.append({"family": family, "computes": len(chosen), "order": rung.order, "steps": list(chosen),
+                         "speedup": 1.0 / varied.flop_fraction, "psnr": measure(patched, steps)})
+            show(f"{family} {[s + 1 for s in chosen]}, order {rung.order}", rows[-1])
     return rows
 
 
@@ -738,6 +849,12 @@ def main() -> None:
                         "the error model's prediction against the measured picture error")
     parser.add_argument("--sensitivity", type=Path, default=None, help="an experiment: a --step-sensitivity "
                         "results file; the ladder's search weights each step by its measured sensitivity")
+    parser.add_argument("--calibrate", type=int, default=0, help="an experiment: each whole-step rung with a "
+                        "scale-shift correction trained for this many iterations on other prompts")
+    parser.add_argument("--even-steps", action="store_true", help="an experiment: each whole-step rung's count "
+                        "of compute steps spread evenly from the first step to the last")
+    parser.add_argument("--teacache-steps", default="", help="an experiment (video): the TeaCache rule's compute "
+                        "steps at these thresholds, e.g. 0.1,0.15,0.2, as Block Cache schedules")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")

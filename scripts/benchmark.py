@@ -149,7 +149,8 @@ FAMILY_LABELS = {
 PACKAGES = {
     **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
                      "builtin_models"), "demo_models"),
-    **dict.fromkeys(("patching", "schedule", "target_schedule", "target_build", "replay", "cache", "profile", "fidelity"),
+    **dict.fromkeys(("patching", "schedule", "target_schedule", "target_build", "replay", "cache", "profile", "fidelity",
+                     "calibration"),
                     "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
     "mapping": "block_maps",
