@@ -132,6 +132,10 @@ class Rung:
         return rung_label(self.computes, self.partial, self.as_is_layers)
 
 
+# Choosing by measurement, the floor probes this many slower rungs one by one before it bisects the rest: on the
+# video reference model at 30 steps a rung's best candidate kept 35 dB where the next slower one's kept less.
+FLOOR_SCAN_FIRST = 3
+
 # Per-layer forecast orders that 'choose by measured PSNR' also measures for the schedule it kept: order 0
 # (reuse as is) on the first or the last third of the cached layers, or on all of them. On the video
 # reference model the held-out seed's pick kept 2-10 dB more on unseen prompts at 2-2.7x; on the transformer
@@ -368,13 +372,15 @@ def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Ru
 
 def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[str, Rung]]:
     """Schedules of equal cost (``count`` compute steps) to choose from by measurement: the search's best for
-    each order, and evenly spaced compute steps (the uniform interval of FORA / TaylorSeer) with each order."""
+    each order, and compute steps spread evenly from the first step to the last (TeaCache's rule computes both
+    ends; on the video reference model the last step alone is worth about 10 dB, docs/benchmark-video.md)
+    with each order."""
     steps = profile.grid.steps
     found_steps: list[tuple[str, tuple[int, ...], int]] = []
     for order, results in found.per_order.items():
         if count in results:
             found_steps.append((f"searched, order {order}", results[count][1], order))
-    even = tuple((i * steps) // count for i in range(count))
+    even = tuple(round(i * (steps - 1) / (count - 1)) for i in range(count)) if count > 1 else (0,)
     gaps = [b - a for a, b in zip(even, (*even[1:], steps), strict=True)]
     if all(s in even for s in range(steps) if found.forced[s]) and max(gaps) <= found.max_gap:
         found_steps += [(f"evenly spaced, order {order}", even, order) for order in found.per_order]
@@ -424,8 +430,8 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
 
 def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                      measure: Callable[[CacheSchedule], Measurement | float], choose_by_measure: bool,
-                     per_layer_orders: bool, tried: list[Tried]) -> tuple[Rung, Measurement, Measurement]:
-    """The rung kept, its measurement, and that of ``rung`` (the search's choice). With ``choose_by_measure``,
+                     per_layer_orders: bool, tried: list[Tried]) -> tuple[Rung, Measurement]:
+    """The rung kept and its measurement (at first ``rung``, the search's choice). With ``choose_by_measure``,
     its equal-cost ``candidates`` (a fine rung has none) and then, with ``per_layer_orders`` (an 'auto'
     forecast order), the kept one's ``as_is_variants`` are measured too, and the best of them replaces the
     kept one only where it ``beats`` it: a few pictures are a noisy judge (on the UNet reference model the
@@ -454,29 +460,36 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
     if choose_by_measure and per_layer_orders:
         kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
                                 for group, variant in as_is_variants(found, profile, kept[0])])
-    return kept[0], kept[1], own
+    return kept[0], kept[1]
 
 
 def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
-                       measure: Callable[[Rung], Measurement]) -> tuple[Rung | None, list[tuple[Rung, Measurement]]]:
+                       probe: Callable[[Rung], tuple[Rung, Measurement]],
+                       scan_first: int = 0) -> tuple[Rung | None, Measurement | None]:
     """The fastest rung slower than ``rung`` whose expected PSNR on other prompts (the low end of its
-    measured range) reaches ``floor`` (None: none does, so only computing everything will), and every
-    measurement taken. Fidelity grows with the compute steps, so a bisection over the slower rungs
-    measures about log2 of their number; computing every step (the uncached run) needs no measurement."""
+    measured range) reaches ``floor``, as ``probe`` keeps and measures it, with its measurement (None: none
+    does, so only computing everything will). Fidelity grows with the compute steps, so a bisection over the
+    slower rungs probes about log2 of their number; computing every step (the uncached run) needs none.
+    ``scan_first`` rungs next to ``rung`` are probed one by one first: where each rung is the best of its
+    candidates, fidelity no longer grows step by step, and the bisection could pass over the fastest."""
     slower = sorted((candidate for candidate in ladder
                      if candidate.flop_fraction > rung.flop_fraction and candidate.computes < steps),
                     key=lambda candidate: candidate.flop_fraction)
-    measured: list[tuple[Rung, Measurement]] = []
-    low, high, found = 0, len(slower), None
+    for candidate in slower[:scan_first]:
+        kept, value = probe(candidate)
+        if value.low >= floor:
+            return kept, value
+    slower = slower[scan_first:]
+    low, high = 0, len(slower)
+    found: tuple[Rung | None, Measurement | None] = (None, None)
     while low < high:
         middle = (low + high) // 2
-        value = measurement(measure(slower[middle]))
-        measured.append((slower[middle], value))
+        kept, value = probe(slower[middle])
         if value.low >= floor:
-            found, high = slower[middle], middle
+            found, high = (kept, value), middle
         else:
             low = middle + 1
-    return found, measured
+    return found
 
 
 def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tuple[str, Rung]]:
@@ -544,30 +557,42 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
     recorded. With ``choose_by_measure``, other schedules of that cost are measured and one may replace it
     (``_measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
-    of the measured range) of the choice, or of the search's own schedule, is below it, the choice steps
-    down the ladder to the fastest rung that reaches it (``step_down_to_floor``), or to computing
-    everything. ``fewer_steps`` (the same measure of uncached sampling with fewer steps) compares the choice
+    of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung
+    that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
+    equal-cost candidates), or to computing everything. ``fewer_steps`` (the same measure of uncached sampling with fewer steps) compares the choice
     with fewer steps at its cost.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)
+    if measure is not None and choose_by_measure:
+        # Only whole-step rungs have equal-cost candidates to choose from, and the floor's bisection needs its
+        # rungs measured alike; a whole-step rung's best candidate kept more than the fine rungs around it.
+        ladder = [candidate for candidate in ladder if candidate.partial is None]
     rung = choose_rung(ladder, options.speedup)
     steps = profile.grid.steps
     stepped_from: Rung | None = None
     tried: list[Tried] = []
     chosen: Measurement | None = None
     if measure is not None and rung.computes < steps:
-        rung, chosen, own = _measured_choice(found, profile, rung, measure, choose_by_measure,
-                                             per_layer_orders=options.forecast_order is None, tried=tried)
-        # The search's own reading is judged too: the chosen one's is the best of several, flattered by the pick.
-        if options.min_psnr and min(chosen.low, own.low) < options.min_psnr:
+        rung, chosen = _measured_choice(found, profile, rung, measure, choose_by_measure,
+                                        per_layer_orders=options.forecast_order is None, tried=tried)
+        # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
+        if options.min_psnr and chosen.low < options.min_psnr:
             stepped_from = rung
-            floor_rung, measured = step_down_to_floor(ladder, rung, options.min_psnr, steps,
-                                                      lambda r: measure(_schedule(profile, found.layers, r, {})))
-            for candidate, value in measured:
-                tried.append(_tried(f"stepped down, {candidate.label}", candidate, value))
+
+            def probe(candidate: Rung) -> tuple[Rung, Measurement]:
+                """A slower rung measured; with ``choose_by_measure``, the best of its equal-cost candidates."""
+                probed: list[Tried] = []
+                kept, value = _measured_choice(found, profile, candidate, measure, choose_by_measure,
+                                               per_layer_orders=False, tried=probed)
+                tried.extend(dataclasses.replace(t, label=f"stepped down, {candidate.label}"
+                                                 + ("" if t.label.startswith("searched") else f": {t.label}"))
+                             for t in probed)
+                return kept, value
+
+            floor_rung, chosen = step_down_to_floor(ladder, rung, options.min_psnr, steps, probe,
+                                                    scan_first=FLOOR_SCAN_FIRST if choose_by_measure else 0)
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
-            chosen = next((value for candidate, value in measured if candidate is floor_rung), None)
     versus = None
     if fewer_steps is not None and chosen is not None and rung.computes < steps:
         # Uncached sampling at the schedule's cost: as many steps as its FLOPs buy (at least 1).

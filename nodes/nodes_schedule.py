@@ -75,11 +75,13 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "with the chosen schedule (one run at full cost, one at the target's), and "
                                        "shows how close the pictures stay and the range expected on other prompts. "
                                        "'choose by measured PSNR' also samples the other schedules of that cost "
-                                       "(up to 3: the search's best per forecast order and evenly spaced steps) "
+                                       "(up to 3: the search's best per forecast order and steps spread evenly to the last) "
                                        "and, with forecast order 'auto', the kept one with order 0 (reuse as is) "
                                        "on the first third, the last third or all of the cached layers (3 more "
                                        "runs); one replaces the search's choice only where its pictures are closer "
-                                       "by more than their noise (few profiled pictures are a noisy judge). 'off' "
+                                       "by more than their noise (few profiled pictures are a noisy judge), and "
+                                       "is then what the quality floor judges; it chooses among whole-step "
+                                       "schedules only (the ones with candidates of equal cost). 'off' "
                                        "is instant."),
                 io.Float.Input("min_psnr", default=DEFAULT_MIN_PSNR, min=0.0, max=60.0, step=0.5, optional=True,
                                tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "

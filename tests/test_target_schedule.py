@@ -220,6 +220,19 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
     assert torch.isfinite(out).all()
 
 
+def test_the_evenly_spaced_candidate_computes_the_first_and_the_last_step(pack, profiled):
+    *_, profile = profiled
+    steps = profile.grid.steps
+    found = target.search(profile, target.TargetOptions())
+    for count in range(3, steps):
+        even = [rung for label, rung in target.candidates(found, profile, count) if label.startswith("evenly")]
+        for rung in even:
+            spacing = [b - a for a, b in zip(rung.steps, rung.steps[1:], strict=False)]
+            assert rung.steps[0] == 0 and rung.steps[-1] == steps - 1 and len(set(rung.steps)) == count
+            assert max(spacing) - min(spacing) <= 1, rung.steps
+    assert any(label.startswith("evenly") for label, _ in target.candidates(found, profile, steps // 2))
+
+
 def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
     *_, profile = profiled
     scores = {}
@@ -310,12 +323,18 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
     assert noisy.builder["chosen_as_is_layers"] == [] and noisy.layers == plain.layers
     assert [t["label"].endswith("within the pictures' noise)") for t in noisy.builder["measured"]][-3:] == [
         False, False, True]
-    # The floor also judges the search's own schedule: a variant's reading is the best of several.
+    # A variant that clearly beats the search's own schedule carries the floor: the search's own reads
+    # below it (30 dB, range 28.5-31.5), the variant above (35 dB).
     floored = target.build_target_schedule(
         profile, target.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"last": (5.0,) * 4}),
         choose_by_measure=True)
-    stepped = floored.builder["stepped_down_from"]
-    assert stepped["as_is_layers"] == cached[-third:] and floored.compute_mask().all()
+    assert floored.builder["stepped_down_from"] is None and floored.builder["chosen_as_is_layers"] == cached[-third:]
+    assert floored.builder["expected_psnr"]["mean"] == 35.0
+    # Within the noise it does not: the floor steps down.
+    floored = target.build_target_schedule(
+        profile, target.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"all": (9.0, -3.0, 9.0, -3.0)}),
+        choose_by_measure=True)
+    assert floored.builder["stepped_down_from"] is not None
 
 
 def test_a_paired_gain_beats_only_above_its_noise(pack):
@@ -366,6 +385,58 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
     assert unreachable.compute_mask().all() and unreachable.builder["stepped_down_from"] is not None
     with pytest.raises(ValueError, match="min_psnr"):
         target.TargetOptions(min_psnr=-1.0).validate()
+
+
+def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pack, profiled):
+    """'choose by measured PSNR' probes each slower rung with its equal-cost candidates: where evenly spread
+    steps clearly beat the search's (+8 dB on every picture), the floor stops at a faster rung."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    steps = profile.grid.steps
+
+    def measure(schedule):  # 2 dB per compute step, +8 where the steps are spread evenly to the last
+        count = _computes(schedule)
+        row = next((layer.compute for layer in schedule.layers if not all(layer.compute)), (True,) * steps)
+        even = {round(i * (steps - 1) / (count - 1)) for i in range(count)} if count > 1 else {0}
+        computed = {s for s, c in enumerate(row) if c}
+        return Measurement((2.0 * count + (8.0 if computed == even else 0.0),) * 4)
+
+    options = target.TargetOptions(speedup=2.5, min_psnr=20.0, forecast_order=1)
+    plain = target.build_target_schedule(profile, options, measure)
+    chosen = target.build_target_schedule(profile, options, measure, choose_by_measure=True)
+    assert plain.builder["stepped_down_from"] is not None and chosen.builder["stepped_down_from"] is not None
+    computes = len(chosen.builder["compute_steps"])
+    assert computes < len(plain.builder["compute_steps"])
+    assert chosen.builder["expected_psnr"]["low"] >= 20.0 > 2.0 * computes
+    assert chosen.builder["compute_steps"] == [round(i * (steps - 1) / (computes - 1)) for i in range(computes)]
+    assert any(t["label"].startswith("stepped down") and "evenly spaced" in t["label"]
+               for t in chosen.builder["measured"])
+    # Choosing among candidates, it keeps to the whole-step rungs: fine rungs have no equal-cost candidates.
+    assert any(rung.get("partial") for rung in plain.builder["ladder"])
+    assert not any(rung.get("partial") for rung in chosen.builder["ladder"])
+
+
+def test_the_floor_probes_the_next_rungs_one_by_one_before_it_bisects(pack, profiled):
+    """Where fidelity does not grow rung by rung (each rung the best of its candidates), the scan finds the
+    next slower rung that reaches the floor; a bisection alone passes over it."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    steps = profile.grid.steps
+    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    whole = [rung for rung in ladder if rung.partial is None]
+    fastest = min(whole, key=lambda rung: rung.flop_fraction)
+    slower = sorted((r for r in whole if r.flop_fraction > fastest.flop_fraction and r.computes < steps),
+                    key=lambda rung: rung.flop_fraction)
+    assert len(slower) >= 5
+
+    def probe(rung):  # the next slower rung reaches the floor, the two after it do not, the rest do
+        reaches = rung is slower[0] or rung.flop_fraction >= slower[3].flop_fraction
+        return rung, Measurement((40.0 if reaches else 20.0,) * 4)
+
+    assert target.step_down_to_floor(whole, fastest, 30.0, steps, probe, scan_first=3)[0] is slower[0]
+    assert target.step_down_to_floor(whole, fastest, 30.0, steps, probe)[0] is not slower[0]
 
 
 @pytest.fixture
