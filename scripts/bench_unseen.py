@@ -156,6 +156,12 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             for order in found.per_order})
     if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
         found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
+    if args.flat_weights:  # an experiment: every step's error weighted alike, not by how far it moves the latent
+        found.model.weights = [statistics.mean(found.model.weights)] * len(found.model.weights)
+        found.model._cache.clear()
+        found = dataclasses.replace(found, per_order={
+            order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap)
+            for order in found.per_order})
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         orders = tuple(int(o) for o in args.orders.split(","))
         found = dataclasses.replace(found, per_order={
@@ -851,6 +857,8 @@ def main() -> None:
                         "results file; the ladder's search weights each step by its measured sensitivity")
     parser.add_argument("--calibrate", type=int, default=0, help="an experiment: each whole-step rung with a "
                         "scale-shift correction trained for this many iterations on other prompts")
+    parser.add_argument("--flat-weights", action="store_true", help="an experiment: the ladder searched with "
+                        "every step's error weighted alike")
     parser.add_argument("--even-steps", action="store_true", help="an experiment: each whole-step rung's count "
                         "of compute steps spread evenly from the first step to the last")
     parser.add_argument("--teacache-steps", default="", help="an experiment (video): the TeaCache rule's compute "
