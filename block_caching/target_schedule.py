@@ -372,9 +372,9 @@ def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Ru
 
 def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[str, Rung]]:
     """Schedules of equal cost (``count`` compute steps) to choose from by measurement: the search's best for
-    each order, and compute steps spread evenly from the first step to the last (TeaCache's rule computes both
-    ends; on the video reference model the last step alone is worth about 10 dB, docs/benchmark-video.md)
-    with each order."""
+    each order, and compute steps spread evenly from the first step to the last (as TeaCache's rule computes
+    them; on the video reference model they kept 3-12 dB more than the search's below 3x,
+    docs/benchmark-video.md) with each order."""
     steps = profile.grid.steps
     found_steps: list[tuple[str, tuple[int, ...], int]] = []
     for order, results in found.per_order.items():
@@ -559,8 +559,8 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     (``_measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
     of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung
     that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
-    equal-cost candidates), or to computing everything. ``fewer_steps`` (the same measure of uncached sampling with fewer steps) compares the choice
-    with fewer steps at its cost.
+    equal-cost candidates), or to computing everything. ``fewer_steps`` (the same measure of uncached
+    sampling with fewer steps) compares the choice with fewer steps at its cost.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)

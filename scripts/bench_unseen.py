@@ -150,22 +150,16 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
         first, last = (int(v) for v in args.always_compute.split(","))
         layers = found.layers[first:len(found.layers) - last]
-        error_model = target.StepErrorModel(profile, layers)
-        found = dataclasses.replace(found, layers=layers, model=error_model, per_order={
-            order: target.best_schedules(error_model, steps, order, found.forced, found.max_gap)
-            for order in found.per_order})
+        found = searched_again(dataclasses.replace(found, layers=layers, model=target.StepErrorModel(profile, layers)),
+                               target, steps)
     if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
         found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
     if args.flat_weights:  # an experiment: every step's error weighted alike, not by how far it moves the latent
         found.model.weights = [statistics.mean(found.model.weights)] * len(found.model.weights)
         found.model._cache.clear()
-        found = dataclasses.replace(found, per_order={
-            order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap)
-            for order in found.per_order})
+        found = searched_again(found, target, steps)
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
-        orders = tuple(int(o) for o in args.orders.split(","))
-        found = dataclasses.replace(found, per_order={
-            order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap) for order in orders})
+        found = searched_again(found, target, steps, tuple(int(o) for o in args.orders.split(",")))
     ladder, layers = target.ladder_of(found, profile), found.layers
     rows = []
     for rung in ladder[::-1][::args.stride][::-1]:
@@ -492,6 +486,14 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
     return rows
 
 
+def searched_again(found: Any, target: Any, steps: int, orders: tuple[int, ...] = ()) -> Any:
+    """``found`` with its ladder searched again on its own error model (changed by an experiment), for
+    ``orders`` or the orders it was searched for."""
+    return dataclasses.replace(found, per_order={
+        order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap)
+        for order in (orders or tuple(found.per_order))})
+
+
 def with_measured_sensitivity(found: Any, target: Any, steps: int, path: Path, setting: str) -> Any:
     """The search again, each step's error weighted by what reusing that step alone measured (a
     ``--step-sensitivity`` file): the measured picture error over the predicted one; the first steps, which
@@ -502,8 +504,7 @@ def with_measured_sensitivity(found: Any, target: Any, steps: int, path: Path, s
     model = found.model
     model.weights = [w * ratios.get(step, first) for step, w in enumerate(model.weights)]
     model._cache.clear()
-    return dataclasses.replace(found, per_order={
-        order: target.best_schedules(model, steps, order, found.forced, found.max_gap) for order in found.per_order})
+    return searched_again(found, target, steps)
 
 
 def step_sensitivity_rows(profile: Any, target: Any, patching: Any, model: Any, measure: Any,
