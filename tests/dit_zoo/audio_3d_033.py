@@ -50,14 +50,16 @@ def _stable_audio3_model(model_config):
     import comfy.ldm.audio.embedders
     import comfy.model_base
 
-    from .base_init import seeded_init_
+    from .base_init import fill_rotary_frequencies_, seeded_init_
 
     # get_model loads the seconds_total embedder and the prompt padding embedding from the checkpoint.
     embedder = comfy.ldm.audio.embedders.NumberConditioner(768, min_val=0, max_val=384, fourier_features_type="expo")
     seeded_init_(embedder, 1)
     padding = torch.randn((768,), generator=torch.Generator().manual_seed(2))
-    return comfy.model_base.StableAudio3(model_config, seconds_total_embedder_weights=embedder.state_dict(),
-                                         padding_embedding=padding)
+    model = comfy.model_base.StableAudio3(model_config, seconds_total_embedder_weights=embedder.state_dict(),
+                                          padding_embedding=padding)
+    fill_rotary_frequencies_(model.diffusion_model)
+    return model
 
 
 # MiniMax Music 3: every size is fixed in comfy/ldm/minimax_music/dit.py (2048 wide, 36 blocks, an
@@ -72,6 +74,8 @@ def _minimax_music3_model(model_config):
     import comfy.model_base
     import comfy.ops
     from torch import nn
+
+    from .base_init import fill_rotary_frequencies_
 
     ops = comfy.ops.disable_weight_init
     model = comfy.model_base.MiniMaxMusic3(model_config, device=torch.device("meta"))
@@ -97,8 +101,7 @@ def _minimax_music3_model(model_config):
     for module in dm.modules():
         if isinstance(module, dit.LayerNorm):
             module.beta.zero_()
-    inv_freq = transformer.rotary_pos_emb.inv_freq
-    inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)))
+    fill_rotary_frequencies_(transformer)
     left = [name for name, tensor in [*dm.named_parameters(), *dm.named_buffers()] if tensor.is_meta]
     assert not left, f"modules left on the meta device: {left}"
     dm.requires_grad_(False)

@@ -48,7 +48,7 @@ def _stable_audio_model(model_config):
     import comfy.ldm.audio.embedders
     import comfy.model_base
 
-    from .base_init import seeded_init_
+    from .base_init import fill_rotary_frequencies_, seeded_init_
 
     # get_model loads these embedders from the checkpoint (ComfyUI's ops leave them uninitialized).
     weights = []
@@ -58,10 +58,7 @@ def _stable_audio_model(model_config):
         weights.append(embedder.state_dict())
     model = comfy.model_base.StableAudio1(model_config, seconds_start_embedder_weights=weights[0],
                                           seconds_total_embedder_weights=weights[1])
-    # A checkpoint buffer (torch.empty until loaded): the formula it was saved from.
-    inv_freq = model.diffusion_model.transformer.rotary_pos_emb.inv_freq
-    dim = 2 * inv_freq.shape[0]
-    inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+    fill_rotary_frequencies_(model.diffusion_model)
     return model
 
 
