@@ -370,6 +370,11 @@ def build_ladder(profile: BlockProfile, options: TargetOptions) -> tuple[list[Ru
     return ladder_of(found, profile), found.layers, found.notes
 
 
+def evenly_spread_steps(steps: int, count: int) -> tuple[int, ...]:
+    """``count`` compute steps of ``steps`` spread evenly from the first step to the last, both included."""
+    return tuple(round(i * (steps - 1) / (count - 1)) for i in range(count)) if count > 1 else (0,)
+
+
 def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[str, Rung]]:
     """Schedules of equal cost (``count`` compute steps) to choose from by measurement: the search's best for
     each order, and compute steps spread evenly from the first step to the last (as TeaCache's rule computes
@@ -380,7 +385,7 @@ def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[s
     for order, results in found.per_order.items():
         if count in results:
             found_steps.append((f"searched, order {order}", results[count][1], order))
-    even = tuple(round(i * (steps - 1) / (count - 1)) for i in range(count)) if count > 1 else (0,)
+    even = evenly_spread_steps(steps, count)
     gaps = [b - a for a, b in zip(even, (*even[1:], steps), strict=True)]
     if all(s in even for s in range(steps) if found.forced[s]) and max(gaps) <= found.max_gap:
         found_steps += [(f"evenly spaced, order {order}", even, order) for order in found.per_order]

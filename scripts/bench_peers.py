@@ -152,8 +152,31 @@ def fit_teacache_polynomial(model: Any, sample: Callable[[Any], Any], layer: str
                             degree: int = 2) -> tuple[float, ...]:
     """TeaCache's calibration: per step, the output's relative L1 change against the indicator's,
     over one uncached ``sample(model)`` run; returns the fitted polynomial's coefficients."""
+    return fit_polynomial(*record_teacache_run(model, sample, layer, indicator), degree)
+
+
+def fit_polynomial(indicators: list[Any], outputs: list[Any], degree: int = 2) -> tuple[float, ...]:
+    """The polynomial of ``fit_teacache_polynomial`` from a recorded run (``record_teacache_run``)."""
     import numpy as np
 
+    x = [_relative_l1(indicators[i], indicators[i - 1]) for i in range(1, len(indicators))]
+    y = [_relative_l1(outputs[i], outputs[i - 1]) for i in range(1, len(outputs))]
+    return tuple(float(c) for c in np.polyfit(x, y, degree))
+
+
+def teacache_accumulate(accumulated: float, change: float, coefficients: tuple[float, ...],
+                        threshold: float) -> tuple[float, bool]:
+    """One step of TeaCache's rule: the rescaled change added to the sum; whether every block computes (the
+    sum reached ``threshold``, and restarts) and the sum it leaves."""
+    import numpy as np
+
+    accumulated += max(0.0, float(np.polyval(coefficients, change)))
+    return (0.0, True) if accumulated >= threshold else (accumulated, False)
+
+
+def record_teacache_run(model: Any, sample: Callable[[Any], Any], layer: str,
+                        indicator: Callable[[Any, dict], Any]) -> tuple[list[Any], list[Any]]:
+    """One uncached ``sample(model)`` run: the indicator at ``layer`` and the model's output, per call."""
     dit = model.get_model_object("diffusion_model")
     indicators: list[Any] = []
     outputs: list[Any] = []
@@ -168,16 +191,12 @@ def fit_teacache_polynomial(model: Any, sample: Callable[[Any], Any], layer: str
     finally:
         for hook in hooks:
             hook.remove()
-    x = [_relative_l1(indicators[i], indicators[i - 1]) for i in range(1, len(indicators))]
-    y = [_relative_l1(outputs[i], outputs[i - 1]) for i in range(1, len(outputs))]
-    return tuple(float(c) for c in np.polyfit(x, y, degree))
+    return indicators, outputs
 
 
 def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficients: tuple[float, ...] = (1.0, 0.0),
              indicator: Callable[[Any, dict], Any] = flux_modulated_input) -> tuple[Any, Any]:
     """TeaCache on the pack's runtime: the rule decides for every layer before the first one runs."""
-    import numpy as np
-
     steps = base.grid.steps
     layers = [dataclasses.replace(layer, compute=(True,) + (False,) * (steps - 1), forecast_order=0)
               for layer in base.layers]
@@ -195,11 +214,10 @@ def teacache(patching: Any, model: Any, base: Any, threshold: float, coefficient
         step = run.run_step
         if step in (0, steps - 1) or previous is None or previous.shape != current.shape:
             compute_all = True
-        else:
-            state["accumulated"] += max(0.0, float(np.polyval(coefficients, _relative_l1(current, previous))))
-            compute_all = state["accumulated"] >= threshold
-        if compute_all:
             state["accumulated"] = 0.0
+        else:
+            state["accumulated"], compute_all = teacache_accumulate(
+                state["accumulated"], _relative_l1(current, previous), coefficients, threshold)
         state["previous"] = current
         state["compute"] = compute_all
         run.computes[:] = compute_all

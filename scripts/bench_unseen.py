@@ -139,9 +139,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
         "calibrate": lambda: calibration_rows(args, profile, target, patching, model, measure, show,
-                                              benchmark._module("calibration"),
-                                              [(batch(CALIBRATION_SET[0], args.prompts, 1)[0], negative)],
-                                              batch(CALIBRATION_SET[0], args.prompts, 1)[1]),
+                                              benchmark._module("calibration"), negative,
+                                              *batch(CALIBRATION_SET[0], args.prompts, 1)),
     }
     for flag, rows_of in experiments.items():
         if getattr(args, flag):
@@ -155,9 +154,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
         found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
     if args.flat_weights:  # an experiment: every step's error weighted alike, not by how far it moves the latent
-        found.model.weights = [statistics.mean(found.model.weights)] * len(found.model.weights)
-        found.model._cache.clear()
-        found = searched_again(found, target, steps)
+        weights = found.model.weights
+        found = searched_again(found, target, steps, weights=[statistics.mean(weights)] * len(weights))
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         found = searched_again(found, target, steps, tuple(int(o) for o in args.orders.split(",")))
     ladder, layers = target.ladder_of(found, profile), found.layers
@@ -288,8 +286,6 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
     return rows
 
 
-
-
 def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
                      measure: Any, show: Any) -> list[dict[str, Any]]:
     """An experiment: forecast order 0 (reuse as is) on some of the cached layers of each whole-step rung, the
@@ -345,7 +341,7 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
 
 
 def calibration_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
-                     measure: Any, show: Any, calibration: Any, prompts: list[tuple[Any, Any]],
+                     measure: Any, show: Any, calibration: Any, negative: Any, positive: Any,
                      latent: dict) -> list[dict[str, Any]]:
     """An experiment: Block Caching's learned scale-shift correction (Calibrate Block Cache's training) on
     each whole-step rung in the band, trained on prompts disjoint from every other set (``CALIBRATION_SET``,
@@ -364,7 +360,7 @@ def calibration_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
         patched, _ = patching.apply_block_cache(model, schedule)
         rows.append({**row, "family": "block_cache", "psnr": measure(patched, profile.grid.steps)})
         show(f"{rung.computes} compute steps", rows[-1])
-        result = calibration.calibrate(model, schedule, prompts, latent["samples"], options)
+        result = calibration.calibrate(model, schedule, [(positive, negative)], latent["samples"], options)
         patched, _ = patching.apply_block_cache(model, result.schedule)
         rows.append({**row, "family": "calibrated", "iterations": args.calibrate,
                      "losses": [round(v, 6) for v in result.losses], "psnr": measure(patched, profile.grid.steps)})
@@ -383,27 +379,19 @@ def teacache_step_rows(args: argparse.Namespace, profile: Any, target: Any, patc
     import bench_peers
 
     steps = profile.grid.steps
-    indicators: list[Any] = []
-    dit = model.get_model_object("diffusion_model")
-    hook = dit.get_submodule("blocks.0").register_forward_pre_hook(
-        lambda module, hook_args, kwargs: indicators.append(kwargs["e"].detach().clone()), with_kwargs=True)
-    try:
-        sample_profiled(model)
-    finally:
-        hook.remove()
+    indicators, outputs = bench_peers.record_teacache_run(model, sample_profiled, "blocks.0",
+                                                          bench_peers.wan_time_modulation)
+    coefficients = bench_peers.fit_polynomial(indicators, outputs)
     per_step = indicators[::len(indicators) // steps]  # one per step when cond and uncond come in two calls
-    coefficients = bench_peers.fit_teacache_polynomial(model, sample_profiled, "blocks.0",
-                                                       bench_peers.wan_time_modulation)
     found = target.search(profile, target.TargetOptions())
     whole = {rung.computes: rung for rung in target.whole_step_ladder(found, profile)}
     rows = []
     for threshold in (float(v) for v in args.teacache_steps.split(",")):
         accumulated, chosen = 0.0, [0]
         for step in range(1, steps):
-            accumulated += max(0.0, float(np.polyval(coefficients, bench_peers._relative_l1(
-                per_step[step], per_step[step - 1]))))
-            if step == steps - 1 or accumulated >= threshold:
-                accumulated = 0.0
+            accumulated, compute = bench_peers.teacache_accumulate(
+                accumulated, bench_peers._relative_l1(per_step[step], per_step[step - 1]), coefficients, threshold)
+            if compute or step == steps - 1:
                 chosen.append(step)
         print(f"TeaCache {threshold:g}: computes {len(chosen)} steps: {[s + 1 for s in chosen]}", flush=True)
         for order in (0, 1):
@@ -435,7 +423,7 @@ def even_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching
         speedup = 1.0 / rung.flop_fraction
         if not in_band(args, speedup) or rung.computes < 2:
             continue
-        even = tuple(sorted({round(i * (steps - 1) / (rung.computes - 1)) for i in range(rung.computes)}))
+        even = target.evenly_spread_steps(steps, rung.computes)
         for family, chosen in (("block_cache", rung.steps), ("even_with_last", even)):
             varied = target._with_flop_fraction(profile, found.layers,
                                                 target.Rung(len(chosen), tuple(chosen), rung.order, 0.0, 0.0))
@@ -486,9 +474,13 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
     return rows
 
 
-def searched_again(found: Any, target: Any, steps: int, orders: tuple[int, ...] = ()) -> Any:
-    """``found`` with its ladder searched again on its own error model (changed by an experiment), for
-    ``orders`` or the orders it was searched for."""
+def searched_again(found: Any, target: Any, steps: int, orders: tuple[int, ...] = (),
+                   weights: list[float] | None = None) -> Any:
+    """``found`` with its ladder searched again on its own error model (with new step ``weights``, where
+    an experiment gives them), for ``orders`` or the orders it was searched for."""
+    if weights is not None:
+        found.model.weights = list(weights)
+        found.model._cache.clear()  # it holds weighted errors
     return dataclasses.replace(found, per_order={
         order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap)
         for order in (orders or tuple(found.per_order))})
@@ -501,10 +493,8 @@ def with_measured_sensitivity(found: Any, target: Any, steps: int, path: Path, s
     rows = json.loads(path.read_text())["settings"][setting]["rows"]
     ratios = {row["step"]: row["mse"] / max(row["predicted"], 1e-12) for row in rows}
     first = ratios[min(ratios)]
-    model = found.model
-    model.weights = [w * ratios.get(step, first) for step, w in enumerate(model.weights)]
-    model._cache.clear()
-    return searched_again(found, target, steps)
+    return searched_again(found, target, steps,
+                          weights=[w * ratios.get(step, first) for step, w in enumerate(found.model.weights)])
 
 
 def step_sensitivity_rows(profile: Any, target: Any, patching: Any, model: Any, measure: Any,
