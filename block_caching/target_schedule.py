@@ -132,8 +132,9 @@ class Rung:
         return rung_label(self.computes, self.partial, self.as_is_layers)
 
 
-# Choosing by measurement, the floor probes this many slower rungs one by one before it bisects the rest: on the
-# video reference model at 30 steps a rung's best candidate kept 35 dB where the next slower one's kept less.
+# Choosing among several schedules per rung (by measurement, or with the evenly weighted search's), the floor probes
+# this many slower rungs one by one before it bisects the rest: on the video reference model at 30 steps a rung's
+# best candidate kept 35 dB where the next slower one's kept less.
 FLOOR_SCAN_FIRST = 3
 
 # Per-layer forecast orders that 'choose by measured PSNR' also measures for the schedule it kept: order 0
@@ -143,6 +144,11 @@ FLOOR_SCAN_FIRST = 3
 # the pictures' noise (Measurement.beats; docs/speedup-target.md).
 AS_IS_GROUPS = ("first third", "last third", "all")
 
+# The step weights' spread (largest over smallest) above which the search with every step weighted alike is
+# measured as an alternative: Wan's time shift of 8 gives 48x at 30 and 50 steps, the Flux and SD samplers of
+# the reference models 3-10x (docs/speedup-target.md).
+EVEN_WEIGHTS_MIN_SPREAD = 20.0
+
 # A fine rung reuses these shares of the cached layers at one compute step of a whole-step rung, so two
 # fine rungs split the FLOPs between neighbouring whole-step rungs in three (issue 22's "no cliff").
 FINE_RUNG_SHARES = (1 / 3, 2 / 3)
@@ -150,14 +156,17 @@ FINE_RUNG_SHARES = (1 / 3, 2 / 3)
 
 class StepErrorModel:
     """err(s | h): the weighted forecast error of reusing every cacheable layer at step ``s`` from
-    their computations at steps ``h`` (newest first), measured on the profile's trajectory."""
+    their computations at steps ``h`` (newest first), measured on the profile's trajectory. With
+    ``even_step_weights`` every step's error counts alike (their mean weight), not by how far the step
+    moves the latent."""
 
-    def __init__(self, profile: BlockProfile, layers: list[int]) -> None:
+    def __init__(self, profile: BlockProfile, layers: list[int], even_step_weights: bool = False) -> None:
         trajectory = profile.trajectory
         if trajectory is None:
             raise ScheduleBuildError("the profile has no trajectory")
         self.taus = list(profile.grid.taus)
-        self.weights = list(trajectory.step_weights)
+        weights = list(trajectory.step_weights)
+        self.weights = [sum(weights) / len(weights)] * len(weights) if even_step_weights and weights else weights
         blocks, norms = [], []
         for layer in layers:
             sketch = trajectory.sketches[layer]
@@ -262,7 +271,8 @@ class Search:
     notes: list[str]
 
 
-def search(profile: BlockProfile, options: TargetOptions) -> Search:
+def search(profile: BlockProfile, options: TargetOptions, even_step_weights: bool = False) -> Search:
+    """The best compute steps for every count and order, by the error model (``StepErrorModel``)."""
     options.validate()
     trajectory = profile.trajectory
     if trajectory is None:
@@ -287,7 +297,7 @@ def search(profile: BlockProfile, options: TargetOptions) -> Search:
     first = max(1, options.always_compute_first)
     forced = [s < first or s >= steps - options.always_compute_last for s in range(steps)]
     max_gap = options.max_consecutive_reuse + 1 if options.max_consecutive_reuse else DEFAULT_MAX_GAP
-    model = StepErrorModel(profile, layers)
+    model = StepErrorModel(profile, layers, even_step_weights)
     per_order = {order: best_schedules(model, steps, order, forced, max_gap) for order in options.orders()}
     return Search(per_order, layers, forced, max_gap, model, notes)
 
@@ -435,13 +445,16 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
 
 def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                      measure: Callable[[CacheSchedule], Measurement | float], choose_by_measure: bool,
-                     per_layer_orders: bool, tried: list[Tried]) -> tuple[Rung, Measurement]:
+                     per_layer_orders: bool, tried: list[Tried],
+                     evenly_weighted: Callable[[Rung], list[tuple[str, Rung]]] | None = None,
+                     floor: float = 0.0) -> tuple[Rung, Measurement]:
     """The rung kept and its measurement (at first ``rung``, the search's choice). With ``choose_by_measure``,
-    its equal-cost ``candidates`` (a fine rung has none) and then, with ``per_layer_orders`` (an 'auto'
-    forecast order), the kept one's ``as_is_variants`` are measured too, and the best of them replaces the
-    kept one only where it ``beats`` it: a few pictures are a noisy judge (on the UNet reference model the
-    error model chose about as well as four measured pictures did, docs/benchmark.md). Every measurement
-    is appended to ``tried``."""
+    its equal-cost ``candidates`` (a fine rung has none) and ``evenly_weighted``'s rung of its cost, then,
+    with ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too;
+    without, ``evenly_weighted``'s rung only where ``rung`` reads below ``floor``. The best of them replaces
+    the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the UNet reference model
+    the error model chose about as well as four measured pictures did, docs/benchmark.md). Every
+    measurement is appended to ``tried``."""
 
     def better_of(kept: tuple[Rung, Measurement, str], options: list[tuple[str, Rung]]
                   ) -> tuple[Rung, Measurement, str]:
@@ -459,13 +472,58 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
     own = measurement(measure(_schedule(profile, found.layers, rung, {})))
     tried.append(_tried(own_label, rung, own))
     kept = (rung, own, own_label)
-    if choose_by_measure and rung.partial is None:
-        kept = better_of(kept, [(label, candidate) for label, candidate in candidates(found, profile, rung.computes)
-                                if (candidate.steps, candidate.order) != (rung.steps, rung.order)])
+    options = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else []
+    if evenly_weighted is not None and (choose_by_measure or own.low < floor):
+        options += evenly_weighted(rung)
+    seen = {_schedule_key(rung)}
+    unique = []
+    for label, candidate in options:
+        if _schedule_key(candidate) not in seen:
+            seen.add(_schedule_key(candidate))
+            unique.append((label, candidate))
+    kept = better_of(kept, unique)
     if choose_by_measure and per_layer_orders:
         kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
                                 for group, variant in as_is_variants(found, profile, kept[0])])
     return kept[0], kept[1]
+
+
+def _schedule_key(rung: Rung) -> tuple[Any, ...]:
+    """What tells two rungs' schedules apart."""
+    return rung.steps, rung.order, rung.partial, rung.as_is_layers
+
+
+def step_weight_spread(weights: list[float]) -> float:
+    """How many times the largest step weight is the smallest (of the steps that move the latent at all)."""
+    moving = [w for w in weights if w > 0]
+    return max(moving) / min(moving) if moving else 1.0
+
+
+def evenly_weighted_rungs(profile: BlockProfile, options: TargetOptions, found: Search
+                          ) -> Callable[[Rung], list[tuple[str, Rung]]]:
+    """For a rung of ``found``'s ladder: the rung of its cost (as many compute steps, and a fine rung's
+    share of reused layers) of the ladder searched with every step's error weighted alike, labelled, with
+    its error by ``found``'s model. The search is made when first asked for.
+
+    Why: the error model weights each step by how far it moves the latent, and under a strong time shift
+    (Wan's 8) these weights span 30-50-fold, the largest at the end, so the search packs its computations there. On the video
+    reference model the search with even weights kept 5 dB more on unseen prompts; on the Flux and UNet
+    reference models, whose weights span 3-10x, 0.1-1 dB less, and the held-out seed read its schedules 1-2 dB
+    high there (docs/speedup-target.md). So it is offered only where the weights span more than
+    EVEN_WEIGHTS_MIN_SPREAD, and kept only where measured better."""
+    ladder: list[Rung] = []
+
+    def of_cost(like: Rung) -> list[tuple[str, Rung]]:
+        if not ladder:
+            ladder.extend(ladder_of(search(profile, options, even_step_weights=True), profile))
+        share = None if like.partial is None else len(like.partial.layers)
+        steps = profile.grid.steps
+        return [(f"every step weighted alike, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}"),
+                 dataclasses.replace(rung, error=rung_error(found.model, steps, found.layers, rung)))
+                for rung in ladder if rung.computes == like.computes
+                and (None if rung.partial is None else len(rung.partial.layers)) == share]
+
+    return of_cost
 
 
 def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
@@ -578,9 +636,14 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     stepped_from: Rung | None = None
     tried: list[Tried] = []
     chosen: Measurement | None = None
+    notes = list(found.notes)
     if measure is not None and rung.computes < steps:
+        spread = step_weight_spread(found.model.weights)
+        evenly_weighted = (evenly_weighted_rungs(profile, options, found) if spread > EVEN_WEIGHTS_MIN_SPREAD
+                           else None)
         rung, chosen = _measured_choice(found, profile, rung, measure, choose_by_measure,
-                                        per_layer_orders=options.forecast_order is None, tried=tried)
+                                        per_layer_orders=options.forecast_order is None, tried=tried,
+                                        evenly_weighted=evenly_weighted, floor=options.min_psnr)
         # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
         if options.min_psnr and chosen.low < options.min_psnr:
             stepped_from = rung
@@ -589,15 +652,21 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                 """A slower rung measured; with ``choose_by_measure``, the best of its equal-cost candidates."""
                 probed: list[Tried] = []
                 kept, value = _measured_choice(found, profile, candidate, measure, choose_by_measure,
-                                               per_layer_orders=False, tried=probed)
+                                               per_layer_orders=False, tried=probed,
+                                               evenly_weighted=evenly_weighted, floor=options.min_psnr)
                 tried.extend(dataclasses.replace(t, label=f"stepped down, {candidate.label}"
                                                  + ("" if t.label.startswith("searched") else f": {t.label}"))
                              for t in probed)
                 return kept, value
 
+            # Where each probe may be one of two schedules, fidelity no longer grows with the cost rung by rung.
+            several = choose_by_measure or evenly_weighted is not None
             floor_rung, chosen = step_down_to_floor(ladder, rung, options.min_psnr, steps, probe,
-                                                    scan_first=FLOOR_SCAN_FIRST if choose_by_measure else 0)
+                                                    scan_first=FLOOR_SCAN_FIRST if several else 0)
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
+        if evenly_weighted is None and (choose_by_measure or stepped_from is not None):
+            notes.append(f"the search with every step's error weighted alike was not tried: the step weights span "
+                         f"{spread:.1f}x, it is tried above {EVEN_WEIGHTS_MIN_SPREAD:g}x (a strong time shift).")
     versus = None
     if fewer_steps is not None and chosen is not None and rung.computes < steps:
         # Uncached sampling at the schedule's cost: as many steps as its FLOPs buy (at least 1).
@@ -617,7 +686,8 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         chosen_partial=rung.partial,
         chosen_as_is_layers=rung.as_is_layers,
         chosen_order=rung.order,
-        chosen_by="measured" if choose_by_measure and tried else "predicted",
+        chosen_by="measured" if tried and (choose_by_measure or _schedule_key(rung) not in {
+            _schedule_key(r) for r in ladder}) else "predicted",
         predicted_error=rung.error,
         reached=rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
         ladder=tuple(LadderRung(r.computes, r.order, r.error, r.flop_fraction, r.steps, r.partial) for r in ladder),
@@ -629,7 +699,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         expected_psnr=None if chosen is None else ExpectedPsnr(chosen.mean, chosen.low, chosen.high,
                                                                len(chosen.pictures)),
         fewer_steps=versus,
-        notes=tuple(found.notes),
+        notes=tuple(notes),
     )
     return _schedule(profile, found.layers, rung, build.to_json())
 

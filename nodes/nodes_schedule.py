@@ -75,8 +75,9 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "with the chosen schedule (one run at full cost, one at the target's), and "
                                        "shows how close the pictures stay and the range expected on other prompts. "
                                        "'choose by measured PSNR' also samples the other schedules of that cost "
-                                       "(up to 3: the search's best per forecast order and steps spread evenly from "
-                                       "the first to the last) "
+                                       "(up to 4: the search's best per forecast order, steps spread evenly from "
+                                       "the first to the last, and the search's best with every step's error "
+                                       "weighted alike) "
                                        "and, with forecast order 'auto', the kept one with order 0 (reuse as is) "
                                        "on the first third, the last third or all of the cached layers (3 more "
                                        "runs); one replaces the search's choice only where its pictures are closer "
@@ -88,8 +89,12 @@ class BuildTargetSchedule(io.ComfyNode):
                                tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "
                                        "on): the schedule is measured on the profiled prompts with another seed, and "
                                        "where the low end of the PSNR expected on other prompts is below the floor, "
-                                       "it steps down to the fastest schedule with more compute steps that reaches "
-                                       "it; the node says so. 0: off, the speed-up is kept whatever it costs."),
+                                       "the schedule of that cost searched with every step's error weighted alike "
+                                       "(not by how far the step moves the latent) is sampled too and kept where "
+                                       "it is clearly better and reaches the floor; else it steps down to the "
+                                       "fastest schedule with more compute steps that reaches it (each measured "
+                                       "the same way); the node says so. 0: off, the speed-up is kept whatever it "
+                                       "costs."),
                 io.Combo.Input("fewer_steps", options=list(FEWER_STEPS), default=FEWER_STEPS[0], optional=True,
                                tooltip="With validation on, also sample the profiled prompts uncached with as many "
                                        "steps as the schedule's cost buys, and say which keeps the picture better. "

@@ -145,7 +145,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     for flag, rows_of in experiments.items():
         if getattr(args, flag):
             return setting_result(rows_of())
-    found = target.search(profile, target.TargetOptions())
+    # --flat-weights: an experiment, every step's error weighted alike (the Build node's alternative search)
+    found = target.search(profile, target.TargetOptions(), even_step_weights=args.flat_weights)
     if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
         first, last = (int(v) for v in args.always_compute.split(","))
         layers = found.layers[first:len(found.layers) - last]
@@ -153,9 +154,6 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                                target, steps)
     if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
         found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
-    if args.flat_weights:  # an experiment: every step's error weighted alike, not by how far it moves the latent
-        weights = found.model.weights
-        found = searched_again(found, target, steps, weights=[statistics.mean(weights)] * len(weights))
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         found = searched_again(found, target, steps, tuple(int(o) for o in args.orders.split(",")))
     ladder, layers = target.ladder_of(found, profile), found.layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -358,11 +359,12 @@ def _computes(schedule) -> int:
     return sum(rows[0]) if rows else len(schedule.layers[0].compute)
 
 
-def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, profiled):
+def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, profiled, monkeypatch):
     """A schedule measured below min_psnr is replaced by the fastest slower rung that reaches it, found by
     bisection; a floor nothing reaches computes everything; 0 keeps the target's choice."""
     *_, profile = profiled
     measured = []
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", 1.0)  # every rung below the floor measured twice
 
     def measure(schedule):  # fidelity grows with the compute steps: 2 dB per step
         measured.append(_computes(schedule))
@@ -379,7 +381,11 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
     assert len(builder["compute_steps"]) == min(c for c in slower if 2.0 * c >= 20.0) == 10
     assert builder["stepped_down_from"]["computes"] == chosen
     assert floored.estimated_speedup < plain.estimated_speedup
-    assert len(measured) <= 2 + math.ceil(math.log2(len(slower)))  # the target's own, then a bisection
+    # The target's own, the next slower rungs one by one, then a bisection; each rung below the floor is measured
+    # again as the search with every step weighted alike has it (the same cost, so the same PSNR here).
+    scan = target.FLOOR_SCAN_FIRST
+    assert len(measured) <= 2 * (1 + scan + math.ceil(math.log2(len(slower) - scan)))
+    assert measured[1] == measured[0] and [t["label"] for t in builder["measured"]][1].startswith("every step")
     assert [t["measured_psnr"] for t in builder["measured"]] == [2.0 * c for c in measured]
     unreachable = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0, min_psnr=59.0), measure)
     assert unreachable.compute_mask().all() and unreachable.builder["stepped_down_from"] is not None
@@ -415,6 +421,51 @@ def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pac
     # Choosing among candidates, it keeps to the whole-step rungs: fine rungs have no equal-cost candidates.
     assert any(rung.get("partial") for rung in plain.builder["ladder"])
     assert not any(rung.get("partial") for rung in chosen.builder["ladder"])
+
+
+def test_below_the_floor_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profiled, monkeypatch):
+    """Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD and the search's schedule reads below the
+    floor, the schedule of the same cost searched with every step weighted alike is measured too and, where it is
+    clearly better and reaches the floor, kept: no step down. Above the floor, or with weights of less spread,
+    it costs no sampling."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    steps = profile.grid.steps
+    options = target.TargetOptions(speedup=2.5, min_psnr=25.0, forecast_order=1)
+    found = target.search(profile, options)
+    even = target.search(profile, options, even_step_weights=True)
+    assert set(even.model.weights) == {sum(found.model.weights) / steps}
+    spread = target.step_weight_spread(found.model.weights)
+    assert spread > 1.0
+    rung = target.choose_rung(target.ladder_of(found, profile), options.speedup)
+    assert rung.partial is None, "the fixture's target rung is a whole-step one"
+    even_steps = even.per_order[1][rung.computes][1]
+    assert even_steps != rung.steps, "the fixture's step weights change the search's choice"
+
+    def measure(schedule):  # 20 dB, +8 on every picture for the evenly weighted search's compute steps
+        row = next(layer.compute for layer in schedule.layers if not all(layer.compute))
+        computed = tuple(s for s, c in enumerate(row) if c)
+        return Measurement(((28.0 if computed == even_steps else 20.0),) * 4)
+
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", spread * 2)  # weights of little spread: not tried
+    untried = target.build_target_schedule(profile, options, measure)
+    assert untried.builder["stepped_down_from"] is not None
+    assert not any("weighted alike" in t["label"] for t in untried.builder["measured"])
+    assert any("weighted alike was not tried" in note for note in untried.builder["notes"])
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", spread / 2)  # as a strong time shift spreads them
+    built = target.build_target_schedule(profile, options, measure)
+    builder = built.builder
+    assert builder["stepped_down_from"] is None and tuple(builder["compute_steps"]) == even_steps
+    assert [t["label"] for t in builder["measured"]] == ["searched, order 1", "every step weighted alike, order 1"]
+    assert builder["chosen_by"] == "measured" and builder["expected_psnr"]["mean"] == 28.0
+    assert built.estimated_speedup >= options.speedup
+    shown = next(r for r in ladder_payload(built)["rungs"] if r["computes"] == rung.computes and not r["partial"])
+    assert tuple(shown["steps"]) == even_steps, "the node's preview shows the schedule it chose at that cost"
+    # Above the floor the search's own schedule stands, measured once.
+    above = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=15.0), measure)
+    assert len(above.builder["measured"]) == 1 and tuple(above.builder["compute_steps"]) == rung.steps
+    assert above.builder["chosen_by"] == "predicted"
 
 
 def test_the_floor_probes_the_next_rungs_one_by_one_before_it_bisects(pack, profiled):
