@@ -360,8 +360,8 @@ def _computes(schedule) -> int:
 
 
 def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, profiled, monkeypatch):
-    """A schedule measured below min_psnr is replaced by the fastest slower rung that reaches it, found by
-    bisection; a floor nothing reaches computes everything; 0 keeps the target's choice."""
+    """A schedule measured below min_psnr is replaced by the fastest slower rung that reaches it, found by a scan
+    of the next rungs and a bisection; a floor nothing reaches computes everything; 0 keeps the target's choice."""
     *_, profile = profiled
     measured = []
     monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", 1.0)  # every rung below the floor measured twice
