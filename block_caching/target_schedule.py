@@ -446,13 +446,12 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
 def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                      measure: Callable[[CacheSchedule], Measurement | float], choose_by_measure: bool,
                      per_layer_orders: bool, tried: list[Tried],
-                     evenly_weighted: Callable[[Rung], list[tuple[str, Rung]]] | None = None,
-                     floor: float = 0.0) -> tuple[Rung, Measurement]:
-    """The rung kept and its measurement (at first ``rung``, the search's choice). With ``choose_by_measure``,
-    its equal-cost ``candidates`` (a fine rung has none) and ``evenly_weighted``'s rung of its cost, then,
-    with ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too;
-    without, ``evenly_weighted``'s rung only where ``rung`` reads below ``floor``. The best of them replaces
-    the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the UNet reference model
+                     evenly_weighted: Callable[[Rung], list[tuple[str, Rung]]] | None = None
+                     ) -> tuple[Rung, Measurement]:
+    """The rung kept and its measurement (at first ``rung``, the search's choice). ``evenly_weighted``'s rung of
+    its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
+    ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
+    best of them replaces the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the UNet reference model
     the error model chose about as well as four measured pictures did, docs/benchmark.md). Every
     measurement is appended to ``tried``."""
 
@@ -473,7 +472,7 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
     tried.append(_tried(own_label, rung, own))
     kept = (rung, own, own_label)
     options = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else []
-    if evenly_weighted is not None and (choose_by_measure or own.low < floor):
+    if evenly_weighted is not None:
         options += evenly_weighted(rung)
     seen = {_schedule_key(rung)}
     unique = []
@@ -618,8 +617,9 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
 
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
     with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
-    recorded. With ``choose_by_measure``, other schedules of that cost are measured and one may replace it
-    (``_measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
+    recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of that cost searched
+    with every step weighted alike is measured too (``evenly_weighted_rungs``), and with ``choose_by_measure``
+    other schedules of that cost; one may replace it (``_measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
     of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung
     that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
     equal-cost candidates), or to computing everything. ``fewer_steps`` (the same measure of uncached
@@ -643,7 +643,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                            else None)
         rung, chosen = _measured_choice(found, profile, rung, measure, choose_by_measure,
                                         per_layer_orders=options.forecast_order is None, tried=tried,
-                                        evenly_weighted=evenly_weighted, floor=options.min_psnr)
+                                        evenly_weighted=evenly_weighted)
         # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
         if options.min_psnr and chosen.low < options.min_psnr:
             stepped_from = rung
@@ -653,7 +653,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                 probed: list[Tried] = []
                 kept, value = _measured_choice(found, profile, candidate, measure, choose_by_measure,
                                                per_layer_orders=False, tried=probed,
-                                               evenly_weighted=evenly_weighted, floor=options.min_psnr)
+                                               evenly_weighted=evenly_weighted)
                 tried.extend(dataclasses.replace(t, label=f"stepped down, {candidate.label}"
                                                  + ("" if t.label.startswith("searched") else f": {t.label}"))
                              for t in probed)

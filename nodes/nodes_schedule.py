@@ -74,6 +74,10 @@ class BuildTargetSchedule(io.ComfyNode):
                                tooltip="'measure PSNR' samples the profiled prompts with another seed, uncached and "
                                        "with the chosen schedule (one run at full cost, one at the target's), and "
                                        "shows how close the pictures stay and the range expected on other prompts. "
+                                       "Where the sampler's steps move the latent very unevenly (the step weights "
+                                       "span more than 20x, as under Wan's time shift) it also samples the schedule "
+                                       "of that cost searched with every step's error weighted alike, and keeps it "
+                                       "where its pictures are clearly closer (one more run). "
                                        "'choose by measured PSNR' also samples the other schedules of that cost "
                                        "(up to 4: the search's best per forecast order, steps spread evenly from "
                                        "the first to the last, and the search's best with every step's error "
@@ -89,12 +93,9 @@ class BuildTargetSchedule(io.ComfyNode):
                                tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "
                                        "on): the schedule is measured on the profiled prompts with another seed, and "
                                        "where the low end of the PSNR expected on other prompts is below the floor, "
-                                       "the schedule of that cost searched with every step's error weighted alike "
-                                       "(not by how far the step moves the latent) is sampled too and kept where "
-                                       "it is clearly better and reaches the floor; else it steps down to the "
-                                       "fastest schedule with more compute steps that reaches it (each measured "
-                                       "the same way); the node says so. 0: off, the speed-up is kept whatever it "
-                                       "costs."),
+                                       "it steps down to the fastest schedule with more compute steps that reaches "
+                                       "it (each measured as validation measures); the node says so. 0: off, the "
+                                       "speed-up is kept whatever it costs."),
                 io.Combo.Input("fewer_steps", options=list(FEWER_STEPS), default=FEWER_STEPS[0], optional=True,
                                tooltip="With validation on, also sample the profiled prompts uncached with as many "
                                        "steps as the schedule's cost buys, and say which keeps the picture better. "

@@ -234,9 +234,11 @@ def test_the_evenly_spaced_candidate_computes_the_first_and_the_last_step(pack, 
     assert any(label.startswith("evenly") for label, _ in target.candidates(found, profile, steps // 2))
 
 
-def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled):
+def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled, monkeypatch):
     *_, profile = profiled
     scores = {}
+    # Step weights of a few times' spread, as the SD and Flux samplers give: 'measure PSNR' measures one schedule.
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)
 
     def measure(schedule):
         scores[_schedule_key(schedule)] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
@@ -364,7 +366,7 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
     of the next rungs and a bisection; a floor nothing reaches computes everything; 0 keeps the target's choice."""
     *_, profile = profiled
     measured = []
-    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", 1.0)  # every rung below the floor measured twice
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", 1.0)  # every rung measured twice
 
     def measure(schedule):  # fidelity grows with the compute steps: 2 dB per step
         measured.append(_computes(schedule))
@@ -381,8 +383,8 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
     assert len(builder["compute_steps"]) == min(c for c in slower if 2.0 * c >= 20.0) == 10
     assert builder["stepped_down_from"]["computes"] == chosen
     assert floored.estimated_speedup < plain.estimated_speedup
-    # The target's own, the next slower rungs one by one, then a bisection; each rung below the floor is measured
-    # again as the search with every step weighted alike has it (the same cost, so the same PSNR here).
+    # The target's own, the next slower rungs one by one, then a bisection; each rung is measured again as the
+    # search with every step weighted alike has it (the same cost, so the same PSNR here).
     scan = target.FLOOR_SCAN_FIRST
     assert len(measured) <= 2 * (1 + scan + math.ceil(math.log2(len(slower) - scan)))
     assert measured[1] == measured[0] and [t["label"] for t in builder["measured"]][1].startswith("every step")
@@ -423,11 +425,11 @@ def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pac
     assert not any(rung.get("partial") for rung in chosen.builder["ladder"])
 
 
-def test_below_the_floor_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profiled, monkeypatch):
-    """Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD and the search's schedule reads below the
-    floor, the schedule of the same cost searched with every step weighted alike is measured too and, where it is
-    clearly better and reaches the floor, kept: no step down. Above the floor, or with weights of less spread,
-    it costs no sampling."""
+def test_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profiled, monkeypatch):
+    """Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of the same cost searched with
+    every step weighted alike is measured too and, where it is clearly better, kept; below the floor it carries
+    it (no step down). Where it is not clearly better the search's own stands; with weights of less spread it
+    costs no sampling."""
     from comfyui_block_cache.block_caching.replay import Measurement
 
     *_, profile = profiled
@@ -462,10 +464,15 @@ def test_below_the_floor_the_evenly_weighted_search_stands_in_where_it_clearly_b
     assert built.estimated_speedup >= options.speedup
     shown = next(r for r in ladder_payload(built)["rungs"] if r["computes"] == rung.computes and not r["partial"])
     assert tuple(shown["steps"]) == even_steps, "the node's preview shows the schedule it chose at that cost"
-    # Above the floor the search's own schedule stands, measured once.
+    # Above the floor too it is measured, and kept where clearly better.
     above = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=15.0), measure)
-    assert len(above.builder["measured"]) == 1 and tuple(above.builder["compute_steps"]) == rung.steps
-    assert above.builder["chosen_by"] == "predicted"
+    assert len(above.builder["measured"]) == 2 and tuple(above.builder["compute_steps"]) == even_steps
+    # Where it is no better the search's own schedule stands.
+    level = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=15.0),
+                                         lambda schedule: Measurement((26.0, 24.0, 27.0, 25.0)))
+    assert tuple(level.builder["compute_steps"]) == rung.steps and level.builder["chosen_by"] == "predicted"
+    assert [t["label"] for t in level.builder["measured"]][:2] == [
+        "searched, order 1", "every step weighted alike, order 1"]
 
 
 def test_the_floor_probes_the_next_rungs_one_by_one_before_it_bisects(pack, profiled):
