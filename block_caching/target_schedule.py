@@ -448,12 +448,12 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                      per_layer_orders: bool, tried: list[Tried],
                      evenly_weighted: Callable[[Rung], list[tuple[str, Rung]]] | None = None
                      ) -> tuple[Rung, Measurement]:
-    """The rung kept and its measurement (at first ``rung``, the search's choice). ``evenly_weighted``'s rung of
+    """The rung kept and its measurement (at first ``rung``, the search's choice). ``evenly_weighted``'s rungs of
     its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
     ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
-    best of them replaces the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the UNet reference model
-    the error model chose about as well as four measured pictures did, docs/benchmark.md). Every
-    measurement is appended to ``tried``."""
+    best of them replaces the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the
+    UNet reference model the error model chose about as well as four measured pictures did,
+    docs/benchmark.md). Every measurement is appended to ``tried``."""
 
     def better_of(kept: tuple[Rung, Measurement, str], options: list[tuple[str, Rung]]
                   ) -> tuple[Rung, Measurement, str]:
