@@ -61,6 +61,12 @@ def rung_label(computes: int, partial: PartialStep | None, as_is_layers: tuple[i
     return label
 
 
+def reused_share(partial: PartialStep | None) -> int:
+    """How many layers a fine rung reuses at its partial step (0: a whole-step rung): with the compute count, a
+    rung's cost, which rungs of either step weighting's search share."""
+    return 0 if partial is None else len(partial.layers)
+
+
 def partial_to_json(partial: PartialStep | None) -> dict[str, Any] | None:
     """A rung's partial step as the JSON and the frontend payload write it (None: a whole-step rung)."""
     return None if partial is None else partial.to_json()

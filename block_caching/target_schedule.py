@@ -58,6 +58,7 @@ from .target_build import (
     SteppedDown,
     TargetBuild,
     Tried,
+    reused_share,
     rung_label,
 )
 
@@ -505,22 +506,21 @@ def evenly_weighted_rungs(profile: BlockProfile, options: TargetOptions, found: 
     its error by ``found``'s model. The search is made when first asked for.
 
     Why: the error model weights each step by how far it moves the latent, and under a strong time shift
-    (Wan's 8) these weights span 30-50-fold, the largest at the end, so the search packs its computations there. On the video
-    reference model the search with even weights kept 5 dB more on unseen prompts; on the Flux and UNet
-    reference models, whose weights span 3-10x, 0.1-1 dB less, and the held-out seed read its schedules 1-2 dB
-    high there (docs/speedup-target.md). So it is offered only where the weights span more than
-    EVEN_WEIGHTS_MIN_SPREAD, and kept only where measured better."""
+    (Wan's 8) these weights span 30-50-fold, the largest at the end, so the search packs its computations
+    there. On the video reference model the search with even weights kept 5 dB more on unseen prompts; on the
+    Flux and UNet reference models, whose weights span 3-10x, 0.1-1 dB less, and the held-out seed read its
+    schedules 1-2 dB high there (docs/speedup-target.md). So it is offered only where the weights span more
+    than EVEN_WEIGHTS_MIN_SPREAD, and kept only where measured better."""
     ladder: list[Rung] = []
 
     def of_cost(like: Rung) -> list[tuple[str, Rung]]:
         if not ladder:
             ladder.extend(ladder_of(search(profile, options, even_step_weights=True), profile))
-        share = None if like.partial is None else len(like.partial.layers)
         steps = profile.grid.steps
         return [(f"every step weighted alike, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}"),
                  dataclasses.replace(rung, error=rung_error(found.model, steps, found.layers, rung)))
                 for rung in ladder if rung.computes == like.computes
-                and (None if rung.partial is None else len(rung.partial.layers)) == share]
+                and reused_share(rung.partial) == reused_share(like.partial)]
 
     return of_cost
 
@@ -617,11 +617,11 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
 
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
     with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
-    recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of that cost searched
-    with every step weighted alike is measured too (``evenly_weighted_rungs``), and with ``choose_by_measure``
-    other schedules of that cost; one may replace it (``_measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
-    of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung
-    that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
+    recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of that cost
+    searched with every step weighted alike is measured too (``evenly_weighted_rungs``), and with
+    ``choose_by_measure`` other schedules of that cost; one may replace it (``_measured_choice``). With
+    ``options.min_psnr``, where the expected PSNR on other prompts (the low end of the measured range) of
+    the choice is below it, the choice steps down the ladder to the fastest rung that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
     equal-cost candidates), or to computing everything. ``fewer_steps`` (the same measure of uncached
     sampling with fewer steps) compares the choice with fewer steps at its cost.
     """

@@ -19,13 +19,7 @@ from ..block_caching.cache import BlockCacheHolder, cache_stats
 from ..block_caching.profile import BlockProfile
 from ..block_caching.run_summary import run_speedup_estimate
 from ..block_caching.schedule import CacheSchedule
-from ..block_caching.target_build import (
-    LadderRung,
-    PartialStep,
-    TargetBuild,
-    forecast_order_label,
-    partial_to_json,
-)
+from ..block_caching.target_build import LadderRung, TargetBuild, forecast_order_label, partial_to_json, reused_share
 from ..runtime.run import RunStats
 
 logger = logging.getLogger(__name__)
@@ -95,12 +89,6 @@ def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
     }
 
 
-def _reused_share(partial: PartialStep | None) -> int:
-    """How many layers a fine rung reuses at its partial step (0: a whole-step rung): rungs of one cost
-    (from the search with either step weighting) share it."""
-    return 0 if partial is None else len(partial.layers)
-
-
 def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     """A speed-up target schedule's ladder: the best compute steps for every count of them, so the node
     redraws the schedule for another speed-up at once (js/block_cache.js picks the rung as
@@ -114,7 +102,7 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     def measured(rung: LadderRung) -> bool:
         """The rung the node chose by measurement: its preview is what was measured best."""
         return (build.chosen_by == "measured" and rung.computes == len(build.compute_steps)
-                and _reused_share(rung.partial) == _reused_share(build.chosen_partial))
+                and reused_share(rung.partial) == reused_share(build.chosen_partial))
 
     return {
         "version": PAYLOAD_VERSION,
