@@ -126,6 +126,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
               + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
 
+    if args.layer_damping != 1.0:  # an experiment: every layer's forecast damped, in the runtime and the search
+        damp_forecasts(benchmark, args.layer_damping)
     experiments = {  # each measures its own rows instead of the ladder's
         "combined": lambda: combined_rows(args, steps, profile_at, target, patching, model, measure, show),
         "chains": lambda: chain_rows(args, profile, target, patching, model, measure, show),
@@ -134,6 +136,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "greedy_measured": lambda: greedy_measured_rows(args, profile, target, patching, model, measure, show),
         "step_sensitivity": lambda: step_sensitivity_rows(profile, target, patching, model, measure, show),
         "output_forecast": lambda: output_forecast_rows(args, profile, target, model, measure, show),
+        "spectral": lambda: forecast_variant_rows(args, profile, target, model, measure, show),
+        "damped": lambda: forecast_variant_rows(args, profile, target, model, measure, show),
         "even_steps": lambda: even_step_rows(args, profile, target, patching, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
@@ -194,12 +198,50 @@ def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target:
     return rows
 
 
-def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, variable: str) -> Any:
+def damp_forecasts(benchmark: Any, damping: float) -> None:
+    """An experiment, benchmark only (it rebinds the pack's Lagrange weights in this process): every forecast
+    moves ``damping`` times as far from the newest computation as its polynomial says (ScalingCache's blend of
+    orders 0 and 1), both in the runtime and in the error model the search uses."""
+    forecast = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast")
+    plain = forecast.lagrange_weights
+
+    def damped(taus: list[float], tau: float) -> list[float]:
+        return [damping * w + (1.0 - damping) * (i == 0) for i, w in enumerate(plain(taus, tau))]
+
+    for name in ("cache", "target_schedule"):
+        benchmark._module(name).lagrange_weights = damped
+
+
+def spectral_weights(sigmas: list[float], sigma: float, span: tuple[float, float], degree: int,
+                     ridge: float) -> list[float]:
+    """Weights w_i with sum_i w_i y_i = the ridge-regression fit of Chebyshev polynomials up to ``degree``
+    through the points (sigmas[i], y_i), evaluated at ``sigma`` (Spectrum's global forecast, CVPR 2026, as
+    its paper describes it: time mapped to [-1, 1] over the run's ``span`` of sigmas). The weights sum to 1: a
+    constant is forecast as itself."""
+    low, high = span
+
+    def basis(value: float) -> np.ndarray:
+        x = 2.0 * (value - low) / (high - low) - 1.0
+        terms = [1.0, x]
+        while len(terms) <= degree:
+            terms.append(2.0 * x * terms[-1] - terms[-2])
+        return np.array(terms[:degree + 1])
+
+    design = np.stack([basis(v) for v in sigmas])  # points x basis
+    gram = design.T @ design + ridge * np.diag([0.0] + [1.0] * degree)  # the constant term unpenalised
+    return [float(w) for w in design @ np.linalg.solve(gram, basis(sigma))]
+
+
+def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, variable: str,
+                    spectral: tuple[int, float] | None = None, damping: float = 1.0) -> Any:
     """An experiment (issue 22, "forecast in the sampler's own variable"), benchmark only: the whole
     diffusion model computes at ``compute_steps`` only; at the other steps its output is forecast from
     its last ``order + 1`` computations by Lagrange extrapolation in sigma, either of the model's output
     itself (``variable`` "output": a flow model's velocity) or of the denoised picture ("denoised"), per
-    cond chunk. Order 0 of either is one longer Euler step: the same as fewer steps."""
+    cond chunk. Order 0 of either is one longer Euler step: the same as fewer steps. With ``spectral``
+    (degree, ridge) the forecast is instead ``spectral_weights``' fit through every computation of the run
+    (order ``order`` Lagrange until it has more points than the degree). ``damping`` scales the Lagrange
+    forecast's change from the newest computation (ScalingCache's blend of orders 0 and 1: 0 is order 0)."""
     import comfy.patcher_extension
 
     lagrange_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").lagrange_weights
@@ -222,10 +264,17 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
             out = executor(*args, **kwargs)
             value = out if variable == "output" else x - sigma * out  # denoised of a flow (CONST) model
             points.insert(0, (sigma, value.detach().clone()))
-            del points[order + 1:]
+            if spectral is None:
+                del points[order + 1:]
             return out
-        known = points[:order + 1]
-        weights = lagrange_weights([point[0] for point in known], sigma)
+        if spectral is not None and len(points) > spectral[0]:
+            known = points
+            weights = spectral_weights([point[0] for point in known], sigma, (sigmas[len(sigmas) - 2], sigmas[0]),
+                                       *spectral)
+        else:
+            known = points[:order + 1]
+            weights = [damping * w + (1.0 - damping) * (i == 0)
+                       for i, w in enumerate(lagrange_weights([point[0] for point in known], sigma))]
         value = sum(w * point[1] for w, point in zip(weights, known, strict=True))
         return value if variable == "output" else (x - value) / sigma
 
@@ -604,6 +653,35 @@ def output_forecast_rows(args: argparse.Namespace, profile: Any, target: Any, mo
     return rows
 
 
+def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, model: Any, measure: Any,
+                  show: Any) -> list[dict[str, Any]]:
+    """Experiments (issue 22): the output forecast by a Chebyshev fit through every computation of the run
+    (each --spectral DEGREE:RIDGE, Spectrum) or with its change damped (each --damped value) against the
+    plain order-1 output forecast, at each whole-step rung's compute steps and at as many steps spread evenly
+    from the first to the last."""
+    steps = profile.grid.steps
+    fits = [(int(d), float(r)) for d, r in (item.split(":") for item in args.spectral.split(","))] if args.spectral else []
+    dampings = [float(v) for v in args.damped.split(",")] if args.damped else []
+    found = target.search(profile, target.TargetOptions())
+    rows = []
+    for rung in target.whole_step_ladder(found, profile)[::-1][::args.stride][::-1]:
+        speedup = steps / rung.computes
+        if not in_band(args, speedup) or rung.computes < 2:
+            continue
+        for placement, chosen in (("ladder", rung.steps), ("even", target.evenly_spread_steps(steps, rung.computes))):
+            variants = [(None, 1.0), *((fit, 1.0) for fit in fits), *((None, d) for d in dampings)]
+            for fit, damping in variants:
+                patched = output_forecast(model, tuple(chosen), 1, "output", fit, damping)
+                forecast = ("order 1" if fit is None else f"Chebyshev degree {fit[0]}, ridge {fit[1]:g}") + (
+                    "" if damping == 1.0 else f", damped {damping:g}")
+                family = "spectral_forecast" if fit else "output_forecast" if damping == 1.0 else "damped_forecast"
+                rows.append({"family": family, "variable": "output", "damping": damping,
+                             "placement": placement, "forecast": forecast, "computes": rung.computes, "order": 1,
+                             "steps": list(chosen), "speedup": speedup, "psnr": measure(patched, steps)})
+                show(f"output forecast, {forecast}, {placement} steps, {rung.computes} computes", rows[-1])
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 
 def report(folder: Path) -> str:
@@ -827,6 +905,12 @@ def main() -> None:
                                                                  "compute, e.g. 1,0 (DBCache's F1B0)")
     parser.add_argument("--output-forecast", action="store_true",
                         help="an experiment: the whole model's output forecast at the rungs' reuse steps")
+    parser.add_argument("--spectral", default="", help="an experiment: the output forecast by Chebyshev fits "
+                        "through every computation, DEGREE:RIDGE each, e.g. 2:0.1,3:0.1 (Spectrum)")
+    parser.add_argument("--damped", default="", help="an experiment: the order-1 output forecast's change "
+                        "scaled by each of these, e.g. 0.5 (a blend of orders 0 and 1, as ScalingCache)")
+    parser.add_argument("--layer-damping", type=float, default=1.0, help="an experiment: every layer's "
+                        "forecast damped by this factor (0.5: halfway between orders 0 and 1), search included")
     parser.add_argument("--chains", default="", help="an experiment: chains of partial reuse from the whole-step "
                         "rungs with speed-ups LOW-HIGH, e.g. 1.4-2.6")
     parser.add_argument("--chain-links", type=int, default=5)
