@@ -22,7 +22,7 @@ import torch
 
 from ..block_maps.block_map import BlockMap, LayerSpec, ReuseMode
 from ..runtime.run import LayerForward, LayerMethod, ModelCall, RunContext, RunHolder, RunStats
-from .forecast import combine, lagrange_weights, push_point
+from .forecast import combine, forecast_weights, push_point
 from .layer_calls import residual_branches, stream_inputs
 from .plan import LayerPlan
 from .run_summary import run_speedup_estimate
@@ -238,7 +238,8 @@ class LayerCache(LayerMethod):
                 elements.append(None)
                 continue
             reference = current if isinstance(current, torch.Tensor) else None
-            cached = _predicted(entries, stream_index, run.evaluation_tau, reference)
+            cached = _predicted(entries, stream_index, run.evaluation_tau, reference,
+                                self.plan.dampings[patch.layer_index])
             if layer_corrections is not None and layer_corrections[stream_index] is not None:
                 cached = layer_corrections[stream_index].apply(cached, self.schedule_step)
             if entries[0].residual[stream_index]:
@@ -313,9 +314,10 @@ def offload_to_cpu(part: torch.Tensor, spare: torch.Tensor | None) -> torch.Tens
 
 
 def _predicted(entries: list[_CacheEntry], stream_index: int, tau: float,
-               reference: torch.Tensor | None) -> torch.Tensor:
+               reference: torch.Tensor | None, damping: float) -> torch.Tensor:
     """One stream's stand-in for all chunks of a call: each chunk's cached value, or its forecast
-    at ``tau`` from the points kept, on the device and in the dtype of ``reference``."""
+    at ``tau`` from the points kept (``damping``: forecast.forecast_weights), on the device and in the
+    dtype of ``reference``."""
     parts = []
     for entry in entries:
         tensors = [point[stream_index] for point in entry.points]
@@ -324,7 +326,7 @@ def _predicted(entries: list[_CacheEntry], stream_index: int, tau: float,
         if len(tensors) == 1:
             parts.append(tensors[0])  # order 0: reused exactly as cached
         else:
-            parts.append(combine(tensors, lagrange_weights(entry.taus, tau)))
+            parts.append(combine(tensors, forecast_weights(entry.taus, tau, damping)))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -348,7 +350,11 @@ def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
                      if reused})
     forecast = ""
     if any(orders):
-        forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}) "
+        dampings = sorted({d for d, order, reused in zip(holder.plan.dampings, holder.plan.orders,
+                                                         holder.plan.reuses_ever, strict=True)
+                           if reused and order and d != 1.0})
+        damped = f", damped to {'/'.join(f'{d:g}' for d in dampings)}" if dampings else ""
+        forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}{damped}) "
                     f"{cache.peak_history_bytes / 2**20:.1f} MB")
     logger.info(
         "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "

@@ -25,20 +25,22 @@ class LayerPlan:
     cumulative_computes: np.ndarray  # [layers, steps]: computes at or before each step
     reuses_ever: np.ndarray  # [layers]: the layer is reused somewhere, so its cache is worth keeping
     orders: tuple[int, ...]  # per layer: forecast order of its reuse (0: reuse as cached)
+    dampings: tuple[float, ...]  # per layer: the share of its forecast's move (1: undamped)
     stores: np.ndarray  # [layers, steps]: a computation at the step is kept, for a reuse that can follow
 
     @classmethod
     def from_schedule(cls, schedule: CacheSchedule) -> LayerPlan:
         return cls.from_mask(schedule.grid, schedule.compute_mask(), tuple(layer.reuse for layer in schedule.layers),
                              schedule.layer_flops, schedule.total_flops,
-                             tuple(layer.forecast_order for layer in schedule.layers))
+                             tuple(layer.forecast_order for layer in schedule.layers),
+                             tuple(layer.forecast_damping for layer in schedule.layers))
 
     @classmethod
     def from_mask(cls, grid: StepGrid, mask: np.ndarray, reuse: tuple[ReuseMode, ...], layer_flops: tuple[float, ...],
-                  total_flops: float, orders: tuple[int, ...]) -> LayerPlan:
+                  total_flops: float, orders: tuple[int, ...], dampings: tuple[float, ...]) -> LayerPlan:
         return cls(grid=grid, reuse=reuse, layer_flops=layer_flops, total_flops=total_flops,
                    cumulative_computes=np.cumsum(mask, axis=1), reuses_ever=~mask.all(axis=1), orders=orders,
-                   stores=stores_for(mask, orders))
+                   dampings=dampings, stores=stores_for(mask, orders))
 
     def compute_mask(self) -> np.ndarray:
         return np.diff(self.cumulative_computes, axis=1, prepend=0).astype(bool)
@@ -48,7 +50,8 @@ class LayerPlan:
         grid_bounds = [*self.grid.taus, *normalized_times(model_sampling, torch.tensor(self.grid.sigmas[-1:]))]
         run_bounds = [*run_grid.taus, *normalized_times(model_sampling, torch.tensor(run_grid.sigmas[-1:]))]
         mask = retime_mask(self.compute_mask(), grid_bounds, run_bounds)
-        return LayerPlan.from_mask(run_grid, mask, self.reuse, self.layer_flops, self.total_flops, self.orders)
+        return LayerPlan.from_mask(run_grid, mask, self.reuse, self.layer_flops, self.total_flops, self.orders,
+                                   self.dampings)
 
     def decisions(self, previous_step: int | None, step: int) -> np.ndarray:
         """Per layer: compute now? A layer computes when the schedule has a compute point

@@ -71,6 +71,7 @@ class LayerSchedule:
     reuse: ReuseMode
     compute: tuple[bool, ...]  # one entry per grid step
     forecast_order: int = 0  # reused as cached (0), or forecast from the last order + 1 computations
+    forecast_damping: float = 1.0  # the share of the forecast's move from the last computation (forecast.py)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class CacheSchedule:
         for layer in self.layers:
             mask = "".join("1" if c else "0" for c in layer.compute)
             order = f"|{layer.forecast_order}" if layer.forecast_order else ""  # unchanged for order-0 schedules
-            digest.update(f"\n{layer.name}|{layer.reuse.value}|{mask}{order}".encode())
+            damping = f"|d{layer.forecast_damping!r}" if layer.forecast_damping != 1.0 else ""  # and undamped ones
+            digest.update(f"\n{layer.name}|{layer.reuse.value}|{mask}{order}{damping}".encode())
         return digest.hexdigest()[:16]
 
     def compute_mask(self) -> np.ndarray:
@@ -117,6 +119,10 @@ class CacheSchedule:
         mask = self.compute_mask()
         orders = sorted({layer.forecast_order for layer in self.layers if not all(layer.compute)})
         forecast = f"; reused layers forecast with order {'/'.join(map(str, orders))}" if any(orders) else ""
+        dampings = sorted({layer.forecast_damping for layer in self.layers
+                           if not all(layer.compute) and layer.forecast_order and layer.forecast_damping != 1.0})
+        if dampings:
+            forecast += f", damped to {'/'.join(f'{d:g}' for d in dampings)} of its move"
         return (
             f"{int(mask.sum())}/{mask.size} layer evaluations computed over {self.grid.steps} steps; "
             f"{self.flop_fraction:.1%} of the FLOPs, estimated speed-up {self.estimated_speedup:.2f}x: the cost of "

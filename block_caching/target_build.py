@@ -112,9 +112,10 @@ class Tried:
     expected_high: float | None
     partial: PartialStep | None = None
     as_is_layers: tuple[int, ...] = ()  # block-map indices forecast with order 0 whatever ``order`` is
+    damping: float = 1.0  # the share of the forecast's move (block_caching/forecast.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "steps": list(self.steps), "order": self.order,
+        return {"label": self.label, "steps": list(self.steps), "order": self.order, "damping": self.damping,
                 "predicted_error": self.predicted_error, "measured_psnr": self.measured_psnr,
                 "expected_low": self.expected_low, "expected_high": self.expected_high,
                 "partial": partial_to_json(self.partial), "as_is_layers": list(self.as_is_layers)}
@@ -125,7 +126,8 @@ class Tried:
         return cls(str(data["label"]), tuple(int(s) for s in data["steps"]), int(data["order"]),
                    float(data["predicted_error"]), float(data["measured_psnr"]),
                    None if low is None else float(low), None if high is None else float(high),
-                   PartialStep.from_json(data.get("partial")), _layer_indices(data.get("as_is_layers")))
+                   PartialStep.from_json(data.get("partial")), _layer_indices(data.get("as_is_layers")),
+                   float(data.get("damping", 1.0)))
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ class TargetBuild:
     combined: CombinedSteps | None = None  # built for fewer sampler steps than profiled
     chosen_partial: PartialStep | None = None  # the chosen rung is a fine one
     chosen_as_is_layers: tuple[int, ...] = ()  # cached layers forecast with order 0 (chosen by measurement)
+    chosen_damping: float = 1.0  # the chosen rung's forecast damping (block_caching/forecast.py)
 
     def to_json(self) -> dict[str, Any]:
         """The schedule's ``builder`` JSON."""
@@ -247,6 +250,7 @@ class TargetBuild:
             "chosen_partial": partial_to_json(self.chosen_partial),
             "chosen_as_is_layers": list(self.chosen_as_is_layers),
             "chosen_order": self.chosen_order,
+            "chosen_damping": self.chosen_damping,
             "chosen_by": self.chosen_by,
             "predicted_error": self.predicted_error,
             "measured": [tried.to_json() for tried in self.measured],
@@ -293,6 +297,7 @@ class TargetBuild:
             combined=optional("combined", CombinedSteps),
             chosen_partial=PartialStep.from_json(data.get("chosen_partial")),
             chosen_as_is_layers=_layer_indices(data.get("chosen_as_is_layers")),
+            chosen_damping=float(data.get("chosen_damping", 1.0)),
         )
 
     @classmethod

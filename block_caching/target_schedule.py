@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 
 from ..block_maps.block_map import CACHE_KIND_CHOICES, ReuseMode
 from ..errors import ScheduleBuildError
-from .forecast import MAX_FORECAST_ORDER, lagrange_weights
+from .forecast import MAX_FORECAST_ORDER, forecast_weights
 from .profile import TRAJECTORY_ELEMENTS, BlockProfile
 from .replay import Measurement, measurement
 from .schedule import (
@@ -116,10 +116,15 @@ class Rung:
     flop_fraction: float
     partial: PartialStep | None = None
     as_is_layers: tuple[int, ...] = ()  # cached layers reused as they are (order 0) whatever ``order`` is
+    damping: float = 1.0  # the share of each forecast's move (forecast.forecast_weights)
 
     def layer_order(self, layer: int) -> int:
         """The forecast order of the cached ``layer`` (a block-map index)."""
         return 0 if layer in self.as_is_layers else self.order
+
+    def layer_damping(self, layer: int) -> float:
+        """The damping of the cached ``layer``'s forecast (1 where it has none)."""
+        return self.damping if self.layer_order(layer) else 1.0
 
     def compute_row(self, layer: int, steps: int) -> tuple[bool, ...]:
         """Where the cached ``layer`` (a block-map index) computes."""
@@ -150,6 +155,12 @@ AS_IS_GROUPS = ("first third", "last third", "all")
 # the reference models 3-10x (docs/speedup-target.md).
 EVEN_WEIGHTS_MIN_SPREAD = 20.0
 
+# An order-1 forecast damped to this share of its move (forecast.forecast_weights) is measured as an alternative at
+# each rung where the error model predicts it better than the search's own schedule: on the Flux reference at 20
+# steps it kept 2.4 dB more on average; on the UNet reference the error model predicts it worse
+# (docs/speedup-target.md).
+DAMPED_FORECAST = 0.5
+
 # A fine rung reuses these shares of the cached layers at one compute step of a whole-step rung, so two
 # fine rungs split the FLOPs between neighbouring whole-step rungs in three (issue 22's "no cliff").
 FINE_RUNG_SHARES = (1 / 3, 2 / 3)
@@ -161,11 +172,13 @@ class StepErrorModel:
     ``even_step_weights`` every step's error counts alike (their mean weight), not by how far the step
     moves the latent."""
 
-    def __init__(self, profile: BlockProfile, layers: list[int], even_step_weights: bool = False) -> None:
+    def __init__(self, profile: BlockProfile, layers: list[int], even_step_weights: bool = False,
+                 damping: float = 1.0) -> None:
         trajectory = profile.trajectory
         if trajectory is None:
             raise ScheduleBuildError("the profile has no trajectory")
         self.taus = list(profile.grid.taus)
+        self.damping = damping
         weights = list(trajectory.step_weights)
         self.weights = [sum(weights) / len(weights)] * len(weights) if even_step_weights and weights else weights
         blocks, norms = [], []
@@ -201,7 +214,7 @@ class StepErrorModel:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        weights = lagrange_weights([self.taus[h] for h in history], self.taus[step])
+        weights = forecast_weights([self.taus[h] for h in history], self.taus[step], self.damping)
         if self._values is not None:
             forecast = sum(w * self._values[h] for w, h in zip(weights, history, strict=True))
             deviation = (forecast - self._values[step]).abs()
@@ -272,8 +285,10 @@ class Search:
     notes: list[str]
 
 
-def search(profile: BlockProfile, options: TargetOptions, even_step_weights: bool = False) -> Search:
-    """The best compute steps for every count and order, by the error model (``StepErrorModel``)."""
+def search(profile: BlockProfile, options: TargetOptions, even_step_weights: bool = False,
+           damping: float = 1.0) -> Search:
+    """The best compute steps for every count and order, by the error model (``StepErrorModel``) of a forecast
+    with that ``damping``."""
     options.validate()
     trajectory = profile.trajectory
     if trajectory is None:
@@ -298,7 +313,7 @@ def search(profile: BlockProfile, options: TargetOptions, even_step_weights: boo
     first = max(1, options.always_compute_first)
     forced = [s < first or s >= steps - options.always_compute_last for s in range(steps)]
     max_gap = options.max_consecutive_reuse + 1 if options.max_consecutive_reuse else DEFAULT_MAX_GAP
-    model = StepErrorModel(profile, layers, even_step_weights)
+    model = StepErrorModel(profile, layers, even_step_weights, damping)
     per_order = {order: best_schedules(model, steps, order, forced, max_gap) for order in options.orders()}
     return Search(per_order, layers, forced, max_gap, model, notes)
 
@@ -309,7 +324,8 @@ def whole_step_ladder(found: Search, profile: BlockProfile) -> list[Rung]:
     for order, results in found.per_order.items():
         for count, (error, chosen) in results.items():
             if count not in ladder or error < ladder[count].error:
-                ladder[count] = _with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0))
+                ladder[count] = _with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0,
+                                                                                damping=found.model.damping))
     return [ladder[c] for c in sorted(ladder)]
 
 
@@ -354,8 +370,8 @@ def fine_rungs(found: Search, profile: BlockProfile, whole: list[Rung]) -> list[
                     if size not in best or extra < best[size][0]:
                         best[size] = (extra, PartialStep(step, tuple(layers[start:start + size])))
         for extra, partial in best.values():
-            result.append(_with_flop_fraction(profile, layers, Rung(rung.computes, rung.steps, rung.order,
-                                                                    sum(base) + extra, 0.0, partial)))
+            result.append(_with_flop_fraction(profile, layers, dataclasses.replace(rung, error=sum(base) + extra,
+                                                                                   partial=partial)))
     return result
 
 
@@ -407,7 +423,8 @@ def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[s
             continue
         seen.add((chosen, order))
         error = predicted_error(found.model, steps, chosen, order)
-        result.append((label, _with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0))))
+        result.append((label, _with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0,
+                                                                              damping=found.model.damping))))
     return result
 
 
@@ -444,12 +461,15 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
     return min(ladder, key=lambda rung: rung.flop_fraction)
 
 
+# Schedules of a rung's cost found otherwise than by the search (``alternative_rungs``), labelled.
+Alternatives = Sequence[Callable[[Rung], list[tuple[str, Rung]]]]
+
+
 def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                      measure: Callable[[CacheSchedule], Measurement | float], choose_by_measure: bool,
-                     per_layer_orders: bool, tried: list[Tried],
-                     evenly_weighted: Callable[[Rung], list[tuple[str, Rung]]] | None = None
+                     per_layer_orders: bool, tried: list[Tried], alternatives: Alternatives = ()
                      ) -> tuple[Rung, Measurement]:
-    """The rung kept and its measurement (at first ``rung``, the search's choice). ``evenly_weighted``'s rungs of
+    """The rung kept and its measurement (at first ``rung``, the search's choice). The ``alternatives``' rungs of
     its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
     ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
     best of them replaces the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the
@@ -473,8 +493,8 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
     tried.append(_tried(own_label, rung, own))
     kept = (rung, own, own_label)
     options = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else []
-    if evenly_weighted is not None:
-        options += evenly_weighted(rung)
+    for alternative in alternatives:
+        options += alternative(rung)
     seen = {_schedule_key(rung)}
     unique = []
     for label, candidate in options:
@@ -490,7 +510,7 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
 
 def _schedule_key(rung: Rung) -> tuple[Any, ...]:
     """What tells two rungs' schedules apart."""
-    return rung.steps, rung.order, rung.partial, rung.as_is_layers
+    return rung.steps, rung.order, rung.partial, rung.as_is_layers, rung.damping
 
 
 def step_weight_spread(weights: list[float]) -> float:
@@ -499,28 +519,38 @@ def step_weight_spread(weights: list[float]) -> float:
     return max(moving) / min(moving) if moving else 1.0
 
 
-def evenly_weighted_rungs(profile: BlockProfile, options: TargetOptions, found: Search
-                          ) -> Callable[[Rung], list[tuple[str, Rung]]]:
-    """For a rung of ``found``'s ladder: the rung of its cost (as many compute steps, and a fine rung's
-    share of reused layers) of the ladder searched with every step's error weighted alike, labelled, with
-    its error by ``found``'s model. The search is made when first asked for.
+def alternative_rungs(profile: BlockProfile, options: TargetOptions, found: Search, label: str,
+                      even_step_weights: bool = False, damping: float = 1.0, if_predicted_better: bool = False
+                      ) -> Callable[[Rung], list[tuple[str, Rung]]]:
+    """For a rung of ``found``'s ladder: the rung of its cost (as many compute steps, and a fine rung's share
+    of reused layers) of the ladder searched with every step's error weighted alike, or for a forecast with
+    another ``damping``, labelled, with its error by the error model of its own forecast and ``found``'s step
+    weights. The search is made when first asked for. With ``if_predicted_better``, only where that error is
+    below the rung's own.
 
-    Why: the error model weights each step by how far it moves the latent, and under a strong time shift
-    (Wan's 8) these weights span 30-50-fold, the largest at the end, so the search packs its computations
-    there. On the video reference model the search with even weights kept 5 dB more on unseen prompts; on the
-    Flux and UNet reference models, whose weights span 3-10x, 0.1-1 dB less, and the held-out seed read its
-    schedules 1-2 dB high there (docs/speedup-target.md). So it is offered only where the weights span more
-    than EVEN_WEIGHTS_MIN_SPREAD, and kept only where measured better."""
+    Why every step weighted alike: the error model weights each step by how far it moves the latent, and under a
+    strong time shift (Wan's 8) these weights span 30-50-fold, the largest at the end, so the search packs its
+    computations there. On the video reference model the search with even weights kept 5 dB more on unseen
+    prompts; on the Flux and UNet reference models, whose weights span 3-10x, 0.1-1 dB less, and the held-out
+    seed read its schedules 1-2 dB high there (docs/speedup-target.md). So it is offered only where the weights
+    span more than EVEN_WEIGHTS_MIN_SPREAD, and kept only where measured better. Why damped: DAMPED_FORECAST."""
     ladder: list[Rung] = []
 
     def of_cost(like: Rung) -> list[tuple[str, Rung]]:
         if not ladder:
-            ladder.extend(ladder_of(search(profile, options, even_step_weights=True), profile))
+            ladder.extend(ladder_of(search(profile, options, even_step_weights, damping), profile))
         steps = profile.grid.steps
-        return [(f"every step weighted alike, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}"),
-                 dataclasses.replace(rung, error=rung_error(found.model, steps, found.layers, rung)))
-                for rung in ladder if rung.computes == like.computes
-                and reused_share(rung.partial) == reused_share(like.partial)]
+        result = []
+        for rung in ladder:
+            if rung.computes != like.computes or reused_share(rung.partial) != reused_share(like.partial):
+                continue
+            if even_step_weights:  # its own error model weighs the steps otherwise
+                rung = dataclasses.replace(rung, error=rung_error(found.model, steps, found.layers, rung))
+            if if_predicted_better and rung.error >= like.error:
+                continue
+            result.append((f"{label}, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}"),
+                           rung))
+        return result
 
     return of_cost
 
@@ -560,6 +590,8 @@ def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tup
     if rung.order == 0:
         return []
     layers = found.layers
+    model = found.model if rung.damping == found.model.damping else StepErrorModel(profile, layers,
+                                                                                  damping=rung.damping)
     third = max(1, len(layers) // 3)
     groups = {"first third": layers[:third], "last third": layers[-third:], "all": layers}
     variants, seen = [], set()
@@ -569,7 +601,7 @@ def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tup
             continue
         seen.add(as_is)
         variant = dataclasses.replace(rung, as_is_layers=as_is)
-        error = rung_error(found.model, profile.grid.steps, layers, variant)
+        error = rung_error(model, profile.grid.steps, layers, variant)
         variants.append((name, dataclasses.replace(variant, error=error)))
     return variants
 
@@ -592,7 +624,7 @@ def rung_error(model: StepErrorModel, steps: int, layers: list[int], rung: Rung)
 
 def _tried(label: str, rung: Rung, value: Measurement) -> Tried:
     return Tried(label, rung.steps, rung.order, rung.error, value.mean, value.low, value.high, rung.partial,
-                 rung.as_is_layers)
+                 rung.as_is_layers, rung.damping)
 
 
 def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dict[str, Any]) -> CacheSchedule:
@@ -603,7 +635,8 @@ def _schedule(profile: BlockProfile, layers: list[int], rung: Rung, builder: dic
         compute_row = rung.compute_row(index, profile.grid.steps)
         if index in cached and not all(compute_row):
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, compute_row,
-                                                 forecast_order=rung.layer_order(index)))
+                                                 forecast_order=rung.layer_order(index),
+                                                 forecast_damping=rung.layer_damping(index)))
         else:
             layer_schedules.append(LayerSchedule(spec.name, spec.kind, reuse, (True,) * profile.grid.steps))
     return schedule_of_profile(profile, layer_schedules, builder)
@@ -618,7 +651,8 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
     with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
     recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of that cost
-    searched with every step weighted alike is measured too (``evenly_weighted_rungs``), and with
+    searched with every step weighted alike is measured too, and where the error model predicts it better, the
+    one searched for a forecast damped to DAMPED_FORECAST (``alternative_rungs``), and with
     ``choose_by_measure`` other schedules of that cost; one may replace it (``_measured_choice``). With
     ``options.min_psnr``, where the expected PSNR on other prompts (the low end of the measured range) of
     the choice is below it, the choice steps down the ladder to the fastest rung that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
@@ -639,11 +673,20 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     notes = list(found.notes)
     if measure is not None and rung.computes < steps:
         spread = step_weight_spread(found.model.weights)
-        evenly_weighted = (evenly_weighted_rungs(profile, options, found) if spread > EVEN_WEIGHTS_MIN_SPREAD
-                           else None)
+        alternatives = []
+        if spread > EVEN_WEIGHTS_MIN_SPREAD:
+            alternatives.append(alternative_rungs(profile, options, found, "every step weighted alike",
+                                                  even_step_weights=True))
+        damped_offered = False
+        if options.forecast_order in (None, 1):  # what was measured: an order-1 forecast, damped
+            damped = alternative_rungs(profile, dataclasses.replace(options, forecast_order=1), found,
+                                       f"searched for a forecast damped to {DAMPED_FORECAST:g}",
+                                       damping=DAMPED_FORECAST, if_predicted_better=True)
+            alternatives.append(damped)
+            damped_offered = bool(damped(rung))
         rung, chosen = _measured_choice(found, profile, rung, measure, choose_by_measure,
                                         per_layer_orders=options.forecast_order is None, tried=tried,
-                                        evenly_weighted=evenly_weighted)
+                                        alternatives=alternatives)
         # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
         if options.min_psnr and chosen.low < options.min_psnr:
             stepped_from = rung
@@ -652,21 +695,24 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                 """A slower rung measured; with ``choose_by_measure``, the best of its equal-cost candidates."""
                 probed: list[Tried] = []
                 kept, value = _measured_choice(found, profile, candidate, measure, choose_by_measure,
-                                               per_layer_orders=False, tried=probed,
-                                               evenly_weighted=evenly_weighted)
+                                               per_layer_orders=False, tried=probed, alternatives=alternatives)
                 tried.extend(dataclasses.replace(t, label=f"stepped down, {candidate.label}"
-                                                 + ("" if t.label.startswith("searched") else f": {t.label}"))
+                                                 + ("" if t.label.startswith("searched, order") else f": {t.label}"))
                              for t in probed)
                 return kept, value
 
             # Where each probe may be one of two schedules, fidelity no longer grows with the cost rung by rung.
-            several = choose_by_measure or evenly_weighted is not None
+            several = choose_by_measure or spread > EVEN_WEIGHTS_MIN_SPREAD or damped_offered
             floor_rung, chosen = step_down_to_floor(ladder, rung, options.min_psnr, steps, probe,
                                                     scan_first=FLOOR_SCAN_FIRST if several else 0)
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
-        if evenly_weighted is None and (choose_by_measure or stepped_from is not None):
+        if spread <= EVEN_WEIGHTS_MIN_SPREAD and (choose_by_measure or stepped_from is not None):
             notes.append(f"the search with every step's error weighted alike was not tried: the step weights span "
                          f"{spread:.1f}x, it is tried above {EVEN_WEIGHTS_MIN_SPREAD:g}x (a strong time shift).")
+        if not damped_offered and (choose_by_measure or stepped_from is not None):
+            notes.append(f"an order-1 forecast damped to {DAMPED_FORECAST:g} was not tried at the target's cost: "
+                         + ("the error model predicts it no better there." if options.forecast_order in (None, 1)
+                            else f"forecast order {options.forecast_order} was asked for."))
     versus = None
     if fewer_steps is not None and chosen is not None and rung.computes < steps:
         # Uncached sampling at the schedule's cost: as many steps as its FLOPs buy (at least 1).
@@ -686,6 +732,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         chosen_partial=rung.partial,
         chosen_as_is_layers=rung.as_is_layers,
         chosen_order=rung.order,
+        chosen_damping=rung.damping,
         chosen_by="measured" if tried and (choose_by_measure or _schedule_key(rung) not in {
             _schedule_key(r) for r in ladder}) else "predicted",
         predicted_error=rung.error,

@@ -58,7 +58,8 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "everything."),
                 io.Combo.Input("forecast_order", options=list(FORECAST_ORDER_CHOICES), default=DEFAULT_FORECAST_ORDER,
                                tooltip="How a skipped layer stands in: 0 reuses its last output as it is; 1 and 2 "
-                                       "extrapolate it from its last 2 or 3 computations (TaylorSeer-style). "
+                                       "extrapolate it from its last 2 or 3 computations (TaylorSeer-style; "
+                                       "validation may damp that to half its move where it measures better). "
                                        "'auto' takes the order with the least error on the profile. Each order above "
                                        "0 keeps one more cached copy per layer."),
                 io.Combo.Input("cache_kinds", options=list(CACHE_KIND_CHOICES), default="all",
@@ -77,11 +78,13 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "Where the sampler's steps move the latent very unevenly (the step weights "
                                        "span more than 20x, as under Wan's time shift) it also samples the schedule "
                                        "of that cost searched with every step's error weighted alike, and keeps it "
-                                       "where its pictures are clearly closer (one more run). "
+                                       "where its pictures are clearly closer (one more run); likewise the schedule "
+                                       "searched for a forecast damped to half its move, where the error model "
+                                       "predicts it better (as on Flux-like models). "
                                        "'choose by measured PSNR' also samples the other schedules of that cost "
                                        "(up to 4: the search's best per forecast order, steps spread evenly from "
                                        "the first to the last, and the search's best with every step's error "
-                                       "weighted alike) "
+                                       "weighted alike or for a damped forecast) "
                                        "and, with forecast order 'auto', the kept one with order 0 (reuse as is) "
                                        "on the first third, the last third or all of the cached layers (3 more "
                                        "runs); one replaces the search's choice only where its pictures are closer "
@@ -144,12 +147,14 @@ class BuildTargetSchedule(io.ComfyNode):
         reused = ("" if partial is None else f" ({', '.join(schedule.layers[i].name for i in partial.layers)} reuse "
                   f"at step {partial.step + 1})")
         as_is = build.chosen_as_is_layers
-        orders = f"forecast order {build.chosen_order}" + ("" if not as_is else (
+        damped = "" if build.chosen_damping == 1.0 else f", damped to {build.chosen_damping:g} of its move"
+        orders = f"forecast order {build.chosen_order}{damped}" + ("" if not as_is else (
             f", 0 (reused as they are) on {', '.join(schedule.layers[i].name for i in as_is)}"))
         lines = [schedule.summary(), f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
         for tried in build.measured:
             chosen = (tried.steps == build.compute_steps and tried.order == build.chosen_order
-                      and tried.partial == partial and tried.as_is_layers == as_is)
+                      and tried.partial == partial and tried.as_is_layers == as_is
+                      and tried.damping == build.chosen_damping)
             lines.append(f"{'chosen' if chosen else 'tried'}: {tried.label}, {metric} PSNR "
                          f"{tried.measured_psnr:.1f} dB against uncached on the profiled prompts with another "
                          f"seed; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} dB on other prompts")

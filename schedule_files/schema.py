@@ -20,9 +20,12 @@ from ..runtime.time_grid import StepGrid
 
 SCHEDULE_FORMAT = "block-cache-schedule"
 PROFILE_FORMAT = "block-cache-profile"
-# Version 2 added each layer's forecast_order; version 1 schedules load with order 0.
+# Version 2 added each layer's forecast_order; version 1 schedules load with order 0. Version 3 added
+# forecast_damping: a schedule that damps a forecast is written as version 3 (so that an older Block Cache
+# refuses it rather than running it undamped), every other one still as version 2.
 SCHEDULE_VERSION = 2
-SCHEDULE_VERSIONS_READ = (1, 2)
+DAMPED_SCHEDULE_VERSION = 3
+SCHEDULE_VERSIONS_READ = (1, 2, 3)
 PROFILE_VERSION = 1
 PROFILE_VERSIONS_READ = (1,)
 
@@ -44,9 +47,10 @@ def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = Non
     """The schedule document; ``calibration_file`` names the saved scale-shift parameters, if any."""
     mask = schedule.compute_mask()
     specs = {spec.name: spec for spec in schedule.block_map.layers}
+    damped = any(layer.forecast_damping != 1.0 for layer in schedule.layers)
     document = {
         "format": SCHEDULE_FORMAT,
-        "version": SCHEDULE_VERSION,
+        "version": DAMPED_SCHEDULE_VERSION if damped else SCHEDULE_VERSION,
         "model": _block_map_dict(schedule.block_map),
         "grid": schedule.grid.to_dict(),
         "layers": [
@@ -59,6 +63,7 @@ def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = Non
                 "flops": flops,
                 "compute": "".join("1" if c else "0" for c in layer.compute),
                 "forecast_order": layer.forecast_order,
+                **({"forecast_damping": layer.forecast_damping} if layer.forecast_damping != 1.0 else {}),
             }
             for layer, flops in zip(schedule.layers, schedule.layer_flops, strict=True)
         ],
@@ -262,10 +267,11 @@ def schedule_from_dict(doc: Any) -> CacheSchedule:
         if mask[0] != "1":
             raise r.fail(f"{where}.compute", "the first step must compute (there is nothing cached before it)")
         order = r.integer(entry.get("forecast_order", 0), f"{where}.forecast_order", 0, MAX_FORECAST_ORDER)
+        damping = r.number(entry.get("forecast_damping", 1.0), f"{where}.forecast_damping", 0.0, 1.0)
         specs.append(spec)
         flops.append(r.number(entry.get("flops", 0.0), f"{where}.flops", 0.0))
         layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(c == "1" for c in mask),
-                                    forecast_order=order))
+                                    forecast_order=order, forecast_damping=damping))
     builder = r.obj(doc.get("builder", {}), "builder")
     prov = r.obj(doc.get("provenance", {}), "provenance")
     return CacheSchedule(

@@ -380,10 +380,12 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
             rows.append({"family": family, "target": speedup, "computes": len(build.compute_steps),
                          "order": build.chosen_order, "steps": list(build.compute_steps),
                          "partial": None if build.chosen_partial is None else build.chosen_partial.to_json(),
-                         "as_is_layers": list(build.chosen_as_is_layers), "speedup": schedule.estimated_speedup,
-                         "samplings": len(build.measured), "psnr": measure(patched, profile.grid.steps)})
+                         "as_is_layers": list(build.chosen_as_is_layers), "damping": build.chosen_damping,
+                         "speedup": schedule.estimated_speedup, "samplings": len(build.measured),
+                         "tried": [tried.label for tried in build.measured],
+                         "psnr": measure(patched, profile.grid.steps)})
             show(f"target {speedup:g}, {family}, {len(build.compute_steps)} compute steps, as is "
-                 f"{list(build.chosen_as_is_layers)}", rows[-1])
+                 f"{list(build.chosen_as_is_layers)}, damping {build.chosen_damping:g}", rows[-1])
     return rows
 
 

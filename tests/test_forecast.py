@@ -72,15 +72,17 @@ def linear(pack):
     return model, entry.conds(), entry.latent(batch=2)
 
 
-def _schedule(pack, model, compute_steps, order):
-    """Every block computes at ``compute_steps`` of a 6-step euler/normal grid and is forecast with ``order``."""
+def _schedule(pack, model, compute_steps, order, damping=1.0):
+    """Every block computes at ``compute_steps`` of a 6-step euler/normal grid and is forecast with ``order``
+    (its move damped to ``damping``)."""
     sampling = model.get_model_object("model_sampling")
     grid = StepGrid.from_sigmas(sampling, comfy.samplers.calculate_sigmas(sampling, "normal", STEPS),
                                                sampler="euler", scheduler="normal")
     block_map = block_map_for_patcher(model)
     base = all_compute_schedule(block_map, grid, (1.0,) * len(block_map.layers), 4.0)
     row = tuple(step in compute_steps for step in range(STEPS))
-    layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order) for layer in base.layers)
+    layers = tuple(dataclasses.replace(layer, compute=row, forecast_order=order, forecast_damping=damping)
+                   for layer in base.layers)
     return dataclasses.replace(base, layers=layers)
 
 
@@ -93,6 +95,34 @@ def test_lagrange_weights_reproduce_polynomials(pack):
             weights = forecast.lagrange_weights(taus, tau)
             assert sum(w * v for w, v in zip(weights, values, strict=True)) == pytest.approx(tau ** degree, abs=1e-12)
     assert forecast.lagrange_weights([0.5, 0.6], 0.5) == [1.0, 0.0]  # at the newest point: that point
+
+
+def test_damped_weights_move_part_of_the_way_from_the_newest_point(pack):
+    taus, tau = [0.55, 0.8], 0.3
+    plain = forecast.lagrange_weights(taus, tau)
+    assert forecast.forecast_weights(taus, tau) == plain and forecast.forecast_weights(taus, tau, 1.0) == plain
+    assert forecast.forecast_weights(taus, tau, 0.0) == [1.0, 0.0]
+    values = [2.0, 5.0]  # newest first
+    newest, full = values[0], sum(w * v for w, v in zip(plain, values, strict=True))
+    half = sum(w * v for w, v in zip(forecast.forecast_weights(taus, tau, 0.5), values, strict=True))
+    assert half == pytest.approx(newest + 0.5 * (full - newest), abs=1e-12)
+
+
+def test_a_damped_forecast_runs_between_reuse_and_the_full_forecast(pack, linear):
+    """In the runtime, damping 1 is the order-1 forecast and damping 0 plain reuse, bit for bit; half of it
+    lies between them. The damping is part of the schedule's fingerprint."""
+    model, conds, latent = linear
+    reference = sample(model, *conds, latent, steps=STEPS, cfg=4.0)
+    outputs = {}
+    for order, damping in ((0, 1.0), (1, 1.0), (1, 0.0), (1, 0.5)):
+        patched, holder = apply_block_cache(model, _schedule(pack, model, (0, 1, 2, 4), order, damping))
+        outputs[order, damping] = sample(patched, *conds, latent, steps=STEPS, cfg=4.0)
+        assert holder.last_run.reused.sum() > 0
+    assert torch.equal(outputs[1, 0.0], outputs[0, 1.0])
+    errors = {key: float((out - reference).abs().max()) for key, out in outputs.items()}
+    assert errors[1, 1.0] < 1e-5 * float(reference.abs().max()) < errors[1, 0.5] < errors[0, 1.0], errors
+    fingerprints = {_schedule(pack, model, (0, 1, 2, 4), 1, d).fingerprint for d in (1.0, 0.5)}
+    assert len(fingerprints) == 2
 
 
 def test_history_keeps_order_plus_one_points_with_distinct_times(pack):

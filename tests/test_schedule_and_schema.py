@@ -116,7 +116,8 @@ def test_schedule_and_profile_json_round_trip(pack):
 
 def test_version_1_schedules_load_with_order_0_and_orders_round_trip(pack):
     """Files saved before forecasting (version 1, no forecast_order) still load, as plain reuse; a
-    version-2 file keeps each layer's order, and the order is part of the fingerprint."""
+    version-2 file keeps each layer's order, and the order is part of the fingerprint; a damped forecast is
+    written as version 3 and round-trips, its damping in the fingerprint."""
     import dataclasses
 
     nan = float("nan")
@@ -134,6 +135,13 @@ def test_version_1_schedules_load_with_order_0_and_orders_round_trip(pack):
     reloaded = schedule_from_json(schedule_to_json(forecast))
     assert [layer.forecast_order for layer in reloaded.layers] == [2, 0]
     assert reloaded.fingerprint == forecast.fingerprint != schedule.fingerprint
+    assert json.loads(schedule_to_json(forecast))["version"] == 2, "undamped schedules stay version 2"
+    damped = dataclasses.replace(forecast, layers=(dataclasses.replace(forecast.layers[0], forecast_damping=0.5),
+                                                   forecast.layers[1]))
+    document = json.loads(schedule_to_json(damped))
+    assert document["version"] == 3 and [layer.get("forecast_damping") for layer in document["layers"]] == [0.5, None]
+    again = schedule_from_dict(document)
+    assert again.layers == damped.layers and again.fingerprint == damped.fingerprint != forecast.fingerprint
 
 
 def _schedule_doc(pack):
@@ -164,6 +172,10 @@ BAD_DOCUMENTS = {
         {**doc, "layers": [{**doc["layers"][0], "forecast_order": 3}]}),
     "forecast order not an integer": lambda text, doc: json.dumps(
         {**doc, "layers": [{**doc["layers"][0], "forecast_order": 1.5}]}),
+    "forecast damping above 1": lambda text, doc: json.dumps(
+        {**doc, "version": 3, "layers": [{**doc["layers"][0], "forecast_order": 1, "forecast_damping": 1.5}]}),
+    "forecast damping not a number": lambda text, doc: json.dumps(
+        {**doc, "version": 3, "layers": [{**doc["layers"][0], "forecast_order": 1, "forecast_damping": "half"}]}),
 }
 
 

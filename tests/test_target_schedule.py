@@ -237,8 +237,10 @@ def test_the_evenly_spaced_candidate_computes_the_first_and_the_last_step(pack, 
 def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled, monkeypatch):
     *_, profile = profiled
     scores = {}
-    # Step weights of a few times' spread, as the SD and Flux samplers give: 'measure PSNR' measures one schedule.
+    # Step weights of a few times' spread, as the SD and Flux samplers give, and no damped forecast: 'measure
+    # PSNR' measures one schedule.
     monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)
+    monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)
 
     def measure(schedule):
         scores[_schedule_key(schedule)] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
@@ -367,6 +369,7 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
     *_, profile = profiled
     measured = []
     monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", 1.0)  # every rung measured twice
+    monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # and only twice
 
     def measure(schedule):  # fidelity grows with the compute steps: 2 dB per step
         measured.append(_computes(schedule))
@@ -434,6 +437,7 @@ def test_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profi
 
     *_, profile = profiled
     steps = profile.grid.steps
+    monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # the evenly weighted search alone
     options = target.TargetOptions(speedup=2.5, min_psnr=25.0, forecast_order=1)
     found = target.search(profile, options)
     even = target.search(profile, options, even_step_weights=True)
@@ -473,6 +477,55 @@ def test_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profi
     assert tuple(level.builder["compute_steps"]) == rung.steps and level.builder["chosen_by"] == "predicted"
     assert [t["label"] for t in level.builder["measured"]][:2] == [
         "searched, order 1", "every step weighted alike, order 1"]
+
+
+def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, profiled, monkeypatch):
+    """Where the error model predicts the search for a damped forecast better at a rung's cost, that schedule is
+    measured too and kept where clearly better: its layers are damped, the file says so (version 3) and reads
+    back the same. Level, the plain schedule stands (version 2); predicted no better, nothing more is sampled."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)  # the damped search alone
+    options = target.TargetOptions(speedup=2.5, min_psnr=15.0, forecast_order=1)
+    found = target.search(profile, options)
+    rung = target.choose_rung(target.ladder_of(found, profile), options.speedup)
+    damped = target.alternative_rungs(profile, options, found, "damped", damping=target.DAMPED_FORECAST,
+                                      if_predicted_better=True)
+    offered = damped(rung)
+    assert offered, "the fixture's error model predicts the damped forecast better at the target's cost"
+    assert all(r.damping == target.DAMPED_FORECAST and r.error < rung.error and r.computes == rung.computes
+               for _, r in offered)
+    assert damped(dataclasses.replace(rung, error=0.0)) == [], "predicted no better: not offered"
+
+    def measure(schedule):  # +8 dB on every picture where the reused layers' forecasts are damped
+        reused = [layer for layer in schedule.layers if not all(layer.compute)]
+        return Measurement(((28.0 if reused[0].forecast_damping < 1.0 else 20.0),) * 4)
+
+    built = target.build_target_schedule(profile, options, measure)
+    builder = built.builder
+    assert [t["label"] for t in builder["measured"]] == [
+        "searched, order 1", f"searched for a forecast damped to {target.DAMPED_FORECAST:g}, order 1"]
+    assert builder["chosen_damping"] == target.DAMPED_FORECAST and builder["chosen_by"] == "measured"
+    reused = [layer for layer in built.layers if not all(layer.compute)]
+    assert reused and {layer.forecast_damping for layer in reused} == {target.DAMPED_FORECAST}
+    assert {layer.forecast_damping for layer in built.layers if all(layer.compute)} <= {1.0}
+    document = json.loads(schedule_to_json(built))
+    written = [layer["forecast_damping"] for layer in document["layers"] if "forecast_damping" in layer]
+    assert document["version"] == 3 and written == [target.DAMPED_FORECAST] * len(reused)
+    again = schedule_from_json(schedule_to_json(built))
+    assert again.layers == built.layers and again.fingerprint == built.fingerprint
+    level = target.build_target_schedule(profile, options, lambda schedule: Measurement((26.0, 24.0, 27.0, 25.0)))
+    assert level.builder["chosen_damping"] == 1.0 and json.loads(schedule_to_json(level))["version"] == 2
+    assert len(level.builder["measured"]) == 2
+    monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # predicted exactly as the plain forecast: not offered
+    floored = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=29.0), measure)
+    assert not any("damped" in t["label"] for t in floored.builder["measured"])
+    assert any("damped to 1 was not tried" in note for note in floored.builder["notes"])
+    asked = target.build_target_schedule(profile, dataclasses.replace(options, forecast_order=2, min_psnr=29.0),
+                                         measure)
+    assert not any("damped" in t["label"] for t in asked.builder["measured"]), "an asked order is kept"
+    assert any("order 2 was asked for" in note for note in asked.builder["notes"])
 
 
 def test_the_floor_probes_the_next_rungs_one_by_one_before_it_bisects(pack, profiled):
