@@ -126,8 +126,6 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
               + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
 
-    if args.layer_damping != 1.0:  # an experiment: every layer's forecast damped, in the runtime and the search
-        damp_forecasts(benchmark, args.layer_damping)
     experiments = {  # each measures its own rows instead of the ladder's
         "combined": lambda: combined_rows(args, steps, profile_at, target, patching, model, measure, show),
         "chains": lambda: chain_rows(args, profile, target, patching, model, measure, show),
@@ -149,8 +147,10 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     for flag, rows_of in experiments.items():
         if getattr(args, flag):
             return setting_result(rows_of())
-    # --flat-weights: an experiment, every step's error weighted alike (the Build node's alternative search)
-    found = target.search(profile, target.TargetOptions(), even_step_weights=args.flat_weights)
+    # --flat-weights: an experiment, every step's error weighted alike (the Build node's alternative search);
+    # --layer-damping: every forecast damped, in the search's error model and in the schedules' layers
+    found = target.search(profile, target.TargetOptions(), even_step_weights=args.flat_weights,
+                          damping=args.layer_damping)
     if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
         first, last = (int(v) for v in args.always_compute.split(","))
         layers = found.layers[first:len(found.layers) - last]
@@ -198,20 +198,6 @@ def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target:
     return rows
 
 
-def damp_forecasts(benchmark: Any, damping: float) -> None:
-    """An experiment, benchmark only (it rebinds the pack's Lagrange weights in this process): every forecast
-    moves ``damping`` times as far from the newest computation as its polynomial says (ScalingCache's blend of
-    orders 0 and 1), both in the runtime and in the error model the search uses."""
-    forecast = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast")
-    plain = forecast.lagrange_weights
-
-    def damped(taus: list[float], tau: float) -> list[float]:
-        return [damping * w + (1.0 - damping) * (i == 0) for i, w in enumerate(plain(taus, tau))]
-
-    for name in ("cache", "target_schedule"):
-        benchmark._module(name).lagrange_weights = damped
-
-
 def spectral_weights(sigmas: list[float], sigma: float, span: tuple[float, float], degree: int,
                      ridge: float) -> list[float]:
     """Weights w_i with sum_i w_i y_i = the ridge-regression fit of Chebyshev polynomials up to ``degree``
@@ -244,7 +230,7 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
     forecast's change from the newest computation (ScalingCache's blend of orders 0 and 1: 0 is order 0)."""
     import comfy.patcher_extension
 
-    lagrange_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").lagrange_weights
+    forecast_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").forecast_weights
     state: dict[str, Any] = {}
     computes = set(compute_steps)
 
@@ -273,8 +259,7 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
                                        *spectral)
         else:
             known = points[:order + 1]
-            weights = [damping * w + (1.0 - damping) * (i == 0)
-                       for i, w in enumerate(lagrange_weights([point[0] for point in known], sigma))]
+            weights = forecast_weights([point[0] for point in known], sigma, damping)
         value = sum(w * point[1] for w, point in zip(weights, known, strict=True))
         return value if variable == "output" else (x - value) / sigma
 
@@ -294,12 +279,13 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
     same forecast corrected by the error it made at the last computed step (``weight`` times that error,
     constant or scaled by the distance from that step), as a ratio (below 1: the correction helps)."""
     steps = profile.grid.steps
+    lagrange_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").lagrange_weights
     found = target.search(profile, target.TargetOptions(forecast_order=1))
     model = found.model
     values, taus = model._values, model.taus
 
     def forecast(history: list[int], at: int) -> torch.Tensor:
-        weights = target.lagrange_weights([taus[h] for h in history], taus[at])
+        weights = lagrange_weights([taus[h] for h in history], taus[at])
         return sum(w * values[h] for w, h in zip(weights, history, strict=True))
 
     def total(compute: list[int], weight: float, scaled: bool) -> float:
@@ -466,7 +452,7 @@ def even_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching
     """An experiment: for each whole-step rung in the band, the same count of compute steps spread evenly from
     the first step to the last (both computed, as TeaCache's rule does), at the rung's order; both measured."""
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions())
+    found = target.search(profile, target.TargetOptions(), damping=args.layer_damping)
     rows = []
     for rung in target.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
@@ -474,8 +460,8 @@ def even_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching
             continue
         even = target.evenly_spread_steps(steps, rung.computes)
         for family, chosen in (("block_cache", rung.steps), ("even_with_last", even)):
-            varied = target._with_flop_fraction(profile, found.layers,
-                                                target.Rung(len(chosen), tuple(chosen), rung.order, 0.0, 0.0))
+            varied = target._with_flop_fraction(profile, found.layers, dataclasses.replace(
+                rung, computes=len(chosen), steps=tuple(chosen), error=0.0))
             patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, varied, {}))
             rows.append({"family": family, "computes": len(chosen), "order": rung.order, "steps": list(chosen),
                          "speedup": 1.0 / varied.flop_fraction, "psnr": measure(patched, steps)})
