@@ -138,11 +138,6 @@ class Rung:
         return rung_label(self.computes, self.partial, self.as_is_layers)
 
 
-# Choosing among several schedules per rung (by measurement, or with the evenly weighted search's), the floor probes
-# this many slower rungs one by one before it bisects the rest: on the video reference model at 30 steps a rung's
-# best candidate kept 35 dB where the next slower one's kept less.
-FLOOR_SCAN_FIRST = 3
-
 # Per-layer forecast orders that 'choose by measured PSNR' also measures for the schedule it kept: order 0
 # (reuse as is) on the first or the last third of the cached layers, or on all of them. On the video
 # reference model the held-out seed's pick kept 2-10 dB more on unseen prompts at 2-2.7x; on the transformer
@@ -158,12 +153,24 @@ EVEN_WEIGHTS_MIN_SPREAD = 20.0
 # An order-1 forecast damped to this share of its move (forecast.forecast_weights) is measured as an alternative at
 # each rung where the error model predicts it better than the search's own schedule: on the Flux reference at 20
 # steps it kept 2.4 dB more on average; on the UNet reference the error model predicts it worse
-# (docs/speedup-target.md).
+# (docs/speedup-target.md). There, the same count of compute steps spread evenly is measured too: damped, they kept
+# 0.7-3.9 dB more than the damped search's at 2-2.8x on Flux at 20 steps, and less at milder rungs.
 DAMPED_FORECAST = 0.5
 
 # A fine rung reuses these shares of the cached layers at one compute step of a whole-step rung, so two
 # fine rungs split the FLOPs between neighbouring whole-step rungs in three (issue 22's "no cliff").
 FINE_RUNG_SHARES = (1 / 3, 2 / 3)
+
+# After the floor's bisection (over one search's schedules), the rung it found and this many faster rungs (one
+# compute step of the ladder: its fine rungs and the next whole-step rung) are probed with their other schedules of
+# the same cost, fastest first: one of those may reach the floor where the bisected one does not (on the Flux
+# reference at 20 steps the damped schedule one fine rung faster, and steps spread evenly one compute step fewer).
+FLOOR_REFINE_ABOVE = len(FINE_RUNG_SHARES) + 1
+
+# Before that bisection, this many next slower rungs are probed with all their schedules: they lose the least speed
+# (on the video reference at 50 steps and target 5.5, the next rung held the floor with the evenly weighted search's
+# schedule, where the bisection with the damped search's read best at the target and passed over it).
+FLOOR_SCAN_FIRST = 1
 
 
 class StepErrorModel:
@@ -402,6 +409,26 @@ def evenly_spread_steps(steps: int, count: int) -> tuple[int, ...]:
     return tuple(round(i * (steps - 1) / (count - 1)) for i in range(count)) if count > 1 else (0,)
 
 
+def evenly_spread_ladder(found: Search, profile: BlockProfile) -> list[Rung]:
+    """``whole_step_ladder`` with every count's compute steps spread evenly from the first step to the last
+    (``evenly_spread_steps``, where ``found``'s forced steps and longest reuse allow it) instead of searched, at
+    the order of ``found``'s that predicts them best. No fine rungs: one count's steps spread evenly, less some
+    layers at one step, are not between two counts' spread evenly (on the Flux reference at 28 steps they kept
+    less than the faster whole-step rung)."""
+    steps = profile.grid.steps
+    whole: dict[int, Rung] = {}
+    for count in range(2, steps):
+        even = evenly_spread_steps(steps, count)
+        if not all(s in even for s in range(steps) if found.forced[s]) or not _gaps_fit(even, steps, found.max_gap):
+            continue
+        for order in sorted(found.per_order):
+            error = predicted_error(found.model, steps, even, order)
+            if count not in whole or error < whole[count].error:
+                whole[count] = _with_flop_fraction(profile, found.layers, Rung(count, even, order, error, 0.0,
+                                                                               damping=found.model.damping))
+    return [whole[count] for count in sorted(whole)]
+
+
 def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[str, Rung]]:
     """Schedules of equal cost (``count`` compute steps) to choose from by measurement: the search's best for
     each order, and compute steps spread evenly from the first step to the last (as TeaCache's rule computes
@@ -465,10 +492,9 @@ def choose_rung(ladder: list[Rung], speedup: float) -> Rung:
 Alternatives = Sequence[Callable[[Rung], list[tuple[str, Rung]]]]
 
 
-def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
-                     measure: Callable[[CacheSchedule], Measurement | float], choose_by_measure: bool,
-                     per_layer_orders: bool, tried: list[Tried], alternatives: Alternatives = ()
-                     ) -> tuple[Rung, Measurement]:
+def _measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: Callable[[Rung], Measurement],
+                     choose_by_measure: bool, per_layer_orders: bool, tried: list[Tried],
+                     alternatives: Alternatives = ()) -> tuple[Rung, Measurement]:
     """The rung kept and its measurement (at first ``rung``, the search's choice). The ``alternatives``' rungs of
     its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
     ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
@@ -480,7 +506,7 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                   ) -> tuple[Rung, Measurement, str]:
         best = kept
         for label, candidate in options:
-            value = measurement(measure(_schedule(profile, found.layers, candidate, {})))
+            value = measured(candidate)
             beats = value.beats(kept[1])
             noise = "" if beats or value.mean <= kept[1].mean else " (closer, but within the pictures' noise)"
             tried.append(_tried(label + noise, candidate, value))
@@ -488,10 +514,24 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
                 best = (candidate, value, label)
         return best
 
-    own_label = f"searched, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}")
-    own = measurement(measure(_schedule(profile, found.layers, rung, {})))
+    own_label = f"{OWN_LABEL}, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}")
+    own = measured(rung)
     tried.append(_tried(own_label, rung, own))
-    kept = (rung, own, own_label)
+    kept = better_of((rung, own, own_label), _other_schedules(found, profile, rung, choose_by_measure, alternatives))
+    if choose_by_measure and per_layer_orders:
+        kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
+                                for group, variant in as_is_variants(found, profile, kept[0])])
+    return kept[0], kept[1]
+
+
+# How ``_measured_choice`` labels the search's own schedule.
+OWN_LABEL = "searched"
+
+
+def _other_schedules(found: Search, profile: BlockProfile, rung: Rung, choose_by_measure: bool,
+                     alternatives: Alternatives) -> list[tuple[str, Rung]]:
+    """The schedules of ``rung``'s cost other than its own that ``_measured_choice`` measures, labelled, each
+    once."""
     options = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else []
     for alternative in alternatives:
         options += alternative(rung)
@@ -501,11 +541,7 @@ def _measured_choice(found: Search, profile: BlockProfile, rung: Rung,
         if _schedule_key(candidate) not in seen:
             seen.add(_schedule_key(candidate))
             unique.append((label, candidate))
-    kept = better_of(kept, unique)
-    if choose_by_measure and per_layer_orders:
-        kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
-                                for group, variant in as_is_variants(found, profile, kept[0])])
-    return kept[0], kept[1]
+    return unique
 
 
 def _schedule_key(rung: Rung) -> tuple[Any, ...]:
@@ -520,13 +556,13 @@ def step_weight_spread(weights: list[float]) -> float:
 
 
 def alternative_rungs(profile: BlockProfile, options: TargetOptions, found: Search, label: str,
-                      even_step_weights: bool = False, damping: float = 1.0, if_predicted_better: bool = False
-                      ) -> Callable[[Rung], list[tuple[str, Rung]]]:
+                      even_step_weights: bool = False, damping: float = 1.0, if_predicted_better: bool = False,
+                      evenly_spread: bool = False) -> Callable[[Rung], list[tuple[str, Rung]]]:
     """For a rung of ``found``'s ladder: the rung of its cost (as many compute steps, and a fine rung's share
     of reused layers) of the ladder searched with every step's error weighted alike, or for a forecast with
-    another ``damping``, labelled, with its error by the error model of its own forecast and ``found``'s step
-    weights. The search is made when first asked for. With ``if_predicted_better``, only where that error is
-    below the rung's own.
+    another ``damping``, or with ``evenly_spread`` the ladder of ``evenly_spread_ladder`` (for that forecast),
+    labelled, with its error by the error model of its own forecast and ``found``'s step weights. The search is
+    made when first asked for. With ``if_predicted_better``, only where that error is below the rung's own.
 
     Why every step weighted alike: the error model weights each step by how far it moves the latent, and under a
     strong time shift (Wan's 8) these weights span 30-50-fold, the largest at the end, so the search packs its
@@ -538,7 +574,8 @@ def alternative_rungs(profile: BlockProfile, options: TargetOptions, found: Sear
 
     def of_cost(like: Rung) -> list[tuple[str, Rung]]:
         if not ladder:
-            ladder.extend(ladder_of(search(profile, options, even_step_weights, damping), profile))
+            searched = search(profile, options, even_step_weights, damping)
+            ladder.extend(evenly_spread_ladder(searched, profile) if evenly_spread else ladder_of(searched, profile))
         steps = profile.grid.steps
         result = []
         for rung in ladder:
@@ -557,31 +594,99 @@ def alternative_rungs(profile: BlockProfile, options: TargetOptions, found: Sear
 
 def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
                        probe: Callable[[Rung], tuple[Rung, Measurement]],
-                       scan_first: int = 0) -> tuple[Rung | None, Measurement | None]:
-    """The fastest rung slower than ``rung`` whose expected PSNR on other prompts (the low end of its
-    measured range) reaches ``floor``, as ``probe`` keeps and measures it, with its measurement (None: none
-    does, so only computing everything will). Fidelity grows with the compute steps, so a bisection over the
-    slower rungs probes about log2 of their number; computing every step (the uncached run) needs none.
-    ``scan_first`` rungs next to ``rung`` are probed one by one first: where each rung is the best of its
-    candidates, fidelity no longer grows step by step, and the bisection could pass over the fastest."""
+                       probe_others: Callable[[Rung], tuple[Rung, Measurement] | None] | None = None,
+                       refine: int = 0, bisected: Callable[[Rung], bool] | None = None, scan_first: int = 0
+                       ) -> tuple[Rung | None, Measurement | None]:
+    """The fastest rung slower than ``rung`` whose expected PSNR on other prompts (the low end of its measured
+    range) reaches ``floor``, as a probe keeps and measures it, with its measurement (None: none does, so only
+    computing everything will).
+
+    ``probe`` measures one schedule of a rung, all of one search, whose fidelity grows with the cost: a
+    bisection over the slower rungs (those ``bisected`` says that search has, all where it has none) probes
+    about log2 of their number; computing every step (the uncached run) needs none. Then the rung found and the
+    ``refine`` slower rungs just faster than it are probed with their other schedules of the same cost
+    (``probe_others``: the schedule kept and its measurement, None where there is no other), fastest first:
+    which of several schedules wins does not grow with the cost, so those are not bisected. Before all that,
+    the ``scan_first`` next slower rungs are probed one by one, with their other schedules where they have any."""
     slower = sorted((candidate for candidate in ladder
                      if candidate.flop_fraction > rung.flop_fraction and candidate.computes < steps),
                     key=lambda candidate: candidate.flop_fraction)
     for candidate in slower[:scan_first]:
-        kept, value = probe(candidate)
-        if value.low >= floor:
-            return kept, value
+        probed = (probe_others(candidate) if probe_others is not None else None) or probe(candidate)
+        if probed[1].low >= floor:
+            return probed
     slower = slower[scan_first:]
-    low, high = 0, len(slower)
+    over = [candidate for candidate in slower if bisected is None or bisected(candidate)] or slower
+    low, high = 0, len(over)
     found: tuple[Rung | None, Measurement | None] = (None, None)
     while low < high:
         middle = (low + high) // 2
-        kept, value = probe(slower[middle])
+        kept, value = probe(over[middle])
         if value.low >= floor:
             found, high = (kept, value), middle
         else:
             low = middle + 1
+    if probe_others is not None:
+        start = slower.index(over[low]) if low < len(over) else len(slower)
+        for candidate in slower[max(0, start - refine):start + 1]:
+            probed = probe_others(candidate)
+            if probed is not None and probed[1].low >= floor:
+                return probed
     return found
+
+
+def _step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_rung: Rung, kept: Rung,
+               floor: float, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
+               alternatives: Alternatives, tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
+    """``step_down_to_floor`` from ``kept`` (what ``_measured_choice`` kept at ``target_rung``): the bisection
+    with the search whose schedule read best at the target's rung (a rung where it misses the floor measured with
+    its other schedules too), then the rungs next to the one it finds with all their schedules, paired as
+    ``_measured_choice`` pairs them. Every measurement is recorded in ``tried``."""
+
+    def reading(alternative: Callable[[Rung], list[tuple[str, Rung]]]) -> float:
+        return max((measured(other).mean for _, other in alternative(target_rung)), default=-math.inf)
+
+    best = max(alternatives, key=reading, default=None)
+    leading = best if best is not None and reading(best) > measured(target_rung).mean else None
+
+    def stepped(candidate: Rung, probed: list[Tried]) -> None:
+        """``probed`` recorded as measured on the way down (each schedule once)."""
+        for entry in probed:
+            label = f"stepped down, {candidate.label}" + (
+                "" if entry.label.startswith(f"{OWN_LABEL}, order") else f": {entry.label}")
+            entry = dataclasses.replace(entry, label=label)
+            same = [i for i, t in enumerate(tried) if dataclasses.replace(t, label=label) == entry]
+            if same:  # measured once: the later label says more
+                tried[same[0]] = entry
+            else:
+                tried.append(entry)
+
+    def probe(candidate: Rung) -> tuple[Rung, Measurement]:
+        """A slower rung's schedule of the leading search (the search's own where it has none) measured; below the
+        floor, its other schedules too (another search may hold it there)."""
+        options_of_cost = leading(candidate) if leading is not None else []
+        label, schedule = options_of_cost[0] if options_of_cost else (f"{OWN_LABEL}, order {candidate.order}",
+                                                                      candidate)
+        value = measured(schedule)
+        stepped(candidate, [_tried(label, schedule, value)])
+        if value.low >= floor:
+            return schedule, value
+        others = probe_others(candidate)
+        return others if others is not None and others[1].low >= floor else (schedule, value)
+
+    def probe_others(candidate: Rung) -> tuple[Rung, Measurement] | None:
+        """A slower rung's schedules of the same cost measured, the best kept; None where it has no other."""
+        if not _other_schedules(found, profile, candidate, choose_by_measure, alternatives):
+            return None
+        probed: list[Tried] = []
+        result = _measured_choice(found, profile, candidate, measured, choose_by_measure, per_layer_orders=False,
+                                  tried=probed, alternatives=alternatives)
+        stepped(candidate, probed)
+        return result
+
+    return step_down_to_floor(ladder, kept, floor, profile.grid.steps, probe, probe_others,
+                              refine=FLOOR_REFINE_ABOVE, scan_first=FLOOR_SCAN_FIRST,
+                              bisected=None if leading is None else lambda candidate: bool(leading(candidate)))
 
 
 def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tuple[str, Rung]]:
@@ -622,6 +727,20 @@ def rung_error(model: StepErrorModel, steps: int, layers: list[int], rung: Rung)
     return total
 
 
+def _measured_once(profile: BlockProfile, layers: list[int], measure: Callable[[CacheSchedule], Measurement | float]
+                   ) -> Callable[[Rung], Measurement]:
+    """A rung's schedule measured by ``measure``, each schedule once however often it is asked for."""
+    values: dict[tuple[Any, ...], Measurement] = {}
+
+    def measured(rung: Rung) -> Measurement:
+        key = _schedule_key(rung)
+        if key not in values:
+            values[key] = measurement(measure(_schedule(profile, layers, rung, {})))
+        return values[key]
+
+    return measured
+
+
 def _tried(label: str, rung: Rung, value: Measurement) -> Tried:
     return Tried(label, rung.steps, rung.order, rung.error, value.mean, value.low, value.high, rung.partial,
                  rung.as_is_layers, rung.damping)
@@ -651,13 +770,14 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
     with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
     recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of that cost
-    searched with every step weighted alike is measured too, and where the error model predicts it better, the
-    one searched for a forecast damped to DAMPED_FORECAST (``alternative_rungs``), and with
-    ``choose_by_measure`` other schedules of that cost; one may replace it (``_measured_choice``). With
-    ``options.min_psnr``, where the expected PSNR on other prompts (the low end of the measured range) of
-    the choice is below it, the choice steps down the ladder to the fastest rung that reaches it (``step_down_to_floor``; with ``choose_by_measure`` each rung probed is the best of its
-    equal-cost candidates), or to computing everything. ``fewer_steps`` (the same measure of uncached
-    sampling with fewer steps) compares the choice with fewer steps at its cost.
+    searched with every step weighted alike is measured too, and where the error model predicts the search for a
+    forecast damped to DAMPED_FORECAST better, its schedule and the one with the steps spread evenly for that
+    forecast (``alternative_rungs``), and with ``choose_by_measure`` other schedules of that cost; one may replace
+    it (``_measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
+    of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung that
+    reaches it (``step_down_to_floor``: a bisection with the search that read best at the target's rung, then
+    the rungs next to the one found with all their schedules), or to computing everything. ``fewer_steps`` (the
+    same measure of uncached sampling with fewer steps) compares the choice with fewer steps at its cost.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)
@@ -672,6 +792,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     chosen: Measurement | None = None
     notes = list(found.notes)
     if measure is not None and rung.computes < steps:
+        measured = _measured_once(profile, found.layers, measure)
         spread = step_weight_spread(found.model.weights)
         alternatives = []
         if spread > EVEN_WEIGHTS_MIN_SPREAD:
@@ -682,29 +803,20 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
             damped = alternative_rungs(profile, dataclasses.replace(options, forecast_order=1), found,
                                        f"searched for a forecast damped to {DAMPED_FORECAST:g}",
                                        damping=DAMPED_FORECAST, if_predicted_better=True)
-            alternatives.append(damped)
+            evenly_damped = alternative_rungs(profile, dataclasses.replace(options, forecast_order=1), found,
+                                              f"steps spread evenly, forecast damped to {DAMPED_FORECAST:g}",
+                                              damping=DAMPED_FORECAST, evenly_spread=True)
+            alternatives += [damped, lambda like: evenly_damped(like) if damped(like) else []]
             damped_offered = bool(damped(rung))
-        rung, chosen = _measured_choice(found, profile, rung, measure, choose_by_measure,
+        target_rung = rung
+        rung, chosen = _measured_choice(found, profile, rung, measured, choose_by_measure,
                                         per_layer_orders=options.forecast_order is None, tried=tried,
                                         alternatives=alternatives)
         # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
         if options.min_psnr and chosen.low < options.min_psnr:
             stepped_from = rung
-
-            def probe(candidate: Rung) -> tuple[Rung, Measurement]:
-                """A slower rung measured; with ``choose_by_measure``, the best of its equal-cost candidates."""
-                probed: list[Tried] = []
-                kept, value = _measured_choice(found, profile, candidate, measure, choose_by_measure,
-                                               per_layer_orders=False, tried=probed, alternatives=alternatives)
-                tried.extend(dataclasses.replace(t, label=f"stepped down, {candidate.label}"
-                                                 + ("" if t.label.startswith("searched, order") else f": {t.label}"))
-                             for t in probed)
-                return kept, value
-
-            # Where each probe may be one of two schedules, fidelity no longer grows with the cost rung by rung.
-            several = choose_by_measure or spread > EVEN_WEIGHTS_MIN_SPREAD or damped_offered
-            floor_rung, chosen = step_down_to_floor(ladder, rung, options.min_psnr, steps, probe,
-                                                    scan_first=FLOOR_SCAN_FIRST if several else 0)
+            floor_rung, chosen = _step_down(found, profile, ladder, target_rung, rung, options.min_psnr, measured,
+                                            choose_by_measure, alternatives, tried)
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
         if spread <= EVEN_WEIGHTS_MIN_SPREAD and (choose_by_measure or stepped_from is not None):
             notes.append(f"the search with every step's error weighted alike was not tried: the step weights span "

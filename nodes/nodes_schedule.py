@@ -78,9 +78,10 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "Where the sampler's steps move the latent very unevenly (the step weights "
                                        "span more than 20x, as under Wan's time shift) it also samples the schedule "
                                        "of that cost searched with every step's error weighted alike, and keeps it "
-                                       "where its pictures are clearly closer (one more run); likewise the schedule "
-                                       "searched for a forecast damped to half its move, where the error model "
-                                       "predicts it better (as on Flux-like models). "
+                                       "where its pictures are clearly closer (one more run); likewise two "
+                                       "schedules for a forecast damped to half its move (the search's, and the "
+                                       "steps spread evenly from the first to the last), where the error model "
+                                       "predicts the damped search better (as on Flux-like models; two more runs). "
                                        "'choose by measured PSNR' also samples the other schedules of that cost "
                                        "(up to 4: the search's best per forecast order, steps spread evenly from "
                                        "the first to the last, and the search's best with every step's error "
@@ -97,8 +98,9 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "on): the schedule is measured on the profiled prompts with another seed, and "
                                        "where the low end of the PSNR expected on other prompts is below the floor, "
                                        "it steps down to the fastest schedule with more compute steps that reaches "
-                                       "it (each measured as validation measures); the node says so. 0: off, the "
-                                       "speed-up is kept whatever it costs."),
+                                       "it (the next slower one first, then a bisection, then the few next to the "
+                                       "one found, each measured as validation measures); the node says so. 0: "
+                                       "off, the speed-up is kept whatever it costs."),
                 io.Combo.Input("fewer_steps", options=list(FEWER_STEPS), default=FEWER_STEPS[0], optional=True,
                                tooltip="With validation on, also sample the profiled prompts uncached with as many "
                                        "steps as the schedule's cost buys, and say which keeps the picture better. "

@@ -186,14 +186,15 @@ def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target:
     low, high = (int(v) for v in args.combined.split("-"))
     for n in range(high, low - 1, -1):
         profile = profile_at(n)
-        found = target.search(profile, target.TargetOptions())
+        found = target.search(profile, target.TargetOptions(), damping=args.layer_damping)
         for rung in target.ladder_of(found, profile):
             cache_speedup, speedup = 1.0 / rung.flop_fraction, steps / (n * rung.flop_fraction)
             if not (MIN_SPEEDUP <= cache_speedup <= MAX_COMBINED_CACHE_SPEEDUP and speedup <= MAX_SPEEDUP):
                 continue
             patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
             rows.append({"family": "combined", "sampler_steps": n, "computes": rung.computes, "order": rung.order,
-                         "steps": list(rung.steps), "speedup": speedup, "psnr": measure(patched, n)})
+                         "damping": rung.damping, "steps": list(rung.steps), "speedup": speedup,
+                         "psnr": measure(patched, n)})
             show(f"{n} steps, rung {rung.computes}", rows[-1])
     return rows
 

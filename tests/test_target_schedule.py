@@ -386,10 +386,10 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
     assert len(builder["compute_steps"]) == min(c for c in slower if 2.0 * c >= 20.0) == 10
     assert builder["stepped_down_from"]["computes"] == chosen
     assert floored.estimated_speedup < plain.estimated_speedup
-    # The target's own, the next slower rungs one by one, then a bisection; each rung is measured again as the
-    # search with every step weighted alike has it (the same cost, so the same PSNR here).
-    scan = target.FLOOR_SCAN_FIRST
-    assert len(measured) <= 2 * (1 + scan + math.ceil(math.log2(len(slower) - scan)))
+    # The target's own and its evenly weighted twin, a bisection over the search's own schedules, then the rung
+    # found and FLOOR_REFINE_ABOVE faster ones with their twins (the same cost, so the same PSNR here).
+    window = target.FLOOR_REFINE_ABOVE + 1
+    assert len(measured) <= 2 + math.ceil(math.log2(len(slower) + 1)) + 2 * window
     assert measured[1] == measured[0] and [t["label"] for t in builder["measured"]][1].startswith("every step")
     assert [t["measured_psnr"] for t in builder["measured"]] == [2.0 * c for c in measured]
     unreachable = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0, min_psnr=59.0), measure)
@@ -398,13 +398,14 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
         target.TargetOptions(min_psnr=-1.0).validate()
 
 
-def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pack, profiled):
+def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pack, profiled, monkeypatch):
     """'choose by measured PSNR' probes each slower rung with its equal-cost candidates: where evenly spread
     steps clearly beat the search's (+8 dB on every picture), the floor stops at a faster rung."""
     from comfyui_block_cache.block_caching.replay import Measurement
 
     *_, profile = profiled
     steps = profile.grid.steps
+    monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # no damped schedules (evenly spread too) on either path
 
     def measure(schedule):  # 2 dB per compute step, +8 where the steps are spread evenly to the last
         count = _computes(schedule)
@@ -505,7 +506,11 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
     built = target.build_target_schedule(profile, options, measure)
     builder = built.builder
     assert [t["label"] for t in builder["measured"]] == [
-        "searched, order 1", f"searched for a forecast damped to {target.DAMPED_FORECAST:g}, order 1"]
+        "searched, order 1", f"searched for a forecast damped to {target.DAMPED_FORECAST:g}, order 1",
+        f"steps spread evenly, forecast damped to {target.DAMPED_FORECAST:g}, order 1"]
+    spread = builder["measured"][2]
+    assert spread["steps"] == list(target.evenly_spread_steps(profile.grid.steps, rung.computes))
+    assert spread["damping"] == target.DAMPED_FORECAST
     assert builder["chosen_damping"] == target.DAMPED_FORECAST and builder["chosen_by"] == "measured"
     reused = [layer for layer in built.layers if not all(layer.compute)]
     assert reused and {layer.forecast_damping for layer in reused} == {target.DAMPED_FORECAST}
@@ -517,7 +522,7 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
     assert again.layers == built.layers and again.fingerprint == built.fingerprint
     level = target.build_target_schedule(profile, options, lambda schedule: Measurement((26.0, 24.0, 27.0, 25.0)))
     assert level.builder["chosen_damping"] == 1.0 and json.loads(schedule_to_json(level))["version"] == 2
-    assert len(level.builder["measured"]) == 2
+    assert len(level.builder["measured"]) == 3
     monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # predicted exactly as the plain forecast: not offered
     floored = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=29.0), measure)
     assert not any("damped" in t["label"] for t in floored.builder["measured"])
@@ -528,9 +533,10 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
     assert any("order 2 was asked for" in note for note in asked.builder["notes"])
 
 
-def test_the_floor_probes_the_next_rungs_one_by_one_before_it_bisects(pack, profiled):
-    """Where fidelity does not grow rung by rung (each rung the best of its candidates), the scan finds the
-    next slower rung that reaches the floor; a bisection alone passes over it."""
+def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the_rung_found(pack, profiled):
+    """The bisection measures one schedule of each rung it probes, once; then the rung it found and
+    FLOOR_REFINE_ABOVE faster ones are probed with their other schedules, fastest first, and the first whose kept
+    schedule reaches the floor is taken. Farther up, the others are not tried."""
     from comfyui_block_cache.block_caching.replay import Measurement
 
     *_, profile = profiled
@@ -540,14 +546,84 @@ def test_the_floor_probes_the_next_rungs_one_by_one_before_it_bisects(pack, prof
     fastest = min(whole, key=lambda rung: rung.flop_fraction)
     slower = sorted((r for r in whole if r.flop_fraction > fastest.flop_fraction and r.computes < steps),
                     key=lambda rung: rung.flop_fraction)
-    assert len(slower) >= 5
+    assert len(slower) >= 6
+    refine = target.FLOOR_REFINE_ABOVE
+    boundary = refine + 2  # the searched schedules reach the floor from here on
+    owns, others = [], []
 
-    def probe(rung):  # the next slower rung reaches the floor, the two after it do not, the rest do
-        reaches = rung is slower[0] or rung.flop_fraction >= slower[3].flop_fraction
-        return rung, Measurement((40.0 if reaches else 20.0,) * 4)
+    def probe_own(rung):
+        owns.append(rung)
+        return rung, Measurement((40.0 if slower.index(rung) >= boundary else 20.0,) * 4)
 
-    assert target.step_down_to_floor(whole, fastest, 30.0, steps, probe, scan_first=3)[0] is slower[0]
-    assert target.step_down_to_floor(whole, fastest, 30.0, steps, probe)[0] is not slower[0]
+    def probe_others(reaching):
+        def probe(rung):
+            others.append(rung)
+            return rung, Measurement((40.0 if slower.index(rung) in reaching else 20.0,) * 4)
+        return probe
+
+    kept, value = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own)
+    assert kept is slower[boundary] and value.mean == 40.0
+    assert len(owns) <= math.ceil(math.log2(len(slower) + 1)) + 1
+    owns.clear()
+    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own,
+                                        bisected=lambda rung: slower.index(rung) % 2 == boundary % 2)
+    assert kept is slower[boundary] and owns and all(slower.index(rung) % 2 == boundary % 2 for rung in owns)
+    # Another schedule reaches the floor at each of the two rungs above the boundary: the faster is taken.
+    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({1, 2, 3}),
+                                        refine=refine)
+    assert kept is slower[boundary - refine] and others == [slower[boundary - refine]]
+    others.clear()
+    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine)
+    assert kept is slower[boundary], "out of the window: not tried"
+    assert others == slower[boundary - refine:boundary + 1]
+    others.clear()
+    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine,
+                                        scan_first=1)
+    assert kept is slower[0] and others == [slower[0]], "the next slower rung is scanned first"
+    # Where no rung's own schedule reaches it, the slowest rungs' others are still tried.
+    owns.clear()
+    others.clear()
+    last = len(slower) - 1
+    kept, value = target.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
+                                            probe_others({last}), refine=refine)
+    assert kept is slower[last] and others == slower[len(slower) - refine:]
+    assert target.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
+                                     probe_others(set()), refine=refine) == (None, None)
+
+
+def test_the_floor_bisects_with_the_search_that_read_best_at_the_target(pack, profiled, monkeypatch):
+    """Where another search's schedule read better than the search's own at the target's rung, the step down
+    bisects with that search's schedules, one measurement per rung probed, and pairs them with the search's own
+    only near the rung it finds."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)  # the damped search alone
+    monkeypatch.setattr(target, "FLOOR_REFINE_ABOVE", 0)
+    monkeypatch.setattr(target, "FLOOR_SCAN_FIRST", 0)
+    measured = []
+
+    def measure(schedule):  # 2 dB per compute step, +6 where the reused layers' forecasts are damped
+        reused = [layer for layer in schedule.layers if not all(layer.compute)]
+        damped = bool(reused) and reused[0].forecast_damping < 1.0
+        measured.append((_computes(schedule), damped))
+        return Measurement((2.0 * _computes(schedule) + (6.0 if damped else 0.0),) * 4)
+
+    options = target.TargetOptions(speedup=2.5, min_psnr=22.0, forecast_order=1)
+    built = target.build_target_schedule(profile, options, measure)
+    builder = built.builder
+    assert builder["stepped_down_from"] is not None and builder["chosen_damping"] == target.DAMPED_FORECAST
+    assert measured[:2] == [(measured[0][0], False), (measured[0][0], True)], "the target's own, then damped"
+    assert builder["expected_psnr"]["low"] >= 22.0 > 2.0 * len(builder["compute_steps"])
+    stepped = [t for t in builder["measured"] if t["label"].startswith("stepped")]
+    rungs = [t["label"][len("stepped down, "):].split(": ")[0] for t in stepped]
+    damped_at = {rung: t for rung, t in zip(rungs, stepped, strict=True) if t["damping"] < 1.0}
+    own_at = {rung for rung, t in zip(rungs, stepped, strict=True) if t["damping"] == 1.0}
+    passing = {rung for rung, t in damped_at.items() if t["expected_low"] >= 22.0}
+    assert damped_at and passing, "the bisection measures the damped search's schedules"
+    assert len(passing & own_at) <= 1, "where the damped one holds the floor, the search's own only at the rung found"
+    assert own_at <= passing | (set(damped_at) - passing), "the search's own only beside a damped one"
+    assert len(builder["measured"]) == len(measured), "each schedule measured once"
 
 
 @pytest.fixture
