@@ -1,4 +1,4 @@
-"""What the speed-up target builder chose, and why: its typed result.
+"""What the speed-up target builder is asked (``TargetOptions``), and what it chose and why: its typed result.
 
 ``build_target_schedule`` (block_caching/target_schedule.py) makes one ``TargetBuild`` and writes it
 into the schedule's ``builder`` JSON once (``to_json``); the Build node, the frontend's ladder and the
@@ -8,11 +8,13 @@ stay as they are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BlockCacheError
-from .schedule import CacheSchedule
+from .forecast import MAX_FORECAST_ORDER
+from .schedule import CacheSchedule, validate_step_options
 
 METHOD = "speedup_target"
 AUTO_ORDER_LABEL = "auto"
@@ -31,6 +33,48 @@ def parse_forecast_order(label: str) -> int | None:
         return int(label)
     except ValueError:
         raise ValueError(f"forecast_order must be '{AUTO_ORDER_LABEL}' or an order such as '1', got {label!r}") from None
+
+
+# mean PSNR (2.5 left the demo's prompt at 28 dB): docs/benchmark.md.
+DEFAULT_SPEEDUP = 2.25
+FORECAST_ORDER_CHOICES = (AUTO_ORDER_LABEL, *(str(order) for order in range(MAX_FORECAST_ORDER + 1)))
+DEFAULT_FORECAST_ORDER = AUTO_ORDER_LABEL
+# The Build node's quality floor: where the chosen schedule's PSNR, measured on the profiled run, falls below
+# it, the schedule steps down the ladder (more compute steps) until it is reached. 30 dB is where the
+# reference models' pictures start to differ visibly from the uncached ones (docs/benchmark.md).
+DEFAULT_MIN_PSNR = 30.0
+# The longest stretch between two compute steps the search considers unless the user sets one: at
+# most 7 forecasts in a row. It does not depend on the target, so one ladder serves every speed-up.
+DEFAULT_MAX_GAP = 8
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    speedup: float = DEFAULT_SPEEDUP
+    forecast_order: int | None = None  # None: the order with the least error at the chosen rung
+    cache_kinds: str = "all"
+    always_compute_first: int = 1
+    always_compute_last: int = 0
+    max_consecutive_reuse: int = 0  # 0: as the search finds best (up to DEFAULT_MAX_GAP - 1)
+    min_psnr: float = 0.0  # with a measure: step down the ladder until the measured PSNR reaches it (0: off)
+
+    def validate(self) -> None:
+        if not (isinstance(self.speedup, (int, float)) and math.isfinite(self.speedup) and self.speedup >= 1.0):
+            raise ValueError(f"speedup must be a finite number >= 1, got {self.speedup!r}")
+        order = self.forecast_order
+        if order is not None and (isinstance(order, bool) or not isinstance(order, int)
+                                  or not 0 <= order <= MAX_FORECAST_ORDER):
+            raise ValueError(f"forecast_order must be None (auto) or an integer from 0 to {MAX_FORECAST_ORDER}, "
+                             f"got {order!r}")
+        if not (isinstance(self.min_psnr, (int, float)) and math.isfinite(self.min_psnr) and self.min_psnr >= 0.0):
+            raise ValueError(f"min_psnr must be a finite number >= 0 (0: off), got {self.min_psnr!r}")
+        validate_step_options(self)
+
+    def orders(self) -> tuple[int, ...]:
+        if self.forecast_order is None:
+            return tuple(range(1, MAX_FORECAST_ORDER + 1))
+        return (self.forecast_order,)
+
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
 def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     """A speed-up target schedule's ladder: the best compute steps for every count of them, so the node
     redraws the schedule for another speed-up at once (js/block_cache.js picks the rung as
-    block_caching/target_schedule.py choose_rung does)."""
+    block_caching/target_ladder.py choose_rung does)."""
     build = TargetBuild.of(schedule)
     cacheable = set(build.cached_layers)
     partial = partial_to_json(build.chosen_partial)

@@ -8,17 +8,17 @@ from comfy_api.latest import io
 
 from ..block_caching.replay import HeldOutRuns, measure_metric, profile_again
 from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, all_compute_schedule, build_schedule
-from ..block_caching.target_build import TargetBuild, parse_forecast_order, rung_label
-from ..block_caching.target_schedule import (
+from ..block_caching.target_build import (
     DEFAULT_FORECAST_ORDER,
     DEFAULT_MIN_PSNR,
     DEFAULT_SPEEDUP,
     FORECAST_ORDER_CHOICES,
+    TargetBuild,
     TargetOptions,
-    best_choice,
-    build_target_schedule,
-    sampling_choices,
+    parse_forecast_order,
+    rung_label,
 )
+from ..block_caching.target_schedule import best_choice, build_target_schedule, sampling_choices
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload

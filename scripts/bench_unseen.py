@@ -37,6 +37,13 @@ CALIBRATION_SET = (777, 3001)  # prompt seed, first noise seed: disjoint from th
 MAX_COMBINED_CACHE_SPEEDUP = 1.8  # the cache's share of a combined row: where it loses least
 
 
+def pack_modules(*names: str) -> tuple[Any, ...]:
+    """Modules of the loaded pack by name, e.g. 'target_ladder' (scripts/benchmark.py's PACKAGES says where)."""
+    import benchmark
+
+    return tuple(benchmark._module(name) for name in names)
+
+
 def in_band(args: argparse.Namespace, speedup: float) -> bool:
     """Whether a rung's speed-up lies in the range this run measures (--min-speedup to --max-speedup)."""
     return max(MIN_SPEEDUP, args.min_speedup) <= speedup <= args.max_speedup
@@ -82,6 +89,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     setup = benchmark.MODELS[args.model]
     reference_module, prompt_source = benchmark._module(setup.module), benchmark._module(setup.prompts)
     patching, target = benchmark._module("patching"), benchmark._module("target_schedule")
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     model = reference.patcher
     negative = reference.conditioning("")
     started = time.perf_counter()
@@ -149,26 +157,26 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             return setting_result(rows_of())
     # --flat-weights: an experiment, every step's error weighted alike (the Build node's alternative search);
     # --layer-damping: every forecast damped, in the search's error model and in the schedules' layers
-    found = target.search(profile, target.TargetOptions(), even_step_weights=args.flat_weights,
+    found = target_ladder.search(profile, target_build.TargetOptions(), even_step_weights=args.flat_weights,
                           damping=args.layer_damping)
     if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
         first, last = (int(v) for v in args.always_compute.split(","))
         layers = found.layers[first:len(found.layers) - last]
-        found = searched_again(dataclasses.replace(found, layers=layers, model=target.StepErrorModel(profile, layers)),
+        found = searched_again(dataclasses.replace(found, layers=layers, model=target_ladder.StepErrorModel(profile, layers)),
                                target, steps)
     if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
         found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
         found = searched_again(found, target, steps, tuple(int(o) for o in args.orders.split(",")))
-    ladder, layers = target.ladder_of(found, profile), found.layers
+    ladder, layers = target_ladder.ladder_of(found, profile), found.layers
     rows = []
     for rung in ladder[::-1][::args.stride][::-1]:
         speedup = 1.0 / rung.flop_fraction
         if not in_band(args, speedup):
             continue
-        patched, _ = patching.apply_block_cache(model, target._schedule(profile, layers, rung, {}))
+        patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
-                     "steps": list(rung.steps), "partial": benchmark._module("target_build").partial_to_json(rung.partial),
+                     "steps": list(rung.steps), "partial": target_build.partial_to_json(rung.partial),
                      "speedup": speedup, "psnr": measure(patched, steps)})
         show(rung.label, rows[-1])
     for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
@@ -182,16 +190,17 @@ def combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, target:
     """Fewer sampler steps and Block Cache together: for each step count n < ``steps``, a profile at n steps
     and the ladder's mild rungs (at most MAX_COMBINED_CACHE_SPEEDUP), measured against the ``steps``-step
     uncached pictures. The speed-up counts both: steps / (n * the rung's FLOP fraction)."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     rows = []
     low, high = (int(v) for v in args.combined.split("-"))
     for n in range(high, low - 1, -1):
         profile = profile_at(n)
-        found = target.search(profile, target.TargetOptions(), damping=args.layer_damping)
-        for rung in target.ladder_of(found, profile):
+        found = target_ladder.search(profile, target_build.TargetOptions(), damping=args.layer_damping)
+        for rung in target_ladder.ladder_of(found, profile):
             cache_speedup, speedup = 1.0 / rung.flop_fraction, steps / (n * rung.flop_fraction)
             if not (MIN_SPEEDUP <= cache_speedup <= MAX_COMBINED_CACHE_SPEEDUP and speedup <= MAX_SPEEDUP):
                 continue
-            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
             rows.append({"family": "combined", "sampler_steps": n, "computes": rung.computes, "order": rung.order,
                          "damping": rung.damping, "steps": list(rung.steps), "speedup": speedup,
                          "psnr": measure(patched, n)})
@@ -279,9 +288,10 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
     the profile's trajectory, each whole-step rung's summed weighted forecast error (order 1) against the
     same forecast corrected by the error it made at the last computed step (``weight`` times that error,
     constant or scaled by the distance from that step), as a ratio (below 1: the correction helps)."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     steps = profile.grid.steps
     lagrange_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").lagrange_weights
-    found = target.search(profile, target.TargetOptions(forecast_order=1))
+    found = target_ladder.search(profile, target_build.TargetOptions(forecast_order=1))
     model = found.model
     values, taus = model._values, model.taus
 
@@ -307,7 +317,7 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
         return error
 
     rows = []
-    for rung in target.whole_step_ladder(found, profile):
+    for rung in target_ladder.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
         if not 1.5 <= speedup <= MAX_SPEEDUP:
             continue
@@ -325,15 +335,16 @@ def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     """An experiment: forecast order 0 (reuse as is) on some of the cached layers of each whole-step rung, the
     others at the rung's own order. Every variant is measured on every set (family ``layer_orders``); the one
     with the best held-out-seed PSNR, what the Build node could measure, is the rung's ``block_cache`` row."""
-    found = target.search(profile, target.TargetOptions())
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    found = target_ladder.search(profile, target_build.TargetOptions())
     rows = []
-    for rung in target.whole_step_ladder(found, profile):
+    for rung in target_ladder.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
         if not in_band(args, speedup):
             continue
         variants = []
-        for group, varied in [("none", rung), *target.as_is_variants(found, profile, rung)]:
-            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, varied, {}))
+        for group, varied in [("none", rung), *target_ladder.as_is_variants(found, profile, rung)]:
+            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, varied, {}))
             variants.append({"family": "layer_orders", "computes": rung.computes, "order": rung.order,
                              "order0_layers": group, "steps": list(rung.steps), "partial": None, "speedup": speedup,
                              "psnr": measure(patched, profile.grid.steps)})
@@ -351,18 +362,19 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     measures on the profiled prompts with the held-out seed, as the node does, 'measure PSNR' (family
     ``node_measure``) and 'choose by measured PSNR' (``node_choose``, per-layer orders included); the schedule
     it gives is then measured on every set."""
+    target_build, replay = pack_modules("target_build", "replay")
     def held_out(schedule: Any) -> Any:
         patched, _ = patching.apply_block_cache(model, schedule)
-        return target.Measurement(tuple(measure(patched, schedule.grid.steps, ("heldout",))["heldout"]))
+        return replay.Measurement(tuple(measure(patched, schedule.grid.steps, ("heldout",))["heldout"]))
 
     rows = []
     for speedup in (float(v) for v in args.node_choice.split(",")):
         for family, choose in (("node_measure", False), ("node_choose", True)):
             if family not in args.node_families.split(","):
                 continue
-            schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, min_psnr=args.floor),
+            schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup, min_psnr=args.floor),
                                                     held_out, choose_by_measure=choose)
-            build = target.TargetBuild.of(schedule)
+            build = target_build.TargetBuild.of(schedule)
             patched, _ = patching.apply_block_cache(model, schedule)
             rows.append({"family": family, "target": speedup, "computes": len(build.compute_steps),
                          "order": build.chosen_order, "steps": list(build.compute_steps),
@@ -383,14 +395,15 @@ def calibration_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     each whole-step rung in the band, trained on prompts disjoint from every other set (``CALIBRATION_SET``,
     one batch per iteration, a fresh noise seed each); the rung without (``block_cache``) and with it
     (``calibrated``) measured on every set."""
-    found = target.search(profile, target.TargetOptions())
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    found = target_ladder.search(profile, target_build.TargetOptions())
     options = calibration.CalibrationOptions(iterations=args.calibrate, seed=CALIBRATION_SET[1])
     rows = []
-    for rung in target.whole_step_ladder(found, profile):
+    for rung in target_ladder.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
         if not in_band(args, speedup):
             continue
-        schedule = target._schedule(profile, found.layers, rung, {})
+        schedule = target_ladder.rung_schedule(profile, found.layers, rung, {})
         row = {"computes": rung.computes, "order": rung.order, "steps": list(rung.steps), "partial": None,
                "speedup": speedup}
         patched, _ = patching.apply_block_cache(model, schedule)
@@ -412,6 +425,7 @@ def teacache_step_rows(args: argparse.Namespace, profile: Any, target: Any, patc
     same count. Wan's indicator (the time modulation ``e0``) depends on the step alone, so the rule's
     decisions are the same for every prompt: replayed here from one uncached run of the profiled prompts,
     with the polynomial fitted on that run as the benchmark fits it."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     import bench_peers
 
     steps = profile.grid.steps
@@ -419,8 +433,8 @@ def teacache_step_rows(args: argparse.Namespace, profile: Any, target: Any, patc
                                                           bench_peers.wan_time_modulation)
     coefficients = bench_peers.fit_polynomial(indicators, outputs)
     per_step = indicators[::len(indicators) // steps]  # one per step when cond and uncond come in two calls
-    found = target.search(profile, target.TargetOptions())
-    whole = {rung.computes: rung for rung in target.whole_step_ladder(found, profile)}
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    whole = {rung.computes: rung for rung in target_ladder.whole_step_ladder(found, profile)}
     rows = []
     for threshold in (float(v) for v in args.teacache_steps.split(",")):
         accumulated, chosen = 0.0, [0]
@@ -431,16 +445,16 @@ def teacache_step_rows(args: argparse.Namespace, profile: Any, target: Any, patc
                 chosen.append(step)
         print(f"TeaCache {threshold:g}: computes {len(chosen)} steps: {[s + 1 for s in chosen]}", flush=True)
         for order in (0, 1):
-            rung = target._with_flop_fraction(profile, found.layers,
-                                              target.Rung(len(chosen), tuple(chosen), order, 0.0, 0.0))
-            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+            rung = target_ladder.with_flop_fraction(profile, found.layers,
+                                              target_ladder.Rung(len(chosen), tuple(chosen), order, 0.0, 0.0))
+            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
             rows.append({"family": f"teacache_steps_order{order}", "threshold": threshold, "computes": len(chosen),
                          "order": order, "steps": chosen, "speedup": 1.0 / rung.flop_fraction,
                          "psnr": measure(patched, steps)})
             show(f"TeaCache {threshold:g}'s steps, order {order}", rows[-1])
         if len(chosen) in whole:
             rung = whole[len(chosen)]
-            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
             rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
                          "steps": list(rung.steps), "speedup": 1.0 / rung.flop_fraction,
                          "psnr": measure(patched, steps)})
@@ -452,18 +466,19 @@ def even_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching
                    measure: Any, show: Any) -> list[dict[str, Any]]:
     """An experiment: for each whole-step rung in the band, the same count of compute steps spread evenly from
     the first step to the last (both computed, as TeaCache's rule does), at the rung's order; both measured."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions(), damping=args.layer_damping)
+    found = target_ladder.search(profile, target_build.TargetOptions(), damping=args.layer_damping)
     rows = []
-    for rung in target.whole_step_ladder(found, profile):
+    for rung in target_ladder.whole_step_ladder(found, profile):
         speedup = 1.0 / rung.flop_fraction
         if not in_band(args, speedup) or rung.computes < 2:
             continue
-        even = target.evenly_spread_steps(steps, rung.computes)
+        even = target_ladder.evenly_spread_steps(steps, rung.computes)
         for family, chosen in (("block_cache", rung.steps), ("even_with_last", even)):
-            varied = target._with_flop_fraction(profile, found.layers, dataclasses.replace(
+            varied = target_ladder.with_flop_fraction(profile, found.layers, dataclasses.replace(
                 rung, computes=len(chosen), steps=tuple(chosen), error=0.0))
-            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, varied, {}))
+            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, varied, {}))
             rows.append({"family": family, "computes": len(chosen), "order": rung.order, "steps": list(chosen),
                          "speedup": 1.0 / varied.flop_fraction, "psnr": measure(patched, steps)})
             show(f"{family} {[s + 1 for s in chosen]}, order {rung.order}", rows[-1])
@@ -477,20 +492,21 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
     pictures closest to their uncached pictures (least mean squared error, each candidate sampled); each
     schedule on the way is then measured on the held-out seed and sets A and B. About steps^2 / 2 samplings of
     the profiled prompts: a bound on what choosing steps by measurement can do, not a node's cost."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions(forecast_order=1))
+    found = target_ladder.search(profile, target_build.TargetOptions(forecast_order=1))
     compute, rows = tuple(range(steps)), []
 
     def rung_of(chosen: tuple[int, ...]) -> Any:
-        return target._with_flop_fraction(profile, found.layers, target.Rung(len(chosen), chosen, 1, 0.0, 0.0))
+        return target_ladder.with_flop_fraction(profile, found.layers, target_ladder.Rung(len(chosen), chosen, 1, 0.0, 0.0))
 
     while True:
         best: tuple[float, tuple[int, ...]] | None = None
         for step in compute:
             trial = tuple(c for c in compute if c != step)
-            if found.forced[step] or not target._gaps_fit(trial, steps, found.max_gap):
+            if found.forced[step] or not target_ladder.gaps_fit(trial, steps, found.max_gap):
                 continue
-            patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung_of(trial), {}))
+            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung_of(trial), {}))
             mse = mean_squared_error(measure(patched, steps, ("profiled",))["profiled"])
             if best is None or mse < best[0]:
                 best = (mse, trial)
@@ -503,7 +519,7 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
             break
         if not in_band(args, speedup):
             continue
-        patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+        patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
         rows.append({"family": "block_cache", "computes": rung.computes, "order": 1, "steps": list(compute),
                      "partial": None, "speedup": speedup, "psnr": measure(patched, steps)})
         show(f"greedy by pictures, {rung.computes} compute steps", rows[-1])
@@ -514,11 +530,12 @@ def searched_again(found: Any, target: Any, steps: int, orders: tuple[int, ...] 
                    weights: list[float] | None = None) -> Any:
     """``found`` with its ladder searched again on its own error model (with new step ``weights``, where
     an experiment gives them), for ``orders`` or the orders it was searched for."""
+    (target_ladder,) = pack_modules("target_ladder")
     if weights is not None:
         found.model.weights = list(weights)
         found.model._cache.clear()  # it holds weighted errors
     return dataclasses.replace(found, per_order={
-        order: target.best_schedules(found.model, steps, order, found.forced, found.max_gap)
+        order: target_ladder.best_schedules(found.model, steps, order, found.forced, found.max_gap)
         for order in (orders or tuple(found.per_order))})
 
 
@@ -539,13 +556,14 @@ def step_sensitivity_rows(profile: Any, target: Any, patching: Any, model: Any, 
     computed steps before it, every cached layer reused there alone (order-1 forecast from the two steps
     before), its predicted error against the measured picture error (mean squared error, from the PSNR)
     on the profiled prompts and the held-out seed."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions(forecast_order=1))
+    found = target_ladder.search(profile, target_build.TargetOptions(forecast_order=1))
     rows = []
     for step in range(2, steps):
         compute = tuple(s for s in range(steps) if s != step)
-        rung = target.Rung(steps - 1, compute, 1, 0.0, 1.0)
-        patched, _ = patching.apply_block_cache(model, target._schedule(profile, found.layers, rung, {}))
+        rung = target_ladder.Rung(steps - 1, compute, 1, 0.0, 1.0)
+        patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
         predicted = found.model.error(step, (step - 1, step - 2))
         psnr = measure(patched, steps, ("profiled", "heldout"))
         mse = mean_squared_error([v for values in psnr.values() for v in values])
@@ -562,21 +580,23 @@ def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: An
     """An experiment: from each whole-step rung, a chain of schedules, each link reusing one more run of a
     third of the cached layers at one more of the rung's compute steps, the one whose reuse adds the least
     predicted error per FLOP saved (a fine rung is the first link; the chain goes on past the next rung)."""
+    target_ladder, target_build, schedules, block_map = pack_modules("target_ladder", "target_build", "schedule",
+                                                                     "block_map")
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions())
+    found = target_ladder.search(profile, target_build.TargetOptions())
     layers, error_model = found.layers, found.model
     size = max(1, round(len(layers) / 3))
     flops = [float(profile.layer_flops[layer]) for layer in layers]
     low, high = (float(v) for v in args.chains.split("-"))
 
     def layer_total(index: int, computed: frozenset[int], order: int) -> float:
-        return target._layer_error_totals(error_model, steps, tuple(sorted(computed)), order)[index]
+        return target_ladder.layer_error_totals(error_model, steps, tuple(sorted(computed)), order)[index]
 
     def fits(computed: frozenset[int]) -> bool:
-        return target._gaps_fit(tuple(sorted(computed)), steps, found.max_gap)
+        return target_ladder.gaps_fit(tuple(sorted(computed)), steps, found.max_gap)
 
     rows = []
-    for base in target.whole_step_ladder(found, profile):
+    for base in target_ladder.whole_step_ladder(found, profile):
         if not low <= 1.0 / base.flop_fraction <= high:
             continue
         computed = [frozenset(base.steps) for _ in layers]
@@ -605,14 +625,14 @@ def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: An
                 if index in layers:
                     row = tuple(s in computed[layers.index(index)] for s in range(steps))
                     mask[index] = row
-                    layer_schedules.append(target.LayerSchedule(spec.name, spec.kind, target.ReuseMode.RESIDUAL, row,
+                    layer_schedules.append(schedules.LayerSchedule(spec.name, spec.kind, block_map.ReuseMode.RESIDUAL, row,
                                                                 forecast_order=base.order))
                 else:
-                    reuse = (target.ReuseMode.RESIDUAL if target.ReuseMode.RESIDUAL in spec.reuse_modes
-                             else target.ReuseMode.OUTPUT)
-                    layer_schedules.append(target.LayerSchedule(spec.name, spec.kind, reuse, (True,) * steps))
-            fraction = target.computed_flop_fraction(mask, profile.layer_flops, profile.total_flops)
-            patched, _ = patching.apply_block_cache(model, target.schedule_of_profile(profile, layer_schedules, {}))
+                    reuse = (block_map.ReuseMode.RESIDUAL if block_map.ReuseMode.RESIDUAL in spec.reuse_modes
+                             else block_map.ReuseMode.OUTPUT)
+                    layer_schedules.append(schedules.LayerSchedule(spec.name, spec.kind, reuse, (True,) * steps))
+            fraction = schedules.computed_flop_fraction(mask, profile.layer_flops, profile.total_flops)
+            patched, _ = patching.apply_block_cache(model, schedules.schedule_of_profile(profile, layer_schedules, {}))
             rows.append({"family": "chain", "computes": base.computes, "links": link, "order": base.order,
                          "steps": list(base.steps), "speedup": 1.0 / fraction, "psnr": measure(patched, steps)})
             show(f"chain from {base.computes} compute steps, link {link} (step {step + 1}, layers {window.start}-"
@@ -625,10 +645,11 @@ def output_forecast_rows(args: argparse.Namespace, profile: Any, target: Any, mo
     """The output forecast on the compute steps of the ladder's rungs (orders 1 and 2, both variables), and
     the rungs as Block Cache schedules for comparison. Its speed-up is steps / computes: nothing of the
     model runs at a forecast step."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions())
+    found = target_ladder.search(profile, target_build.TargetOptions())
     rows = []
-    for rung in target.ladder_of(found, profile)[::-1][::args.stride][::-1]:
+    for rung in target_ladder.ladder_of(found, profile)[::-1][::args.stride][::-1]:
         speedup = steps / rung.computes
         if not MIN_SPEEDUP <= speedup <= MAX_SPEEDUP:
             continue
@@ -648,16 +669,17 @@ def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, m
     (each --spectral DEGREE:RIDGE, Spectrum) or with its change damped (each --damped value) against the
     plain order-1 output forecast, at each whole-step rung's compute steps and at as many steps spread evenly
     from the first to the last."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
     steps = profile.grid.steps
     fits = [(int(d), float(r)) for d, r in (item.split(":") for item in args.spectral.split(","))] if args.spectral else []
     dampings = [float(v) for v in args.damped.split(",")] if args.damped else []
-    found = target.search(profile, target.TargetOptions())
+    found = target_ladder.search(profile, target_build.TargetOptions())
     rows = []
-    for rung in target.whole_step_ladder(found, profile)[::-1][::args.stride][::-1]:
+    for rung in target_ladder.whole_step_ladder(found, profile)[::-1][::args.stride][::-1]:
         speedup = steps / rung.computes
         if not in_band(args, speedup) or rung.computes < 2:
             continue
-        for placement, chosen in (("ladder", rung.steps), ("even", target.evenly_spread_steps(steps, rung.computes))):
+        for placement, chosen in (("ladder", rung.steps), ("even", target_ladder.evenly_spread_steps(steps, rung.computes))):
             variants = [(None, 1.0), *((fit, 1.0) for fit in fits), *((None, d) for d in dampings)]
             for fit, damping in variants:
                 patched = output_forecast(model, tuple(chosen), 1, "output", fit, damping)

@@ -149,11 +149,10 @@ FAMILY_LABELS = {
 PACKAGES = {
     **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
                      "builtin_models"), "demo_models"),
-    **dict.fromkeys(("patching", "schedule", "target_schedule", "target_build", "replay", "cache", "profile", "fidelity",
-                     "calibration"),
-                    "block_caching"),
+    **dict.fromkeys(("patching", "schedule", "target_schedule", "target_ladder", "target_build", "replay", "cache",
+                     "profile", "fidelity", "calibration"), "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
-    "mapping": "block_maps",
+    **dict.fromkeys(("mapping", "block_map"), "block_maps"),
 }
 OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "magcache", "easycache",
           "lazycache", "faster_diffusion")
@@ -233,6 +232,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     patching = _module("patching")
     schedule_mod = _module("schedule")
     target = _module("target_schedule")
+    target_ladder, target_build = _module("target_ladder"), _module("target_build")
     replay_module = _module("replay")
     faster_diffusion = _module("faster_diffusion")
     mapping = _module("mapping")
@@ -247,25 +247,25 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
 
     runs = replay_module.HeldOutRuns(profile.replays)  # the held-out uncached pictures, sampled once for all rows
     measure = runs.schedule
-    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions())
     # Every rung the speed-up slider can reach in the benchmark's range, and the default.
-    default_rung = target.choose_rung(ladder, target.DEFAULT_SPEEDUP)
+    default_rung = target_ladder.choose_rung(ladder, target_build.DEFAULT_SPEEDUP)
     rungs = [1.0 / r.flop_fraction for r in ladder if MIN_SPEEDUP <= 1.0 / r.flop_fraction <= MAX_SPEEDUP
              and r != default_rung]
     stride = max(1, math.ceil(len(rungs) / max_rungs))  # long grids: every stride-th rung
-    targets = sorted(set(rungs[::stride]) | {target.DEFAULT_SPEEDUP})
+    targets = sorted(set(rungs[::stride]) | {target_build.DEFAULT_SPEEDUP})
     for index, speedup in enumerate(targets):
-        default = speedup == target.DEFAULT_SPEEDUP
-        label = f"{speedup:.2f}x" if not default else f"{1 / default_rung.flop_fraction:.2f}x (default, {target.DEFAULT_SPEEDUP:g}x target)"
+        default = speedup == target_build.DEFAULT_SPEEDUP
+        label = f"{speedup:.2f}x" if not default else f"{1 / default_rung.flop_fraction:.2f}x (default, {target_build.DEFAULT_SPEEDUP:g}x target)"
         for family in ("block_cache", "block_cache_measured"):
             if family == "block_cache_measured" and not default and index % 2:
                 continue  # the ablation at every other point is enough
-            schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup - 1e-9), measure,
+            schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup - 1e-9), measure,
                                                     choose_by_measure=family == "block_cache_measured")
             chosen = f"{label}: {_chosen_rung(schedule)}"
             methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
     # The Build node as it comes: the default target, stepped down where the profiled run measures below the floor.
-    floor_options = target.TargetOptions(min_psnr=target.DEFAULT_MIN_PSNR)
+    floor_options = target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR)
     schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=runs.fewer_steps)
     stepped = schedule.builder["stepped_down_from"]
     chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
@@ -282,7 +282,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
                           lambda best=best: (patching.apply_block_cache(model, best.schedule)[0], best.steps),
                           knob=best.speedup))
     for speedup in ORDER0_SPEEDUPS:
-        schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order=0),
+        schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup, forecast_order=0),
                                                 measure)
         methods.append(Method(f"Block Cache {speedup:g}x order 0", "block_cache_order0", f"{speedup:g}x",
                               apply(schedule), knob=speedup))
@@ -350,6 +350,7 @@ def two_experts_method(reference: Any, profile: Any, positive: Any, latent: dict
     import nodes as comfy_nodes
 
     patching, target = _module("patching"), _module("target_schedule")
+    target_build = _module("target_build")
     model = reference.patcher
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).tolist()
     split = next(i for i, sigma in enumerate(sigmas) if sigma < WAN22_BOUNDARY_SIGMA)
@@ -366,8 +367,8 @@ def two_experts_method(reference: Any, profile: Any, positive: Any, latent: dict
         patching.attach_profiler(model)
     segments(recording_high, recording_low, positive, latent, PROFILE_SET[1])
     experts = [patching.apply_block_cache(model, target.build_target_schedule(
-        patching.collect_profile(holder, model), target.TargetOptions()))[0] for holder in (high_holder, low_holder)]
-    label = f"steps 0-{split - 1} and {split}-{steps - 1}, each its own {target.DEFAULT_SPEEDUP:g}x schedule"
+        patching.collect_profile(holder, model), target_build.TargetOptions()))[0] for holder in (high_holder, low_holder)]
+    label = f"steps 0-{split - 1} and {split}-{steps - 1}, each its own {target_build.DEFAULT_SPEEDUP:g}x schedule"
     return Method(FAMILY_LABELS["block_cache_two_experts"], "block_cache_two_experts", label, lambda: (model, steps),
                   sample=lambda positive, latent, seed: segments(*experts, positive, latent, seed))
 

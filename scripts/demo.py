@@ -70,7 +70,7 @@ def main() -> None:
     latent_out, profile, heatmap = nodes.nodes_profile.ProfileBlockChanges.execute(
         model, sampler["seed"], args.steps, sampler["cfg"], "euler", "normal", positive, negative, latent, 1.0,
         vae).result
-    speedup = args.speedup if args.speedup is not None else pack.block_caching.target_schedule.DEFAULT_SPEEDUP
+    speedup = args.speedup if args.speedup is not None else pack.block_caching.target_build.DEFAULT_SPEEDUP
     schedule, schedule_image, schedule_json, _ = nodes.nodes_schedule.BuildTargetSchedule.execute(
         profile, speedup, "auto", args.cache_kinds, 1, 0, 0).result
     (cached_model,) = nodes.nodes_apply.ApplyBlockCache.execute(model, schedule).result

@@ -609,7 +609,7 @@ def make_bundled_schedule() -> dict[str, Any]:
     replay = pack.block_caching.replay.ProfileReplay(model, sample, reference,
                                            lambda samples: reference_vae.decode(samples).movedim(-1, 1))
     measure = pack.block_caching.replay.replay_measure((replay,))
-    schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_schedule.TargetOptions(min_psnr=pack.block_caching.target_schedule.DEFAULT_MIN_PSNR), measure,
+    schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_build.TargetOptions(min_psnr=pack.block_caching.target_build.DEFAULT_MIN_PSNR), measure,
                                                           metric=replay.metric)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {pack.schedule_files.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")

@@ -11,7 +11,8 @@ from comfyui_block_cache import errors
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.scale_shift import FILE_FORMAT, ScaleShiftTable
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
-from comfyui_block_cache.block_caching.target_schedule import TargetOptions, build_target_schedule
+from comfyui_block_cache.block_caching.target_build import TargetOptions
+from comfyui_block_cache.block_caching.target_schedule import build_target_schedule
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
 from comfyui_block_cache.errors import BlockCacheError, ScheduleFileError
 from comfyui_block_cache.schedule_files.storage import load_schedule, save_schedule

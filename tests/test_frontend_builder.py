@@ -24,6 +24,7 @@ from comfy_bootstrap import PACK_ROOT
 from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.profile import BlockProfile
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
+from comfyui_block_cache.block_caching.target_build import TargetOptions
 from comfyui_block_cache.block_maps import block_map as bm
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
 from comfyui_block_cache.nodes import frontend
@@ -228,10 +229,10 @@ def test_javascript_target_preview_matches_python(pack, tmp_path):
     ladders, cases, expected = [], [], []
     for steps, kinds, first in ((10, "all", 1), (16, "attention+resblock", 2), (7, "attention", 1)):
         profile, _ = profile_by_sampling(pack, model, conds, {"samples": torch.zeros(1, 4, 16, 16)}, steps=steps)
-        options = target.TargetOptions(speedup=2.0, cache_kinds=kinds, always_compute_first=first)
+        options = TargetOptions(speedup=2.0, cache_kinds=kinds, always_compute_first=first)
         ladders.append(ladder_payload(target.build_target_schedule(profile, options)))
         for speedup in (1.0, 1.05, 1.3, 1.77, 2.0, 2.5, 3.1, 4.0, 6.0, 10.0):
-            schedule = target.build_target_schedule(profile, target.TargetOptions(
+            schedule = target.build_target_schedule(profile, TargetOptions(
                 speedup=speedup, cache_kinds=kinds, always_compute_first=first))
             mask = schedule.compute_mask()
             cases.append((len(ladders) - 1, speedup))

@@ -123,13 +123,14 @@ def test_flux_step_weights_stay_under_the_even_weighting_gate(pack, reference):
     """At the benchmark's 20 and 28 steps the Flux reference's step weights span a few times, so the Build node does
     not try the search with every step weighted alike here (it lost 1 dB and missed the floor on this model)."""
     from comfyui_block_cache.block_caching import target_schedule
+    from comfyui_block_cache.block_caching.target_ladder import step_weight_spread
 
     conds = reference.conditioning_batch(reference_data.benchmark_prompts(1, seed=99)), reference.conditioning("")
     for steps in (20, 28):
         profiling, holder = attach_profiler(reference.patcher)
         sample(profiling, *conds, reference_dit.empty_latent(1), steps=steps, scheduler="simple", seed=3)
         weights = list(collect_profile(holder, reference.patcher).trajectory.step_weights)
-        assert target_schedule.step_weight_spread(weights) < target_schedule.EVEN_WEIGHTS_MIN_SPREAD / 2
+        assert step_weight_spread(weights) < target_schedule.EVEN_WEIGHTS_MIN_SPREAD / 2
 
 
 def test_all_compute_schedule_is_bit_identical(pack, reference, run):

@@ -15,7 +15,8 @@ from comfy_bootstrap import PACK_MODULE
 from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
 from comfyui_block_cache.block_caching.run_summary import run_speedup_estimate
-from comfyui_block_cache.block_caching.target_schedule import DEFAULT_SPEEDUP, TargetOptions, build_target_schedule
+from comfyui_block_cache.block_caching.target_build import DEFAULT_SPEEDUP, TargetOptions
+from comfyui_block_cache.block_caching.target_schedule import build_target_schedule
 from helpers import sample
 
 reference_model = importlib.import_module(f"{PACK_MODULE}.demo_models.reference_model")
@@ -74,7 +75,7 @@ def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, referenc
     """Built at 20 steps and run at ``steps``: against a schedule built on a profile at ``steps`` with the
     same number of compute steps (the same cost), the picture is at most 1 dB further from uncached."""
     model = reference.patcher
-    built_at_20 = target.build_target_schedule(_profile(pack, reference, 20), target.TargetOptions())
+    built_at_20 = target.build_target_schedule(_profile(pack, reference, 20), TargetOptions())
     uncached = sample(model, *evaluation, steps=steps, seed=3)
     retimed_model, holder = apply_block_cache(model, built_at_20)
     retimed = _psnr(sample(retimed_model, *evaluation, steps=steps, seed=3), uncached)
@@ -82,7 +83,7 @@ def test_retimed_schedule_is_within_1_db_of_one_built_for_the_run(pack, referenc
     assert stats.figures["cache"].retimed and stats.reused.sum() > 0
     native_profile = _profile(pack, reference, steps)
     # The rung of the same cost on the run's own profile (a fine rung re-times to a fine rung's cost).
-    native = target.build_target_schedule(native_profile, target.TargetOptions(
+    native = target.build_target_schedule(native_profile, TargetOptions(
         speedup=run_speedup_estimate(holder, stats) * (1 - 0.01)))
     native_model, native_holder = apply_block_cache(model, native)
     built_for_run = _psnr(sample(native_model, *evaluation, steps=steps, seed=3), uncached)

@@ -154,13 +154,14 @@ def test_wan_s_time_shift_spreads_the_step_weights_past_the_even_weighting_gate(
     the first: the Build node then also tries the search with every step weighted alike (test_reference_dit.py
     checks that the Flux reference stays under the gate)."""
     from comfyui_block_cache.block_caching import target_schedule
+    from comfyui_block_cache.block_caching.target_ladder import step_weight_spread
 
     conds = reference.conditioning_batch([PROMPT]), reference.conditioning("")
     profiling, holder = attach_profiler(reference.patcher)
     sample(profiling, *conds, reference_video.empty_latent(1), steps=30, scheduler="simple", seed=3)
     weights = collect_profile(holder, reference.patcher).trajectory.step_weights
     assert weights[-1] > weights[0]
-    assert target_schedule.step_weight_spread(list(weights)) > 2 * target_schedule.EVEN_WEIGHTS_MIN_SPREAD
+    assert step_weight_spread(list(weights)) > 2 * target_schedule.EVEN_WEIGHTS_MIN_SPREAD
 
 
 def test_all_compute_schedule_is_bit_identical(pack, reference, run):

@@ -11,15 +11,13 @@ import random
 import pytest
 import torch
 from comfyui_block_cache.block_caching import replay as replay_module
+from comfyui_block_cache.block_caching import target_build, target_floor, target_ladder
 from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.profile import merge_profiles
 from comfyui_block_cache.block_caching.replay import replay_measure
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
-from comfyui_block_cache.block_caching.target_schedule import (
-    TargetOptions,
-    build_combined_schedule,
-    build_target_schedule,
-)
+from comfyui_block_cache.block_caching.target_build import TargetOptions
+from comfyui_block_cache.block_caching.target_schedule import build_combined_schedule, build_target_schedule
 from comfyui_block_cache.block_maps.block_map import ReuseMode
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
 from comfyui_block_cache.errors import ScheduleBuildError
@@ -76,7 +74,7 @@ def brute_force(model: TableModel, steps: int, order: int, forced: list[bool], m
 def test_search_finds_the_least_error_for_every_count(pack, seed, steps, order, first, last, max_gap):
     model = TableModel(seed)
     forced = [s < first or s >= steps - last for s in range(steps)]
-    found = target.best_schedules(model, steps, order, forced, max_gap)
+    found = target_ladder.best_schedules(model, steps, order, forced, max_gap)
     expected = brute_force(model, steps, order, forced, max_gap)
     assert set(found) == set(expected)
     for count, (cost, chosen) in found.items():
@@ -108,7 +106,7 @@ def test_profile_trajectory_and_step_weights(profiled):
 @pytest.mark.parametrize("speedup", [1.0, 1.5, 2.5, 4.0])
 def test_schedules_reach_the_target_and_compute_in_step(pack, profiled, speedup):
     *_, profile = profiled
-    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup))
+    schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup))
     assert schedule.flop_fraction <= 1.0 / speedup + 1e-9
     builder = schedule.builder
     assert builder["method"] == "speedup_target" and builder["reached"]
@@ -139,16 +137,16 @@ def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
     """Each fine rung reuses a run of neighbouring cached layers at one unforced compute step of a whole-step
     rung: its FLOPs lie between that rung's and one step fewer, and it keeps the gap limit."""
     *_, profile = profiled
-    options = target.TargetOptions(always_compute_first=2, max_consecutive_reuse=3)
-    found = target.search(profile, options)
-    whole = target.whole_step_ladder(found, profile)
-    ladder = target.ladder_of(found, profile)
+    options = target_build.TargetOptions(always_compute_first=2, max_consecutive_reuse=3)
+    found = target_ladder.search(profile, options)
+    whole = target_ladder.whole_step_ladder(found, profile)
+    ladder = target_ladder.ladder_of(found, profile)
     fine = [rung for rung in ladder if rung.partial is not None]
     assert fine and len(ladder) == len(whole) + len(fine)
     assert [r.flop_fraction for r in ladder] == sorted(r.flop_fraction for r in ladder)
     by_count = {rung.computes: rung for rung in whole}
     # One step of every cached layer: computing at step 0 only leaves steps - 1 of them out.
-    only_first = target._flop_fraction(profile, found.layers, target.Rung(1, (0,), 0, 0.0, 0.0))
+    only_first = target_ladder.with_flop_fraction(profile, found.layers, target_ladder.Rung(1, (0,), 0, 0.0, 0.0)).flop_fraction
     step_share = (1.0 - only_first) / (profile.grid.steps - 1)
     sizes = {len(rung.partial.layers) for rung in fine}
     assert sizes <= {round(len(found.layers) / 3), round(2 * len(found.layers) / 3)}
@@ -161,7 +159,7 @@ def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
         # Only layers that reuse their residual: one reused whole would discard what was computed before it.
         assert all(ReuseMode.RESIDUAL in profile.block_map.layers[i].reuse_modes for i in window)
         assert list(window) == found.layers[found.layers.index(window[0]):found.layers.index(window[0]) + len(window)]
-        schedule = target._schedule(profile, found.layers, rung, {})
+        schedule = target_ladder.rung_schedule(profile, found.layers, rung, {})
         assert schedule.flop_fraction == pytest.approx(rung.flop_fraction, abs=1e-12)
         for index in window:
             row = schedule.layers[index].compute
@@ -173,22 +171,22 @@ def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
 def test_options_shape_the_schedule(pack, profiled):
     *_, profile = profiled
     build = target.build_target_schedule
-    protected = build(profile, target.TargetOptions(speedup=2.0, always_compute_first=3, always_compute_last=2))
+    protected = build(profile, target_build.TargetOptions(speedup=2.0, always_compute_first=3, always_compute_last=2))
     steps = protected.builder["compute_steps"]
     assert {0, 1, 2, 10, 11} <= set(steps)
-    capped = build(profile, target.TargetOptions(speedup=2.0, max_consecutive_reuse=1))
+    capped = build(profile, target_build.TargetOptions(speedup=2.0, max_consecutive_reuse=1))
     chosen = capped.builder["compute_steps"]
     assert max(b - a for a, b in zip(chosen, [*chosen[1:], 12], strict=True)) <= 2
-    zero = build(profile, target.TargetOptions(speedup=2.0, forecast_order=0))
+    zero = build(profile, target_build.TargetOptions(speedup=2.0, forecast_order=0))
     assert zero.builder["chosen_order"] == 0
-    attention = build(profile, target.TargetOptions(speedup=1.2, cache_kinds="attention"))
+    attention = build(profile, target_build.TargetOptions(speedup=1.2, cache_kinds="attention"))
     kinds = {layer.kind.value for layer in attention.layers if not all(layer.compute)}
     assert kinds <= {"attention"}
-    impossible = build(profile, target.TargetOptions(speedup=10.0, cache_kinds="attention"))
+    impossible = build(profile, target_build.TargetOptions(speedup=10.0, cache_kinds="attention"))
     assert not impossible.builder["reached"]
     for bad in (dict(speedup=0.5), dict(speedup=math.nan), dict(forecast_order=3), dict(cache_kinds="lstm")):
         with pytest.raises(ValueError):
-            build(profile, target.TargetOptions(**bad))
+            build(profile, target_build.TargetOptions(**bad))
 
 
 def test_a_profile_without_trajectory_says_what_to_do(pack, profiled):
@@ -224,14 +222,14 @@ def test_build_node_sends_the_ladder_and_applies(pack, profiled):
 def test_the_evenly_spaced_candidate_computes_the_first_and_the_last_step(pack, profiled):
     *_, profile = profiled
     steps = profile.grid.steps
-    found = target.search(profile, target.TargetOptions())
+    found = target_ladder.search(profile, target_build.TargetOptions())
     for count in range(3, steps):
-        even = [rung for label, rung in target.candidates(found, profile, count) if label.startswith("evenly")]
+        even = [rung for label, rung in target_ladder.candidates(found, profile, count) if label.startswith("evenly")]
         for rung in even:
             spacing = [b - a for a, b in zip(rung.steps, rung.steps[1:], strict=False)]
             assert rung.steps[0] == 0 and rung.steps[-1] == steps - 1 and len(set(rung.steps)) == count
             assert max(spacing) - min(spacing) <= 1, rung.steps
-    assert any(label.startswith("evenly") for label, _ in target.candidates(found, profile, steps // 2))
+    assert any(label.startswith("evenly") for label, _ in target_ladder.candidates(found, profile, steps // 2))
 
 
 def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled, monkeypatch):
@@ -243,15 +241,15 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled, 
     monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)
 
     def measure(schedule):
-        scores[_schedule_key(schedule)] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
-        return scores[_schedule_key(schedule)]
+        scores[schedule_key(schedule)] = 30.0 + len(scores) * 0.5  # each later candidate scores higher
+        return scores[schedule_key(schedule)]
 
     speedup = _whole_rung_speedup(profile)
-    validated = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), measure)
+    validated = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup), measure)
     assert validated.builder["chosen_by"] == "predicted" and len(validated.builder["measured"]) == 1
-    assert validated.layers == target.build_target_schedule(profile, target.TargetOptions(speedup=speedup)).layers
+    assert validated.layers == target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup)).layers
     scores.clear()
-    schedule = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup, forecast_order=1),
+    schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup, forecast_order=1),
                                             measure, choose_by_measure=True)
     builder = schedule.builder
     tried = builder["measured"]
@@ -267,7 +265,7 @@ def test_measured_choice_takes_the_best_candidate_of_equal_cost(pack, profiled, 
     assert rung["steps"] == best["steps"] and rung["order"] == best["order"]
 
 
-def _schedule_key(schedule) -> tuple:
+def schedule_key(schedule) -> tuple:
     """A schedule's compute steps and its cached layers' forecast orders."""
     reused = [layer for layer in schedule.layers if not all(layer.compute)]
     steps = tuple(s for s, c in enumerate(reused[0].compute) if c)
@@ -276,7 +274,7 @@ def _schedule_key(schedule) -> tuple:
 
 def _whole_rung_speedup(profile) -> float:
     """A target exactly at a whole-step rung's cost (a fine rung's choice is not compared with others)."""
-    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions())
     return 1.0 / next(r for r in ladder if r.partial is None and 1.8 < 1.0 / r.flop_fraction < 3.0).flop_fraction
 
 
@@ -288,7 +286,7 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
 
     *_, profile = profiled
     speedup = _whole_rung_speedup(profile)
-    plain = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup), lambda s: 30.0,
+    plain = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup), lambda s: 30.0,
                                          choose_by_measure=True)
     cached = [i for i, layer in enumerate(plain.layers) if not all(layer.compute)]
     third = len(cached) // 3
@@ -307,7 +305,7 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
 
     # Last third: +2 dB on every picture (clearly better); all: +3 dB on average, but noise (+9, -3, +9, -3).
     schedule = target.build_target_schedule(
-        profile, target.TargetOptions(speedup=speedup), scored({"last": (2.0,) * 4, "all": (9.0, -3.0, 9.0, -3.0)}),
+        profile, target_build.TargetOptions(speedup=speedup), scored({"last": (2.0,) * 4, "all": (9.0, -3.0, 9.0, -3.0)}),
         choose_by_measure=True)
     builder = schedule.builder
     assert builder["chosen_as_is_layers"] == cached[-third:]
@@ -316,14 +314,14 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
     assert [t["as_is_layers"] for t in variants] == [cached[:third], cached[-third:], cached]
     assert all(t["steps"] == builder["compute_steps"] and t["order"] == base_order for t in variants)
     assert builder["expected_psnr"]["mean"] == 32.0
-    assert target.TargetBuild.of(schedule_from_json(schedule_to_json(schedule))).chosen_as_is_layers == tuple(
+    assert target_build.TargetBuild.of(schedule_from_json(schedule_to_json(schedule))).chosen_as_is_layers == tuple(
         cached[-third:])
     payload = ladder_payload(schedule)
     rung = next(r for r in payload["rungs"] if r["computes"] == len(builder["compute_steps"]) and not r["partial"])
     assert rung["as_is_layers"] == cached[-third:]
     assert sum(1 for m in payload["measured"] if m["as_is_layers"] == cached[-third:]) == 1
     # Only noise: the schedule keeps its order on every layer.
-    noisy = target.build_target_schedule(profile, target.TargetOptions(speedup=speedup),
+    noisy = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup),
                                          scored({"all": (9.0, -3.0, 9.0, -3.0)}), choose_by_measure=True)
     assert noisy.builder["chosen_as_is_layers"] == [] and noisy.layers == plain.layers
     assert [t["label"].endswith("within the pictures' noise)") for t in noisy.builder["measured"]][-3:] == [
@@ -331,13 +329,13 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
     # A variant that clearly beats the search's own schedule carries the floor: the search's own reads
     # below it (30 dB, range 28.5-31.5), the variant above (35 dB).
     floored = target.build_target_schedule(
-        profile, target.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"last": (5.0,) * 4}),
+        profile, target_build.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"last": (5.0,) * 4}),
         choose_by_measure=True)
     assert floored.builder["stepped_down_from"] is None and floored.builder["chosen_as_is_layers"] == cached[-third:]
     assert floored.builder["expected_psnr"]["mean"] == 35.0
     # Within the noise it does not: the floor steps down.
     floored = target.build_target_schedule(
-        profile, target.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"all": (9.0, -3.0, 9.0, -3.0)}),
+        profile, target_build.TargetOptions(speedup=speedup, min_psnr=31.0), scored({"all": (9.0, -3.0, 9.0, -3.0)}),
         choose_by_measure=True)
     assert floored.builder["stepped_down_from"] is not None
 
@@ -375,27 +373,27 @@ def test_quality_floor_steps_down_to_the_fastest_rung_that_reaches_it(pack, prof
         measured.append(_computes(schedule))
         return 2.0 * _computes(schedule)
 
-    plain = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0), measure)
+    plain = target.build_target_schedule(profile, target_build.TargetOptions(speedup=2.0), measure)
     chosen = len(plain.builder["compute_steps"])
     assert 2.0 * chosen < 20.0 and plain.builder["stepped_down_from"] is None
-    ladder, _, _ = target.build_ladder(profile, target.TargetOptions(speedup=2.0))
+    ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions(speedup=2.0))
     slower = [rung.computes for rung in ladder if rung.computes > chosen]
     measured.clear()
-    floored = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0, min_psnr=20.0), measure)
+    floored = target.build_target_schedule(profile, target_build.TargetOptions(speedup=2.0, min_psnr=20.0), measure)
     builder = floored.builder
     assert len(builder["compute_steps"]) == min(c for c in slower if 2.0 * c >= 20.0) == 10
     assert builder["stepped_down_from"]["computes"] == chosen
     assert floored.estimated_speedup < plain.estimated_speedup
     # The target's own and its evenly weighted twin, a bisection over the search's own schedules, then the rung
     # found and FLOOR_REFINE_ABOVE faster ones with their twins (the same cost, so the same PSNR here).
-    window = target.FLOOR_REFINE_ABOVE + 1
+    window = target_floor.FLOOR_REFINE_ABOVE + 1
     assert len(measured) <= 2 + math.ceil(math.log2(len(slower) + 1)) + 2 * window
     assert measured[1] == measured[0] and [t["label"] for t in builder["measured"]][1].startswith("every step")
     assert [t["measured_psnr"] for t in builder["measured"]] == [2.0 * c for c in measured]
-    unreachable = target.build_target_schedule(profile, target.TargetOptions(speedup=2.0, min_psnr=59.0), measure)
+    unreachable = target.build_target_schedule(profile, target_build.TargetOptions(speedup=2.0, min_psnr=59.0), measure)
     assert unreachable.compute_mask().all() and unreachable.builder["stepped_down_from"] is not None
     with pytest.raises(ValueError, match="min_psnr"):
-        target.TargetOptions(min_psnr=-1.0).validate()
+        target_build.TargetOptions(min_psnr=-1.0).validate()
 
 
 def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pack, profiled, monkeypatch):
@@ -414,7 +412,7 @@ def test_with_choose_the_floor_steps_down_to_the_best_candidate_of_each_rung(pac
         computed = {s for s, c in enumerate(row) if c}
         return Measurement((2.0 * count + (8.0 if computed == even else 0.0),) * 4)
 
-    options = target.TargetOptions(speedup=2.5, min_psnr=20.0, forecast_order=1)
+    options = target_build.TargetOptions(speedup=2.5, min_psnr=20.0, forecast_order=1)
     plain = target.build_target_schedule(profile, options, measure)
     chosen = target.build_target_schedule(profile, options, measure, choose_by_measure=True)
     assert plain.builder["stepped_down_from"] is not None and chosen.builder["stepped_down_from"] is not None
@@ -439,13 +437,13 @@ def test_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profi
     *_, profile = profiled
     steps = profile.grid.steps
     monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # the evenly weighted search alone
-    options = target.TargetOptions(speedup=2.5, min_psnr=25.0, forecast_order=1)
-    found = target.search(profile, options)
-    even = target.search(profile, options, even_step_weights=True)
+    options = target_build.TargetOptions(speedup=2.5, min_psnr=25.0, forecast_order=1)
+    found = target_ladder.search(profile, options)
+    even = target_ladder.search(profile, options, even_step_weights=True)
     assert set(even.model.weights) == {sum(found.model.weights) / steps}
-    spread = target.step_weight_spread(found.model.weights)
+    spread = target_ladder.step_weight_spread(found.model.weights)
     assert spread > 1.0
-    rung = target.choose_rung(target.ladder_of(found, profile), options.speedup)
+    rung = target_ladder.choose_rung(target_ladder.ladder_of(found, profile), options.speedup)
     assert rung.partial is None, "the fixture's target rung is a whole-step one"
     even_steps = even.per_order[1][rung.computes][1]
     assert even_steps != rung.steps, "the fixture's step weights change the search's choice"
@@ -488,10 +486,10 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
 
     *_, profile = profiled
     monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)  # the damped search alone
-    options = target.TargetOptions(speedup=2.5, min_psnr=15.0, forecast_order=1)
-    found = target.search(profile, options)
-    rung = target.choose_rung(target.ladder_of(found, profile), options.speedup)
-    damped = target.alternative_rungs(profile, options, found, "damped", damping=target.DAMPED_FORECAST,
+    options = target_build.TargetOptions(speedup=2.5, min_psnr=15.0, forecast_order=1)
+    found = target_ladder.search(profile, options)
+    rung = target_ladder.choose_rung(target_ladder.ladder_of(found, profile), options.speedup)
+    damped = target_ladder.alternative_rungs(profile, options, found, "damped", damping=target.DAMPED_FORECAST,
                                       if_predicted_better=True)
     offered = damped(rung)
     assert offered, "the fixture's error model predicts the damped forecast better at the target's cost"
@@ -509,7 +507,7 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
         "searched, order 1", f"searched for a forecast damped to {target.DAMPED_FORECAST:g}, order 1",
         f"steps spread evenly, forecast damped to {target.DAMPED_FORECAST:g}, order 1"]
     spread = builder["measured"][2]
-    assert spread["steps"] == list(target.evenly_spread_steps(profile.grid.steps, rung.computes))
+    assert spread["steps"] == list(target_ladder.evenly_spread_steps(profile.grid.steps, rung.computes))
     assert spread["damping"] == target.DAMPED_FORECAST
     assert builder["chosen_damping"] == target.DAMPED_FORECAST and builder["chosen_by"] == "measured"
     reused = [layer for layer in built.layers if not all(layer.compute)]
@@ -541,13 +539,13 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
 
     *_, profile = profiled
     steps = profile.grid.steps
-    ladder, _, _ = target.build_ladder(profile, target.TargetOptions())
+    ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions())
     whole = [rung for rung in ladder if rung.partial is None]
     fastest = min(whole, key=lambda rung: rung.flop_fraction)
     slower = sorted((r for r in whole if r.flop_fraction > fastest.flop_fraction and r.computes < steps),
                     key=lambda rung: rung.flop_fraction)
     assert len(slower) >= 6
-    refine = target.FLOOR_REFINE_ABOVE
+    refine = target_floor.FLOOR_REFINE_ABOVE
     boundary = refine + 2  # the searched schedules reach the floor from here on
     owns, others = [], []
 
@@ -561,33 +559,33 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
             return rung, Measurement((40.0 if slower.index(rung) in reaching else 20.0,) * 4)
         return probe
 
-    kept, value = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own)
+    kept, value = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own)
     assert kept is slower[boundary] and value.mean == 40.0
     assert len(owns) <= math.ceil(math.log2(len(slower) + 1)) + 1
     owns.clear()
-    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own,
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own,
                                         bisected=lambda rung: slower.index(rung) % 2 == boundary % 2)
     assert kept is slower[boundary] and owns and all(slower.index(rung) % 2 == boundary % 2 for rung in owns)
     # Another schedule reaches the floor at each of the two rungs above the boundary: the faster is taken.
-    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({1, 2, 3}),
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({1, 2, 3}),
                                         refine=refine)
     assert kept is slower[boundary - refine] and others == [slower[boundary - refine]]
     others.clear()
-    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine)
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine)
     assert kept is slower[boundary], "out of the window: not tried"
     assert others == slower[boundary - refine:boundary + 1]
     others.clear()
-    kept, _ = target.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine,
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine,
                                         scan_first=1)
     assert kept is slower[0] and others == [slower[0]], "the next slower rung is scanned first"
     # Where no rung's own schedule reaches it, the slowest rungs' others are still tried.
     owns.clear()
     others.clear()
     last = len(slower) - 1
-    kept, value = target.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
+    kept, value = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
                                             probe_others({last}), refine=refine)
     assert kept is slower[last] and others == slower[len(slower) - refine:]
-    assert target.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
+    assert target_floor.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
                                      probe_others(set()), refine=refine) == (None, None)
 
 
@@ -599,8 +597,8 @@ def test_the_floor_bisects_with_the_search_that_read_best_at_the_target(pack, pr
 
     *_, profile = profiled
     monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)  # the damped search alone
-    monkeypatch.setattr(target, "FLOOR_REFINE_ABOVE", 0)
-    monkeypatch.setattr(target, "FLOOR_SCAN_FIRST", 0)
+    monkeypatch.setattr(target_floor, "FLOOR_REFINE_ABOVE", 0)
+    monkeypatch.setattr(target_floor, "FLOOR_SCAN_FIRST", 0)
     measured = []
 
     def measure(schedule):  # 2 dB per compute step, +6 where the reused layers' forecasts are damped
@@ -609,7 +607,7 @@ def test_the_floor_bisects_with_the_search_that_read_best_at_the_target(pack, pr
         measured.append((_computes(schedule), damped))
         return Measurement((2.0 * _computes(schedule) + (6.0 if damped else 0.0),) * 4)
 
-    options = target.TargetOptions(speedup=2.5, min_psnr=22.0, forecast_order=1)
+    options = target_build.TargetOptions(speedup=2.5, min_psnr=22.0, forecast_order=1)
     built = target.build_target_schedule(profile, options, measure)
     builder = built.builder
     assert builder["stepped_down_from"] is not None and builder["chosen_damping"] == target.DAMPED_FORECAST

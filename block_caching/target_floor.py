@@ -1,0 +1,216 @@
+"""The speed-up target's measured choice: which schedule of a rung's cost is kept, and the step down the
+ladder to the quality floor.
+
+The error model (block_caching/target_ladder.py) ranks the schedules of one search well, but not schedules of
+different searches or forecasts against each other, nor what a picture will read. So a measure (the PSNR of
+sampling the profiled prompts again with a schedule, block_caching/replay.py) decides between a rung's
+schedules (``measured_choice``) and finds the fastest rung that holds the floor (``step_down``); each schedule
+is measured once (``measured_once``) and every measurement is recorded for the node's log.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .profile import BlockProfile
+from .replay import Measurement, measurement
+from .schedule import CacheSchedule
+from .target_build import Tried
+from .target_ladder import FINE_RUNG_SHARES, Rung, Search, as_is_variants, candidates, rung_schedule
+
+# After the floor's bisection (over one search's schedules), the rung it found and this many faster rungs (one
+# compute step of the ladder: its fine rungs and the next whole-step rung) are probed with their other schedules of
+# the same cost, fastest first: one of those may reach the floor where the bisected one does not (on the Flux
+# reference at 20 steps the damped schedule one fine rung faster, and steps spread evenly one compute step fewer).
+FLOOR_REFINE_ABOVE = len(FINE_RUNG_SHARES) + 1
+
+# Before that bisection, this many next slower rungs are probed with all their schedules: they lose the least speed
+# (on the video reference at 50 steps and target 5.5, the next rung held the floor with the evenly weighted search's
+# schedule, where the bisection with the damped search's read best at the target and passed over it).
+FLOOR_SCAN_FIRST = 1
+
+
+# Schedules of a rung's cost found otherwise than by the search (``alternative_rungs``), labelled.
+Alternatives = Sequence[Callable[[Rung], list[tuple[str, Rung]]]]
+
+
+# How ``measured_choice`` labels the search's own schedule.
+OWN_LABEL = "searched"
+
+
+def measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: Callable[[Rung], Measurement],
+                     choose_by_measure: bool, per_layer_orders: bool, tried: list[Tried],
+                     alternatives: Alternatives = ()) -> tuple[Rung, Measurement]:
+    """The rung kept and its measurement (at first ``rung``, the search's choice). The ``alternatives``' rungs of
+    its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
+    ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
+    best of them replaces the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the
+    UNet reference model the error model chose about as well as four measured pictures did,
+    docs/benchmark.md). Every measurement is appended to ``tried``."""
+
+    def better_of(kept: tuple[Rung, Measurement, str], options: list[tuple[str, Rung]]
+                  ) -> tuple[Rung, Measurement, str]:
+        best = kept
+        for label, candidate in options:
+            value = measured(candidate)
+            beats = value.beats(kept[1])
+            noise = "" if beats or value.mean <= kept[1].mean else " (closer, but within the pictures' noise)"
+            tried.append(tried_entry(label + noise, candidate, value))
+            if beats and value.mean > best[1].mean:
+                best = (candidate, value, label)
+        return best
+
+    own_label = f"{OWN_LABEL}, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}")
+    own = measured(rung)
+    tried.append(tried_entry(own_label, rung, own))
+    kept = better_of((rung, own, own_label), other_schedules(found, profile, rung, choose_by_measure, alternatives))
+    if choose_by_measure and per_layer_orders:
+        kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
+                                for group, variant in as_is_variants(found, profile, kept[0])])
+    return kept[0], kept[1]
+
+
+def other_schedules(found: Search, profile: BlockProfile, rung: Rung, choose_by_measure: bool,
+                     alternatives: Alternatives) -> list[tuple[str, Rung]]:
+    """The schedules of ``rung``'s cost other than its own that ``measured_choice`` measures, labelled, each
+    once."""
+    options = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else []
+    for alternative in alternatives:
+        options += alternative(rung)
+    seen = {schedule_key(rung)}
+    unique = []
+    for label, candidate in options:
+        if schedule_key(candidate) not in seen:
+            seen.add(schedule_key(candidate))
+            unique.append((label, candidate))
+    return unique
+
+
+def schedule_key(rung: Rung) -> tuple[Any, ...]:
+    """What tells two rungs' schedules apart."""
+    return rung.steps, rung.order, rung.partial, rung.as_is_layers, rung.damping
+
+
+def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
+                       probe: Callable[[Rung], tuple[Rung, Measurement]],
+                       probe_others: Callable[[Rung], tuple[Rung, Measurement] | None] | None = None,
+                       refine: int = 0, bisected: Callable[[Rung], bool] | None = None, scan_first: int = 0
+                       ) -> tuple[Rung | None, Measurement | None]:
+    """The fastest rung slower than ``rung`` whose expected PSNR on other prompts (the low end of its measured
+    range) reaches ``floor``, as a probe keeps and measures it, with its measurement (None: none does, so only
+    computing everything will).
+
+    ``probe`` measures one schedule of a rung, all of one search, whose fidelity grows with the cost: a
+    bisection over the slower rungs (those ``bisected`` says that search has, all where it has none) probes
+    about log2 of their number; computing every step (the uncached run) needs none. Then the rung found and the
+    ``refine`` slower rungs just faster than it are probed with their other schedules of the same cost
+    (``probe_others``: the schedule kept and its measurement, None where there is no other), fastest first:
+    which of several schedules wins does not grow with the cost, so those are not bisected. Before all that,
+    the ``scan_first`` next slower rungs are probed one by one, with their other schedules where they have any."""
+    slower = sorted((candidate for candidate in ladder
+                     if candidate.flop_fraction > rung.flop_fraction and candidate.computes < steps),
+                    key=lambda candidate: candidate.flop_fraction)
+    for candidate in slower[:scan_first]:
+        probed = (probe_others(candidate) if probe_others is not None else None) or probe(candidate)
+        if probed[1].low >= floor:
+            return probed
+    slower = slower[scan_first:]
+    over = [candidate for candidate in slower if bisected is None or bisected(candidate)] or slower
+    low, high = 0, len(over)
+    found: tuple[Rung | None, Measurement | None] = (None, None)
+    while low < high:
+        middle = (low + high) // 2
+        kept, value = probe(over[middle])
+        if value.low >= floor:
+            found, high = (kept, value), middle
+        else:
+            low = middle + 1
+    if probe_others is not None:
+        start = slower.index(over[low]) if low < len(over) else len(slower)
+        for candidate in slower[max(0, start - refine):start + 1]:
+            probed = probe_others(candidate)
+            if probed is not None and probed[1].low >= floor:
+                return probed
+    return found
+
+
+def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_rung: Rung, kept: Rung,
+               floor: float, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
+               alternatives: Alternatives, tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
+    """``step_down_to_floor`` from ``kept`` (what ``measured_choice`` kept at ``target_rung``): the bisection
+    with the search whose schedule read best at the target's rung (a rung where it misses the floor measured with
+    its other schedules too), then the rungs next to the one it finds with all their schedules, paired as
+    ``measured_choice`` pairs them. Every measurement is recorded in ``tried``."""
+
+    def reading(alternative: Callable[[Rung], list[tuple[str, Rung]]]) -> float:
+        return max((measured(other).mean for _, other in alternative(target_rung)), default=-math.inf)
+
+    best = max(alternatives, key=reading, default=None)
+    leading = best if best is not None and reading(best) > measured(target_rung).mean else None
+
+    def stepped(candidate: Rung, probed: list[Tried]) -> None:
+        """``probed`` recorded as measured on the way down (each schedule once)."""
+        for entry in probed:
+            label = f"stepped down, {candidate.label}" + (
+                "" if entry.label.startswith(f"{OWN_LABEL}, order") else f": {entry.label}")
+            entry = dataclasses.replace(entry, label=label)
+            same = [i for i, t in enumerate(tried) if dataclasses.replace(t, label=label) == entry]
+            if same:  # measured once: the later label says more
+                tried[same[0]] = entry
+            else:
+                tried.append(entry)
+
+    def probe(candidate: Rung) -> tuple[Rung, Measurement]:
+        """A slower rung's schedule of the leading search (the search's own where it has none) measured; below the
+        floor, its other schedules too (another search may hold it there)."""
+        options_of_cost = leading(candidate) if leading is not None else []
+        label, schedule = options_of_cost[0] if options_of_cost else (f"{OWN_LABEL}, order {candidate.order}",
+                                                                      candidate)
+        value = measured(schedule)
+        stepped(candidate, [tried_entry(label, schedule, value)])
+        if value.low >= floor:
+            return schedule, value
+        others = probe_others(candidate)
+        return others if others is not None and others[1].low >= floor else (schedule, value)
+
+    def probe_others(candidate: Rung) -> tuple[Rung, Measurement] | None:
+        """A slower rung's schedules of the same cost measured, the best kept; None where it has no other."""
+        if not other_schedules(found, profile, candidate, choose_by_measure, alternatives):
+            return None
+        probed: list[Tried] = []
+        result = measured_choice(found, profile, candidate, measured, choose_by_measure, per_layer_orders=False,
+                                  tried=probed, alternatives=alternatives)
+        stepped(candidate, probed)
+        return result
+
+    return step_down_to_floor(ladder, kept, floor, profile.grid.steps, probe, probe_others,
+                              refine=FLOOR_REFINE_ABOVE, scan_first=FLOOR_SCAN_FIRST,
+                              bisected=None if leading is None else lambda candidate: bool(leading(candidate)))
+
+
+def _group_words(group: str) -> str:
+    """An AS_IS_GROUPS group as the node's text names it."""
+    return "the cached layers" if group == "all" else f"the {group} of the cached layers"
+
+
+def measured_once(profile: BlockProfile, layers: list[int], measure: Callable[[CacheSchedule], Measurement | float]
+                   ) -> Callable[[Rung], Measurement]:
+    """A rung's schedule measured by ``measure``, each schedule once however often it is asked for."""
+    values: dict[tuple[Any, ...], Measurement] = {}
+
+    def measured(rung: Rung) -> Measurement:
+        key = schedule_key(rung)
+        if key not in values:
+            values[key] = measurement(measure(rung_schedule(profile, layers, rung, {})))
+        return values[key]
+
+    return measured
+
+
+def tried_entry(label: str, rung: Rung, value: Measurement) -> Tried:
+    return Tried(label, rung.steps, rung.order, rung.error, value.mean, value.low, value.high, rung.partial,
+                 rung.as_is_layers, rung.damping)
