@@ -363,6 +363,7 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     ``node_measure``) and 'choose by measured PSNR' (``node_choose``, per-layer orders included); the schedule
     it gives is then measured on every set."""
     target_build, replay = pack_modules("target_build", "replay")
+
     def held_out(schedule: Any) -> Any:
         patched, _ = patching.apply_block_cache(model, schedule)
         return replay.Measurement(tuple(measure(patched, schedule.grid.steps, ("heldout",))["heldout"]))
@@ -382,6 +383,7 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
                          "as_is_layers": list(build.chosen_as_is_layers), "damping": build.chosen_damping,
                          "speedup": schedule.estimated_speedup, "samplings": len(build.measured),
                          "tried": [tried.label for tried in build.measured],
+                         "tried_psnr": [[tried.measured_psnr, tried.expected_low] for tried in build.measured],
                          "psnr": measure(patched, profile.grid.steps)})
             show(f"target {speedup:g}, {family}, {len(build.compute_steps)} compute steps, as is "
                  f"{list(build.chosen_as_is_layers)}, damping {build.chosen_damping:g}", rows[-1])
