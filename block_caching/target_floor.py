@@ -8,7 +8,6 @@ schedules (``measured_choice``) and finds the fastest rung that holds the floor 
 is measured once (``measured_once``) and every measurement is recorded for the node's log.
 """
 
-
 from __future__ import annotations
 
 import dataclasses

@@ -24,7 +24,6 @@ synchronized schedule at equal FLOPs on the reference model (docs/speedup-target
 layers at each step, the error tracks the picture's PSNR (Spearman 0.92 over 33 schedules).
 """
 
-
 from __future__ import annotations
 
 import dataclasses

@@ -6,7 +6,6 @@ the target's cost, and with a measure keeps the best of that rung's schedules an
 sampler steps, with and without the cache, are measured against it (``sampling_choices``).
 """
 
-
 from __future__ import annotations
 
 import dataclasses

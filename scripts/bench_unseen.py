@@ -145,6 +145,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "spectral": lambda: forecast_variant_rows(args, profile, target, model, measure, show),
         "damped": lambda: forecast_variant_rows(args, profile, target, model, measure, show),
         "even_steps": lambda: even_step_rows(args, profile, target, patching, model, measure, show),
+        "cfg_reuse": lambda: cfg_reuse_rows(args, profile, target, patching, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -695,6 +696,105 @@ def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, m
     return rows
 
 
+
+def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: float = 1.0) -> Any:
+    """An experiment, benchmark only (FasterCache's CFG reuse, from its published description): the negative
+    prompt's prediction is computed at ``uncond_steps`` only; at the other steps only the positive one is, and
+    the negative one is the positive one less the difference between the two, forecast (order ``order``,
+    ``damping``: block_caching/forecast.py) in sigma from the steps where both were computed. Acts on the
+    sampler's cond batch (ComfyUI's calc_cond_batch wrapper), so it composes with a patched model's layers."""
+    import comfy.patcher_extension
+
+    forecast_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").forecast_weights
+    differences: list[tuple[float, torch.Tensor]] = []  # (sigma, positive - negative), newest first
+    computes = set(uncond_steps)
+
+    def outer(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        differences.clear()
+        return executor(*args, **kwargs)
+
+    def calc_cond_batch(executor: Any, model_: Any, conds: list[Any], x_in: torch.Tensor, timestep: torch.Tensor,
+                        model_options: dict[str, Any]) -> Any:
+        if len(conds) != 2 or conds[1] is None:
+            return executor(model_, conds, x_in, timestep, model_options)
+        sigma = float(timestep.reshape(-1)[0])
+        sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
+        step = min(range(len(sigmas) - 1), key=lambda i: abs(sigmas[i] - sigma))
+        if step in computes or len(differences) <= order:
+            positive, negative = executor(model_, conds, x_in, timestep, model_options)
+            differences.insert(0, (sigma, (positive - negative).detach().clone()))
+            del differences[order + 1:]
+            return [positive, negative]
+        positive, _ = executor(model_, [conds[0], None], x_in, timestep, model_options)
+        weights = forecast_weights([point[0] for point in differences], sigma, damping)
+        difference = sum(w * point[1] for w, point in zip(weights, differences, strict=True))
+        return [positive, positive - difference]
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_cfg_reuse", outer)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "bench_cfg_reuse",
+                                 calc_cond_batch)
+    return patched
+
+
+
+
+def cfg_reuse_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
+                   measure: Any, show: Any) -> list[dict[str, Any]]:
+    """The CFG reuse experiment: the negative prompt computed at as many steps as --cfg-reuse lists, spread
+    evenly from the first step to the last, with each --cfg-reuse-forecasts forecast of the difference; with
+    --cfg-reuse-cache, also on top of each whole-step rung of the damped ladder (as the Build node searches it)
+    in the band, and that rung alone: 'even' with the same steps, 'compute-steps' with the negative prompt at a
+    --cfg-reuse-share of the rung's compute steps spread evenly over them (and nowhere else). Speed-up: the
+    model's FLOPs per cond at each step (the rung's share of them at that step), one cond at a step without
+    the negative prompt, two at the others, against two at every step."""
+    target_ladder, target_build, schedules = pack_modules("target_ladder", "target_build", "schedule")
+    steps = profile.grid.steps
+    counts = [int(v) for v in args.cfg_reuse.split(",")]
+    forecasts = [(int(order), float(damping)) for order, damping in
+                 (item.split(":") for item in args.cfg_reuse_forecasts.split(","))]
+    rows = []
+    rungs = [None]
+    if args.cfg_reuse_cache:
+        found = target_ladder.search(profile, target_build.TargetOptions(forecast_order=1), damping=0.5)
+        rungs += [rung for rung in target_ladder.whole_step_ladder(found, profile)
+                  if in_band(args, 1.0 / rung.flop_fraction) and rung.computes >= 2]
+    for rung in rungs:
+        if rung is None:
+            per_step, cached = [1.0] * steps, model
+        else:
+            mask = np.ones((len(profile.block_map.layers), steps), dtype=bool)
+            for layer in found.layers:
+                mask[layer] = rung.compute_row(layer, steps)
+            per_step = [schedules.computed_flop_fraction(mask[:, s:s + 1], profile.layer_flops, profile.total_flops)
+                        for s in range(steps)]
+            cached, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
+            rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
+                         "damping": rung.damping, "steps": list(rung.steps), "speedup": 1.0 / rung.flop_fraction,
+                         "psnr": measure(cached, steps)})
+            show(f"the {rung.computes}-step rung alone", rows[-1])
+        placements = [target_ladder.evenly_spread_steps(steps, count) for count in counts]
+        if rung is not None and args.cfg_reuse_cache == "compute-steps":
+            share = max(2, round(args.cfg_reuse_share * rung.computes))
+            placements = [tuple(rung.steps[i] for i in target_ladder.evenly_spread_steps(rung.computes, share))]
+        for uncond_steps in placements:
+            count = len(uncond_steps)
+            cost = sum(f * (2 if s in uncond_steps else 1) for s, f in enumerate(per_step)) / (2 * steps)
+            for order, damping in forecasts:
+                rows.append({"family": "cfg_reuse" if rung is None else "cfg_reuse_cache", "uncond_computes": count,
+                             "uncond_steps": list(uncond_steps), "order": order, "damping": damping,
+                             "computes": steps if rung is None else rung.computes,
+                             "steps": list(range(steps)) if rung is None else list(rung.steps),
+                             "cache_speedup": 1.0 if rung is None else 1.0 / rung.flop_fraction,
+                             "speedup": 1.0 / cost,
+                             "psnr": measure(cfg_reuse(cached, uncond_steps, order, damping), steps)})
+                show(f"negative prompt at {count} steps, difference order {order} damped {damping:g}"
+                     + ("" if rung is None else f", on the {rung.computes}-step rung"), rows[-1])
+    for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
+        rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
+        show(f"{n} steps", rows[-1])
+    return rows
+
 # ---- report ---------------------------------------------------------------------------------------
 
 def report(folder: Path) -> str:
@@ -955,6 +1055,15 @@ def main() -> None:
     parser.add_argument("--max-speedup", type=float, default=MAX_SPEEDUP, help="only the rungs at most this fast")
     parser.add_argument("--min-speedup", type=float, default=MIN_SPEEDUP,
                         help="only the rungs at least this fast (fills in a --stride run's fast end)")
+    parser.add_argument("--cfg-reuse", default="", help="an experiment: the negative prompt computed at this many "
+                        "steps (each of a list, e.g. 16,10,4) spread evenly, its difference to the positive one "
+                        "forecast at the others (FasterCache's CFG reuse)")
+    parser.add_argument("--cfg-reuse-forecasts", default="0:1,1:0.5,1:1", help="--cfg-reuse's forecasts of the "
+                        "difference, ORDER:DAMPING each")
+    parser.add_argument("--cfg-reuse-share", type=float, default=0.5, help="--cfg-reuse-cache compute-steps' share")
+    parser.add_argument("--cfg-reuse-cache", choices=("", "even", "compute-steps"), default="", help="--cfg-reuse on "
+                        "the damped ladder's "
+                        "whole-step rungs in the band too")
     parser.add_argument("--stride", type=int, default=1, help="every n-th rung and step count (long runs: ddim 50)")
     parser.add_argument("--out", type=Path, default=Path("out/unseen"))
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
