@@ -696,7 +696,6 @@ def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, m
     return rows
 
 
-
 def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: float = 1.0) -> Any:
     """An experiment, benchmark only (FasterCache's CFG reuse, from its published description): the negative
     prompt's prediction is computed at ``uncond_steps`` only; at the other steps only the positive one is, and
@@ -735,8 +734,6 @@ def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: fl
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "bench_cfg_reuse",
                                  calc_cond_batch)
     return patched
-
-
 
 
 def cfg_reuse_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
@@ -794,6 +791,7 @@ def cfg_reuse_rows(args: argparse.Namespace, profile: Any, target: Any, patching
         rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
         show(f"{n} steps", rows[-1])
     return rows
+
 
 # ---- report ---------------------------------------------------------------------------------------
 
@@ -1061,9 +1059,8 @@ def main() -> None:
     parser.add_argument("--cfg-reuse-forecasts", default="0:1,1:0.5,1:1", help="--cfg-reuse's forecasts of the "
                         "difference, ORDER:DAMPING each")
     parser.add_argument("--cfg-reuse-share", type=float, default=0.5, help="--cfg-reuse-cache compute-steps' share")
-    parser.add_argument("--cfg-reuse-cache", choices=("", "even", "compute-steps"), default="", help="--cfg-reuse on "
-                        "the damped ladder's "
-                        "whole-step rungs in the band too")
+    parser.add_argument("--cfg-reuse-cache", choices=("", "even", "compute-steps"), default="",
+                        help="--cfg-reuse on the damped ladder's whole-step rungs in the band too")
     parser.add_argument("--stride", type=int, default=1, help="every n-th rung and step count (long runs: ddim 50)")
     parser.add_argument("--out", type=Path, default=Path("out/unseen"))
     parser.add_argument("--report", type=Path, default=None, help="a folder of unseen_*.json: print the tables")
