@@ -42,8 +42,8 @@ OWN_LABEL = "searched"
 
 
 def measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: Callable[[Rung], Measurement],
-                     choose_by_measure: bool, per_layer_orders: bool, tried: list[Tried],
-                     alternatives: Alternatives = ()) -> tuple[Rung, Measurement]:
+                    choose_by_measure: bool, per_layer_orders: bool, tried: list[Tried],
+                    alternatives: Alternatives = ()) -> tuple[Rung, Measurement]:
     """The rung kept and its measurement (at first ``rung``, the search's choice). The ``alternatives``' rungs of
     its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
     ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
@@ -74,7 +74,7 @@ def measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: 
 
 
 def other_schedules(found: Search, profile: BlockProfile, rung: Rung, choose_by_measure: bool,
-                     alternatives: Alternatives) -> list[tuple[str, Rung]]:
+                    alternatives: Alternatives) -> list[tuple[str, Rung]]:
     """The schedules of ``rung``'s cost other than its own that ``measured_choice`` measures, labelled, each
     once."""
     options = candidates(found, profile, rung.computes) if choose_by_measure and rung.partial is None else []
@@ -138,8 +138,8 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
 
 
 def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_rung: Rung, kept: Rung,
-               floor: float, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
-               alternatives: Alternatives, tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
+              floor: float, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
+              alternatives: Alternatives, tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
     """``step_down_to_floor`` from ``kept`` (what ``measured_choice`` kept at ``target_rung``): the bisection
     with the search whose schedule read best at the target's rung (a rung where it misses the floor measured with
     its other schedules too), then the rungs next to the one it finds with all their schedules, paired as
@@ -182,7 +182,7 @@ def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_r
             return None
         probed: list[Tried] = []
         result = measured_choice(found, profile, candidate, measured, choose_by_measure, per_layer_orders=False,
-                                  tried=probed, alternatives=alternatives)
+                                 tried=probed, alternatives=alternatives)
         stepped(candidate, probed)
         return result
 
@@ -197,7 +197,7 @@ def _group_words(group: str) -> str:
 
 
 def measured_once(profile: BlockProfile, layers: list[int], measure: Callable[[CacheSchedule], Measurement | float]
-                   ) -> Callable[[Rung], Measurement]:
+                  ) -> Callable[[Rung], Measurement]:
     """A rung's schedule measured by ``measure``, each schedule once however often it is asked for."""
     values: dict[tuple[Any, ...], Measurement] = {}
 

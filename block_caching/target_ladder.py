@@ -247,7 +247,7 @@ def whole_step_ladder(found: Search, profile: BlockProfile) -> list[Rung]:
         for count, (error, chosen) in results.items():
             if count not in ladder or error < ladder[count].error:
                 ladder[count] = with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0,
-                                                                                damping=found.model.damping))
+                                                                               damping=found.model.damping))
     return [ladder[c] for c in sorted(ladder)]
 
 
@@ -293,7 +293,7 @@ def fine_rungs(found: Search, profile: BlockProfile, whole: list[Rung]) -> list[
                         best[size] = (extra, PartialStep(step, tuple(layers[start:start + size])))
         for extra, partial in best.values():
             result.append(with_flop_fraction(profile, layers, dataclasses.replace(rung, error=sum(base) + extra,
-                                                                                   partial=partial)))
+                                                                                  partial=partial)))
     return result
 
 
@@ -304,7 +304,7 @@ def gaps_fit(compute_steps: tuple[int, ...], steps: int, max_gap: int) -> bool:
 
 
 def layer_error_totals(model: StepErrorModel, steps: int, compute_steps: tuple[int, ...], order: int
-                        ) -> list[float]:
+                       ) -> list[float]:
     """Per cached layer: the error model's summed error of computing at ``compute_steps`` only."""
     totals = [0.0] * model.layer_count
     for step, history in _reuse_histories(steps, compute_steps, order):
@@ -340,7 +340,7 @@ def evenly_spread_ladder(found: Search, profile: BlockProfile) -> list[Rung]:
             error = predicted_error(found.model, steps, even, order)
             if count not in whole or error < whole[count].error:
                 whole[count] = with_flop_fraction(profile, found.layers, Rung(count, even, order, error, 0.0,
-                                                                               damping=found.model.damping))
+                                                                              damping=found.model.damping))
     return [whole[count] for count in sorted(whole)]
 
 
@@ -366,7 +366,7 @@ def candidates(found: Search, profile: BlockProfile, count: int) -> list[tuple[s
         seen.add((chosen, order))
         error = predicted_error(found.model, steps, chosen, order)
         result.append((label, with_flop_fraction(profile, found.layers, Rung(count, chosen, order, error, 0.0,
-                                                                              damping=found.model.damping))))
+                                                                             damping=found.model.damping))))
     return result
 
 
@@ -453,7 +453,7 @@ def as_is_variants(found: Search, profile: BlockProfile, rung: Rung) -> list[tup
         return []
     layers = found.layers
     model = found.model if rung.damping == found.model.damping else StepErrorModel(profile, layers,
-                                                                                  damping=rung.damping)
+                                                                                   damping=rung.damping)
     third = max(1, len(layers) // 3)
     groups = {"first third": layers[:third], "last third": layers[-third:], "all": layers}
     variants, seen = [], set()

@@ -91,13 +91,13 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
             damped_offered = bool(damped(rung))
         target_rung = rung
         rung, chosen = measured_choice(found, profile, rung, measured, choose_by_measure,
-                                        per_layer_orders=options.forecast_order is None, tried=tried,
-                                        alternatives=alternatives)
+                                       per_layer_orders=options.forecast_order is None, tried=tried,
+                                       alternatives=alternatives)
         # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
         if options.min_psnr and chosen.low < options.min_psnr:
             stepped_from = rung
             floor_rung, chosen = step_down(found, profile, ladder, target_rung, rung, options.min_psnr, measured,
-                                            choose_by_measure, alternatives, tried)
+                                           choose_by_measure, alternatives, tried)
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
         if spread <= EVEN_WEIGHTS_MIN_SPREAD and (choose_by_measure or stepped_from is not None):
             notes.append(f"the search with every step's error weighted alike was not tried: the step weights span "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import statistics
@@ -30,11 +29,27 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from comfy_bootstrap import PACK_MODULE, load_pack  # noqa: E402
+from comfy_bootstrap import load_pack  # noqa: E402
 
 MIN_SPEEDUP, MAX_SPEEDUP = 1.15, 4.0
 CALIBRATION_SET = (777, 3001)  # prompt seed, first noise seed: disjoint from the profiling and evaluation sets
 MAX_COMBINED_CACHE_SPEEDUP = 1.8  # the cache's share of a combined row: where it loses least
+
+
+def fewer_steps_rows(args: argparse.Namespace, steps: int, model: Any, measure: Any, show: Any
+                     ) -> list[dict[str, Any]]:
+    """Uncached sampling at every step count from ``steps`` - 1 down to a MAX_SPEEDUP speed-up (none with
+    --skip-fewer), each measured against ``steps``' uncached pictures."""
+    rows = []
+    for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
+        rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
+        show(f"{n} steps", rows[-1])
+    return rows
+
+
+def step_at(sigmas: list[float], sigma: float) -> int:
+    """The sampler step whose sigma ``sigma`` is (the nearest of ``sigmas``, the run's schedule)."""
+    return min(range(len(sigmas) - 1), key=lambda i: abs(sigmas[i] - sigma))
 
 
 def pack_modules(*names: str) -> tuple[Any, ...]:
@@ -159,12 +174,12 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
     # --flat-weights: an experiment, every step's error weighted alike (the Build node's alternative search);
     # --layer-damping: every forecast damped, in the search's error model and in the schedules' layers
     found = target_ladder.search(profile, target_build.TargetOptions(), even_step_weights=args.flat_weights,
-                          damping=args.layer_damping)
+                                 damping=args.layer_damping)
     if args.always_compute:  # an experiment: the first / last cached blocks always compute (DBCache's Fn / Bn)
         first, last = (int(v) for v in args.always_compute.split(","))
         layers = found.layers[first:len(found.layers) - last]
-        found = searched_again(dataclasses.replace(found, layers=layers, model=target_ladder.StepErrorModel(profile, layers)),
-                               target, steps)
+        error_model = target_ladder.StepErrorModel(profile, layers)
+        found = searched_again(dataclasses.replace(found, layers=layers, model=error_model), target, steps)
     if args.sensitivity:  # an experiment: the error model's step weights scaled by the measured sensitivity
         found = with_measured_sensitivity(found, target, steps, args.sensitivity, name)
     if args.orders:  # another set of forecast orders for the ladder (an experiment)
@@ -180,9 +195,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
                      "steps": list(rung.steps), "partial": target_build.partial_to_json(rung.partial),
                      "speedup": speedup, "psnr": measure(patched, steps)})
         show(rung.label, rows[-1])
-    for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
-        rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
-        show(f"{n} steps", rows[-1])
+    rows += fewer_steps_rows(args, steps, model, measure, show)
     return setting_result(rows)
 
 
@@ -241,7 +254,7 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
     forecast's change from the newest computation (ScalingCache's blend of orders 0 and 1: 0 is order 0)."""
     import comfy.patcher_extension
 
-    forecast_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").forecast_weights
+    (forecast,) = pack_modules("forecast")
     state: dict[str, Any] = {}
     computes = set(compute_steps)
 
@@ -254,7 +267,7 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
         transformer_options = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict))
         sigma = float(transformer_options["sigmas"].reshape(-1)[0])
         sigmas = [float(v) for v in transformer_options["sample_sigmas"]]
-        step = min(range(len(sigmas) - 1), key=lambda i: abs(sigmas[i] - sigma))
+        step = step_at(sigmas, sigma)
         key = tuple(transformer_options.get("cond_or_uncond") or ())
         points = state.setdefault(key, [])
         if step in computes or not points:
@@ -270,7 +283,7 @@ def output_forecast(model: Any, compute_steps: tuple[int, ...], order: int, vari
                                        *spectral)
         else:
             known = points[:order + 1]
-            weights = forecast_weights([point[0] for point in known], sigma, damping)
+            weights = forecast.forecast_weights([point[0] for point in known], sigma, damping)
         value = sum(w * point[1] for w, point in zip(weights, known, strict=True))
         return value if variable == "output" else (x - value) / sigma
 
@@ -289,15 +302,14 @@ def error_feedback_rows(profile: Any, target: Any) -> list[dict[str, Any]]:
     the profile's trajectory, each whole-step rung's summed weighted forecast error (order 1) against the
     same forecast corrected by the error it made at the last computed step (``weight`` times that error,
     constant or scaled by the distance from that step), as a ratio (below 1: the correction helps)."""
-    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    target_ladder, target_build, forecast_module = pack_modules("target_ladder", "target_build", "forecast")
     steps = profile.grid.steps
-    lagrange_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").lagrange_weights
     found = target_ladder.search(profile, target_build.TargetOptions(forecast_order=1))
     model = found.model
     values, taus = model._values, model.taus
 
     def forecast(history: list[int], at: int) -> torch.Tensor:
-        weights = lagrange_weights([taus[h] for h in history], taus[at])
+        weights = forecast_module.lagrange_weights([taus[h] for h in history], taus[at])
         return sum(w * values[h] for w, h in zip(weights, history, strict=True))
 
     def total(compute: list[int], weight: float, scaled: bool) -> float:
@@ -345,7 +357,8 @@ def layer_order_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
             continue
         variants = []
         for group, varied in [("none", rung), *target_ladder.as_is_variants(found, profile, rung)]:
-            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, varied, {}))
+            schedule = target_ladder.rung_schedule(profile, found.layers, varied, {})
+            patched, _ = patching.apply_block_cache(model, schedule)
             variants.append({"family": "layer_orders", "computes": rung.computes, "order": rung.order,
                              "order0_layers": group, "steps": list(rung.steps), "partial": None, "speedup": speedup,
                              "psnr": measure(patched, profile.grid.steps)})
@@ -374,7 +387,8 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
         for family, choose in (("node_measure", False), ("node_choose", True)):
             if family not in args.node_families.split(","):
                 continue
-            schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup, min_psnr=args.floor),
+            options = target_build.TargetOptions(speedup=speedup, min_psnr=args.floor)
+            schedule = target.build_target_schedule(profile, options,
                                                     held_out, choose_by_measure=choose)
             build = target_build.TargetBuild.of(schedule)
             patched, _ = patching.apply_block_cache(model, schedule)
@@ -449,7 +463,7 @@ def teacache_step_rows(args: argparse.Namespace, profile: Any, target: Any, patc
         print(f"TeaCache {threshold:g}: computes {len(chosen)} steps: {[s + 1 for s in chosen]}", flush=True)
         for order in (0, 1):
             rung = target_ladder.with_flop_fraction(profile, found.layers,
-                                              target_ladder.Rung(len(chosen), tuple(chosen), order, 0.0, 0.0))
+                                                    target_ladder.Rung(len(chosen), tuple(chosen), order, 0.0, 0.0))
             patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
             rows.append({"family": f"teacache_steps_order{order}", "threshold": threshold, "computes": len(chosen),
                          "order": order, "steps": chosen, "speedup": 1.0 / rung.flop_fraction,
@@ -481,7 +495,8 @@ def even_step_rows(args: argparse.Namespace, profile: Any, target: Any, patching
         for family, chosen in (("block_cache", rung.steps), ("even_with_last", even)):
             varied = target_ladder.with_flop_fraction(profile, found.layers, dataclasses.replace(
                 rung, computes=len(chosen), steps=tuple(chosen), error=0.0))
-            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, varied, {}))
+            schedule = target_ladder.rung_schedule(profile, found.layers, varied, {})
+            patched, _ = patching.apply_block_cache(model, schedule)
             rows.append({"family": family, "computes": len(chosen), "order": rung.order, "steps": list(chosen),
                          "speedup": 1.0 / varied.flop_fraction, "psnr": measure(patched, steps)})
             show(f"{family} {[s + 1 for s in chosen]}, order {rung.order}", rows[-1])
@@ -501,7 +516,8 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
     compute, rows = tuple(range(steps)), []
 
     def rung_of(chosen: tuple[int, ...]) -> Any:
-        return target_ladder.with_flop_fraction(profile, found.layers, target_ladder.Rung(len(chosen), chosen, 1, 0.0, 0.0))
+        rung = target_ladder.Rung(len(chosen), chosen, 1, 0.0, 0.0)
+        return target_ladder.with_flop_fraction(profile, found.layers, rung)
 
     while True:
         best: tuple[float, tuple[int, ...]] | None = None
@@ -509,7 +525,8 @@ def greedy_measured_rows(args: argparse.Namespace, profile: Any, target: Any, pa
             trial = tuple(c for c in compute if c != step)
             if found.forced[step] or not target_ladder.gaps_fit(trial, steps, found.max_gap):
                 continue
-            patched, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung_of(trial), {}))
+            schedule = target_ladder.rung_schedule(profile, found.layers, rung_of(trial), {})
+            patched, _ = patching.apply_block_cache(model, schedule)
             mse = mean_squared_error(measure(patched, steps, ("profiled",))["profiled"])
             if best is None or mse < best[0]:
                 best = (mse, trial)
@@ -628,8 +645,8 @@ def chain_rows(args: argparse.Namespace, profile: Any, target: Any, patching: An
                 if index in layers:
                     row = tuple(s in computed[layers.index(index)] for s in range(steps))
                     mask[index] = row
-                    layer_schedules.append(schedules.LayerSchedule(spec.name, spec.kind, block_map.ReuseMode.RESIDUAL, row,
-                                                                forecast_order=base.order))
+                    layer_schedules.append(schedules.LayerSchedule(spec.name, spec.kind, block_map.ReuseMode.RESIDUAL,
+                                                                   row, forecast_order=base.order))
                 else:
                     reuse = (block_map.ReuseMode.RESIDUAL if block_map.ReuseMode.RESIDUAL in spec.reuse_modes
                              else block_map.ReuseMode.OUTPUT)
@@ -682,7 +699,8 @@ def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, m
         speedup = steps / rung.computes
         if not in_band(args, speedup) or rung.computes < 2:
             continue
-        for placement, chosen in (("ladder", rung.steps), ("even", target_ladder.evenly_spread_steps(steps, rung.computes))):
+        even = target_ladder.evenly_spread_steps(steps, rung.computes)
+        for placement, chosen in (("ladder", rung.steps), ("even", even)):
             variants = [(None, 1.0), *((fit, 1.0) for fit in fits), *((None, d) for d in dampings)]
             for fit, damping in variants:
                 patched = output_forecast(model, tuple(chosen), 1, "output", fit, damping)
@@ -704,7 +722,7 @@ def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: fl
     sampler's cond batch (ComfyUI's calc_cond_batch wrapper), so it composes with a patched model's layers."""
     import comfy.patcher_extension
 
-    forecast_weights = importlib.import_module(f"{PACK_MODULE}.block_caching.forecast").forecast_weights
+    (forecast,) = pack_modules("forecast")
     differences: list[tuple[float, torch.Tensor]] = []  # (sigma, positive - negative), newest first
     computes = set(uncond_steps)
 
@@ -718,14 +736,14 @@ def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: fl
             return executor(model_, conds, x_in, timestep, model_options)
         sigma = float(timestep.reshape(-1)[0])
         sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
-        step = min(range(len(sigmas) - 1), key=lambda i: abs(sigmas[i] - sigma))
+        step = step_at(sigmas, sigma)
         if step in computes or len(differences) <= order:
             positive, negative = executor(model_, conds, x_in, timestep, model_options)
             differences.insert(0, (sigma, (positive - negative).detach().clone()))
             del differences[order + 1:]
             return [positive, negative]
         positive, _ = executor(model_, [conds[0], None], x_in, timestep, model_options)
-        weights = forecast_weights([point[0] for point in differences], sigma, damping)
+        weights = forecast.forecast_weights([point[0] for point in differences], sigma, damping)
         difference = sum(w * point[1] for w, point in zip(weights, differences, strict=True))
         return [positive, positive - difference]
 
@@ -787,9 +805,7 @@ def cfg_reuse_rows(args: argparse.Namespace, profile: Any, target: Any, patching
                              "psnr": measure(cfg_reuse(cached, uncond_steps, order, damping), steps)})
                 show(f"negative prompt at {count} steps, difference order {order} damped {damping:g}"
                      + ("" if rung is None else f", on the {rung.computes}-step rung"), rows[-1])
-    for n in ([] if args.skip_fewer else range(steps - 1, max(2, math.ceil(steps / MAX_SPEEDUP)) - 1, -args.stride)):
-        rows.append({"family": "fewer_steps", "computes": n, "speedup": steps / n, "psnr": measure(model, n)})
-        show(f"{n} steps", rows[-1])
+    rows += fewer_steps_rows(args, steps, model, measure, show)
     return rows
 
 
@@ -825,6 +841,10 @@ def report(folder: Path) -> str:
                          "node_choose": f"node, target {row.get('target')}, 'choose by measured PSNR': "
                                         f"{row['computes']} compute steps{fine}, order {row.get('order')}, "
                                         f"{len(row.get('as_is_layers') or [])} layers as is",
+                         "cfg_reuse": f"negative prompt at {row.get('uncond_computes')} steps, difference order "
+                                      f"{row.get('order')} damped {row.get('damping')}",
+                         "cfg_reuse_cache": f"negative prompt at {row.get('uncond_computes')} steps, on Block Cache's "
+                                            f"{row['computes']} compute steps",
                          }.get(row["family"], f"fewer steps: {row['computes']}")
                 heldout = p.get("heldout")
                 held = (f"{statistics.mean(heldout):.1f} ({statistics.stdev(heldout) if len(heldout) > 1 else math.nan:.1f})"

@@ -150,7 +150,7 @@ PACKAGES = {
     **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
                      "builtin_models"), "demo_models"),
     **dict.fromkeys(("patching", "schedule", "target_schedule", "target_ladder", "target_build", "replay", "cache",
-                     "profile", "fidelity", "calibration"), "block_caching"),
+                     "profile", "fidelity", "calibration", "forecast"), "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
     **dict.fromkeys(("mapping", "block_map"), "block_maps"),
 }
@@ -256,11 +256,13 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     targets = sorted(set(rungs[::stride]) | {target_build.DEFAULT_SPEEDUP})
     for index, speedup in enumerate(targets):
         default = speedup == target_build.DEFAULT_SPEEDUP
-        label = f"{speedup:.2f}x" if not default else f"{1 / default_rung.flop_fraction:.2f}x (default, {target_build.DEFAULT_SPEEDUP:g}x target)"
+        label = f"{speedup:.2f}x" if not default else (f"{1 / default_rung.flop_fraction:.2f}x (default, "
+                                                       f"{target_build.DEFAULT_SPEEDUP:g}x target)")
         for family in ("block_cache", "block_cache_measured"):
             if family == "block_cache_measured" and not default and index % 2:
                 continue  # the ablation at every other point is enough
-            schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup - 1e-9), measure,
+            options = target_build.TargetOptions(speedup=speedup - 1e-9)
+            schedule = target.build_target_schedule(profile, options, measure,
                                                     choose_by_measure=family == "block_cache_measured")
             chosen = f"{label}: {_chosen_rung(schedule)}"
             methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
@@ -367,7 +369,8 @@ def two_experts_method(reference: Any, profile: Any, positive: Any, latent: dict
         patching.attach_profiler(model)
     segments(recording_high, recording_low, positive, latent, PROFILE_SET[1])
     experts = [patching.apply_block_cache(model, target.build_target_schedule(
-        patching.collect_profile(holder, model), target_build.TargetOptions()))[0] for holder in (high_holder, low_holder)]
+        patching.collect_profile(holder, model), target_build.TargetOptions()))[0]
+        for holder in (high_holder, low_holder)]
     label = f"steps 0-{split - 1} and {split}-{steps - 1}, each its own {target_build.DEFAULT_SPEEDUP:g}x schedule"
     return Method(FAMILY_LABELS["block_cache_two_experts"], "block_cache_two_experts", label, lambda: (model, steps),
                   sample=lambda positive, latent, seed: segments(*experts, positive, latent, seed))

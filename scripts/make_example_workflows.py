@@ -610,7 +610,7 @@ def make_bundled_schedule() -> dict[str, Any]:
                                            lambda samples: reference_vae.decode(samples).movedim(-1, 1))
     measure = pack.block_caching.replay.replay_measure((replay,))
     schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_build.TargetOptions(min_psnr=pack.block_caching.target_build.DEFAULT_MIN_PSNR), measure,
-                                                          metric=replay.metric)
+                                                                        metric=replay.metric)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {pack.schedule_files.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
     return {"profile": pack.nodes.frontend.profile_payload(profile),

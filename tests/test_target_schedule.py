@@ -146,7 +146,8 @@ def test_fine_rungs_lie_between_the_whole_step_rungs(pack, profiled):
     assert [r.flop_fraction for r in ladder] == sorted(r.flop_fraction for r in ladder)
     by_count = {rung.computes: rung for rung in whole}
     # One step of every cached layer: computing at step 0 only leaves steps - 1 of them out.
-    only_first = target_ladder.with_flop_fraction(profile, found.layers, target_ladder.Rung(1, (0,), 0, 0.0, 0.0)).flop_fraction
+    first_step_only = target_ladder.Rung(1, (0,), 0, 0.0, 0.0)
+    only_first = target_ladder.with_flop_fraction(profile, found.layers, first_step_only).flop_fraction
     step_share = (1.0 - only_first) / (profile.grid.steps - 1)
     sizes = {len(rung.partial.layers) for rung in fine}
     assert sizes <= {round(len(found.layers) / 3), round(2 * len(found.layers) / 3)}
@@ -305,7 +306,8 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
 
     # Last third: +2 dB on every picture (clearly better); all: +3 dB on average, but noise (+9, -3, +9, -3).
     schedule = target.build_target_schedule(
-        profile, target_build.TargetOptions(speedup=speedup), scored({"last": (2.0,) * 4, "all": (9.0, -3.0, 9.0, -3.0)}),
+        profile, target_build.TargetOptions(speedup=speedup),
+        scored({"last": (2.0,) * 4, "all": (9.0, -3.0, 9.0, -3.0)}),
         choose_by_measure=True)
     builder = schedule.builder
     assert builder["chosen_as_is_layers"] == cached[-third:]
@@ -490,7 +492,7 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
     found = target_ladder.search(profile, options)
     rung = target_ladder.choose_rung(target_ladder.ladder_of(found, profile), options.speedup)
     damped = target_ladder.alternative_rungs(profile, options, found, "damped", damping=target.DAMPED_FORECAST,
-                                      if_predicted_better=True)
+                                             if_predicted_better=True)
     offered = damped(rung)
     assert offered, "the fixture's error model predicts the damped forecast better at the target's cost"
     assert all(r.damping == target.DAMPED_FORECAST and r.error < rung.error and r.computes == rung.computes
@@ -564,11 +566,11 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
     assert len(owns) <= math.ceil(math.log2(len(slower) + 1)) + 1
     owns.clear()
     kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own,
-                                        bisected=lambda rung: slower.index(rung) % 2 == boundary % 2)
+                                              bisected=lambda rung: slower.index(rung) % 2 == boundary % 2)
     assert kept is slower[boundary] and owns and all(slower.index(rung) % 2 == boundary % 2 for rung in owns)
     # Another schedule reaches the floor at each of the two rungs above the boundary: the faster is taken.
     kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({1, 2, 3}),
-                                        refine=refine)
+                                              refine=refine)
     assert kept is slower[boundary - refine] and others == [slower[boundary - refine]]
     others.clear()
     kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine)
@@ -576,17 +578,20 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
     assert others == slower[boundary - refine:boundary + 1]
     others.clear()
     kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine,
-                                        scan_first=1)
+                                              scan_first=1)
     assert kept is slower[0] and others == [slower[0]], "the next slower rung is scanned first"
     # Where no rung's own schedule reaches it, the slowest rungs' others are still tried.
     owns.clear()
     others.clear()
     last = len(slower) - 1
-    kept, value = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
-                                            probe_others({last}), refine=refine)
+    def below(rung):
+        return rung, Measurement((20.0,) * 4)
+
+    kept, value = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, below, probe_others({last}),
+                                                  refine=refine)
     assert kept is slower[last] and others == slower[len(slower) - refine:]
-    assert target_floor.step_down_to_floor(whole, fastest, 30.0, steps, lambda rung: (rung, Measurement((20.0,) * 4)),
-                                     probe_others(set()), refine=refine) == (None, None)
+    assert target_floor.step_down_to_floor(whole, fastest, 30.0, steps, below, probe_others(set()),
+                                           refine=refine) == (None, None)
 
 
 def test_the_floor_bisects_with_the_search_that_read_best_at_the_target(pack, profiled, monkeypatch):
