@@ -5,7 +5,8 @@ prompts and sampler with a candidate schedule and compares the pictures with unc
 schedule's real error, not a prediction. It does so with a *held-out noise seed* (the profiled
 seed + 1, its uncached pictures sampled once): the search chose the schedule on the profiled run
 itself, so that run flatters it (by 2-5 dB on the transformer reference model, docs/benchmark/unseen),
-while other seeds and prompts do not. What it gives is a ``Measurement``: one PSNR per picture, their
+while other seeds and prompts do not. A second held-out seed (+ 2) checks what the first one chose
+(block_caching/target_schedule.py). What it gives is a ``Measurement``: one PSNR per picture, their
 mean, and the range the mean of other prompts' pictures can be expected in.
 """
 
@@ -25,8 +26,10 @@ from .patching import apply_block_cache, attach_profiler, collect_profile
 from .profile import BlockProfile, merge_profiles
 from .schedule import CacheSchedule
 
-# The noise seed validation samples with, as an offset from the profiled run's.
+# The noise seed validation samples with, as an offset from the profiled run's; the second one checks what the
+# first chose (block_caching/target_schedule.py, SECOND_SEED).
 HELD_OUT_SEED_OFFSET = 1
+SECOND_SEED_OFFSET = 2
 # The expected range of other prompts' mean PSNR: mean +- z standard errors of the measured pictures'
 # mean, their spread taken as at least MIN_PICTURE_SD (a few pictures can agree by chance). Calibrated
 # on the reference models' tuning set and checked on a second set (docs/benchmark/unseen).
@@ -105,19 +108,21 @@ def measurement(value: float | Measurement) -> Measurement:
 
 
 class HeldOutRuns:
-    """The profiled prompts sampled with the held-out seed: the uncached pictures once, then any model's."""
+    """The profiled prompts sampled with a held-out seed (the profiled one + ``seed_offset``): the uncached pictures
+    once, then any model's."""
 
-    def __init__(self, replays: tuple[ProfileReplay, ...]) -> None:
+    def __init__(self, replays: tuple[ProfileReplay, ...], seed_offset: int = HELD_OUT_SEED_OFFSET) -> None:
         self.replays = replays
+        self.seed_offset = seed_offset
         self._uncached: dict[int, tuple[torch.Tensor, float]] = {}
 
     def measure(self, model_of: Callable[[ProfileReplay], Any], steps: int | None = None) -> Measurement:
         values: list[float] = []
         for index, replay in enumerate(self.replays):
             if index not in self._uncached:
-                self._uncached[index] = replay.pictures(replay.sample(replay.model, seed_offset=HELD_OUT_SEED_OFFSET))
+                self._uncached[index] = replay.pictures(replay.sample(replay.model, seed_offset=self.seed_offset))
             reference, peak = self._uncached[index]
-            out, _ = replay.pictures(replay.sample(model_of(replay), steps=steps, seed_offset=HELD_OUT_SEED_OFFSET))
+            out, _ = replay.pictures(replay.sample(model_of(replay), steps=steps, seed_offset=self.seed_offset))
             values += psnr(out, reference, peak)
         return Measurement(tuple(values))
 
@@ -148,11 +153,6 @@ def profile_again(profile: BlockProfile, steps: int) -> BlockProfile:
     return dataclasses.replace(merge_profiles(profiles), replays=profile.replays)
 
 
-def replay_measure(replays: tuple[ProfileReplay, ...]) -> Callable[[CacheSchedule], Measurement]:
-    """``HeldOutRuns(replays).schedule``: a schedule's PSNR per held-out picture of every profiled run."""
-    return HeldOutRuns(replays).schedule
-
-
 def measure_metric(replays: tuple[ProfileReplay, ...]) -> str:
-    """What ``replay_measure`` compares: 'picture', 'latent', or 'picture and latent' (merged profiles)."""
+    """What ``HeldOutRuns`` compares: 'picture', 'latent', or 'picture and latent' (merged profiles)."""
     return " and ".join(sorted({replay.metric for replay in replays}, reverse=True))

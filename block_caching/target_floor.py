@@ -40,6 +40,14 @@ Alternatives = Sequence[Callable[[Rung], list[tuple[str, Rung]]]]
 # How ``measured_choice`` labels the search's own schedule.
 OWN_LABEL = "searched"
 
+# Whether a rung's schedule, with its measurement, holds the quality floor.
+Holds = Callable[[Rung, Measurement], bool]
+
+
+def reaches(floor: float) -> Holds:
+    """Holds where the low end of the measured range reaches ``floor``."""
+    return lambda rung, value: value.low >= floor
+
 
 def measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: Callable[[Rung], Measurement],
                     choose_by_measure: bool, per_layer_orders: bool, tried: list[Tried],
@@ -94,14 +102,14 @@ def schedule_key(rung: Rung) -> tuple[Any, ...]:
     return rung.steps, rung.order, rung.partial, rung.as_is_layers, rung.damping
 
 
-def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
+def step_down_to_floor(ladder: list[Rung], rung: Rung, holds: Holds, steps: int,
                        probe: Callable[[Rung], tuple[Rung, Measurement]],
                        probe_others: Callable[[Rung], tuple[Rung, Measurement] | None] | None = None,
                        refine: int = 0, bisected: Callable[[Rung], bool] | None = None, scan_first: int = 0
                        ) -> tuple[Rung | None, Measurement | None]:
-    """The fastest rung slower than ``rung`` whose expected PSNR on other prompts (the low end of its measured
-    range) reaches ``floor``, as a probe keeps and measures it, with its measurement (None: none does, so only
-    computing everything will).
+    """The fastest rung slower than ``rung`` that ``holds`` the floor (the low end of its measured range reaches
+    it: ``reaches``), as a probe keeps and measures it, with its measurement (None: none does, so only computing
+    everything will).
 
     ``probe`` measures one schedule of a rung, all of one search, whose fidelity grows with the cost: a
     bisection over the slower rungs (those ``bisected`` says that search has, all where it has none) probes
@@ -115,7 +123,7 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
                     key=lambda candidate: candidate.flop_fraction)
     for candidate in slower[:scan_first]:
         probed = (probe_others(candidate) if probe_others is not None else None) or probe(candidate)
-        if probed[1].low >= floor:
+        if holds(*probed):
             return probed
     slower = slower[scan_first:]
     over = [candidate for candidate in slower if bisected is None or bisected(candidate)] or slower
@@ -124,7 +132,7 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
     while low < high:
         middle = (low + high) // 2
         kept, value = probe(over[middle])
-        if value.low >= floor:
+        if holds(kept, value):
             found, high = (kept, value), middle
         else:
             low = middle + 1
@@ -132,13 +140,13 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, floor: float, steps: int,
         start = slower.index(over[low]) if low < len(over) else len(slower)
         for candidate in slower[max(0, start - refine):start + 1]:
             probed = probe_others(candidate)
-            if probed is not None and probed[1].low >= floor:
+            if probed is not None and holds(*probed):
                 return probed
     return found
 
 
 def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_rung: Rung, kept: Rung,
-              floor: float, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
+              holds: Holds, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
               alternatives: Alternatives, tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
     """``step_down_to_floor`` from ``kept`` (what ``measured_choice`` kept at ``target_rung``): the bisection
     with the search whose schedule read best at the target's rung (a rung where it misses the floor measured with
@@ -171,10 +179,10 @@ def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_r
                                                                       candidate)
         value = measured(schedule)
         stepped(candidate, [tried_entry(label, schedule, value)])
-        if value.low >= floor:
+        if holds(schedule, value):
             return schedule, value
         others = probe_others(candidate)
-        return others if others is not None and others[1].low >= floor else (schedule, value)
+        return others if others is not None and holds(*others) else (schedule, value)
 
     def probe_others(candidate: Rung) -> tuple[Rung, Measurement] | None:
         """A slower rung's schedules of the same cost measured, the best kept; None where it has no other."""
@@ -186,7 +194,7 @@ def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_r
         stepped(candidate, probed)
         return result
 
-    return step_down_to_floor(ladder, kept, floor, profile.grid.steps, probe, probe_others,
+    return step_down_to_floor(ladder, kept, holds, profile.grid.steps, probe, probe_others,
                               refine=FLOOR_REFINE_ABOVE, scan_first=FLOOR_SCAN_FIRST,
                               bisected=None if leading is None else lambda candidate: bool(leading(candidate)))
 

@@ -282,8 +282,9 @@ function refreshTarget(node, force = false) {
   const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
   const samePartial = (a, b) => (a ?? null) === null ? (b ?? null) === null
     : (b ?? null) !== null && a.step === b.step && same(a.layers, b.layers);
-  const measured = (ladder.measured ?? []).find((m) => m.order === result.rung.order && same(m.steps, result.rung.steps)
-    && samePartial(m.partial, result.rung.partial) && same(m.as_is_layers ?? [], asIs));
+  // The last reading of this schedule: where a second held-out seed checked it, that of both seeds' pictures.
+  const measured = (ladder.measured ?? []).filter((m) => m.order === result.rung.order && same(m.steps, result.rung.steps)
+    && samePartial(m.partial, result.rung.partial) && same(m.as_is_layers ?? [], asIs)).pop();
   if (measured) {
     const range = measured.low != null && measured.high != null
       ? `; expected ${measured.low.toFixed(1)}-${measured.high.toFixed(1)} dB on other prompts` : "";

@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..block_caching.replay import HeldOutRuns, measure_metric, profile_again
+from ..block_caching.replay import SECOND_SEED_OFFSET, HeldOutRuns, measure_metric, profile_again
 from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, all_compute_schedule, build_schedule
 from ..block_caching.target_build import (
     DEFAULT_FORECAST_ORDER,
@@ -18,7 +18,7 @@ from ..block_caching.target_build import (
     parse_forecast_order,
     rung_label,
 )
-from ..block_caching.target_schedule import best_choice, build_target_schedule, sampling_choices
+from ..block_caching.target_schedule import SECOND_SEED, best_choice, build_target_schedule, sampling_choices
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload
@@ -73,8 +73,10 @@ class BuildTargetSchedule(io.ComfyNode):
                                      "0 lets the search choose, up to 7."),
                 io.Combo.Input("validation", options=list(VALIDATION), default=VALIDATION[0],
                                tooltip="'measure PSNR' samples the profiled prompts with another seed, uncached and "
-                                       "with the chosen schedule (one run at full cost, one at the target's), and "
-                                       "shows how close the pictures stay and the range expected on other prompts. "
+                                       "with the chosen schedule (one run at full cost, one at the target's), then "
+                                       "the schedule it keeps with a second seed (two more runs: the pictures that "
+                                       "chose a schedule read it high), and shows how close both seeds' pictures "
+                                       "stay and the range expected on other prompts. "
                                        "Where the sampler's steps move the latent very unevenly (the step weights "
                                        "span more than 20x, as under Wan's time shift) it also samples the schedule "
                                        "of that cost searched with every step's error weighted alike, and keeps it "
@@ -95,8 +97,9 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "is instant."),
                 io.Float.Input("min_psnr", default=DEFAULT_MIN_PSNR, min=0.0, max=60.0, step=0.5, optional=True,
                                tooltip="A quality floor, in dB of PSNR against the uncached pictures (with validation "
-                                       "on): the schedule is measured on the profiled prompts with another seed, and "
-                                       "where the low end of the PSNR expected on other prompts is below the floor, "
+                                       "on): the schedule is measured on the profiled prompts with another seed (and, "
+                                       "where that passes, a second one), and where the low end of the PSNR expected "
+                                       "on other prompts is below the floor, "
                                        "it steps down to the fastest schedule with more compute steps that reaches "
                                        "it (the next slower one first, then a bisection, then the few next to the "
                                        "one found, each measured as validation measures); the node says so. 0: "
@@ -126,12 +129,12 @@ class BuildTargetSchedule(io.ComfyNode):
                                 cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                 max_consecutive_reuse=max_consecutive_reuse, min_psnr=float(min_psnr))
-        runs = None
+        runs = second = None
         notes = []
         metric = measure_metric(profile.replays)
         if validation != VALIDATION[2]:
             if profile.replays:
-                runs = HeldOutRuns(profile.replays)
+                runs, second = HeldOutRuns(profile.replays), HeldOutRuns(profile.replays, SECOND_SEED_OFFSET)
             else:
                 notes.append("validation skipped: this profile cannot sample its run again (loaded as JSON, or "
                              "recorded under another sampler by Record Block Changes).")
@@ -142,7 +145,8 @@ class BuildTargetSchedule(io.ComfyNode):
             notes.append("fewer steps were not compared: that needs validation.")
         schedule = build_target_schedule(
             profile, options, runs.schedule if runs else None, choose_by_measure=validation == VALIDATION[1],
-            metric=metric, fewer_steps=runs.fewer_steps if runs and fewer_steps != FEWER_STEPS[2] else None)
+            metric=metric, fewer_steps=second.fewer_steps if second and fewer_steps != FEWER_STEPS[2] else None,
+            confirm=second.schedule if second else None)
         build = TargetBuild.of(schedule)
         steps = schedule.grid.steps
         partial = build.chosen_partial
@@ -157,9 +161,14 @@ class BuildTargetSchedule(io.ComfyNode):
             chosen = (tried.steps == build.compute_steps and tried.order == build.chosen_order
                       and tried.partial == partial and tried.as_is_layers == as_is
                       and tried.damping == build.chosen_damping)
-            lines.append(f"{'chosen' if chosen else 'tried'}: {tried.label}, {metric} PSNR "
-                         f"{tried.measured_psnr:.1f} dB against uncached on the profiled prompts with another "
-                         f"seed; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} dB on other prompts")
+            if tried.label.startswith(SECOND_SEED):
+                status, label = "checked", tried.label[len(SECOND_SEED) + 2:]
+                seed = "that seed and a second one, which did not choose it"
+            else:
+                status, label, seed = "chosen" if chosen else "tried", tried.label, "another seed"
+            lines.append(f"{status}: {label}, {metric} PSNR {tried.measured_psnr:.1f} dB against uncached on the "
+                         f"profiled prompts with {seed}; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} "
+                         "dB on other prompts")
         if build.measured and metric == "latent":
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
         stepped = build.stepped_down_from
@@ -175,8 +184,8 @@ class BuildTargetSchedule(io.ComfyNode):
         ladder = ladder_payload(schedule)
         versus = build.fewer_steps
         sampler_steps = steps
-        if fewer_steps == FEWER_STEPS[3] and runs is not None:
-            schedule, sampler_steps, best_lines = _best_of_three(profile, options, runs, schedule)
+        if fewer_steps == FEWER_STEPS[3] and runs is not None and second is not None:
+            schedule, sampler_steps, best_lines = _best_of_three(profile, options, runs, second, schedule)
             lines += best_lines
             ladder = ladder_payload(schedule)
         elif versus is not None and build.expected_psnr is not None:
@@ -202,12 +211,14 @@ class BuildTargetSchedule(io.ComfyNode):
                                  SCHEDULE_UI_KEY: [schedule_payload(schedule)]})
 
 
-def _best_of_three(profile, options: TargetOptions, runs: HeldOutRuns, schedule) -> tuple[object, int, list[str]]:
-    """The cache at the profiled steps, uncached fewer steps and the two together, each measured on the
-    held-out seed against the profiled count's uncached pictures; ``best_choice`` picks one."""
+def _best_of_three(profile, options: TargetOptions, runs: HeldOutRuns, second: HeldOutRuns, schedule
+                   ) -> tuple[object, int, list[str]]:
+    """The cache at the profiled steps, uncached fewer steps and the two together, each chosen on the held-out
+    seed (``runs``) and read on the second one against the profiled count's uncached pictures; ``best_choice``
+    picks one."""
     steps = schedule.grid.steps
     choices, note = sampling_choices(profile, options, schedule, lambda count: profile_again(profile, count),
-                                     runs.schedule)
+                                     runs.schedule, second.schedule)
     lines = [note] if note else []
     if not choices:
         return schedule, steps, lines

@@ -246,6 +246,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         return lambda: (patching.apply_block_cache(model, schedule)[0], steps)
 
     runs = replay_module.HeldOutRuns(profile.replays)  # the held-out uncached pictures, sampled once for all rows
+    second = replay_module.HeldOutRuns(profile.replays, replay_module.SECOND_SEED_OFFSET)  # the node's second seed
     measure = runs.schedule
     ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions())
     # Every rung the speed-up slider can reach in the benchmark's range, and the default.
@@ -268,7 +269,8 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
             methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
     # The Build node as it comes: the default target, stepped down where the profiled run measures below the floor.
     floor_options = target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR)
-    schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=runs.fewer_steps)
+    schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=second.fewer_steps,
+                                            confirm=second.schedule)
     stepped = schedule.builder["stepped_down_from"]
     chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
               + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
@@ -277,7 +279,8 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
     # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
     choices, _ = target.sampling_choices(profile, floor_options, schedule,
-                                         lambda count: replay_module.profile_again(profile, count), measure)
+                                         lambda count: replay_module.profile_again(profile, count), measure,
+                                         second.schedule)
     best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
     methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
                           f"{best.label}, {best.speedup:.2f}x",

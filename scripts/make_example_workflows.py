@@ -605,12 +605,14 @@ def make_bundled_schedule() -> dict[str, Any]:
     reference = sample(profiled)
     profile = pack.block_caching.patching.collect_profile(holder, model, sampler="euler", scheduler="normal", cfg=DEMO_CFG,
                                             denoise=1.0, latent_shape=tuple(latent["samples"].shape), seed=DEMO_SEED)
-    # As the node does by default: the chosen schedule is measured on the profiled run.
-    replay = pack.block_caching.replay.ProfileReplay(model, sample, reference,
-                                           lambda samples: reference_vae.decode(samples).movedim(-1, 1))
-    measure = pack.block_caching.replay.replay_measure((replay,))
-    schedule = pack.block_caching.target_schedule.build_target_schedule(profile, pack.block_caching.target_build.TargetOptions(min_psnr=pack.block_caching.target_build.DEFAULT_MIN_PSNR), measure,
-                                                                        metric=replay.metric)
+    # As the node does by default: the chosen schedule is measured on the profiled prompts with two held-out seeds.
+    replay_module = pack.block_caching.replay
+    replay = replay_module.ProfileReplay(model, sample, reference,
+                                         lambda samples: reference_vae.decode(samples).movedim(-1, 1))
+    second = replay_module.HeldOutRuns((replay,), replay_module.SECOND_SEED_OFFSET)
+    schedule = pack.block_caching.target_schedule.build_target_schedule(
+        profile, pack.block_caching.target_build.TargetOptions(min_psnr=pack.block_caching.target_build.DEFAULT_MIN_PSNR),
+        replay_module.HeldOutRuns((replay,)).schedule, metric=replay.metric, confirm=second.schedule)
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {pack.schedule_files.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
     return {"profile": pack.nodes.frontend.profile_payload(profile),

@@ -14,7 +14,7 @@ from comfyui_block_cache.block_caching import replay as replay_module
 from comfyui_block_cache.block_caching import target_build, target_floor, target_ladder
 from comfyui_block_cache.block_caching import target_schedule as target
 from comfyui_block_cache.block_caching.profile import merge_profiles
-from comfyui_block_cache.block_caching.replay import replay_measure
+from comfyui_block_cache.block_caching.replay import HeldOutRuns
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
 from comfyui_block_cache.block_caching.target_build import TargetOptions
 from comfyui_block_cache.block_caching.target_schedule import build_combined_schedule, build_target_schedule
@@ -342,6 +342,43 @@ def test_measured_choice_reuses_a_third_of_the_layers_as_is_only_where_clearly_b
     assert floored.builder["stepped_down_from"] is not None
 
 
+def test_a_second_seed_checks_what_the_first_chose(pack, profiled):
+    """The pictures that chose a schedule read it high, so a schedule whose range reaches the floor is measured
+    on a second held-out seed too, and holds the floor only where both seeds' pictures together do; that pooled
+    reading is what the schedule records. The second seed is not sampled for a schedule that fails on the first."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    speedup = _whole_rung_speedup(profile)
+    options = target_build.TargetOptions(speedup=speedup, min_psnr=31.0)
+    plain = target.build_target_schedule(profile, options, lambda s: Measurement((36.0,) * 4))
+    count = len(plain.builder["compute_steps"])
+    assert plain.builder["stepped_down_from"] is None, "36 dB on the first seed alone holds 31"
+    checked = []
+
+    def second(schedule):
+        checked.append(schedule)
+        computes = max(sum(layer.compute) for layer in schedule.layers if not all(layer.compute))
+        return Measurement((28.0 if computes <= count else 36.0,) * 4)
+
+    schedule = target.build_target_schedule(profile, options, lambda s: Measurement((36.0,) * 4), confirm=second)
+    builder = schedule.builder
+    assert builder["stepped_down_from"] is not None and len(builder["compute_steps"]) > count
+    assert builder["expected_psnr"]["mean"] == 36.0 and builder["expected_psnr"]["pictures"] == 8
+    seconds = [t for t in builder["measured"] if t["label"].startswith(target.SECOND_SEED)]
+    assert len(seconds) == len(checked) >= 2 and seconds[-1]["steps"] == builder["compute_steps"]
+    assert seconds[0]["measured_psnr"] == 32.0, "both seeds' pictures: 4 at 36 dB, 4 at 28"
+    # A schedule that misses the floor on the first seed is not sampled on the second.
+    checked.clear()
+    target.build_target_schedule(profile, options, lambda s: Measurement((20.0,) * 4), confirm=second)
+    assert checked == []
+    # Without a floor the choice is still read on both seeds: once.
+    free = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=0.0),
+                                        lambda s: Measurement((36.0,) * 4), confirm=second)
+    assert len(checked) == 1 and free.builder["expected_psnr"]["mean"] == 32.0
+    assert free.builder["compute_steps"] == plain.builder["compute_steps"]
+
+
 def test_a_paired_gain_beats_only_above_its_noise(pack):
     from comfyui_block_cache.block_caching.replay import Measurement
 
@@ -561,23 +598,23 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
             return rung, Measurement((40.0 if slower.index(rung) in reaching else 20.0,) * 4)
         return probe
 
-    kept, value = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own)
+    kept, value = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own)
     assert kept is slower[boundary] and value.mean == 40.0
     assert len(owns) <= math.ceil(math.log2(len(slower) + 1)) + 1
     owns.clear()
-    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own,
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own,
                                               bisected=lambda rung: slower.index(rung) % 2 == boundary % 2)
     assert kept is slower[boundary] and owns and all(slower.index(rung) % 2 == boundary % 2 for rung in owns)
     # Another schedule reaches the floor at each of the two rungs above the boundary: the faster is taken.
-    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({1, 2, 3}),
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own, probe_others({1, 2, 3}),
                                               refine=refine)
     assert kept is slower[boundary - refine] and others == [slower[boundary - refine]]
     others.clear()
-    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine)
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own, probe_others({0}), refine=refine)
     assert kept is slower[boundary], "out of the window: not tried"
     assert others == slower[boundary - refine:boundary + 1]
     others.clear()
-    kept, _ = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, probe_own, probe_others({0}), refine=refine,
+    kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own, probe_others({0}), refine=refine,
                                               scan_first=1)
     assert kept is slower[0] and others == [slower[0]], "the next slower rung is scanned first"
     # Where no rung's own schedule reaches it, the slowest rungs' others are still tried.
@@ -587,10 +624,10 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
     def below(rung):
         return rung, Measurement((20.0,) * 4)
 
-    kept, value = target_floor.step_down_to_floor(whole, fastest, 30.0, steps, below, probe_others({last}),
+    kept, value = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, below, probe_others({last}),
                                                   refine=refine)
     assert kept is slower[last] and others == slower[len(slower) - refine:]
-    assert target_floor.step_down_to_floor(whole, fastest, 30.0, steps, below, probe_others(set()),
+    assert target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, below, probe_others(set()),
                                            refine=refine) == (None, None)
 
 
@@ -649,7 +686,7 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
     (replay,) = profile.replays
     assert torch.equal(replay.reference, out["samples"])
     assert torch.equal(replay.sample(model), out["samples"]), "the replay is the profiled run"
-    measure = replay_measure(profile.replays)
+    measure = HeldOutRuns(profile.replays).schedule
     all_compute = all_compute_schedule(profile.block_map, profile.grid)
     assert measure(all_compute).pictures == (100.0,), "on the held-out seed too, all-compute is the uncached run"
     cached = build_target_schedule(profile, TargetOptions(speedup=2.5))
