@@ -201,15 +201,18 @@ class FewerStepsComparison:
     expected_low: float
     expected_high: float
     better: bool  # fewer steps measured at least as well as the schedule
+    schedule_psnr: float  # the schedule on the same pictures (0: not recorded, a schedule made before it was)
 
     def to_json(self) -> dict[str, Any]:
         return {"steps": self.steps, "speedup": self.speedup, "measured_psnr": self.measured_psnr,
-                "expected_low": self.expected_low, "expected_high": self.expected_high, "better": self.better}
+                "expected_low": self.expected_low, "expected_high": self.expected_high, "better": self.better,
+                "schedule_psnr": self.schedule_psnr}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FewerStepsComparison:
         return cls(int(data["steps"]), float(data["speedup"]), float(data["measured_psnr"]),
-                   float(data["expected_low"]), float(data["expected_high"]), bool(data["better"]))
+                   float(data["expected_low"]), float(data["expected_high"]), bool(data["better"]),
+                   float(data.get("schedule_psnr", 0.0)))
 
 
 @dataclass(frozen=True)

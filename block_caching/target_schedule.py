@@ -61,8 +61,9 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     the rungs next to the one found with all their schedules), or to computing everything. ``confirm`` (the same
     measure with other pictures: a second held-out seed) checks a schedule that reaches the floor before it is
     kept: the floor and the reading recorded for the choice are of both seeds' pictures, since the pictures that
-    chose a schedule read it high (``SECOND_SEED``). ``fewer_steps`` (uncached sampling with fewer steps, on ``confirm``'s pictures where it
-    is given) compares the choice with fewer steps at its cost.
+    chose a schedule read it high (``SECOND_SEED``). ``fewer_steps`` (uncached sampling with fewer steps, on
+    ``confirm``'s pictures where it is given) compares the choice with fewer steps at its cost, on the same
+    pictures.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)
@@ -75,6 +76,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     stepped_from: Rung | None = None
     tried: list[Tried] = []
     chosen: Measurement | None = None
+    confirmed: Callable[[Rung], Measurement] | None = None  # the second held-out seed's readings
     notes = list(found.notes)
     if measure is not None and rung.computes < steps:
         measured = measured_once(profile, found.layers, measure)
@@ -97,8 +99,10 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         rung, chosen = measured_choice(found, profile, rung, measured, choose_by_measure,
                                        per_layer_orders=options.forecast_order is None, tried=tried,
                                        alternatives=alternatives)
-        checked = None if confirm is None else checked_once(measured_once(profile, found.layers, confirm), tried)
+        confirmed = None if confirm is None else measured_once(profile, found.layers, confirm)
+        checked = None if confirmed is None else checked_once(confirmed, tried)
         holds = floor_check(options.min_psnr, checked)
+        # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
         if options.min_psnr and not holds(rung, chosen):
             stepped_from = rung
             floor_rung, chosen = step_down(found, profile, ladder, target_rung, rung, holds, measured,
@@ -118,7 +122,11 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         # Uncached sampling at the schedule's cost: as many steps as its FLOPs buy (at least 1).
         count = max(1, min(steps - 1, round(steps * rung.flop_fraction)))
         value = measurement(fewer_steps(count))
-        versus = FewerStepsComparison(count, steps / count, value.mean, value.low, value.high, value.mean >= chosen.mean)
+        # On the same pictures: the second seed's, where given (the first seed's reading of the choice is its
+        # luckiest, not a fair match for fewer steps).
+        same = confirmed(rung) if confirmed is not None else chosen
+        versus = FewerStepsComparison(count, steps / count, value.mean, value.low, value.high, value.mean >= same.mean,
+                                      same.mean)
     build = TargetBuild(
         speedup_target=options.speedup,
         forecast_order=options.forecast_order,

@@ -368,6 +368,11 @@ def test_a_second_seed_checks_what_the_first_chose(pack, profiled):
     seconds = [t for t in builder["measured"] if t["label"].startswith(target.SECOND_SEED)]
     assert len(seconds) == len(checked) >= 2 and seconds[-1]["steps"] == builder["compute_steps"]
     assert seconds[0]["measured_psnr"] == 32.0, "both seeds' pictures: 4 at 36 dB, 4 at 28"
+    # Fewer steps are compared with the schedule on the same (second seed's) pictures, not on the reading that chose.
+    compared = target.build_target_schedule(profile, options, lambda s: Measurement((36.0,) * 4), confirm=second,
+                                            fewer_steps=lambda n: Measurement((35.0,) * 4))
+    versus = compared.builder["fewer_steps"]
+    assert versus["schedule_psnr"] == 36.0 and not versus["better"]
     # A schedule that misses the floor on the first seed is not sampled on the second.
     checked.clear()
     target.build_target_schedule(profile, options, lambda s: Measurement((20.0,) * 4), confirm=second)
