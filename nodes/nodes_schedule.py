@@ -190,8 +190,8 @@ class BuildTargetSchedule(io.ComfyNode):
             ladder = ladder_payload(schedule)
         elif versus is not None and build.expected_psnr is not None:
             verdict = (f"{versus.steps} uncached steps ({versus.speedup:.2f}x) measured {versus.measured_psnr:.1f} "
-                       f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {versus.schedule_psnr:.1f} dB"
-                       + (" (the second seed's pictures)" if second is not None else ""))
+                       f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {versus.schedule_psnr:.1f} dB (the "
+                       "second seed's pictures)")
             if not versus.better:
                 lines.append(f"better than fewer steps at this cost: {verdict}.")
             elif fewer_steps == FEWER_STEPS[1]:

@@ -780,12 +780,11 @@ def cfg_reuse_rows(args: argparse.Namespace, profile: Any, target: Any, patching
         if rung is None:
             per_step, cached = [1.0] * steps, model
         else:
-            mask = np.ones((len(profile.block_map.layers), steps), dtype=bool)
-            for layer in found.layers:
-                mask[layer] = rung.compute_row(layer, steps)
+            schedule = target_ladder.rung_schedule(profile, found.layers, rung, {})
+            mask = schedule.compute_mask()
             per_step = [schedules.computed_flop_fraction(mask[:, s:s + 1], profile.layer_flops, profile.total_flops)
                         for s in range(steps)]
-            cached, _ = patching.apply_block_cache(model, target_ladder.rung_schedule(profile, found.layers, rung, {}))
+            cached, _ = patching.apply_block_cache(model, schedule)
             rows.append({"family": "block_cache", "computes": rung.computes, "order": rung.order,
                          "damping": rung.damping, "steps": list(rung.steps), "speedup": 1.0 / rung.flop_fraction,
                          "psnr": measure(cached, steps)})
