@@ -27,7 +27,7 @@ from .profile import BlockProfile, merge_profiles
 from .schedule import CacheSchedule
 
 # The noise seed validation samples with, as an offset from the profiled run's; the second one checks what the
-# first chose (block_caching/target_schedule.py, SECOND_SEED).
+# first chose (block_caching/target_schedule.py, checked_once).
 HELD_OUT_SEED_OFFSET = 1
 SECOND_SEED_OFFSET = 2
 # The expected range of other prompts' mean PSNR: mean +- z standard errors of the measured pictures'

@@ -157,12 +157,19 @@ class Tried:
     partial: PartialStep | None = None
     as_is_layers: tuple[int, ...] = ()  # block-map indices forecast with order 0 whatever ``order`` is
     damping: float = 1.0  # the share of the forecast's move (block_caching/forecast.py)
+    seeds: int = 1  # held-out seeds read together: 2 where a second seed checked the first's choice
+
+    @property
+    def schedule_key(self) -> tuple[Any, ...]:
+        """What tells the measured schedules apart (target_floor.schedule_key of its rung)."""
+        return self.steps, self.order, self.partial, self.as_is_layers, self.damping
 
     def to_json(self) -> dict[str, Any]:
         return {"label": self.label, "steps": list(self.steps), "order": self.order, "damping": self.damping,
                 "predicted_error": self.predicted_error, "measured_psnr": self.measured_psnr,
                 "expected_low": self.expected_low, "expected_high": self.expected_high,
-                "partial": partial_to_json(self.partial), "as_is_layers": list(self.as_is_layers)}
+                "partial": partial_to_json(self.partial), "as_is_layers": list(self.as_is_layers),
+                "seeds": self.seeds}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tried:
@@ -171,7 +178,7 @@ class Tried:
                    float(data["predicted_error"]), float(data["measured_psnr"]),
                    None if low is None else float(low), None if high is None else float(high),
                    PartialStep.from_json(data.get("partial")), _layer_indices(data.get("as_is_layers")),
-                   float(data.get("damping", 1.0)))
+                   float(data.get("damping", 1.0)), int(data.get("seeds", 1)))
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,12 @@ class TargetBuild:
     chosen_partial: PartialStep | None = None  # the chosen rung is a fine one
     chosen_as_is_layers: tuple[int, ...] = ()  # cached layers forecast with order 0 (chosen by measurement)
     chosen_damping: float = 1.0  # the chosen rung's forecast damping (block_caching/forecast.py)
+
+
+    @property
+    def chosen_key(self) -> tuple[Any, ...]:
+        """The chosen schedule's ``Tried.schedule_key``."""
+        return self.compute_steps, self.chosen_order, self.chosen_partial, self.chosen_as_is_layers, self.chosen_damping
 
     def to_json(self) -> dict[str, Any]:
         """The schedule's ``builder`` JSON."""

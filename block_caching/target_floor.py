@@ -11,7 +11,6 @@ is measured once (``measured_once``) and every measurement is recorded for the n
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,16 +20,11 @@ from .schedule import CacheSchedule
 from .target_build import Tried
 from .target_ladder import FINE_RUNG_SHARES, Rung, Search, as_is_variants, candidates, rung_schedule
 
-# After the floor's bisection (over one search's schedules), the rung it found and this many faster rungs (one
-# compute step of the ladder: its fine rungs and the next whole-step rung) are probed with their other schedules of
-# the same cost, fastest first: one of those may reach the floor where the bisected one does not (on the Flux
-# reference at 20 steps the damped schedule one fine rung faster, and steps spread evenly one compute step fewer).
+# After the floor's bisection, the rung it found and this many faster rungs (one compute step of the ladder: its fine
+# rungs and the next whole-step rung) are probed with their other schedules of the same cost, fastest first: one of
+# those may reach the floor where the bisected one does not (on the Flux reference at 20 steps the damped schedule
+# one fine rung faster, and steps spread evenly one compute step fewer).
 FLOOR_REFINE_ABOVE = len(FINE_RUNG_SHARES) + 1
-
-# Before that bisection, this many next slower rungs are probed with all their schedules: they lose the least speed
-# (on the video reference at 50 steps and target 5.5, the next rung held the floor with the evenly weighted search's
-# schedule, where the bisection with the damped search's read best at the target and passed over it).
-FLOOR_SCAN_FIRST = 1
 
 
 # Schedules of a rung's cost found otherwise than by the search (``alternative_rungs``), labelled.
@@ -50,34 +44,43 @@ def reaches(floor: float) -> Holds:
 
 
 def measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: Callable[[Rung], Measurement],
-                    choose_by_measure: bool, per_layer_orders: bool, tried: list[Tried],
-                    alternatives: Alternatives = ()) -> tuple[Rung, Measurement]:
+                    choose_by_measure: bool, per_layer_orders: bool, record: Callable[[Tried], None],
+                    alternatives: Alternatives = (), holds: Holds | None = None) -> tuple[Rung, Measurement]:
     """The rung kept and its measurement (at first ``rung``, the search's choice). The ``alternatives``' rungs of
     its cost, with ``choose_by_measure`` its equal-cost ``candidates`` (a fine rung has none) and then, with
     ``per_layer_orders`` (an 'auto' forecast order), the kept one's ``as_is_variants`` are measured too. The
     best of them replaces the kept one only where it ``beats`` it: a few pictures are a noisy judge (on the
     UNet reference model the error model chose about as well as four measured pictures did,
-    docs/benchmark.md). Every measurement is appended to ``tried``."""
+    docs/benchmark.md). But where the kept one misses the floor (``holds``), the best measured that holds it is
+    kept: between two readings within their noise the floor decides, and the second held-out seed checks the
+    pick (on the Flux reference at 28 steps and 35 dB, steps spread evenly held where the search's own missed,
+    within the noise, and the step down went on to a slower rung). Every measurement is passed to ``record`` as it is made."""
+    seen: list[tuple[Rung, Measurement]] = []
 
     def better_of(kept: tuple[Rung, Measurement, str], options: list[tuple[str, Rung]]
                   ) -> tuple[Rung, Measurement, str]:
         best = kept
         for label, candidate in options:
             value = measured(candidate)
+            seen.append((candidate, value))
             beats = value.beats(kept[1])
             noise = "" if beats or value.mean <= kept[1].mean else " (closer, but within the pictures' noise)"
-            tried.append(tried_entry(label + noise, candidate, value))
+            record(tried_entry(label + noise, candidate, value))
             if beats and value.mean > best[1].mean:
                 best = (candidate, value, label)
         return best
 
     own_label = f"{OWN_LABEL}, order {rung.order}" + ("" if rung.partial is None else f", {rung.label}")
     own = measured(rung)
-    tried.append(tried_entry(own_label, rung, own))
+    seen.append((rung, own))
+    record(tried_entry(own_label, rung, own))
     kept = better_of((rung, own, own_label), other_schedules(found, profile, rung, choose_by_measure, alternatives))
     if choose_by_measure and per_layer_orders:
         kept = better_of(kept, [(f"{kept[2]}, order 0 on {_group_words(group)}", variant)
                                 for group, variant in as_is_variants(found, profile, kept[0])])
+    if holds is not None and not holds(kept[0], kept[1]):
+        others = sorted((option for option in seen if option[0] is not kept[0]), key=lambda option: -option[1].mean)
+        return next((option for option in others if holds(*option)), kept[:2])
     return kept[0], kept[1]
 
 
@@ -105,80 +108,70 @@ def schedule_key(rung: Rung) -> tuple[Any, ...]:
 def step_down_to_floor(ladder: list[Rung], rung: Rung, holds: Holds, steps: int,
                        probe: Callable[[Rung], tuple[Rung, Measurement]],
                        probe_others: Callable[[Rung], tuple[Rung, Measurement] | None] | None = None,
-                       refine: int = 0, bisected: Callable[[Rung], bool] | None = None, scan_first: int = 0
-                       ) -> tuple[Rung | None, Measurement | None]:
+                       refine: int = 0) -> tuple[Rung | None, Measurement | None]:
     """The fastest rung slower than ``rung`` that ``holds`` the floor (the low end of its measured range reaches
     it: ``reaches``), as a probe keeps and measures it, with its measurement (None: none does, so only computing
     everything will).
 
-    ``probe`` measures one schedule of a rung, all of one search, whose fidelity grows with the cost: a
-    bisection over the slower rungs (those ``bisected`` says that search has, all where it has none) probes
-    about log2 of their number; computing every step (the uncached run) needs none. Then the rung found and the
-    ``refine`` slower rungs just faster than it are probed with their other schedules of the same cost
-    (``probe_others``: the schedule kept and its measurement, None where there is no other), fastest first:
-    which of several schedules wins does not grow with the cost, so those are not bisected. Before all that,
-    the ``scan_first`` next slower rungs are probed one by one, with their other schedules where they have any."""
-    slower = sorted((candidate for candidate in ladder
-                     if candidate.flop_fraction > rung.flop_fraction and candidate.computes < steps),
-                    key=lambda candidate: candidate.flop_fraction)
-    for candidate in slower[:scan_first]:
-        probed = (probe_others(candidate) if probe_others is not None else None) or probe(candidate)
-        if holds(*probed):
-            return probed
-    slower = slower[scan_first:]
-    over = [candidate for candidate in slower if bisected is None or bisected(candidate)] or slower
-    low, high = 0, len(over)
+    ``probe`` measures a rung (one schedule first, the rung's others where it misses), whose fidelity grows with
+    the cost: a bisection probes about log2 of the slower rungs; computing every step (the uncached run) needs
+    none. The bisection runs over the whole ladder, the same for every target, and takes a rung not slower than
+    ``rung`` as missing the floor unmeasured: so a faster target never steps down to a slower rung than a slower
+    target does wherever the probes agree (a bisection over the slower rungs alone probed other rungs for each
+    target, and a faster target could land slower). Then the rung found and the ``refine`` slower rungs just faster
+    than it are probed with their other schedules of the same cost (``probe_others``: the schedule kept and its
+    measurement, None where there is no other), fastest first: which of several schedules wins does not grow
+    with the cost, so those are not bisected."""
+    ordered = sorted((candidate for candidate in ladder if candidate.computes < steps),
+                     key=lambda candidate: candidate.flop_fraction)
+    first_slower = next((i for i, candidate in enumerate(ordered) if candidate.flop_fraction > rung.flop_fraction),
+                        len(ordered))
+    low, high = 0, len(ordered)
     found: tuple[Rung | None, Measurement | None] = (None, None)
     while low < high:
         middle = (low + high) // 2
-        kept, value = probe(over[middle])
-        if holds(kept, value):
-            found, high = (kept, value), middle
+        probed = probe(ordered[middle]) if middle >= first_slower else None
+        if probed is not None and holds(*probed):
+            found, high = probed, middle
         else:
             low = middle + 1
     if probe_others is not None:
-        start = slower.index(over[low]) if low < len(over) else len(slower)
-        for candidate in slower[max(0, start - refine):start + 1]:
-            probed = probe_others(candidate)
-            if probed is not None and holds(*probed):
-                return probed
+        for candidate in ordered[max(first_slower, low - refine):low + 1]:
+            probed_others = probe_others(candidate)
+            if probed_others is not None and holds(*probed_others):
+                return probed_others
     return found
 
 
-def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_rung: Rung, kept: Rung,
-              holds: Holds, measured: Callable[[Rung], Measurement], choose_by_measure: bool,
-              alternatives: Alternatives, tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
-    """``step_down_to_floor`` from ``kept`` (what ``measured_choice`` kept at ``target_rung``): the bisection
-    with the search whose schedule read best at the target's rung (a rung where it misses the floor measured with
-    its other schedules too), then the rungs next to the one it finds with all their schedules, paired as
-    ``measured_choice`` pairs them. Every measurement is recorded in ``tried``."""
+def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], kept: Rung, holds: Holds,
+              measured: Callable[[Rung], Measurement], choose_by_measure: bool, alternatives: Alternatives,
+              tried: list[Tried]) -> tuple[Rung | None, Measurement | None]:
+    """``step_down_to_floor`` from ``kept`` (what ``measured_choice`` kept at the target's rung): the bisection
+    probes each rung with the schedule of the first of the ``alternatives`` that has one of its cost (they come in
+    the order they are preferred; the search's own where none has), and where that misses the floor with its other
+    schedules too; then the rungs next to the one it finds with all their schedules, paired as ``measured_choice``
+    pairs them. The schedule probed first does not depend on the target, so neither does the bisection. Every
+    measurement is recorded in ``tried``."""
 
-    def reading(alternative: Callable[[Rung], list[tuple[str, Rung]]]) -> float:
-        return max((measured(other).mean for _, other in alternative(target_rung)), default=-math.inf)
-
-    best = max(alternatives, key=reading, default=None)
-    leading = best if best is not None and reading(best) > measured(target_rung).mean else None
-
-    def stepped(candidate: Rung, probed: list[Tried]) -> None:
-        """``probed`` recorded as measured on the way down (each schedule once)."""
-        for entry in probed:
-            label = f"stepped down, {candidate.label}" + (
-                "" if entry.label.startswith(f"{OWN_LABEL}, order") else f": {entry.label}")
-            entry = dataclasses.replace(entry, label=label)
-            same = [i for i, t in enumerate(tried) if dataclasses.replace(t, label=label) == entry]
-            if same:  # measured once: the later label says more
-                tried[same[0]] = entry
-            else:
-                tried.append(entry)
+    def stepped(candidate: Rung, entry: Tried) -> None:
+        """``entry`` recorded as measured on the way down (each schedule once)."""
+        label = f"stepped down, {candidate.label}" + (
+            "" if entry.label.startswith(f"{OWN_LABEL}, order") else f": {entry.label}")
+        entry = dataclasses.replace(entry, label=label)
+        same = [i for i, t in enumerate(tried) if dataclasses.replace(t, label=label) == entry]
+        if same:  # measured once: the later label says more
+            tried[same[0]] = entry
+        else:
+            tried.append(entry)
 
     def probe(candidate: Rung) -> tuple[Rung, Measurement]:
-        """A slower rung's schedule of the leading search (the search's own where it has none) measured; below the
-        floor, its other schedules too (another search may hold it there)."""
-        options_of_cost = leading(candidate) if leading is not None else []
-        label, schedule = options_of_cost[0] if options_of_cost else (f"{OWN_LABEL}, order {candidate.order}",
-                                                                      candidate)
+        """A slower rung's first schedule measured; below the floor, its other schedules too (another search may
+        hold it there)."""
+        preferred = next((options[0] for options in (alternative(candidate) for alternative in alternatives)
+                          if options), (f"{OWN_LABEL}, order {candidate.order}", candidate))
+        label, schedule = preferred
         value = measured(schedule)
-        stepped(candidate, [tried_entry(label, schedule, value)])
+        stepped(candidate, tried_entry(label, schedule, value))
         if holds(schedule, value):
             return schedule, value
         others = probe_others(candidate)
@@ -188,15 +181,11 @@ def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], target_r
         """A slower rung's schedules of the same cost measured, the best kept; None where it has no other."""
         if not other_schedules(found, profile, candidate, choose_by_measure, alternatives):
             return None
-        probed: list[Tried] = []
-        result = measured_choice(found, profile, candidate, measured, choose_by_measure, per_layer_orders=False,
-                                 tried=probed, alternatives=alternatives)
-        stepped(candidate, probed)
-        return result
+        return measured_choice(found, profile, candidate, measured, choose_by_measure, per_layer_orders=False,
+                               record=lambda entry: stepped(candidate, entry), alternatives=alternatives,
+                               holds=holds)
 
-    return step_down_to_floor(ladder, kept, holds, profile.grid.steps, probe, probe_others,
-                              refine=FLOOR_REFINE_ABOVE, scan_first=FLOOR_SCAN_FIRST,
-                              bisected=None if leading is None else lambda candidate: bool(leading(candidate)))
+    return step_down_to_floor(ladder, kept, holds, profile.grid.steps, probe, probe_others, refine=FLOOR_REFINE_ABOVE)
 
 
 def _group_words(group: str) -> str:

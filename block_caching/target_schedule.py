@@ -57,11 +57,11 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     forecast (``alternative_rungs``), and with ``choose_by_measure`` other schedules of that cost; one may replace
     it (``measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
     of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung that
-    reaches it (``step_down_to_floor``: a bisection with the search that read best at the target's rung, then
-    the rungs next to the one found with all their schedules), or to computing everything. ``confirm`` (the same
+    reaches it (``step_down_to_floor``: a bisection over the whole ladder with the preferred schedule of each
+    rung, then the rungs next to the one found with all their schedules), or to computing everything. ``confirm`` (the same
     measure with other pictures: a second held-out seed) checks a schedule that reaches the floor before it is
     kept: the floor and the reading recorded for the choice are of both seeds' pictures, since the pictures that
-    chose a schedule read it high (``SECOND_SEED``). ``fewer_steps`` (uncached sampling with fewer steps, on
+    chose a schedule read it high (``checked_once``). ``fewer_steps`` (uncached sampling with fewer steps, on
     ``confirm``'s pictures where it is given) compares the choice with fewer steps at its cost, on the same
     pictures.
     """
@@ -81,6 +81,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     if measure is not None and rung.computes < steps:
         measured = measured_once(profile, found.layers, measure)
         spread = step_weight_spread(found.model.weights)
+        # In the order the step down probes them first: each where it kept the most on unseen prompts.
         alternatives = []
         if spread > EVEN_WEIGHTS_MIN_SPREAD:
             alternatives.append(alternative_rungs(profile, options, found, "every step weighted alike",
@@ -95,18 +96,16 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
                                               damping=DAMPED_FORECAST, evenly_spread=True)
             alternatives += [damped, lambda like: evenly_damped(like) if damped(like) else []]
             damped_offered = bool(damped(rung))
-        target_rung = rung
-        rung, chosen = measured_choice(found, profile, rung, measured, choose_by_measure,
-                                       per_layer_orders=options.forecast_order is None, tried=tried,
-                                       alternatives=alternatives)
         confirmed = None if confirm is None else measured_once(profile, found.layers, confirm)
         checked = None if confirmed is None else checked_once(confirmed, tried)
         holds = floor_check(options.min_psnr, checked)
-        # Another schedule is kept only where it clearly beats the search's own, so its reading carries the floor.
+        rung, chosen = measured_choice(found, profile, rung, measured, choose_by_measure,
+                                       per_layer_orders=options.forecast_order is None, record=tried.append,
+                                       alternatives=alternatives, holds=holds if options.min_psnr else None)
         if options.min_psnr and not holds(rung, chosen):
             stepped_from = rung
-            floor_rung, chosen = step_down(found, profile, ladder, target_rung, rung, holds, measured,
-                                           choose_by_measure, alternatives, tried)
+            floor_rung, chosen = step_down(found, profile, ladder, rung, holds, measured, choose_by_measure,
+                                           alternatives, tried)
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
         if checked is not None and rung.computes < steps:
             chosen = checked(rung, chosen)
@@ -159,17 +158,15 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     return rung_schedule(profile, found.layers, rung, build.to_json())
 
 
-# Why a second held-out seed: the step down keeps the fastest of many schedules whose reading reaches the floor, so
-# the pictures that chose it read it high (on the Flux reference at 20 steps, a 35 dB floor kept a schedule read at
-# 38.2 dB whose unseen prompts read 33.9 / 33.1; docs/speedup-target.md). Pictures that did not choose it do not.
-# The label of a reading of both seeds' pictures together.
-SECOND_SEED = "with a second held-out seed"
-
-
 def checked_once(confirmed: Callable[[Rung], Measurement], tried: list[Tried]
                  ) -> Callable[[Rung, Measurement], Measurement]:
     """A schedule's first reading and ``confirmed`` (its pictures on the second seed, measured once) as one
-    measurement, recorded in ``tried`` once."""
+    measurement, recorded in ``tried`` once (``Tried.seeds`` 2, named as its first reading).
+
+    Why a second held-out seed: the step down keeps the fastest of many schedules whose reading reaches the floor,
+    so the pictures that chose it read it high (on the Flux reference at 20 steps, a 35 dB floor kept a schedule
+    read at 38.2 dB whose unseen prompts read 33.9 / 33.1; docs/speedup-target.md). Pictures that did not choose it
+    do not."""
     recorded: set[tuple[object, ...]] = set()
 
     def checked(rung: Rung, first: Measurement) -> Measurement:
@@ -177,8 +174,9 @@ def checked_once(confirmed: Callable[[Rung], Measurement], tried: list[Tried]
         key = schedule_key(rung)
         if key not in recorded:
             recorded.add(key)
-            labels = [t.label for t in tried if (t.steps, t.order, t.partial, t.as_is_layers, t.damping) == key]
-            tried.append(tried_entry(f"{SECOND_SEED}: {labels[-1] if labels else rung.label}", rung, both))
+            labels = [t.label for t in tried if t.schedule_key == key and t.seeds == 1]
+            entry = tried_entry(labels[-1] if labels else rung.label, rung, both)
+            tried.append(dataclasses.replace(entry, seeds=2))
         return both
 
     return checked

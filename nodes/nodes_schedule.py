@@ -18,7 +18,7 @@ from ..block_caching.target_build import (
     parse_forecast_order,
     rung_label,
 )
-from ..block_caching.target_schedule import SECOND_SEED, best_choice, build_target_schedule, sampling_choices
+from ..block_caching.target_schedule import best_choice, build_target_schedule, sampling_choices
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload
@@ -158,15 +158,11 @@ class BuildTargetSchedule(io.ComfyNode):
             f", 0 (reused as they are) on {', '.join(schedule.layers[i].name for i in as_is)}"))
         lines = [schedule.summary(), f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
         for tried in build.measured:
-            chosen = (tried.steps == build.compute_steps and tried.order == build.chosen_order
-                      and tried.partial == partial and tried.as_is_layers == as_is
-                      and tried.damping == build.chosen_damping)
-            if tried.label.startswith(SECOND_SEED):
-                status, label = "checked", tried.label[len(SECOND_SEED) + 2:]
-                seed = "that seed and a second one, which did not choose it"
+            if tried.seeds > 1:
+                status, seed = "checked", "that seed and a second one, which did not choose it"
             else:
-                status, label, seed = "chosen" if chosen else "tried", tried.label, "another seed"
-            lines.append(f"{status}: {label}, {metric} PSNR {tried.measured_psnr:.1f} dB against uncached on the "
+                status, seed = "chosen" if tried.schedule_key == build.chosen_key else "tried", "another seed"
+            lines.append(f"{status}: {tried.label}, {metric} PSNR {tried.measured_psnr:.1f} dB against uncached on the "
                          f"profiled prompts with {seed}; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} "
                          "dB on other prompts")
         if build.measured and metric == "latent":

@@ -394,7 +394,7 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
                                                     confirm=lambda s: held_out(s, "second"))
             build = target_build.TargetBuild.of(schedule)
             patched, _ = patching.apply_block_cache(model, schedule)
-            rows.append({"family": family, "target": speedup, "computes": len(build.compute_steps),
+            rows.append({"family": family, "target": speedup, "floor": args.floor, "computes": len(build.compute_steps),
                          "order": build.chosen_order, "steps": list(build.compute_steps),
                          "partial": None if build.chosen_partial is None else build.chosen_partial.to_json(),
                          "as_is_layers": list(build.chosen_as_is_layers), "damping": build.chosen_damping,

@@ -365,9 +365,11 @@ def test_a_second_seed_checks_what_the_first_chose(pack, profiled):
     builder = schedule.builder
     assert builder["stepped_down_from"] is not None and len(builder["compute_steps"]) > count
     assert builder["expected_psnr"]["mean"] == 36.0 and builder["expected_psnr"]["pictures"] == 8
-    seconds = [t for t in builder["measured"] if t["label"].startswith(target.SECOND_SEED)]
+    seconds = [t for t in builder["measured"] if t["seeds"] == 2]
     assert len(seconds) == len(checked) >= 2 and seconds[-1]["steps"] == builder["compute_steps"]
     assert seconds[0]["measured_psnr"] == 32.0, "both seeds' pictures: 4 at 36 dB, 4 at 28"
+    first_seed = [t["label"] for t in builder["measured"] if t["seeds"] == 1]
+    assert all(t["label"] in first_seed for t in seconds), "each second-seed reading is named as the schedule it checks"
     # Fewer steps are compared with the schedule on the same (second seed's) pictures, not on the reading that chose.
     compared = target.build_target_schedule(profile, options, lambda s: Measurement((36.0,) * 4), confirm=second,
                                             fewer_steps=lambda n: Measurement((35.0,) * 4))
@@ -520,6 +522,22 @@ def test_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profi
     assert tuple(level.builder["compute_steps"]) == rung.steps and level.builder["chosen_by"] == "predicted"
     assert [t["label"] for t in level.builder["measured"]][:2] == [
         "searched, order 1", "every step weighted alike, order 1"]
+    # Within the noise but below the floor, the one that holds the floor is kept: no step down.
+
+    noisy_gain, own_reading = Measurement((28.0, 24.0, 28.0, 24.0)), Measurement((25.0,) * 4)
+    assert not noisy_gain.beats(own_reading) and noisy_gain.low > own_reading.low
+
+    def noisy(schedule):  # the evenly weighted search's +1 dB on average, too noisy to beat the search's own
+        row = next(layer.compute for layer in schedule.layers if not all(layer.compute))
+        computed = tuple(s for s, c in enumerate(row) if c)
+        return noisy_gain if computed == even_steps else own_reading
+
+    floor = (noisy_gain.low + own_reading.low) / 2
+    held = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=floor), noisy)
+    assert held.builder["stepped_down_from"] is None and tuple(held.builder["compute_steps"]) == even_steps
+    assert held.builder["measured"][1]["label"].endswith("(closer, but within the pictures' noise)")
+    above_floor = target.build_target_schedule(profile, dataclasses.replace(options, min_psnr=15.0), noisy)
+    assert tuple(above_floor.builder["compute_steps"]) == rung.steps, "above the floor the noise rule stands"
 
 
 def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, profiled, monkeypatch):
@@ -606,10 +624,6 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
     kept, value = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own)
     assert kept is slower[boundary] and value.mean == 40.0
     assert len(owns) <= math.ceil(math.log2(len(slower) + 1)) + 1
-    owns.clear()
-    kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own,
-                                              bisected=lambda rung: slower.index(rung) % 2 == boundary % 2)
-    assert kept is slower[boundary] and owns and all(slower.index(rung) % 2 == boundary % 2 for rung in owns)
     # Another schedule reaches the floor at each of the two rungs above the boundary: the faster is taken.
     kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own, probe_others({1, 2, 3}),
                                               refine=refine)
@@ -618,10 +632,6 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
     kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own, probe_others({0}), refine=refine)
     assert kept is slower[boundary], "out of the window: not tried"
     assert others == slower[boundary - refine:boundary + 1]
-    others.clear()
-    kept, _ = target_floor.step_down_to_floor(whole, fastest, target_floor.reaches(30.0), steps, probe_own, probe_others({0}), refine=refine,
-                                              scan_first=1)
-    assert kept is slower[0] and others == [slower[0]], "the next slower rung is scanned first"
     # Where no rung's own schedule reaches it, the slowest rungs' others are still tried.
     owns.clear()
     others.clear()
@@ -636,16 +646,42 @@ def test_the_floor_bisects_the_searched_schedules_then_tries_the_others_near_the
                                            refine=refine) == (None, None)
 
 
-def test_the_floor_bisects_with_the_search_that_read_best_at_the_target(pack, profiled, monkeypatch):
-    """Where another search's schedule read better than the search's own at the target's rung, the step down
-    bisects with that search's schedules, one measurement per rung probed, and pairs them with the search's own
-    only near the rung it finds."""
+def test_a_faster_target_never_steps_down_to_a_slower_rung(pack, profiled):
+    """Where fidelity does not grow with the cost (the rungs' schedules come from different searches), the step
+    down from a faster rung still lands on a rung at least as fast as from a slower one: the bisection runs over
+    the whole ladder for every target, so the probes agree wherever both targets can measure them."""
+    from comfyui_block_cache.block_caching.replay import Measurement
+
+    *_, profile = profiled
+    steps = profile.grid.steps
+    ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions())
+    ordered = sorted((rung for rung in ladder if rung.computes < steps), key=lambda rung: rung.flop_fraction)
+    assert len(ordered) >= 12
+    generator = random.Random(5)
+    for _ in range(20):
+        reaching = {i for i in range(len(ordered)) if generator.random() < 0.4}
+
+        def probe(rung, reaching=reaching):
+            return rung, Measurement((40.0 if ordered.index(rung) in reaching else 20.0,) * 4)
+
+        landed = []
+        for start in ordered[:-1]:
+            kept, _ = target_floor.step_down_to_floor(ladder, start, target_floor.reaches(30.0), steps, probe,
+                                                      probe, refine=target_floor.FLOOR_REFINE_ABOVE)
+            assert kept is None or (kept.flop_fraction > start.flop_fraction and ordered.index(kept) in reaching)
+            landed.append(len(ordered) if kept is None else ordered.index(kept))
+        assert landed == sorted(landed), f"a faster target landed slower: {landed} for {sorted(reaching)}"
+
+
+def test_the_floor_probes_each_rung_with_the_preferred_search_first(pack, profiled, monkeypatch):
+    """The step down probes a rung with the damped search's schedule where the error model offers it there (the
+    search's own elsewhere), one measurement per rung that holds the floor, and pairs it with the search's own
+    only where it misses or near the rung it finds."""
     from comfyui_block_cache.block_caching.replay import Measurement
 
     *_, profile = profiled
     monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)  # the damped search alone
     monkeypatch.setattr(target_floor, "FLOOR_REFINE_ABOVE", 0)
-    monkeypatch.setattr(target_floor, "FLOOR_SCAN_FIRST", 0)
     measured = []
 
     def measure(schedule):  # 2 dB per compute step, +6 where the reused layers' forecasts are damped
@@ -667,7 +703,10 @@ def test_the_floor_bisects_with_the_search_that_read_best_at_the_target(pack, pr
     passing = {rung for rung, t in damped_at.items() if t["expected_low"] >= 22.0}
     assert damped_at and passing, "the bisection measures the damped search's schedules"
     assert len(passing & own_at) <= 1, "where the damped one holds the floor, the search's own only at the rung found"
-    assert own_at <= passing | (set(damped_at) - passing), "the search's own only beside a damped one"
+    first_at: dict[str, float] = {}
+    for rung, t in zip(rungs, stepped, strict=True):
+        first_at.setdefault(rung, t["damping"])
+    assert all(first_at[rung] < 1.0 for rung in own_at & set(damped_at)), "a damped schedule offered is probed first"
     assert len(builder["measured"]) == len(measured), "each schedule measured once"
 
 
