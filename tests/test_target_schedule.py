@@ -740,6 +740,11 @@ def test_profile_node_replays_its_run_exactly_and_measures(pack, profiled_by_nod
                                                                     "measure PSNR", 0.0)
     text = result.ui["text"][0]
     assert "chosen: " in text and "dB against uncached" in text and "expected" in text
+    # Without a floor the choice is read on a second seed too: one "checked" line, named as the chosen schedule.
+    (chosen_line,) = [line for line in text.splitlines() if line.startswith("chosen: ")]
+    (checked_line,) = [line for line in text.splitlines() if line.startswith("checked: ")]
+    assert checked_line.split(" PSNR ")[0][len("checked: "):] == chosen_line.split(" PSNR ")[0][len("chosen: "):]
+    assert "and a second one, which did not choose it" in checked_line
     versus = result.result[0].builder["fewer_steps"]
     assert versus["steps"] == round(10 / result.result[0].estimated_speedup)
     assert ("better than fewer steps" in text) != versus["better"] and result.result[3] == 10
