@@ -289,7 +289,6 @@ class TargetBuild:
     chosen_as_is_layers: tuple[int, ...] = ()  # cached layers forecast with order 0 (chosen by measurement)
     chosen_damping: float = 1.0  # the chosen rung's forecast damping (block_caching/forecast.py)
 
-
     @property
     def chosen_key(self) -> tuple[Any, ...]:
         """The chosen schedule's ``Tried.schedule_key``."""

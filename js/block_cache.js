@@ -284,7 +284,8 @@ function refreshTarget(node, force = false) {
     : (b ?? null) !== null && a.step === b.step && same(a.layers, b.layers);
   // The last reading of this schedule: where a second held-out seed checked it, that of both seeds' pictures.
   const measured = (ladder.measured ?? []).filter((m) => m.order === result.rung.order && same(m.steps, result.rung.steps)
-    && samePartial(m.partial, result.rung.partial) && same(m.as_is_layers ?? [], asIs)).pop();
+    && samePartial(m.partial, result.rung.partial) && same(m.as_is_layers ?? [], asIs)
+    && (m.damping ?? 1) === (result.rung.damping ?? 1)).pop();
   if (measured) {
     const range = measured.low != null && measured.high != null
       ? `; expected ${measured.low.toFixed(1)}-${measured.high.toFixed(1)} dB on other prompts` : "";

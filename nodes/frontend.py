@@ -97,7 +97,7 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     cacheable = set(build.cached_layers)
     partial = partial_to_json(build.chosen_partial)
     chosen = {"steps": list(build.compute_steps), "order": build.chosen_order, "partial": partial,
-              "as_is_layers": list(build.chosen_as_is_layers)}
+              "as_is_layers": list(build.chosen_as_is_layers), "damping": build.chosen_damping}
 
     def measured(rung: LadderRung) -> bool:
         """The rung the node chose by measurement: its preview is what was measured best."""
@@ -113,7 +113,8 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "rungs": [{"computes": r.computes, "steps": chosen["steps"] if measured(r) else list(r.steps),
                    "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction,
                    "error": r.error, "partial": partial if measured(r) else partial_to_json(r.partial),
-                   "as_is_layers": chosen["as_is_layers"] if measured(r) else []}
+                   "as_is_layers": chosen["as_is_layers"] if measured(r) else [],
+                   "damping": chosen["damping"] if measured(r) else 1.0}  # the ladder's search: undamped
                   for r in build.ladder],
         # Where the quality floor stepped the target down: the schedule the node gave at that target.
         "floor": None if build.stepped_down_from is None else {
@@ -122,7 +123,8 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         # What validation measured on the profiled run (shown while the preview is that schedule).
         "measured": [{"steps": list(t.steps), "order": t.order, "psnr": t.measured_psnr, "low": t.expected_low,
                       "high": t.expected_high, "metric": build.measured_metric,
-                      "partial": partial_to_json(t.partial), "as_is_layers": list(t.as_is_layers)}
+                      "partial": partial_to_json(t.partial), "as_is_layers": list(t.as_is_layers),
+                      "damping": t.damping}
                      for t in build.measured],
         "options": {"speedup_target": build.speedup_target, "forecast_order": forecast_order_label(build.forecast_order),
                     "cache_kinds": build.cache_kinds, "always_compute_first": build.always_compute_first,

@@ -572,6 +572,11 @@ def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, p
     assert spread["steps"] == list(target_ladder.evenly_spread_steps(profile.grid.steps, rung.computes))
     assert spread["damping"] == target.DAMPED_FORECAST
     assert builder["chosen_damping"] == target.DAMPED_FORECAST and builder["chosen_by"] == "measured"
+    # The preview tells readings apart by damping too (js/block_cache.js): schedules of equal steps can differ in it.
+    payload = ladder_payload(built)
+    assert [m["damping"] for m in payload["measured"]] == [1.0, target.DAMPED_FORECAST, target.DAMPED_FORECAST]
+    (shown,) = [r for r in payload["rungs"] if r["steps"] == builder["compute_steps"] and r["partial"] is None]
+    assert shown["damping"] == target.DAMPED_FORECAST
     reused = [layer for layer in built.layers if not all(layer.compute)]
     assert reused and {layer.forecast_damping for layer in reused} == {target.DAMPED_FORECAST}
     assert {layer.forecast_damping for layer in built.layers if all(layer.compute)} <= {1.0}
