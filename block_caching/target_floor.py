@@ -116,9 +116,9 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, holds: Holds, steps: int,
     ``probe`` measures a rung (one schedule first, the rung's others where it misses), whose fidelity grows with
     the cost: a bisection probes about log2 of the slower rungs; computing every step (the uncached run) needs
     none. The bisection runs over the whole ladder, the same for every target, and takes a rung not slower than
-    ``rung`` as missing the floor unmeasured: so a faster target never steps down to a slower rung than a slower
-    target does wherever the probes agree (a bisection over the slower rungs alone probed other rungs for each
-    target, and a faster target could land slower). Then the rung found and the ``refine`` slower rungs just faster
+    ``rung`` as missing the floor unmeasured: so of two targets that both step down, the faster never lands on a
+    slower rung (a bisection over the slower rungs alone probed other rungs for each target, and a faster target
+    could land slower). A slower target whose own rung holds is probed only where the bisection passes it. Then the rung found and the ``refine`` slower rungs just faster
     than it are probed with their other schedules of the same cost (``probe_others``: the schedule kept and its
     measurement, None where there is no other), fastest first: which of several schedules wins does not grow
     with the cost, so those are not bisected."""
