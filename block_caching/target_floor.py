@@ -54,7 +54,8 @@ def measured_choice(found: Search, profile: BlockProfile, rung: Rung, measured: 
     docs/benchmark.md). But where the kept one misses the floor (``holds``), the best measured that holds it is
     kept: between two readings within their noise the floor decides, and the second held-out seed checks the
     pick (on the Flux reference at 28 steps and 35 dB, steps spread evenly held where the search's own missed,
-    within the noise, and the step down went on to a slower rung). Every measurement is passed to ``record`` as it is made."""
+    within the noise, and the step down went on to a slower rung). Every measurement is passed to ``record`` as
+    it is made."""
     seen: list[tuple[Rung, Measurement]] = []
 
     def better_of(kept: tuple[Rung, Measurement, str], options: list[tuple[str, Rung]]
@@ -118,10 +119,10 @@ def step_down_to_floor(ladder: list[Rung], rung: Rung, holds: Holds, steps: int,
     none. The bisection runs over the whole ladder, the same for every target, and takes a rung not slower than
     ``rung`` as missing the floor unmeasured: so of two targets that both step down, the faster never lands on a
     slower rung (a bisection over the slower rungs alone probed other rungs for each target, and a faster target
-    could land slower). A slower target whose own rung holds is probed only where the bisection passes it. Then the rung found and the ``refine`` slower rungs just faster
-    than it are probed with their other schedules of the same cost (``probe_others``: the schedule kept and its
-    measurement, None where there is no other), fastest first: which of several schedules wins does not grow
-    with the cost, so those are not bisected."""
+    could land slower). A slower target whose own rung holds is probed only where the bisection passes it. Then
+    the rung found and the ``refine`` slower rungs just faster than it are probed with their other schedules of
+    the same cost (``probe_others``: the schedule kept and its measurement, None where there is no other),
+    fastest first: which of several schedules wins does not grow with the cost, so those are not bisected."""
     ordered = sorted((candidate for candidate in ladder if candidate.computes < steps),
                      key=lambda candidate: candidate.flop_fraction)
     first_slower = next((i for i, candidate in enumerate(ordered) if candidate.flop_fraction > rung.flop_fraction),
@@ -167,9 +168,8 @@ def step_down(found: Search, profile: BlockProfile, ladder: list[Rung], kept: Ru
     def probe(candidate: Rung) -> tuple[Rung, Measurement]:
         """A slower rung's first schedule measured; below the floor, its other schedules too (another search may
         hold it there)."""
-        preferred = next((options[0] for options in (alternative(candidate) for alternative in alternatives)
-                          if options), (f"{OWN_LABEL}, order {candidate.order}", candidate))
-        label, schedule = preferred
+        label, schedule = next((options[0] for options in (alternative(candidate) for alternative in alternatives)
+                                if options), (f"{OWN_LABEL}, order {candidate.order}", candidate))
         value = measured(schedule)
         stepped(candidate, tried_entry(label, schedule, value))
         if holds(schedule, value):

@@ -58,12 +58,12 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     it (``measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
     of the measured range) of the choice is below it, the choice steps down the ladder to the fastest rung that
     reaches it (``step_down_to_floor``: a bisection over the whole ladder with the preferred schedule of each
-    rung, then the rungs next to the one found with all their schedules), or to computing everything. ``confirm`` (the same
-    measure with other pictures: a second held-out seed) checks a schedule that reaches the floor before it is
-    kept: the floor and the reading recorded for the choice are of both seeds' pictures, since the pictures that
-    chose a schedule read it high (``checked_once``). ``fewer_steps`` (uncached sampling with fewer steps, on
-    ``confirm``'s pictures where it is given) compares the choice with fewer steps at its cost, on the same
-    pictures.
+    rung, then the rungs next to the one found with all their schedules), or to computing everything.
+    ``confirm`` (the same measure with other pictures: a second held-out seed) checks a schedule that reaches the
+    floor before it is kept: the floor and the reading recorded for the choice are of both seeds' pictures, since
+    the pictures that chose a schedule read it high (``checked_once``). ``fewer_steps`` (uncached sampling with
+    fewer steps, on ``confirm``'s pictures where it is given) compares the choice with fewer steps at its cost, on
+    the same pictures.
     """
     found = search(profile, options)
     ladder = ladder_of(found, profile)
