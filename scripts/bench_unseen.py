@@ -725,11 +725,13 @@ def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: fl
     import comfy.patcher_extension
 
     (forecast,) = pack_modules("forecast")
-    differences: list[tuple[float, torch.Tensor]] = []  # (sigma, positive - negative), newest first
+    differences: list[list[torch.Tensor | None]] = []  # positive - negative, newest first
+    sigmas_of_differences: list[float] = []
     computes = set(uncond_steps)
 
     def outer(executor: Any, *args: Any, **kwargs: Any) -> Any:
         differences.clear()
+        sigmas_of_differences.clear()
         return executor(*args, **kwargs)
 
     def calc_cond_batch(executor: Any, model_: Any, conds: list[Any], x_in: torch.Tensor, timestep: torch.Tensor,
@@ -741,13 +743,12 @@ def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: fl
         step = step_at(sigmas, sigma)
         if step in computes or len(differences) <= order:
             positive, negative = executor(model_, conds, x_in, timestep, model_options)
-            differences.insert(0, (sigma, (positive - negative).detach().clone()))
-            del differences[order + 1:]
+            differences[:], sigmas_of_differences[:] = forecast.push_point(
+                differences, sigmas_of_differences, [(positive - negative).detach().clone()], sigma, order)
             return [positive, negative]
         positive, _ = executor(model_, [conds[0], None], x_in, timestep, model_options)
-        weights = forecast.forecast_weights([point[0] for point in differences], sigma, damping)
-        difference = sum(w * point[1] for w, point in zip(weights, differences, strict=True))
-        return [positive, positive - difference]
+        weights = forecast.forecast_weights(sigmas_of_differences, sigma, damping)
+        return [positive, positive - forecast.combine([point[0] for point in differences], weights)]
 
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_cfg_reuse", outer)
