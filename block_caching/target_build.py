@@ -274,7 +274,7 @@ class TargetBuild:
     cached_layers: tuple[str, ...]
     compute_steps: tuple[int, ...]
     chosen_order: int
-    chosen_by: str  # "measured" or "predicted"
+    chosen_by: str  # "measured", "predicted", or "video rule" (target_schedule.VIDEO_RULE)
     predicted_error: float
     reached: bool  # the chosen rung reaches the target
     ladder: tuple[LadderRung, ...]

@@ -31,8 +31,12 @@ from .target_ladder import Rung, alternative_rungs, choose_rung, ladder_of, rung
 
 # The step weights' spread (largest over smallest) above which the search with every step weighted alike is
 # measured as an alternative: Wan's time shift of 8 gives 48x at 30 and 50 steps, the Flux and SD samplers of
-# the reference models 3-10x (docs/speedup-target.md).
+# the reference models 3-10x (docs/speedup-target.md). On a video latent it is an alternative at any spread, and
+# without a measure it is taken: a segment of a split run has weights of less spread (Wan 2.2's two experts at 30
+# steps: 2.6x and 15.9x), and there the video reference model kept 6-7 dB more with it, the whole run 5 dB.
 EVEN_WEIGHTS_MIN_SPREAD = 20.0
+# How chosen_by names a schedule taken without a measure by the video rule above.
+VIDEO_RULE = "video rule"
 
 # An order-1 forecast damped to this share of its move (forecast.forecast_weights) is measured as an alternative at
 # each rung where the error model predicts it better than the search's own schedule: on the Flux reference at 20
@@ -78,12 +82,21 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     chosen: Measurement | None = None
     confirmed: Callable[[Rung], Measurement] | None = None  # the second held-out seed's readings
     notes = list(found.notes)
+    spread = step_weight_spread(found.model.weights)
+    video = is_video(profile)
+    by_rule = False
+    if measure is None and video and rung.computes < steps:
+        evenly = alternative_rungs(profile, options, found, "every step weighted alike", even_step_weights=True)(rung)
+        if evenly:
+            rung, by_rule = evenly[0][1], evenly[0][1].steps != rung.steps
+        if by_rule:
+            notes.append("not measured: on a video latent the schedule of this cost searched with every step's "
+                         "error weighted alike is taken (on the video reference model it kept 5-7 dB more).")
     if measure is not None and rung.computes < steps:
         measured = measured_once(profile, found.layers, measure)
-        spread = step_weight_spread(found.model.weights)
         # In the order the step down probes them first: each where it kept the most on unseen prompts.
         alternatives = []
-        if spread > EVEN_WEIGHTS_MIN_SPREAD:
+        if spread > EVEN_WEIGHTS_MIN_SPREAD or video:
             alternatives.append(alternative_rungs(profile, options, found, "every step weighted alike",
                                                   even_step_weights=True))
         damped_offered = False
@@ -109,7 +122,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
             rung = floor_rung or Rung(steps, tuple(range(steps)), 0, 0.0, 1.0)
         if checked is not None and rung.computes < steps:
             chosen = checked(rung, chosen)
-        if spread <= EVEN_WEIGHTS_MIN_SPREAD and (choose_by_measure or stepped_from is not None):
+        if spread <= EVEN_WEIGHTS_MIN_SPREAD and not video and (choose_by_measure or stepped_from is not None):
             notes.append(f"the search with every step's error weighted alike was not tried: the step weights span "
                          f"{spread:.1f}x, it is tried above {EVEN_WEIGHTS_MIN_SPREAD:g}x (a strong time shift).")
         if not damped_offered and (choose_by_measure or stepped_from is not None):
@@ -140,7 +153,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         chosen_as_is_layers=rung.as_is_layers,
         chosen_order=rung.order,
         chosen_damping=rung.damping,
-        chosen_by="measured" if tried and (choose_by_measure or schedule_key(rung) not in {
+        chosen_by=VIDEO_RULE if by_rule else "measured" if tried and (choose_by_measure or schedule_key(rung) not in {
             schedule_key(r) for r in ladder}) else "predicted",
         predicted_error=rung.error,
         reached=rung.flop_fraction <= 1.0 / options.speedup + 1e-12,
@@ -156,6 +169,12 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         notes=tuple(notes),
     )
     return rung_schedule(profile, found.layers, rung, build.to_json())
+
+
+def is_video(profile: BlockProfile) -> bool:
+    """Whether the profiled latent has frames (batch, channels, frames, height, width; more than one frame)."""
+    shape = profile.grid.latent_shape
+    return len(shape) == 5 and shape[2] > 1
 
 
 def checked_once(confirmed: Callable[[Rung], Measurement], tried: list[Tried]

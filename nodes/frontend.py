@@ -99,9 +99,10 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
     chosen = {"steps": list(build.compute_steps), "order": build.chosen_order, "partial": partial,
               "as_is_layers": list(build.chosen_as_is_layers), "damping": build.chosen_damping}
 
-    def measured(rung: LadderRung) -> bool:
-        """The rung the node chose by measurement: its preview is what was measured best."""
-        return (build.chosen_by == "measured" and rung.computes == len(build.compute_steps)
+    def chosen_otherwise(rung: LadderRung) -> bool:
+        """The rung the node chose other than by the search (measured, or by the video rule): its preview is what
+        was chosen."""
+        return (build.chosen_by != "predicted" and rung.computes == len(build.compute_steps)
                 and reused_share(rung.partial) == reused_share(build.chosen_partial))
 
     return {
@@ -110,11 +111,11 @@ def ladder_payload(schedule: CacheSchedule) -> dict[str, Any]:
         "steps": schedule.grid.steps,
         "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
         "cached": [i for i, layer in enumerate(schedule.layers) if layer.name in cacheable],
-        "rungs": [{"computes": r.computes, "steps": chosen["steps"] if measured(r) else list(r.steps),
-                   "order": chosen["order"] if measured(r) else r.order, "flop_fraction": r.flop_fraction,
-                   "error": r.error, "partial": partial if measured(r) else partial_to_json(r.partial),
-                   "as_is_layers": chosen["as_is_layers"] if measured(r) else [],
-                   "damping": chosen["damping"] if measured(r) else 1.0}  # the ladder's search: undamped
+        "rungs": [{"computes": r.computes, "steps": chosen["steps"] if chosen_otherwise(r) else list(r.steps),
+                   "order": chosen["order"] if chosen_otherwise(r) else r.order, "flop_fraction": r.flop_fraction,
+                   "error": r.error, "partial": partial if chosen_otherwise(r) else partial_to_json(r.partial),
+                   "as_is_layers": chosen["as_is_layers"] if chosen_otherwise(r) else [],
+                   "damping": chosen["damping"] if chosen_otherwise(r) else 1.0}  # the ladder's search: undamped
                   for r in build.ladder],
         # Where the quality floor stepped the target down: the schedule the node gave at that target.
         "floor": None if build.stepped_down_from is None else {

@@ -540,6 +540,44 @@ def test_the_evenly_weighted_search_stands_in_where_it_clearly_beats(pack, profi
     assert tuple(above_floor.builder["compute_steps"]) == rung.steps, "above the floor the noise rule stands"
 
 
+def test_on_a_video_latent_the_evenly_weighted_search_is_taken_unmeasured_and_measured_at_any_spread(
+        pack, profiled, monkeypatch):
+    """On a video latent (frames > 1) the evenly weighted search's schedule of the target's cost is taken where
+    nothing can be measured (a Record Block Changes profile: Wan 2.2's two experts), said in the notes and shown
+    in the ladder preview; with a measure it is measured whatever the weights' spread. Image latents and
+    one-frame latents are left as they were."""
+    *_, profile = profiled
+    monkeypatch.setattr(target, "DAMPED_FORECAST", 1.0)  # the evenly weighted search alone
+    monkeypatch.setattr(target, "EVEN_WEIGHTS_MIN_SPREAD", math.inf)  # as a split run's segment: little spread
+    options = target_build.TargetOptions(speedup=2.5, forecast_order=1)
+    found = target_ladder.search(profile, options)
+    rung = target_ladder.choose_rung(target_ladder.ladder_of(found, profile), options.speedup)
+    even = target_ladder.alternative_rungs(profile, options, found, "even", even_step_weights=True)(rung)[0][1]
+    assert even.steps != rung.steps, "the fixture's step weights change the search's choice"
+    batch, channels, height, width = profile.grid.latent_shape
+    assert profile.grid.latent_shape == (2, 4, 16, 16)
+
+    def with_shape(shape):
+        return dataclasses.replace(profile, grid=dataclasses.replace(profile.grid, latent_shape=shape))
+
+    for image in (profile, with_shape((batch, channels, 1, height, width))):
+        build = build_target_schedule(image, options).builder
+        assert tuple(build["compute_steps"]) == rung.steps and build["chosen_by"] == "predicted"
+        assert not any("video latent" in note for note in build["notes"])
+    video = with_shape((batch, channels, 8, height, width))
+    built = build_target_schedule(video, options)
+    build = built.builder
+    assert tuple(build["compute_steps"]) == even.steps and build["chosen_by"] == target.VIDEO_RULE
+    assert build["measured"] == [] and any("video latent" in note for note in build["notes"])
+    assert built.estimated_speedup == pytest.approx(1.0 / even.flop_fraction)
+    shown = next(r for r in ladder_payload(built)["rungs"] if r["computes"] == even.computes and not r["partial"])
+    assert tuple(shown["steps"]) == even.steps, "the node's preview shows the schedule it took at that cost"
+    measured = build_target_schedule(video, options, lambda schedule: replay_module.Measurement((30.0,) * 4))
+    assert [t["label"] for t in measured.builder["measured"]] == [
+        "searched, order 1", "every step weighted alike, order 1"]
+    assert not any("was not tried" in note for note in measured.builder["notes"])
+
+
 def test_a_damped_forecast_stands_in_where_predicted_and_measured_better(pack, profiled, monkeypatch):
     """Where the error model predicts the search for a damped forecast better at a rung's cost, that schedule is
     measured too and kept where clearly better: its layers are damped, the file says so (version 3) and reads
