@@ -55,8 +55,9 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
 
     ``measure`` (a schedule's fidelity, higher is better: the PSNR of sampling the profiled prompts again
     with it, block_caching/replay.py; ``metric`` says of what) validates the choice: its value is
-    recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, the schedule of that cost
-    searched with every step weighted alike is measured too, and where the error model predicts the search for a
+    recorded. Where the step weights span more than EVEN_WEIGHTS_MIN_SPREAD, or the latent is a video's, the schedule
+    of that cost searched with every step weighted alike is measured too (without a measure, on a video latent, it
+    is taken: chosen_by VIDEO_RULE), and where the error model predicts the search for a
     forecast damped to DAMPED_FORECAST better, its schedule and the one with the steps spread evenly for that
     forecast (``alternative_rungs``), and with ``choose_by_measure`` other schedules of that cost; one may replace
     it (``measured_choice``). With ``options.min_psnr``, where the expected PSNR on other prompts (the low end
@@ -87,9 +88,8 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     by_rule = False
     if measure is None and video and rung.computes < steps:
         evenly = alternative_rungs(profile, options, found, "every step weighted alike", even_step_weights=True)(rung)
-        if evenly:
-            rung, by_rule = evenly[0][1], evenly[0][1].steps != rung.steps
-        if by_rule:
+        if evenly and evenly[0][1].steps != rung.steps:
+            rung, by_rule = evenly[0][1], True
             notes.append("not measured: on a video latent the schedule of this cost searched with every step's "
                          "error weighted alike is taken (on the video reference model it kept 5-7 dB more).")
     if measure is not None and rung.computes < steps:
