@@ -85,9 +85,10 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
     notes = list(found.notes)
     spread = step_weight_spread(found.model.weights)
     video = is_video(profile)
+    evenly_weighted = alternative_rungs(profile, options, found, "every step weighted alike", even_step_weights=True)
     by_rule = False
     if measure is None and video and rung.computes < steps:
-        evenly = alternative_rungs(profile, options, found, "every step weighted alike", even_step_weights=True)(rung)
+        evenly = evenly_weighted(rung)
         if evenly and evenly[0][1].steps != rung.steps:
             rung, by_rule = evenly[0][1], True
             notes.append("not measured: on a video latent the schedule of this cost searched with every step's "
@@ -97,8 +98,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         # In the order the step down probes them first: each where it kept the most on unseen prompts.
         alternatives = []
         if spread > EVEN_WEIGHTS_MIN_SPREAD or video:
-            alternatives.append(alternative_rungs(profile, options, found, "every step weighted alike",
-                                                  even_step_weights=True))
+            alternatives.append(evenly_weighted)
         damped_offered = False
         if options.forecast_order in (None, 1):  # what was measured: an order-1 forecast, damped
             damped = alternative_rungs(profile, dataclasses.replace(options, forecast_order=1), found,
