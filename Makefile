@@ -2,16 +2,20 @@
 # HOST picks the ComfyUI to run on: 0.3.75 (default, from the registry) or 0.33.0 (from
 # ../shared/hosts); each has its own venv. COMFYUI_PATH points at any other ComfyUI instead.
 HOST ?= 0.3.75
+# The one place that names a host's venv; scripts/setup.sh and .ci/run ask `make -s venv-path`.
 VENV := $(if $(filter 0.3.75,$(HOST)),.venv,.venv-$(HOST))
 PYTHON := $(VENV)/bin/python
 export COMFYUI_PATH ?=
 export BLOCK_CACHE_HOST := $(HOST)
 export BLOCK_CACHE_VENV := $(CURDIR)/$(VENV)
-.PHONY: setup demo test lint bench bench-dit bench-video bench-gpu train-reference train-reference-dit \
+.PHONY: setup venv-path demo test lint bench bench-dit bench-video bench-gpu train-reference train-reference-dit \
 	train-reference-video workflows thumbnails browser-test
 
 setup:
 	bash scripts/setup.sh
+
+venv-path:
+	@echo $(VENV)
 
 demo: setup
 	$(PYTHON) scripts/demo.py --out out/demo

