@@ -144,7 +144,6 @@ FAMILY_LABELS = {
     "faster_diffusion": "Faster Diffusion",
     "block_cache_two_experts": "Block Cache default, two experts (Wan 2.2 layout)",
 }
-# The rows the goal compares against (everything that is not Block Cache's own builder).
 # Where each module named in the scripts lives in the pack.
 PACKAGES = {
     **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
@@ -154,6 +153,7 @@ PACKAGES = {
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
     **dict.fromkeys(("mapping", "block_map"), "block_maps"),
 }
+# The rows the goal compares against (everything that is not Block Cache's own builder).
 OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache", "magcache", "easycache",
           "lazycache", "faster_diffusion")
 
@@ -226,7 +226,9 @@ class Method:
 
 
 def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sampler: str, scheduler: str,
-             max_rungs: int = MAX_RUNGS) -> list[Method]:
+             max_rungs: int = MAX_RUNGS, wanted: Callable[[str], bool] = lambda family: True) -> list[Method]:
+    """The rows of one setting; only the families `wanted` says, so that a re-run of some rows builds no other
+    schedule (building the target's schedules samples the profiled run again)."""
     import comfy_extras.nodes_easycache as easycache
 
     patching = _module("patching")
@@ -239,7 +241,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     model = reference.patcher
     methods = [Method("no cache", "none", "", lambda: (model, steps))]
     rules = setup.rules
-    for n in _fewer_steps(steps, setup.video):
+    for n in _fewer_steps(steps, setup.video) if wanted("fewer_steps") else ():
         methods.append(Method(f"fewer steps {n}", "fewer_steps", f"{n} steps", lambda n=n: (model, n), knob=n))
 
     def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
@@ -260,38 +262,41 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         label = f"{speedup:.2f}x" if not default else (f"{1 / default_rung.flop_fraction:.2f}x (default, "
                                                        f"{target_build.DEFAULT_SPEEDUP:g}x target)")
         for family in ("block_cache", "block_cache_measured"):
-            if family == "block_cache_measured" and not default and index % 2:
+            if not wanted(family) or (family == "block_cache_measured" and not default and index % 2):
                 continue  # the ablation at every other point is enough
             options = target_build.TargetOptions(speedup=speedup - 1e-9)
             schedule = target.build_target_schedule(profile, options, measure,
                                                     choose_by_measure=family == "block_cache_measured")
             chosen = f"{label}: {_chosen_rung(schedule)}"
             methods.append(Method(f"{FAMILY_LABELS[family]} {label}", family, chosen, apply(schedule), knob=speedup))
-    # The Build node as it comes: the default target, stepped down where the profiled run measures below the floor.
-    floor_options = target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR)
-    schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=second.fewer_steps,
-                                            confirm=second.schedule)
-    stepped = schedule.builder["stepped_down_from"]
-    chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
-              + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
-    methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x", "block_cache_floor",
-                          chosen, apply(schedule), knob=schedule.estimated_speedup))
-    # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
-    # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
-    choices, _ = target.sampling_choices(profile, floor_options, schedule,
-                                         lambda count: replay_module.profile_again(profile, count), measure,
-                                         second.schedule)
-    best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
-    methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
-                          f"{best.label}, {best.speedup:.2f}x",
-                          lambda best=best: (patching.apply_block_cache(model, best.schedule)[0], best.steps),
-                          knob=best.speedup))
-    for speedup in ORDER0_SPEEDUPS:
+    if wanted("block_cache_floor") or wanted("block_cache_best"):
+        # The Build node as it comes: the default target, stepped down where the profiled run measures below the
+        # floor.
+        floor_options = target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR)
+        schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=second.fewer_steps,
+                                                confirm=second.schedule)
+        stepped = schedule.builder["stepped_down_from"]
+        chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
+                  + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
+        methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x",
+                              "block_cache_floor", chosen, apply(schedule), knob=schedule.estimated_speedup))
+    if wanted("block_cache_best"):
+        # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
+        # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
+        choices, _ = target.sampling_choices(profile, floor_options, schedule,
+                                             lambda count: replay_module.profile_again(profile, count), measure,
+                                             second.schedule)
+        best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
+        methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
+                              f"{best.label}, {best.speedup:.2f}x",
+                              lambda best=best: (patching.apply_block_cache(model, best.schedule)[0], best.steps),
+                              knob=best.speedup))
+    for speedup in ORDER0_SPEEDUPS if wanted("block_cache_order0") else ():
         schedule = target.build_target_schedule(profile, target_build.TargetOptions(speedup=speedup, forecast_order=0),
                                                 measure)
         methods.append(Method(f"Block Cache {speedup:g}x order 0", "block_cache_order0", f"{speedup:g}x",
                               apply(schedule), knob=speedup))
-    for kinds, threshold in (("attention", 0.5), ("all", 0.25), ("all", 0.5)):
+    for kinds, threshold in (("attention", 0.5), ("all", 0.25), ("all", 0.5)) if wanted("block_cache_threshold") else ():
         schedule = schedule_mod.build_schedule(profile, schedule_mod.BuildOptions(threshold=threshold,
                                                                                   cache_kinds=kinds))
         methods.append(Method(f"Block Cache threshold {kinds} δ={threshold:g}", "block_cache_threshold",
@@ -300,20 +305,22 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     unet = profile.block_map.family == "unet"
     outer = bench_peers.outer_layer_names(model, mapping) if unet else set()
     for k in rules.intervals:
-        methods.append(Method(f"FORA every {k}", "fora", f"every {k}", apply(bench_peers.interval_schedule(base, k)),
-                              knob=k))
-        for order in rules.taylor_orders:
+        if wanted("fora"):
+            methods.append(Method(f"FORA every {k}", "fora", f"every {k}",
+                                  apply(bench_peers.interval_schedule(base, k)), knob=k))
+        for order in rules.taylor_orders if wanted("taylorseer") else ():
             methods.append(Method(f"TaylorSeer every {k} order {order}", "taylorseer", f"every {k}, order {order}",
                                   apply(bench_peers.interval_schedule(base, k, order=order)), knob=k + order / 10))
-        if unet:  # DeepCache's rule is defined on a UNet's skip branch
+        if unet and wanted("deepcache"):  # DeepCache's rule is defined on a UNet's skip branch
             methods.append(Method(f"DeepCache every {k}", "deepcache", f"every {k}",
                                   apply(bench_peers.interval_schedule(base, k, keep=lambda name: name in outer)),
                                   knob=k))
-    for threshold in rules.fbcache:
+    for threshold in rules.fbcache if wanted("fbcache") else ():
         methods.append(Method(f"First Block Cache {threshold:g}", "fbcache", f"threshold {threshold:g}",
                               lambda t=threshold: (bench_peers.first_block_cache(patching, model, base, t)[0], steps),
                               knob=threshold))
-    if not unet:  # its indicator: Flux's modulated input of the first double block, Wan's time modulation
+    if not unet and wanted("teacache"):  # its indicator: Flux's modulated input of the first double block, Wan's time
+        # modulation
         layer, indicator = (("blocks.0", bench_peers.wan_time_modulation) if setup.video
                             else ("double_blocks.0", bench_peers.flux_modulated_input))
         # Fitted on the profiling prompts' uncached run, as TeaCache fits its polynomial per model.
@@ -323,7 +330,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
                 f"TeaCache {threshold:g}", "teacache", f"rel_l1_thresh {threshold:g}",
                 lambda t=threshold: (bench_peers.teacache(patching, model, base, t, coefficients, indicator)[0], steps),
                 knob=threshold))
-    if setup.video:  # MagCache's Wan rule, calibrated on the profiling prompts' uncached run as MagCache is
+    if setup.video and wanted("magcache"):  # MagCache's Wan rule, calibrated on the profiling prompts' uncached run
         blocks = len(model.get_model_object("diffusion_model").blocks)
         ratios = bench_peers.fit_magnitude_ratios(model, profile.replays[0].sample, "blocks.0", f"blocks.{blocks - 1}")
         for threshold, max_skips in rules.magcache:
@@ -332,17 +339,18 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
                 lambda t=threshold, k=max_skips: (bench_peers.magcache(patching, model, base, t, ratios, k)[0], steps),
                 knob=threshold + max_skips / 100))
     for family, node in (("easycache", easycache.EasyCacheNode), ("lazycache", easycache.LazyCacheNode)):
-        for threshold in rules.easycache:
+        for threshold in rules.easycache if wanted(family) else ():
             methods.append(Method(f"{node.__name__.removesuffix('Node')} {threshold:g}", family,
                                   f"reuse_threshold {threshold:g}",
                                   lambda n=node, t=threshold: (bench_peers.easycache(model, n, t), steps),
                                   knob=threshold))
-    grid = faster_diffusion.grid_for_model(model, steps, sampler, scheduler)
-    schedule = faster_diffusion.build_faster_diffusion_schedule(profile.block_map, grid,
-                                                                faster_diffusion.FasterDiffusionOptions(),
-                                                                profile=profile)
-    keys = ",".join(str(k) for k in schedule.builder["key_steps"])
-    methods.append(Method("Faster Diffusion", "faster_diffusion", f"key steps {keys}", apply(schedule)))
+    if wanted("faster_diffusion"):
+        grid = faster_diffusion.grid_for_model(model, steps, sampler, scheduler)
+        schedule = faster_diffusion.build_faster_diffusion_schedule(profile.block_map, grid,
+                                                                    faster_diffusion.FasterDiffusionOptions(),
+                                                                    profile=profile)
+        keys = ",".join(str(k) for k in schedule.builder["key_steps"])
+        methods.append(Method("Faster Diffusion", "faster_diffusion", f"key steps {keys}", apply(schedule)))
     return methods
 
 
@@ -431,7 +439,8 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     prompt_source = _module(setup.prompts)
     patching = _module("patching")
     replay_module = _module("replay")
-    reference = getattr(reference_module, setup.loader)()
+    load = getattr(reference_module, setup.loader)
+    reference = load(args.weights) if args.weights else load()
     model = reference.patcher
     negative = reference.conditioning("")
 
@@ -476,13 +485,16 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     sample(model, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1])  # warm-up
     time_no_cache()
     rows = []
-    methods = _methods(setup, reference, profile, steps, sampler, scheduler, args.max_rungs)
-    if setup.video:
-        methods = [m for m in methods if m.family not in VIDEO_SKIPPED]
+    families = set(args.families.split(",")) if args.families else set(FAMILY_LABELS)  # a re-run of some rows
+
+    def wanted(family: str) -> bool:
+        return family in families and not (setup.video and family in VIDEO_SKIPPED)
+
+    methods = _methods(setup, reference, profile, steps, sampler, scheduler, args.max_rungs, wanted)
+    if setup.video and wanted("block_cache_two_experts"):
         methods.append(two_experts_method(reference, profile, profile_positive, profile_latent, negative, args.cfg,
                                           sampler, scheduler, steps))
-    if args.families:  # a re-run of some rows; "none" (the uncached row) is always kept
-        methods = [m for m in methods if m.family in {"none", *args.families.split(",")}]
+    methods = [m for m in methods if m.family == "none" or wanted(m.family)]  # the uncached row is always kept
     outputs_a: dict[str, torch.Tensor] = {}
     for index, method in enumerate(methods):
         if index and index % 8 == 0:
@@ -515,7 +527,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
               f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
     if setup.video and any(r["family"] == "block_cache_floor" for r in rows):  # not in a --families re-run
         _preview_gif(args.out / f"preview_{name}.gif", rows, outputs_a, uncached["A"])
-    return {"setting": name, "model": args.model, "sampler": sampler, "scheduler": scheduler, "steps": steps,
+    return {"setting": name, "model": args.model, "weights": str(args.weights or "committed"), "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": args.cfg,
             "rows": rows, "pareto": {key: pareto(rows, key) for key in EVAL_SETS},
             "pairs": len(sets["A"][2]["samples"]), "prompts": {key: sets[key][0] for key in sets},
@@ -763,6 +775,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="another checkpoint of the model (e.g. one trained with another --seed); default: the "
+                             "committed reference weights")
     parser.add_argument("--families", default="", help="comma-separated: only these method families, e.g. "
                                                          "teacache (default: all of " + ", ".join(FAMILY_LABELS) + ")")
     args = parser.parse_args()
@@ -771,6 +786,9 @@ def main() -> None:
     unknown = [name for name in args.settings.split(",") if name not in settings]
     if unknown:
         parser.error(f"--model {args.model} has no setting {', '.join(unknown)}; it has {', '.join(settings)}")
+    unknown = set(args.families.split(",")) - set(FAMILY_LABELS) if args.families else set()
+    if unknown:
+        parser.error(f"--families: no family {', '.join(sorted(unknown))}; the families are {', '.join(FAMILY_LABELS)}")
     args.skip_full = args.skip_full or args.model != "unet"  # Part 2 measures a full-size UNet
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     load_pack()
