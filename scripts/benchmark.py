@@ -525,7 +525,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
         rows.append(row)
         print(f"[{name}] {method.name}: {1 / row['flop_fraction']:.2f}x FLOPs, {row['wall_speedup']:.2f}x wall, "
               f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
-    if setup.video and any(r["family"] == "block_cache_floor" for r in rows):  # not in a --families re-run
+    if setup.video and {"block_cache_floor", "fewer_steps"} <= {r["family"] for r in rows}:  # its two rows ran
         _preview_gif(args.out / f"preview_{name}.gif", rows, outputs_a, uncached["A"])
     return {"setting": name, "model": args.model, "weights": str(args.weights or "committed"), "sampler": sampler, "scheduler": scheduler, "steps": steps,
             "cfg": args.cfg,
