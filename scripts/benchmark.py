@@ -319,8 +319,8 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         methods.append(Method(f"First Block Cache {threshold:g}", "fbcache", f"threshold {threshold:g}",
                               lambda t=threshold: (bench_peers.first_block_cache(patching, model, base, t)[0], steps),
                               knob=threshold))
-    if not unet and wanted("teacache"):  # its indicator: Flux's modulated input of the first double block, Wan's time
-        # modulation
+    # TeaCache's indicator: Flux's modulated input of the first double block, Wan's time modulation.
+    if not unet and wanted("teacache"):
         layer, indicator = (("blocks.0", bench_peers.wan_time_modulation) if setup.video
                             else ("double_blocks.0", bench_peers.flux_modulated_input))
         # Fitted on the profiling prompts' uncached run, as TeaCache fits its polynomial per model.
