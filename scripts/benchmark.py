@@ -278,8 +278,9 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         stepped = schedule.builder["stepped_down_from"]
         chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
                   + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
-        methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x",
-                              "block_cache_floor", chosen, apply(schedule), knob=schedule.estimated_speedup))
+        if wanted("block_cache_floor"):
+            methods.append(Method(f"{FAMILY_LABELS['block_cache_floor']} {schedule.estimated_speedup:.2f}x",
+                                  "block_cache_floor", chosen, apply(schedule), knob=schedule.estimated_speedup))
     if wanted("block_cache_best"):
         # The Build node with fewer_steps = 'best of cache, fewer steps, or both': the default target and floor,
         # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
@@ -485,16 +486,13 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     sample(model, sets["A"][1], sets["A"][2], EVAL_SETS["A"][1])  # warm-up
     time_no_cache()
     rows = []
-    families = set(args.families.split(",")) if args.families else set(FAMILY_LABELS)  # a re-run of some rows
-
     def wanted(family: str) -> bool:
-        return family in families and not (setup.video and family in VIDEO_SKIPPED)
+        return family in args.families and not (setup.video and family in VIDEO_SKIPPED)
 
     methods = _methods(setup, reference, profile, steps, sampler, scheduler, args.max_rungs, wanted)
     if setup.video and wanted("block_cache_two_experts"):
         methods.append(two_experts_method(reference, profile, profile_positive, profile_latent, negative, args.cfg,
                                           sampler, scheduler, steps))
-    methods = [m for m in methods if m.family == "none" or wanted(m.family)]  # the uncached row is always kept
     outputs_a: dict[str, torch.Tensor] = {}
     for index, method in enumerate(methods):
         if index and index % 8 == 0:
@@ -527,8 +525,8 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
               f"PSNR A {row['psnr_A']:.1f} / B {row['psnr_B']:.1f} dB", flush=True)
     if setup.video and {"block_cache_floor", "fewer_steps"} <= {r["family"] for r in rows}:  # its two rows ran
         _preview_gif(args.out / f"preview_{name}.gif", rows, outputs_a, uncached["A"])
-    return {"setting": name, "model": args.model, "weights": str(args.weights or "committed"), "sampler": sampler, "scheduler": scheduler, "steps": steps,
-            "cfg": args.cfg,
+    return {"setting": name, "model": args.model, "weights": str(args.weights or "committed"), "sampler": sampler,
+            "scheduler": scheduler, "steps": steps, "cfg": args.cfg,
             "rows": rows, "pareto": {key: pareto(rows, key) for key in EVAL_SETS},
             "pairs": len(sets["A"][2]["samples"]), "prompts": {key: sets[key][0] for key in sets},
             "profile_prompts": profile_prompts, "no_cache_seconds": no_cache_seconds,
@@ -786,7 +784,9 @@ def main() -> None:
     unknown = [name for name in args.settings.split(",") if name not in settings]
     if unknown:
         parser.error(f"--model {args.model} has no setting {', '.join(unknown)}; it has {', '.join(settings)}")
-    unknown = set(args.families.split(",")) - set(FAMILY_LABELS) if args.families else set()
+    # A re-run of some rows (the uncached row always runs).
+    args.families = set(args.families.split(",")) if args.families else set(FAMILY_LABELS)
+    unknown = args.families - set(FAMILY_LABELS)
     if unknown:
         parser.error(f"--families: no family {', '.join(sorted(unknown))}; the families are {', '.join(FAMILY_LABELS)}")
     args.skip_full = args.skip_full or args.model != "unet"  # Part 2 measures a full-size UNet
