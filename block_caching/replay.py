@@ -49,6 +49,11 @@ class ProfileReplay:
     sample: Callable[..., torch.Tensor]
     reference: torch.Tensor
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # A segment of a split run (segment_replay) samples again at its own step count only.
+    other_step_counts: bool = True
+    # False where another seed gives the run the same input (a segment that adds no noise and has no earlier
+    # segment to sample again): its held-out pictures are then the profiled ones.
+    held_out: bool = True
 
     @property
     def metric(self) -> str:
@@ -137,6 +142,49 @@ class HeldOutRuns:
         return self.measure(lambda replay: replay.model, steps=steps)
 
 
+def segment_replay(model: Any, sample_segment: Callable[[Any, torch.Tensor | None, int], torch.Tensor],
+                   reference: torch.Tensor, steps: int, *, adds_noise: bool, earlier: ProfileReplay | None = None,
+                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProfileReplay:
+    """How to sample one segment of a split run again (a KSamplerAdvanced segment: one expert of Wan 2.2).
+
+    ``sample_segment(model, input, seed_offset)`` samples the segment from ``input`` (None: the profiled input
+    latent) with the noise seed moved by ``seed_offset`` and returns its output latent. With ``earlier`` (the
+    replay of the segment that made the profiled input), another seed's input is that segment sampled again,
+    uncached, with the same seed offset: so a segment that adds no noise of its own (a low-noise expert) is still
+    measured on other noise than the run that chose its schedule. Only the profiled ``steps`` can be sampled.
+    """
+    segment_steps = steps
+    inputs: dict[int, torch.Tensor] = {}
+
+    def input_for(seed_offset: int) -> torch.Tensor | None:
+        if earlier is None or seed_offset == 0:
+            return None
+        if seed_offset not in inputs:  # one earlier run per seed, whatever this segment's model
+            inputs[seed_offset] = earlier.sample(earlier.model, seed_offset=seed_offset)
+        return inputs[seed_offset]
+
+    def sample(with_model: Any, steps: int | None = None, seed_offset: int = 0) -> torch.Tensor:
+        if steps not in (None, segment_steps):
+            raise ValueError(f"a segment of a split run is sampled again with its own {segment_steps} steps only, "
+                             f"not {steps}")
+        return sample_segment(with_model, input_for(seed_offset), seed_offset)
+
+    return ProfileReplay(model, sample, reference, decode, other_step_counts=False,
+                         held_out=adds_noise or earlier is not None)
+
+
+def earlier_segment_replay(earlier: BlockProfile, samples: torch.Tensor) -> ProfileReplay:
+    """The replay, among ``earlier``'s, whose run made ``samples`` (a later segment's input latent)."""
+    for replay in earlier.replays:
+        if replay.reference.shape == samples.shape and torch.equal(replay.reference, samples.to(replay.reference)):
+            return replay
+    if not earlier.replays:
+        raise ValueError("the earlier segment's profile cannot sample its run again (loaded as JSON, or recorded by "
+                         "Record Block Changes): connect the profile of Profile Block Changes (Advanced)")
+    raise ValueError("the earlier segment's profile is not of the run that made this latent: connect the profile "
+                     "of the node whose output latent is this node's latent_image")
+
+
 def profile_again(profile: BlockProfile, steps: int) -> BlockProfile:
     """The profile of the profiled runs sampled again with ``steps`` (same prompts, seed and sampler), merged
     over its replays; it keeps the replays, so its schedules are measured against the original runs."""
@@ -144,6 +192,9 @@ def profile_again(profile: BlockProfile, steps: int) -> BlockProfile:
     if not profile.replays:
         raise ValueError("this profile cannot sample its run again (loaded as JSON, or recorded by Record Block "
                          "Changes), so it cannot be profiled at another step count")
+    if not all(replay.other_step_counts for replay in profile.replays):
+        raise ValueError("this profile is of a segment of a split run, which is sampled again with its own steps "
+                         "only, so it cannot be profiled at another step count")
     profiles = []
     for replay in profile.replays:
         profiled, holder = attach_profiler(replay.model)

@@ -92,8 +92,9 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         if evenly and evenly[0][1].steps != rung.steps:
             rung, by_rule = evenly[0][1], True
             notes.append("not measured: on a video latent the schedule of this cost searched with every step's "
-                         "error weighted alike is taken (a guess: on two trained video models it kept 4-8 dB more in three "
-                         "runs of four and 1-2 dB less in one; validation on the whole run measures instead).")
+                         "error weighted alike is taken (a guess: on two trained video models it kept 4-8 dB more in "
+                         "three runs of four and 1-2 dB less in one). Validation measures instead: profile with "
+                         "Profile Block Changes, or a segment with Profile Block Changes (Advanced).")
     if measure is not None and rung.computes < steps:
         measured = measured_once(profile, found.layers, measure)
         # In the order the step down probes them first: each where it kept the most on unseen prompts.

@@ -470,16 +470,18 @@ function chain(prototype, name, fn) {
 
 // Per node id: what the node does with its executed message, when a saved graph is loaded
 // (configured), and when one of its widgets changes.
-const NODE_HANDLERS = {
-  BlockCacheProfile: {
-    executed(node, message) {
-      const profile = message?.[PROFILE_KEY]?.[0];
-      if (!profile) return;
-      node.properties[PROFILE_KEY] = profile;
-      showProfile(node);
-    },
-    configured: (node) => showProfile(node),
+const PROFILE_HANDLER = {
+  executed(node, message) {
+    const profile = message?.[PROFILE_KEY]?.[0];
+    if (!profile) return;
+    node.properties[PROFILE_KEY] = profile;
+    showProfile(node);
   },
+  configured: (node) => showProfile(node),
+};
+const NODE_HANDLERS = {
+  BlockCacheProfile: PROFILE_HANDLER,
+  BlockCacheProfileAdvanced: PROFILE_HANDLER,
   [TARGET_NODE]: {
     executed(node, message) {
       const ladder = message?.[LADDER_KEY]?.[0];
@@ -583,7 +585,7 @@ app.registerExtension({
         if (node.graph) refresh(node);
       }, 250);
       chain(node, "onRemoved", () => clearInterval(timer));
-    } else if (["BlockCacheProfile", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass) ||
+    } else if (["BlockCacheProfile", "BlockCacheProfileAdvanced", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass) ||
       TEXT_NODES.has(node.comfyClass)) {
       pictureWidget(node);
     }

@@ -8,11 +8,18 @@ from .nodes_compare import ComparePictures
 from .nodes_demo import LoadDemoModel
 from .nodes_faster_diffusion import FasterDiffusionSchedule
 from .nodes_files import LoadCacheSchedule, SaveCacheSchedule
-from .nodes_profile import CollectBlockProfile, MergeBlockProfiles, ProfileBlockChanges, RecordBlockChanges
+from .nodes_profile import (
+    CollectBlockProfile,
+    MergeBlockProfiles,
+    ProfileBlockChanges,
+    ProfileBlockChangesAdvanced,
+    RecordBlockChanges,
+)
 from .nodes_schedule import BuildTargetSchedule, BuildThresholdSchedule
 
 NODES: list[type[io.ComfyNode]] = [
     ProfileBlockChanges,
+    ProfileBlockChangesAdvanced,
     RecordBlockChanges,
     CollectBlockProfile,
     BuildTargetSchedule,

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 VALIDATION = ("measure PSNR", "choose by measured PSNR", "off")
 FEWER_STEPS = ("compare", "use fewer steps when better", "off", "best of cache, fewer steps, or both")
-_PROFILE_TOOLTIP = "From Profile Block Changes (or Merge Block Profiles)."
+_PROFILE_TOOLTIP = ("From Profile Block Changes, Profile Block Changes (Advanced), Collect Block Profile or Merge "
+                    "Block Profiles.")
 _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
 _LAST_TOOLTIP = "Steps at the end that always compute every layer."
 
@@ -137,12 +138,21 @@ class BuildTargetSchedule(io.ComfyNode):
                 runs, second = HeldOutRuns(profile.replays), HeldOutRuns(profile.replays, SECOND_SEED_OFFSET)
             else:
                 notes.append("validation skipped: this profile cannot sample its run again (loaded as JSON, or "
-                             "recorded under another sampler by Record Block Changes).")
+                             "recorded under another sampler by Record Block Changes; for KSamplerAdvanced "
+                             "segments, Profile Block Changes (Advanced) can).")
         if runs is None and min_psnr:
             notes.append(f"the {min_psnr:g} dB floor was not applied: it needs validation (the profiled prompts "
                          "sampled again).")
         if runs is None and fewer_steps != FEWER_STEPS[2]:
             notes.append("fewer steps were not compared: that needs validation.")
+        segment = any(not replay.other_step_counts for replay in profile.replays)
+        if runs is not None and segment and fewer_steps != FEWER_STEPS[2]:
+            notes.append("fewer steps were not compared: this profile is of a segment of a split run, which is "
+                         "sampled again with its own steps only.")
+            fewer_steps = FEWER_STEPS[2]
+        if runs is not None and not all(replay.held_out for replay in profile.replays):
+            notes.append("validation read the profiled run itself (a segment that adds no noise, without its earlier "
+                         "segment's profile): its figures flatter the schedule by a few dB.")
         schedule = build_target_schedule(
             profile, options, runs.schedule if runs else None, choose_by_measure=validation == VALIDATION[1],
             metric=metric, fewer_steps=second.fewer_steps if second and fewer_steps != FEWER_STEPS[2] else None,

@@ -143,6 +143,7 @@ FAMILY_LABELS = {
     "lazycache": "LazyCache (core)",
     "faster_diffusion": "Faster Diffusion",
     "block_cache_two_experts": "Block Cache default, two experts (Wan 2.2 layout)",
+    "block_cache_two_experts_measured": "Block Cache default, two experts, each segment measured",
 }
 # Where each module named in the scripts lives in the pack.
 PACKAGES = {
@@ -355,37 +356,75 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     return methods
 
 
-def two_experts_method(reference: Any, profile: Any, positive: Any, latent: dict, negative: Any, cfg: float,
-                       sampler: str, scheduler: str, steps: int) -> Method:
+def two_experts_methods(reference: Any, positive: Any, latent: dict, negative: Any, cfg: float,
+                        sampler: str, scheduler: str, steps: int, wanted: Callable[[str], bool]) -> list[Method]:
     """Wan 2.2's layout: a high-noise expert samples the steps above the boundary sigma, a low-noise expert
     the rest, in two KSamplerAdvanced segments (here one trained model as both). Each expert is profiled
-    on its own segment of the profiling prompts' run and cached by the default target's schedule for it."""
+    on its own segment of the profiling prompts' run and cached by the default target's schedule for it:
+    recorded (Record / Collect Block Changes: nothing measured, the video rule), or profiled as Profile Block
+    Changes (Advanced) does, each segment's schedule measured by sampling it again (the low-noise one through
+    the high-noise one) as Build Cache Schedule does by default (30 dB floor)."""
     import comfy.samplers
     import nodes as comfy_nodes
 
     patching, target = _module("patching"), _module("target_schedule")
-    target_build = _module("target_build")
+    target_build, replay_module = _module("target_build"), _module("replay")
     model = reference.patcher
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).tolist()
     split = next(i for i, sigma in enumerate(sigmas) if sigma < WAN22_BOUNDARY_SIGMA)
 
-    def segments(high: Any, low: Any, positive: Any, latent: dict, seed: int) -> torch.Tensor:
-        (first,) = comfy_nodes.common_ksampler(high, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
+    def first_segment(m: Any, positive: Any, latent: dict, seed: int) -> dict:
+        (first,) = comfy_nodes.common_ksampler(m, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
                                                start_step=0, last_step=split, force_full_denoise=False)
-        (out,) = comfy_nodes.common_ksampler(low, seed, steps, cfg, sampler, scheduler, positive, negative, first,
+        return first
+
+    def second_segment(m: Any, positive: Any, first: dict, seed: int) -> dict:
+        (out,) = comfy_nodes.common_ksampler(m, seed, steps, cfg, sampler, scheduler, positive, negative, first,
                                              disable_noise=True, start_step=split, last_step=steps,
                                              force_full_denoise=True)
-        return out["samples"]
+        return out
+
+    def segments(high: Any, low: Any, positive: Any, latent: dict, seed: int) -> torch.Tensor:
+        return second_segment(low, positive, first_segment(high, positive, latent, seed), seed)["samples"]
 
     (recording_high, high_holder), (recording_low, low_holder) = patching.attach_profiler(model), \
         patching.attach_profiler(model)
-    segments(recording_high, recording_low, positive, latent, PROFILE_SET[1])
-    experts = [patching.apply_block_cache(model, target.build_target_schedule(
-        patching.collect_profile(holder, model), target_build.TargetOptions()))[0]
-        for holder in (high_holder, low_holder)]
-    label = f"steps 0-{split - 1} and {split}-{steps - 1}, each its own {target_build.DEFAULT_SPEEDUP:g}x schedule"
-    return Method(FAMILY_LABELS["block_cache_two_experts"], "block_cache_two_experts", label, lambda: (model, steps),
-                  sample=lambda positive, latent, seed: segments(*experts, positive, latent, seed))
+    seed = PROFILE_SET[1]
+    first = first_segment(recording_high, positive, latent, seed)
+    out = second_segment(recording_low, positive, first, seed)["samples"]
+    profiles = [patching.collect_profile(holder, model) for holder in (high_holder, low_holder)]
+    spans = f"steps 0-{split - 1} and {split}-{steps - 1}"
+    methods = []
+    if wanted("block_cache_two_experts"):
+        experts = [patching.apply_block_cache(model, target.build_target_schedule(p, target_build.TargetOptions()))[0]
+                   for p in profiles]
+        label = f"{spans}, each its own {target_build.DEFAULT_SPEEDUP:g}x schedule"
+        methods.append(Method(FAMILY_LABELS["block_cache_two_experts"], "block_cache_two_experts", label,
+                              lambda: (model, steps),
+                              sample=lambda positive, latent, seed, e=experts: segments(*e, positive, latent, seed)))
+    if wanted("block_cache_two_experts_measured"):
+        high_replay = replay_module.segment_replay(
+            model, lambda m, _, offset: first_segment(m, positive, latent, seed + offset)["samples"],
+            first["samples"], split, adds_noise=True)
+        low_replay = replay_module.segment_replay(
+            model, lambda m, samples, offset: second_segment(
+                m, positive, first if samples is None else {**first, "samples": samples}, seed + offset)["samples"],
+            out, steps - split, adds_noise=False, earlier=high_replay, decode=_pictures)
+        schedules = []
+        for profile, replay in zip(profiles, (high_replay, low_replay), strict=True):
+            replays = (replay,)
+            schedules.append(target.build_target_schedule(
+                dataclasses.replace(profile, replays=replays),
+                target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR),
+                replay_module.HeldOutRuns(replays).schedule, metric=replay.metric,
+                confirm=replay_module.HeldOutRuns(replays, replay_module.SECOND_SEED_OFFSET).schedule))
+        experts = [patching.apply_block_cache(model, schedule)[0] for schedule in schedules]
+        chosen = "; ".join(f"{name}: {_chosen_rung(schedule)} ({schedule.builder['chosen_by']})"
+                           for name, schedule in zip(("high", "low"), schedules, strict=True))
+        methods.append(Method(FAMILY_LABELS["block_cache_two_experts_measured"], "block_cache_two_experts_measured",
+                              f"{spans}, {chosen}", lambda: (model, steps),
+                              sample=lambda positive, latent, seed, e=experts: segments(*e, positive, latent, seed)))
+    return methods
 
 
 def _preview_gif(path: Path, rows: list[dict[str, Any]], clips: dict[str, torch.Tensor], uncached: torch.Tensor,
@@ -490,9 +529,9 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
         return family in args.families and not (setup.video and family in VIDEO_SKIPPED)
 
     methods = _methods(setup, reference, profile, steps, sampler, scheduler, args.max_rungs, wanted)
-    if setup.video and wanted("block_cache_two_experts"):
-        methods.append(two_experts_method(reference, profile, profile_positive, profile_latent, negative, args.cfg,
-                                          sampler, scheduler, steps))
+    if setup.video:
+        methods += two_experts_methods(reference, profile_positive, profile_latent, negative, args.cfg,
+                                       sampler, scheduler, steps, wanted)
     outputs_a: dict[str, torch.Tensor] = {}
     for index, method in enumerate(methods):
         if index and index % 8 == 0:
@@ -733,6 +772,7 @@ FAMILY_COLOURS = {
     "taylorseer": (23, 190, 207), "deepcache": (148, 103, 189), "fbcache": (188, 189, 34), "teacache": (127, 127, 127),
     "easycache": (44, 160, 44), "lazycache": (152, 223, 138), "faster_diffusion": (255, 127, 14),
     "magcache": (65, 65, 65), "block_cache_two_experts": (255, 187, 120),
+    "block_cache_two_experts_measured": (255, 127, 80),
 }
 
 
@@ -743,7 +783,8 @@ def quality_plot(result: dict[str, Any], path: Path) -> None:
                       key=lambda r: (r["flop_fraction"], -r["psnr_A"]))
         if not rows:
             continue
-        line = family not in ("faster_diffusion", "block_cache_floor", "block_cache_best", "block_cache_two_experts")
+        line = family not in ("faster_diffusion", "block_cache_floor", "block_cache_best", "block_cache_two_experts",
+                              "block_cache_two_experts_measured")
         series.append(Series(label, [1 / r["flop_fraction"] for r in rows], [min(r["psnr_A"], 60.0) for r in rows],
                              line=line, colour=FAMILY_COLOURS[family]))
     plot(series, str(path), title=f"{MODELS[result.get('model', 'unet')].description}, {result['sampler']}/{result['scheduler']} {result['steps']}: "

@@ -82,9 +82,9 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "EmptyHunyuanLatentVideo": ([], [("LATENT", "LATENT")]),
     "KSamplerAdvanced": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
-    "BlockCacheRecord": ([("model", "MODEL")], [("model", "MODEL"), ("recording", "BLOCK_PROFILE_RECORDING")]),
-    "BlockCacheCollectProfile": ([("recording", "BLOCK_PROFILE_RECORDING"), ("latent", "LATENT")],
-                                 [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
+    "BlockCacheProfileAdvanced": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                   ("latent_image", "LATENT"), ("vae", "VAE"), ("earlier_segment", "BLOCK_PROFILE")],
+                                  [("LATENT", "LATENT"), ("profile", "BLOCK_PROFILE"), ("heatmap", "IMAGE")]),
     "BlockCacheComparePictures": ([("uncached", "IMAGE"), ("cached", "IMAGE")],
                                   [("difference", "IMAGE"), ("mean_psnr", "FLOAT"), ("mean_ssim", "FLOAT")]),
 }
@@ -289,20 +289,22 @@ WAN22_SPLIT = 10  # the high-noise expert samples steps 0-9, the low-noise exper
 
 
 def wan22() -> dict[str, Any]:
-    """Wan 2.2 14B text-to-video: two experts in two KSamplerAdvanced segments, each recorded, scheduled and
-    cached on its own segment, beside the uncached pair."""
+    """Wan 2.2 14B text-to-video: two experts in two KSamplerAdvanced segments, each profiled, scheduled (and
+    measured) and cached on its own segment, beside the uncached pair."""
     g = Graph()
     note = ("## Block Cache: Wan 2.2 (two experts)\n\nWan 2.2 14B runs a high-noise expert for the first "
             f"steps and a low-noise expert for the rest, as two *KSamplerAdvanced* segments (steps 0-{WAN22_SPLIT} "
-            f"and {WAN22_SPLIT}-{WAN22_STEPS}). *Record Block Changes* goes on each expert and *Collect Block "
-            "Profile* after each segment's sampler: each expert gets the profile of its own segment, and *Build "
-            "Cache Schedule* a schedule for that segment. The uncached pair below is the recorded run itself "
-            "(recording changes nothing), so *Compare Pictures* shows what the cache costs, frame by frame.\n\n"
+            f"and {WAN22_SPLIT}-{WAN22_STEPS}). *Profile Block Changes (Advanced)* samples each segment as "
+            "KSamplerAdvanced does and profiles it; *Build Cache Schedule* builds each expert a schedule for its "
+            "own segment and measures it by sampling that segment again with other seeds (the low-noise segment "
+            "through the high-noise one: its *earlier_segment* input). The profiled pair is the uncached run, so "
+            "*Compare Pictures* shows what the cache costs, frame by frame. Under another sampler, *Record Block "
+            "Changes* and *Collect Block Profile* profile a segment too, without the measurement.\n\n"
             f"{_TUNE}\n\nPut `wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors` and "
             "`wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors` in `models/diffusion_models`, "
             "`umt5_xxl_fp8_e4m3fn_scaled.safetensors` in `models/text_encoders`, `wan_2.1_vae.safetensors` in "
             "`models/vae`.")
-    g.add("MarkdownNote", (0, -300), [note], (NOTE_W * 2, 380))
+    g.add("MarkdownNote", (0, -300), [note], (NOTE_W * 2, 420))
     clip = g.add("CLIPLoader", (0, 120), ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], (300, 110))
     vae = g.add("VAELoader", (0, 260), ["wan_2.1_vae.safetensors"], (300, 60))
     positive = g.add("CLIPTextEncode", (0, 350), ["a red fox running through fresh snow at dawn, cinematic"],
@@ -317,48 +319,44 @@ def wan22() -> dict[str, Any]:
         y = 120 + row * 520
         unet = g.add("UNETLoader", (340, y), [file, "default"], (320, 90), title=f"{name}-noise expert")
         shift = g.add("ModelSamplingSD3", (340, y + 130), [8.0], (320, 60))
-        record = g.add("BlockCacheRecord", (340, y + 230), [], (320, 80))
         g.link(unet, 0, shift, "model")
-        g.link(shift, 0, record, "model")
-        experts[name] = (shift, record)
+        experts[name] = shift
 
-    def segment(model: tuple[int, int], source: tuple[int, int], first: bool, pos: tuple[int, int], title: str,
-                colour: str | None = None) -> int:
+    def segment(node_type: str, model: tuple[int, int], source: tuple[int, int], first: bool, pos: tuple[int, int],
+                title: str, colour: str | None = None) -> int:
         widgets = ["enable" if first else "disable", 42, "fixed", WAN22_STEPS, 3.5, "euler", "simple",
                    0 if first else WAN22_SPLIT, WAN22_SPLIT if first else 10000, "enable" if first else "disable"]
-        node = g.add("KSamplerAdvanced", pos, widgets, (300, 330), title=title, colour=colour)
+        node = g.add(node_type, pos, widgets, (300, 360), title=title, colour=colour)
         g.link(*model, node, "model")
         g.link(positive, 0, node, "positive")
         g.link(negative, 0, node, "negative")
         g.link(*source, node, "latent_image")
         return node
 
-    # The recorded (uncached) run: high segment -> collect -> low segment -> collect.
-    high_run = segment((experts["high"][1], 0), (latent, 0), True, (700, 120), "high-noise segment (recorded)")
-    high_collect = g.add("BlockCacheCollectProfile", (1040, 120), [], (320, 120))
-    g.link(experts["high"][1], 1, high_collect, "recording")
-    g.link(high_run, 0, high_collect, "latent")
-    low_run = segment((experts["low"][1], 0), (high_collect, 0), False, (700, 640), "low-noise segment (recorded)")
-    low_collect = g.add("BlockCacheCollectProfile", (1040, 640), [], (320, 120))
-    g.link(experts["low"][1], 1, low_collect, "recording")
-    g.link(low_run, 0, low_collect, "latent")
+    # The profiled (uncached) run: the high-noise segment, then the low-noise one from its latent.
+    high_run = segment("BlockCacheProfileAdvanced", (experts["high"], 0), (latent, 0), True, (700, 120),
+                       "high-noise segment (profiled)")
+    low_run = segment("BlockCacheProfileAdvanced", (experts["low"], 0), (high_run, 0), False, (700, 640),
+                      "low-noise segment (profiled)")
+    g.link(high_run, 1, low_run, "earlier_segment")
+    g.link(vae, 0, low_run, "vae")
     # Each expert's schedule, applied to that expert.
     applied = {}
-    for row, (name, collect) in enumerate((("high", high_collect), ("low", low_collect))):
+    for row, (name, run) in enumerate((("high", high_run), ("low", low_run))):
         y = 120 + row * 520
         build = g.add(BUILD, (1400, y), list(BUILD_WIDGETS), (460, 460), title=f"Build Cache Schedule ({name})",
                       colour=CACHED)
         apply = g.add("BlockCacheApply", (1900, y), APPLY_WIDGETS, (440, 180), title=f"Apply Block Cache ({name})",
                       colour=CACHED)
-        g.link(collect, 1, build, "profile")
-        g.link(experts[name][0], 0, apply, "model")
+        g.link(run, 1, build, "profile")
+        g.link(experts[name], 0, apply, "model")
         g.link(build, 0, apply, "schedule")
         applied[name] = apply
-    high_cached = segment((applied["high"], 0), (latent, 0), True, (2380, 120), "high-noise segment (cached)",
-                          CACHED)
-    low_cached = segment((applied["low"], 0), (high_cached, 0), False, (2380, 500), "low-noise segment (cached)",
-                         CACHED)
-    _decode_and_compare(g, (low_cached, 0), (low_collect, 0), (vae, 0), 2380, cached_y=500)
+    high_cached = segment("KSamplerAdvanced", (applied["high"], 0), (latent, 0), True, (2380, 120),
+                          "high-noise segment (cached)", CACHED)
+    low_cached = segment("KSamplerAdvanced", (applied["low"], 0), (high_cached, 0), False, (2380, 500),
+                         "low-noise segment (cached)", CACHED)
+    _decode_and_compare(g, (low_cached, 0), (low_run, 0), (vae, 0), 2380, cached_y=500)
     return g.to_json()
 
 

@@ -1,5 +1,6 @@
 """Profiling under the sampler a graph already has (Record Block Changes -> any sampler -> Collect
-Block Profile), and two-expert models (Wan 2.2) whose experts each sample one segment."""
+Block Profile), and two-expert models (Wan 2.2) whose experts each sample one segment, recorded or profiled
+by Profile Block Changes (Advanced) so that Build Cache Schedule can measure each segment's schedule."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.block_caching.replay import HeldOutRuns, profile_again
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
 from comfyui_block_cache.demo_models import builtin_models as builtin
-from comfyui_block_cache.nodes.nodes_profile import CollectBlockProfile, ProfileBlockChanges, RecordBlockChanges
+from comfyui_block_cache.nodes.nodes_profile import (
+    CollectBlockProfile,
+    ProfileBlockChanges,
+    ProfileBlockChangesAdvanced,
+    RecordBlockChanges,
+)
+from comfyui_block_cache.nodes.nodes_schedule import BuildTargetSchedule
 from helpers import count_layer_computations, sample
 
 STEPS = 8
@@ -34,12 +42,19 @@ def _profile_node(pack, model, conds, latent):
     return result[0], result[1]
 
 
-def _advanced(model, conds, latent, start, end, add_noise=True):
+def _advanced(model, conds, latent, start, end, add_noise=True, seed=SEED):
     positive, negative = conds
-    (out,) = comfy_nodes.KSamplerAdvanced().sample(model, "enable" if add_noise else "disable", SEED, STEPS, CFG,
+    (out,) = comfy_nodes.KSamplerAdvanced().sample(model, "enable" if add_noise else "disable", seed, STEPS, CFG,
                                                    "euler", "normal", positive, negative, latent, start, end,
                                                    "enable" if end < STEPS else "disable")
     return out
+
+
+def _profile_advanced(model, conds, latent, start, end, add_noise=True, earlier=None):
+    positive, negative = conds
+    return ProfileBlockChangesAdvanced.execute(model, "enable" if add_noise else "disable", SEED, STEPS, CFG, "euler",
+                                               "normal", positive, negative, latent, start, end,
+                                               "enable" if end < STEPS else "disable", earlier_segment=earlier)
 
 
 def _assert_same_change(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -120,3 +135,67 @@ def test_two_experts_each_cached_by_the_schedule_of_its_own_segment(pack, conds,
     sample(whole, *conds, latent, steps=STEPS)
     assert holder.last_run.figures["cache"].retimed
     assert (holder.last_run.computed >= split).all(), "the steps before the low-noise segment compute everything"
+
+
+SPLIT = 3
+
+
+def test_profile_advanced_samples_like_ksampler_advanced_and_profiles_its_segment(pack, tiny_model, conds, latent):
+    """Exactly KSamplerAdvanced's latents, segment by segment, and the profile Record / Collect gives."""
+    first = _profile_advanced(tiny_model, conds, latent, 0, SPLIT)
+    (first_latent, first_profile, _) = first.result
+    assert torch.equal(first_latent["samples"], _advanced(tiny_model, conds, latent, 0, SPLIT)["samples"])
+    (last_latent, last_profile, _) = _profile_advanced(tiny_model, conds, first_latent, SPLIT, STEPS, add_noise=False,
+                                                       earlier=first_profile).result
+    expected_last = _advanced(tiny_model, conds, first_latent, SPLIT, STEPS, add_noise=False)
+    assert torch.equal(last_latent["samples"], expected_last["samples"])
+    recording_model, recording = _record(pack, tiny_model)
+    recorded = _collect(pack, recording, _advanced(recording_model, conds, first_latent, SPLIT, STEPS,
+                                                   add_noise=False))
+    assert last_profile.grid.steps == STEPS - SPLIT and last_profile.grid.same_as(list(recorded.grid.taus))
+    _assert_same_change(np.array(last_profile.change), np.array(recorded.change))
+    assert "validation" not in first.ui["text"][0], "a segment that adds noise has held-out seeds of its own"
+
+
+def test_a_later_segment_is_sampled_again_from_the_earlier_segment_with_another_seed(pack, tiny_model, conds, latent):
+    (first_latent, first_profile, _) = _profile_advanced(tiny_model, conds, latent, 0, SPLIT).result
+    (_, profile, _) = _profile_advanced(tiny_model, conds, first_latent, SPLIT, STEPS, add_noise=False,
+                                        earlier=first_profile).result
+    (replay,) = profile.replays
+    assert replay.held_out and not replay.other_step_counts
+    other_input = _advanced(tiny_model, conds, latent, 0, SPLIT, seed=SEED + 1)
+    expected = _advanced(tiny_model, conds, other_input, SPLIT, STEPS, add_noise=False)
+    assert torch.equal(replay.sample(tiny_model, seed_offset=1), expected["samples"])
+    assert torch.equal(replay.sample(tiny_model), replay.reference), "seed offset 0 is the profiled run"
+    with pytest.raises(ValueError, match="its own 5 steps only"):
+        replay.sample(tiny_model, steps=4)
+    with pytest.raises(ValueError, match="segment of a split run"):
+        profile_again(profile, 4)
+    # Without the earlier segment's profile another seed samples the same input: the profiled run itself.
+    alone = _profile_advanced(tiny_model, conds, first_latent, SPLIT, STEPS, add_noise=False)
+    (alone_replay,) = alone.result[1].replays
+    assert not alone_replay.held_out and "this very latent" in alone.ui["text"][0]
+    assert torch.equal(alone_replay.sample(tiny_model, seed_offset=1), alone_replay.reference)
+
+
+def test_an_earlier_segment_of_another_run_is_refused(pack, tiny_model, conds, latent):
+    (first_latent, first_profile, _) = _profile_advanced(tiny_model, conds, latent, 0, SPLIT).result
+    with pytest.raises(ValueError, match="not of the run that made this latent"):
+        _profile_advanced(tiny_model, conds, {"samples": first_latent["samples"] + 1.0}, SPLIT, STEPS,
+                          add_noise=False, earlier=first_profile)
+
+
+def test_build_measures_each_segment_s_schedule(pack, tiny_model, conds, latent):
+    """Build Cache Schedule validates a segment's schedule on other seeds (held-out pictures through the earlier
+    segment), and says that fewer steps cannot be compared there."""
+    (first_latent, first_profile, _) = _profile_advanced(tiny_model, conds, latent, 0, SPLIT).result
+    (_, profile, _) = _profile_advanced(tiny_model, conds, first_latent, SPLIT, STEPS, add_noise=False,
+                                        earlier=first_profile).result
+    result = BuildTargetSchedule.execute(profile, 2.0, "auto", "all", 1, 0, 0, "measure PSNR", 0.0, "compare")
+    schedule, text = result.result[0], result.ui["text"][0]
+    assert schedule.grid.steps == STEPS - SPLIT and not schedule.compute_mask().all()
+    assert "chosen: " in text and "latent PSNR" in text
+    assert "fewer steps were not compared: this profile is of a segment" in text
+    assert "validation read the profiled run itself" not in text
+    measured = HeldOutRuns(profile.replays).schedule(schedule)
+    assert len(measured.pictures) == 1 and 5.0 < measured.mean < 100.0

@@ -7,8 +7,8 @@ import json
 import pytest
 from comfy_server import comfy_server
 
-NODE_IDS = ["BlockCacheProfile", "BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule", "BlockCacheApply",
-            "BlockCacheSaveSchedule", "BlockCacheLoadSchedule", "BlockCacheComparePictures"]
+NODE_IDS = ["BlockCacheProfile", "BlockCacheProfileAdvanced", "BlockCacheBuildTargetSchedule", "BlockCacheBuildSchedule",
+            "BlockCacheApply", "BlockCacheSaveSchedule", "BlockCacheLoadSchedule", "BlockCacheComparePictures"]
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,11 @@ def test_object_info_lists_the_nodes_with_tooltips(server):
     assert list(profile_inputs) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
                                     "negative", "latent_image", "denoise"]
     assert info["BlockCacheProfile"]["output"] == ["LATENT", "BLOCK_PROFILE", "IMAGE"]
+    # The KSamplerAdvanced twin: its inputs in KSamplerAdvanced's order, then the VAE and the earlier segment.
+    advanced = info["BlockCacheProfileAdvanced"]["input"]
+    assert list(advanced["required"]) == list(info["KSamplerAdvanced"]["input"]["required"])
+    assert list(advanced["optional"]) == ["vae", "earlier_segment"]
+    assert info["BlockCacheProfileAdvanced"]["output"] == ["LATENT", "BLOCK_PROFILE", "IMAGE"]
     # The target builder's fourth output is the step count to sample with (fewer steps when they win).
     assert info["BlockCacheBuildTargetSchedule"]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING", "INT"]
     assert info["BlockCacheBuildSchedule"]["output"] == ["CACHE_SCHEDULE", "IMAGE", "STRING"]
