@@ -476,6 +476,9 @@ const PROFILE_HANDLER = {
     if (!profile) return;
     node.properties[PROFILE_KEY] = profile;
     showProfile(node);
+    // Below the summary line: what the node warns of (a segment measured on its own latent).
+    const notes = String(message?.text?.[0] ?? "").split("\n").slice(1).filter(Boolean);
+    if (notes.length) pictureWidget(node).text.textContent += "\n" + notes.join("\n");
   },
   configured: (node) => showProfile(node),
 };

@@ -145,6 +145,9 @@ class ProfileBlockChangesAdvanced(io.ComfyNode):
     def execute(cls, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                 latent_image, start_at_step, end_at_step, return_with_leftover_noise, vae=None,
                 earlier_segment=None) -> io.NodeOutput:
+        if start_at_step >= min(end_at_step, steps):
+            raise ValueError(f"Profile Block Changes (Advanced): steps {start_at_step} to {min(end_at_step, steps)} "
+                             "are no segment to sample or profile; start_at_step must be below end_at_step and steps.")
         earlier = None if earlier_segment is None else earlier_segment_replay(earlier_segment,
                                                                               latent_image["samples"])
         finished = return_with_leftover_noise == "disable"

@@ -178,6 +178,11 @@ def test_a_later_segment_is_sampled_again_from_the_earlier_segment_with_another_
     assert torch.equal(alone_replay.sample(tiny_model, seed_offset=1), alone_replay.reference)
 
 
+def test_an_empty_segment_is_refused_before_sampling(pack, tiny_model, conds, latent):
+    with pytest.raises(ValueError, match="are no segment to sample"):
+        _profile_advanced(tiny_model, conds, latent, 5, 3)
+
+
 def test_an_earlier_segment_of_another_run_is_refused(pack, tiny_model, conds, latent):
     (first_latent, first_profile, _) = _profile_advanced(tiny_model, conds, latent, 0, SPLIT).result
     with pytest.raises(ValueError, match="not of the run that made this latent"):
