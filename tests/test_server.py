@@ -109,6 +109,45 @@ def test_profile_build_apply_sample_then_load(server):
     assert "re-timed onto this run's 15 steps" in server.log()
 
 
+def test_two_segments_profiled_built_and_cached_through_the_executor(server):
+    """The Wan 2.2 workflow's wiring with the tiny demo model: two Profile Block Changes (Advanced) segments, the
+    later one given the earlier one's profile, each segment's schedule built with validation, applied, and the
+    cached pair sampled by KSamplerAdvanced."""
+    steps, split = 8, 3
+
+    def segment(node_type: str, model: list, latent: list, first: bool) -> dict:
+        return {"class_type": node_type, "inputs": {
+            "model": model, "add_noise": "enable" if first else "disable", "noise_seed": 1, "steps": steps,
+            "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "positive": ["model", 1],
+            "negative": ["model", 2], "latent_image": latent, "start_at_step": 0 if first else split,
+            "end_at_step": split if first else 10000, "return_with_leftover_noise": "enable" if first else "disable"}}
+
+    graph = {key: node for key, node in _graph(steps, {}).items() if key in ("model", "latent")}
+    graph["high"] = segment("BlockCacheProfileAdvanced", ["model", 0], ["latent", 0], True)
+    graph["low"] = segment("BlockCacheProfileAdvanced", ["model", 0], ["high", 0], False)
+    graph["low"]["inputs"]["earlier_segment"] = ["high", 1]
+    for name in ("high", "low"):
+        graph[f"build_{name}"] = {"class_type": "BlockCacheBuildTargetSchedule", "inputs": {
+            "profile": [name, 1], "speedup": 2.0, "forecast_order": "auto", "cache_kinds": "all",
+            "always_compute_first": 1, "always_compute_last": 0, "max_consecutive_reuse": 0,
+            "validation": "measure PSNR"}}
+        graph[f"apply_{name}"] = {"class_type": "BlockCacheApply", "inputs": {
+            "model": ["model", 0], "schedule": [f"build_{name}", 0]}}
+    graph["cached_high"] = segment("KSamplerAdvanced", ["apply_high", 0], ["latent", 0], True)
+    graph["cached_low"] = segment("KSamplerAdvanced", ["apply_low", 0], ["cached_high", 0], False)
+    graph["save_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": ["cached_low", 0],
+                                                                   "filename_prefix": "block_cache_segments"}}
+    queued = server.post("/prompt", {"prompt": graph})
+    outputs = server.wait_for(queued["prompt_id"], timeout=300)
+    assert outputs["save_latent"]["latents"]
+    for name, segment_steps in (("high", split), ("low", steps - split)):
+        assert f"x {segment_steps} steps" in outputs[name]["text"][0]
+        text = outputs[f"build_{name}"]["text"][0]
+        assert "chosen: " in text and "fewer steps were not compared: this profile is of a segment" in text, text
+        assert "validation read the profiled run itself" not in text, "the low segment has its earlier segment"
+    assert "Block Cache: computed" in server.log()
+
+
 def test_the_reference_model_samples_an_empty_latent_image_at_its_own_size(server):
     """An EmptyLatentImage is sampled at 1/8 of its size on every host, as the workflows expect (256x256 -> the
     reference models' 32x32 pixels). ComfyUI 0.33 resizes an empty latent to the model's spacial_downscale_ratio:
