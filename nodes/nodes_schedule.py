@@ -175,7 +175,11 @@ class BuildTargetSchedule(io.ComfyNode):
             lines.append(f"{status}: {tried.label}, {metric} PSNR {tried.measured_psnr:.1f} dB against uncached on the "
                          f"profiled prompts with {seed}; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} "
                          "dB on other prompts")
-        if build.measured and metric == "latent":
+        if build.measured and metric == "latent" and profile.grid.sigmas[-1] > 0:
+            lines.append("(latent PSNR of a segment that ends with leftover noise: the noise they share makes it read "
+                         "far above the pictures', so a floor hardly binds here; which schedule is closer is what it "
+                         "tells)")
+        elif build.measured and metric == "latent":
             lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
         stepped = build.stepped_down_from
         if stepped is not None:

@@ -419,7 +419,8 @@ def two_experts_methods(reference: Any, positive: Any, latent: dict, negative: A
                 replay_module.HeldOutRuns(replays).schedule, metric=replay.metric,
                 confirm=replay_module.HeldOutRuns(replays, replay_module.SECOND_SEED_OFFSET).schedule))
         experts = [patching.apply_block_cache(model, schedule)[0] for schedule in schedules]
-        chosen = "; ".join(f"{name}: {_chosen_rung(schedule)} ({schedule.builder['chosen_by']})"
+        chosen = "; ".join(f"{name}: {_chosen_rung(schedule)} ({schedule.builder['chosen_by']}; "
+                           f"{_measured_count(schedule)})"
                            for name, schedule in zip(("high", "low"), schedules, strict=True))
         methods.append(Method(FAMILY_LABELS["block_cache_two_experts_measured"], "block_cache_two_experts_measured",
                               f"{spans}, {chosen}", lambda: (model, steps),
@@ -460,6 +461,12 @@ def _chosen_rung(schedule: Any) -> str:
     partial = builder.get("chosen_partial")
     fine = "" if not partial else f" ({len(partial['layers'])} layers reused at step {partial['step'] + 1})"
     return f"steps {builder['compute_steps']}{fine}, order {builder['chosen_order']}"
+
+
+def _measured_count(schedule: Any) -> str:
+    """How many schedules the Build node measured for this one, and how many of them a second seed checked."""
+    measured = schedule.builder["measured"]
+    return f"{len(measured)} measured, {sum(entry['seeds'] > 1 for entry in measured)} checked on a second seed"
 
 
 def _fewer_steps(steps: int, coarse: bool = False) -> list[int]:

@@ -202,5 +202,8 @@ def test_build_measures_each_segment_s_schedule(pack, tiny_model, conds, latent)
     assert "chosen: " in text and "latent PSNR" in text
     assert "fewer steps were not compared: this profile is of a segment" in text
     assert "validation read the profiled run itself" not in text
+    high = BuildTargetSchedule.execute(first_profile, 2.0, "auto", "all", 1, 0, 0, "measure PSNR", 0.0, "compare")
+    assert "ends with leftover noise" in high.ui["text"][0], "a noisy segment's latent PSNR is said to read high"
+    assert "ends with leftover noise" not in text
     measured = HeldOutRuns(profile.replays).schedule(schedule)
     assert len(measured.pictures) == 1 and 5.0 < measured.mean < 100.0
