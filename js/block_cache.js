@@ -482,9 +482,9 @@ const PROFILE_HANDLER = {
   },
   configured: (node) => showProfile(node),
 };
+const PROFILE_NODES = ["BlockCacheProfile", "BlockCacheProfileAdvanced"];
 const NODE_HANDLERS = {
-  BlockCacheProfile: PROFILE_HANDLER,
-  BlockCacheProfileAdvanced: PROFILE_HANDLER,
+  ...Object.fromEntries(PROFILE_NODES.map((id) => [id, PROFILE_HANDLER])),
   [TARGET_NODE]: {
     executed(node, message) {
       const ladder = message?.[LADDER_KEY]?.[0];
@@ -588,7 +588,7 @@ app.registerExtension({
         if (node.graph) refresh(node);
       }, 250);
       chain(node, "onRemoved", () => clearInterval(timer));
-    } else if (["BlockCacheProfile", "BlockCacheProfileAdvanced", "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass) ||
+    } else if ([...PROFILE_NODES, "BlockCacheLoadSchedule", "BlockCacheApply"].includes(node.comfyClass) ||
       TEXT_NODES.has(node.comfyClass)) {
       pictureWidget(node);
     }
