@@ -107,6 +107,8 @@ class BlockCacheHolder(RunHolder):
         # Scale-shift corrections of reused tensors (block_caching/scale_shift.py), per layer and
         # stream, in block-map order; None: reused tensors are used as cached.
         self.corrections: list[list[Any]] | None = None
+        # Options of Apply that were asked for but do not apply here, each with why (the node shows them).
+        self.declined: list[str] = []
 
     def start_layer_method(self, run: RunContext) -> LayerCache:
         return LayerCache(self, run)

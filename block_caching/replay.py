@@ -13,6 +13,7 @@ mean, and the range the mean of other prompts' pictures can be expected in.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import statistics
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from .fidelity import psnr
 from .patching import apply_block_cache, attach_profiler, collect_profile
 from .profile import BlockProfile, merge_profiles
 from .schedule import CacheSchedule
+
+logger = logging.getLogger(__name__)
 
 # The noise seed validation samples with, as an offset from the profiled run's; the second one checks what the
 # first chose (block_caching/target_schedule.py, checked_once).
@@ -120,8 +123,12 @@ class HeldOutRuns:
         self.replays = replays
         self.seed_offset = seed_offset
         self._uncached: dict[int, tuple[torch.Tensor, float]] = {}
+        self.measured = 0  # counted in the log: each sampling shows its own progress bar, which restarts
 
-    def measure(self, model_of: Callable[[ProfileReplay], Any], steps: int | None = None) -> Measurement:
+    def measure(self, model_of: Callable[[ProfileReplay], Any], steps: int | None = None, what: str = "") -> Measurement:
+        self.measured += 1
+        logger.info("Validation, seed +%d: measurement %d%s, sampling the %d profiled run(s) again.",
+                    self.seed_offset, self.measured, f" ({what})" if what else "", len(self.replays))
         values: list[float] = []
         for index, replay in enumerate(self.replays):
             if index not in self._uncached:
@@ -135,11 +142,27 @@ class HeldOutRuns:
         """A schedule's PSNR against the uncached pictures (of the decoded pictures where the run has a decoder),
         sampled with the schedule's own step count (a schedule for fewer steps than the profiled run is
         compared with the profiled count's uncached pictures)."""
-        return self.measure(lambda replay: apply_block_cache(replay.model, schedule)[0], steps=schedule.grid.steps)
+        return self.measure(lambda replay: apply_block_cache(replay.model, schedule)[0], steps=schedule.grid.steps,
+                            what=f"a schedule of {schedule.estimated_speedup:.2f}x at {schedule.grid.steps} steps")
 
     def fewer_steps(self, steps: int) -> Measurement:
         """Uncached sampling with ``steps`` instead of the profiled count."""
-        return self.measure(lambda replay: replay.model, steps=steps)
+        return self.measure(lambda replay: replay.model, steps=steps, what=f"uncached, {steps} steps")
+
+
+@dataclass(frozen=True)
+class HeldOutValidation:
+    """What the Build node validates with: the profiled prompts sampled with the held-out seed (``runs``, which
+    measures and chooses) and with the second seed (``second``, which checks what passes), and what both
+    compare (``metric``)."""
+
+    runs: HeldOutRuns
+    second: HeldOutRuns
+    metric: str
+
+    @classmethod
+    def of(cls, replays: tuple[ProfileReplay, ...]) -> HeldOutValidation:
+        return cls(HeldOutRuns(replays), HeldOutRuns(replays, SECOND_SEED_OFFSET), measure_metric(replays))
 
 
 def segment_replay(model: Any, sample_segment: Callable[[Any, torch.Tensor | None, int], torch.Tensor],

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .profile import BlockProfile
-from .replay import Measurement, measurement
+from .replay import HeldOutValidation, Measurement, measurement
 from .schedule import CacheSchedule, all_compute_schedule
 from .target_build import (
     CombinedSteps,
@@ -171,6 +171,16 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
         notes=tuple(notes),
     )
     return rung_schedule(profile, found.layers, rung, build.to_json())
+
+
+def build_validated_schedule(profile: BlockProfile, options: TargetOptions, validation: HeldOutValidation, *,
+                             choose_by_measure: bool = False, compare_fewer_steps: bool = False) -> CacheSchedule:
+    """``build_target_schedule`` as the Build node validates by default: measured on the held-out seed, what
+    passes checked on the second seed, and (``compare_fewer_steps``) fewer steps read on the second seed."""
+    return build_target_schedule(profile, options, validation.runs.schedule, choose_by_measure=choose_by_measure,
+                                 metric=validation.metric,
+                                 fewer_steps=validation.second.fewer_steps if compare_fewer_steps else None,
+                                 confirm=validation.second.schedule)
 
 
 def is_video(profile: BlockProfile) -> bool:

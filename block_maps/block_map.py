@@ -56,21 +56,20 @@ class OutputForm(str, Enum):
 
     TENSOR = "tensor"
     TUPLE = "tuple"  # e.g. Flux double blocks: (img, txt)
-    DICT = "dict"
 
 
 @dataclass(frozen=True)
 class Stream:
     """One element of a layer's output, and the input it is a residual update of.
 
-    ``key`` is the element's index (tuple) or key (dict), None for a tensor output.
+    ``key`` is the element's index in a tuple output, None for a tensor output.
     ``parameter``/``position`` name the forward argument holding the stream's input
     (found by keyword first, then by position), ``item`` its element where that argument is a
     tuple of streams (an audio-video block's ``(video, audio)``); a stream with no input
     (``parameter`` None, e.g. VACE's c_skip) is always cached as an output.
     """
 
-    key: int | str | None
+    key: int | None
     parameter: str | None
     position: int | None
     item: int | None = None  # the stream is this element of a tuple argument (audio-video blocks)
@@ -147,9 +146,7 @@ class LayerSpec:
         """The inverse of ``split_output``."""
         if self.output_form is OutputForm.TENSOR:
             return elements[0]
-        if self.output_form is OutputForm.TUPLE:
-            return tuple(elements)
-        return {stream.key: element for stream, element in zip(self.streams, elements, strict=True)}
+        return tuple(elements)
 
     def residual_base(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The part of the output that is not the residual branch, for input ``x``."""

@@ -390,7 +390,7 @@ def streams_of(block: nn.Module, signature: BlockSignature) -> tuple[Stream, ...
             position = signature.positions[index]
         else:
             position = parameters.index(name) if name in parameters else None
-        key: int | str | None = None if signature.form is OutputForm.TENSOR else index
+        key: int | None = None if signature.form is OutputForm.TENSOR else index
         streams.append(Stream(key=key, parameter=name, position=position,
                               item=index if signature.tuple_argument else None))
     return tuple(streams)

@@ -92,6 +92,10 @@ class NoiseInjector(RunMethod):
         if self.injected_steps:
             logger.info("%s: prior noise injection (alpha %g) at %d steps, from step %d.", self.holder_name,
                         self.config.alpha, len(self.injected_steps), self.injected_steps[0])
+        elif self.last_step is not None:
+            logger.warning("%s: prior noise injection (alpha %g) was on but injected at no step: no step of this "
+                           "run started below the cut-off %g of normalized time, or the latent changed shape.",
+                           self.holder_name, self.config.alpha, self.config.tau_cutoff)
         self.z_T = None
 
     def figures(self) -> list[int]:

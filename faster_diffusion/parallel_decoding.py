@@ -98,8 +98,9 @@ class ParallelDecoding:
             return None
         reason = not_applicable_reason(schedule, holder)
         if reason is not None:
-            logger.info("%s: parallel decoding was requested but does not apply: %s. Sampling runs without it.",
-                        holder.name, reason)
+            holder.declined.append(f"parallel decoding was requested but does not apply: {reason}. Sampling runs "
+                                   "without it.")
+            logger.warning("%s: %s", holder.name, holder.declined[-1])
             return None
         logger.info("%s: parallel decoding on: conv_in is reused with the encoder; the decoder passes of the non-key "
                     "steps after each key step run as one batch%s.", holder.name,

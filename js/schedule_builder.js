@@ -97,14 +97,6 @@ export function buildSchedule(profile, options) {
   };
 }
 
-/** Same words as CacheSchedule.summary() (rounding of the last digit may differ on exact ties). */
-export function summaryText(result, steps) {
-  return (
-    `${result.computed}/${result.total} layer evaluations computed over ${steps} steps; ` +
-    `${(result.flopFraction * 100).toFixed(1)}% of the FLOPs, estimated speed-up ${result.speedup.toFixed(2)}x`
-  );
-}
-
 /**
  * block_caching/target_schedule.py choose_rung: the slowest rung of a speed-up target ladder whose FLOP fraction
  * still reaches the target (ties: the least predicted error), else the fastest rung.

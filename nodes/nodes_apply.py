@@ -84,10 +84,11 @@ class ApplyBlockCache(io.ComfyNode):
             return io.NodeOutput(model, ui={"text": [message]})
         holder.run_listeners.append(warn_never_reused)
         send_run_summaries(holder, cls.hidden.unique_id if cls.hidden else None)
+        notes = list(holder.declined)  # logged where they were declined
         skipped = holder.block_map.skipped
-        if not skipped:
-            return io.NodeOutput(patched, ui={"text": [""]})  # clears an earlier run's note on the node
-        message = (f"{len(skipped)} blocks of this model cannot be cached and always run (the rest are cached):\n"
-                   + "\n".join(f"- {layer.describe()}" for layer in skipped))
-        logger.warning("Apply Block Cache: %s", message)
-        return io.NodeOutput(patched, ui={"text": [message]})
+        if skipped:
+            message = (f"{len(skipped)} blocks of this model cannot be cached and always run (the rest are "
+                       "cached):\n" + "\n".join(f"- {layer.describe()}" for layer in skipped))
+            logger.warning("Apply Block Cache: %s", message)
+            notes.append(message)
+        return io.NodeOutput(patched, ui={"text": ["\n".join(notes)]})  # empty: clears an earlier run's note

@@ -245,7 +245,9 @@ class CollectBlockProfile(io.ComfyNode):
             profile = collect_profile(holder, model)
         except RuntimeError as error:
             raise RuntimeError("Collect Block Profile: the model from Record Block Changes has not sampled. Connect "
-                               "it to a sampler and this node's latent input to that sampler's output.") from error
+                               "it to a sampler and this node's latent input to that sampler's output; a node "
+                               "between them that patches the model with this pack (Apply Block Cache, another "
+                               "Record) replaces the recording: profile first, then apply.") from error
         heatmap, summary = _profile_outputs(profile)
         return io.NodeOutput(latent, profile, heatmap,
                              ui={"text": [summary], PROFILE_UI_KEY: [profile_payload(profile)]})

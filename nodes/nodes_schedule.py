@@ -6,19 +6,16 @@ import logging
 
 from comfy_api.latest import io
 
-from ..block_caching.replay import SECOND_SEED_OFFSET, HeldOutRuns, measure_metric, profile_again
-from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, all_compute_schedule, build_schedule
+from ..block_caching.schedule import DEFAULT_THRESHOLD, BuildOptions, build_schedule
 from ..block_caching.target_build import (
     DEFAULT_FORECAST_ORDER,
     DEFAULT_MIN_PSNR,
     DEFAULT_SPEEDUP,
     FORECAST_ORDER_CHOICES,
-    TargetBuild,
     TargetOptions,
     parse_forecast_order,
-    rung_label,
 )
-from ..block_caching.target_schedule import best_choice, build_target_schedule, sampling_choices
+from ..block_caching.target_outcome import COMPARE, FEWER_STEPS_CHOICES, MEASURE, VALIDATION_CHOICES, build_for_node
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload
@@ -26,8 +23,6 @@ from .types import CATEGORY, BlockProfileSocket, schedule_outputs, schedule_pict
 
 logger = logging.getLogger(__name__)
 
-VALIDATION = ("measure PSNR", "choose by measured PSNR", "off")
-FEWER_STEPS = ("compare", "use fewer steps when better", "off", "best of cache, fewer steps, or both")
 _PROFILE_TOOLTIP = ("From Profile Block Changes, Profile Block Changes (Advanced), Collect Block Profile or Merge "
                     "Block Profiles.")
 _FIRST_TOOLTIP = "Steps at the start that always compute every layer (at least 1)."
@@ -72,7 +67,7 @@ class BuildTargetSchedule(io.ComfyNode):
                 io.Int.Input("max_consecutive_reuse", default=0, min=0, max=10000,
                              tooltip="The longest run of steps a layer may be forecast before it must compute; "
                                      "0 lets the search choose, up to 7."),
-                io.Combo.Input("validation", options=list(VALIDATION), default=VALIDATION[0],
+                io.Combo.Input("validation", options=list(VALIDATION_CHOICES), default=MEASURE,
                                tooltip="'measure PSNR' samples the profiled prompts with another seed, uncached and "
                                        "with the chosen schedule (one run at full cost, one at the target's), then "
                                        "the schedule it keeps with a second seed (two more runs: the pictures that "
@@ -105,7 +100,8 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "it (the next slower one first, then a bisection, then the few next to the "
                                        "one found, each measured as validation measures); the node says so. 0: "
                                        "off, the speed-up is kept whatever it costs."),
-                io.Combo.Input("fewer_steps", options=list(FEWER_STEPS), default=FEWER_STEPS[0], optional=True,
+                io.Combo.Input("fewer_steps", options=list(FEWER_STEPS_CHOICES), default=COMPARE,
+                               optional=True,
                                tooltip="With validation on, also sample the profiled prompts uncached with as many "
                                        "steps as the schedule's cost buys, and say which keeps the picture better. "
                                        "'use fewer steps when better' then outputs a schedule that computes "
@@ -124,124 +120,20 @@ class BuildTargetSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
-                max_consecutive_reuse, validation=VALIDATION[0], min_psnr=DEFAULT_MIN_PSNR,
-                fewer_steps=FEWER_STEPS[0]) -> io.NodeOutput:
+                max_consecutive_reuse, validation=MEASURE, min_psnr=DEFAULT_MIN_PSNR,
+                fewer_steps=COMPARE) -> io.NodeOutput:
         options = TargetOptions(speedup=float(speedup), forecast_order=parse_forecast_order(forecast_order),
                                 cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                 max_consecutive_reuse=max_consecutive_reuse, min_psnr=float(min_psnr))
-        runs = second = None
-        notes = []
-        metric = measure_metric(profile.replays)
-        if validation != VALIDATION[2]:
-            if profile.replays:
-                runs, second = HeldOutRuns(profile.replays), HeldOutRuns(profile.replays, SECOND_SEED_OFFSET)
-            else:
-                notes.append("validation skipped: this profile cannot sample its run again (loaded as JSON, or "
-                             "recorded under another sampler by Record Block Changes; for KSamplerAdvanced "
-                             "segments, Profile Block Changes (Advanced) can).")
-        if runs is None and min_psnr:
-            notes.append(f"the {min_psnr:g} dB floor was not applied: it needs validation (the profiled prompts "
-                         "sampled again).")
-        if runs is None and fewer_steps != FEWER_STEPS[2]:
-            notes.append("fewer steps were not compared: that needs validation.")
-        segment = any(not replay.other_step_counts for replay in profile.replays)
-        if runs is not None and segment and fewer_steps != FEWER_STEPS[2]:
-            notes.append("fewer steps were not compared: this profile is of a segment of a split run, which is "
-                         "sampled again with its own steps only.")
-            fewer_steps = FEWER_STEPS[2]
-        if runs is not None and not all(replay.held_out for replay in profile.replays):
-            notes.append("validation read the profiled run itself (a segment that adds no noise, without its earlier "
-                         "segment's profile): its figures flatter the schedule by a few dB.")
-        schedule = build_target_schedule(
-            profile, options, runs.schedule if runs else None, choose_by_measure=validation == VALIDATION[1],
-            metric=metric, fewer_steps=second.fewer_steps if second and fewer_steps != FEWER_STEPS[2] else None,
-            confirm=second.schedule if second else None)
-        build = TargetBuild.of(schedule)
-        steps = schedule.grid.steps
-        partial = build.chosen_partial
-        reused = ("" if partial is None else f" ({', '.join(schedule.layers[i].name for i in partial.layers)} reuse "
-                  f"at step {partial.step + 1})")
-        as_is = build.chosen_as_is_layers
-        damped = "" if build.chosen_damping == 1.0 else f", damped to {build.chosen_damping:g} of its move"
-        orders = f"forecast order {build.chosen_order}{damped}" + ("" if not as_is else (
-            f", 0 (reused as they are) on {', '.join(schedule.layers[i].name for i in as_is)}"))
-        lines = [schedule.summary(), f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
-        for tried in build.measured:
-            if tried.seeds > 1:
-                status, seed = "checked", "that seed and a second one, which did not choose it"
-            else:
-                status, seed = "chosen" if tried.schedule_key == build.chosen_key else "tried", "another seed"
-            lines.append(f"{status}: {tried.label}, {metric} PSNR {tried.measured_psnr:.1f} dB against uncached on the "
-                         f"profiled prompts with {seed}; expected {tried.expected_low:.1f}-{tried.expected_high:.1f} "
-                         "dB on other prompts")
-        if build.measured and metric == "latent" and profile.grid.sigmas[-1] > 0:
-            lines.append("(latent PSNR of a segment that ends with leftover noise: the noise they share makes it read "
-                         "far above the pictures', so a floor hardly binds here; which schedule is closer is what it "
-                         "tells)")
-        elif build.measured and metric == "latent":
-            lines.append("(latent PSNR: connect the VAE to Profile Block Changes to measure the pictures)")
-        stepped = build.stepped_down_from
-        if stepped is not None:
-            label = rung_label(stepped.computes, stepped.partial, stepped.as_is_layers)
-            lines.append(f"the {speedup:g}x target ({stepped.speedup:.2f}x, {label}) "
-                         f"is expected below the {min_psnr:g} dB floor: stepped down to {schedule.estimated_speedup:.2f}x"
-                         + ("" if len(build.compute_steps) < steps else
-                            ", computing everything (no faster schedule reached the floor)")
-                         + ". Lower min_psnr to keep more speed.")
-        elif not build.reached:
-            lines.append(f"{speedup:g}x is beyond what these options allow; this is the fastest schedule.")
-        ladder = ladder_payload(schedule)
-        versus = build.fewer_steps
-        sampler_steps = steps
-        if fewer_steps == FEWER_STEPS[3] and runs is not None and second is not None:
-            schedule, sampler_steps, best_lines = _best_of_three(profile, options, runs, second, schedule)
-            lines += best_lines
-            ladder = ladder_payload(schedule)
-        elif versus is not None and build.expected_psnr is not None:
-            verdict = (f"{versus.steps} uncached steps ({versus.speedup:.2f}x) measured {versus.measured_psnr:.1f} "
-                       f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {versus.schedule_psnr:.1f} dB (the "
-                       "second seed's pictures)")
-            if not versus.better:
-                lines.append(f"better than fewer steps at this cost: {verdict}.")
-            elif fewer_steps == FEWER_STEPS[1]:
-                schedule = all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops,
-                                                profile.total_flops)
-                sampler_steps = versus.steps
-                lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Switched: this schedule computes everything; "
-                             f"sample with {sampler_steps} steps (the 'steps' output).")
-            else:
-                lines.append(f"FEWER STEPS ARE BETTER here: {verdict}. Sample with {versus.steps} steps "
-                             "uncached instead, or set fewer_steps to 'use fewer steps when better'.")
-        lines += [*build.notes, *notes]
-        for line in lines[1:]:
+        outcome = build_for_node(profile, options, validation, fewer_steps)
+        for line in outcome.lines[1:]:
             logger.info("Build Cache Schedule: %s", line)
-        return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule), sampler_steps,
-                             ui={"text": ["\n".join(lines)], LADDER_UI_KEY: [ladder],
+        schedule = outcome.schedule
+        return io.NodeOutput(schedule, schedule_picture(schedule), schedule_to_json(schedule), outcome.sampler_steps,
+                             ui={"text": ["\n".join(outcome.lines)],
+                                 LADDER_UI_KEY: [ladder_payload(outcome.ladder_of)],
                                  SCHEDULE_UI_KEY: [schedule_payload(schedule)]})
-
-
-def _best_of_three(profile, options: TargetOptions, runs: HeldOutRuns, second: HeldOutRuns, schedule
-                   ) -> tuple[object, int, list[str]]:
-    """The cache at the profiled steps, uncached fewer steps and the two together, each chosen on the held-out
-    seed (``runs``) and read on the second one against the profiled count's uncached pictures; ``best_choice``
-    picks one."""
-    steps = schedule.grid.steps
-    choices, note = sampling_choices(profile, options, schedule, lambda count: profile_again(profile, count),
-                                     runs.schedule, second.schedule)
-    lines = [note] if note else []
-    if not choices:
-        return schedule, steps, lines
-    best = best_choice(choices, options.speedup, options.min_psnr)
-    for choice in choices:
-        lines.append(f"{'CHOSEN' if choice is best else 'not chosen'}: {choice.label}, {choice.speedup:.2f}x, "
-                     f"{choice.mean:.1f} dB measured (expected {choice.low:.1f}+ dB on other prompts)")
-    if best.schedule is not schedule:
-        lines.append(f"output schedule: {best.schedule.summary()}")
-    if best.steps != steps:
-        lines.append(f"SAMPLE WITH {best.steps} STEPS: wire the 'steps' output into the sampler (this schedule "
-                     f"is built for {best.steps} steps; at {steps} it would be re-timed).")
-    return best.schedule, best.steps, lines
 
 
 class BuildThresholdSchedule(io.ComfyNode):

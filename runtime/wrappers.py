@@ -143,17 +143,21 @@ _WRAPPERS = (
 )
 
 
-def remove_runtime(patched: Any) -> None:
+def remove_runtime(patched: Any) -> list[str]:
     """Takes a previous install off ``patched`` (a clone the caller owns): its wrappers, and its object
-    patches, giving back the patches of other packs they replaced."""
+    patches, giving back the patches of other packs they replaced. Returns the names of the holders removed."""
     for wrapper_type, _ in _WRAPPERS:
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    removed: list[str] = []
     for key, current in list(patched.object_patches.items()):
         if isinstance(current, ForwardPatch):
+            if current.holder.name not in removed:
+                removed.append(current.holder.name)
             if current.replaced_a_patch:
                 patched.add_object_patch(key, current.original)
             else:
                 del patched.object_patches[key]
+    return removed
 
 
 def _patch_forward(patched: Any, name: str, make: Callable[..., ForwardPatch]) -> None:
@@ -168,11 +172,14 @@ def install_runtime(model: Any, block_map: BlockMap, holder: RunHolder) -> Any:
     """A clone of ``model`` whose ``block_map`` layers, and the layers its extensions name, run through
     ``holder``'s runs.
 
-    A second install on an already patched model replaces the first instead of stacking on it;
-    the model passed in is never changed.
+    A second install on an already patched model replaces the first instead of stacking on it (and says
+    so); the model passed in is never changed.
     """
     patched = model.clone()
-    remove_runtime(patched)
+    for replaced in remove_runtime(patched):
+        # One runtime per model: what the earlier node installed (a recording, a cache) no longer runs.
+        logger.warning("%s replaces the %s this model already had: it no longer runs on the model this returns.",
+                       holder.name, replaced)
     diffusion_model = patched.get_model_object("diffusion_model")
     for index, spec in enumerate(block_map.layers):
         _patch_forward(patched, spec.name, functools.partial(LayerForward, holder, index, spec,

@@ -248,9 +248,9 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     def apply(schedule: Any) -> Callable[[], tuple[Any, int]]:
         return lambda: (patching.apply_block_cache(model, schedule)[0], steps)
 
-    runs = replay_module.HeldOutRuns(profile.replays)  # the held-out uncached pictures, sampled once for all rows
-    second = replay_module.HeldOutRuns(profile.replays, replay_module.SECOND_SEED_OFFSET)  # the node's second seed
-    measure = runs.schedule
+    # The held-out seeds' uncached pictures, sampled once for all rows.
+    validation = replay_module.HeldOutValidation.of(profile.replays)
+    measure = validation.runs.schedule
     ladder, _, _ = target_ladder.build_ladder(profile, target_build.TargetOptions())
     # Every rung the speed-up slider can reach in the benchmark's range, and the default.
     default_rung = target_ladder.choose_rung(ladder, target_build.DEFAULT_SPEEDUP)
@@ -274,8 +274,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         # The Build node as it comes: the default target, stepped down where the profiled run measures below the
         # floor.
         floor_options = target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR)
-        schedule = target.build_target_schedule(profile, floor_options, measure, fewer_steps=second.fewer_steps,
-                                                confirm=second.schedule)
+        schedule = target.build_validated_schedule(profile, floor_options, validation, compare_fewer_steps=True)
         stepped = schedule.builder["stepped_down_from"]
         chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
                   + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
@@ -287,7 +286,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         # choosing between the floor's schedule above, fewer steps at its cost, and the two together.
         choices, _ = target.sampling_choices(profile, floor_options, schedule,
                                              lambda count: replay_module.profile_again(profile, count), measure,
-                                             second.schedule)
+                                             validation.second.schedule)
         best = target.best_choice(choices, floor_options.speedup, floor_options.min_psnr)
         methods.append(Method(f"{FAMILY_LABELS['block_cache_best']} {best.speedup:.2f}x", "block_cache_best",
                               f"{best.label}, {best.speedup:.2f}x",
@@ -413,11 +412,10 @@ def two_experts_methods(reference: Any, positive: Any, latent: dict, negative: A
         schedules = []
         for profile, replay in zip(profiles, (high_replay, low_replay), strict=True):
             replays = (replay,)
-            schedules.append(target.build_target_schedule(
+            schedules.append(target.build_validated_schedule(
                 dataclasses.replace(profile, replays=replays),
                 target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR),
-                replay_module.HeldOutRuns(replays).schedule, metric=replay.metric,
-                confirm=replay_module.HeldOutRuns(replays, replay_module.SECOND_SEED_OFFSET).schedule))
+                replay_module.HeldOutValidation.of(replays)))
         experts = [patching.apply_block_cache(model, schedule)[0] for schedule in schedules]
         chosen = "; ".join(f"{name}: {_chosen_rung(schedule)} ({schedule.builder['chosen_by']}; "
                            f"{_measured_count(schedule)})"

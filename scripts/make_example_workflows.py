@@ -607,10 +607,9 @@ def make_bundled_schedule() -> dict[str, Any]:
     replay_module = pack.block_caching.replay
     replay = replay_module.ProfileReplay(model, sample, reference,
                                          lambda samples: reference_vae.decode(samples).movedim(-1, 1))
-    second = replay_module.HeldOutRuns((replay,), replay_module.SECOND_SEED_OFFSET)
-    schedule = pack.block_caching.target_schedule.build_target_schedule(
+    schedule = pack.block_caching.target_schedule.build_validated_schedule(
         profile, pack.block_caching.target_build.TargetOptions(min_psnr=pack.block_caching.target_build.DEFAULT_MIN_PSNR),
-        replay_module.HeldOutRuns((replay,)).schedule, metric=replay.metric, confirm=second.schedule)
+        replay_module.HeldOutValidation.of((replay,)))
     print(f"bundled schedule: {schedule.summary()}; {schedule.builder['measured']}")
     print(f"wrote {pack.schedule_files.storage.save_schedule(BUNDLED, BUNDLED_SCHEDULE, schedule, overwrite=True)}")
     return {"profile": pack.nodes.frontend.profile_payload(profile),

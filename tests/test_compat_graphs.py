@@ -8,12 +8,15 @@ fixture (conftest.py) is (all-compute, caching) from a real profile of the tiny 
 
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management
 import comfy.patcher_extension
 import numpy as np
 import pytest
 import torch
 from comfyui_block_cache.block_caching.patching import apply_block_cache
+from comfyui_block_cache.nodes.nodes_profile import CollectBlockProfile, RecordBlockChanges
 from helpers import (
     InterruptAt,
     count_layer_computations,
@@ -64,12 +67,26 @@ def test_two_applies_on_clones_of_one_model_do_not_share_state(pack, tiny_model,
     assert exact_holder is not cached_holder
 
 
-def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, conds, latent, schedules):
+def test_second_apply_on_a_patched_model_replaces_the_first(pack, tiny_model, conds, latent, schedules, caplog):
     all_compute, caching = schedules
-    twice, holder = apply_block_cache(
-        apply_block_cache(tiny_model, caching)[0], all_compute)
+    with caplog.at_level(logging.WARNING):
+        twice, holder = apply_block_cache(
+            apply_block_cache(tiny_model, caching)[0], all_compute)
     assert torch.equal(sample(twice, *conds, latent), sample(tiny_model, *conds, latent))
     assert holder.last_run.reused.sum() == 0
+    assert "Block Cache replaces the Block Cache this model already had" in caplog.text
+
+
+def test_apply_between_record_and_collect_says_it_replaced_the_recording(pack, tiny_model, conds, latent,
+                                                                          schedules, caplog):
+    _, caching = schedules
+    recorded, recording = RecordBlockChanges.execute(tiny_model).result
+    with caplog.at_level(logging.WARNING):
+        patched, _ = apply_block_cache(recorded, caching)
+    assert "replaces the Block Cache profiler this model already had" in caplog.text
+    out = {"samples": sample(patched, *conds, latent)}
+    with pytest.raises(RuntimeError, match="profile first, then apply"):
+        CollectBlockProfile.execute(recording, out)
 
 
 # -- cancellation and memory ----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,16 @@ def test_noise_injection_off_is_bit_identical(pack, tiny_model, conds, latent):
     off, holder = apply_block_cache(tiny_model, schedule, options=[off_injection])
     assert torch.equal(sample(off, *conds, latent), sample(plain, *conds, latent))
     assert "noise injection" not in holder.last_run.figures
+
+
+def test_noise_injection_that_injects_at_no_step_says_so(pack, tiny_model, conds, latent, caplog):
+    schedule = all_compute_schedule(block_map_for_patcher(tiny_model), fd.grid_for_model(tiny_model, 8, "euler",
+                                                                                         "normal"))
+    never, holder = apply_block_cache(tiny_model, schedule, options=[NoiseInjection(alpha=0.05, tau_cutoff=0.0)])
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(sample(never, *conds, latent), sample(tiny_model, *conds, latent))
+    assert holder.last_run.figures["noise injection"] == []
+    assert "injected at no step" in caplog.text
 
 
 def test_noise_injection_changes_only_late_steps(pack, tiny_model, conds, latent):

@@ -69,10 +69,12 @@ def test_identical_pictures_give_the_cap_and_ssim_one(pack, pictures):
     assert float(difference.abs().max()) == 0.0
 
 
-def test_pictures_of_another_size_are_refused(pack, pictures):
+def test_pictures_of_another_size_or_none_are_refused(pack, pictures):
     uncached, cached = pictures
     with pytest.raises(ValueError, match="same count and size"):
         ComparePictures.execute(uncached, cached[:2], 8.0)
+    with pytest.raises(ValueError, match="no pictures to compare"):
+        ComparePictures.execute(uncached[:0], cached[:0], 8.0)
 
 
 def test_small_pictures_use_the_largest_window_that_fits(pack):

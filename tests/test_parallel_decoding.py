@@ -363,6 +363,8 @@ def test_not_applicable_to_block_caching_schedules(pack, pd, tiny_model, conds, 
     assert not result.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "block_cache")
     assert CONV_IN_KEY not in result.object_patches
     assert torch.equal(sample(result, *conds, latent), sample(tiny_model, *conds, latent))
+    shown = ApplyBlockCache.execute(tiny_model, schedule, parallel_decoding=True).ui["text"][0]
+    assert "parallel decoding was requested but does not apply" in shown, "the node says so, not only the log"
 
 
 def test_apply_node_option_is_off_by_default_and_a_second_apply_removes_it(pack, pd, tiny_model, conds, latent):

@@ -9,10 +9,12 @@ import nodes as comfy_nodes
 import numpy as np
 import pytest
 import torch
+from comfyui_block_cache.block_caching.fidelity import PSNR_CAP_DB
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.block_caching.replay import HeldOutRuns, profile_again
 from comfyui_block_cache.block_caching.schedule import BuildOptions, build_schedule
 from comfyui_block_cache.demo_models import builtin_models as builtin
+from comfyui_block_cache.nodes.nodes_demo import LoadDemoModel
 from comfyui_block_cache.nodes.nodes_profile import (
     CollectBlockProfile,
     ProfileBlockChanges,
@@ -50,11 +52,11 @@ def _advanced(model, conds, latent, start, end, add_noise=True, seed=SEED):
     return out
 
 
-def _profile_advanced(model, conds, latent, start, end, add_noise=True, earlier=None):
+def _profile_advanced(model, conds, latent, start, end, add_noise=True, earlier=None, vae=None):
     positive, negative = conds
     return ProfileBlockChangesAdvanced.execute(model, "enable" if add_noise else "disable", SEED, STEPS, CFG, "euler",
                                                "normal", positive, negative, latent, start, end,
-                                               "enable" if end < STEPS else "disable", earlier_segment=earlier)
+                                               "enable" if end < STEPS else "disable", vae=vae, earlier_segment=earlier)
 
 
 def _assert_same_change(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -207,3 +209,22 @@ def test_build_measures_each_segment_s_schedule(pack, tiny_model, conds, latent)
     assert "ends with leftover noise" not in text
     measured = HeldOutRuns(profile.replays).schedule(schedule)
     assert len(measured.pictures) == 1 and 5.0 < measured.mean < 100.0
+
+
+def test_with_a_vae_the_last_segment_is_measured_on_pictures_and_a_noisy_one_on_latents(pack):
+    """The VAE decodes the last segment's held-out runs (pictures are compared); a segment that ends with leftover
+    noise keeps comparing latents, and the node says it does not use the VAE there."""
+    model, positive, negative, vae = LoadDemoModel.execute("reference", 0, "a small blue ring", "").result
+    conds, latent = (positive, negative), {"samples": torch.zeros(1, 3, 32, 32)}
+    first = _profile_advanced(model, conds, latent, 0, SPLIT, vae=vae)
+    (first_latent, first_profile, _) = first.result
+    assert first_profile.replays[0].metric == "latent" and "the VAE is not used" in first.ui["text"][0]
+    last = _profile_advanced(model, conds, first_latent, SPLIT, STEPS, add_noise=False, earlier=first_profile, vae=vae)
+    (last_latent, last_profile, _) = last.result
+    (replay,) = last_profile.replays
+    assert replay.metric == "picture" and "the VAE is not used" not in last.ui["text"][0]
+    (decoded,) = comfy_nodes.VAEDecode().decode(vae, last_latent)
+    pictures, peak = replay.pictures(last_latent["samples"])
+    assert peak == 1.0 and torch.equal(pictures, decoded.movedim(-1, 1).float().clamp(0, 1))
+    all_compute = build_schedule(last_profile, BuildOptions(threshold=0.0))
+    assert HeldOutRuns(last_profile.replays).schedule(all_compute).mean == PSNR_CAP_DB, "all-compute is uncached, exactly"

@@ -17,6 +17,7 @@ from comfyui_block_cache.block_caching.profile import merge_profiles
 from comfyui_block_cache.block_caching.replay import HeldOutRuns
 from comfyui_block_cache.block_caching.schedule import all_compute_schedule
 from comfyui_block_cache.block_caching.target_build import TargetOptions
+from comfyui_block_cache.block_caching.target_outcome import FEWER_STEPS_CHOICES, build_for_node
 from comfyui_block_cache.block_caching.target_schedule import build_combined_schedule, build_target_schedule
 from comfyui_block_cache.block_maps.block_map import ReuseMode
 from comfyui_block_cache.demo_models.builtin_models import build_unet_patcher, prompt_conditioning
@@ -24,7 +25,7 @@ from comfyui_block_cache.errors import ScheduleBuildError
 from comfyui_block_cache.nodes.frontend import ladder_payload
 from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
 from comfyui_block_cache.nodes.nodes_profile import ProfileBlockChanges
-from comfyui_block_cache.nodes.nodes_schedule import FEWER_STEPS, BuildTargetSchedule
+from comfyui_block_cache.nodes.nodes_schedule import BuildTargetSchedule
 from comfyui_block_cache.schedule_files.schema import (
     profile_from_dict,
     profile_to_dict,
@@ -838,7 +839,7 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
     with pytest.raises(ValueError, match="cannot sample its run again"):
         replay_module.profile_again(profile_from_dict(
             profile_to_dict(profile)), 6)
-    modes = FEWER_STEPS
+    modes = FEWER_STEPS_CHOICES
     result = BuildTargetSchedule.execute(profile, 2.5, "auto", "all", 1, 0, 0,
                                                                     "measure PSNR", 0.0, modes[3])
     schedule, _, _, steps = result.result
@@ -854,3 +855,5 @@ def test_fewer_steps_with_the_cache_are_profiled_and_measured_on_the_profiled_co
     info = combined.builder["combined"]
     assert combined.grid.steps == info["steps"] == 6 and info["profiled_steps"] == 10
     assert info["speedup"] == pytest.approx(10 * combined.estimated_speedup / 6)
+    with pytest.raises(ValueError, match="fewer_steps one of"):
+        build_for_node(profile, TargetOptions(speedup=2.5), "measure PSNR", "always")
