@@ -118,7 +118,8 @@ def collect_profile(holder: ProfilerHolder, model: Any, *, sampler: str | None =
         raise UnsupportedModelError(
             f"the profiled run called none of the {len(stats.layer_names)} mapped layers of {holder.block_map.model_class} "
             "(a stage of the model whose blocks are not in its block map, such as TRELLIS.2's sparse shape and "
-            "texture stages): there is nothing to profile or cache in this run.")
+            "texture stages, or another node that replaces the blocks' forwards itself, such as a cache pack): "
+            "there is nothing to profile or cache in this run.")
     model_sampling = model.get_model_object("model_sampling")
     sigmas = stats.sample_sigmas
     if denoise is None:

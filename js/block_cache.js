@@ -409,6 +409,10 @@ function showRun(node) {
       lines.push(`time saved: about ${estimate.toFixed(2)} s by the FLOP estimate (${run.estimated_speedup.toFixed(2)}x); ` +
         "add an uncached sampler on the same model to measure it");
     }
+    if (run.never_called?.length) {
+      lines.push(`never called in this run (another node replaced or skipped them; see the log): ` +
+        run.never_called.join(", "));
+    }
     if (run.never_reused?.length) {
       lines.push(`never reused although scheduled (their calls did not fit the cache; see the log): ` +
         run.never_reused.join(", "));

@@ -145,8 +145,25 @@ def never_reused(holder: BlockCacheHolder, stats: RunStats) -> list[str]:
             if planned and computed > 0 and reused == 0]
 
 
+def never_called(holder: BlockCacheHolder, stats: RunStats) -> list[str]:
+    """Layers the schedule reuses that no model call of this run reached (while the model ran): another node
+    replaced their forward or skipped them for the whole run (a cache pack that patches block forwards, a
+    block swap), so Block Cache did nothing for them."""
+    if holder.plan is None or not stats.evaluations:
+        return []
+    return [name for name, planned, computed, reused in zip(stats.layer_names, holder.plan.reuses_ever,
+                                                              stats.computed, stats.reused, strict=True)
+            if planned and computed == 0 and reused == 0]
+
+
 def warn_never_reused(holder: BlockCacheHolder, stats: RunStats) -> None:
     """A run listener: say so when scheduled reuse silently never happened."""
+    uncalled = never_called(holder, stats)
+    if uncalled:
+        logger.warning("%s: %d of the layers the schedule reuses were never called in this run's %d model "
+                       "evaluations, so Block Cache did nothing for them: %s. Another node replaced their forward or "
+                       "skipped them (a cache or block-swap node that patches the blocks itself): use one cache.",
+                       holder.name, len(uncalled), stats.evaluations, ", ".join(uncalled))
     names = never_reused(holder, stats)
     if names:
         logger.warning("%s: %d layers the schedule reuses were computed at every call of this run, so they saved "
@@ -166,6 +183,7 @@ def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict
         "retimed": cache_stats(stats).retimed,
         "estimated_speedup": run_speedup_estimate(holder, stats),
         "never_reused": never_reused(holder, stats),
+        "never_called": never_called(holder, stats),
     }
 
 

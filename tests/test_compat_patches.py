@@ -9,6 +9,7 @@ fixture (conftest.py) is (all-compute, caching) from a real profile of the tiny 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import comfy.cldm.cldm
 import comfy.controlnet
@@ -25,6 +26,7 @@ import torch
 from comfy.ldm.modules.attention import optimized_attention
 from comfyui_block_cache.block_caching.patching import apply_block_cache
 from comfyui_block_cache.demo_models.builtin_models import seeded_init_
+from comfyui_block_cache.nodes.frontend import warn_never_reused
 from dit_zoo import ZOO
 from helpers import (
     patched_layers,
@@ -296,3 +298,77 @@ def test_stacking_with_core_step_caches(pack, tiny_model, conds, latent, schedul
     both, holder = apply_block_cache(theirs(tiny_model), caching)
     out = sample(both, *conds, latent)
     assert torch.isfinite(out).all() and holder.last_run.computed.sum() > 0
+
+
+def test_a_pack_that_patches_the_block_forwards_itself_is_said_to_bypass_the_cache(pack, tiny_model, conds, latent,
+                                                                                   schedules, caplog):
+    """A pack that swaps the blocks' forwards inside its own unet wrapper for each call (the hook peers.md gives
+    for the TaylorSeer pack) bypasses Block Cache's layer patches: the run is that pack's alone, and Block Cache
+    says which of its layers were never called instead of saving nothing in silence."""
+    import contextlib
+    from unittest import mock
+
+    _, caching = schedules
+    diffusion_model = tiny_model.get_model_object("diffusion_model")
+    names = [layer.name for layer in caching.layers]
+
+    def swapping_wrapper(apply_model, args):
+        with contextlib.ExitStack() as stack:
+            for name in names:
+                block = diffusion_model.get_submodule(name)
+                stack.enter_context(mock.patch.object(block, "forward", type(block).forward.__get__(block)))
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+    theirs = tiny_model.clone()
+    theirs.set_model_unet_function_wrapper(swapping_wrapper)
+    both, holder = apply_block_cache(theirs, caching)
+    holder.run_listeners.append(warn_never_reused)  # as Apply Block Cache does
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(sample(both, *conds, latent), sample(tiny_model, *conds, latent))
+    assert holder.last_run.computed.sum() == 0 and holder.last_run.reused.sum() == 0
+    assert "were never called in this run" in caplog.text
+    alone, holder = apply_block_cache(tiny_model, caching)
+    sample(alone, *conds, latent)
+    assert holder.last_run.reused.sum() > 0, "without that pack the same schedule caches"
+
+
+def test_a_pack_that_swaps_forward_orig_and_skips_steps_runs_with_block_cache(pack):
+    """A pack that swaps Flux's ``forward_orig`` inside its own unet wrapper for each call and skips whole steps
+    by re-adding its last residual (the TeaCache / MagCache hook, as peers.md describes it): its skipping decides
+    per step; on the steps it computes, its forward calls the blocks, and Block Cache decides per layer. With an
+    all-compute schedule the run is that pack's alone, bit for bit."""
+    from unittest import mock
+
+    model = FLUX.build(seed=0)
+    conds, latent = FLUX.conds(), FLUX.latent()
+    diffusion_model = model.get_model_object("diffusion_model")
+    original = type(diffusion_model).forward_orig
+
+    def stepping_pack(model_in):
+        state = {"call": 0, "residual": None}
+
+        def forward_orig(self, img, *args, **kwargs):
+            state["call"] += 1
+            if state["call"] % 3 == 0 and state["residual"] is not None and state["residual"].shape == img.shape:
+                return img + state["residual"]  # a skipped step
+            out = original(self, img, *args, **kwargs)
+            state["residual"] = out - img if out.shape == img.shape else None
+            return out
+
+        def wrapper(apply_model, args):
+            with mock.patch.object(type(diffusion_model), "forward_orig", forward_orig):
+                return apply_model(args["input"], args["timestep"], **args["c"])
+
+        patched = model_in.clone()
+        patched.set_model_unet_function_wrapper(wrapper)
+        return patched
+
+    all_compute, caching = profile_schedules(pack, model, FLUX.conds(), latent, steps=6, cfg=FLUX.cfg)
+    reference = sample(stepping_pack(model), *conds, latent, steps=6, cfg=FLUX.cfg)
+    assert not torch.equal(reference, sample(model, *conds, latent, steps=6, cfg=FLUX.cfg)), "the pack skips"
+    exact, _ = apply_block_cache(stepping_pack(model), all_compute)
+    assert torch.equal(sample(exact, *conds, latent, steps=6, cfg=FLUX.cfg), reference)
+    both, holder = apply_block_cache(stepping_pack(model), caching)
+    out = sample(both, *conds, latent, steps=6, cfg=FLUX.cfg)
+    assert torch.isfinite(out).all() and holder.last_run.computed.sum() > 0 and holder.last_run.reused.sum() > 0
+    assert not torch.equal(out, reference), "Block Cache still reuses layers on the steps the pack computes"
