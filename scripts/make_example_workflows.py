@@ -40,6 +40,7 @@ DIT_SCHEDULER, DIT_CFG = "simple", 5.0
 # The video reference model (a trained Wan 2.1) samples as Wan workflows do: euler/simple, 30 steps.
 VIDEO_DEMO = "block_cache_demo_video_no_checkpoint"
 VIDEO_STEPS = 30
+VIDEO_SPLIT = 15  # the two-expert demo: the high-noise segment samples steps 0-14, the low-noise one 15-29
 VIDEO_PROMPT = "a large red circle at left moving right on a blue striped background"
 
 # Socket inputs and outputs of the node types the examples use: (name, type).
@@ -322,42 +323,54 @@ def wan22() -> dict[str, Any]:
         g.link(unet, 0, shift, "model")
         experts[name] = shift
 
+    low_cached, low_run = _two_experts(g, (experts["high"], 0), (experts["low"], 0), (positive, 0), (negative, 0),
+                                       (latent, 0), (vae, 0), [42, "fixed", WAN22_STEPS, 3.5, "euler", "simple"],
+                                       WAN22_SPLIT)
+    _decode_and_compare(g, (low_cached, 0), (low_run, 0), (vae, 0), 2380, cached_y=500)
+    return g.to_json()
+
+
+def _two_experts(g: Graph, high: tuple[int, int], low: tuple[int, int], positive: tuple[int, int],
+                 negative: tuple[int, int], latent: tuple[int, int], vae: tuple[int, int], sampling: list[Any],
+                 split: int) -> tuple[int, int]:
+    """Two KSamplerAdvanced segments, profiled (the uncached run), each expert's schedule built and applied,
+    and the cached pair; ``sampling`` is KSamplerAdvanced's seed, control, steps, cfg, sampler and scheduler.
+    Returns the cached and the profiled low-noise segments."""
+
     def segment(node_type: str, model: tuple[int, int], source: tuple[int, int], first: bool, pos: tuple[int, int],
                 title: str, colour: str | None = None) -> int:
-        widgets = ["enable" if first else "disable", 42, "fixed", WAN22_STEPS, 3.5, "euler", "simple",
-                   0 if first else WAN22_SPLIT, WAN22_SPLIT if first else 10000, "enable" if first else "disable"]
+        widgets = ["enable" if first else "disable", *sampling, 0 if first else split, split if first else 10000,
+                   "enable" if first else "disable"]
         node = g.add(node_type, pos, widgets, (300, 360), title=title, colour=colour)
         g.link(*model, node, "model")
-        g.link(positive, 0, node, "positive")
-        g.link(negative, 0, node, "negative")
+        g.link(*positive, node, "positive")
+        g.link(*negative, node, "negative")
         g.link(*source, node, "latent_image")
         return node
 
     # The profiled (uncached) run: the high-noise segment, then the low-noise one from its latent.
-    high_run = segment("BlockCacheProfileAdvanced", (experts["high"], 0), (latent, 0), True, (700, 120),
-                       "high-noise segment (profiled)")
-    low_run = segment("BlockCacheProfileAdvanced", (experts["low"], 0), (high_run, 0), False, (700, 640),
+    high_run = segment("BlockCacheProfileAdvanced", high, latent, True, (700, 120), "high-noise segment (profiled)")
+    low_run = segment("BlockCacheProfileAdvanced", low, (high_run, 0), False, (700, 640),
                       "low-noise segment (profiled)")
     g.link(high_run, 1, low_run, "earlier_segment")
-    g.link(vae, 0, low_run, "vae")
+    g.link(*vae, low_run, "vae")
     # Each expert's schedule, applied to that expert.
     applied = {}
-    for row, (name, run) in enumerate((("high", high_run), ("low", low_run))):
+    for row, (name, model, run) in enumerate((("high", high, high_run), ("low", low, low_run))):
         y = 120 + row * 520
         build = g.add(BUILD, (1400, y), list(BUILD_WIDGETS), (460, 460), title=f"Build Cache Schedule ({name})",
                       colour=CACHED)
         apply = g.add("BlockCacheApply", (1900, y), APPLY_WIDGETS, (440, 180), title=f"Apply Block Cache ({name})",
                       colour=CACHED)
         g.link(run, 1, build, "profile")
-        g.link(experts[name], 0, apply, "model")
+        g.link(*model, apply, "model")
         g.link(build, 0, apply, "schedule")
         applied[name] = apply
-    high_cached = segment("KSamplerAdvanced", (applied["high"], 0), (latent, 0), True, (2380, 120),
+    high_cached = segment("KSamplerAdvanced", (applied["high"], 0), latent, True, (2380, 120),
                           "high-noise segment (cached)", CACHED)
     low_cached = segment("KSamplerAdvanced", (applied["low"], 0), (high_cached, 0), False, (2380, 500),
                          "low-noise segment (cached)", CACHED)
-    _decode_and_compare(g, (low_cached, 0), (low_run, 0), (vae, 0), 2380, cached_y=500)
-    return g.to_json()
+    return low_cached, low_run
 
 
 def faster_diffusion_sd15() -> dict[str, Any]:
@@ -503,6 +516,25 @@ def demo_video() -> dict[str, Any]:
         "show the 8 frames."), VIDEO_STEPS)
 
 
+def demo_two_experts() -> dict[str, Any]:
+    """Runs anywhere: Wan 2.2's two-expert layout on the built-in video reference model, no checkpoint."""
+    g = Graph()
+    note = ("## Block Cache on two experts: built-in Wan model, no checkpoint needed\n\nWan 2.2 samples with a "
+            "high-noise expert for the first steps and a low-noise expert for the rest, as two *KSamplerAdvanced* "
+            f"segments. Here the pack's small trained video model plays both experts (steps 0-{VIDEO_SPLIT} and "
+            f"{VIDEO_SPLIT}-{VIDEO_STEPS}): each segment is profiled by *Profile Block Changes (Advanced)*, gets "
+            "its own schedule, measured on other seeds (the low-noise segment through the high-noise one), and "
+            "its own cache. On CPU in about a minute. The Wan 2.2 workflow is the same graph with the 14B "
+            "experts.\n\n" + _TUNE)
+    g.add("MarkdownNote", (0, -300), [note], (NOTE_W * 2, 300))
+    model, latent = _demo_sources(g, "reference_video")
+    low_cached, low_run = _two_experts(g, (model, 0), (model, 0), (model, 1), (model, 2), (latent, 0), (model, 3),
+                                       [DEMO_SEED, "fixed", VIDEO_STEPS, DIT_CFG, "euler", DIT_SCHEDULER],
+                                       VIDEO_SPLIT)
+    _decode_and_compare(g, (low_cached, 0), (low_run, 0), (model, 3), 2380, cached_y=500)
+    return g.to_json()
+
+
 def calibrate_demo() -> dict[str, Any]:
     """The reference model: profile -> an aggressive schedule -> Calibrate -> save + apply -> KSampler."""
     g = Graph()
@@ -573,6 +605,7 @@ WORKFLOWS = {
     "block_cache_apply_saved_schedule": saved_schedule,
     "block_cache_flux_txt2img": flux,
     "block_cache_wan22_two_experts": wan22,
+    "block_cache_demo_two_experts_no_checkpoint": demo_two_experts,
     "block_cache_faster_diffusion_sd15": faster_diffusion_sd15,
     "block_cache_calibrate_demo_model": calibrate_demo,
 }

@@ -21,8 +21,9 @@ from comfy_server import comfy_server
 WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}  # never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SHORT_STEPS = 8
 RUNNABLE = {"block_cache_demo_model_no_checkpoint", "block_cache_demo_dit_no_checkpoint",
-            "block_cache_demo_video_no_checkpoint",
+            "block_cache_demo_video_no_checkpoint", "block_cache_demo_two_experts_no_checkpoint",
             "block_cache_apply_saved_schedule", "block_cache_calibrate_demo_model"}
 
 
@@ -113,16 +114,19 @@ def to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
     return prompt
 
 
+SAMPLERS = {"KSampler", "KSamplerAdvanced"}
+
+
 def cached_samplers(prompt: dict[str, dict]) -> set[str]:
-    """KSamplers whose model comes from Apply Block Cache."""
-    return {i for i, n in prompt.items() if n["class_type"] == "KSampler"
+    """Samplers whose model comes from Apply Block Cache."""
+    return {i for i, n in prompt.items() if n["class_type"] in SAMPLERS
             and prompt[n["inputs"]["model"][0]]["class_type"] == "BlockCacheApply"}
 
 
 def sampler_of(prompt: dict[str, dict], node_id: str) -> str | None:
-    """The KSampler upstream of a node, following its image/latent links (decode, scale, ...); None if
+    """The sampler upstream of a node, following its image/latent links (decode, scale, ...); None if
     the picture comes from elsewhere (e.g. Calibrate Block Cache's loss curve)."""
-    while prompt[node_id]["class_type"] != "KSampler":
+    while prompt[node_id]["class_type"] not in SAMPLERS:
         upstream = [v[0] for k, v in prompt[node_id]["inputs"].items() if k in ("images", "image", "samples")]
         if not upstream:
             return None
@@ -173,8 +177,12 @@ def test_the_bundled_schedule_is_offered(object_info):
 def test_runnable_workflows_run(path: Path, server, object_info):
     prompt = to_api(json.loads(path.read_text()), object_info)
     for node in prompt.values():  # the same graph, shorter (a schedule is re-timed to other step counts)
-        if "steps" in node["inputs"]:
-            node["inputs"]["steps"] = 8
+        inputs = node["inputs"]
+        if "steps" in inputs:
+            for bound in ("start_at_step", "end_at_step"):  # a segment keeps its share of the steps
+                if bound in inputs and inputs[bound] < inputs["steps"]:
+                    inputs[bound] = inputs[bound] * SHORT_STEPS // inputs["steps"]
+            inputs["steps"] = SHORT_STEPS
     queued = server.post("/prompt", {"prompt": prompt})
     outputs = server.wait_for(queued["prompt_id"])
     # The uncached branch may come from the server's cache (the other workflow ran it): not re-reported.
