@@ -20,10 +20,9 @@ from .schedule import CacheSchedule
 from .target_build import Tried
 from .target_ladder import FINE_RUNG_SHARES, Rung, Search, as_is_variants, candidates, rung_schedule
 
-# After the floor's bisection, the rung it found and this many faster rungs (one compute step of the ladder: its fine
-# rungs and the next whole-step rung) are probed with their other schedules of the same cost, fastest first: one of
-# those may reach the floor where the bisected one does not (on the Flux reference at 20 steps the damped schedule
-# one fine rung faster, and steps spread evenly one compute step fewer).
+# After the floor's bisection, the rung it found and this many faster rungs (one compute step of the ladder) are
+# probed with their other schedules of the same cost, fastest first: one may reach the floor where the bisected
+# schedule does not.
 FLOOR_REFINE_ABOVE = len(FINE_RUNG_SHARES) + 1
 
 

@@ -76,11 +76,9 @@ class Rung:
         return rung_label(self.computes, self.partial, self.as_is_layers)
 
 
-# Per-layer forecast orders that 'choose by measured PSNR' also measures for the schedule it kept: order 0
-# (reuse as is) on the first or the last third of the cached layers, or on all of them. On the video
-# reference model the held-out seed's pick kept 2-10 dB more on unseen prompts at 2-2.7x; on the transformer
-# it was as often worse as better, so a variant is only taken where it beats the kept schedule by more than
-# the pictures' noise (Measurement.beats; docs/speedup-target.md).
+# Per-layer forecast orders that 'choose by measured PSNR' also measures for the schedule it kept: order 0 (reuse
+# as is) on the first or last third of the cached layers, or all; taken only where it beats the kept schedule by
+# more than the pictures' noise (Measurement.beats): it helps video, not the transformer (docs/speedup-target.md).
 AS_IS_GROUPS = ("first third", "last third", "all")
 
 # A fine rung reuses these shares of the cached layers at one compute step of a whole-step rung, so two

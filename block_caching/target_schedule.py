@@ -30,19 +30,14 @@ from .target_floor import Holds, measured_choice, measured_once, reaches, schedu
 from .target_ladder import Rung, alternative_rungs, choose_rung, ladder_of, rung_schedule, search, step_weight_spread
 
 # The step weights' spread (largest over smallest) above which the search with every step weighted alike is
-# measured as an alternative: Wan's time shift of 8 gives 48x at 30 and 50 steps, the Flux and SD samplers of
-# the reference models 3-10x (docs/speedup-target.md). On a video latent it is an alternative at any spread, and
-# without a measure it is taken: a segment of a split run has weights of less spread (Wan 2.2's two experts at 30
-# steps: 2.6x and 15.9x), and there the video reference model kept 6-7 dB more with it, the whole run 5 dB.
+# measured too (Wan's time shift gives 48x, the reference Flux and UNet samplers 3-10x); on a video latent at any
+# spread, and taken without a measure (docs/speedup-target.md, docs/benchmark-video.md#step-weights).
 EVEN_WEIGHTS_MIN_SPREAD = 20.0
 # How chosen_by names a schedule taken without a measure by the video rule above.
 VIDEO_RULE = "video rule"
 
-# An order-1 forecast damped to this share of its move (forecast.forecast_weights) is measured as an alternative at
-# each rung where the error model predicts it better than the search's own schedule: on the Flux reference at 20
-# steps it kept 2.4 dB more on average; on the UNet reference the error model predicts it worse
-# (docs/speedup-target.md). There, the same count of compute steps spread evenly is measured too: damped, they kept
-# 0.7-3.9 dB more than the damped search's at 2-2.8x on Flux at 20 steps, and less at milder rungs.
+# An order-1 forecast damped to this share of its move, measured (with its steps spread evenly too) where the error
+# model predicts it better than the search's own: it helps the reference Flux, not the UNet (docs/speedup-target.md).
 DAMPED_FORECAST = 0.5
 
 

@@ -163,6 +163,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "damped": lambda: forecast_variant_rows(args, profile, target, model, measure, show),
         "even_steps": lambda: even_step_rows(args, profile, target, patching, model, measure, show),
         "cfg_reuse": lambda: cfg_reuse_rows(args, profile, target, patching, model, measure, show),
+        "lookahead": lambda: lookahead_rows(args, profile, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -716,6 +717,73 @@ def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, m
     return rows
 
 
+def lookahead(model: Any, evaluated: tuple[int, ...]) -> Any:
+    """An experiment (issue 22, "forecast in the sampler's own variable"), benchmark only, for Euler: the model
+    runs once per step of ``evaluated`` (the first and last steps among them). After evaluating step p, the next
+    step's call evaluates the next step e of ``evaluated`` instead, at the point one Euler step from there with
+    p's derivative predicts; the steps between take the derivative interpolated linearly in sigma between p's
+    and e's (not extrapolated from the past, as every forecast so far), and step e takes e's. A second-order
+    scheme that tracks the full step count's Euler path at one model call per gap, on the CFG-combined
+    prediction (a PREDICT_NOISE wrapper)."""
+    import comfy.patcher_extension
+
+    planned = sorted(set(evaluated))
+    state: dict[str, Any] = {}
+
+    def outer(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        state.clear()
+        return executor(*args, **kwargs)
+
+    def predict_noise(executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed: Any
+                      ) -> torch.Tensor:
+        sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
+        sigma = float(timestep.reshape(-1)[0])
+        step = step_at(sigmas, sigma)
+        known = state.get("known")  # (step, sigma, derivative) of the last evaluation
+        ahead = state.get("ahead")  # the same of the evaluation ahead, while the steps before it are taken
+        if ahead is None and (known is None or step in planned or step == known[0]):
+            denoised = executor(x, timestep, model_options, seed)
+            state["known"] = (step, sigma, (x - denoised) / sigma)
+            return denoised
+        if ahead is None:
+            target = next((e for e in planned if e > step), len(sigmas) - 2)
+            target_sigma = sigmas[target]
+            predicted = x + (target_sigma - sigma) * known[2]
+            denoised = executor(predicted, torch.full_like(timestep, target_sigma), model_options, seed)
+            ahead = state["ahead"] = (target, target_sigma, (predicted - denoised) / target_sigma)
+        if step >= ahead[0]:
+            state["known"], state["ahead"] = ahead, None
+            return x - sigma * ahead[2]
+        share = (sigma - known[1]) / (ahead[1] - known[1])
+        return x - sigma * (known[2] + share * (ahead[2] - known[2]))
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_lookahead", outer)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "bench_lookahead", predict_noise)
+    return patched
+
+
+def lookahead_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
+                   ) -> list[dict[str, Any]]:
+    """The lookahead experiment with every count of model calls spread evenly from the first step to the last,
+    and with the ladder's whole-step rungs' compute steps (the last step added), against fewer steps."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    steps = profile.grid.steps
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    placements = [("even", tuple(target_ladder.evenly_spread_steps(steps, n))) for n in range(2, steps)]
+    placements += [("ladder", tuple(sorted({*rung.steps, steps - 1})))
+                   for rung in target_ladder.whole_step_ladder(found, profile)]
+    rows = []
+    for placement, evaluated in placements:
+        speedup = steps / len(set(evaluated))
+        if not in_band(args, speedup):
+            continue
+        rows.append({"family": "lookahead", "placement": placement, "computes": len(set(evaluated)),
+                     "steps": list(evaluated), "speedup": speedup, "psnr": measure(lookahead(model, evaluated), steps)})
+        show(f"lookahead, {placement} steps {list(evaluated)}", rows[-1])
+    return rows + fewer_steps_rows(args, steps, model, measure, show)
+
+
 def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: float = 1.0) -> Any:
     """An experiment, benchmark only (FasterCache's CFG reuse, from its published description): the negative
     prompt's prediction is computed at ``uncond_steps`` only; at the other steps only the positive one is, and
@@ -1071,6 +1139,8 @@ def main() -> None:
                         "of compute steps spread evenly from the first step to the last")
     parser.add_argument("--teacache-steps", default="", help="an experiment (video): the TeaCache rule's compute "
                         "steps at these thresholds, e.g. 0.1,0.15,0.2, as Block Cache schedules")
+    parser.add_argument("--lookahead", action="store_true", help="an experiment (Euler): the model evaluated one "
+                        "gap ahead at the predicted point, the steps between interpolated, against fewer steps")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
