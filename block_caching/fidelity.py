@@ -23,7 +23,7 @@ def _check_pair(samples: torch.Tensor, reference: torch.Tensor) -> None:
     if samples.shape != reference.shape:
         raise ValueError(f"cannot compare a {tuple(samples.shape)} batch with a {tuple(reference.shape)} one: "
                          "they must have the same count, size and channels")
-    if samples.shape[0] == 0 or samples.numel() == 0:
+    if samples.numel() == 0:  # no pictures, or pictures of no pixels
         raise ValueError(f"cannot compare empty batches ({tuple(samples.shape)}): there are no pictures to compare")
 
 
