@@ -359,9 +359,10 @@ def log_run_summary(holder: BlockCacheHolder, stats: RunStats) -> None:
         forecast = (f", of which forecast history (order {'/'.join(str(o) for o in orders)}{damped}) "
                     f"{cache.peak_history_bytes / 2**20:.1f} MB")
     logger.info(
-        "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s; "
+        "%s: computed %d/%d layer evaluations, skipped %d (%.0f%%) over %d steps / %d model evaluations%s%s; "
         "estimated speed-up %.2fx (FLOP-weighted); the cache held at most %.1f MB (%s)%s; %d computations "
         "were stored for a reuse.",
         holder.name, int(stats.computed.sum()), total, skipped, 100.0 * skipped / max(1, total), stats.steps,
-        stats.evaluations, ", schedule re-timed" if cache.retimed else "", estimate,
+        stats.evaluations, f" ({stats.unevaluated} interpolated, not run)" if stats.unevaluated else "",
+        ", schedule re-timed" if cache.retimed else "", estimate,
         cache.peak_cache_bytes / 2**20, holder.cache_device, forecast, cache.stores)

@@ -20,6 +20,7 @@ from ..runtime.run import RunExtension
 from ..runtime.time_grid import StepGrid, normalized_times
 from ..runtime.wrappers import install_runtime
 from .cache import CACHE_ON_MODEL_DEVICE, BlockCacheHolder
+from .lookahead import StepLookahead
 from .plan import LayerPlan
 from .profile import BlockProfile
 from .profiler import ProfilerHolder
@@ -77,9 +78,13 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
                       options: Sequence[MethodOption] = ()) -> tuple[Any, BlockCacheHolder]:
     """A clone of ``model`` that samples with ``schedule``, and the holder of its configuration.
 
-    ``options`` act in every run besides the cache, in this order (runtime/run.py): Faster
+    A schedule with lookahead steps runs with its ``StepLookahead`` first. ``options`` act in every run besides
+    the cache, in this order (runtime/run.py): Faster
     Diffusion's prior noise injection and parallel decoding, a calibration's training.
     """
+    if schedule.lookahead_steps and not schedule.compute_mask().all():
+        raise ScheduleMismatchError("A lookahead schedule computes every layer wherever the model runs; this one also "
+                                    "reuses layers, which is not supported. Rebuild it with Build Cache Schedule.")
     model_map = block_map_for_patcher(model)
     block_map = _scheduled_block_map(schedule, model_map)  # in schedule order
     if schedule.scale_shift is not None:
@@ -87,6 +92,8 @@ def apply_block_cache(model: Any, schedule: CacheSchedule, cache_device: str = C
     holder = BlockCacheHolder(block_map, LayerPlan.from_schedule(schedule), cache_device=cache_device)
     if schedule.scale_shift is not None:
         holder.corrections = schedule.scale_shift.bind(block_map)
+    if schedule.lookahead_steps:
+        holder.extensions.append(StepLookahead(schedule.lookahead_steps, schedule.grid))
     for option in options:
         extension = option.bind(holder, schedule)
         if extension is not None:

@@ -18,4 +18,6 @@ def run_speedup_estimate(holder: RunHolder, stats: RunStats) -> float:
     # One column holding each layer's computed share of its calls.
     compute_rate = (stats.computed / np.maximum(calls, 1))[:, None]
     fraction = computed_flop_fraction(compute_rate, plan.layer_flops, plan.total_flops)
+    if stats.evaluations:  # evaluations answered without the model (a lookahead's) cost nothing
+        fraction *= (stats.evaluations - stats.unevaluated) / stats.evaluations
     return 1.0 / fraction if fraction > 0 else 1.0

@@ -85,6 +85,9 @@ class CacheSchedule:
     provenance: dict[str, Any] = field(default_factory=dict)
     # Learned corrections of reused features (Calibrate Block Cache); None: uncorrected.
     scale_shift: ScaleShiftTable | None = None
+    # Step lookahead (block_caching/lookahead.py): the only steps the model is evaluated at, the others
+    # interpolated; empty: every step. Its layers compute wherever the model runs.
+    lookahead_steps: tuple[int, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -95,15 +98,32 @@ class CacheSchedule:
             order = f"|{layer.forecast_order}" if layer.forecast_order else ""  # unchanged for order-0 schedules
             damping = f"|d{layer.forecast_damping!r}" if layer.forecast_damping != 1.0 else ""  # and undamped ones
             digest.update(f"\n{layer.name}|{layer.reuse.value}|{mask}{order}{damping}".encode())
+        if self.lookahead_steps:  # unchanged for schedules without
+            digest.update(f"\nlookahead|{','.join(map(str, self.lookahead_steps))}".encode())
         return digest.hexdigest()[:16]
 
     def compute_mask(self) -> np.ndarray:
         """[layers, steps] boolean array: True where the layer is computed."""
         return np.array([layer.compute for layer in self.layers], dtype=bool).reshape(len(self.layers), self.grid.steps)
 
+    def evaluated_mask(self) -> np.ndarray:
+        """[layers, steps]: True where the layer really computes, its row at the steps the model is evaluated
+        (every step, without lookahead): what the heatmap shows and the FLOPs count."""
+        mask = self.compute_mask()
+        if self.lookahead_steps:
+            skipped = np.ones(self.grid.steps, dtype=bool)
+            skipped[list(self.lookahead_steps)] = False
+            mask[:, skipped] = False
+        return mask
+
     @property
     def flop_fraction(self) -> float:
-        return computed_flop_fraction(self.compute_mask(), self.layer_flops, self.total_flops)
+        if not self.lookahead_steps:
+            return computed_flop_fraction(self.compute_mask(), self.layer_flops, self.total_flops)
+        # The steps between evaluations run nothing, not even the layers outside the block map.
+        evaluated = list(self.lookahead_steps)
+        return (computed_flop_fraction(self.compute_mask()[:, evaluated], self.layer_flops, self.total_flops)
+                * len(evaluated) / self.grid.steps)
 
     @property
     def estimated_speedup(self) -> float:
@@ -116,7 +136,7 @@ class CacheSchedule:
         return self.flop_fraction * self.grid.steps
 
     def summary(self) -> str:
-        mask = self.compute_mask()
+        mask = self.evaluated_mask()
         orders = sorted({layer.forecast_order for layer in self.layers if not all(layer.compute)})
         forecast = f"; reused layers forecast with order {'/'.join(map(str, orders))}" if any(orders) else ""
         dampings = sorted({layer.forecast_damping for layer in self.layers
@@ -128,6 +148,8 @@ class CacheSchedule:
             f"{self.flop_fraction:.1%} of the FLOPs, estimated speed-up {self.estimated_speedup:.2f}x: the cost of "
             f"{self.equivalent_steps:.1f} uncached steps{forecast}"
             + ("; with scale-shift calibration" if self.scale_shift is not None else "")
+            + (f"; lookahead: the model evaluated at {len(self.lookahead_steps)} of {self.grid.steps} steps, the "
+               "others interpolated" if self.lookahead_steps else "")
         )
 
 

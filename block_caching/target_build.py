@@ -189,13 +189,16 @@ class ExpectedPsnr:
     low: float
     high: float
     pictures: int
+    values: tuple[float, ...] = ()  # each picture's PSNR, for a paired comparison (absent in older files)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "pictures": self.pictures}
+        return {"mean": self.mean, "low": self.low, "high": self.high, "pictures": self.pictures,
+                "values": list(self.values)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExpectedPsnr:
-        return cls(float(data["mean"]), float(data["low"]), float(data["high"]), int(data["pictures"]))
+        return cls(float(data["mean"]), float(data["low"]), float(data["high"]), int(data["pictures"]),
+                   tuple(float(v) for v in data.get("values", ())))
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,26 @@ class CombinedSteps:
 
 
 @dataclass(frozen=True)
+class LookaheadChosen:
+    """Step lookahead chosen over the cache's own schedule (block_caching/target_lookahead.py): its planned steps,
+    and the cache schedule it replaced (speed-up, and measured PSNR: None where it computed everything)."""
+
+    steps: tuple[int, ...]
+    instead_of_speedup: float
+    instead_of_psnr: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "instead_of_speedup": self.instead_of_speedup,
+                "instead_of_psnr": self.instead_of_psnr}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LookaheadChosen:
+        psnr = data.get("instead_of_psnr")
+        return cls(tuple(int(s) for s in data["steps"]), float(data["instead_of_speedup"]),
+                   None if psnr is None else float(psnr))
+
+
+@dataclass(frozen=True)
 class TargetBuild:
     """The speed-up target builder's result: the options, the chosen rung, the ladder, what was measured."""
 
@@ -288,6 +311,7 @@ class TargetBuild:
     chosen_partial: PartialStep | None = None  # the chosen rung is a fine one
     chosen_as_is_layers: tuple[int, ...] = ()  # cached layers forecast with order 0 (chosen by measurement)
     chosen_damping: float = 1.0  # the chosen rung's forecast damping (block_caching/forecast.py)
+    lookahead: LookaheadChosen | None = None  # the output is a step lookahead, not the chosen rung
 
     @property
     def chosen_key(self) -> tuple[Any, ...]:
@@ -324,6 +348,8 @@ class TargetBuild:
         }
         if self.combined is not None:
             data["combined"] = self.combined.to_json()
+        if self.lookahead is not None:
+            data["lookahead"] = self.lookahead.to_json()
         return data
 
     @classmethod
@@ -357,6 +383,7 @@ class TargetBuild:
             chosen_partial=PartialStep.from_json(data.get("chosen_partial")),
             chosen_as_is_layers=_layer_indices(data.get("chosen_as_is_layers")),
             chosen_damping=float(data.get("chosen_damping", 1.0)),
+            lookahead=optional("lookahead", LookaheadChosen),
         )
 
     @classmethod

@@ -9,12 +9,15 @@ from .profile import BlockProfile
 from .replay import HeldOutValidation, measure_metric, profile_again
 from .schedule import CacheSchedule, all_compute_schedule
 from .target_build import TargetBuild, TargetOptions, rung_label
+from .target_lookahead import choose_lookahead
 from .target_schedule import best_choice, build_target_schedule, build_validated_schedule, sampling_choices
 
 VALIDATION_CHOICES = ("measure PSNR", "choose by measured PSNR", "off")
 MEASURE, CHOOSE_BY_MEASURE, NO_VALIDATION = VALIDATION_CHOICES
 FEWER_STEPS_CHOICES = ("compare", "use fewer steps when better", "off", "best of cache, fewer steps, or both")
 COMPARE, USE_WHEN_BETTER, NO_FEWER_STEPS, BEST_OF_THREE = FEWER_STEPS_CHOICES
+LOOKAHEAD_CHOICES = ("use when better", "off")
+USE_LOOKAHEAD, NO_LOOKAHEAD = LOOKAHEAD_CHOICES
 
 
 @dataclass(frozen=True)
@@ -26,27 +29,38 @@ class TargetOutcome:
 
 
 def build_for_node(profile: BlockProfile, options: TargetOptions, validation: str = MEASURE,
-                   fewer_steps: str = COMPARE) -> TargetOutcome:
+                   fewer_steps: str = COMPARE, lookahead: str = USE_LOOKAHEAD) -> TargetOutcome:
     """The schedule for ``options``, validated as ``validation`` asks where the profile can sample its run
-    again, and compared with (or replaced by) fewer steps as ``fewer_steps`` asks."""
-    if validation not in VALIDATION_CHOICES or fewer_steps not in FEWER_STEPS_CHOICES:
-        raise ValueError(f"validation must be one of {VALIDATION_CHOICES} and fewer_steps one of "
-                         f"{FEWER_STEPS_CHOICES}, got {validation!r} and {fewer_steps!r}")
+    again, replaced by a step lookahead where ``lookahead`` asks and one measures better, and compared with (or
+    replaced by) fewer steps as ``fewer_steps`` asks."""
+    if (validation not in VALIDATION_CHOICES or fewer_steps not in FEWER_STEPS_CHOICES
+            or lookahead not in LOOKAHEAD_CHOICES):
+        raise ValueError(f"validation must be one of {VALIDATION_CHOICES}, fewer_steps one of {FEWER_STEPS_CHOICES} "
+                         f"and lookahead one of {LOOKAHEAD_CHOICES}, got {validation!r}, {fewer_steps!r} and "
+                         f"{lookahead!r}")
     validated, fewer_steps, notes = _validation(profile, options, validation, fewer_steps)
+    lookahead_lines: list[str] = []
     if validated is None:
         schedule = build_target_schedule(profile, options)
     else:
         schedule = build_validated_schedule(profile, options, validated,
                                             choose_by_measure=validation == CHOOSE_BY_MEASURE,
                                             compare_fewer_steps=fewer_steps != NO_FEWER_STEPS)
+    ladder_of = schedule  # the cache's ladder, also where a lookahead replaces its schedule
+    if lookahead == USE_LOOKAHEAD and validated is None:
+        notes.append("lookahead not tried: it needs validation (the profiled prompts sampled again).")
+    elif lookahead == USE_LOOKAHEAD:
+        schedule, lookahead_lines = choose_lookahead(profile, options, validated, schedule,
+                                                     fewer_steps != NO_FEWER_STEPS)
     build = TargetBuild.of(schedule)
-    lines = [schedule.summary(), *_describe(profile, options, schedule, build)]
-    ladder_of, sampler_steps = schedule, schedule.grid.steps
+    lines = [schedule.summary(), *_describe(profile, options, schedule, build), *lookahead_lines]
+    sampler_steps = schedule.grid.steps
     versus = build.fewer_steps
     if fewer_steps == BEST_OF_THREE and validated is not None:
         schedule, sampler_steps, best_lines = _best_of_three(profile, options, validated, schedule)
         lines += best_lines
-        ladder_of = schedule
+        if not schedule.lookahead_steps:
+            ladder_of = schedule
     elif versus is not None and build.expected_psnr is not None:
         verdict = (f"{versus.steps} uncached steps ({versus.speedup:.2f}x) measured {versus.measured_psnr:.1f} "
                    f"dB, this schedule ({schedule.estimated_speedup:.2f}x) {versus.schedule_psnr:.1f} dB (the "
@@ -106,7 +120,15 @@ def _describe(profile: BlockProfile, options: TargetOptions, schedule: CacheSche
     damped = "" if build.chosen_damping == 1.0 else f", damped to {build.chosen_damping:g} of its move"
     orders = f"forecast order {build.chosen_order}{damped}" + ("" if not as_is else (
         f", 0 (reused as they are) on {', '.join(schedule.layers[i].name for i in as_is)}"))
-    lines = [f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
+    chosen = build.lookahead
+    if chosen is None:
+        lines = [f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
+    else:
+        instead = "" if chosen.instead_of_psnr is None else f", {chosen.instead_of_psnr:.1f} dB"
+        label = rung_label(len(build.compute_steps), build.chosen_partial, build.chosen_as_is_layers)
+        lines = [f"lookahead: the model runs at steps {list(chosen.steps)}, the steps between interpolated; "
+                 f"instead of Block Cache's {chosen.instead_of_speedup:.2f}x ({label}{instead}), which "
+                 f"computes at steps {list(build.compute_steps)}{reused}; {orders}"]
     for tried in build.measured:
         if tried.seeds > 1:
             status, seed = "checked", "that seed and a second one, which did not choose it"

@@ -161,7 +161,7 @@ def build_target_schedule(profile: BlockProfile, options: TargetOptions,
             stepped_from.computes, stepped_from.order, 1.0 / stepped_from.flop_fraction, stepped_from.steps,
             stepped_from.partial, stepped_from.as_is_layers),
         expected_psnr=None if chosen is None else ExpectedPsnr(chosen.mean, chosen.low, chosen.high,
-                                                               len(chosen.pictures)),
+                                                               len(chosen.pictures), chosen.pictures),
         fewer_steps=versus,
         notes=tuple(notes),
     )

@@ -409,6 +409,10 @@ function showRun(node) {
       lines.push(`time saved: about ${estimate.toFixed(2)} s by the FLOP estimate (${run.estimated_speedup.toFixed(2)}x); ` +
         "add an uncached sampler on the same model to measure it");
     }
+    if (run.interpolated) {
+      lines.push(`lookahead: ${run.interpolated} of ${run.evaluations} sampler evaluations interpolated, the model not run`);
+    }
+    if (run.lookahead_off) lines.push(`lookahead off in this run: ${run.lookahead_off} (see the log)`);
     if (run.never_called?.length) {
       lines.push(`never called in this run (another node replaced or skipped them; see the log): ` +
         run.never_called.join(", "));

@@ -74,13 +74,13 @@ def profile_payload(profile: BlockProfile) -> dict[str, Any]:
 
 def schedule_payload(schedule: CacheSchedule) -> dict[str, Any]:
     """A built or loaded schedule: the masks as 0/1 strings, and the estimate."""
-    mask = schedule.compute_mask()
+    mask = schedule.evaluated_mask()  # a lookahead's interpolated steps show as skipped
     return {
         "version": PAYLOAD_VERSION,
         "model_type": schedule.block_map.model_type,
         "steps": schedule.grid.steps,
         "layers": [{"name": layer.name, "kind": layer.kind.value} for layer in schedule.layers],
-        "compute": ["".join("1" if c else "0" for c in layer.compute) for layer in schedule.layers],
+        "compute": ["".join("1" if c else "0" for c in row) for row in mask],
         "computed": int(mask.sum()),
         "total": int(mask.size),
         "flop_fraction": schedule.flop_fraction,
@@ -184,6 +184,8 @@ def run_payload(node_id: str, holder: BlockCacheHolder, stats: RunStats) -> dict
         "estimated_speedup": run_speedup_estimate(holder, stats),
         "never_reused": never_reused(holder, stats),
         "never_called": never_called(holder, stats),
+        "interpolated": stats.unevaluated,
+        "lookahead_off": getattr(stats.figures.get("lookahead"), "off", ""),
     }
 
 

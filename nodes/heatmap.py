@@ -92,8 +92,8 @@ def render_profile(profile: BlockProfile) -> np.ndarray:
 
 
 def render_schedule(schedule: CacheSchedule) -> np.ndarray:
-    """Computed cells in the layer kind's colour, reused cells dark."""
-    mask = schedule.compute_mask()
+    """Computed cells in the layer kind's colour, reused (or, with lookahead, interpolated) cells dark."""
+    mask = schedule.evaluated_mask()
     names = [layer.name for layer in schedule.layers]
     image, draw, cell_w = _canvas(len(names), schedule.grid.steps)
     for row, layer in enumerate(schedule.layers):

@@ -15,7 +15,15 @@ from ..block_caching.target_build import (
     TargetOptions,
     parse_forecast_order,
 )
-from ..block_caching.target_outcome import COMPARE, FEWER_STEPS_CHOICES, MEASURE, VALIDATION_CHOICES, build_for_node
+from ..block_caching.target_outcome import (
+    COMPARE,
+    FEWER_STEPS_CHOICES,
+    LOOKAHEAD_CHOICES,
+    MEASURE,
+    USE_LOOKAHEAD,
+    VALIDATION_CHOICES,
+    build_for_node,
+)
 from ..block_maps.block_map import CACHE_KIND_CHOICES
 from ..schedule_files.schema import schedule_to_json
 from .frontend import LADDER_UI_KEY, PROFILE_UI_KEY, SCHEDULE_UI_KEY, ladder_payload, profile_payload, schedule_payload
@@ -110,6 +118,14 @@ class BuildTargetSchedule(io.ComfyNode):
                                        "fewer steps with the cache (about 1/sqrt(speedup) of the steps, the cache "
                                        "giving the rest: two more runs) and outputs whichever is fastest above "
                                        "the floor, with its step count on 'steps'. 'off' saves that run."),
+                io.Combo.Input("lookahead", options=list(LOOKAHEAD_CHOICES), default=USE_LOOKAHEAD, optional=True,
+                               tooltip="With validation on and a sampler that evaluates the model once per step "
+                                       "(euler, ddim, dpmpp_2m, ...): also measure a step lookahead, which runs the "
+                                       "whole model at fewer steps spread evenly and interpolates the steps between "
+                                       "(the model is evaluated one gap ahead, where an Euler step predicts), and "
+                                       "output it where it is faster above the floor, or closer at the target's "
+                                       "cost. One or a few more runs at the target's cost. On flow-matching "
+                                       "transformers (Flux) it kept more than the cache. 'off' skips it."),
             ],
             outputs=[*schedule_outputs(),
                      io.Int.Output(display_name="steps",
@@ -121,12 +137,12 @@ class BuildTargetSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, profile, speedup, forecast_order, cache_kinds, always_compute_first, always_compute_last,
                 max_consecutive_reuse, validation=MEASURE, min_psnr=DEFAULT_MIN_PSNR,
-                fewer_steps=COMPARE) -> io.NodeOutput:
+                fewer_steps=COMPARE, lookahead=USE_LOOKAHEAD) -> io.NodeOutput:
         options = TargetOptions(speedup=float(speedup), forecast_order=parse_forecast_order(forecast_order),
                                 cache_kinds=cache_kinds,
                                 always_compute_first=always_compute_first, always_compute_last=always_compute_last,
                                 max_consecutive_reuse=max_consecutive_reuse, min_psnr=float(min_psnr))
-        outcome = build_for_node(profile, options, validation, fewer_steps)
+        outcome = build_for_node(profile, options, validation, fewer_steps, lookahead)
         for line in outcome.lines[1:]:
             logger.info("Build Cache Schedule: %s", line)
         schedule = outcome.schedule

@@ -52,6 +52,7 @@ class RunStats:
     computed: np.ndarray  # [layers] real layer computations
     reused: np.ndarray  # [layers] calls served without computing
     evaluations: int = 0
+    unevaluated: int = 0  # evaluations a method answered without running the model (a lookahead's)
     steps: int = 0
     cache_resets: int = 0  # the latent changed inside the run: every method dropped what it kept
     seconds: float = 0.0  # wall time of the sampling run
@@ -77,7 +78,8 @@ class RunMethod:
 
     def around_evaluation(self, run: RunContext, evaluate: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The evaluation's denoised output. Each call of ``evaluate`` is a fresh pass of all model calls
-        (calibration runs a teacher pass before the student's)."""
+        (calibration runs a teacher pass before the student's); ``run.evaluate_at`` runs one on other inputs, and
+        not calling it answers the evaluation without the model."""
         return evaluate()
 
     def around_diffusion_model(self, run: RunContext, call: ModelCall, proceed: Callable[..., Any], args: tuple,
@@ -194,6 +196,7 @@ class RunContext:
         # Guidance) call the model again with the same cond uuid; each such pass is a chunk of its own.
         self.passes: dict[Any, int] = {}
         self.latent_signature: tuple | None = None
+        self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's inputs where not the sampler's
         # Per layer: computed in the current evaluation (the layer method's decisions; None: all).
         self.computes: np.ndarray | None = None
         # Multi-GPU runs the conds of one evaluation in one thread per device: the methods take this lock
@@ -244,17 +247,35 @@ class RunContext:
         """``computes`` of a coming evaluation at run step ``step`` after one at ``previous_step``."""
         return self.layer_method.decisions(self, previous_step, step)
 
-    def evaluate(self, model_evaluation: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The current evaluation's output, through every method's ``around_evaluation``."""
+    def evaluate(self, model_evaluation: Callable[[tuple[torch.Tensor, torch.Tensor] | None], torch.Tensor]
+                 ) -> torch.Tensor:
+        """The current evaluation's output, through every method's ``around_evaluation``.
+        ``model_evaluation(inputs)`` runs the model on the sampler's (x, sigma), or on ``inputs`` (``evaluate_at``)."""
+        model_passes = 0
 
         def fresh_pass() -> torch.Tensor:
+            nonlocal model_passes
+            model_passes += 1
             self.passes = {}  # the pass's model calls are the evaluation's first again
-            return model_evaluation()
+            return model_evaluation(self._inputs)
 
         evaluate = fresh_pass
         for method in reversed(self.methods):
             evaluate = functools.partial(method.around_evaluation, self, evaluate)
-        return evaluate()
+        denoised = evaluate()
+        if not model_passes:
+            self.stats.unevaluated += 1
+        return denoised
+
+    def evaluate_at(self, evaluate: Callable[[], torch.Tensor], x: torch.Tensor, sigma: torch.Tensor
+                    ) -> torch.Tensor:
+        """``evaluate`` (an ``around_evaluation``'s) with the model run on ``x`` at ``sigma`` instead of the
+        sampler's inputs: a lookahead's predicted point (block_caching/lookahead.py)."""
+        self._inputs = (x, sigma)
+        try:
+            return evaluate()
+        finally:
+            self._inputs = None
 
     def call_diffusion_model(self, call: ModelCall, executor: Callable[..., Any], args: tuple, kwargs: dict,
                              others_inside: bool) -> Any:

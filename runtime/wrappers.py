@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import comfy.model_patcher
+import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..block_maps.block_map import BlockMap
@@ -81,9 +82,21 @@ def predict_noise_wrapper(holder: RunHolder, executor: Any, *args: Any, **kwargs
         return executor(*args, **kwargs)
     x = args[0] if args else kwargs["x"]
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+
+    def model_evaluation(inputs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if inputs is None:
+            return executor(*args, **kwargs)
+        moved_args, moved_kwargs = list(args), dict(kwargs)
+        for position, name, value in ((0, "x", inputs[0]), (1, "timestep", inputs[1])):
+            if len(moved_args) > position:
+                moved_args[position] = value
+            else:
+                moved_kwargs[name] = value
+        return executor(*moved_args, **moved_kwargs)
+
     try:
         run.begin_evaluation(x, timestep)  # inside: a method failing at the start still ends the evaluation
-        denoised = run.evaluate(functools.partial(executor, *args, **kwargs))
+        denoised = run.evaluate(model_evaluation)
         run.observe_denoised(x, timestep, denoised)
         return denoised
     finally:

@@ -6,6 +6,7 @@ ScheduleFormatError naming the field at fault and what to do, before anything is
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -25,7 +26,8 @@ PROFILE_FORMAT = "block-cache-profile"
 # refuses it rather than running it undamped), every other one still as version 2.
 SCHEDULE_VERSION = 2
 DAMPED_SCHEDULE_VERSION = 3
-SCHEDULE_VERSIONS_READ = (1, 2, 3)
+LOOKAHEAD_SCHEDULE_VERSION = 4
+SCHEDULE_VERSIONS_READ = (1, 2, 3, 4)
 PROFILE_VERSION = 1
 PROFILE_VERSIONS_READ = (1,)
 
@@ -45,12 +47,15 @@ def _block_map_dict(block_map: BlockMap) -> dict[str, Any]:
 
 def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = None) -> dict[str, Any]:
     """The schedule document; ``calibration_file`` names the saved scale-shift parameters, if any."""
-    mask = schedule.compute_mask()
+    mask = schedule.evaluated_mask()
     specs = {spec.name: spec for spec in schedule.block_map.layers}
     damped = any(layer.forecast_damping != 1.0 for layer in schedule.layers)
+    # The oldest version that has what the schedule uses: an older Block Cache refuses it rather than run it wrong.
+    version = (LOOKAHEAD_SCHEDULE_VERSION if schedule.lookahead_steps else DAMPED_SCHEDULE_VERSION if damped
+               else SCHEDULE_VERSION)
     document = {
         "format": SCHEDULE_FORMAT,
-        "version": DAMPED_SCHEDULE_VERSION if damped else SCHEDULE_VERSION,
+        "version": version,
         "model": _block_map_dict(schedule.block_map),
         "grid": schedule.grid.to_dict(),
         "layers": [
@@ -77,6 +82,8 @@ def schedule_to_dict(schedule: CacheSchedule, calibration_file: str | None = Non
         },
         "provenance": schedule.provenance,
     }
+    if schedule.lookahead_steps:
+        document["lookahead_steps"] = list(schedule.lookahead_steps)
     if calibration_file is not None:
         document["calibration"] = {"file": calibration_file, "fingerprint": schedule.fingerprint}
     return document
@@ -272,6 +279,7 @@ def schedule_from_dict(doc: Any) -> CacheSchedule:
         flops.append(r.number(entry.get("flops", 0.0), f"{where}.flops", 0.0))
         layers.append(LayerSchedule(name=spec.name, kind=spec.kind, reuse=reuse, compute=tuple(c == "1" for c in mask),
                                     forecast_order=order, forecast_damping=damping))
+    lookahead = _lookahead_steps(r, doc, grid.steps, layers)
     builder = r.obj(doc.get("builder", {}), "builder")
     prov = r.obj(doc.get("provenance", {}), "provenance")
     return CacheSchedule(
@@ -282,7 +290,25 @@ def schedule_from_dict(doc: Any) -> CacheSchedule:
         total_flops=r.number(doc.get("total_flops", 0.0), "total_flops", 0.0),
         builder=builder,
         provenance=prov,
+        lookahead_steps=lookahead,
     )
+
+
+def _lookahead_steps(r: _Reader, doc: dict[str, Any], steps: int, layers: list[LayerSchedule]) -> tuple[int, ...]:
+    """The schedule's lookahead steps (version 4): increasing, from the first step; its layers compute at every
+    step (a lookahead with reused layers is not supported)."""
+    if "lookahead_steps" not in doc:
+        return ()
+    where = "lookahead_steps"
+    values = [r.integer(v, f"{where}[{i}]", 0, steps - 1)
+              for i, v in enumerate(r.array(doc["lookahead_steps"], where, MAX_STEPS))]
+    if not values or values[0] != 0 or any(b <= a for a, b in itertools.pairwise(values)):
+        raise r.fail(where, f"expected increasing steps from 0 to {steps - 1}, got {values[:20]}")
+    reused = [layer.name for layer in layers if not all(layer.compute)]
+    if reused:
+        raise r.fail(where, f"a lookahead schedule computes every layer wherever the model runs; {reused[0]} is "
+                            "reused at some steps")
+    return tuple(values)
 
 
 def parse_schedule_document(text: str | bytes) -> Any:

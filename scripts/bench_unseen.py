@@ -379,26 +379,43 @@ def node_choice_rows(args: argparse.Namespace, profile: Any, target: Any, patchi
     measures on the profiled prompts with the held-out seed, as the node does, 'measure PSNR' (family
     ``node_measure``) and 'choose by measured PSNR' (``node_choose``, per-layer orders included); the schedule
     it gives is then measured on every set."""
-    target_build, replay = pack_modules("target_build", "replay")
+    target_build, replay, target_lookahead = pack_modules("target_build", "replay", "target_lookahead")
 
     def held_out(schedule: Any, seed: str = "heldout") -> Any:
         patched, _ = patching.apply_block_cache(model, schedule)
         return replay.Measurement(tuple(measure(patched, schedule.grid.steps, (seed,))[seed]))
 
+    class Runs:
+        """HeldOutRuns' interface on this benchmark's held-out seed ``seed``."""
+
+        def __init__(self, seed: str) -> None:
+            self.seed = seed
+
+        def schedule(self, schedule: Any) -> Any:
+            return held_out(schedule, self.seed)
+
+        def fewer_steps(self, steps: int) -> Any:
+            return replay.Measurement(tuple(measure(model, steps, (self.seed,))[self.seed]))
+
+    validation = replay.HeldOutValidation(Runs("heldout"), Runs("second"), "picture")
     rows = []
     for speedup in (float(v) for v in args.node_choice.split(",")):
-        for family, choose in (("node_measure", False), ("node_choose", True)):
+        for family, choose in (("node_measure", False), ("node_choose", True), ("node_lookahead", False)):
             if family not in args.node_families.split(","):
                 continue
             options = target_build.TargetOptions(speedup=speedup, min_psnr=args.floor)
             schedule = target.build_target_schedule(profile, options, held_out, choose_by_measure=choose,
                                                     confirm=lambda s: held_out(s, "second"))
+            if family == "node_lookahead":  # the Build node's default: lookahead measured beside the cache
+                schedule, lines = target_lookahead.choose_lookahead(profile, options, validation, schedule, False)
+                print("\n".join(lines), flush=True)
             build = target_build.TargetBuild.of(schedule)
             patched, _ = patching.apply_block_cache(model, schedule)
             rows.append({"family": family, "target": speedup, "floor": args.floor, "computes": len(build.compute_steps),
                          "order": build.chosen_order, "steps": list(build.compute_steps),
                          "partial": None if build.chosen_partial is None else build.chosen_partial.to_json(),
                          "as_is_layers": list(build.chosen_as_is_layers), "damping": build.chosen_damping,
+                         "lookahead": list(schedule.lookahead_steps),
                          "speedup": schedule.estimated_speedup, "samplings": len(build.measured),
                          "tried": [tried.label for tried in build.measured],
                          "tried_psnr": [[tried.measured_psnr, tried.expected_low] for tried in build.measured],
@@ -717,57 +734,12 @@ def forecast_variant_rows(args: argparse.Namespace, profile: Any, target: Any, m
     return rows
 
 
-def lookahead(model: Any, evaluated: tuple[int, ...]) -> Any:
-    """An experiment (issue 22, "forecast in the sampler's own variable"), benchmark only, for Euler: the model
-    runs once per step of ``evaluated`` (the first and last steps among them). After evaluating step p, the next
-    step's call evaluates the next step e of ``evaluated`` instead, at the point one Euler step from there with
-    p's derivative predicts; the steps between take the derivative interpolated linearly in sigma between p's
-    and e's (not extrapolated from the past, as every forecast so far), and step e takes e's. A second-order
-    scheme that tracks the full step count's Euler path at one model call per gap, on the CFG-combined
-    prediction (a PREDICT_NOISE wrapper)."""
-    import comfy.patcher_extension
-
-    planned = sorted(set(evaluated))
-    state: dict[str, Any] = {}
-
-    def outer(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        state.clear()
-        return executor(*args, **kwargs)
-
-    def predict_noise(executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict, seed: Any
-                      ) -> torch.Tensor:
-        sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
-        sigma = float(timestep.reshape(-1)[0])
-        step = step_at(sigmas, sigma)
-        known = state.get("known")  # (step, sigma, derivative) of the last evaluation
-        ahead = state.get("ahead")  # the same of the evaluation ahead, while the steps before it are taken
-        if ahead is None and (known is None or step in planned or step == known[0]):
-            denoised = executor(x, timestep, model_options, seed)
-            state["known"] = (step, sigma, (x - denoised) / sigma)
-            return denoised
-        if ahead is None:
-            target = next((e for e in planned if e > step), len(sigmas) - 2)
-            target_sigma = sigmas[target]
-            predicted = x + (target_sigma - sigma) * known[2]
-            denoised = executor(predicted, torch.full_like(timestep, target_sigma), model_options, seed)
-            ahead = state["ahead"] = (target, target_sigma, (predicted - denoised) / target_sigma)
-        if step >= ahead[0]:
-            state["known"], state["ahead"] = ahead, None
-            return x - sigma * ahead[2]
-        share = (sigma - known[1]) / (ahead[1] - known[1])
-        return x - sigma * (known[2] + share * (ahead[2] - known[2]))
-
-    patched = model.clone()
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_lookahead", outer)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "bench_lookahead", predict_noise)
-    return patched
-
-
 def lookahead_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
                    ) -> list[dict[str, Any]]:
     """The lookahead experiment with every count of model calls spread evenly from the first step to the last,
     and with the ladder's whole-step rungs' compute steps (the last step added), against fewer steps."""
-    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    target_ladder, target_build, lookahead, patching = pack_modules("target_ladder", "target_build", "lookahead",
+                                                                    "patching")
     steps = profile.grid.steps
     found = target_ladder.search(profile, target_build.TargetOptions())
     placements = [("even", tuple(target_ladder.evenly_spread_steps(steps, n))) for n in range(2, steps)]
@@ -779,7 +751,9 @@ def lookahead_rows(args: argparse.Namespace, profile: Any, model: Any, measure: 
         if not in_band(args, speedup):
             continue
         rows.append({"family": "lookahead", "placement": placement, "computes": len(set(evaluated)),
-                     "steps": list(evaluated), "speedup": speedup, "psnr": measure(lookahead(model, evaluated), steps)})
+                     "steps": list(evaluated), "speedup": speedup,
+                     "psnr": measure(patching.apply_block_cache(model, lookahead.lookahead_schedule(profile, evaluated))[0],
+                                     steps)})
         show(f"lookahead, {placement} steps {list(evaluated)}", rows[-1])
     return rows + fewer_steps_rows(args, steps, model, measure, show)
 
@@ -913,6 +887,10 @@ def report(folder: Path) -> str:
                          "node_choose": f"node, target {row.get('target')}, 'choose by measured PSNR': "
                                         f"{row['computes']} compute steps{fine}, order {row.get('order')}, "
                                         f"{len(row.get('as_is_layers') or [])} layers as is",
+                         "node_lookahead": f"node, target {row.get('target')}, lookahead beside the cache: " + (
+                             f"lookahead at {len(row['lookahead'])} steps" if row.get("lookahead") else
+                             f"the cache, {row['computes']} compute steps{fine}, order {row.get('order')}"),
+                         "lookahead": f"lookahead ({row.get('placement')}) at {row['computes']} steps",
                          "cfg_reuse": f"negative prompt at {row.get('uncond_computes')} steps, difference order "
                                       f"{row.get('order')} damped {row.get('damping')}",
                          "cfg_reuse_cache": f"negative prompt at {row.get('uncond_computes')} steps, on Block Cache's "
@@ -1124,7 +1102,8 @@ def main() -> None:
     parser.add_argument("--node-choice", default="", help="the Build node's choice at these targets, e.g. 2,2.25: "
                         "'measure PSNR' and 'choose by measured PSNR' (families node_measure, node_choose)")
     parser.add_argument("--floor", type=float, default=30.0, help="--node-choice's min_psnr")
-    parser.add_argument("--node-families", default="node_measure,node_choose", help="--node-choice's validations")
+    parser.add_argument("--node-families", default="node_measure,node_choose",
+                        help="--node-choice's validations (node_lookahead: 'measure PSNR' with lookahead beside it)")
     parser.add_argument("--greedy-measured", action="store_true", help="an experiment: compute steps taken away "
                         "one at a time by the profiled pictures' measured error instead of the error model")
     parser.add_argument("--step-sensitivity", action="store_true", help="an experiment: each step reused alone, "

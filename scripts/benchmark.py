@@ -150,7 +150,7 @@ PACKAGES = {
     **dict.fromkeys(("reference_model", "reference_dit", "reference_video", "reference_data", "reference_clips",
                      "builtin_models"), "demo_models"),
     **dict.fromkeys(("patching", "schedule", "target_schedule", "target_ladder", "target_build", "replay", "cache",
-                     "profile", "fidelity", "calibration", "forecast"), "block_caching"),
+                     "profile", "fidelity", "calibration", "forecast", "target_outcome", "lookahead", "target_lookahead"), "block_caching"),
     **dict.fromkeys(("parallel_decoding", "noise_injection"), "faster_diffusion"),
     **dict.fromkeys(("mapping", "block_map"), "block_maps"),
 }
@@ -236,6 +236,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
     schedule_mod = _module("schedule")
     target = _module("target_schedule")
     target_ladder, target_build = _module("target_ladder"), _module("target_build")
+    outcome_module = _module("target_outcome")
     replay_module = _module("replay")
     faster_diffusion = _module("faster_diffusion")
     mapping = _module("mapping")
@@ -274,7 +275,7 @@ def _methods(setup: ReferenceSetup, reference: Any, profile: Any, steps: int, sa
         # The Build node as it comes: the default target, stepped down where the profiled run measures below the
         # floor.
         floor_options = target_build.TargetOptions(min_psnr=target_build.DEFAULT_MIN_PSNR)
-        schedule = target.build_validated_schedule(profile, floor_options, validation, compare_fewer_steps=True)
+        schedule = outcome_module.build_for_node(profile, floor_options).schedule
         stepped = schedule.builder["stepped_down_from"]
         chosen = (f"{schedule.estimated_speedup:.2f}x: {_chosen_rung(schedule)}"
                   + (f" (stepped down from {stepped['speedup']:.2f}x)" if stepped else ""))
@@ -456,6 +457,9 @@ def _preview_gif(path: Path, rows: list[dict[str, Any]], clips: dict[str, torch.
 def _chosen_rung(schedule: Any) -> str:
     """A speed-up target schedule's rung: its compute steps, a fine rung's partial step, its forecast order."""
     builder = schedule.builder
+    if schedule.lookahead_steps:
+        return (f"lookahead at steps {list(schedule.lookahead_steps)} (instead of Block Cache's "
+                f"{builder['lookahead']['instead_of_speedup']:.2f}x)")
     partial = builder.get("chosen_partial")
     fine = "" if not partial else f" ({len(partial['layers'])} layers reused at step {partial['step'] + 1})"
     return f"steps {builder['compute_steps']}{fine}, order {builder['chosen_order']}"

@@ -31,8 +31,8 @@ SCHEDULE_KEY = "block_cache_schedule"
 LADDER_KEY = "block_cache_ladder"
 BUILD = "BlockCacheBuildTargetSchedule"
 # Build Cache Schedule's defaults: speedup, forecast_order, cache_kinds, first, last, max_consecutive_reuse,
-# validation, min_psnr, fewer_steps.
-BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR", 30.0, "compare"]
+# validation, min_psnr, fewer_steps, lookahead.
+BUILD_WIDGETS = [2.25, "auto", "all", 1, 0, 0, "measure PSNR", 30.0, "compare", "use when better"]
 DEMO = "block_cache_demo_model_no_checkpoint"
 # The transformer reference model (a trained Flux) samples as Flux workflows do: euler/simple.
 DIT_DEMO = "block_cache_demo_dit_no_checkpoint"
