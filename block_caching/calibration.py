@@ -256,6 +256,9 @@ def _unroll(model: Any, schedule: CacheSchedule, prompts: list[tuple[Any, Any]],
     options.validate()
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
+    if schedule.lookahead_steps:
+        raise BlockCacheError("This schedule is a step lookahead: it reuses no layer, so there is nothing to "
+                              "calibrate. Build one with lookahead 'off' to calibrate the cache's schedule.")
     if schedule.compute_mask().all():
         raise BlockCacheError("This schedule reuses nothing, so there is nothing to calibrate. Build a schedule with "
                               "a higher threshold first.")

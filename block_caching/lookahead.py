@@ -36,6 +36,13 @@ logger = logging.getLogger(__name__)
 # The CFG++ samplers read the unconditioned prediction through a post-CFG hook, which a step answered
 # without the model does not call.
 LOOKAHEAD_SAMPLERS = frozenset(name for name in ONE_EVALUATION_PER_STEP if "cfg_pp" not in name)
+# KSampler's names (what a profile records) whose k-diffusion function (what a run sees) is named otherwise.
+_KSAMPLER_FUNCTIONS = {"ddim": "euler", "uni_pc": "unipc", "uni_pc_bh2": "unipc_bh2"}
+
+
+def lookahead_runs_with(sampler: str) -> bool:
+    """Whether a step lookahead runs with ``sampler`` (KSampler's name or its k-diffusion function's)."""
+    return _KSAMPLER_FUNCTIONS.get(sampler, sampler) in LOOKAHEAD_SAMPLERS
 
 
 def lookahead_schedule(profile: BlockProfile, steps: tuple[int, ...], builder: dict[str, Any] | None = None
@@ -108,7 +115,7 @@ class LookaheadRun(RunMethod):
         self.x: torch.Tensor | None = None
         self.sigma: torch.Tensor | None = None
         self.last_step: int | None = None
-        if sampler_name not in LOOKAHEAD_SAMPLERS:
+        if not lookahead_runs_with(sampler_name):
             self.turn_off(f"the sampler {sampler_name or '(unknown)'} evaluates the model more than once per step "
                           "or reads more than its output (supported: " + ", ".join(sorted(LOOKAHEAD_SAMPLERS)) + ")")
 

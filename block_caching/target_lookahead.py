@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .lookahead import LOOKAHEAD_SAMPLERS, lookahead_schedule
+from .lookahead import lookahead_runs_with, lookahead_schedule
 from .profile import BlockProfile
 from .replay import HeldOutValidation, Measurement
 from .schedule import CacheSchedule
@@ -31,7 +31,7 @@ def choose_lookahead(profile: BlockProfile, options: TargetOptions, validation: 
     """``schedule`` (the validated cache schedule) or a step lookahead measured better (as ``best_choice``
     judges), and the lines that say what was measured, or why nothing was."""
     steps = profile.grid.steps
-    if profile.grid.sampler not in LOOKAHEAD_SAMPLERS:
+    if not lookahead_runs_with(profile.grid.sampler):
         return schedule, [f"lookahead not tried: the sampler {profile.grid.sampler or '(unknown)'} evaluates the "
                           "model more than once per step or reads more than its output."]
     if steps < 3:

@@ -283,7 +283,8 @@ def sampling_choices(profile: BlockProfile, options: TargetOptions, schedule: Ca
     choices = []
     if build.expected_psnr is not None:
         measured = build.expected_psnr
-        choices.append(SamplingChoice(f"Block Cache at {steps} steps", steps, schedule, schedule.estimated_speedup,
+        method = "step lookahead" if schedule.lookahead_steps else "Block Cache"
+        choices.append(SamplingChoice(f"{method} at {steps} steps", steps, schedule, schedule.estimated_speedup,
                                       measured.mean, measured.low))
     elif schedule.compute_mask().all():
         choices.append(SamplingChoice(f"uncached at {steps} steps", steps, schedule, 1.0, 100.0, 100.0))

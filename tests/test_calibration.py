@@ -200,6 +200,9 @@ def test_calibrate_refuses_a_schedule_that_reuses_nothing(pack, calibration, tin
         dataclasses.replace(layer, compute=(True,) * STEPS) for layer in schedule.layers))
     with pytest.raises(BlockCacheError, match="reuses nothing"):
         calibration.calibrate(tiny_model, everything, [conds], latent["samples"], calibration.CalibrationOptions())
+    lookahead = dataclasses.replace(everything, lookahead_steps=(0, STEPS - 1))
+    with pytest.raises(BlockCacheError, match="step lookahead"):
+        calibration.calibrate(tiny_model, lookahead, [conds], latent["samples"], calibration.CalibrationOptions())
     with pytest.raises(ValueError, match="learning_rate"):
         calibration.calibrate(tiny_model, schedule, [conds], latent["samples"],
                               calibration.CalibrationOptions(learning_rate=float("nan")))

@@ -11,7 +11,7 @@ import comfy.patcher_extension
 import pytest
 import torch
 from comfy_bootstrap import PACK_MODULE
-from comfyui_block_cache.block_caching.lookahead import lookahead_schedule
+from comfyui_block_cache.block_caching.lookahead import lookahead_runs_with, lookahead_schedule
 from comfyui_block_cache.block_caching.patching import apply_block_cache, attach_profiler, collect_profile
 from comfyui_block_cache.block_caching.replay import HeldOutValidation, Measurement
 from comfyui_block_cache.block_caching.run_summary import run_speedup_estimate
@@ -234,6 +234,8 @@ def test_without_a_floor_the_target_cost_lookahead_is_taken_only_when_measured_c
     kept, lines = choose_lookahead(heun, options, validation_of(FakeRuns(lambda n: 99.0), FakeRuns(lambda n: 99.0)),
                                    cache, False)
     assert kept is cache and "heun" in lines[0] and "not tried" in lines[0]
+    assert [lookahead_runs_with(name) for name in ("ddim", "uni_pc", "euler", "heun", "euler_cfg_pp")] == [
+        True, True, True, False, False], "KSampler's names as a profile records them"
 
 
 def test_build_node_measures_the_lookahead_beside_the_cache_and_says_which_it_outputs(pack, reference):
