@@ -1,7 +1,8 @@
 """Step lookahead as Build Cache Schedule's measured alternative to the cache's own schedule.
 
-Which steps the model runs at: spread evenly from the first to the last (on the Flux reference the even spread
-kept as much as the ladder's searched steps, docs/benchmark/unseen). How many: the most that reach the speed-up
+Which steps the model runs at: spread evenly from the first to the last (on the Flux reference the ladder's
+searched steps kept more at 28 steps and were mixed at 20, docs/speedup-target.md#step-lookahead: measuring
+both is not done yet). How many: the most that reach the speed-up
 target, and with a quality floor one more at a time until one holds it on both held-out seeds, while that is
 still about as fast as the cache's schedule (``EQUAL_COST``). ``best_choice`` takes the faster of the two above
 the floor, at the target's cost the one measured closer; at about the cache's cost the lookahead must be clearly
