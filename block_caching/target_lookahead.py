@@ -2,11 +2,11 @@
 
 Which steps the model runs at: spread evenly from the first to the last (on the Flux reference the ladder's
 searched steps kept more at 28 steps and were mixed at 20, docs/speedup-target.md#step-lookahead: measuring
-both is not done yet). How many: the most that reach the speed-up
-target, and with a quality floor one more at a time until one holds it on both held-out seeds, while that is
-still about as fast as the cache's schedule (``EQUAL_COST``). ``best_choice`` takes the faster of the two above
-the floor, at the target's cost the one measured closer; at about the cache's cost the lookahead must be clearly
-closer (a paired gain above the pictures' noise), since on the Flux reference the two kept about the same there.
+both is not done yet). How many: the most that reach the speed-up target, and with a quality floor one more
+at a time until one holds it on both held-out seeds, while that is still about as fast as the cache's schedule
+(``EQUAL_COST``). ``best_choice`` takes the faster of the two above the floor, at the target's cost the one
+measured closer; at about the cache's cost the lookahead must be clearly closer (a paired gain above the
+pictures' noise), since on the Flux reference the two kept about the same there.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def choose_lookahead(profile: BlockProfile, options: TargetOptions, validation: 
 
 def _clearly_closer(lookahead: Measurement, build: TargetBuild) -> bool:
     """Whether the lookahead's pictures are closer than the cache schedule's by more than their noise
-    (``Measurement.beats``, paired over the same pictures: both seeds'); a cache schedule that computes everything,
-    or whose pictures were not kept, is compared by its mean."""
+    (``Measurement.beats``, paired over the same pictures: both seeds'). A cache schedule without a measurement
+    (it computes everything) gives way; one whose pictures were not kept is compared by its mean."""
     cache = build.expected_psnr
     if cache is None:
         return True
