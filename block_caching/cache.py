@@ -139,7 +139,7 @@ class LayerCache(LayerMethod):
         grid = holder.plan.grid
         step_taus = list(run.run_grid.taus)
         sampler_name = run.sampler_name
-        other_sampler = bool(grid.sampler and sampler_name and _sampler_key(grid.sampler) != _sampler_key(sampler_name))
+        other_sampler = bool(grid.sampler and sampler_name and sampler_key(grid.sampler) != sampler_key(sampler_name))
         if other_sampler or not grid.same_as(step_taus):
             self.stats.retimed = True
             if step_taus and not grid.same_as(step_taus):
@@ -332,7 +332,7 @@ def _predicted(entries: list[_CacheEntry], stream_index: int, tau: float,
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _sampler_key(name: str) -> str:
+def sampler_key(name: str) -> str:
     """Comparable sampler names: KSampler's 'ddim' runs sample_euler; 'uni_pc' runs sample_unipc."""
     key = name.replace("_", "")
     return "euler" if key == "ddim" else key

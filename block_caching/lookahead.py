@@ -16,7 +16,6 @@ a run evaluates off the plan (a step twice, time backwards, off the step grid), 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,23 +25,23 @@ import numpy as np
 import torch
 
 from ..runtime.run import RunContext, RunExtension, RunMethod
-from ..runtime.time_grid import TAU_TOLERANCE, StepGrid, normalized_times, retime_mask
-from .cache import ONE_EVALUATION_PER_STEP
+from ..runtime.time_grid import TAU_TOLERANCE, StepGrid, retime_mask
+from .cache import ONE_EVALUATION_PER_STEP, sampler_key
 from .profile import BlockProfile
-from .schedule import CacheSchedule, all_compute_schedule
+from .schedule import CacheSchedule, all_compute_schedule, lookahead_steps_valid
 
 logger = logging.getLogger(__name__)
 
 # The CFG++ samplers read the unconditioned prediction through a post-CFG hook, which a step answered
 # without the model does not call.
 LOOKAHEAD_SAMPLERS = frozenset(name for name in ONE_EVALUATION_PER_STEP if "cfg_pp" not in name)
-# KSampler's names (what a profile records) whose k-diffusion function (what a run sees) is named otherwise.
-_KSAMPLER_FUNCTIONS = {"ddim": "euler", "uni_pc": "unipc", "uni_pc_bh2": "unipc_bh2"}
+_LOOKAHEAD_SAMPLER_KEYS = frozenset(sampler_key(name) for name in LOOKAHEAD_SAMPLERS)
 
 
 def lookahead_runs_with(sampler: str) -> bool:
-    """Whether a step lookahead runs with ``sampler`` (KSampler's name or its k-diffusion function's)."""
-    return _KSAMPLER_FUNCTIONS.get(sampler, sampler) in LOOKAHEAD_SAMPLERS
+    """Whether a step lookahead runs with ``sampler`` (KSampler's name, as a profile records it, or its k-diffusion
+    function's, as a run sees it)."""
+    return sampler_key(sampler) in _LOOKAHEAD_SAMPLER_KEYS
 
 
 def lookahead_schedule(profile: BlockProfile, steps: tuple[int, ...], builder: dict[str, Any] | None = None
@@ -50,7 +49,7 @@ def lookahead_schedule(profile: BlockProfile, steps: tuple[int, ...], builder: d
     """The schedule that evaluates ``profile``'s model at ``steps`` only (increasing, from the first), every layer
     computing there."""
     count = profile.grid.steps
-    if not steps or steps[0] != 0 or any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] >= count:
+    if not lookahead_steps_valid(steps, count):
         raise ValueError(f"lookahead steps must increase from 0 to at most {count - 1}, got {list(steps)}")
     schedule = all_compute_schedule(profile.block_map, profile.grid, profile.layer_flops, profile.total_flops)
     return dataclasses.replace(schedule, lookahead_steps=tuple(steps), builder=builder or {"method": "lookahead"},
@@ -70,14 +69,12 @@ class StepLookahead(RunExtension):
     def run_steps(self, run: RunContext) -> frozenset[int]:
         """The planned steps on the run's own steps: as they are on the schedule's grid, else moved by normalized
         time keeping their density (``retime_mask``, as the layers' computations are)."""
-        if run.run_grid.taus == self.grid.taus:
+        if self.grid.same_as(list(run.run_grid.taus)):
             return frozenset(self.steps)
         mask = np.zeros((1, self.grid.steps), dtype=bool)
         mask[0, list(self.steps)] = True
-        ends = torch.tensor(self.grid.sigmas[-1:]), torch.tensor(run.run_grid.sigmas[-1:])
-        grid_bounds = [*self.grid.taus, *normalized_times(run.model_sampling, ends[0])]
-        run_bounds = [*run.run_grid.taus, *normalized_times(run.model_sampling, ends[1])]
-        return frozenset(int(s) for s in np.flatnonzero(retime_mask(mask, grid_bounds, run_bounds)[0]))
+        moved = retime_mask(mask, self.grid.bounds(run.model_sampling), run.run_grid.bounds(run.model_sampling))
+        return frozenset(int(s) for s in np.flatnonzero(moved[0]))
 
 
 @dataclass

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..block_maps.block_map import ReuseMode
-from ..runtime.time_grid import StepGrid, normalized_times, retime_mask
+from ..runtime.time_grid import StepGrid, retime_mask
 from .schedule import CacheSchedule
 
 
@@ -47,9 +46,7 @@ class LayerPlan:
 
     def on_run_grid(self, model_sampling: Any, run_grid: StepGrid) -> LayerPlan:
         """This plan moved onto a run's own steps (``retime_mask``): computations keep their density."""
-        grid_bounds = [*self.grid.taus, *normalized_times(model_sampling, torch.tensor(self.grid.sigmas[-1:]))]
-        run_bounds = [*run_grid.taus, *normalized_times(model_sampling, torch.tensor(run_grid.sigmas[-1:]))]
-        mask = retime_mask(self.compute_mask(), grid_bounds, run_bounds)
+        mask = retime_mask(self.compute_mask(), self.grid.bounds(model_sampling), run_grid.bounds(model_sampling))
         return LayerPlan.from_mask(run_grid, mask, self.reuse, self.layer_flops, self.total_flops, self.orders,
                                    self.dampings)
 

@@ -8,6 +8,7 @@ recomputed at the first step where the sum exceeds the threshold delta.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -151,6 +152,11 @@ class CacheSchedule:
             + (f"; lookahead: the model evaluated at {len(self.lookahead_steps)} of {self.grid.steps} steps, the "
                "others interpolated" if self.lookahead_steps else "")
         )
+
+
+def lookahead_steps_valid(steps: tuple[int, ...] | list[int], count: int) -> bool:
+    """Whether ``steps`` can be a schedule's lookahead steps on ``count`` steps: increasing from 0, inside the grid."""
+    return bool(steps) and steps[0] == 0 and steps[-1] < count and all(b > a for a, b in itertools.pairwise(steps))
 
 
 def computed_flop_fraction(mask: np.ndarray, layer_flops: tuple[float, ...] | list[float], total_flops: float) -> float:

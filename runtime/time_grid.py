@@ -81,6 +81,10 @@ class StepGrid:
         count = int(np.searchsorted(-descending, -(tau - TAU_TOLERANCE), side="right"))
         return max(0, count - 1)
 
+    def bounds(self, model_sampling: Any) -> list[float]:
+        """The normalized time each step starts at, and the end of the last (``retime_mask``'s bounds)."""
+        return [*self.taus, *normalized_times(model_sampling, torch.tensor(self.sigmas[-1:]))]
+
     def same_as(self, taus: list[float]) -> bool:
         return len(taus) == len(self.taus) and all(
             math.isclose(a, b, abs_tol=TAU_TOLERANCE) for a, b in zip(taus, self.taus, strict=True)

@@ -6,7 +6,6 @@ ScheduleFormatError naming the field at fault and what to do, before anything is
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
@@ -14,7 +13,7 @@ from typing import Any
 
 from ..block_caching.forecast import MAX_FORECAST_ORDER
 from ..block_caching.profile import BlockProfile
-from ..block_caching.schedule import CacheSchedule, LayerSchedule
+from ..block_caching.schedule import CacheSchedule, LayerSchedule, lookahead_steps_valid
 from ..block_maps.block_map import BlockMap, LayerKind, LayerSpec, ResidualForm, ReuseMode
 from ..errors import ScheduleFormatError
 from ..runtime.time_grid import StepGrid
@@ -302,7 +301,7 @@ def _lookahead_steps(r: _Reader, doc: dict[str, Any], steps: int, layers: list[L
     where = "lookahead_steps"
     values = [r.integer(v, f"{where}[{i}]", 0, steps - 1)
               for i, v in enumerate(r.array(doc["lookahead_steps"], where, MAX_STEPS))]
-    if not values or values[0] != 0 or any(b <= a for a, b in itertools.pairwise(values)):
+    if not lookahead_steps_valid(values, steps):
         raise r.fail(where, f"expected increasing steps from 0 to {steps - 1}, got {values[:20]}")
     reused = [layer.name for layer in layers if not all(layer.compute)]
     if reused:
