@@ -3,10 +3,12 @@
 Rectified-flow paths are nearly straight, so a whole step's output is better *interpolated* between two
 evaluations than forecast from the past. After evaluating step ``p``, the next step evaluates the model at the
 next planned step ``e`` instead, at the point one Euler step from ``p``'s latent with ``p``'s derivative predicts;
-the steps between take the derivative ``(x - denoised) / sigma`` interpolated linearly in sigma between ``p``'s
-and ``e``'s, and step ``e`` takes ``e``'s. One model call per gap, as whole-step reuse, but it tracks the full
-step count's path to second order where reuse extrapolates (docs/benchmark/unseen: on the Flux reference at 20
-and 28 steps it beat Block Cache's best schedule at every floor, and fewer steps by 1.2-1.6x at 30-35 dB).
+the steps between take the denoised picture interpolated linearly in sigma between ``p``'s and ``e``'s, and step
+``e`` takes ``e``'s, so the sampler's derivative ``(x - denoised) / sigma`` follows the latent it really has
+(interpolating the derivative instead kept 1.2-3.6 dB less from 1.8x to 3.2x with the steps spread evenly on the
+Flux reference, up to 5 dB on the UNet: docs/benchmark/unseen#what-to-interpolate). One model call per gap, as
+whole-step reuse, but it tracks the full step count's path to second order where reuse extrapolates (on the Flux
+reference at 20 and 28 steps it beat Block Cache's best schedule at every floor).
 
 A run extension of the cache (runtime/run.py) acting on the sampler's CFG-combined prediction: samplers that
 evaluate the model once per step, on the step's own sigma (``LOOKAHEAD_SAMPLERS``); with any other, or where
@@ -83,17 +85,18 @@ class LookaheadFigures:
 
     planned: tuple[int, ...]  # the planned steps on the run's steps
     model_calls: int = 0
-    interpolated: int = 0  # steps between two evaluations, their derivative interpolated
+    interpolated: int = 0  # steps between two evaluations, their denoised picture interpolated
     off: str = ""  # why it computed every step from some point on (empty: it did not)
     evaluated_steps: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class _Point:
-    """An evaluation: its step, sigma, and derivative ``(x - denoised) / sigma``."""
+    """An evaluation: its step, sigma, denoised picture, and derivative ``(x - denoised) / sigma``."""
 
     step: int
     sigma: float
+    denoised: torch.Tensor
     derivative: torch.Tensor
 
 
@@ -152,14 +155,14 @@ class LookaheadRun(RunMethod):
             denoised = run.evaluate_at(evaluate, predicted, torch.full_like(sigma_tensor, sigmas[target]))
             self.stats.model_calls += 1
             self.stats.evaluated_steps.append(target)
-            self.ahead = _Point(target, sigmas[target], (predicted - denoised) / sigmas[target])
+            self.ahead = _Point(target, sigmas[target], denoised, (predicted - denoised) / sigmas[target])
         ahead = self.ahead
         if step >= ahead.step:
             self.known, self.ahead = ahead, None
-            return x - sigma * ahead.derivative
+            return ahead.denoised
         self.stats.interpolated += 1
         share = (sigma - known.sigma) / (ahead.sigma - known.sigma)
-        return x - sigma * (known.derivative + share * (ahead.derivative - known.derivative))
+        return known.denoised + share * (ahead.denoised - known.denoised)
 
     def _evaluated(self, evaluate: Callable[[], torch.Tensor], step: int | None, x: torch.Tensor | None,
                    sigma: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +172,7 @@ class LookaheadRun(RunMethod):
             self.stats.evaluated_steps.append(step)
         if not self.stats.off and step is not None and x is not None and sigma is not None:
             value = self.grid.sigmas[step]
-            self.known = _Point(step, value, (x - denoised) / value)
+            self.known = _Point(step, value, denoised, (x - denoised) / value)
         return denoised
 
     def close(self, run: RunContext) -> None:

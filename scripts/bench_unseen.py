@@ -164,6 +164,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "even_steps": lambda: even_step_rows(args, profile, target, patching, model, measure, show),
         "cfg_reuse": lambda: cfg_reuse_rows(args, profile, target, patching, model, measure, show),
         "lookahead": lambda: lookahead_rows(args, profile, model, measure, show),
+        "lookahead_variants": lambda: lookahead_variant_rows(args, profile, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -758,6 +759,86 @@ def lookahead_rows(args: argparse.Namespace, profile: Any, model: Any, measure: 
     return rows + fewer_steps_rows(args, steps, model, measure, show)
 
 
+def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse: str) -> Any:
+    """An experiment, benchmark only: step lookahead (block_caching/lookahead.py, written out as a PREDICT_NOISE
+    wrapper) with another predicted point or another reused variable. ``predict``: "euler" (the pack's: one Euler
+    step with the last evaluation's derivative) or "slope:D" (the derivative extrapolated linearly in sigma from
+    the last two evaluations, its change damped by D, and integrated over the gap: a second-order predictor).
+    ``reuse``: "derivative" (the pack's: interpolated linearly in sigma, the evaluated one at the planned step) or
+    "denoised" (the same of the denoised picture: the derivative then follows where the sampler really is)."""
+    import comfy.patcher_extension
+
+    state: dict[str, Any] = {}
+
+    def outer(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        state.clear()
+        return executor(*args, **kwargs)
+
+    def value_of(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+        return (x - denoised) / sigma if reuse == "derivative" else denoised
+
+    def returned(x: torch.Tensor, value: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x - sigma * value if reuse == "derivative" else value
+
+    def predict_noise(executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict[str, Any],
+                      seed: Any) -> torch.Tensor:
+        sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
+        sigma = float(timestep.reshape(-1)[0])
+        step = step_at(sigmas, sigma)
+        known, ahead = state.get("known"), state.get("ahead")
+        if ahead is None and (known is None or step in planned):
+            denoised = executor(x, timestep, model_options, seed)
+            state["before"], state["known"] = known, (step, sigma, (x - denoised) / sigma, value_of(x, denoised, sigma))
+            return denoised
+        if ahead is None:
+            target = next((p for p in planned if p > step), len(sigmas) - 2)
+            slope_through = state.get("before")
+            derivative = known[2]
+            if predict != "euler" and slope_through is not None:
+                damping = float(predict.split(":")[1])
+                slope = (known[2] - slope_through[2]) / (known[1] - slope_through[1])
+                derivative = derivative + damping * slope * ((sigma + sigmas[target]) / 2 - known[1])
+            predicted = x + (sigmas[target] - sigma) * derivative
+            denoised = executor(predicted, torch.full_like(timestep, sigmas[target]), model_options, seed)
+            ahead = state["ahead"] = (target, sigmas[target], (predicted - denoised) / sigmas[target],
+                                      value_of(predicted, denoised, sigmas[target]))
+        if step >= ahead[0]:
+            state["before"], state["known"], state["ahead"] = known, ahead, None
+            return returned(x, ahead[3], sigma)
+        share = (sigma - known[1]) / (ahead[1] - known[1])
+        return returned(x, known[3] + share * (ahead[3] - known[3]), sigma)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_lookahead_variant", outer)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "bench_lookahead_variant",
+                                 predict_noise)
+    return patched
+
+
+def lookahead_variant_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
+                           ) -> list[dict[str, Any]]:
+    """Each --lookahead-variants PREDICT:REUSE (``lookahead_variant``) at the counts in the band, with the steps
+    spread evenly and at the ladder's whole-step rungs' compute steps (first and last steps added)."""
+    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    steps = profile.grid.steps
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    placements = [("even", tuple(target_ladder.evenly_spread_steps(steps, n))) for n in range(2, steps)]
+    placements += [("ladder", tuple(sorted({0, *rung.steps, steps - 1})))
+                   for rung in target_ladder.whole_step_ladder(found, profile)]
+    rows = []
+    for variant in args.lookahead_variants.split(","):
+        predict, reuse = variant.rsplit(":", 1)
+        for placement, evaluated in placements:
+            speedup = steps / len(evaluated)
+            if not in_band(args, speedup):
+                continue
+            rows.append({"family": "lookahead_variant", "predict": predict, "reuse": reuse, "placement": placement,
+                         "computes": len(evaluated), "steps": list(evaluated), "speedup": speedup,
+                         "psnr": measure(lookahead_variant(model, evaluated, predict, reuse), steps)})
+            show(f"lookahead {predict}, {reuse} reused, {placement} steps {list(evaluated)}", rows[-1])
+    return rows
+
+
 def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: float = 1.0) -> Any:
     """An experiment, benchmark only (FasterCache's CFG reuse, from its published description): the negative
     prompt's prediction is computed at ``uncond_steps`` only; at the other steps only the positive one is, and
@@ -1120,6 +1201,8 @@ def main() -> None:
                         "steps at these thresholds, e.g. 0.1,0.15,0.2, as Block Cache schedules")
     parser.add_argument("--lookahead", action="store_true", help="an experiment (Euler): the model evaluated one "
                         "gap ahead at the predicted point, the steps between interpolated, against fewer steps")
+    parser.add_argument("--lookahead-variants", default="", help="an experiment (Euler): the lookahead with these "
+                        "PREDICT:REUSE variants, e.g. euler:denoised,slope:0.5:derivative (lookahead_variant)")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")

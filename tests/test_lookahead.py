@@ -17,7 +17,12 @@ from comfyui_block_cache.block_caching.replay import HeldOutValidation, Measurem
 from comfyui_block_cache.block_caching.run_summary import run_speedup_estimate
 from comfyui_block_cache.block_caching.target_build import ExpectedPsnr, TargetBuild, TargetOptions
 from comfyui_block_cache.block_caching.target_ladder import evenly_spread_steps
-from comfyui_block_cache.block_caching.target_lookahead import EQUAL_COST, choose_lookahead
+from comfyui_block_cache.block_caching.target_lookahead import (
+    EQUAL_COST,
+    LOOKAHEAD_READS_HIGH_DB,
+    choose_lookahead,
+    ladder_placements,
+)
 from comfyui_block_cache.block_caching.target_schedule import build_target_schedule
 from comfyui_block_cache.errors import ScheduleFormatError, ScheduleMismatchError
 from comfyui_block_cache.nodes.nodes_apply import ApplyBlockCache
@@ -65,18 +70,18 @@ def by_hand(model, planned: tuple[int, ...]):
         known, ahead = state.get("known"), state.get("ahead")
         if ahead is None and (known is None or step in planned):
             denoised = executor(x, timestep, model_options, seed)
-            state["known"] = (step, sigma, (x - denoised) / sigma)
+            state["known"] = (step, sigma, (x - denoised) / sigma, denoised)
             return denoised
         if ahead is None:
             target = next((p for p in planned if p > step), len(sigmas) - 2)
             predicted = x + (sigmas[target] - sigma) * known[2]
             denoised = executor(predicted, torch.full_like(timestep, sigmas[target]), model_options, seed)
-            ahead = state["ahead"] = (target, sigmas[target], (predicted - denoised) / sigmas[target])
+            ahead = state["ahead"] = (target, sigmas[target], (predicted - denoised) / sigmas[target], denoised)
         if step >= ahead[0]:
             state["known"], state["ahead"] = ahead, None
-            return x - sigma * ahead[2]
+            return ahead[3]
         share = (sigma - known[1]) / (ahead[1] - known[1])
-        return x - sigma * (known[2] + share * (ahead[2] - known[2]))
+        return known[3] + share * (ahead[3] - known[3])
 
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "by_hand", predict_noise)
@@ -156,18 +161,28 @@ def test_schedule_file_round_trip_and_refusals(pack, run):
 
 
 class FakeRuns:
-    """Held-out runs whose readings are set per schedule: a lookahead of n model calls reads ``of_count(n)``."""
+    """Held-out runs whose readings are set per schedule: a lookahead of n model calls reads ``of_count(n)``, or
+    ``of_steps(planned)`` where given, once the builder has lowered it by what held-out seeds read too high (the
+    run reads it ``reads_high`` higher)."""
 
-    def __init__(self, of_count, cache_reading: float = 31.0) -> None:
+    def __init__(self, of_count, cache_reading: float = 31.0, of_steps=None,
+                 reads_high: float = LOOKAHEAD_READS_HIGH_DB) -> None:
         self.of_count = of_count
+        self.of_steps = of_steps
+        self.reads_high = reads_high
         self.cache_reading = cache_reading
-        self.measured: list[int] = []
+        self.planned: list[tuple[int, ...]] = []
         self.fewer: list[int] = []
 
+    @property
+    def measured(self) -> list[int]:
+        return [len(planned) for planned in self.planned]
+
     def schedule(self, schedule):
-        count = len(schedule.lookahead_steps)
-        self.measured.append(count)
-        return Measurement((self.of_count(count),) * 4, min_sd=0.0)
+        planned = schedule.lookahead_steps
+        self.planned.append(planned)
+        reading = self.of_steps(planned) if self.of_steps else self.of_count(len(planned))
+        return Measurement((reading + self.reads_high,) * 4, min_sd=0.0)
 
     def fewer_steps(self, steps):
         self.fewer.append(steps)
@@ -186,6 +201,12 @@ def validation_of(first, second):
     return HeldOutValidation(first, second, "picture")
 
 
+def placements(cache, count: int) -> list[tuple[int, ...]]:
+    """The lookahead steps of ``count`` calls the builder measures: the even spread, then the ladder's others."""
+    even = evenly_spread_steps(STEPS, count)
+    return [even, *(p for p in ladder_placements(STEPS, count, TargetBuild.of(cache)) if p != even)]
+
+
 def test_the_builder_walks_lookahead_counts_up_to_the_floor_while_faster_than_the_cache(pack, run):
     profile = dataclasses.replace(run[3], grid=dataclasses.replace(run[3].grid, sampler="euler"))
     cache = cache_schedule(profile, 1.5, 31.0)
@@ -193,11 +214,12 @@ def test_the_builder_walks_lookahead_counts_up_to_the_floor_while_faster_than_th
     first, second = FakeRuns(lambda n: {2: 20.0, 3: 32.0}.get(n, 40.0)), FakeRuns(lambda n: 32.0)
     options = TargetOptions(speedup=3.0, min_psnr=30.0)
     schedule, lines = choose_lookahead(profile, options, validation_of(first, second), cache, True)
-    assert first.measured == [2, 3] and second.measured == [3], "the second seed reads what passed the first"
-    assert schedule.lookahead_steps == evenly_spread_steps(STEPS, 3) == (0, 2, 5)
+    assert first.planned == [*placements(cache, 2), *placements(cache, 3)], "each count's placements, once each"
+    assert len(placements(cache, 3)) == 2 and second.measured == [3], "the second seed reads what passed the first"
+    assert schedule.lookahead_steps == evenly_spread_steps(STEPS, 3) == (0, 2, 5), "a tie keeps the even spread"
     build = TargetBuild.of(schedule)
     assert build.lookahead.steps == (0, 2, 5) and build.lookahead.instead_of_speedup == cache.estimated_speedup
-    assert build.expected_psnr.mean == 32.0 and build.expected_psnr.pictures == 8
+    assert build.expected_psnr.mean == pytest.approx(32.0) and build.expected_psnr.pictures == 8
     assert second.fewer == [3] and build.fewer_steps.steps == 3 and not build.fewer_steps.better
     assert any(line.startswith("USING LOOKAHEAD: lookahead at 3 of 6 steps") for line in lines)
     assert lookahead_schedule(profile, (0, 2, 5)).fingerprint == schedule.fingerprint
@@ -205,8 +227,28 @@ def test_the_builder_walks_lookahead_counts_up_to_the_floor_while_faster_than_th
     first = FakeRuns(lambda n: 20.0)
     kept, lines = choose_lookahead(profile, options, validation_of(first, FakeRuns(lambda n: 20.0)), cache, True)
     walked = [n for n in range(2, STEPS) if STEPS / n >= EQUAL_COST * cache.estimated_speedup]
-    assert len(walked) >= 2 and kept is cache and first.measured == walked, "no slower than the cache's cost"
+    assert len(walked) >= 2 and kept is cache, "no slower than the cache's cost"
+    assert first.planned == [planned for n in walked for planned in placements(cache, n)]
     assert sum(line.startswith("tried: lookahead") for line in lines) == len(walked) and "kept Block" in lines[-1]
+
+
+def test_of_each_count_the_placement_the_held_out_seed_reads_higher_is_taken(pack, run):
+    profile = dataclasses.replace(run[3], grid=dataclasses.replace(run[3].grid, sampler="euler"))
+    cache = cache_schedule(profile, 1.5, 31.0)
+    even, ladder = placements(cache, 3)
+    assert ladder == tuple(sorted({0, *ladder, STEPS - 1})), "the ladder's steps run the first and last steps"
+    first = FakeRuns(None, of_steps=lambda planned: 33.0 if planned == ladder else 31.0)
+    options = TargetOptions(speedup=2.0, min_psnr=30.0)
+    schedule, lines = choose_lookahead(profile, options, validation_of(first, FakeRuns(lambda n: 33.0)), cache, False)
+    assert schedule.lookahead_steps == ladder and TargetBuild.of(schedule).lookahead.steps == ladder
+    tried = next(line for line in lines if line.startswith("tried: lookahead at 3 of 6"))
+    assert f"at the ladder's steps, 33.0 dB on both held-out seeds less {LOOKAHEAD_READS_HIGH_DB:g} dB" in tried
+    assert "(held-out seed: steps spread evenly 31.0 dB, the ladder's steps 33.0 dB)" in tried
+    # Read as measured, the lookahead would hold the floor; lowered by what held-out seeds read too high, not.
+    assert LOOKAHEAD_READS_HIGH_DB > 0.5
+    unlowered = FakeRuns(lambda n: 30.5, reads_high=0.0)
+    kept, _ = choose_lookahead(profile, options, validation_of(unlowered, unlowered), cache, False)
+    assert kept is cache and unlowered.measured
 
 
 def test_without_a_floor_the_target_cost_lookahead_is_taken_only_when_measured_closer(pack, run):
@@ -217,7 +259,7 @@ def test_without_a_floor_the_target_cost_lookahead_is_taken_only_when_measured_c
         first = FakeRuns(lambda n, r=reading: r)
         schedule, _ = choose_lookahead(profile, options, validation_of(first, FakeRuns(lambda n, r=reading: r)),
                                        cache, False)
-        assert first.measured == [3] and (schedule is not cache) == taken
+        assert first.planned == placements(cache, 3) and (schedule is not cache) == taken
         assert TargetBuild.of(schedule).fewer_steps is None or not taken
     # At about the cache's cost a higher mean is not enough: the paired gain must exceed the pictures' noise.
     values = (27.0, 35.0) * 4
@@ -248,7 +290,7 @@ def test_build_node_measures_the_lookahead_beside_the_cache_and_says_which_it_ou
                                          "use when better")
     schedule, _, document, steps = result.result
     text = result.ui["text"][0]
-    assert "tried: lookahead at 4 of 8 steps (2.00x)" in text and steps == 8
+    assert "tried: lookahead at 4 of 8 steps (2.00x) at " in text and steps == 8
     assert bool(schedule.lookahead_steps) == ("USING LOOKAHEAD" in text) == ('"lookahead_steps"' in document)
     if schedule.lookahead_steps:
         assert text.splitlines()[1].startswith("lookahead: the model runs at steps")
