@@ -121,11 +121,11 @@ class BuildTargetSchedule(io.ComfyNode):
                 io.Combo.Input("lookahead", options=list(LOOKAHEAD_CHOICES), default=USE_LOOKAHEAD, optional=True,
                                tooltip="With validation on and a sampler that evaluates the model once per step "
                                        "(euler, ddim, dpmpp_2m, ...): also measure a step lookahead, which runs the "
-                                       "whole model at fewer steps spread evenly and interpolates the steps between "
-                                       "(the model is evaluated one gap ahead, where an Euler step predicts), and "
-                                       "output it where it is faster above the floor, or closer at the target's "
-                                       "cost. One or a few more runs at the target's cost. On flow-matching "
-                                       "transformers (Flux) it kept more than the cache. 'off' skips it."),
+                                       "whole model at fewer steps (spread evenly or the ladder's, whichever reads "
+                                       "higher) and interpolates the steps between (the model is evaluated one gap "
+                                       "ahead, where an Euler step predicts), and output it where it is faster above "
+                                       "the floor, or closer at the target's cost. A few more runs at the target's "
+                                       "cost. On Flux and on DDIM it kept more than the cache. 'off' skips it."),
             ],
             outputs=[*schedule_outputs(),
                      io.Int.Output(display_name="steps",
