@@ -93,7 +93,7 @@ def choose_lookahead(profile: BlockProfile, options: TargetOptions, validation: 
 
 def ladder_placements(steps: int, count: int, build: TargetBuild) -> list[tuple[int, ...]]:
     """The lookahead steps of ``count`` model calls the ladder offers: each whole-step rung's compute steps with
-    the first and last steps added (a lookahead must run the model there), those that come to ``count``."""
+    the first and last steps added (a lookahead runs the model at both anyway), those that come to ``count``."""
     found = {tuple(sorted({0, *rung.steps, steps - 1})) for rung in build.ladder if rung.partial is None}
     return sorted(planned for planned in found if len(planned) == count)
 
