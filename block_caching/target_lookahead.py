@@ -54,7 +54,7 @@ def choose_lookahead(profile: BlockProfile, options: TargetOptions, validation: 
         speedup = steps / count
         if count > first and (not options.min_psnr or speedup < EQUAL_COST * cache.speedup):
             break
-        placement, candidate, measured, other = _closer_placement(profile, validation, build, count)
+        placement, candidate, measured, readings_note = _closer_placement(profile, validation, build, count)
         if measured.low >= options.min_psnr:
             seconds[count] = _lowered(validation.second.schedule(candidate))
             measured = dataclasses.replace(measured, pictures=measured.pictures + seconds[count].pictures)
@@ -64,7 +64,7 @@ def choose_lookahead(profile: BlockProfile, options: TargetOptions, validation: 
         lines.append(f"tried: {label} ({speedup:.2f}x) at {placement}, {measured.mean:.1f} dB on "
                      f"{'both held-out seeds' if count in seconds else 'the held-out seed'} less "
                      f"{LOOKAHEAD_READS_HIGH_DB:g} dB, expected {measured.low:.1f}-{measured.high:.1f} dB on other "
-                     "prompts" + other)
+                     "prompts" + readings_note)
         if options.min_psnr and measured.low >= options.min_psnr:
             break
     best = best_choice(choices, options.speedup, options.min_psnr)
@@ -91,10 +91,16 @@ def choose_lookahead(profile: BlockProfile, options: TargetOptions, validation: 
     return dataclasses.replace(best.schedule, builder=chosen.to_json()), lines
 
 
+def rung_lookahead_steps(compute_steps: tuple[int, ...], steps: int) -> tuple[int, ...]:
+    """A whole-step rung's compute steps as lookahead steps: the first and last steps added (a lookahead runs the
+    model at both anyway)."""
+    return tuple(sorted({0, *compute_steps, steps - 1}))
+
+
 def ladder_placements(steps: int, count: int, build: TargetBuild) -> list[tuple[int, ...]]:
-    """The lookahead steps of ``count`` model calls the ladder offers: each whole-step rung's compute steps with
-    the first and last steps added (a lookahead runs the model at both anyway), those that come to ``count``."""
-    found = {tuple(sorted({0, *rung.steps, steps - 1})) for rung in build.ladder if rung.partial is None}
+    """The lookahead steps of ``count`` model calls the ladder offers (``rung_lookahead_steps`` of each whole-step
+    rung), those that come to ``count``."""
+    found = {rung_lookahead_steps(rung.steps, steps) for rung in build.ladder if rung.partial is None}
     return sorted(planned for planned in found if len(planned) == count)
 
 

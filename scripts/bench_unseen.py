@@ -764,8 +764,9 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     wrapper) with another predicted point or another reused variable. ``predict``: "euler" (the pack's: one Euler
     step with the last evaluation's derivative) or "slope:D" (the derivative extrapolated linearly in sigma from
     the last two evaluations, its change damped by D, and integrated over the gap: a second-order predictor).
-    ``reuse``: "derivative" (the pack's: interpolated linearly in sigma, the evaluated one at the planned step) or
-    "denoised" (the same of the denoised picture: the derivative then follows where the sampler really is)."""
+    ``reuse``: "derivative" (the first version's: interpolated linearly in sigma, the evaluated one at the planned
+    step) or "denoised" (the pack's since: the same of the denoised picture, so the derivative follows where the
+    sampler really is)."""
     import comfy.patcher_extension
 
     state: dict[str, Any] = {}
@@ -819,11 +820,11 @@ def lookahead_variant_rows(args: argparse.Namespace, profile: Any, model: Any, m
                            ) -> list[dict[str, Any]]:
     """Each --lookahead-variants PREDICT:REUSE (``lookahead_variant``) at the counts in the band, with the steps
     spread evenly and at the ladder's whole-step rungs' compute steps (first and last steps added)."""
-    target_ladder, target_build = pack_modules("target_ladder", "target_build")
+    target_ladder, target_build, target_lookahead = pack_modules("target_ladder", "target_build", "target_lookahead")
     steps = profile.grid.steps
     found = target_ladder.search(profile, target_build.TargetOptions())
     placements = [("even", tuple(target_ladder.evenly_spread_steps(steps, n))) for n in range(2, steps)]
-    placements += [("ladder", tuple(sorted({0, *rung.steps, steps - 1})))
+    placements += [("ladder", target_lookahead.rung_lookahead_steps(rung.steps, steps))
                    for rung in target_ladder.whole_step_ladder(found, profile)]
     rows = []
     for variant in args.lookahead_variants.split(","):
