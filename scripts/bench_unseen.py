@@ -165,6 +165,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "cfg_reuse": lambda: cfg_reuse_rows(args, profile, target, patching, model, measure, show),
         "lookahead": lambda: lookahead_rows(args, profile, model, measure, show),
         "lookahead_variants": lambda: lookahead_variant_rows(args, profile, model, measure, show),
+        "lookahead_cache": lambda: lookahead_cache_rows(args, profile, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -765,8 +766,11 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     step with the last evaluation's derivative) or "slope:D" (the derivative extrapolated linearly in sigma from
     the last two evaluations, its change damped by D, and integrated over the gap: a second-order predictor).
     ``reuse``: "derivative" (the first version's: interpolated linearly in sigma, the evaluated one at the planned
-    step) or "denoised" (the pack's since: the same of the denoised picture, so the derivative follows where the
-    sampler really is)."""
+    step), "denoised" (the pack's since: the same of the denoised picture, so the derivative follows where the
+    sampler really is), "quadratic" (the denoised picture interpolated through the evaluation before the last
+    too) or "jacobian:J" (the denoised picture moved by J times the latent's distance from the straight line
+    the predicted point was taken on; J a number, or "gauss:S" for a Gaussian latent of deviation S: the
+    denoiser's slope on the flow path, (1 - sigma) S^2 / ((1 - sigma)^2 S^2 + sigma^2))."""
     import comfy.patcher_extension
 
     state: dict[str, Any] = {}
@@ -778,8 +782,31 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     def value_of(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
         return (x - denoised) / sigma if reuse == "derivative" else denoised
 
+    def denoiser_slope(sigma: float) -> float:
+        kind, _, spread = reuse.partition(":")[2].partition(":")
+        if kind != "gauss":
+            return float(kind)
+        variance = float(spread) ** 2
+        return (1 - sigma) * variance / ((1 - sigma) ** 2 * variance + sigma ** 2)
+
     def returned(x: torch.Tensor, value: torch.Tensor, sigma: float) -> torch.Tensor:
-        return x - sigma * value if reuse == "derivative" else value
+        if reuse == "derivative":
+            return x - sigma * value
+        if reuse.startswith("jacobian"):  # the line the predicted point was taken on
+            anchor, anchor_sigma, derivative = state["line"]
+            return value + denoiser_slope(sigma) * (x - anchor - (sigma - anchor_sigma) * derivative)
+        return value
+
+    def between(before: Any, known: Any, ahead: Any, sigma: float) -> torch.Tensor:
+        share = (sigma - known[1]) / (ahead[1] - known[1])
+        linear = known[3] + share * (ahead[3] - known[3])
+        if reuse != "quadratic" or before is None:
+            return linear
+        # Newton's form: the linear term plus the second divided difference through the evaluation before.
+        first_left = (known[3] - before[3]) / (known[1] - before[1])
+        first_right = (ahead[3] - known[3]) / (ahead[1] - known[1])
+        second = (first_right - first_left) / (ahead[1] - before[1])
+        return linear + second * (sigma - known[1]) * (sigma - ahead[1])
 
     def predict_noise(executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict[str, Any],
                       seed: Any) -> torch.Tensor:
@@ -800,14 +827,14 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
                 slope = (known[2] - slope_through[2]) / (known[1] - slope_through[1])
                 derivative = derivative + damping * slope * ((sigma + sigmas[target]) / 2 - known[1])
             predicted = x + (sigmas[target] - sigma) * derivative
+            state["line"] = (x, sigma, derivative)
             denoised = executor(predicted, torch.full_like(timestep, sigmas[target]), model_options, seed)
             ahead = state["ahead"] = (target, sigmas[target], (predicted - denoised) / sigmas[target],
                                       value_of(predicted, denoised, sigmas[target]))
         if step >= ahead[0]:
             state["before"], state["known"], state["ahead"] = known, ahead, None
             return returned(x, ahead[3], sigma)
-        share = (sigma - known[1]) / (ahead[1] - known[1])
-        return returned(x, known[3] + share * (ahead[3] - known[3]), sigma)
+        return returned(x, between(state.get("before"), known, ahead, sigma), sigma)
 
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "bench_lookahead_variant", outer)
@@ -828,7 +855,9 @@ def lookahead_variant_rows(args: argparse.Namespace, profile: Any, model: Any, m
                    for rung in target_ladder.whole_step_ladder(found, profile)]
     rows = []
     for variant in args.lookahead_variants.split(","):
-        predict, reuse = variant.rsplit(":", 1)
+        parts = variant.split(":")
+        split_at = 2 if parts[0] == "slope" else 1  # slope:D takes its damping along
+        predict, reuse = ":".join(parts[:split_at]), ":".join(parts[split_at:])
         for placement, evaluated in placements:
             speedup = steps / len(evaluated)
             if not in_band(args, speedup):
@@ -837,6 +866,64 @@ def lookahead_variant_rows(args: argparse.Namespace, profile: Any, model: Any, m
                          "computes": len(evaluated), "steps": list(evaluated), "speedup": speedup,
                          "psnr": measure(lookahead_variant(model, evaluated, predict, reuse), steps)})
             show(f"lookahead {predict}, {reuse} reused, {placement} steps {list(evaluated)}", rows[-1])
+    return rows
+
+
+def lookahead_cache_schedule(profile: Any, found: Any, planned: tuple[int, ...], share: float) -> Any:
+    """An experiment's schedule: at the lookahead's evaluations, the cached layers whose forecast (order 1, from
+    the two planned steps before) the error model finds cheapest per FLOP reuse, until ``share`` of the evaluations'
+    FLOPs is saved. Never at the first two planned steps nor the last, nor one layer at two planned steps in a row.
+    Its layers' rows are False between planned steps: a layer computes at a planned step only where its row does."""
+    schedule_module, lookahead = pack_modules("schedule", "lookahead")
+    steps, flops = profile.grid.steps, profile.layer_flops
+    budget = share * len(planned) * profile.total_flops
+    candidates = []
+    for position in range(2, len(planned) - 1):
+        step, history = planned[position], (planned[position - 1], planned[position - 2])
+        for layer, error in zip(found.layers, found.model.layer_errors(step, history), strict=True):
+            candidates.append((error / max(flops[layer], 1.0), layer, position))
+    reused: set[tuple[int, int]] = set()
+    saved = 0.0
+    for _, layer, position in sorted(candidates):
+        if saved >= budget:
+            break
+        if (layer, position - 1) in reused or (layer, position + 1) in reused:
+            continue
+        reused.add((layer, position))
+        saved += flops[layer]
+    base = lookahead.lookahead_schedule(profile, planned)
+    layer_rows = []
+    for index, layer_schedule in enumerate(base.layers):
+        positions = [position for layer, position in reused if layer == index]
+        if not positions:
+            layer_rows.append(layer_schedule)
+            continue
+        row = [False] * steps
+        for position, step in enumerate(planned):
+            row[step] = position not in positions
+        layer_rows.append(dataclasses.replace(layer_schedule, compute=tuple(row), forecast_order=1))
+    schedule = dataclasses.replace(base, layers=tuple(layer_rows), lookahead_steps=())
+    speedup = 1.0 / dataclasses.replace(schedule, lookahead_steps=planned).flop_fraction
+    return schedule, speedup
+
+
+def lookahead_cache_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
+                         ) -> list[dict[str, Any]]:
+    """An experiment: the lookahead (the benchmark's copy, ``lookahead_variant``) at each --lookahead-cache count,
+    with the steps spread evenly, and with the cache reusing layers at its evaluations (``lookahead_cache_schedule``)
+    for each --lookahead-cache-shares share of their FLOPs: speed-ups between two whole counts."""
+    target_ladder, target_build, patching = pack_modules("target_ladder", "target_build", "patching")
+    steps = profile.grid.steps
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    rows = []
+    for count in (int(c) for c in args.lookahead_cache.split(",")):
+        planned = tuple(target_ladder.evenly_spread_steps(steps, count))
+        for share in (float(v) for v in args.lookahead_cache_shares.split(",")):
+            schedule, speedup = lookahead_cache_schedule(profile, found, planned, share)
+            patched, _ = patching.apply_block_cache(lookahead_variant(model, planned, "euler", "denoised"), schedule)
+            rows.append({"family": "lookahead_cache", "computes": count, "share": share, "steps": list(planned),
+                         "speedup": speedup, "psnr": measure(patched, steps)})
+            show(f"lookahead {count} of {steps} calls, layers reused for {share:.0%} of their FLOPs", rows[-1])
     return rows
 
 
@@ -1204,6 +1291,10 @@ def main() -> None:
                         "gap ahead at the predicted point, the steps between interpolated, against fewer steps")
     parser.add_argument("--lookahead-variants", default="", help="an experiment (Euler): the lookahead with these "
                         "PREDICT:REUSE variants, e.g. euler:denoised,slope:0.5:derivative (lookahead_variant)")
+    parser.add_argument("--lookahead-cache", default="", help="an experiment (Euler): the lookahead at these counts "
+                        "of model calls, e.g. 9,10, with layers reused at its evaluations (lookahead_cache_schedule)")
+    parser.add_argument("--lookahead-cache-shares", default="0,0.05,0.1,0.15,0.2",
+                        help="--lookahead-cache's shares of the evaluations' FLOPs saved by layer reuse")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
