@@ -166,6 +166,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "lookahead": lambda: lookahead_rows(args, profile, model, measure, show),
         "lookahead_variants": lambda: lookahead_variant_rows(args, profile, model, measure, show),
         "lookahead_cache": lambda: lookahead_cache_rows(args, profile, model, measure, show),
+        "lookahead_search": lambda: lookahead_search_rows(args, profile, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -927,6 +928,55 @@ def lookahead_cache_rows(args: argparse.Namespace, profile: Any, model: Any, mea
     return rows
 
 
+def lookahead_search_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
+                          ) -> list[dict[str, Any]]:
+    """An experiment: for each --lookahead-search count, the lookahead's planned steps hill-climbed on the profiled
+    pictures (one interior step moved by one at a time, kept where the profiled mean PSNR rises by more than
+    0.05 dB) from the steps spread evenly and from the ladder's, then measured on every set: how much placement
+    can still give, and whether the profiled pictures find it."""
+    target_ladder, target_build, target_lookahead, lookahead, patching = pack_modules(
+        "target_ladder", "target_build", "target_lookahead", "lookahead", "patching")
+    steps = profile.grid.steps
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    ladder = [target_lookahead.rung_lookahead_steps(rung.steps, steps)
+              for rung in target_ladder.whole_step_ladder(found, profile)]
+
+    def patched(planned: tuple[int, ...]) -> Any:
+        return patching.apply_block_cache(model, lookahead.lookahead_schedule(profile, planned))[0]
+
+    def profiled_mean(planned: tuple[int, ...]) -> float:
+        return statistics.mean(measure(patched(planned), steps, ("profiled",))["profiled"])
+
+    rows = []
+    for count in (int(c) for c in args.lookahead_search.split(",")):
+        starts = [("even", tuple(target_ladder.evenly_spread_steps(steps, count)))]
+        starts += [("ladder", placed) for placed in ladder if len(placed) == count]
+        for start_name, start in starts:
+            best, best_score, tried = start, profiled_mean(start), 1
+            improved = True
+            while improved and tried < args.lookahead_search_budget:
+                improved = False
+                for position in range(1, count - 1):
+                    for move in (-1, 1):
+                        candidate = list(best)
+                        candidate[position] += move
+                        if candidate[position] in best or not 0 < candidate[position] < steps - 1:
+                            continue
+                        score = profiled_mean(tuple(candidate))
+                        tried += 1
+                        if score > best_score + 0.05:
+                            best, best_score, improved = tuple(candidate), score, True
+                            break
+                    if improved or tried >= args.lookahead_search_budget:
+                        break
+            for label, planned in ((f"{start_name}", start), (f"{start_name}, searched", best)):
+                rows.append({"family": "lookahead_search", "start": start_name, "searched": planned != start,
+                             "tried": tried, "computes": count, "steps": list(planned), "speedup": steps / count,
+                             "psnr": measure(patched(planned), steps)})
+                show(f"lookahead {count} of {steps} calls, {label} {list(planned)} ({tried} tried)", rows[-1])
+    return rows
+
+
 def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: float = 1.0) -> Any:
     """An experiment, benchmark only (FasterCache's CFG reuse, from its published description): the negative
     prompt's prediction is computed at ``uncond_steps`` only; at the other steps only the positive one is, and
@@ -1295,6 +1345,10 @@ def main() -> None:
                         "of model calls, e.g. 9,10, with layers reused at its evaluations (lookahead_cache_schedule)")
     parser.add_argument("--lookahead-cache-shares", default="0,0.05,0.1,0.15,0.2",
                         help="--lookahead-cache's shares of the evaluations' FLOPs saved by layer reuse")
+    parser.add_argument("--lookahead-search", default="", help="an experiment (Euler): the lookahead's planned steps "
+                        "at these counts, e.g. 8,9, hill-climbed on the profiled pictures (lookahead_search_rows)")
+    parser.add_argument("--lookahead-search-budget", type=int, default=60,
+                        help="--lookahead-search's samplings of the profiled pictures per start")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
