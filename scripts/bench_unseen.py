@@ -167,6 +167,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "lookahead_variants": lambda: lookahead_variant_rows(args, profile, model, measure, show),
         "lookahead_cache": lambda: lookahead_cache_rows(args, profile, model, measure, show),
         "lookahead_search": lambda: lookahead_search_rows(args, profile, model, measure, show),
+        "lookahead_cfg": lambda: lookahead_cfg_rows(args, profile, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -1018,6 +1019,34 @@ def cfg_reuse(model: Any, uncond_steps: tuple[int, ...], order: int, damping: fl
     return patched
 
 
+def lookahead_cfg_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
+                       ) -> list[dict[str, Any]]:
+    """An experiment: the lookahead (``lookahead_variant``, steps spread evenly) at each --lookahead-cfg COUNT:SKIPS,
+    the negative prompt left out at SKIPS of its evaluations spread evenly from the third to the one before the
+    last and forecast there (``cfg_reuse``, each --cfg-reuse-forecasts): speed-ups between two whole counts of
+    calls. Speed-up: two conds per evaluation, one where the negative prompt is left out, against two per step."""
+    (target_ladder,) = pack_modules("target_ladder")
+    steps = profile.grid.steps
+    forecasts = [(int(order), float(damping)) for order, damping in
+                 (item.split(":") for item in args.cfg_reuse_forecasts.split(","))]
+    rows = []
+    for item in args.lookahead_cfg.split(","):
+        count, skips = (int(v) for v in item.split(":"))
+        planned = tuple(target_ladder.evenly_spread_steps(steps, count))
+        interior = planned[2:-1]
+        left_out = {interior[round((i + 1) * (len(interior) + 1) / (skips + 1)) - 1] for i in range(skips)}
+        uncond_steps = tuple(step for step in planned if step not in left_out)
+        speedup = 2 * steps / (2 * count - len(left_out))
+        for order, damping in forecasts:
+            patched = lookahead_variant(cfg_reuse(model, uncond_steps, order, damping), planned, "euler", "denoised")
+            rows.append({"family": "lookahead_cfg", "computes": count, "steps": list(planned),
+                         "uncond_left_out": sorted(left_out), "order": order, "damping": damping, "speedup": speedup,
+                         "psnr": measure(patched, steps)})
+            show(f"lookahead {count} of {steps} calls, negative prompt left out at {sorted(left_out)}, order {order} "
+                 f"damped {damping}", rows[-1])
+    return rows
+
+
 def cfg_reuse_rows(args: argparse.Namespace, profile: Any, target: Any, patching: Any, model: Any,
                    measure: Any, show: Any) -> list[dict[str, Any]]:
     """The CFG reuse experiment: the negative prompt computed at as many steps as --cfg-reuse lists, spread
@@ -1349,6 +1378,8 @@ def main() -> None:
                         "at these counts, e.g. 8,9, hill-climbed on the profiled pictures (lookahead_search_rows)")
     parser.add_argument("--lookahead-search-budget", type=int, default=60,
                         help="--lookahead-search's samplings of the profiled pictures per start")
+    parser.add_argument("--lookahead-cfg", default="", help="an experiment (Euler): the lookahead at COUNT calls with "
+                        "the negative prompt left out at SKIPS of them, e.g. 9:1,9:2 (lookahead_cfg_rows)")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
