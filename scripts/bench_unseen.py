@@ -1369,7 +1369,8 @@ def main() -> None:
     parser.add_argument("--lookahead", action="store_true", help="an experiment (Euler): the model evaluated one "
                         "gap ahead at the predicted point, the steps between interpolated, against fewer steps")
     parser.add_argument("--lookahead-variants", default="", help="an experiment (Euler): the lookahead with these "
-                        "PREDICT:REUSE variants, e.g. euler:denoised,slope:0.5:derivative (lookahead_variant)")
+                        "PREDICT:REUSE variants, e.g. euler:denoised,euler:quadratic,euler:jacobian:0.3,slope:0.5:derivative "
+                        "(lookahead_variant)")
     parser.add_argument("--lookahead-cache", default="", help="an experiment (Euler): the lookahead at these counts "
                         "of model calls, e.g. 9,10, with layers reused at its evaluations (lookahead_cache_schedule)")
     parser.add_argument("--lookahead-cache-shares", default="0,0.05,0.1,0.15,0.2",
