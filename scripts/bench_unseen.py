@@ -769,7 +769,8 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     the last two evaluations, its change damped by D, and integrated over the gap: a second-order predictor).
     ``reuse``: "derivative" (the first version's: interpolated linearly in sigma, the evaluated one at the planned
     step), "denoised" (the pack's since: the same of the denoised picture, so the derivative follows where the
-    sampler really is), "quadratic" (the denoised picture interpolated through the evaluation before the last
+    sampler really is), "logsnr" (the same, linear in the flow's log-SNR log((1 - sigma) / sigma) instead of
+    sigma, where finite over the gap), "quadratic" (the denoised picture interpolated through the evaluation before the last
     too) or "jacobian:J" (the denoised picture moved by J times the latent's distance from the straight line
     the predicted point was taken on; J a number, or "gauss:S" for a Gaussian latent of deviation S: the
     denoiser's slope on the flow path, (1 - sigma) S^2 / ((1 - sigma)^2 S^2 + sigma^2))."""
@@ -801,6 +802,10 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
 
     def between(before: Any, known: Any, ahead: Any, sigma: float) -> torch.Tensor:
         share = (sigma - known[1]) / (ahead[1] - known[1])
+        if reuse == "logsnr" and 0 < ahead[1] <= known[1] < 1:  # the log-SNR is finite inside the gap
+            def log_snr(value: float) -> float:
+                return math.log((1 - value) / value)
+            share = (log_snr(sigma) - log_snr(known[1])) / (log_snr(ahead[1]) - log_snr(known[1]))
         linear = known[3] + share * (ahead[3] - known[3])
         if reuse != "quadratic" or before is None:
             return linear
