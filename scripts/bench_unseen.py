@@ -770,10 +770,10 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     ``reuse``: "derivative" (the first version's: interpolated linearly in sigma, the evaluated one at the planned
     step), "denoised" (the pack's since: the same of the denoised picture, so the derivative follows where the
     sampler really is), "logsnr" (the same, linear in the flow's log-SNR log((1 - sigma) / sigma) instead of
-    sigma, where finite over the gap), "quadratic" (the denoised picture interpolated through the evaluation before the last
-    too) or "jacobian:J" (the denoised picture moved by J times the latent's distance from the straight line
-    the predicted point was taken on; J a number, or "gauss:S" for a Gaussian latent of deviation S: the
-    denoiser's slope on the flow path, (1 - sigma) S^2 / ((1 - sigma)^2 S^2 + sigma^2))."""
+    sigma, where finite over the gap), "quadratic" (the denoised picture interpolated through the evaluation
+    before the last too) or "jacobian:J" (the denoised picture moved by J times the latent's distance from the
+    straight line the predicted point was taken on; J a number, or "gauss:S" for a Gaussian latent of deviation
+    S: the denoiser's slope on the flow path, (1 - sigma) S^2 / ((1 - sigma)^2 S^2 + sigma^2))."""
     import comfy.patcher_extension
 
     state: dict[str, Any] = {}
@@ -881,7 +881,7 @@ def lookahead_cache_schedule(profile: Any, found: Any, planned: tuple[int, ...],
     the two planned steps before) the error model finds cheapest per FLOP reuse, until ``share`` of the evaluations'
     FLOPs is saved. Never at the first two planned steps nor the last, nor one layer at two planned steps in a row.
     Its layers' rows are False between planned steps: a layer computes at a planned step only where its row does."""
-    schedule_module, lookahead = pack_modules("schedule", "lookahead")
+    (lookahead,) = pack_modules("lookahead")
     steps, flops = profile.grid.steps, profile.layer_flops
     budget = share * len(planned) * profile.total_flops
     candidates = []
@@ -975,7 +975,7 @@ def lookahead_search_rows(args: argparse.Namespace, profile: Any, model: Any, me
                             break
                     if improved or tried >= args.lookahead_search_budget:
                         break
-            for label, planned in ((f"{start_name}", start), (f"{start_name}, searched", best)):
+            for label, planned in ((start_name, start), (f"{start_name}, searched", best)):
                 rows.append({"family": "lookahead_search", "start": start_name, "searched": planned != start,
                              "tried": tried, "computes": count, "steps": list(planned), "speedup": steps / count,
                              "psnr": measure(patched(planned), steps)})
@@ -1374,8 +1374,8 @@ def main() -> None:
     parser.add_argument("--lookahead", action="store_true", help="an experiment (Euler): the model evaluated one "
                         "gap ahead at the predicted point, the steps between interpolated, against fewer steps")
     parser.add_argument("--lookahead-variants", default="", help="an experiment (Euler): the lookahead with these "
-                        "PREDICT:REUSE variants, e.g. euler:denoised,euler:quadratic,euler:jacobian:0.3,slope:0.5:derivative "
-                        "(lookahead_variant)")
+                        "PREDICT:REUSE variants, e.g. euler:denoised,euler:logsnr,euler:jacobian:0.3,"
+                        "slope:0.5:derivative (lookahead_variant)")
     parser.add_argument("--lookahead-cache", default="", help="an experiment (Euler): the lookahead at these counts "
                         "of model calls, e.g. 9,10, with layers reused at its evaluations (lookahead_cache_schedule)")
     parser.add_argument("--lookahead-cache-shares", default="0,0.05,0.1,0.15,0.2",
