@@ -38,9 +38,11 @@ THUMBNAILS = os.environ.get("BLOCK_CACHE_THUMBNAILS") == "1"
 REQUIRED = os.environ.get("BLOCK_CACHE_REQUIRE_BROWSER") == "1"
 
 try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 except ImportError:  # pragma: no cover - set-up installs it
     sync_playwright = None
+    PlaywrightTimeout = TimeoutError
 
 if not REQUIRED and (sync_playwright is None or not CHROMIUM.exists()):
     pytest.skip("playwright or /usr/bin/chromium missing (scripts/setup.sh installs both)", allow_module_level=True)
@@ -165,6 +167,18 @@ def _picture(page, node_id: int) -> dict:
     }""", node_id)
 
 
+def _wait_drawn(page, node_id: int, why: str) -> None:
+    """Waits until the node's picture is drawn and on screen (it redraws after a load, later on a busy machine)."""
+    try:
+        page.wait_for_function("""(id) => { const w = window.app.graph.getNodeById(id)?.widgets?.find(
+            w => w.name === 'block_cache_picture'); const c = w?.canvas; if (!c) return false;
+            const r = c.getBoundingClientRect();
+            return c.style.display !== 'none' && c.width > 100 && r.width > 20 && r.height > 20; }""",
+                               arg=node_id, timeout=60_000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"{why}: {_picture(page, node_id)['text']}") from None
+
+
 def _assert_no_alert(page) -> None:
     """The frontend raises toasts for workflows it finds malformed ("Invalid workflow against zod schema")."""
     page.wait_for_timeout(300)
@@ -262,9 +276,8 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page, frontend, artifa
     _open(page, server.url)
     page.evaluate("async (w) => { await window.app.loadGraphData(JSON.parse(w), true, true, 'reloaded'); }", saved)
     _fit(page, 0.65)
-    page.wait_for_timeout(500)
     for node_id in (profile_id, build_id):
-        assert _picture(page, node_id)["drawn"], f"node {node_id} lost its picture on reload"
+        _wait_drawn(page, node_id, f"node {node_id} lost its picture on reload")
     assert "last run: computed" in _picture(page, apply_id)["text"]
     assert "PSNR" in _picture(page, compare_id)["text"]
     _assert_no_alert(page)
@@ -275,7 +288,7 @@ def test_workflow_slider_run_reload_and_vue_nodes(server, page, frontend, artifa
     page.evaluate("async (w) => { await window.app.loadGraphData(JSON.parse(w), true, true, 'vue'); }", saved)
     page.wait_for_selector("[data-node-id] canvas.block-cache-canvas", state="visible", timeout=60_000)
     _fit(page, 0.65)
-    page.wait_for_timeout(1000)
+    _wait_drawn(page, build_id, "the Vue node did not draw its picture")
     vue = _picture(page, build_id)
     assert vue["drawn"] and vue["visible"], vue["text"]
     _assert_no_alert(page)
