@@ -167,6 +167,9 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         "lookahead_variants": lambda: lookahead_variant_rows(args, profile, model, measure, show),
         "lookahead_cache": lambda: lookahead_cache_rows(args, profile, model, measure, show),
         "lookahead_search": lambda: lookahead_search_rows(args, profile, model, measure, show),
+        "lookahead_path": lambda: lookahead_path_rows(
+            args, profile, model, measure, show,
+            lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
         "lookahead_cfg": lambda: lookahead_cfg_rows(args, profile, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
@@ -934,6 +937,30 @@ def lookahead_cache_rows(args: argparse.Namespace, profile: Any, model: Any, mea
     return rows
 
 
+def climbed(start: tuple[int, ...], steps: int, score: Any, margin: float, budget: int) -> tuple[tuple[int, ...], int]:
+    """Lookahead steps hill-climbed from ``start``: one interior planned step moved by one at a time, kept where
+    ``score`` rises by more than ``margin``, until no move does or ``budget`` scores are spent; the steps found
+    and the scores spent."""
+    best, best_score, tried = start, score(start), 1
+    improved = True
+    while improved and tried < budget:
+        improved = False
+        for position in range(1, len(best) - 1):
+            for move in (-1, 1):
+                candidate = list(best)
+                candidate[position] += move
+                if candidate[position] in best or not 0 < candidate[position] < steps - 1:
+                    continue
+                value = score(tuple(candidate))
+                tried += 1
+                if value > best_score + margin:
+                    best, best_score, improved = tuple(candidate), value, True
+                    break
+            if improved or tried >= budget:
+                break
+    return best, tried
+
+
 def lookahead_search_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
                           ) -> list[dict[str, Any]]:
     """An experiment: for each --lookahead-search count, the lookahead's planned steps hill-climbed on the profiled
@@ -958,28 +985,157 @@ def lookahead_search_rows(args: argparse.Namespace, profile: Any, model: Any, me
         starts = [("even", tuple(target_ladder.evenly_spread_steps(steps, count)))]
         starts += [("ladder", placed) for placed in ladder if len(placed) == count]
         for start_name, start in starts:
-            best, best_score, tried = start, profiled_mean(start), 1
-            improved = True
-            while improved and tried < args.lookahead_search_budget:
-                improved = False
-                for position in range(1, count - 1):
-                    for move in (-1, 1):
-                        candidate = list(best)
-                        candidate[position] += move
-                        if candidate[position] in best or not 0 < candidate[position] < steps - 1:
-                            continue
-                        score = profiled_mean(tuple(candidate))
-                        tried += 1
-                        if score > best_score + 0.05:
-                            best, best_score, improved = tuple(candidate), score, True
-                            break
-                    if improved or tried >= args.lookahead_search_budget:
-                        break
+            best, tried = climbed(start, steps, profiled_mean, 0.05, args.lookahead_search_budget)
             for label, planned in ((start_name, start), (f"{start_name}, searched", best)):
                 rows.append({"family": "lookahead_search", "start": start_name, "searched": planned != start,
                              "tried": tried, "computes": count, "steps": list(planned), "speedup": steps / count,
                              "psnr": measure(patched(planned), steps)})
                 show(f"lookahead {count} of {steps} calls, {label} {list(planned)} ({tried} tried)", rows[-1])
+    return rows
+
+
+PATH_SLOPE_SCALES = (0.3, 1.0)
+PATH_ELEMENTS = 4096  # elements per picture of the latent and the denoised picture kept at every step
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledPath:
+    """The uncached run's latent and denoised picture at the same elements of every picture at every step,
+    [steps, pictures, elements]; the sigmas; and per step the ``(a, b)`` of the latent ``a x0 + b noise``."""
+
+    latents: torch.Tensor
+    denoised: torch.Tensor
+    sigmas: list[float]
+    latent_scales: list[tuple[float, float]]
+
+
+def sampled_path(model: Any, sample_profiled: Any) -> SampledPath:
+    """The profiled pictures sampled uncached again, their path kept (a post-CFG hook that returns the denoised
+    picture as it is)."""
+    kept: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+    index: list[torch.Tensor] = []
+
+    def record(args: dict[str, Any]) -> torch.Tensor:
+        x, denoised = args["input"], args["denoised"]
+        flat = x.detach().float().reshape(x.shape[0], -1)
+        if not index:
+            index.append(torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0))[:PATH_ELEMENTS])
+        kept.append((float(args["sigma"].reshape(-1)[0]), flat[:, index[0]].cpu(),
+                     denoised.detach().float().reshape(x.shape[0], -1)[:, index[0]].cpu()))
+        return denoised
+
+    recording = model.clone()
+    recording.set_model_sampler_post_cfg_function(record)
+    sample_profiled(recording)
+    sampling = model.get_model_object("model_sampling")
+
+    def scales(sigma: float) -> tuple[float, float]:
+        at = torch.tensor([sigma])
+        return (float(sampling.noise_scaling(at, torch.zeros(1), torch.ones(1)).reshape(-1)[0]),
+                float(sampling.noise_scaling(at, torch.ones(1), torch.zeros(1)).reshape(-1)[0]))
+
+    sigmas = [sigma for sigma, _, _ in kept]
+    if len(sigmas) != len(set(sigmas)):
+        raise ValueError("the sampler evaluated the model more than once per step: the path is for Euler")
+    return SampledPath(torch.stack([x for _, x, _ in kept]), torch.stack([d for _, _, d in kept]), sigmas,
+                       [scales(sigma) for sigma in sigmas])
+
+
+def surrogate_slopes(path: SampledPath) -> list[float]:
+    """Per step, how much the denoised picture moves with the latent in the surrogate model: ``a c^2 / (a^2 c^2 +
+    b^2)``, the slope of the posterior mean of an ``x0`` of variance ``c^2`` (the last denoised picture's) given the
+    latent ``a x0 + b noise``."""
+    variance = float(path.denoised[-1].var())
+    return [a * variance / max(a * a * variance + b * b, 1e-12) for a, b in path.latent_scales]
+
+
+def simulated_error(path: SampledPath, sigmas: list[float], planned: tuple[int, ...], slopes: list[float]
+                    ) -> float:
+    """The mean squared distance between the final latent of a lookahead at ``planned`` (as
+    block_caching/lookahead.py runs it with Euler) and the uncached run's, on the surrogate model: the denoised
+    picture at a step is the uncached one plus the step's slope times the latent's distance from the uncached
+    latent."""
+    latents, denoised = path.latents, path.denoised
+    steps = latents.shape[0]
+
+    def model(step: int, x: torch.Tensor) -> torch.Tensor:
+        return denoised[step] + slopes[step] * (x - latents[step])
+
+    x = latents[0].clone()
+    known: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, denoised, derivative
+    ahead: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    for step in range(steps):
+        sigma = sigmas[step]
+        if ahead is None and (known is None or step in planned):
+            value = model(step, x)
+            known = (step, value, (x - value) / sigma)
+        else:
+            if ahead is None:
+                target = next((p for p in planned if p > step), steps - 1)
+                predicted = x + (sigmas[target] - sigma) * known[2]
+                value = model(target, predicted)
+                ahead = (target, value, (predicted - value) / sigmas[target])
+            if step >= ahead[0]:
+                known, ahead = ahead, None
+                value = known[1]
+            else:
+                share = (sigma - sigmas[known[0]]) / (sigmas[ahead[0]] - sigmas[known[0]])
+                value = known[1] + share * (ahead[1] - known[1])
+        x = x + (sigmas[step + 1] - sigma) * (x - value) / sigma
+    last = steps - 1
+    uncached = latents[last] + (sigmas[last + 1] - sigmas[last]) * (latents[last] - denoised[last]) / sigmas[last]
+    return float((x - uncached).pow(2).mean())
+
+
+def placement_on_path(path: SampledPath, sigmas: list[float], start: tuple[int, ...], slopes: list[float]
+                      ) -> tuple[int, ...]:
+    """The lookahead steps ``climbed`` from ``start`` on the simulated error (in dB, kept where it falls by more
+    than 0.005 dB)."""
+    def score(planned: tuple[int, ...]) -> float:
+        return -10 * math.log10(max(simulated_error(path, sigmas, planned, slopes), 1e-20))
+
+    return climbed(start, len(sigmas) - 1, score, 0.005, 400)[0]
+
+
+def lookahead_path_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any,
+                        sample_profiled: Any) -> list[dict[str, Any]]:
+    """An experiment (LeMiCa's idea, placement from the uncached trajectory): for each --lookahead-path count, the
+    lookahead's planned steps chosen on the profiled pictures' uncached path (``placement_on_path``: simulated on
+    the kept latents and denoised pictures, no sampling) from the steps spread evenly, at PATH_SLOPE_SCALES times
+    the surrogate's slope, measured beside the node's own placements (the even spread and the ladder's). Prints
+    which one the node's rule (the held-out seed's higher reading) takes with and without the path's, and what
+    sets A and B read for it."""
+    target_ladder, target_build, target_lookahead, lookahead, patching = pack_modules(
+        "target_ladder", "target_build", "target_lookahead", "lookahead", "patching")
+    steps, sigmas = profile.grid.steps, list(profile.grid.sigmas)
+    path = sampled_path(model, sample_profiled)
+    slopes = surrogate_slopes(path)
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    ladder = [target_lookahead.rung_lookahead_steps(rung.steps, steps)
+              for rung in target_ladder.whole_step_ladder(found, profile)]
+    rows = []
+    for count in (int(c) for c in args.lookahead_path.split(",")):
+        even = tuple(target_ladder.evenly_spread_steps(steps, count))
+        chosen = {even: "even"}
+        for planned in ladder:
+            if len(planned) == count:
+                chosen.setdefault(planned, "ladder")
+        for scale in PATH_SLOPE_SCALES:
+            chosen.setdefault(placement_on_path(path, sigmas, even, [scale * v for v in slopes]), f"path x{scale:g}")
+        measured = []
+        for planned, label in chosen.items():
+            patched = patching.apply_block_cache(model, lookahead.lookahead_schedule(profile, planned))[0]
+            rows.append({"family": "lookahead_path", "label": label, "computes": count, "steps": list(planned),
+                         "speedup": steps / count, "psnr": measure(patched, steps)})
+            measured.append(rows[-1])
+            show(f"lookahead {count} of {steps} calls, {label} {list(planned)}", rows[-1])
+        for scale in (None, *PATH_SLOPE_SCALES):
+            pool = [r for r in measured if not r["label"].startswith("path")
+                    or (scale is not None and r["label"] == f"path x{scale:g}")]
+            best = max(pool, key=lambda r: statistics.mean(r["psnr"]["heldout"]))
+            print(f"[{args.model} {steps}] {count} calls, held-out pick among the node's"
+                  + (f" and path x{scale:g}" if scale else "") + f": {best['label']} {best['steps']}, A "
+                  f"{statistics.mean(best['psnr']['A']):.2f}, B {statistics.mean(best['psnr']['B']):.2f}", flush=True)
     return rows
 
 
@@ -1384,6 +1540,8 @@ def main() -> None:
                         "at these counts, e.g. 8,9, hill-climbed on the profiled pictures (lookahead_search_rows)")
     parser.add_argument("--lookahead-search-budget", type=int, default=60,
                         help="--lookahead-search's samplings of the profiled pictures per start")
+    parser.add_argument("--lookahead-path", default="", help="an experiment (Euler): the lookahead's planned steps "
+                        "at these counts, e.g. 8,9, chosen on the profiled run's path (lookahead_path_rows)")
     parser.add_argument("--lookahead-cfg", default="", help="an experiment (Euler): the lookahead at COUNT calls with "
                         "the negative prompt left out at SKIPS of them, e.g. 9:1,9:2 (lookahead_cfg_rows)")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
