@@ -1001,11 +1001,10 @@ PATH_ELEMENTS = 4096  # elements per picture of the latent and the denoised pict
 @dataclasses.dataclass(frozen=True)
 class SampledPath:
     """The uncached run's latent and denoised picture at the same elements of every picture at every step,
-    [steps, pictures, elements]; the sigmas; and per step the ``(a, b)`` of the latent ``a x0 + b noise``."""
+    [steps, pictures, elements], and per step the ``(a, b)`` of the latent ``a x0 + b noise``."""
 
     latents: torch.Tensor
     denoised: torch.Tensor
-    sigmas: list[float]
     latent_scales: list[tuple[float, float]]
 
 
@@ -1037,7 +1036,7 @@ def sampled_path(model: Any, sample_profiled: Any) -> SampledPath:
     sigmas = [sigma for sigma, _, _ in kept]
     if len(sigmas) != len(set(sigmas)):
         raise ValueError("the sampler evaluated the model more than once per step: the path is for Euler")
-    return SampledPath(torch.stack([x for _, x, _ in kept]), torch.stack([d for _, _, d in kept]), sigmas,
+    return SampledPath(torch.stack([x for _, x, _ in kept]), torch.stack([d for _, _, d in kept]),
                        [scales(sigma) for sigma in sigmas])
 
 
