@@ -853,16 +853,22 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     return patched
 
 
+def ladder_lookahead_steps(profile: Any) -> list[tuple[int, ...]]:
+    """The lookahead steps of each of the default search's whole-step rungs (``rung_lookahead_steps``)."""
+    target_ladder, target_build, target_lookahead = pack_modules("target_ladder", "target_build", "target_lookahead")
+    found = target_ladder.search(profile, target_build.TargetOptions())
+    return [target_lookahead.rung_lookahead_steps(rung.steps, profile.grid.steps)
+            for rung in target_ladder.whole_step_ladder(found, profile)]
+
+
 def lookahead_variant_rows(args: argparse.Namespace, profile: Any, model: Any, measure: Any, show: Any
                            ) -> list[dict[str, Any]]:
     """Each --lookahead-variants PREDICT:REUSE (``lookahead_variant``) at the counts in the band, with the steps
     spread evenly and at the ladder's whole-step rungs' compute steps (first and last steps added)."""
-    target_ladder, target_build, target_lookahead = pack_modules("target_ladder", "target_build", "target_lookahead")
+    (target_ladder,) = pack_modules("target_ladder")
     steps = profile.grid.steps
-    found = target_ladder.search(profile, target_build.TargetOptions())
     placements = [("even", tuple(target_ladder.evenly_spread_steps(steps, n))) for n in range(2, steps)]
-    placements += [("ladder", target_lookahead.rung_lookahead_steps(rung.steps, steps))
-                   for rung in target_ladder.whole_step_ladder(found, profile)]
+    placements += [("ladder", planned) for planned in ladder_lookahead_steps(profile)]
     rows = []
     for variant in args.lookahead_variants.split(","):
         parts = variant.split(":")
@@ -967,12 +973,9 @@ def lookahead_search_rows(args: argparse.Namespace, profile: Any, model: Any, me
     pictures (one interior step moved by one at a time, kept where the profiled mean PSNR rises by more than
     0.05 dB) from the steps spread evenly and from the ladder's, then measured on every set: how much placement
     can still give, and whether the profiled pictures find it."""
-    target_ladder, target_build, target_lookahead, lookahead, patching = pack_modules(
-        "target_ladder", "target_build", "target_lookahead", "lookahead", "patching")
+    target_ladder, lookahead, patching = pack_modules("target_ladder", "lookahead", "patching")
     steps = profile.grid.steps
-    found = target_ladder.search(profile, target_build.TargetOptions())
-    ladder = [target_lookahead.rung_lookahead_steps(rung.steps, steps)
-              for rung in target_ladder.whole_step_ladder(found, profile)]
+    ladder = ladder_lookahead_steps(profile)
 
     def patched(planned: tuple[int, ...]) -> Any:
         return patching.apply_block_cache(model, lookahead.lookahead_schedule(profile, planned))[0]
@@ -1104,14 +1107,11 @@ def lookahead_path_rows(args: argparse.Namespace, profile: Any, model: Any, meas
     the surrogate's slope, measured beside the node's own placements (the even spread and the ladder's). Prints
     which one the node's rule (the held-out seed's higher reading) takes with and without the path's, and what
     sets A and B read for it."""
-    target_ladder, target_build, target_lookahead, lookahead, patching = pack_modules(
-        "target_ladder", "target_build", "target_lookahead", "lookahead", "patching")
+    target_ladder, lookahead, patching = pack_modules("target_ladder", "lookahead", "patching")
     steps, sigmas = profile.grid.steps, list(profile.grid.sigmas)
     path = sampled_path(model, sample_profiled)
     slopes = surrogate_slopes(path)
-    found = target_ladder.search(profile, target_build.TargetOptions())
-    ladder = [target_lookahead.rung_lookahead_steps(rung.steps, steps)
-              for rung in target_ladder.whole_step_ladder(found, profile)]
+    ladder = ladder_lookahead_steps(profile)
     rows = []
     for count in (int(c) for c in args.lookahead_path.split(",")):
         even = tuple(target_ladder.evenly_spread_steps(steps, count))
