@@ -171,6 +171,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             args, profile, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
         "lookahead_cfg": lambda: lookahead_cfg_rows(args, profile, model, measure, show),
+        "lookahead_combined": lambda: lookahead_combined_rows(args, steps, profile_at, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -765,18 +766,48 @@ def lookahead_rows(args: argparse.Namespace, profile: Any, model: Any, measure: 
     return rows + fewer_steps_rows(args, steps, model, measure, show)
 
 
+def lookahead_combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, model: Any, measure: Any,
+                           show: Any) -> list[dict[str, Any]]:
+    """Fewer sampler steps with the step lookahead: for each count K (or K:LOW) of --lookahead-combined and each
+    sampler step count n from ``steps`` down to K + 1 (or LOW), the lookahead at K model calls of n steps (spread
+    evenly, and at the ladder's steps for n where a rung gives K calls), measured against ``steps``' uncached
+    pictures: shorter gaps on a coarser grid, against longer gaps on the user's."""
+    target_ladder, lookahead, patching = pack_modules("target_ladder", "lookahead", "patching")
+    rows = []
+    for item in args.lookahead_combined.split(","):
+        count, _, low = item.partition(":")
+        calls = int(count)
+        for n in range(steps, max(calls, int(low or 0) - 1), -1):
+            profile = profile_at(n)
+            placements = [("even", tuple(target_ladder.evenly_spread_steps(n, calls)))]
+            placements += [("ladder", planned) for planned in ladder_lookahead_steps(profile)
+                           if len(planned) == calls]
+            for placement, evaluated in placements:
+                patched, _ = patching.apply_block_cache(model, lookahead.lookahead_schedule(profile, evaluated))
+                rows.append({"family": "lookahead_combined", "sampler_steps": n, "placement": placement,
+                             "computes": calls, "steps": list(evaluated), "speedup": steps / calls,
+                             "psnr": measure(patched, n)})
+                show(f"{n} steps, lookahead {placement} {list(evaluated)}", rows[-1])
+    return rows
+
+
 def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse: str) -> Any:
     """An experiment, benchmark only: step lookahead (block_caching/lookahead.py, written out as a PREDICT_NOISE
     wrapper) with another predicted point or another reused variable. ``predict``: "euler" (the pack's: one Euler
-    step with the last evaluation's derivative) or "slope:D" (the derivative extrapolated linearly in sigma from
-    the last two evaluations, its change damped by D, and integrated over the gap: a second-order predictor).
+    step with the last evaluation's derivative, as taken at the point it was evaluated at), "slope:D" (the
+    derivative extrapolated linearly in sigma from the last two evaluations, its change damped by D, and integrated
+    over the gap: a second-order predictor) or "pulled:J" (one Euler step with the derivative at the latent the
+    sampler really has, ``(x - denoised) / sigma``, its denoised picture moved by J times that latent's distance
+    from the point it was evaluated at: J = 1 is "euler", J = 0 the step with the denoised picture held).
     ``reuse``: "derivative" (the first version's: interpolated linearly in sigma, the evaluated one at the planned
     step), "denoised" (the pack's since: the same of the denoised picture, so the derivative follows where the
     sampler really is), "logsnr" (the same, linear in the flow's log-SNR log((1 - sigma) / sigma) instead of
     sigma, where finite over the gap), "quadratic" (the denoised picture interpolated through the evaluation
-    before the last too) or "jacobian:J" (the denoised picture moved by J times the latent's distance from the
+    before the last too), "jacobian:J" (the denoised picture moved by J times the latent's distance from the
     straight line the predicted point was taken on; J a number, or "gauss:S" for a Gaussian latent of deviation
-    S: the denoiser's slope on the flow path, (1 - sigma) S^2 / ((1 - sigma)^2 S^2 + sigma^2))."""
+    S: the denoiser's slope on the flow path, (1 - sigma) S^2 / ((1 - sigma)^2 S^2 + sigma^2)) or
+    "lastjacobian:J" (the same at the last step only, whose denoised picture is the sampler's result: the
+    denoiser's slope goes to 1 as sigma goes to 0)."""
     import comfy.patcher_extension
 
     state: dict[str, Any] = {}
@@ -798,8 +829,9 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
     def returned(x: torch.Tensor, value: torch.Tensor, sigma: float) -> torch.Tensor:
         if reuse == "derivative":
             return x - sigma * value
-        if reuse.startswith("jacobian"):  # the line the predicted point was taken on
-            anchor, anchor_sigma, derivative = state["line"]
+        last_only = reuse.startswith("lastjacobian")
+        if reuse.startswith("jacobian") or (last_only and sigma == state["last_sigma"] and "line" in state):
+            anchor, anchor_sigma, derivative = state["line"]  # the line the predicted point was taken on
             return value + denoiser_slope(sigma) * (x - anchor - (sigma - anchor_sigma) * derivative)
         return value
 
@@ -823,6 +855,7 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
         sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
         sigma = float(timestep.reshape(-1)[0])
         step = step_at(sigmas, sigma)
+        state["last_sigma"] = sigmas[-2]
         known, ahead = state.get("known"), state.get("ahead")
         if ahead is None and (known is None or step in planned):
             denoised = executor(x, timestep, model_options, seed)
@@ -832,7 +865,12 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
             target = next((p for p in planned if p > step), len(sigmas) - 2)
             slope_through = state.get("before")
             derivative = known[2]
-            if predict != "euler" and slope_through is not None:
+            if predict.startswith("pulled"):
+                if reuse == "derivative":
+                    raise ValueError("pulled:J predicts from the denoised picture: reuse it, not the derivative")
+                held = (x - known[3]) / sigma  # equal to the evaluated step's, since the sampler stepped with it
+                derivative = held + float(predict.split(":")[1]) * (known[2] - held)
+            elif predict != "euler" and slope_through is not None:
                 damping = float(predict.split(":")[1])
                 slope = (known[2] - slope_through[2]) / (known[1] - slope_through[1])
                 derivative = derivative + damping * slope * ((sigma + sigmas[target]) / 2 - known[1])
@@ -872,7 +910,7 @@ def lookahead_variant_rows(args: argparse.Namespace, profile: Any, model: Any, m
     rows = []
     for variant in args.lookahead_variants.split(","):
         parts = variant.split(":")
-        split_at = 2 if parts[0] == "slope" else 1  # slope:D takes its damping along
+        split_at = 2 if parts[0] in ("slope", "pulled") else 1  # slope:D and pulled:J take their number along
         predict, reuse = ":".join(parts[:split_at]), ":".join(parts[split_at:])
         for placement, evaluated in placements:
             speedup = steps / len(evaluated)
@@ -1530,7 +1568,7 @@ def main() -> None:
                         "gap ahead at the predicted point, the steps between interpolated, against fewer steps")
     parser.add_argument("--lookahead-variants", default="", help="an experiment (Euler): the lookahead with these "
                         "PREDICT:REUSE variants, e.g. euler:denoised,euler:logsnr,euler:jacobian:0.3,"
-                        "slope:0.5:derivative (lookahead_variant)")
+                        "slope:0.5:derivative,pulled:0:denoised (lookahead_variant)")
     parser.add_argument("--lookahead-cache", default="", help="an experiment (Euler): the lookahead at these counts "
                         "of model calls, e.g. 9,10, with layers reused at its evaluations (lookahead_cache_schedule)")
     parser.add_argument("--lookahead-cache-shares", default="0,0.05,0.1,0.15,0.2",
@@ -1543,6 +1581,9 @@ def main() -> None:
                         "at these counts, e.g. 8,9, chosen on the profiled run's path (lookahead_path_rows)")
     parser.add_argument("--lookahead-cfg", default="", help="an experiment (Euler): the lookahead at COUNT calls with "
                         "the negative prompt left out at SKIPS of them, e.g. 9:1,9:2 (lookahead_cfg_rows)")
+    parser.add_argument("--lookahead-combined", default="", help="an experiment (Euler): the lookahead at these "
+                        "counts of model calls, e.g. 8,9 or 8:19 (down to 19 sampler steps), on shorter sampler step counts "
+                        "(lookahead_combined_rows)")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
