@@ -118,6 +118,21 @@ def test_runs_the_model_at_the_planned_steps_only_and_interpolates_the_rest(pack
     assert run_speedup_estimate(holder, stats) == pytest.approx(STEPS / len(PLANNED))
 
 
+def test_at_cfg_1_without_a_negative_pass_it_runs_the_planned_steps_only(pack, reference, run):
+    """Flux-dev style: at cfg 1 ComfyUI skips the negative prompt, so each model call is the positive batch alone."""
+    conds, latent, _, profile = run
+    schedule = lookahead_schedule(profile, PLANNED)
+    patched, holder = apply_block_cache(reference.patcher, schedule)
+    names = [layer.name for layer in schedule.layers]
+    with count_layer_computations(reference.patcher.model.diffusion_model, names) as counts:
+        out = sample(patched, *conds, latent, steps=STEPS, cfg=1.0, scheduler="simple", seed=5)
+    assert {counts[name] for name in names} == {len(PLANNED)}
+    expected = sample(by_hand(reference.patcher, PLANNED), *conds, latent, steps=STEPS, cfg=1.0, scheduler="simple",
+                      seed=5)
+    assert torch.equal(out, expected)
+    assert holder.last_run.figures["lookahead"].model_calls == len(PLANNED)
+
+
 def test_a_sampler_that_evaluates_twice_per_step_computes_every_step_and_says_so(pack, reference, run, caplog):
     conds, latent, _, profile = run
     plain = sample(reference.patcher, *conds, latent, steps=STEPS, scheduler="simple", seed=5, sampler="heun")
