@@ -171,7 +171,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             args, profile, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
         "lookahead_cfg": lambda: lookahead_cfg_rows(args, profile, model, measure, show),
-        "lookahead_combined": lambda: lookahead_combined_rows(args, steps, profile_at, model, measure, show),
+        "lookahead_combined": lambda: lookahead_combined_rows(args, profile, profile_at, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -766,24 +766,28 @@ def lookahead_rows(args: argparse.Namespace, profile: Any, model: Any, measure: 
     return rows + fewer_steps_rows(args, steps, model, measure, show)
 
 
-def lookahead_combined_rows(args: argparse.Namespace, steps: int, profile_at: Any, model: Any, measure: Any,
-                           show: Any) -> list[dict[str, Any]]:
+def lookahead_combined_rows(args: argparse.Namespace, profile: Any, profile_at: Any, model: Any, measure: Any,
+                            show: Any) -> list[dict[str, Any]]:
     """Fewer sampler steps with the step lookahead: for each count K (or K:LOW) of --lookahead-combined and each
     sampler step count n from ``steps`` down to K + 1 (or LOW), the lookahead at K model calls of n steps (spread
     evenly, and at the ladder's steps for n where a rung gives K calls), measured against ``steps``' uncached
     pictures: shorter gaps on a coarser grid, against longer gaps on the user's."""
+    steps = profile.grid.steps
     target_ladder, lookahead, patching = pack_modules("target_ladder", "lookahead", "patching")
+    profiles = {steps: profile}  # one profile per step count, shared by the counts of calls
     rows = []
     for item in args.lookahead_combined.split(","):
         count, _, low = item.partition(":")
         calls = int(count)
         for n in range(steps, max(calls, int(low or 0) - 1), -1):
-            profile = profile_at(n)
+            if n not in profiles:
+                profiles[n] = profile_at(n)
+            profile_n = profiles[n]
             placements = [("even", tuple(target_ladder.evenly_spread_steps(n, calls)))]
-            placements += [("ladder", planned) for planned in ladder_lookahead_steps(profile)
+            placements += [("ladder", planned) for planned in ladder_lookahead_steps(profile_n)
                            if len(planned) == calls]
             for placement, evaluated in placements:
-                patched, _ = patching.apply_block_cache(model, lookahead.lookahead_schedule(profile, evaluated))
+                patched, _ = patching.apply_block_cache(model, lookahead.lookahead_schedule(profile_n, evaluated))
                 rows.append({"family": "lookahead_combined", "sampler_steps": n, "placement": placement,
                              "computes": calls, "steps": list(evaluated), "speedup": steps / calls,
                              "psnr": measure(patched, n)})
@@ -826,11 +830,10 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
         variance = float(spread) ** 2
         return (1 - sigma) * variance / ((1 - sigma) ** 2 * variance + sigma ** 2)
 
-    def returned(x: torch.Tensor, value: torch.Tensor, sigma: float) -> torch.Tensor:
+    def returned(x: torch.Tensor, value: torch.Tensor, sigma: float, last_step: bool = False) -> torch.Tensor:
         if reuse == "derivative":
             return x - sigma * value
-        last_only = reuse.startswith("lastjacobian")
-        if reuse.startswith("jacobian") or (last_only and sigma == state["last_sigma"] and "line" in state):
+        if reuse.startswith("jacobian") or (last_step and reuse.startswith("lastjacobian")):
             anchor, anchor_sigma, derivative = state["line"]  # the line the predicted point was taken on
             return value + denoiser_slope(sigma) * (x - anchor - (sigma - anchor_sigma) * derivative)
         return value
@@ -855,7 +858,6 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
         sigmas = [float(v) for v in model_options["transformer_options"]["sample_sigmas"]]
         sigma = float(timestep.reshape(-1)[0])
         step = step_at(sigmas, sigma)
-        state["last_sigma"] = sigmas[-2]
         known, ahead = state.get("known"), state.get("ahead")
         if ahead is None and (known is None or step in planned):
             denoised = executor(x, timestep, model_options, seed)
@@ -881,7 +883,7 @@ def lookahead_variant(model: Any, planned: tuple[int, ...], predict: str, reuse:
                                       value_of(predicted, denoised, sigmas[target]))
         if step >= ahead[0]:
             state["before"], state["known"], state["ahead"] = known, ahead, None
-            return returned(x, ahead[3], sigma)
+            return returned(x, ahead[3], sigma, last_step=step == len(sigmas) - 2)
         return returned(x, between(state.get("before"), known, ahead, sigma), sigma)
 
     patched = model.clone()
