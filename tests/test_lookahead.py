@@ -97,17 +97,22 @@ def test_every_step_planned_is_the_uncached_model_bit_for_bit(pack, reference, r
     assert holder.last_run.unevaluated == 0
 
 
-def test_runs_the_model_at_the_planned_steps_only_and_interpolates_the_rest(pack, reference, run):
+# cfg 1, as Flux dev runs: ComfyUI skips the negative prompt, so each model call is the positive batch alone.
+@pytest.mark.parametrize("cfg", [5.0, 1.0])
+def test_runs_the_model_at_the_planned_steps_only_and_interpolates_the_rest(pack, reference, run, cfg):
     conds, latent, plain, profile = run
+    if cfg != 5.0:  # the fixture's uncached run is at the default cfg
+        plain = sample(reference.patcher, *conds, latent, steps=STEPS, cfg=cfg, scheduler="simple", seed=5)
     schedule = lookahead_schedule(profile, PLANNED)
     assert schedule.estimated_speedup == pytest.approx(STEPS / len(PLANNED))
     assert schedule.evaluated_mask().sum(axis=0).astype(bool).tolist() == [s in PLANNED for s in range(STEPS)]
     patched, holder = apply_block_cache(reference.patcher, schedule)
     names = [layer.name for layer in schedule.layers]
     with count_layer_computations(reference.patcher.model.diffusion_model, names) as counts:
-        out = sample(patched, *conds, latent, steps=STEPS, scheduler="simple", seed=5)
-    assert {counts[name] for name in names} == {len(PLANNED)}  # cond and uncond run as one batch
-    expected = sample(by_hand(reference.patcher, PLANNED), *conds, latent, steps=STEPS, scheduler="simple", seed=5)
+        out = sample(patched, *conds, latent, steps=STEPS, cfg=cfg, scheduler="simple", seed=5)
+    assert {counts[name] for name in names} == {len(PLANNED)}  # cond and uncond (if any) run as one batch
+    expected = sample(by_hand(reference.patcher, PLANNED), *conds, latent, steps=STEPS, cfg=cfg, scheduler="simple",
+                      seed=5)
     assert torch.equal(out, expected)
     assert not torch.equal(out, plain)
     stats = holder.last_run
@@ -116,21 +121,6 @@ def test_runs_the_model_at_the_planned_steps_only_and_interpolates_the_rest(pack
     assert figures.model_calls == len(PLANNED) and figures.interpolated == STEPS - len(PLANNED)
     assert sorted(figures.evaluated_steps) == list(PLANNED)
     assert run_speedup_estimate(holder, stats) == pytest.approx(STEPS / len(PLANNED))
-
-
-def test_at_cfg_1_without_a_negative_pass_it_runs_the_planned_steps_only(pack, reference, run):
-    """Flux-dev style: at cfg 1 ComfyUI skips the negative prompt, so each model call is the positive batch alone."""
-    conds, latent, _, profile = run
-    schedule = lookahead_schedule(profile, PLANNED)
-    patched, holder = apply_block_cache(reference.patcher, schedule)
-    names = [layer.name for layer in schedule.layers]
-    with count_layer_computations(reference.patcher.model.diffusion_model, names) as counts:
-        out = sample(patched, *conds, latent, steps=STEPS, cfg=1.0, scheduler="simple", seed=5)
-    assert {counts[name] for name in names} == {len(PLANNED)}
-    expected = sample(by_hand(reference.patcher, PLANNED), *conds, latent, steps=STEPS, cfg=1.0, scheduler="simple",
-                      seed=5)
-    assert torch.equal(out, expected)
-    assert holder.last_run.figures["lookahead"].model_calls == len(PLANNED)
 
 
 def test_a_sampler_that_evaluates_twice_per_step_computes_every_step_and_says_so(pack, reference, run, caplog):
