@@ -47,6 +47,19 @@ def fewer_steps_rows(args: argparse.Namespace, steps: int, model: Any, measure: 
     return rows
 
 
+def reference_distance_rows(args: argparse.Namespace, steps: int, measure_solver: Any, show: Any
+                            ) -> list[dict[str, Any]]:
+    """Uncached pictures of other samplers and step counts (--reference-distance SAMPLER:STEPS,...) against the
+    setting's own: how far its uncached pictures lie from a more converged solution of the same ODE."""
+    rows = []
+    for item in args.reference_distance.split(","):
+        solver, n = item.split(":")
+        rows.append({"family": "reference_distance", "sampler": solver, "sampler_steps": int(n),
+                     "speedup": steps / int(n), "psnr": measure_solver(solver, int(n))})
+        show(f"{solver} {n} steps", rows[-1])
+    return rows
+
+
 def step_at(sigmas: list[float], sigma: float) -> int:
     """The sampler step whose sigma ``sigma`` is (the nearest of ``sigmas``, the run's schedule)."""
     return min(range(len(sigmas) - 1), key=lambda i: abs(sigmas[i] - sigma))
@@ -114,8 +127,8 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         items = [p for p in prompts for _ in range(repeats)]
         return reference.conditioning_batch(items), reference_module.empty_latent(len(items))
 
-    def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps) -> torch.Tensor:
-        (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, sampler, scheduler, positive, negative, latent)
+    def sample(m: Any, positive: Any, latent: dict, seed: int, n: int = steps, solver: str = sampler) -> torch.Tensor:
+        (out,) = comfy_nodes.common_ksampler(m, seed, n, args.cfg, solver, scheduler, positive, negative, latent)
         return out["samples"]
 
     profile_positive, profile_latent = batch(benchmark.PROFILE_SET[0], args.profile_prompts, 1)
@@ -147,6 +160,11 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(m, *sets[key], n)), uncached[key])]
                 for key in keys}
 
+    def measure_solver(solver: str, n: int) -> dict[str, list[float]]:
+        """Uncached pictures of sets A and B with another sampler or step count, against the setting's."""
+        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(model, *sets[key], n, solver)),
+                                                        uncached[key])] for key in benchmark.EVAL_SETS}
+
     def show(label: str, row: dict[str, Any]) -> None:
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
               + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in row["psnr"].items()), flush=True)
@@ -172,6 +190,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
         "lookahead_cfg": lambda: lookahead_cfg_rows(args, profile, model, measure, show),
         "lookahead_combined": lambda: lookahead_combined_rows(args, profile, profile_at, model, measure, show),
+        "reference_distance": lambda: reference_distance_rows(args, steps, measure_solver, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
@@ -1312,7 +1331,7 @@ def report(folder: Path) -> str:
                       "| method | FLOP speed-up | profiled mean (sd) | held-out seed mean (sd) | A mean / worst | B mean / worst | gap A, B (profiled; held-out) |",
                       "|---|---|---|---|---|---|---|"]
             for row in setting["rows"]:
-                if "psnr" not in row:  # --error-feedback's rows are measured in the error model, not sampled
+                if "profiled" not in row.get("psnr", {}):  # error-model or reference-distance rows
                     continue
                 p = row["psnr"]
                 profiled = p["profiled"]
@@ -1586,6 +1605,9 @@ def main() -> None:
     parser.add_argument("--lookahead-combined", default="", help="an experiment (Euler): the lookahead at these "
                         "counts of model calls, e.g. 8,9 or 8:19 (down to 19 sampler steps), on shorter sampler step counts "
                         "(lookahead_combined_rows)")
+    parser.add_argument("--reference-distance", default="", help="the setting's uncached pictures against other "
+                        "samplers' and step counts', SAMPLER:STEPS each, e.g. euler:40,euler:160,dpmpp_2m:40 "
+                        "(reference_distance_rows; speed-up is steps per sampler step, not per model call)")
     parser.add_argument("--tag", default="", help="a suffix for the results file")
     parser.add_argument("--combined", default="", help="fewer steps with Block Cache: step counts LOW-HIGH, e.g. "
                         "11-17; measures only these rows and adds them to the results file")
@@ -1612,8 +1634,8 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     run(args)
-    if not (args.step_sensitivity or args.error_feedback):  # their rows are not pictures of sets A and B
-        sys.stdout.write(report(args.out) + "\n")
+    if not (args.step_sensitivity or args.error_feedback or args.reference_distance):
+        sys.stdout.write(report(args.out) + "\n")  # the others' rows are not measured on the profiled pictures
 
 
 if __name__ == "__main__":
