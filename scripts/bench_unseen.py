@@ -92,9 +92,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = getattr(benchmark._module(setup.module), setup.loader)()
     results: dict[str, Any] = {"model": args.model, "settings": {}}
     for name in (args.settings.split(",") if args.settings else settings):
-        results["settings"][name] = measure_setting(args, benchmark, reference, name, *settings[name])
+        sampler_scheduler_steps = settings.get(name) or setting_of(name)
+        results["settings"][name] = measure_setting(args, benchmark, reference, name, *sampler_scheduler_steps)
         save(args, results)  # each setting as it is done: a long run can be stopped between them
     return results
+
+
+def setting_of(name: str) -> tuple[str, str, int]:
+    """A setting outside the benchmark's own, written SAMPLER/SCHEDULER/STEPS, e.g. euler/normal/28."""
+    try:
+        sampler, scheduler, steps = name.split("/")
+        return sampler, scheduler, int(steps)
+    except ValueError:
+        raise SystemExit(f"unknown setting {name!r}: a name of the model's settings, or SAMPLER/SCHEDULER/STEPS") from None
 
 
 def save(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -1541,7 +1551,8 @@ def floor_rule(folder: Path, target: float = 2.25, floor: float = 30.0) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("unet", "dit", "video"), default="dit")
-    parser.add_argument("--settings", default="")
+    parser.add_argument("--settings", default="", help="the model's settings by name (default: all), or "
+                        "SAMPLER/SCHEDULER/STEPS, e.g. euler/normal/28")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--profile-prompts", type=int, default=4)
