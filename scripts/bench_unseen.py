@@ -92,19 +92,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = getattr(benchmark._module(setup.module), setup.loader)()
     results: dict[str, Any] = {"model": args.model, "settings": {}}
     for name in (args.settings.split(",") if args.settings else settings):
-        sampler_scheduler_steps = settings.get(name) or setting_of(name)
-        results["settings"][name] = measure_setting(args, benchmark, reference, name, *sampler_scheduler_steps)
+        results["settings"][name] = measure_setting(args, benchmark, reference, name,
+                                                    *benchmark.setting_named(settings, name))
         save(args, results)  # each setting as it is done: a long run can be stopped between them
     return results
-
-
-def setting_of(name: str) -> tuple[str, str, int]:
-    """A setting outside the benchmark's own, written SAMPLER/SCHEDULER/STEPS, e.g. euler/normal/28."""
-    try:
-        sampler, scheduler, steps = name.split("/")
-        return sampler, scheduler, int(steps)
-    except ValueError:
-        raise SystemExit(f"unknown setting {name!r}: a name of the model's settings, or SAMPLER/SCHEDULER/STEPS") from None
 
 
 def save(args: argparse.Namespace, results: dict[str, Any]) -> None:

@@ -159,6 +159,17 @@ OTHERS = ("fewer_steps", "fora", "taylorseer", "deepcache", "fbcache", "teacache
           "lazycache", "faster_diffusion")
 
 
+def setting_named(settings: dict[str, tuple[str, str, int]], name: str) -> tuple[str, str, int]:
+    """A model's setting by name, or one outside them written SAMPLER/SCHEDULER/STEPS (e.g. euler/normal/28)."""
+    if name in settings:
+        return settings[name]
+    try:
+        sampler, scheduler, steps = name.split("/")
+        return sampler, scheduler, int(steps)
+    except ValueError:
+        raise ValueError(f"no setting {name!r}: one of {', '.join(settings)}, or SAMPLER/SCHEDULER/STEPS") from None
+
+
 def _module(name: str) -> Any:
     """A pack module by its name; ``faster_diffusion`` is that method's schedule builder."""
     if name == "faster_diffusion":
@@ -483,7 +494,7 @@ def fidelity_benchmark(args: argparse.Namespace, name: str) -> dict[str, Any]:
     import nodes as comfy_nodes
 
     setup = MODELS[args.model]
-    sampler, scheduler, steps = setup.settings[name]
+    sampler, scheduler, steps = setting_named(setup.settings, name)
     reference_module = _module(setup.module)
     prompt_source = _module(setup.prompts)
     patching = _module("patching")
@@ -809,7 +820,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--settings", default=None,
                         help="comma-separated; " + "; ".join(f"{name}: " + ", ".join(setup.settings)
-                                                             for name, setup in MODELS.items()))
+                                                             for name, setup in MODELS.items())
+                        + "; or SAMPLER/SCHEDULER/STEPS, e.g. euler/normal/28")
     parser.add_argument("--max-rungs", type=int, default=MAX_RUNGS, help="Block Cache's target sweep: at most "
                                                                          "this many rungs of the ladder")
     parser.add_argument("--prompts", type=int, default=8)
@@ -831,9 +843,11 @@ def main() -> None:
     args = parser.parse_args()
     settings = MODELS[args.model].settings
     args.settings = args.settings or ",".join(settings)
-    unknown = [name for name in args.settings.split(",") if name not in settings]
-    if unknown:
-        parser.error(f"--model {args.model} has no setting {', '.join(unknown)}; it has {', '.join(settings)}")
+    for name in args.settings.split(","):
+        try:
+            setting_named(settings, name)
+        except ValueError as error:
+            parser.error(f"--model {args.model}: {error}")
     # A re-run of some rows (the uncached row always runs).
     args.families = set(args.families.split(",")) if args.families else set(FAMILY_LABELS)
     unknown = args.families - set(FAMILY_LABELS)
@@ -853,7 +867,7 @@ def main() -> None:
         for name in args.settings.split(","):
             result = fidelity_benchmark(args, name)
             results["fidelity"][name] = result
-            quality_plot(result, args.out / f"quality_vs_speedup_{name}.png")
+            quality_plot(result, args.out / f"quality_vs_speedup_{name.replace('/', '_')}.png")
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if not args.skip_full:
         results["full_size"] = full_size_benchmark(args)
