@@ -47,15 +47,17 @@ def fewer_steps_rows(args: argparse.Namespace, steps: int, model: Any, measure: 
     return rows
 
 
-def reference_distance_rows(args: argparse.Namespace, steps: int, measure_solver: Any, show: Any
+def reference_distance_rows(args: argparse.Namespace, steps: int, model: Any, measure: Any, show: Any
                             ) -> list[dict[str, Any]]:
-    """Uncached pictures of other samplers and step counts (--reference-distance SAMPLER:STEPS,...) against the
-    setting's own: how far its uncached pictures lie from a more converged solution of the same ODE."""
+    """Uncached pictures of sets A and B with other samplers and step counts (--reference-distance
+    SAMPLER:STEPS,...) against the setting's own: how far those lie from a more converged solution of the same ODE."""
+    import benchmark
+
     rows = []
     for item in args.reference_distance.split(","):
         solver, n = item.split(":")
         rows.append({"family": "reference_distance", "sampler": solver, "sampler_steps": int(n),
-                     "speedup": steps / int(n), "psnr": measure_solver(solver, int(n))})
+                     "speedup": steps / int(n), "psnr": measure(model, int(n), tuple(benchmark.EVAL_SETS), solver)})
         show(f"{solver} {n} steps", rows[-1])
     return rows
 
@@ -157,14 +159,9 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
         sets[key] = (*batch(prompt_seed, args.prompts, args.seeds), seed)
     uncached = {key: benchmark._pictures(sample(model, *value)) for key, value in sets.items()}
 
-    def measure(m: Any, n: int, keys: tuple[str, ...] = tuple(sets)) -> dict[str, list[float]]:
-        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(m, *sets[key], n)), uncached[key])]
-                for key in keys}
-
-    def measure_solver(solver: str, n: int) -> dict[str, list[float]]:
-        """Uncached pictures of sets A and B with another sampler or step count, against the setting's."""
-        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(model, *sets[key], n, solver)),
-                                                        uncached[key])] for key in benchmark.EVAL_SETS}
+    def measure(m: Any, n: int, keys: tuple[str, ...] = tuple(sets), solver: str = sampler) -> dict[str, list[float]]:
+        return {key: [float(v) for v in benchmark.psnr(benchmark._pictures(sample(m, *sets[key], n, solver)),
+                                                        uncached[key])] for key in keys}
 
     def show(label: str, row: dict[str, Any]) -> None:
         print(f"[{args.model} {name}] {label} {row['speedup']:.2f}x: "
@@ -191,7 +188,7 @@ def measure_setting(args: argparse.Namespace, benchmark: Any, reference: Any, na
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
         "lookahead_cfg": lambda: lookahead_cfg_rows(args, profile, model, measure, show),
         "lookahead_combined": lambda: lookahead_combined_rows(args, profile, profile_at, model, measure, show),
-        "reference_distance": lambda: reference_distance_rows(args, steps, measure_solver, show),
+        "reference_distance": lambda: reference_distance_rows(args, steps, model, measure, show),
         "teacache_steps": lambda: teacache_step_rows(
             args, profile, target, patching, model, measure, show,
             lambda m: sample(m, profile_positive, profile_latent, benchmark.PROFILE_SET[1])),
